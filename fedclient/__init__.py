@@ -1,0 +1,69 @@
+"""fedclient: the device SDK for cross-device federated learning.
+
+    import fedclient
+    model = fedclient.models.mlp(inputs=64, hidden=64, classes=10)
+    fedclient.fit(model, (x, y), epochs=5)                                  # standalone
+    fedclient.fit(model, (x, y), federated="https://host/jobs/digits")     # federated
+
+Importing this package loads no server, plotting or edge-runtime library.
+"""
+
+from fedclient import models, protocol
+from fedclient._client import Client, StepOutcome, TrainTask, TransferStats
+from fedclient._exceptions import (
+    ApiError,
+    Conflict,
+    DeadlinePassed,
+    FedError,
+    Forbidden,
+    InvalidInput,
+    InvalidRequest,
+    ModelMismatch,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    RoundClosed,
+    ServerError,
+    StateError,
+    TransportError,
+    Unauthorized,
+)
+from fedclient._fit import FitResult, fit
+from fedclient._state import DeviceState, Phase
+from fedclient.runtime import EvalResult, TrainingBackend, TrainResult, create_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiError",
+    "Client",
+    "Conflict",
+    "DeadlinePassed",
+    "DeviceState",
+    "EvalResult",
+    "FedError",
+    "FitResult",
+    "Forbidden",
+    "InvalidInput",
+    "InvalidRequest",
+    "ModelMismatch",
+    "NotFound",
+    "PayloadTooLarge",
+    "Phase",
+    "RequestTimeout",
+    "RoundClosed",
+    "ServerError",
+    "StateError",
+    "StepOutcome",
+    "TrainResult",
+    "TrainTask",
+    "TrainingBackend",
+    "TransferStats",
+    "TransportError",
+    "Unauthorized",
+    "__version__",
+    "create_backend",
+    "fit",
+    "models",
+    "protocol",
+]

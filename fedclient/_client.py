@@ -1,0 +1,427 @@
+"""The device's job loop: check in, download, train, upload — one stored step at a time.
+
+The loop is written once, without I/O, as a generator (`Client._step_flow`)
+that yields *effects* — an `httpx.Request` to send or a `TrainTask` to run —
+and receives their results, the way httpx's auth flows do. The sync driver
+(`Client.step`) and the async driver (`Client.astep`) only perform effects, so
+an app on a phone, the simulator and the crash-recovery code all drive the same
+state table:
+
+    phase       next action  ->  phase after it
+    IDLE        check in         ADMITTED (or stays IDLE: retry later / finished)
+    ADMITTED    download         DOWNLOADED
+    DOWNLOADED  train            TRAINED
+    TRAINED     upload           IDLE (receipt kept; or work discarded: round closed)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+import msgspec
+import numpy as np
+
+from fedclient._exceptions import (
+    FedError,
+    InvalidInput,
+    InvalidRequest,
+    ModelMismatch,
+    RequestTimeout,
+    RoundClosed,
+    TransportError,
+    error_from_status,
+)
+from fedclient._state import DeviceState, Identity, Phase
+from fedclient.protocol import (
+    CHECKIN,
+    ENROL,
+    IDEMPOTENCY_HEADER,
+    MODEL,
+    TENSOR_MEDIA_TYPE,
+    UPLOAD,
+    Admitted,
+    CheckinRequest,
+    CheckinResponse,
+    EnrolRequest,
+    EnrolResponse,
+    ErrorBody,
+    JobFinished,
+    RetryLater,
+    RoundPlan,
+    Route,
+    UploadReceipt,
+    Weights,
+    decode_tensors,
+    encode_tensors,
+)
+from fedclient.runtime import TrainingBackend, TrainResult, check_dataset, create_backend
+
+__all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
+
+T = TypeVar("T")
+
+#: What a step did.
+StepStatus = Literal[
+    "admitted", "downloaded", "trained", "uploaded", "waiting", "finished", "discarded"
+]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """The result of one step (or of `Client.run_once`)."""
+
+    status: StepStatus
+    round_id: int | None = None
+    retry_after: float | None = None
+    receipt: UploadReceipt | None = None
+    reason: str = ""
+    train_loss: float | None = None
+
+
+@dataclass
+class TransferStats:
+    """Bytes this client moved (HTTP headers and bodies) and requests it sent."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: int = 0
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Local training as an effect: the driver decides where it runs."""
+
+    backend: TrainingBackend
+    weights: Weights
+    x: np.ndarray
+    y: np.ndarray
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int | None
+
+    def run(self) -> tuple[Weights, TrainResult]:
+        """Train from ``weights``; return the new weights and what training did."""
+        self.backend.set_weights(self.weights)
+        result = self.backend.train(
+            self.x,
+            self.y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            rng=np.random.default_rng(self.seed),
+        )
+        return self.backend.get_weights(), result
+
+
+Effect = httpx.Request | TrainTask
+Flow = Generator[Effect, Any, StepOutcome]
+
+
+@dataclass
+class Client:
+    """A device taking part in one federated job.
+
+    ``server`` is the server's base URL; ``transport`` any httpx transport (e.g.
+    ``httpx.ASGITransport(app)`` for an in-process server, which needs the
+    async methods). ``state`` is a SQLite path or a `DeviceState`; the device
+    resumes from it after a crash or restart. ``data`` is the device's local
+    labelled set. ``model`` is optional: by default the plan's built-in model
+    is trained with the ``runtime`` backend.
+    """
+
+    server: str
+    job: str
+    data: tuple[np.ndarray, np.ndarray]
+    state: str | Path | DeviceState = field(default_factory=DeviceState.in_memory)
+    model: TrainingBackend | None = None
+    transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None
+    runtime: str = "numpy"
+    seed: int | None = None
+    timeout: float = 30.0
+    label: str = ""
+    clock: Callable[[], float] = time.time
+    stats: TransferStats = field(default_factory=TransferStats)
+
+    def __post_init__(self) -> None:
+        self.server = self.server.rstrip("/")
+        if not isinstance(self.state, DeviceState):
+            self.state = DeviceState(self.state)
+        self._store: DeviceState = self.state
+        self._x, self._y = np.asarray(self.data[0]), np.asarray(self.data[1])
+        if self._x.ndim != 2 or self._y.shape != (self._x.shape[0],) or len(self._y) == 0:
+            raise InvalidInput("data must be (x, y) with x of shape (n, features), y of shape (n,)")
+        self._sync: httpx.Client | None = None
+        self._async: httpx.AsyncClient | None = None
+
+    @property
+    def device_state(self) -> DeviceState:
+        """The device's SQLite state."""
+        return self._store
+
+    # -- drivers ---------------------------------------------------------------
+    def step(self) -> StepOutcome:
+        """Do the next step of the job loop over a blocking connection."""
+        if isinstance(self.transport, httpx.AsyncBaseTransport):
+            raise InvalidInput("this client has an async transport: use astep()/arun_once()")
+        if self._sync is None:
+            self._sync = httpx.Client(transport=self.transport)
+        http = self._sync
+        return self._drive(self._step_flow(), lambda req: http.send(req))
+
+    async def astep(self) -> StepOutcome:
+        """Do the next step of the job loop over an asyncio connection."""
+        if self._async is None:
+            transport = (
+                self.transport if isinstance(self.transport, httpx.AsyncBaseTransport) else None
+            )
+            self._async = httpx.AsyncClient(transport=transport)
+        flow = self._step_flow()
+        try:
+            effect: Effect = next(flow)
+            while True:
+                if isinstance(effect, TrainTask):
+                    effect = flow.send(effect.run())
+                else:
+                    response = await self._mapped_async(effect)
+                    effect = flow.send(response)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def run_once(self) -> StepOutcome:
+        """Step until this round's work is uploaded, or there is nothing to do now."""
+        while True:
+            outcome = self.step()
+            if outcome.status in ("uploaded", "waiting", "finished", "discarded"):
+                return outcome
+
+    async def arun_once(self) -> StepOutcome:
+        """Async twin of `run_once`."""
+        while True:
+            outcome = await self.astep()
+            if outcome.status in ("uploaded", "waiting", "finished", "discarded"):
+                return outcome
+
+    def close(self) -> None:
+        """Close the blocking connection pool."""
+        if self._sync is not None:
+            self._sync.close()
+
+    async def aclose(self) -> None:
+        """Close the asyncio connection pool."""
+        if self._async is not None:
+            await self._async.aclose()
+
+    def _drive(self, flow: Flow, send: Callable[[httpx.Request], httpx.Response]) -> StepOutcome:
+        try:
+            effect: Effect = next(flow)
+            while True:
+                if isinstance(effect, TrainTask):
+                    effect = flow.send(effect.run())
+                else:
+                    effect = flow.send(self._mapped(send, effect))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _mapped(
+        self, send: Callable[[httpx.Request], httpx.Response], request: httpx.Request
+    ) -> httpx.Response:
+        try:
+            response = send(request)
+        except httpx.TimeoutException as exc:
+            raise RequestTimeout(f"{request.method} {request.url.path}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise TransportError(f"{request.method} {request.url.path}: {exc!r}") from exc
+        return self._account(request, response)
+
+    async def _mapped_async(self, request: httpx.Request) -> httpx.Response:
+        assert self._async is not None
+        try:
+            response = await self._async.send(request)
+        except httpx.TimeoutException as exc:
+            raise RequestTimeout(f"{request.method} {request.url.path}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise TransportError(f"{request.method} {request.url.path}: {exc!r}") from exc
+        return self._account(request, response)
+
+    def _account(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        self.stats.requests += 1
+        self.stats.bytes_up += _wire_size(request.headers, len(request.content))
+        self.stats.bytes_down += _wire_size(response.headers, len(response.content))
+        return response
+
+    # -- the job loop, without I/O ---------------------------------------------
+    def _step_flow(self) -> Flow:
+        identity = self._store.identity(self.server)
+        if identity is None:
+            response = yield self._request(ENROL, None, json=EnrolRequest(label=self.label))
+            enrolled = _decode(response, EnrolResponse)
+            identity = Identity(enrolled.device_id, enrolled.token)
+            self._store.save_identity(self.server, identity)
+        progress = self._store.progress(self.job)
+        if progress.phase is Phase.IDLE:
+            return (yield from self._checkin(identity))
+        assert progress.plan is not None
+        if progress.phase is Phase.ADMITTED:
+            return (yield from self._download(identity, progress.plan))
+        if progress.phase is Phase.DOWNLOADED:
+            return (yield from self._train(progress.plan))
+        assert progress.update is not None and progress.idempotency_key is not None
+        return (
+            yield from self._upload(
+                identity, progress.plan, progress.update, progress.idempotency_key
+            )
+        )
+
+    def _checkin(self, identity: Identity) -> Flow:
+        held = self._store.held_model(self.job)
+        body = CheckinRequest(runtime=self.runtime, model_version=held[0] if held else None)
+        response = yield self._request(CHECKIN, identity, json=body, job=self.job)
+        answer: CheckinResponse = _decode(response, CheckinResponse)  # type: ignore[arg-type]
+        if isinstance(answer, RetryLater):
+            return StepOutcome("waiting", retry_after=answer.retry_after, reason=answer.reason)
+        if isinstance(answer, JobFinished):
+            return StepOutcome("finished", reason="the job ran all its rounds")
+        assert isinstance(answer, Admitted)
+        self._store.record_admission(self.job, answer.plan.rebased(self.clock()))
+        return StepOutcome("admitted", round_id=answer.plan.round_id)
+
+    def _download(self, identity: Identity, plan: RoundPlan) -> Flow:
+        held = self._store.held_model(self.job)
+        headers = {}
+        if held is not None and held[0] == plan.model_version:
+            headers["If-None-Match"] = held[1]
+        response = yield self._request(
+            MODEL, identity, headers=headers, job=self.job, version=plan.model_version
+        )
+        raise_for_error(response)
+        if response.status_code == 304 and held is not None:
+            self._store.record_download(self.job, plan, held[1], None)
+        else:
+            weights, _ = decode_tensors(response.content)
+            self._check_model(weights, plan)
+            self._store.record_download(
+                self.job, plan, response.headers.get("ETag", ""), response.content
+            )
+        return StepOutcome("downloaded", round_id=plan.round_id)
+
+    def _train(self, plan: RoundPlan) -> Flow:
+        if self.clock() >= plan.deadline:
+            self._store.discard_round(self.job)
+            return StepOutcome(
+                "discarded",
+                round_id=plan.round_id,
+                reason="the round's deadline passed before training",
+            )
+        held = self._store.held_model(self.job)
+        assert held is not None and held[0] == plan.model_version
+        base, _ = decode_tensors(held[2])
+        backend = self._backend(plan)
+        x, y = check_dataset(self._x, self._y, inputs=backend.inputs, classes=backend.classes)
+        seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
+        settings = plan.train
+        weights, result = yield TrainTask(
+            backend, base, x, y, settings.epochs, settings.batch_size, settings.learning_rate, seed
+        )
+        delta = {name: (weights[name] - base[name]).astype(base[name].dtype) for name in base}
+        body = encode_tensors(
+            delta,
+            {
+                "num_examples": str(result.num_examples),
+                "train_loss": repr(result.loss),
+                "model_version": str(plan.model_version),
+                "round_id": str(plan.round_id),
+            },
+        )
+        self._store.record_update(self.job, plan, body, uuid.uuid4().hex)
+        return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
+
+    def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
+        headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}
+        try:
+            response = yield self._request(
+                UPLOAD, identity, content=body, headers=headers, round_id=plan.round_id
+            )
+            receipt = _decode(response, UploadReceipt)
+        except (RoundClosed, InvalidRequest) as exc:
+            # Stale or rejected work must never be sent again, nor into another round.
+            self._store.discard_round(self.job)
+            return StepOutcome("discarded", round_id=plan.round_id, reason=str(exc))
+        self._store.record_receipt(self.job, receipt)
+        return StepOutcome("uploaded", round_id=plan.round_id, receipt=receipt)
+
+    # -- helpers ---------------------------------------------------------------
+    def _backend(self, plan: RoundPlan) -> TrainingBackend:
+        if self.model is None:
+            self.model = create_backend(plan.model, self.runtime)
+        return self.model
+
+    def _check_model(self, weights: Weights, plan: RoundPlan) -> None:
+        local = self._backend(plan).get_weights()
+        if {k: (v.shape, v.dtype) for k, v in local.items()} != {
+            k: (v.shape, v.dtype) for k, v in weights.items()
+        }:
+            raise ModelMismatch(
+                f"the job's model ({sorted(weights)}) does not match the "
+                f"local model ({sorted(local)})"
+            )
+
+    def _request(
+        self,
+        route: Route,
+        identity: Identity | None,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        **params: object,
+    ) -> httpx.Request:
+        all_headers = dict(headers or {})
+        if identity is not None:
+            all_headers["Authorization"] = f"Bearer {identity.token}"
+        if json is not None:
+            content = msgspec.json.encode(json)
+            all_headers["Content-Type"] = "application/json"
+        return httpx.Request(
+            route.method,
+            self.server + route.url(**params),
+            headers=all_headers,
+            content=content,
+            extensions={"timeout": httpx.Timeout(self.timeout).as_dict()},
+        )
+
+
+def _decode(response: httpx.Response, type_: type[T]) -> T:
+    """Decode a JSON answer, or raise the typed error an error answer stands for."""
+    raise_for_error(response)
+    try:
+        return msgspec.json.decode(response.content, type=type_)
+    except msgspec.DecodeError as exc:
+        raise FedError(f"unexpected answer from the server: {exc}") from exc
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """Turn an HTTP error answer into the `ApiError` subclass its JSON body names."""
+    if response.status_code < 400:
+        return
+    code, message = None, response.text[:200]
+    try:
+        body = msgspec.json.decode(response.content, type=ErrorBody)
+        code, message = body.error.code, body.error.message
+    except msgspec.DecodeError:
+        pass
+    error = error_from_status(response.status_code, code, message)
+    retry_after = response.headers.get("Retry-After", "")
+    if retry_after.replace(".", "", 1).isdigit():
+        error.retry_after = float(retry_after)
+    raise error
+
+
+def _wire_size(headers: httpx.Headers, body_length: int) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in headers.raw) + body_length

@@ -1,0 +1,181 @@
+"""One exception tree for the device SDK, the reference server and the simulator.
+
+    FedError
+    ├── InvalidInput              bad arguments or data handed to the SDK (also a ValueError)
+    ├── StateError                the device's SQLite state cannot be used
+    ├── ModelMismatch             downloaded weights do not fit the local model
+    ├── TransportError            the request never got an HTTP answer
+    │   └── RequestTimeout
+    └── ApiError                  the other side answered with an error (carries status + code)
+        ├── InvalidRequest        400  malformed body, wrong tensors, NaN/Inf
+        ├── Unauthorized          401  missing or wrong device token
+        ├── Forbidden             403  device not admitted to the round
+        ├── NotFound              404  unknown job, round or model version
+        ├── Conflict              409  e.g. a second upload for the same round
+        │   └── RoundClosed       409  the round already closed
+        │       └── DeadlinePassed 410 the round's deadline passed
+        ├── PayloadTooLarge       413
+        └── ServerError           5xx
+
+The server raises the same `ApiError` classes; its one exception handler turns
+them into an HTTP status and a JSON body ``{"error": {"code", "message"}}``, and
+`error_from_response` turns that body back into the same class on the device.
+Each class's ``code`` is what travels on the wire, so the mapping is defined
+here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ApiError",
+    "Conflict",
+    "DeadlinePassed",
+    "FedError",
+    "Forbidden",
+    "InvalidInput",
+    "InvalidRequest",
+    "ModelMismatch",
+    "NotFound",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "RoundClosed",
+    "ServerError",
+    "StateError",
+    "TransportError",
+    "Unauthorized",
+    "error_from_status",
+]
+
+
+class FedError(Exception):
+    """Root of every error fedclient raises."""
+
+    #: Process exit status used by the command-line tools for this error.
+    exit_code: ClassVar[int] = 1
+
+
+class InvalidInput(FedError, ValueError):
+    """Arguments or data handed to the SDK are not usable (shape, dtype, label range...)."""
+
+    exit_code = 2
+
+
+class StateError(FedError):
+    """The device's state store is unreadable or from an incompatible version."""
+
+
+class ModelMismatch(FedError):
+    """Weights from the server do not match the local model's names or shapes."""
+
+
+class TransportError(FedError):
+    """The request did not get an HTTP response (connection refused, reset, ...)."""
+
+
+class RequestTimeout(TransportError):
+    """The request timed out."""
+
+
+class ApiError(FedError):
+    """The peer answered with an HTTP error. ``status`` and ``code`` travel on the wire."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    _by_code: ClassVar[dict[str, type[ApiError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            ApiError._by_code[cls.code] = cls
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON error body the server sends for this error."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidRequest(ApiError):
+    """400: the request body or its tensors are invalid."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(ApiError):
+    """401: missing or wrong bearer token."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    """403: the device may not do this (e.g. it was not admitted to the round)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    """404: unknown job, round or model version."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    """409: the request conflicts with the stored state."""
+
+    status = 409
+    code = "conflict"
+
+
+class RoundClosed(Conflict):
+    """409: the round is closed; the update is stale and must be discarded."""
+
+    code = "round_closed"
+
+
+class DeadlinePassed(RoundClosed):
+    """410: the round's deadline passed before the update arrived."""
+
+    status = 410
+    code = "deadline_passed"
+
+
+class PayloadTooLarge(ApiError):
+    """413: the body is over the server's limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class ServerError(ApiError):
+    """5xx: the server failed."""
+
+    status = 500
+    code = "server_error"
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: DeadlinePassed,
+    413: PayloadTooLarge,
+}
+
+
+def error_from_status(status: int, code: str | None, message: str) -> ApiError:
+    """Rebuild the typed error for an HTTP error answer (code first, then status)."""
+    cls = ApiError._by_code.get(code or "")
+    if cls is None:
+        cls = ServerError if status >= 500 else _BY_STATUS.get(status, ApiError)
+    return cls(message or f"HTTP {status}")

@@ -1,0 +1,195 @@
+"""The device's memory: identity, round progress, held model and receipts, in SQLite.
+
+Each step of the job loop ends in one transaction (`Database.atomic`), so a
+crash at any line leaves the state of the step before or the step after,
+never a mix. Many virtual devices may share one database file: every row is
+keyed by the device ``key``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import msgspec
+import sqlite_utils
+
+from fedclient._exceptions import StateError
+from fedclient.protocol import RoundPlan, UploadReceipt
+
+__all__ = ["DeviceState", "Identity", "Phase", "RoundProgress"]
+
+SCHEMA_VERSION = 1
+
+
+class Phase(StrEnum):
+    """Where a device stands in its current round."""
+
+    IDLE = "idle"  # no round in hand: check in next
+    ADMITTED = "admitted"  # holds a round plan: download the model next
+    DOWNLOADED = "downloaded"  # holds the round's model: train next
+    TRAINED = "trained"  # holds the update and its idempotency key: upload next
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The device's enrolment at one server."""
+
+    device_id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """The stored progress through one round."""
+
+    phase: Phase
+    plan: RoundPlan | None = None
+    idempotency_key: str | None = None
+    update: bytes | None = None
+
+
+class DeviceState:
+    """SQLite state of one device (``key``) in a database file it may share with others."""
+
+    def __init__(self, db: str | Path | sqlite_utils.Database, key: str = "device") -> None:
+        if isinstance(db, sqlite_utils.Database):
+            self.db = db
+        else:
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite_utils.Database(db)
+            self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        self.key = key
+        self._migrate()
+
+    @classmethod
+    def in_memory(cls, key: str = "device") -> DeviceState:
+        """A state that lives only as long as the process (tests, throwaway runs)."""
+        return cls(sqlite_utils.Database(memory=True), key)
+
+    def _migrate(self) -> None:
+        with self.db.atomic():
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"state schema {version} is newer than this fedclient "
+                    f"({SCHEMA_VERSION}); upgrade fedclient"
+                )
+            if version < 1:
+                self.db.execute(
+                    "CREATE TABLE identities (key TEXT, server TEXT, device_id TEXT, token TEXT,"
+                    " PRIMARY KEY (key, server))"
+                )
+                self.db.execute(
+                    "CREATE TABLE progress (key TEXT, job TEXT, phase TEXT, plan TEXT,"
+                    " idempotency_key TEXT, update_body BLOB, updated_at REAL,"
+                    " PRIMARY KEY (key, job))"
+                )
+                self.db.execute(
+                    "CREATE TABLE models (key TEXT, job TEXT, version INTEGER, etag TEXT,"
+                    " body BLOB, PRIMARY KEY (key, job))"
+                )
+                self.db.execute(
+                    "CREATE TABLE receipts (key TEXT, job TEXT, round_id INTEGER, receipt TEXT,"
+                    " PRIMARY KEY (key, job, round_id))"
+                )
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    # -- identity --------------------------------------------------------------
+    def identity(self, server: str) -> Identity | None:
+        """The stored enrolment at ``server``, if any."""
+        row = self.db.execute(
+            "SELECT device_id, token FROM identities WHERE key=? AND server=?", [self.key, server]
+        ).fetchone()
+        return Identity(row[0], row[1]) if row else None
+
+    def save_identity(self, server: str, identity: Identity) -> None:
+        """Remember an enrolment."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT OR REPLACE INTO identities VALUES (?, ?, ?, ?)",
+                [self.key, server, identity.device_id, identity.token],
+            )
+
+    # -- round progress --------------------------------------------------------
+    def progress(self, job: str) -> RoundProgress:
+        """Where the device stands in ``job``."""
+        row = self.db.execute(
+            "SELECT phase, plan, idempotency_key, update_body FROM progress WHERE key=? AND job=?",
+            [self.key, job],
+        ).fetchone()
+        if row is None:
+            return RoundProgress(Phase.IDLE)
+        plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
+        return RoundProgress(Phase(row[0]), plan, row[2], row[3])
+
+    def _set_progress(self, job: str, progress: RoundProgress) -> None:
+        plan = msgspec.json.encode(progress.plan).decode() if progress.plan else None
+        self.db.execute(
+            "INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                self.key,
+                job,
+                progress.phase.value,
+                plan,
+                progress.idempotency_key,
+                progress.update,
+                time.time(),
+            ],
+        )
+
+    def record_admission(self, job: str, plan: RoundPlan) -> None:
+        """Checked in and admitted: hold the round plan."""
+        with self.db.atomic():
+            self._set_progress(job, RoundProgress(Phase.ADMITTED, plan))
+
+    def record_download(self, job: str, plan: RoundPlan, etag: str, body: bytes | None) -> None:
+        """Hold the round's model (``body`` None: the held copy was still current)."""
+        with self.db.atomic():
+            if body is not None:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                    [self.key, job, plan.model_version, etag, body],
+                )
+            self._set_progress(job, RoundProgress(Phase.DOWNLOADED, plan))
+
+    def record_update(self, job: str, plan: RoundPlan, update: bytes, idempotency_key: str) -> None:
+        """Trained: hold the update and the key every upload attempt will carry."""
+        with self.db.atomic():
+            self._set_progress(job, RoundProgress(Phase.TRAINED, plan, idempotency_key, update))
+
+    def record_receipt(self, job: str, receipt: UploadReceipt) -> None:
+        """Acknowledged: keep the receipt, drop the update, and go idle."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?)",
+                [self.key, job, receipt.round_id, msgspec.json.encode(receipt).decode()],
+            )
+            self._set_progress(job, RoundProgress(Phase.IDLE))
+
+    def discard_round(self, job: str) -> None:
+        """Drop work for a round that closed without it."""
+        with self.db.atomic():
+            self._set_progress(job, RoundProgress(Phase.IDLE))
+
+    # -- models and receipts ---------------------------------------------------
+    def held_model(self, job: str) -> tuple[int, str, bytes] | None:
+        """The model version held for ``job``: (version, etag, body)."""
+        row = self.db.execute(
+            "SELECT version, etag, body FROM models WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
+
+    def receipts(self, job: str) -> list[UploadReceipt]:
+        """Every acknowledged upload for ``job``, oldest round first."""
+        rows = self.db.execute(
+            "SELECT receipt FROM receipts WHERE key=? AND job=? ORDER BY round_id", [self.key, job]
+        ).fetchall()
+        return [msgspec.json.decode(r[0], type=UploadReceipt) for r in rows]

@@ -1,0 +1,203 @@
+"""Every JSON message of the wire protocol, defined once for device, server and simulator.
+
+Messages are frozen ``msgspec.Struct`` types: decoding validates types and
+required fields, so a malformed body fails with one error type
+(`msgspec.ValidationError`) that the server turns into a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "Admitted",
+    "CheckinRequest",
+    "CheckinResponse",
+    "EnrolRequest",
+    "EnrolResponse",
+    "ErrorBody",
+    "ErrorDetail",
+    "JobFinished",
+    "JobPlan",
+    "JobSettings",
+    "JobStatus",
+    "ModelSpec",
+    "RetryLater",
+    "RoundPlan",
+    "RoundSummary",
+    "TrainSettings",
+    "UploadReceipt",
+]
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A built-in model architecture: ``softmax`` (no hidden layer) or ``mlp``."""
+
+    kind: Literal["softmax", "mlp"] = "mlp"
+    inputs: PositiveInt = 64
+    hidden: list[PositiveInt] = msgspec.field(default_factory=lambda: [64])
+    classes: Annotated[int, msgspec.Meta(ge=2)] = 10
+
+
+class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Local training settings a round asks devices to use."""
+
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 8
+    learning_rate: PositiveFloat = 0.1
+
+
+class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a job's rounds run."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    rounds: PositiveInt = 10
+    devices_per_round: PositiveInt = 10
+    min_devices: PositiveInt = 1
+    over_selection: Annotated[float, msgspec.Meta(ge=1.0)] = 1.3
+    deadline_seconds: PositiveFloat = 600.0
+    seed: int = 0
+    max_upload_bytes: PositiveInt = 64 * 1024 * 1024
+
+
+class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A whole job: the one plan file that runs in ``fedsim`` and in ``fedserver``."""
+
+    job: JobSettings
+    model: ModelSpec = msgspec.field(default_factory=ModelSpec)
+    train: TrainSettings = msgspec.field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        if self.job.min_devices > self.job.devices_per_round:
+            raise ValueError("job.min_devices must not exceed job.devices_per_round")
+
+    @property
+    def admit_per_round(self) -> int:
+        """Devices admitted per round: ``devices_per_round`` times ``over_selection``."""
+        return max(
+            self.job.devices_per_round,
+            int(self.job.devices_per_round * self.job.over_selection + 0.5),
+        )
+
+
+class EnrolRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device asks for an identity; ``label`` is free text for operators."""
+
+    label: str = ""
+
+
+class EnrolResponse(msgspec.Struct, frozen=True):
+    """The device's id and bearer token; the server stores only the token's hash."""
+
+    device_id: str
+    token: str
+
+
+class CheckinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device offers to work on a job."""
+
+    runtime: str = "numpy"
+    model_version: int | None = None
+
+
+class RoundPlan(msgspec.Struct, frozen=True):
+    """What an admitted device must do in this round, and by when.
+
+    ``deadline`` is on the clock of whoever holds the plan: the server sends it
+    with its own ``clock_now``, and a device re-bases both on its own clock
+    (`RoundPlan.rebased`), so clock skew between them does not matter.
+    """
+
+    job: str
+    round_id: int
+    round_number: int
+    model_version: int
+    deadline: float
+    clock_now: float
+    model: ModelSpec
+    train: TrainSettings
+
+    def rebased(self, now: float) -> RoundPlan:
+        """The same plan with ``deadline`` moved onto a clock that reads ``now``."""
+        return msgspec.structs.replace(
+            self, deadline=now + self.deadline - self.clock_now, clock_now=now
+        )
+
+
+class Admitted(msgspec.Struct, frozen=True, tag_field="status", tag="admitted"):
+    """Check-in answer: the device is in the round."""
+
+    plan: RoundPlan
+
+
+class RetryLater(msgspec.Struct, frozen=True, tag_field="status", tag="retry"):
+    """Check-in answer: no place for the device now; ask again after ``retry_after`` s."""
+
+    retry_after: float
+    reason: str = ""
+
+
+class JobFinished(msgspec.Struct, frozen=True, tag_field="status", tag="finished"):
+    """Check-in answer: the job ran all its rounds."""
+
+    model_version: int
+
+
+CheckinResponse = Admitted | RetryLater | JobFinished
+
+
+class UploadReceipt(msgspec.Struct, frozen=True):
+    """The server's acknowledgement of one update; a retried upload gets the same one."""
+
+    receipt_id: str
+    round_id: int
+    device_id: str
+    num_examples: int
+    received_at: float
+
+
+class RoundSummary(msgspec.Struct, frozen=True):
+    """One round as the server saw it."""
+
+    round_id: int
+    number: int
+    status: Literal["open", "closed", "failed"]
+    model_version: int
+    opened_at: float
+    deadline: float
+    admitted: int
+    updates: int
+    closed_at: float | None = None
+    reason: str = ""
+    train_loss: float | None = None
+
+
+class JobStatus(msgspec.Struct, frozen=True):
+    """``GET /v1/jobs/{job}``: the job, its current round and model version."""
+
+    job: str
+    status: Literal["running", "finished"]
+    model_version: int
+    rounds_completed: int
+    rounds_failed: int
+    current_round: RoundSummary | None
+    plan: JobPlan
+    previous_round: RoundSummary | None = None
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    """Machine-readable error code and a human message."""
+
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every 4xx/5xx answer carries this body."""
+
+    error: ErrorDetail

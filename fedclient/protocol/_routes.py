@@ -1,0 +1,176 @@
+"""Every route of the HTTP API, defined once; the server mounts them, the client formats them.
+
+The OpenAPI document the server serves is built from this table and the
+message types, so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from fedclient.protocol import _messages as m
+
+__all__ = [
+    "CHECKIN",
+    "ENROL",
+    "HEALTH",
+    "JOB_STATUS",
+    "MODEL",
+    "OPENAPI",
+    "ROUTES",
+    "TENSOR_MEDIA_TYPE",
+    "UPLOAD",
+    "Route",
+    "openapi_document",
+]
+
+#: Media type of a tensor body (safetensors: a JSON header, then raw little-endian data).
+TENSOR_MEDIA_TYPE = "application/vnd.fedclient.safetensors"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint: method, path template, and what travels each way."""
+
+    name: str
+    method: str
+    path: str
+    summary: str
+    request: type | None = None  # a JSON message type, or None
+    response: Any = None  # a JSON message type, TENSOR_MEDIA_TYPE, or None
+    request_tensors: bool = False
+    auth: bool = True
+    errors: tuple[int, ...] = ()
+
+    def url(self, **params: object) -> str:
+        """The concrete path, e.g. ``MODEL.url(job="digits", version=3)``."""
+        return self.path.format(**params)
+
+
+ENROL = Route(
+    "enrol",
+    "POST",
+    "/v1/devices",
+    "Enrol a device; returns its id and bearer token.",
+    request=m.EnrolRequest,
+    response=m.EnrolResponse,
+    auth=False,
+    errors=(400,),
+)
+CHECKIN = Route(
+    "checkin",
+    "POST",
+    "/v1/jobs/{job}/checkin",
+    "Offer to work on a job: admitted with a round plan, told to retry later, or finished.",
+    request=m.CheckinRequest,
+    response=m.CheckinResponse,
+    errors=(400, 401, 404),
+)
+MODEL = Route(
+    "model",
+    "GET",
+    "/v1/models/{job}/{version}",
+    "Download one model version (immutable; ETag and If-None-Match supported).",
+    response=TENSOR_MEDIA_TYPE,
+    errors=(401, 404),
+)
+UPLOAD = Route(
+    "upload",
+    "POST",
+    "/v1/rounds/{round_id}/updates",
+    "Upload a model update (safetensors body, metadata in its header). Requires an "
+    "Idempotency-Key header: a retry with the same key returns the original receipt.",
+    response=m.UploadReceipt,
+    request_tensors=True,
+    errors=(400, 401, 403, 404, 409, 410, 413),
+)
+JOB_STATUS = Route(
+    "job_status",
+    "GET",
+    "/v1/jobs/{job}",
+    "The job's status, plan and current round.",
+    response=m.JobStatus,
+    auth=False,
+    errors=(404,),
+)
+HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
+OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
+
+ROUTES = (ENROL, CHECKIN, MODEL, UPLOAD, JOB_STATUS, HEALTH, OPENAPI)
+
+_REASONS = {
+    400: "Invalid request",
+    401: "Missing or wrong device token",
+    403: "Not allowed",
+    404: "Unknown job, round or model",
+    409: "Conflicts with stored state (e.g. round closed)",
+    410: "Deadline passed",
+    413: "Body over the limit",
+}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """Build the OpenAPI 3.1 document for `ROUTES`."""
+    types: list[Any] = [m.ErrorBody]
+    for route in ROUTES:
+        types += [t for t in (route.request, route.response) if t not in (None, TENSOR_MEDIA_TYPE)]
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    by_type = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        op: dict[str, Any] = {"operationId": route.name, "summary": route.summary}
+        params = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in _path_params(route.path)
+        ]
+        if route.request_tensors:
+            params.append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            )
+            op["requestBody"] = {"content": {TENSOR_MEDIA_TYPE: {"schema": {}}}, "required": True}
+        elif route.request is not None:
+            op["requestBody"] = {
+                "content": {"application/json": {"schema": by_type[route.request]}}
+            }
+        if params:
+            op["parameters"] = params
+        if route.auth:
+            op["security"] = [{"device_token": []}]
+        if route.response == TENSOR_MEDIA_TYPE:
+            ok: dict[str, Any] = {"description": "OK", "content": {TENSOR_MEDIA_TYPE: {}}}
+        elif route.response is not None:
+            ok = {
+                "description": "OK",
+                "content": {"application/json": {"schema": by_type[route.response]}},
+            }
+        else:
+            ok = {"description": "OK"}
+        responses: dict[str, Any] = {"200": ok}
+        error = {"content": {"application/json": {"schema": by_type[m.ErrorBody]}}}
+        for status in route.errors:
+            responses[str(status)] = {"description": _REASONS[status], **error}
+        op["responses"] = responses
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fedclient reference server", "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"device_token": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]

@@ -1,0 +1,59 @@
+"""Named tensors on the wire: safetensors bodies (a JSON header, then raw data; never pickle)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from fedclient._exceptions import InvalidRequest
+
+__all__ = ["Weights", "check_weights", "decode_tensors", "encode_tensors"]
+
+#: A model's parameters (or an update to them), by parameter name.
+Weights = dict[str, np.ndarray]
+
+
+def encode_tensors(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialise named arrays (and string metadata) to a safetensors body."""
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    return bytes(save(arrays, metadata=dict(metadata) if metadata else None))
+
+
+def decode_tensors(body: bytes) -> tuple[Weights, dict[str, str]]:
+    """Parse a safetensors body; any malformed input raises `InvalidRequest`."""
+    if len(body) < 8:
+        raise InvalidRequest("tensor body is truncated")
+    try:
+        arrays = load(body)
+        header_len = int.from_bytes(body[:8], "little")
+        header = json.loads(body[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"tensor body is not valid safetensors: {exc}") from exc
+    metadata = header.get("__metadata__") or {}
+    return dict(arrays), {str(k): str(v) for k, v in metadata.items()}
+
+
+def check_weights(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    """Require exactly the reference's names, shapes and dtypes, and only finite values."""
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    if missing or extra:
+        raise InvalidRequest(
+            f"tensor names do not match the model: missing {missing}, unexpected {extra}"
+        )
+    for name, ref in reference.items():
+        got = tensors[name]
+        if got.shape != ref.shape:
+            raise InvalidRequest(
+                f"tensor {name!r} has shape {list(got.shape)}, expected {list(ref.shape)}"
+            )
+        if got.dtype != ref.dtype:
+            raise InvalidRequest(f"tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
+        if not np.isfinite(got).all():
+            raise InvalidRequest(f"tensor {name!r} contains NaN or Inf")

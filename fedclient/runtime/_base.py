@@ -1,0 +1,86 @@
+"""The one interface every training backend (numpy, ONNX Runtime, TFLite) implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from fedclient._exceptions import InvalidInput
+from fedclient.protocol import Weights
+
+__all__ = ["EvalResult", "TrainResult", "TrainingBackend", "check_dataset"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call to `TrainingBackend.train` did."""
+
+    loss: float  # mean training loss over the last epoch
+    num_examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of a model on a labelled set."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@runtime_checkable
+class TrainingBackend(Protocol):
+    """A model a device can train. Weights are exchanged by parameter name."""
+
+    runtime: str
+    inputs: int
+    classes: int
+
+    def get_weights(self) -> Weights:
+        """A copy of the parameters, by name."""
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all parameters; names, shapes and dtypes must match."""
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        rng: np.random.Generator,
+    ) -> TrainResult:
+        """Minibatch SGD over (x, y), shuffled by ``rng``."""
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
+        """Mean cross-entropy and accuracy."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (n, classes)."""
+
+
+def check_dataset(
+    x: np.ndarray, y: np.ndarray, *, inputs: int, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a labelled set for a model and return it as (float32, int64)."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 2 or x.shape[1] != inputs:
+        raise InvalidInput(f"x must have shape (n, {inputs}), got {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise InvalidInput(f"y must have shape ({x.shape[0]},), got {y.shape}")
+    if x.shape[0] == 0:
+        raise InvalidInput("the data set is empty")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InvalidInput(f"labels must be integers, got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= classes:
+        raise InvalidInput(f"labels must lie in [0, {classes}), got [{y.min()}, {y.max()}]")
+    if not np.isfinite(x).all():
+        raise InvalidInput("x contains NaN or Inf")
+    return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)

@@ -1,0 +1,137 @@
+"""The numpy reference backend: softmax regression and MLPs trained with minibatch SGD.
+
+Parameter names and layouts follow PyTorch's ``nn.Linear`` (``fc1.weight`` is
+``(out, in)``), so the same weights can travel to and from models exported by
+other runtimes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedclient._exceptions import InvalidInput
+from fedclient.protocol import ModelSpec, Weights
+from fedclient.runtime._base import EvalResult, TrainResult, check_dataset
+
+__all__ = ["NumpyModel"]
+
+
+class NumpyModel:
+    """A dense ReLU network with a softmax output, in pure numpy."""
+
+    runtime = "numpy"
+
+    def __init__(self, spec: ModelSpec, *, seed: int = 0, dtype: type = np.float32) -> None:
+        self.spec = spec
+        self.inputs = spec.inputs
+        self.classes = spec.classes
+        self._dtype = np.dtype(dtype)
+        sizes = [spec.inputs, *(spec.hidden if spec.kind == "mlp" else []), spec.classes]
+        rng = np.random.default_rng(seed)
+        self._params: Weights = {}
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
+            limit = np.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+            self._params[f"fc{i}.weight"] = rng.uniform(-limit, limit, (fan_out, fan_in)).astype(
+                self._dtype
+            )
+            self._params[f"fc{i}.bias"] = np.zeros(fan_out, dtype=self._dtype)
+        self._layers = len(sizes) - 1
+
+    # -- weights ---------------------------------------------------------------
+    def get_weights(self) -> Weights:
+        """A copy of the parameters, by name."""
+        return {name: value.copy() for name, value in self._params.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all parameters; names, shapes and dtypes must match exactly."""
+        if set(weights) != set(self._params):
+            raise InvalidInput(
+                f"weights must have names {sorted(self._params)}, got {sorted(weights)}"
+            )
+        for name, value in weights.items():
+            ref = self._params[name]
+            if value.shape != ref.shape or value.dtype != ref.dtype:
+                raise InvalidInput(
+                    f"{name}: expected {ref.dtype}{list(ref.shape)}, "
+                    f"got {value.dtype}{list(value.shape)}"
+                )
+        self._params = {name: np.array(value) for name, value in weights.items()}
+
+    # -- maths -----------------------------------------------------------------
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        activations = [x]
+        a = x
+        for i in range(1, self._layers + 1):
+            z = a @ self._params[f"fc{i}.weight"].T + self._params[f"fc{i}.bias"]
+            a = np.maximum(z, 0) if i < self._layers else z
+            activations.append(a)
+        return a, activations
+
+    @staticmethod
+    def _softmax(logits: np.ndarray) -> np.ndarray:
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+        """Mean cross-entropy on (x, y) and its gradient for every parameter."""
+        logits, acts = self._forward(x)
+        probs = self._softmax(logits)
+        n = x.shape[0]
+        loss = float(-np.log(np.maximum(probs[np.arange(n), y], 1e-12)).mean())
+        delta = probs
+        delta[np.arange(n), y] -= 1.0
+        delta /= n
+        grads: Weights = {}
+        for i in range(self._layers, 0, -1):
+            grads[f"fc{i}.weight"] = delta.T @ acts[i - 1]
+            grads[f"fc{i}.bias"] = delta.sum(axis=0)
+            if i > 1:
+                delta = (delta @ self._params[f"fc{i}.weight"]) * (acts[i - 1] > 0)
+        return loss, grads
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        rng: np.random.Generator,
+    ) -> TrainResult:
+        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``."""
+        x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
+        x = x.astype(self._dtype, copy=False)
+        n = x.shape[0]
+        steps = 0
+        epoch_loss = 0.0
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss, grads = self.loss_and_grads(x[idx], y[idx])
+                for name, grad in grads.items():
+                    self._params[name] -= (learning_rate * grad).astype(self._dtype, copy=False)
+                total += loss * len(idx)
+                steps += 1
+            epoch_loss = total / n
+        return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities."""
+        logits, _ = self._forward(np.asarray(x, dtype=self._dtype))
+        return self._softmax(logits)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
+        """Mean cross-entropy and accuracy on (x, y)."""
+        x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
+        probs = self.predict(x)
+        n = x.shape[0]
+        loss = float(-np.log(np.maximum(probs[np.arange(n), y], 1e-12)).mean())
+        accuracy = float((probs.argmax(axis=1) == y).mean())
+        return EvalResult(loss=loss, accuracy=accuracy, num_examples=n)

@@ -1,0 +1,174 @@
+"""The ASGI app: thin routes that decode, call a `FederationService` handler, and encode.
+
+Errors are mapped to HTTP in one place (`_api_error`): every `ApiError` carries
+its status and code, and the body is always ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fedclient import __version__
+from fedclient._exceptions import ApiError, InvalidRequest, NotFound, PayloadTooLarge
+from fedclient.protocol import (
+    CHECKIN,
+    ENROL,
+    HEALTH,
+    IDEMPOTENCY_HEADER,
+    JOB_STATUS,
+    MODEL,
+    OPENAPI,
+    TENSOR_MEDIA_TYPE,
+    UPLOAD,
+    CheckinRequest,
+    EnrolRequest,
+    openapi_document,
+)
+from fedclient.protocol import Route as ApiRoute
+from fedserver_ref.auth import bearer_token
+from fedserver_ref.service import FederationService
+
+__all__ = ["create_app"]
+
+T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(service: FederationService, *, tick_seconds: float | None = None) -> Starlette:
+    """The server as an ASGI app. ``tick_seconds`` starts a timer that closes rounds at
+    their deadlines; leave it None when something else calls ``service.tick()``
+    (the simulator, on its simulated clock)."""
+
+    async def enrol(request: Request) -> Response:
+        body = _decode(await request.body(), EnrolRequest)
+        return _json(service.enrol(body))
+
+    async def checkin(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        body = _decode(await request.body() or b"{}", CheckinRequest)
+        answer = service.checkin(token, request.path_params["job"], body)
+        return _json(answer)
+
+    async def model(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        version = _int_param(request, "version")
+        body, etag = service.model(token, request.path_params["job"], version)
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type=TENSOR_MEDIA_TYPE, headers=headers)
+
+    async def upload(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        round_id = _int_param(request, "round_id")
+        service.authenticate(token)  # reject strangers before reading their body
+        body = await _read_limited(request, service.upload_limit(round_id))
+        receipt = service.upload(token, round_id, request.headers.get(IDEMPOTENCY_HEADER), body)
+        return _json(receipt)
+
+    async def job_status(request: Request) -> Response:
+        return _json(service.job_status(request.path_params["job"]))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    document = openapi_document(__version__)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    handlers: dict[ApiRoute, Endpoint] = {
+        ENROL: enrol,
+        CHECKIN: checkin,
+        MODEL: model,
+        UPLOAD: upload,
+        JOB_STATUS: job_status,
+        HEALTH: health,
+        OPENAPI: openapi,
+    }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        timer = asyncio.create_task(_tick_forever(service, tick_seconds)) if tick_seconds else None
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    return Starlette(
+        routes=[Route(r.path, handlers[r], methods=[r.method]) for r in handlers],
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+async def _tick_forever(service: FederationService, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        service.tick()
+
+
+def _decode(body: bytes, type_: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"invalid JSON body: {exc}") from exc
+
+
+def _json(message: Any) -> Response:
+    return Response(msgspec.json.encode(message), media_type="application/json")
+
+
+def _int_param(request: Request, name: str) -> int:
+    value = request.path_params[name]
+    if not value.isdigit():
+        raise NotFound(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse(
+        {"error": {"code": "server_error", "message": "internal error"}}, status_code=500
+    )

@@ -1,0 +1,109 @@
+"""Synchronous rounds with deadlines, as a state machine over the store.
+
+    open --(devices_per_round updates)------------------------> closed (aggregated)
+    open --(deadline, >= min_devices updates)------------------> closed (aggregated)
+    open --(deadline, fewer than min_devices updates)----------> failed (model kept)
+
+Closing a round writes the next model version and opens the next round (or
+finishes the job) in the same transaction. Time comes from the caller, so the
+simulator can run rounds on a simulated clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
+from fedclient.runtime import create_backend
+from fedserver_ref.store import JobRow, RoundRow, ServerStore
+from fedserver_ref.strategies import ClientUpdate, Strategy
+
+__all__ = ["SyncRounds", "initial_weights", "model_etag"]
+
+
+def initial_weights(plan: JobPlan) -> Weights:
+    """The job's version-0 model, drawn from the plan's seed."""
+    return create_backend(plan.model, "numpy", seed=plan.job.seed).get_weights()
+
+
+def model_etag(body: bytes) -> str:
+    """A strong ETag for an immutable model body."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+class SyncRounds:
+    """The round lifecycle of every job in a store, with one aggregation strategy."""
+
+    def __init__(self, store: ServerStore, strategy: Strategy) -> None:
+        self.store = store
+        self.strategy = strategy
+
+    def create_job(self, plan: JobPlan, now: float) -> None:
+        """Register a job with its version-0 model and open its first round."""
+        body = encode_tensors(initial_weights(plan))
+        with self.store.atomic():
+            self.store.add_job(plan)
+            self.store.add_model(plan.job.name, 0, body, model_etag(body), now)
+            self.store.open_round(plan.job.name, 1, 0, now, now + plan.job.deadline_seconds)
+
+    def advance(self, now: float) -> None:
+        """Close every round whose quota is met or whose deadline passed."""
+        for round_ in self.store.open_rounds():
+            job = self.store.job(round_.job)
+            assert job is not None
+            count = self.store.update_count(round_.round_id)
+            if count >= job.plan.job.devices_per_round:
+                self.close(job, round_, now, "quota")
+            elif now >= round_.deadline:
+                self.close(job, round_, now, "deadline")
+
+    def close(self, job: JobRow, round_: RoundRow, now: float, why: str) -> None:
+        """Aggregate (or fail) the round, then open the next one or finish the job."""
+        plan = job.plan
+        with self.store.atomic():
+            rows = self.store.updates(round_.round_id)
+            completed, failed, version = job.rounds_completed, job.rounds_failed, job.model_version
+            if len(rows) >= plan.job.min_devices:
+                current = self.store.model(job.name, round_.model_version)
+                assert current is not None
+                base, _ = decode_tensors(current[0])
+                updates = [
+                    ClientUpdate(r.device_id, r.num_examples, decode_tensors(r.body or b"")[0])
+                    for r in rows
+                ]
+                body = encode_tensors(self.strategy.aggregate(base, updates))
+                version = round_.model_version + 1
+                self.store.add_model(job.name, version, body, model_etag(body), now)
+                losses = [(r.train_loss, r.num_examples) for r in rows if r.train_loss is not None]
+                loss = (
+                    float(np.average([l_ for l_, _ in losses], weights=[n for _, n in losses]))
+                    if losses
+                    else None
+                )
+                self.store.close_round(
+                    round_.round_id, "closed", now, f"{why}: {len(rows)} updates", loss
+                )
+                completed += 1
+            else:
+                self.store.close_round(
+                    round_.round_id,
+                    "failed",
+                    now,
+                    f"{why}: {len(rows)} updates, fewer than min_devices={plan.job.min_devices}",
+                    None,
+                )
+                failed += 1
+            finished = round_.number >= plan.job.rounds
+            self.store.update_job(
+                job.name,
+                status="finished" if finished else "running",
+                model_version=version,
+                rounds_completed=completed,
+                rounds_failed=failed,
+            )
+            if not finished:
+                self.store.open_round(
+                    job.name, round_.number + 1, version, now, now + plan.job.deadline_seconds
+                )

@@ -1,0 +1,260 @@
+"""The server's handlers as plain functions: no HTTP here, so tests call them directly.
+
+Each handler authenticates, brings rounds up to date with the clock, validates
+everything, and only then writes, in one transaction. A rejected request
+raises an `ApiError` subclass and changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+
+from fedclient._exceptions import (
+    Conflict,
+    DeadlinePassed,
+    Forbidden,
+    InvalidInput,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RoundClosed,
+    Unauthorized,
+)
+from fedclient.protocol import (
+    Admitted,
+    CheckinRequest,
+    CheckinResponse,
+    EnrolRequest,
+    EnrolResponse,
+    JobFinished,
+    JobPlan,
+    JobStatus,
+    RetryLater,
+    RoundPlan,
+    RoundSummary,
+    UploadReceipt,
+    check_weights,
+    decode_tensors,
+)
+from fedserver_ref.auth import hash_token, new_credentials
+from fedserver_ref.rounds import SyncRounds
+from fedserver_ref.store import JobRow, RoundRow, ServerStore, UpdateRow
+from fedserver_ref.strategies import FedAvg, Strategy
+
+__all__ = ["FederationService"]
+
+
+class FederationService:
+    """Every job of one server: enrolment, check-in, models, uploads, status."""
+
+    def __init__(
+        self,
+        store: ServerStore,
+        *,
+        strategy: Strategy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.rounds = SyncRounds(store, strategy or FedAvg())
+
+    # -- setup -----------------------------------------------------------------
+    def add_job(self, plan: JobPlan) -> None:
+        """Create the job, or resume it if the store already has it with the same plan."""
+        existing = self.store.job(plan.job.name)
+        if existing is None:
+            self.rounds.create_job(plan, self.clock())
+        elif existing.plan != plan:
+            raise InvalidInput(
+                f"job {plan.job.name!r} already exists in the store with a "
+                "different plan; use a new job name or a new database"
+            )
+
+    def tick(self) -> None:
+        """Close the rounds whose quota is met or whose deadline passed."""
+        self.rounds.advance(self.clock())
+
+    # -- handlers --------------------------------------------------------------
+    def enrol(self, request: EnrolRequest) -> EnrolResponse:
+        """Give a device an id and a bearer token."""
+        device_id, token = new_credentials()
+        with self.store.atomic():
+            self.store.add_device(device_id, hash_token(token), request.label)
+        return EnrolResponse(device_id, token)
+
+    def authenticate(self, token: str) -> str:
+        """The device id behind a bearer token."""
+        device_id = self.store.device_for_token(hash_token(token))
+        if device_id is None:
+            raise Unauthorized("unknown device token")
+        return device_id
+
+    def checkin(self, token: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
+        """Admit the device to the job's open round, or tell it when to come back."""
+        device_id = self.authenticate(token)
+        job = self._job(job_name)
+        now = self.clock()
+        self.rounds.advance(now)
+        job = self._job(job_name)
+        if job.status == "finished":
+            return JobFinished(job.model_version)
+        round_ = self.store.latest_rounds(job.name, 1)[0]
+        assert round_.status == "open"
+        wait = max(1.0, round_.deadline - now)
+        if self.store.is_admitted(round_.round_id, device_id):
+            if self.store.has_update(round_.round_id, device_id):
+                return RetryLater(wait, "already contributed to this round")
+            return Admitted(self._plan(job, round_))
+        if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
+            return RetryLater(wait, "the round is full")
+        with self.store.atomic():
+            self.store.admit(round_.round_id, device_id, now)
+        return Admitted(self._plan(job, round_))
+
+    def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:
+        """A model version's body and ETag."""
+        self.authenticate(token)
+        self._job(job_name)
+        found = self.store.model(job_name, version)
+        if found is None:
+            raise NotFound(f"job {job_name!r} has no model version {version}")
+        return found
+
+    def upload_limit(self, round_id: int) -> int:
+        """The largest upload body the round accepts."""
+        round_ = self.store.round(round_id)
+        job = self.store.job(round_.job) if round_ else None
+        return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
+
+    def upload(
+        self, token: str, round_id: int, idempotency_key: str | None, body: bytes
+    ) -> UploadReceipt:
+        """Accept one update, exactly once per idempotency key."""
+        device_id = self.authenticate(token)
+        if not idempotency_key or len(idempotency_key) > 200:
+            raise InvalidRequest("an Idempotency-Key header (1-200 characters) is required")
+        now = self.clock()
+        self.rounds.advance(now)
+        round_ = self.store.round(round_id)
+        if round_ is None:
+            raise NotFound(f"no round {round_id}")
+        previous = self.store.update_by_key(device_id, idempotency_key)
+        if previous is not None:
+            if previous.round_id != round_id:
+                raise Conflict("this Idempotency-Key was used for another round")
+            return _receipt(previous)
+        if round_.status != "open":
+            if now >= round_.deadline:
+                raise DeadlinePassed(f"round {round_id} closed at its deadline")
+            raise RoundClosed(f"round {round_id} is closed ({round_.reason})")
+        if not self.store.is_admitted(round_id, device_id):
+            raise Forbidden(f"device was not admitted to round {round_id}")
+        if self.store.has_update(round_id, device_id):
+            raise Conflict(f"device already uploaded an update for round {round_id}")
+        job = self._job(round_.job)
+        if len(body) > job.plan.job.max_upload_bytes:
+            raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
+        num_examples, train_loss = self._validate_update(job, round_, body)
+        with self.store.atomic():
+            row = self.store.add_update(
+                round_id,
+                device_id,
+                idempotency_key,
+                uuid.uuid4().hex,
+                num_examples,
+                train_loss,
+                body,
+                now,
+            )
+            if self.store.update_count(round_id) >= job.plan.job.devices_per_round:
+                self.rounds.close(job, round_, now, "quota")
+        return _receipt(row)
+
+    def job_status(self, job_name: str) -> JobStatus:
+        """The job's progress and current round."""
+        self.rounds.advance(self.clock())
+        job = self._job(job_name)
+        latest = self.store.latest_rounds(job_name, 2)
+        summaries = [self._summary(r) for r in latest]
+        if latest and latest[0].status == "open":
+            current, previous = summaries[0], (summaries[1] if len(summaries) > 1 else None)
+        else:
+            current, previous = None, (summaries[0] if summaries else None)
+        return JobStatus(
+            job.name,
+            job.status,  # type: ignore[arg-type]
+            job.model_version,
+            job.rounds_completed,
+            job.rounds_failed,
+            current,
+            job.plan,
+            previous,
+        )
+
+    def _summary(self, round_: RoundRow) -> RoundSummary:
+        return RoundSummary(
+            round_.round_id,
+            round_.number,
+            round_.status,  # type: ignore[arg-type]
+            round_.model_version,
+            round_.opened_at,
+            round_.deadline,
+            self.store.admitted_count(round_.round_id),
+            self.store.update_count(round_.round_id),
+            round_.closed_at,
+            round_.reason,
+            round_.train_loss,
+        )
+
+    # -- helpers ---------------------------------------------------------------
+    def _job(self, name: str) -> JobRow:
+        job = self.store.job(name)
+        if job is None:
+            raise NotFound(f"no job {name!r}")
+        return job
+
+    def _plan(self, job: JobRow, round_: RoundRow) -> RoundPlan:
+        return RoundPlan(
+            job.name,
+            round_.round_id,
+            round_.number,
+            round_.model_version,
+            round_.deadline,
+            self.clock(),
+            job.plan.model,
+            job.plan.train,
+        )
+
+    def _validate_update(
+        self, job: JobRow, round_: RoundRow, body: bytes
+    ) -> tuple[int, float | None]:
+        tensors, metadata = decode_tensors(body)
+        current = self.store.model(job.name, round_.model_version)
+        assert current is not None
+        check_weights(tensors, decode_tensors(current[0])[0])
+        try:
+            num_examples = int(metadata.get("num_examples", ""))
+            loss_text = metadata.get("train_loss")
+            train_loss = float(loss_text) if loss_text is not None else None
+        except ValueError as exc:
+            raise InvalidRequest(f"bad update metadata: {exc}") from exc
+        if not 1 <= num_examples <= 10**9:
+            raise InvalidRequest("metadata num_examples must be a positive integer")
+        if train_loss is not None and not math.isfinite(train_loss):
+            train_loss = None
+        version = metadata.get("model_version")
+        if version is not None and version != str(round_.model_version):
+            raise InvalidRequest(
+                f"update was trained on model version {version}, the round "
+                f"uses {round_.model_version}"
+            )
+        return num_examples, train_loss
+
+
+def _receipt(row: UpdateRow) -> UploadReceipt:
+    return UploadReceipt(
+        row.receipt_id, row.round_id, row.device_id, row.num_examples, row.received_at
+    )

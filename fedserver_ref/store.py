@@ -1,0 +1,305 @@
+"""The server's SQLite store: devices, jobs, model versions, rounds, admissions, updates.
+
+Every mutation a handler makes runs inside one `ServerStore.atomic` block, so a
+crash or a rejected request leaves no half-written round. Update bodies are
+kept until their round closes; receipts (and idempotency keys) are kept for good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import sqlite_utils
+
+from fedclient.protocol import JobPlan
+
+__all__ = ["JobRow", "RoundRow", "ServerStore", "UpdateRow"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, token_hash TEXT UNIQUE NOT NULL, label TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY, plan TEXT NOT NULL, status TEXT NOT NULL,
+    model_version INTEGER NOT NULL, rounds_completed INTEGER NOT NULL,
+    rounds_failed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    job TEXT, version INTEGER, body BLOB NOT NULL, etag TEXT NOT NULL, created REAL,
+    PRIMARY KEY (job, version));
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, number INTEGER NOT NULL,
+    status TEXT NOT NULL, model_version INTEGER NOT NULL, opened_at REAL NOT NULL,
+    deadline REAL NOT NULL, closed_at REAL, reason TEXT NOT NULL DEFAULT '', train_loss REAL,
+    UNIQUE (job, number));
+CREATE INDEX IF NOT EXISTS rounds_open ON rounds (status, job);
+CREATE TABLE IF NOT EXISTS admissions (
+    round_id INTEGER, device_id TEXT, admitted_at REAL, PRIMARY KEY (round_id, device_id));
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL, receipt_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
+    train_loss REAL, body BLOB, received_at REAL NOT NULL,
+    UNIQUE (round_id, device_id), UNIQUE (device_id, idempotency_key));
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as stored."""
+
+    name: str
+    plan: JobPlan
+    status: str
+    model_version: int
+    rounds_completed: int
+    rounds_failed: int
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """A round as stored."""
+
+    round_id: int
+    job: str
+    number: int
+    status: str
+    model_version: int
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    reason: str
+    train_loss: float | None
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    """One accepted update (its body is None once its round closed)."""
+
+    seq: int
+    round_id: int
+    device_id: str
+    idempotency_key: str
+    receipt_id: str
+    num_examples: int
+    train_loss: float | None
+    body: bytes | None
+    received_at: float
+
+
+class ServerStore:
+    """All server state in one SQLite database (a file, or ``":memory:"``)."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        if str(path) == ":memory:":
+            self.db = sqlite_utils.Database(memory=True)
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite_utils.Database(path)
+            self.db.enable_wal()
+        with self.atomic():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One transaction (nested blocks become savepoints)."""
+        with self.db.atomic():
+            yield
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    # -- devices ---------------------------------------------------------------
+    def add_device(self, device_id: str, token_hash: str, label: str) -> None:
+        """Register an enrolled device."""
+        self.db.execute(
+            "INSERT INTO devices VALUES (?, ?, ?, ?)", [device_id, token_hash, label, time.time()]
+        )
+
+    def device_for_token(self, token_hash: str) -> str | None:
+        """The device whose token hashes to ``token_hash``."""
+        row = self.db.execute(
+            "SELECT device_id FROM devices WHERE token_hash=?", [token_hash]
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    # -- jobs and models -------------------------------------------------------
+    def add_job(self, plan: JobPlan) -> None:
+        """Register a job at model version 0 (its model is added separately)."""
+        self.db.execute(
+            "INSERT INTO jobs VALUES (?, ?, 'running', 0, 0, 0)",
+            [plan.job.name, msgspec.json.encode(plan).decode()],
+        )
+
+    def job(self, name: str) -> JobRow | None:
+        """A job by name."""
+        row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
+        if row is None:
+            return None
+        return JobRow(row[0], msgspec.json.decode(row[1], type=JobPlan), *row[2:])
+
+    def jobs(self) -> list[JobRow]:
+        """Every job."""
+        names = [r[0] for r in self.db.execute("SELECT name FROM jobs ORDER BY name").fetchall()]
+        return [job for job in map(self.job, names) if job is not None]
+
+    def update_job(
+        self,
+        name: str,
+        *,
+        status: str,
+        model_version: int,
+        rounds_completed: int,
+        rounds_failed: int,
+    ) -> None:
+        """Record a job's progress."""
+        self.db.execute(
+            "UPDATE jobs SET status=?, model_version=?, rounds_completed=?, rounds_failed=?"
+            " WHERE name=?",
+            [status, model_version, rounds_completed, rounds_failed, name],
+        )
+
+    def add_model(self, job: str, version: int, body: bytes, etag: str, now: float) -> None:
+        """Store a model version (immutable once written)."""
+        self.db.execute(
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?)", [job, version, body, etag, now]
+        )
+
+    def model(self, job: str, version: int) -> tuple[bytes, str] | None:
+        """A model version's (body, etag)."""
+        row = self.db.execute(
+            "SELECT body, etag FROM models WHERE job=? AND version=?", [job, version]
+        ).fetchone()
+        return (bytes(row[0]), str(row[1])) if row else None
+
+    # -- rounds ----------------------------------------------------------------
+    def open_round(
+        self, job: str, number: int, model_version: int, now: float, deadline: float
+    ) -> int:
+        """Open a round; returns its id."""
+        cursor = self.db.execute(
+            "INSERT INTO rounds (job, number, status, model_version, opened_at, deadline)"
+            " VALUES (?, ?, 'open', ?, ?, ?)",
+            [job, number, model_version, now, deadline],
+        )
+        return int(cursor.lastrowid or 0)
+
+    def round(self, round_id: int) -> RoundRow | None:
+        """A round by id."""
+        row = self.db.execute("SELECT * FROM rounds WHERE round_id=?", [round_id]).fetchone()
+        return RoundRow(*row) if row else None
+
+    def latest_rounds(self, job: str, count: int) -> list[RoundRow]:
+        """The job's newest ``count`` rounds, newest first."""
+        rows = self.db.execute(
+            "SELECT * FROM rounds WHERE job=? ORDER BY number DESC LIMIT ?", [job, count]
+        ).fetchall()
+        return [RoundRow(*row) for row in rows]
+
+    def open_rounds(self) -> list[RoundRow]:
+        """Every round still open."""
+        rows = self.db.execute("SELECT * FROM rounds WHERE status='open'").fetchall()
+        return [RoundRow(*row) for row in rows]
+
+    def close_round(
+        self, round_id: int, status: str, now: float, reason: str, train_loss: float | None
+    ) -> None:
+        """Mark a round closed or failed; drop its update bodies (receipts stay)."""
+        self.db.execute(
+            "UPDATE rounds SET status=?, closed_at=?, reason=?, train_loss=? WHERE round_id=?",
+            [status, now, reason, train_loss, round_id],
+        )
+        self.db.execute("UPDATE updates SET body=NULL WHERE round_id=?", [round_id])
+
+    # -- admissions and updates ------------------------------------------------
+    def admit(self, round_id: int, device_id: str, now: float) -> None:
+        """Admit a device to a round."""
+        self.db.execute("INSERT INTO admissions VALUES (?, ?, ?)", [round_id, device_id, now])
+
+    def is_admitted(self, round_id: int, device_id: str) -> bool:
+        """Whether the device holds a place in the round."""
+        return (
+            self.db.execute(
+                "SELECT 1 FROM admissions WHERE round_id=? AND device_id=?", [round_id, device_id]
+            ).fetchone()
+            is not None
+        )
+
+    def admitted_count(self, round_id: int) -> int:
+        """Places taken in the round."""
+        return int(
+            self.db.execute(
+                "SELECT count(*) FROM admissions WHERE round_id=?", [round_id]
+            ).fetchone()[0]
+        )
+
+    def add_update(
+        self,
+        round_id: int,
+        device_id: str,
+        key: str,
+        receipt_id: str,
+        num_examples: int,
+        train_loss: float | None,
+        body: bytes,
+        now: float,
+    ) -> UpdateRow:
+        """Store an accepted update."""
+        self.db.execute(
+            "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
+            " num_examples, train_loss, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now],
+        )
+        update = self.update_by_key(device_id, key)
+        assert update is not None
+        return update
+
+    def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
+        """The update a device sent with an idempotency key."""
+        row = self.db.execute(
+            "SELECT * FROM updates WHERE device_id=? AND idempotency_key=?", [device_id, key]
+        ).fetchone()
+        return UpdateRow(*row) if row else None
+
+    def has_update(self, round_id: int, device_id: str) -> bool:
+        """Whether the device already contributed to the round."""
+        return (
+            self.db.execute(
+                "SELECT 1 FROM updates WHERE round_id=? AND device_id=?", [round_id, device_id]
+            ).fetchone()
+            is not None
+        )
+
+    def update_count(self, round_id: int) -> int:
+        """Updates accepted in the round."""
+        return int(
+            self.db.execute("SELECT count(*) FROM updates WHERE round_id=?", [round_id]).fetchone()[
+                0
+            ]
+        )
+
+    def updates(self, round_id: int) -> list[UpdateRow]:
+        """The round's updates, in the order they were received."""
+        rows = self.db.execute(
+            "SELECT * FROM updates WHERE round_id=? ORDER BY seq", [round_id]
+        ).fetchall()
+        return [UpdateRow(*row) for row in rows]
+
+    def fingerprint(self) -> str:
+        """A digest of every stored row, to show that a request changed nothing."""
+        digest = hashlib.sha256()
+        for line in self.db.conn.iterdump():
+            digest.update(line.encode())
+        return digest.hexdigest()

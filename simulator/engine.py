@@ -1,0 +1,337 @@
+"""The local engine: real `fedclient.Client`s against the real server, on a simulated clock.
+
+Each round is a small discrete-event simulation. Devices check in (in an order
+drawn from the seed), the admitted ones download and train for real, and each
+finishes at a simulated time given by its `DeviceProfile`. Uploads then reach
+the server in that order with the clock set to their arrival time, so the
+server's quota and deadline logic decides which updates count — exactly as it
+would in production, only without waiting. Nothing depends on wall time, so
+the same seed gives the same report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+import sqlite_utils
+
+from fedclient import Client, DeviceState, __version__
+from fedclient._client import raise_for_error
+from fedclient.protocol import (
+    JOB_STATUS,
+    MODEL,
+    JobPlan,
+    JobStatus,
+    Weights,
+    decode_tensors,
+)
+from fedclient.runtime import NumpyModel
+from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
+from simulator.datasets import Dataset, load_dataset, partition
+from simulator.devices import DeviceProfile, draw_profiles
+
+__all__ = ["SimClock", "SimulationConfig", "simulate"]
+
+#: Model and training defaults per data set (the flags override them).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "model": {"kind": "mlp", "hidden": [64]},
+        "train": {"epochs": 5, "batch_size": 8, "learning_rate": 0.1},
+    },
+    "mnist": {
+        "model": {"kind": "softmax", "hidden": []},
+        "train": {"epochs": 1, "batch_size": 10, "learning_rate": 0.1},
+    },
+}
+
+DEVICES_PER_STATE_FILE = 64
+
+
+@dataclass
+class SimulationConfig:
+    """Everything a run depends on; it is embedded in the report."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    devices: int = 100
+    devices_per_round: int = 20
+    rounds: int = 40
+    partition: str = "iid"
+    seed: int = 0
+    fleet: str = "phones"
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    min_devices: int | None = None
+    over_selection: float = 1.0
+    deadline_seconds: float = 600.0
+    server: str | None = None
+    job: str | None = None
+    state_dir: str | None = None
+
+    def plan(self, data: Dataset) -> JobPlan:
+        """The job plan this configuration describes."""
+        defaults = DATASET_DEFAULTS[data.name]
+        train = dict(defaults["train"])
+        for key in ("epochs", "batch_size", "learning_rate"):
+            if getattr(self, key) is not None:
+                train[key] = getattr(self, key)
+        return plan_from_dict(
+            {
+                "job": {
+                    "name": self.job or data.name,
+                    "rounds": self.rounds,
+                    "devices_per_round": self.devices_per_round,
+                    "min_devices": self.min_devices or max(1, self.devices_per_round // 2),
+                    "over_selection": self.over_selection,
+                    "deadline_seconds": self.deadline_seconds,
+                    "seed": self.seed,
+                },
+                "model": {**defaults["model"], "inputs": data.inputs, "classes": data.classes},
+                "train": train,
+            }
+        )
+
+
+class SimClock:
+    """Simulated seconds; the server and every device read time from it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class _Device:
+    index: int
+    client: Client
+    profile: DeviceProfile
+    examples: int
+
+
+@dataclass
+class _Server:
+    """The server the fleet talks to, in-process or remote, with the same few verbs."""
+
+    base_url: str
+    transport: httpx.AsyncBaseTransport | None
+    service: FederationService | None = None
+    clock: Callable[[], float] = time.time
+    observer: Client | None = field(default=None, repr=False)
+
+    async def status(self, job: str) -> JobStatus:
+        if self.service is not None:
+            return self.service.job_status(job)
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.get(self.base_url + JOB_STATUS.url(job=job))
+        raise_for_error(response)
+        return msgspec.json.decode(response.content, type=JobStatus)
+
+    async def model(self, job: str, version: int, token: str) -> Weights:
+        if self.service is not None:
+            found = self.service.store.model(job, version)
+            assert found is not None
+            return decode_tensors(found[0])[0]
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.get(
+                self.base_url + MODEL.url(job=job, version=version),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        raise_for_error(response)
+        return decode_tensors(response.content)[0]
+
+    async def close_round(self, job: str, round_id: int, deadline: float) -> None:
+        """Return once the round closed: at once if it did, else at its deadline
+        (instantly on the simulated clock; for real against a remote server)."""
+        while True:
+            status = await self.status(job)
+            current = status.current_round
+            if status.status == "finished" or current is None or current.round_id != round_id:
+                return
+            if isinstance(self.clock, SimClock) and self.service is not None:
+                self.clock.now = max(self.clock.now, deadline)
+                self.service.tick()
+                continue
+            await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
+
+
+async def simulate(
+    config: SimulationConfig, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run the federation ``config`` describes; return the report (see `simulator.report`)."""
+    wall_start = time.perf_counter()
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    plan = config.plan(data)
+    clock = SimClock()
+    if config.server is None:
+        service = FederationService(ServerStore(), clock=clock)
+        service.add_job(plan)
+        server = _Server(
+            "http://fedserver.local", httpx.ASGITransport(app=create_app(service)), service, clock
+        )
+    else:
+        server = _Server(config.server.rstrip("/"), None)
+        plan = (await server.status(plan.job.name)).plan  # the server's plan rules
+
+    rng = np.random.default_rng(config.seed)
+    parts = partition(data.y_train, config.devices, config.partition, rng)
+    profiles = draw_profiles(config.devices, rng, config.fleet)
+    with tempfile.TemporaryDirectory(prefix="fedsim-") as scratch:
+        state_dir = Path(config.state_dir or scratch)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        shards: dict[int, sqlite_utils.Database] = {}
+
+        def device(i: int) -> _Device:
+            shard = i // DEVICES_PER_STATE_FILE
+            if shard not in shards:
+                db = sqlite_utils.Database(state_dir / f"devices-{shard:04d}.sqlite")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=OFF")
+                shards[shard] = db
+            client = Client(
+                server.base_url,
+                plan.job.name,
+                (data.x_train[parts[i]], data.y_train[parts[i]]),
+                state=DeviceState(shards[shard], key=f"device-{i}"),
+                transport=server.transport,
+                seed=config.seed * 100_003 + i,
+                label=f"fedsim-{i}",
+                clock=server.clock,
+            )
+            return _Device(i, client, profiles[i], len(parts[i]))
+
+        fleet = [device(i) for i in range(config.devices)]
+        try:
+            rounds = await _run_rounds(
+                config, plan, data, server, clock, fleet, on_round, wall_start
+            )
+        finally:
+            for d in fleet:
+                await d.client.aclose()
+            for db in shards.values():
+                db.close()
+    last = rounds[-1] if rounds else {}
+    final = {
+        "accuracy": last.get("accuracy"),
+        "loss": last.get("loss"),
+        "model_version": last.get("model_version"),
+        "rounds_completed": sum(r["status"] == "closed" for r in rounds),
+        "rounds_failed": sum(r["status"] == "failed" for r in rounds),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "simulated_seconds": last.get("simulated_seconds", 0.0),
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+    }
+    return {
+        "fedsim_version": __version__,
+        "config": asdict(config),
+        "plan": msgspec.to_builtins(plan),
+        "rounds": rounds,
+        "final": final,
+    }
+
+
+async def _run_rounds(
+    config: SimulationConfig,
+    plan: JobPlan,
+    data: Dataset,
+    server: _Server,
+    clock: SimClock,
+    fleet: list[_Device],
+    on_round: Callable[[dict[str, Any]], None] | None,
+    wall_start: float,
+) -> list[dict[str, Any]]:
+    job = plan.job.name
+    evaluator = NumpyModel(plan.model)
+    simulated = isinstance(server.clock, SimClock)
+    rounds: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        status = await server.status(job)
+        current = status.current_round
+        if status.status == "finished" or current is None:
+            break
+        up0 = sum(d.client.stats.bytes_up for d in fleet)
+        down0 = sum(d.client.stats.bytes_down for d in fleet)
+        # Check-in: devices arrive in an order drawn from the seed; the server fills the round.
+        order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet))
+        admitted: list[_Device] = []
+        for i in order:
+            outcome = await fleet[i].client.astep()
+            if outcome.status == "admitted":
+                admitted.append(fleet[i])
+            if (outcome.status == "waiting" and outcome.reason == "the round is full") or len(
+                admitted
+            ) >= plan.admit_per_round:
+                break
+        # Download and train for real; each device finishes at its simulated time.
+        finish: list[tuple[float, int, _Device]] = []
+        for d in admitted:
+            down = d.client.stats.bytes_down
+            await d.client.astep()
+            if (await d.client.astep()).status != "trained":
+                continue
+            update = d.client.device_state.progress(job).update or b""
+            seconds = d.profile.round_seconds(
+                d.examples, plan.train.epochs, d.client.stats.bytes_down - down, len(update)
+            )
+            finish.append((current.opened_at + seconds, d.index, d))
+            token = token or _token(d)
+        # Uploads arrive in simulated-time order; the server's quota and deadline decide.
+        discarded = 0
+        for at, _, d in sorted(finish, key=lambda f: (f[0], f[1])):
+            if simulated:
+                clock.now = max(clock.now, at)
+            discarded += (await d.client.astep()).status == "discarded"
+        await server.close_round(job, current.round_id, current.deadline)
+        closed = (await server.status(job)).previous_round
+        assert closed is not None and closed.round_id == current.round_id
+        version = closed.model_version + (closed.status == "closed")
+        evaluator.set_weights(await server.model(job, version, token))
+        result = evaluator.evaluate(data.x_test, data.y_test)
+        span = [f[0] - current.opened_at for f in finish if f[0] <= current.deadline]
+        record = {
+            "round": current.number,
+            "round_id": current.round_id,
+            "status": closed.status,
+            "model_version": version,
+            "accuracy": round(result.accuracy, 6),
+            "loss": round(result.loss, 6),
+            "train_loss": closed.train_loss,
+            "admitted": len(admitted),
+            "updates": closed.updates,
+            "discarded": discarded,
+            "bytes_up": sum(d.client.stats.bytes_up for d in fleet) - up0,
+            "bytes_down": sum(d.client.stats.bytes_down for d in fleet) - down0,
+            "round_seconds": round((closed.closed_at or 0.0) - current.opened_at, 3)
+            if simulated
+            else round(max(span, default=current.deadline - current.opened_at), 3),
+            "simulated_seconds": None,
+            "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        }
+        record["simulated_seconds"] = round(
+            clock.now
+            if simulated
+            else sum(r["round_seconds"] for r in rounds) + record["round_seconds"],
+            3,
+        )
+        rounds.append(record)
+        if on_round is not None:
+            on_round(record)
+    return rounds
+
+
+def _token(device: _Device) -> str:
+    identity = device.client.device_state.identity(device.client.server)
+    return identity.token if identity else ""

@@ -1,0 +1,178 @@
+"""Shared fixtures: data, an in-process server, and a helper that wires N devices to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import fedclient
+from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
+from simulator.datasets import Dataset, load_dataset
+
+SHARED_DATA = Path(os.environ.get("FEDCLIENT_DATA", Path(__file__).parents[2] / "shared/data"))
+
+
+class ManualClock:
+    """A clock tests move by hand, so deadlines pass without sleeping."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_plan(**job: Any) -> fedclient.protocol.JobPlan:
+    """A small digits plan; keyword arguments override the [job] table."""
+    settings = {
+        "name": "digits",
+        "rounds": 3,
+        "devices_per_round": 2,
+        "min_devices": 1,
+        "over_selection": 1.5,
+        "deadline_seconds": 60.0,
+        "seed": 7,
+    }
+    settings.update(job)
+    return plan_from_dict(
+        {
+            "job": settings,
+            "model": {"kind": "mlp", "inputs": 64, "hidden": [16], "classes": 10},
+            "train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.1},
+        }
+    )
+
+
+@dataclass
+class Server:
+    """One in-process reference server."""
+
+    service: FederationService
+    clock: ManualClock
+
+    @property
+    def store(self) -> ServerStore:
+        return self.service.store
+
+    def app(self) -> Any:
+        return create_app(self.service)
+
+    def http(self) -> httpx.AsyncClient:
+        """An HTTP client on the real ASGI app, in-process."""
+        return httpx.AsyncClient(transport=self.transport(), base_url="http://fedserver.local")
+
+    def transport(self) -> httpx.ASGITransport:
+        return httpx.ASGITransport(app=self.app())
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Callable[..., Server]:
+    def factory(db: str | Path = ":memory:", **job: Any) -> Server:
+        clock = ManualClock()
+        service = FederationService(ServerStore(db), clock=clock)
+        service.add_job(make_plan(**job))
+        return Server(service, clock)
+
+    return factory
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server]) -> Server:
+    return make_server()
+
+
+@pytest.fixture
+def make_devices(digits: Dataset) -> Callable[..., list[fedclient.Client]]:
+    """N clients on disjoint slices of digits, all talking to ``transport``."""
+
+    def factory(
+        n: int,
+        transport: Any,
+        *,
+        base: str = "http://fedserver.local",
+        clock: Callable[[], float] | None = None,
+        **kwargs: Any,
+    ) -> list[fedclient.Client]:
+        parts = np.array_split(np.arange(len(digits.y_train)), n)
+        return [
+            fedclient.Client(
+                base,
+                "digits",
+                (digits.x_train[p], digits.y_train[p]),
+                transport=transport,
+                seed=i,
+                **({"clock": clock} if clock else {}),
+                **kwargs,
+            )
+            for i, p in enumerate(parts)
+        ]
+
+    return factory
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def enrolled(server: Server) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    """An HTTP client and the auth header of one enrolled device."""
+    async with server.http() as http:
+        yield http, await enrol(http)
+
+
+async def enrol(http: httpx.AsyncClient) -> dict[str, str]:
+    """Enrol a device; its auth header."""
+    token = (await http.post("/v1/devices", json={"label": "test"})).json()["token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class LiveServer:
+    """The reference server under uvicorn on a free loopback port, in a thread."""
+
+    server: Server
+    url: str
+
+
+@pytest.fixture
+def live_server(make_server: Callable[..., Server]) -> Iterator[Callable[..., LiveServer]]:
+    import threading
+
+    import uvicorn
+
+    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**job: Any) -> LiveServer:
+        server = make_server(**job)
+        config = uvicorn.Config(
+            server.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+        )
+        uv = uvicorn.Server(config)
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        running.append((uv, thread))
+        while not uv.started:  # uvicorn sets this once its socket listens
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn failed to start")
+            threading.Event().wait(0.01)
+        port = uv.servers[0].sockets[0].getsockname()[1]
+        return LiveServer(server, f"http://127.0.0.1:{port}")
+
+    yield start
+    for uv, thread in running:
+        uv.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,139 @@
+"""Sync rounds: quota, deadlines, min_devices, exact FedAvg, and resuming after a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fedclient
+from fedclient.protocol import decode_tensors
+from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore
+from tests.conftest import ManualClock, Server, make_plan
+
+pytestmark = pytest.mark.anyio
+
+
+def _weights(server: Server, version: int) -> dict[str, np.ndarray]:
+    found = server.store.model("digits", version)
+    assert found is not None
+    return decode_tensors(found[0])[0]
+
+
+def test_fedavg_is_the_example_weighted_mean_of_the_updates() -> None:
+    base = {"w": np.array([1.0, 2.0], np.float32)}
+    updates = [
+        ClientUpdate("a", 1, {"w": np.array([3.0, 0.0], np.float32)}),
+        ClientUpdate("b", 3, {"w": np.array([-1.0, 4.0], np.float32)}),
+    ]
+    new = FedAvg().aggregate(base, updates)
+    np.testing.assert_allclose(new["w"], [1.0 + (3 - 3) / 4, 2.0 + 12 / 4])
+    assert new["w"].dtype == np.float32
+    with pytest.raises(ValueError):
+        FedAvg().aggregate(base, [])
+
+
+async def test_round_closes_at_quota_and_aggregates_exactly(
+    server: Server, make_devices: Any
+) -> None:
+    devices = make_devices(3, server.transport())
+    outcomes = [await d.arun_once() for d in devices]
+    # Quota is 2: the first two uploads close round 1; the third device then joins round 2.
+    assert [o.status for o in outcomes] == ["uploaded", "uploaded", "uploaded"]
+    assert [o.round_id for o in outcomes] == [1, 1, 2]
+    status = server.service.job_status("digits")
+    assert status.model_version == 1 and status.current_round is not None
+    assert status.current_round.number == 2 and status.current_round.updates == 1
+    rows = server.store.updates(1)
+    assert [r.device_id for r in rows] == [o.receipt.device_id for o in outcomes[:2]]  # type: ignore[union-attr]
+
+
+async def test_deadline_with_too_few_updates_fails_and_keeps_the_model(
+    make_server: Any, make_devices: Any
+) -> None:
+    server = make_server(min_devices=2)
+    (device,) = make_devices(1, server.transport(), clock=server.clock)
+    assert (await device.arun_once()).status == "uploaded"
+    server.clock.now += 61
+    server.service.tick()
+    status = server.service.job_status("digits")
+    assert status.previous_round is not None and status.previous_round.status == "failed"
+    assert "fewer than min_devices" in status.previous_round.reason
+    assert status.model_version == 0 and status.rounds_failed == 1
+    assert status.current_round is not None and status.current_round.model_version == 0
+    # The device holds version 0 already: its next download is a 304, not a second copy.
+    down = device.stats.bytes_down
+    assert (await device.astep()).status == "admitted"
+    assert (await device.astep()).status == "downloaded"
+    assert device.stats.bytes_down - down < 2000
+
+
+async def test_deadline_with_enough_updates_aggregates(make_server: Any, make_devices: Any) -> None:
+    server = make_server(devices_per_round=3, min_devices=1)
+    (device,) = make_devices(1, server.transport(), clock=server.clock)
+    await device.arun_once()
+    server.clock.now += 61
+    server.service.tick()
+    status = server.service.job_status("digits")
+    assert status.previous_round is not None and status.previous_round.status == "closed"
+    assert status.model_version == 1
+    assert not np.array_equal(_weights(server, 0)["fc1.weight"], _weights(server, 1)["fc1.weight"])
+
+
+async def test_a_device_that_trained_past_the_deadline_discards_its_work(
+    server: Server, make_devices: Any
+) -> None:
+    (device,) = make_devices(1, server.transport(), clock=server.clock)
+    assert (await device.astep()).status == "admitted"
+    assert (await device.astep()).status == "downloaded"
+    server.clock.now += 61
+    outcome = await device.astep()
+    assert outcome.status == "discarded" and "deadline" in outcome.reason
+    assert device.device_state.progress("digits").phase is fedclient.Phase.IDLE
+
+
+async def test_the_job_finishes_after_its_rounds(server: Server, make_devices: Any) -> None:
+    devices = make_devices(2, server.transport())
+    for _ in range(3):
+        for d in devices:
+            assert (await d.arun_once()).status == "uploaded"
+    assert [(await d.arun_once()).status for d in devices] == ["finished", "finished"]
+    assert server.service.job_status("digits").status == "finished"
+
+
+async def test_a_restarted_server_resumes_at_the_stored_round_and_version(
+    tmp_path: Path, make_devices: Any
+) -> None:
+    db = tmp_path / "server.sqlite"
+    clock = ManualClock()
+    first = FederationService(ServerStore(db), clock=clock)
+    first.add_job(make_plan())
+    server = Server(first, clock)
+    devices = make_devices(2, server.transport())
+    for d in devices:
+        await d.arun_once()
+    weights = _weights(server, 1)
+    first.store.close()
+
+    again = FederationService(ServerStore(db), clock=clock)
+    again.add_job(make_plan())  # same plan: resume, do not reset
+    status = again.job_status("digits")
+    assert status.model_version == 1 and status.current_round is not None
+    assert status.current_round.number == 2
+    resumed = Server(again, clock)
+    assert all(np.array_equal(weights[k], v) for k, v in _weights(resumed, 1).items())
+    for d in devices:  # the same devices (same SQLite state) against the new server
+        again_device = fedclient.Client(
+            d.server,
+            d.job,
+            d.data,
+            state=d.device_state,
+            transport=resumed.transport(),
+            seed=d.seed,
+        )
+        assert (await again_device.arun_once()).round_id == 2
+    assert again.job_status("digits").model_version == 2
+    with pytest.raises(fedclient.InvalidInput, match="different plan"):
+        again.add_job(make_plan(rounds=9))

@@ -1,0 +1,46 @@
+"""The public surface is exactly ``__all__``, and importing it stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fedclient
+import fedclient.protocol
+import fedserver_ref
+
+
+def test_all_matches_what_the_package_exports() -> None:
+    for module in (fedclient, fedclient.protocol, fedserver_ref):
+        exported = {name for name in vars(module) if not name.startswith("_")}
+        exported -= {"annotations"}
+        assert set(module.__all__) - {"__version__"} == exported - _submodules(module), module
+        for name in module.__all__:
+            assert getattr(module, name) is not None
+
+
+def _submodules(module: object) -> set[str]:
+    names = {"models", "protocol", "runtime"}
+    if module is fedserver_ref:
+        names = {"app", "auth", "plan", "rounds", "service", "store", "strategies"}
+    if module is fedclient.protocol:
+        names = set()
+    public = {"models", "protocol"} if module is fedclient else set()
+    return names - public
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    for name in fedclient.__all__:
+        obj = getattr(fedclient, name)
+        if callable(obj) or isinstance(obj, type):
+            assert obj.__doc__, name
+
+
+def test_importing_fedclient_loads_no_heavy_library() -> None:
+    code = (
+        "import fedclient, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'starlette','uvicorn','matplotlib','onnxruntime','tflite_runtime','torch',"
+        "'sklearn'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
