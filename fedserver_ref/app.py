@@ -28,6 +28,7 @@ from fedclient.protocol import (
     JOB_STATUS,
     MODEL,
     OPENAPI,
+    ROUND_STATUS,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
     CheckinRequest,
@@ -79,6 +80,10 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
     async def job_status(request: Request) -> Response:
         return _json(service.job_status(request.path_params["job"]))
 
+    async def round_status(request: Request) -> Response:
+        number = _int_param(request, "number")
+        return _json(service.round_status(request.path_params["job"], number))
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
 
@@ -93,6 +98,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         MODEL: model,
         UPLOAD: upload,
         JOB_STATUS: job_status,
+        ROUND_STATUS: round_status,
         HEALTH: health,
         OPENAPI: openapi,
     }

@@ -194,6 +194,14 @@ class FederationService:
             previous,
         )
 
+    def round_status(self, job_name: str, number: int) -> RoundSummary:
+        """One round of a job."""
+        self.rounds.advance(self.clock())
+        round_ = self.store.round_by_number(self._job(job_name).name, number)
+        if round_ is None:
+            raise NotFound(f"job {job_name!r} has no round {number}")
+        return self._summary(round_)
+
     def _summary(self, round_: RoundRow) -> RoundSummary:
         return RoundSummary(
             round_.round_id,

@@ -8,6 +8,7 @@ kept until their round closes; receipts (and idempotency keys) are kept for good
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,11 +98,13 @@ class ServerStore:
     """All server state in one SQLite database (a file, or ``":memory:"``)."""
 
     def __init__(self, path: str | Path = ":memory:") -> None:
-        if str(path) == ":memory:":
-            self.db = sqlite_utils.Database(memory=True)
-        else:
+        # The app calls the store from its event loop only, so requests never overlap;
+        # that loop may run in another thread than the one that opened the store.
+        if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite_utils.Database(path)
+        conn = sqlite3.connect(str(path), check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        if str(path) != ":memory:":
             self.db.enable_wal()
         with self.atomic():
             for statement in _SCHEMA.split(";"):
@@ -199,6 +202,13 @@ class ServerStore:
     def round(self, round_id: int) -> RoundRow | None:
         """A round by id."""
         row = self.db.execute("SELECT * FROM rounds WHERE round_id=?", [round_id]).fetchone()
+        return RoundRow(*row) if row else None
+
+    def round_by_number(self, job: str, number: int) -> RoundRow | None:
+        """A job's round by its number."""
+        row = self.db.execute(
+            "SELECT * FROM rounds WHERE job=? AND number=?", [job, number]
+        ).fetchone()
         return RoundRow(*row) if row else None
 
     def latest_rounds(self, job: str, count: int) -> list[RoundRow]:

@@ -15,7 +15,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ from fedclient._client import raise_for_error
 from fedclient.protocol import (
     JOB_STATUS,
     MODEL,
+    ROUND_STATUS,
     JobPlan,
     JobStatus,
+    RoundSummary,
     Weights,
     decode_tensors,
 )
-from fedclient.runtime import NumpyModel
+from fedclient.runtime import EvalResult, NumpyModel
 from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
 from simulator.datasets import Dataset, load_dataset, partition
 from simulator.devices import DeviceProfile, draw_profiles
@@ -122,48 +124,39 @@ class _Device:
 
 @dataclass
 class _Server:
-    """The server the fleet talks to, in-process or remote, with the same few verbs."""
+    """The server the fleet talks to, over HTTP: in-process (ASGI) or remote."""
 
     base_url: str
     transport: httpx.AsyncBaseTransport | None
-    service: FederationService | None = None
     clock: Callable[[], float] = time.time
-    observer: Client | None = field(default=None, repr=False)
+    tick: Callable[[], None] | None = None  # the in-process server's deadline timer
+
+    async def _get(self, path: str, token: str = "") -> bytes:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(transport=self.transport, timeout=30) as http:
+            response = await http.get(self.base_url + path, headers=headers)
+        raise_for_error(response)
+        return response.content
 
     async def status(self, job: str) -> JobStatus:
-        if self.service is not None:
-            return self.service.job_status(job)
-        async with httpx.AsyncClient(timeout=30) as http:
-            response = await http.get(self.base_url + JOB_STATUS.url(job=job))
-        raise_for_error(response)
-        return msgspec.json.decode(response.content, type=JobStatus)
+        return msgspec.json.decode(await self._get(JOB_STATUS.url(job=job)), type=JobStatus)
+
+    async def round(self, job: str, number: int) -> RoundSummary:
+        body = await self._get(ROUND_STATUS.url(job=job, number=number))
+        return msgspec.json.decode(body, type=RoundSummary)
 
     async def model(self, job: str, version: int, token: str) -> Weights:
-        if self.service is not None:
-            found = self.service.store.model(job, version)
-            assert found is not None
-            return decode_tensors(found[0])[0]
-        async with httpx.AsyncClient(timeout=30) as http:
-            response = await http.get(
-                self.base_url + MODEL.url(job=job, version=version),
-                headers={"Authorization": f"Bearer {token}"},
-            )
-        raise_for_error(response)
-        return decode_tensors(response.content)[0]
+        return decode_tensors(await self._get(MODEL.url(job=job, version=version), token))[0]
 
-    async def close_round(self, job: str, round_id: int, deadline: float) -> None:
-        """Return once the round closed: at once if it did, else at its deadline
+    async def wait_closed(self, job: str, number: int, deadline: float) -> None:
+        """Return once round ``number`` closed: at once if it did, else at its deadline
         (instantly on the simulated clock; for real against a remote server)."""
-        while True:
-            status = await self.status(job)
-            current = status.current_round
-            if status.status == "finished" or current is None or current.round_id != round_id:
-                return
-            if isinstance(self.clock, SimClock) and self.service is not None:
+        while (await self.round(job, number)).status == "open":
+            if isinstance(self.clock, SimClock) and self.tick is not None:
                 self.clock.now = max(self.clock.now, deadline)
-                self.service.tick()
-                continue
-            await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
+                self.tick()
+            else:
+                await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
 
 
 async def simulate(
@@ -178,7 +171,10 @@ async def simulate(
         service = FederationService(ServerStore(), clock=clock)
         service.add_job(plan)
         server = _Server(
-            "http://fedserver.local", httpx.ASGITransport(app=create_app(service)), service, clock
+            "http://fedserver.local",
+            httpx.ASGITransport(app=create_app(service)),
+            clock,
+            service.tick,
         )
     else:
         server = _Server(config.server.rstrip("/"), None)
@@ -256,6 +252,8 @@ async def _run_rounds(
     evaluator = NumpyModel(plan.model)
     simulated = isinstance(server.clock, SimClock)
     rounds: list[dict[str, Any]] = []
+    evaluated: dict[int, EvalResult] = {}
+    sim_total = 0.0
     token = ""
     while True:
         status = await server.status(job)
@@ -271,6 +269,7 @@ async def _run_rounds(
             outcome = await fleet[i].client.astep()
             if outcome.status == "admitted":
                 admitted.append(fleet[i])
+                token = token or _token(fleet[i])
             if (outcome.status == "waiting" and outcome.reason == "the round is full") or len(
                 admitted
             ) >= plan.admit_per_round:
@@ -287,48 +286,57 @@ async def _run_rounds(
                 d.examples, plan.train.epochs, d.client.stats.bytes_down - down, len(update)
             )
             finish.append((current.opened_at + seconds, d.index, d))
-            token = token or _token(d)
         # Uploads arrive in simulated-time order; the server's quota and deadline decide.
         discarded = 0
         for at, _, d in sorted(finish, key=lambda f: (f[0], f[1])):
             if simulated:
                 clock.now = max(clock.now, at)
             discarded += (await d.client.astep()).status == "discarded"
-        await server.close_round(job, current.round_id, current.deadline)
-        closed = (await server.status(job)).previous_round
-        assert closed is not None and closed.round_id == current.round_id
-        version = closed.model_version + (closed.status == "closed")
-        evaluator.set_weights(await server.model(job, version, token))
-        result = evaluator.evaluate(data.x_test, data.y_test)
-        span = [f[0] - current.opened_at for f in finish if f[0] <= current.deadline]
-        record = {
-            "round": current.number,
-            "round_id": current.round_id,
-            "status": closed.status,
-            "model_version": version,
-            "accuracy": round(result.accuracy, 6),
-            "loss": round(result.loss, 6),
-            "train_loss": closed.train_loss,
-            "admitted": len(admitted),
-            "updates": closed.updates,
-            "discarded": discarded,
-            "bytes_up": sum(d.client.stats.bytes_up for d in fleet) - up0,
-            "bytes_down": sum(d.client.stats.bytes_down for d in fleet) - down0,
-            "round_seconds": round((closed.closed_at or 0.0) - current.opened_at, 3)
-            if simulated
-            else round(max(span, default=current.deadline - current.opened_at), 3),
-            "simulated_seconds": None,
-            "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        }
-        record["simulated_seconds"] = round(
-            clock.now
-            if simulated
-            else sum(r["round_seconds"] for r in rounds) + record["round_seconds"],
-            3,
+        await server.wait_closed(job, current.number, current.deadline)
+        # Every round that closed meanwhile (late uploads can outlive several short rounds).
+        status = await server.status(job)
+        newest = (
+            status.current_round.number - 1
+            if status.current_round is not None
+            else status.previous_round.number
+            if status.previous_round is not None
+            else current.number
         )
-        rounds.append(record)
-        if on_round is not None:
-            on_round(record)
+        span = max((at - current.opened_at for at, _, _ in finish), default=0.0)
+        for number in range(current.number, newest + 1):
+            closed = await server.round(job, number)
+            first = number == current.number
+            version = closed.model_version + (closed.status == "closed")
+            if version not in evaluated:
+                evaluator.set_weights(await server.model(job, version, token))
+                evaluated[version] = evaluator.evaluate(data.x_test, data.y_test)
+            result = evaluated[version]
+            if simulated:
+                elapsed = (closed.closed_at or clock.now) - closed.opened_at
+                sim_total = closed.closed_at or clock.now
+            else:  # a remote server keeps real time; report the devices' simulated time
+                elapsed = min(span, closed.deadline - closed.opened_at) if first else 0.0
+                sim_total += elapsed
+            record = {
+                "round": number,
+                "round_id": closed.round_id,
+                "status": closed.status,
+                "model_version": version,
+                "accuracy": round(result.accuracy, 6),
+                "loss": round(result.loss, 6),
+                "train_loss": closed.train_loss,
+                "admitted": closed.admitted,
+                "updates": closed.updates,
+                "discarded": discarded if first else 0,
+                "bytes_up": sum(d.client.stats.bytes_up for d in fleet) - up0 if first else 0,
+                "bytes_down": sum(d.client.stats.bytes_down for d in fleet) - down0 if first else 0,
+                "round_seconds": round(elapsed, 3),
+                "simulated_seconds": round(sim_total, 3),
+                "wall_seconds": round(time.perf_counter() - wall_start, 3),
+            }
+            rounds.append(record)
+            if on_round is not None:
+                on_round(record)
     return rounds
 
 

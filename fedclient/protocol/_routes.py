@@ -20,6 +20,7 @@ __all__ = [
     "JOB_STATUS",
     "MODEL",
     "OPENAPI",
+    "ROUND_STATUS",
     "ROUTES",
     "TENSOR_MEDIA_TYPE",
     "UPLOAD",
@@ -96,10 +97,19 @@ JOB_STATUS = Route(
     auth=False,
     errors=(404,),
 )
+ROUND_STATUS = Route(
+    "round_status",
+    "GET",
+    "/v1/jobs/{job}/rounds/{number}",
+    "One round of a job, by number.",
+    response=m.RoundSummary,
+    auth=False,
+    errors=(404,),
+)
 HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
 OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
 
-ROUTES = (ENROL, CHECKIN, MODEL, UPLOAD, JOB_STATUS, HEALTH, OPENAPI)
+ROUTES = (ENROL, CHECKIN, MODEL, UPLOAD, JOB_STATUS, ROUND_STATUS, HEALTH, OPENAPI)
 
 _REASONS = {
     400: "Invalid request",

@@ -1,0 +1,170 @@
+"""The device client: its step table, typed errors, state, and fit() in both modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import fedclient
+from fedclient import Phase
+from simulator.datasets import Dataset
+from tests.conftest import LiveServer, Server
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_steps_follow_the_state_table_and_are_stored(
+    server: Server, make_devices: Any
+) -> None:
+    (device,) = make_devices(1, server.transport())
+    seen = []
+    for expected in ["admitted", "downloaded", "trained", "uploaded"]:
+        outcome = await device.astep()
+        assert outcome.status == expected
+        seen.append(device.device_state.progress("digits").phase)
+    assert seen == [Phase.ADMITTED, Phase.DOWNLOADED, Phase.TRAINED, Phase.IDLE]
+    assert len(device.device_state.receipts("digits")) == 1
+    # Already contributed to the open round: told to come back later.
+    waiting = await device.astep()
+    assert waiting.status == "waiting" and waiting.retry_after and waiting.retry_after > 0
+
+
+async def test_a_restarted_client_resumes_at_its_stored_step(
+    server: Server, make_devices: Any, tmp_path: Path
+) -> None:
+    state = tmp_path / "device.sqlite"
+    (device,) = make_devices(1, server.transport(), state=state)
+    for _ in range(3):
+        await device.astep()
+    pending = device.device_state.progress("digits")
+    assert pending.phase is Phase.TRAINED and pending.update
+    # A new process: same file, no memory. It uploads the stored update with the stored key.
+    again = fedclient.Client(
+        device.server, "digits", device.data, state=state, transport=server.transport()
+    )
+    outcome = await again.astep()
+    assert outcome.status == "uploaded"
+    (row,) = server.store.updates(1)
+    assert row.idempotency_key == pending.idempotency_key and row.body == pending.update
+
+
+async def test_server_errors_become_typed_exceptions(server: Server, make_devices: Any) -> None:
+    (device,) = make_devices(1, server.transport())
+    await device.astep()
+    # Tamper with the stored token: the server must answer 401, raised as Unauthorized.
+    identity = device.device_state.identity(device.server)
+    device.device_state.save_identity(
+        device.server, fedclient._state.Identity(identity.device_id, "forged")
+    )
+    with pytest.raises(fedclient.Unauthorized) as info:
+        await device.astep()
+    assert info.value.status == 401 and info.value.code == "unauthorized"
+    stranger = fedclient.Client(
+        device.server, "no-such-job", device.data, transport=server.transport()
+    )
+    with pytest.raises(fedclient.NotFound):
+        await stranger.astep()
+
+
+async def test_unreachable_server_is_a_transport_error(digits: Dataset) -> None:
+    device = fedclient.Client(
+        "http://127.0.0.1:9", "digits", (digits.x_train, digits.y_train), timeout=2
+    )
+    with pytest.raises(fedclient.TransportError):
+        await device.astep()
+    assert device.device_state.progress("digits").phase is Phase.IDLE
+
+
+async def test_a_model_that_does_not_match_the_job_is_refused(
+    server: Server, digits: Dataset
+) -> None:
+    device = fedclient.Client(
+        "http://fedserver.local",
+        "digits",
+        (digits.x_train, digits.y_train),
+        transport=server.transport(),
+        model=fedclient.models.mlp(64, 99, 10),
+    )
+    assert (await device.astep()).status == "admitted"
+    with pytest.raises(fedclient.ModelMismatch):
+        await device.astep()
+
+
+def test_sync_client_over_real_http(live_server: Any, make_devices: Any) -> None:
+    live: LiveServer = live_server()
+    devices = make_devices(2, None, base=live.url)
+    try:
+        assert [d.run_once().status for d in devices] == ["uploaded", "uploaded"]
+    finally:
+        for d in devices:
+            d.close()
+    assert live.server.service.job_status("digits").model_version == 1
+    assert all(d.stats.bytes_up > 4_000 and d.stats.requests == 4 for d in devices)
+
+
+def test_an_async_transport_needs_the_async_methods(server: Server, make_devices: Any) -> None:
+    (device,) = make_devices(1, server.transport())
+    with pytest.raises(fedclient.InvalidInput, match="astep"):
+        device.step()
+
+
+def test_fit_switches_between_standalone_and_federated_with_one_argument(
+    live_server: Any, digits: Dataset, tmp_path: Path
+) -> None:
+    live: LiveServer = live_server(devices_per_round=1, rounds=2)
+    data = (digits.x_train[:300], digits.y_train[:300])
+
+    local = fedclient.models.mlp(64, 16, 10)
+    result = fedclient.fit(local, data, epochs=3, batch_size=8, seed=0)
+    assert result.mode == "standalone" and len(result.history) == 3
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+    federated = fedclient.models.mlp(64, 16, 10)
+    result = fedclient.fit(
+        federated,
+        data,
+        seed=0,
+        federated=f"{live.url}/jobs/digits",
+        state=tmp_path / "fl.sqlite",
+        rounds=2,
+    )
+    assert result.mode == "federated" and result.model_version == 2
+    found = live.server.store.model("digits", 2)
+    assert found is not None
+    served = fedclient.protocol.decode_tensors(found[0])[0]
+    assert all(np.array_equal(federated.get_weights()[k], v) for k, v in served.items())
+    assert federated.evaluate(digits.x_test, digits.y_test).accuracy > 0.5
+
+
+@pytest.mark.parametrize(
+    "url", ["digits", "ftp://host/jobs/x", "http://host/x", "http://host/jobs/"]
+)
+def test_fit_rejects_a_malformed_job_url(url: str, digits: Dataset) -> None:
+    with pytest.raises(fedclient.InvalidInput, match="jobs/NAME"):
+        fedclient.fit(
+            fedclient.models.mlp(64, 8, 10), (digits.x_train, digits.y_train), federated=url
+        )
+
+
+def test_state_from_a_newer_fedclient_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    state = fedclient.DeviceState(path)
+    state.db.execute("UPDATE meta SET value='999' WHERE name='schema_version'")
+    state.db.conn.commit()
+    with pytest.raises(fedclient.StateError, match="newer"):
+        fedclient.DeviceState(path)
+
+
+def test_device_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    fedclient.DeviceState(path, key="a").save_identity(
+        "http://x", fedclient._state.Identity("d", "t")
+    )
+    again = fedclient.DeviceState(path, key="a")
+    assert again.identity("http://x") == fedclient._state.Identity("d", "t")
+    assert fedclient.DeviceState(path, key="b").identity("http://x") is None
+    assert httpx  # the client's transport library is importable alongside

@@ -1,0 +1,177 @@
+"""`fedserver` as a real process under uvicorn: fedsim against it, and SIGKILL + restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import fedclient
+from simulator.cli import main as fedsim
+
+PLAN = """
+[job]
+name = "digits"
+rounds = {rounds}
+devices_per_round = {per_round}
+min_devices = 1
+over_selection = 1.0
+deadline_seconds = 600
+seed = 3
+[model]
+kind = "mlp"
+inputs = 64
+hidden = [32]
+classes = 10
+[train]
+epochs = 2
+batch_size = 8
+learning_rate = 0.1
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FedServerProcess:
+    """Start, kill and restart ``fedserver`` on one port and one database."""
+
+    def __init__(self, tmp: Path, rounds: int, per_round: int) -> None:
+        self.plan = tmp / "plan.toml"
+        self.plan.write_text(PLAN.format(rounds=rounds, per_round=per_round))
+        self.db = tmp / "server.sqlite"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedserver_ref.cli",
+                "--plan",
+                str(self.plan),
+                "--db",
+                str(self.db),
+                "--port",
+                str(self.port),
+                "--tick-seconds",
+                "0.2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # readiness probe, bounded
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stdout.read().decode())  # type: ignore[union-attr]
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("fedserver did not become healthy in 30 s")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert self.proc.wait(timeout=10) == -signal.SIGKILL
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+    def status(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/v1/jobs/digits", timeout=5).json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def fedserver(tmp_path: Path) -> Iterator[Any]:
+    servers: list[FedServerProcess] = []
+
+    def start(rounds: int = 3, per_round: int = 2) -> FedServerProcess:
+        server = FedServerProcess(tmp_path, rounds, per_round)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.terminate()
+            server.proc.wait(timeout=10)
+            server.proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_fedsim_runs_against_a_fedserver_process(fedserver: Any, tmp_path: Path) -> None:
+    server = fedserver(rounds=3, per_round=5)
+    report = tmp_path / "remote.json"
+    code = fedsim(
+        [
+            "run",
+            "--server",
+            server.url,
+            "--job",
+            "digits",
+            "--devices",
+            "12",
+            "--partition",
+            "iid",
+            "--seed",
+            "2",
+            "--report",
+            str(report),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    assert all(r["status"] == "closed" and r["updates"] == 5 for r in data["rounds"])
+    assert data["final"]["accuracy"] > 0.6
+    assert data["final"]["bytes_up"] > 0 and data["final"]["bytes_down"] > 0
+    assert server.status()["status"] == "finished"
+    assert report.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_a_killed_server_restarts_on_its_database_and_the_federation_continues(
+    fedserver: Any, digits: Any
+) -> None:
+    server = fedserver(rounds=4, per_round=2)
+    halves = [slice(0, 700), slice(700, 1400)]
+    devices = [
+        fedclient.Client(server.url, "digits", (digits.x_train[h], digits.y_train[h]), seed=i)
+        for i, h in enumerate(halves)
+    ]
+    for device in devices:
+        assert device.run_once().status == "uploaded"
+    before = server.status()
+    assert before["model_version"] == 1 and before["current_round"]["number"] == 2
+
+    server.kill()
+    with pytest.raises(fedclient.TransportError):
+        devices[0].run_once()
+    server.start()
+
+    after = server.status()
+    assert after["model_version"] == 1
+    assert after["current_round"]["round_id"] == before["current_round"]["round_id"]
+    for _ in range(3):  # rounds 2, 3 and 4, same devices, same identities
+        for device in devices:
+            assert device.run_once().status == "uploaded"
+    final = server.status()
+    assert final["status"] == "finished" and final["model_version"] == 4
+    for device in devices:
+        assert [r.round_id for r in device.device_state.receipts("digits")] == [1, 2, 3, 4]
+        device.close()

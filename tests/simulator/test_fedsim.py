@@ -1,0 +1,151 @@
+"""fedsim: reports, plots, reproducibility, partitions and data loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedclient import InvalidInput
+from simulator.cli import main as fedsim
+from simulator.datasets import load_dataset, partition
+from tests.conftest import SHARED_DATA
+
+SMALL = [
+    "run",
+    "--dataset",
+    "digits",
+    "--devices",
+    "20",
+    "--devices-per-round",
+    "5",
+    "--rounds",
+    "4",
+    "--partition",
+    "dirichlet:0.5",
+    "--epochs",
+    "2",
+    "--quiet",
+]
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
+    report = tmp_path / f"{name}.json"
+    assert fedsim([*SMALL, *extra, "--report", str(report)]) == 0
+    return json.loads(report.read_text())  # type: ignore[no-any-return]
+
+
+def _without_wall_time(report: dict[str, Any]) -> dict[str, Any]:
+    rounds = [{k: v for k, v in r.items() if k != "wall_seconds"} for r in report["rounds"]]
+    final = {k: v for k, v in report["final"].items() if k != "wall_seconds"}
+    return {**report, "rounds": rounds, "final": final}
+
+
+def test_a_run_writes_a_report_and_a_plot(tmp_path: Path, capsys: Any) -> None:
+    report = _run(tmp_path, "a", "--seed", "4")
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    first, last = report["rounds"][0], report["rounds"][-1]
+    assert last["accuracy"] > first["accuracy"]
+    for key in (
+        "accuracy",
+        "loss",
+        "bytes_up",
+        "bytes_down",
+        "wall_seconds",
+        "simulated_seconds",
+        "rounds_completed",
+    ):
+        assert report["final"][key] is not None, key
+    assert report["final"]["rounds_completed"] == 4
+    assert report["final"]["bytes_up"] == sum(r["bytes_up"] for r in report["rounds"])
+    assert all(r["updates"] == 5 for r in report["rounds"])
+    # Simulated time is that of the devices' profiles, not the wall clock.
+    assert report["final"]["simulated_seconds"] > report["final"]["wall_seconds"]
+    assert report["plan"]["job"]["seed"] == 4 and report["config"]["partition"] == "dirichlet:0.5"
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final accuracy" in capsys.readouterr().out
+
+
+def test_the_same_seed_gives_the_same_report(tmp_path: Path) -> None:
+    a, b = _run(tmp_path, "a", "--seed", "1"), _run(tmp_path, "b", "--seed", "1")
+    c = _run(tmp_path, "c", "--seed", "2")
+    assert _without_wall_time(a) == _without_wall_time(b)
+    assert [r["accuracy"] for r in a["rounds"]] != [r["accuracy"] for r in c["rounds"]]
+
+
+def test_a_short_deadline_fails_rounds_cleanly(tmp_path: Path) -> None:
+    report = _run(tmp_path, "d", "--seed", "1", "--deadline-seconds", "0.01", "--rounds", "3")
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert [r["status"] for r in report["rounds"]] == ["failed", "failed", "failed"]
+    assert all(r["model_version"] == 0 and r["updates"] == 0 for r in report["rounds"])
+    assert report["rounds"][0]["discarded"] == report["rounds"][0]["admitted"] == 5
+    assert report["final"]["rounds_failed"] == 3
+
+
+def test_bad_arguments_exit_with_a_clear_message(tmp_path: Path, capsys: Any) -> None:
+    assert (
+        fedsim(["run", "--dataset", "nope", "--quiet", "--report", str(tmp_path / "x.json")]) == 2
+    )
+    assert fedsim(["run", "--partition", "dirichlet:-1", "--report", str(tmp_path / "x.json")]) == 2
+    assert "positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.1", "dirichlet:10", "shards:2"])
+def test_partitions_cover_every_example_once(scheme: str) -> None:
+    y = np.random.default_rng(0).integers(0, 10, 1000)
+    parts = partition(y, 50, scheme, np.random.default_rng(1))
+    assert len(parts) == 50 and all(len(p) >= 1 for p in parts)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(1000))
+    again = partition(y, 50, scheme, np.random.default_rng(1))
+    assert all(np.array_equal(p, q) for p, q in zip(parts, again, strict=True))
+
+
+def test_dirichlet_skews_labels_more_as_alpha_shrinks() -> None:
+    y = np.repeat(np.arange(10), 200)
+
+    def classes_per_device(scheme: str) -> float:
+        parts = partition(y, 40, scheme, np.random.default_rng(0))
+        return float(np.mean([len(np.unique(y[p])) for p in parts]))
+
+    assert (
+        classes_per_device("dirichlet:0.1")
+        < classes_per_device("dirichlet:1")
+        < classes_per_device("iid")
+    )
+    assert classes_per_device("shards:2") <= 2
+
+
+def test_unknown_partition_and_too_many_devices_are_refused() -> None:
+    y = np.zeros(10, int)
+    with pytest.raises(InvalidInput):
+        partition(y, 5, "zipf:2", np.random.default_rng(0))
+    with pytest.raises(InvalidInput):
+        partition(y, 11, "iid", np.random.default_rng(0))
+
+
+def test_digits_split_is_stratified_and_disjoint() -> None:
+    data = load_dataset("digits", seed=0)
+    assert len(data.y_train) + len(data.y_test) == 1797
+    assert np.bincount(data.y_test).min() >= 35
+    assert data.x_train.dtype == np.float32 and data.x_train.max() <= 1.0
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "mnist").is_dir(),
+    reason=f"MNIST files not found in {SHARED_DATA}/mnist (set FEDCLIENT_DATA)",
+)
+def test_mnist_loads_from_the_idx_files() -> None:
+    data = load_dataset("mnist", SHARED_DATA)
+    assert data.x_train.shape == (60_000, 784) and data.x_test.shape == (10_000, 784)
+    assert set(np.unique(data.y_train)) == set(range(10))
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
+
+
+def test_mnist_without_a_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="data-dir"):
+        load_dataset("mnist")
+    with pytest.raises(InvalidInput, match="missing"):
+        load_dataset("mnist", tmp_path)
