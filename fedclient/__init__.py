@@ -8,7 +8,7 @@
 Importing this package loads no server, plotting or edge-runtime library.
 """
 
-from fedclient import models, protocol
+from fedclient import models, protocol, transport
 from fedclient._client import Client, StepOutcome, TrainTask, TransferStats
 from fedclient._exceptions import (
     ApiError,
@@ -31,6 +31,7 @@ from fedclient._exceptions import (
 from fedclient._fit import FitResult, fit
 from fedclient._state import DeviceState, Phase
 from fedclient.runtime import EvalResult, TrainingBackend, TrainResult, create_backend
+from fedclient.transport import FaultPlan, FaultyTransport, RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,8 @@ __all__ = [
     "DeadlinePassed",
     "DeviceState",
     "EvalResult",
+    "FaultPlan",
+    "FaultyTransport",
     "FedError",
     "FitResult",
     "Forbidden",
@@ -51,6 +54,7 @@ __all__ = [
     "PayloadTooLarge",
     "Phase",
     "RequestTimeout",
+    "RetryPolicy",
     "RoundClosed",
     "ServerError",
     "StateError",
@@ -66,4 +70,5 @@ __all__ = [
     "fit",
     "models",
     "protocol",
+    "transport",
 ]

@@ -16,9 +16,11 @@ state table:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -61,10 +63,12 @@ from fedclient.protocol import (
     encode_tensors,
 )
 from fedclient.runtime import TrainingBackend, TrainResult, check_dataset, create_backend
+from fedclient.transport import RetryPolicy, is_retriable_status
 
 __all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
 
 T = TypeVar("T")
+logger = logging.getLogger("fedclient")
 
 #: What a step did.
 StepStatus = Literal[
@@ -86,11 +90,14 @@ class StepOutcome:
 
 @dataclass
 class TransferStats:
-    """Bytes this client moved (HTTP headers and bodies) and requests it sent."""
+    """What this client moved (HTTP headers and bodies) and what the network cost it."""
 
     bytes_up: int = 0
     bytes_down: int = 0
     requests: int = 0
+    retries: int = 0
+    wasted_bytes: int = 0  # sent or received in attempts that failed
+    discarded_rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,9 @@ class Client:
     timeout: float = 30.0
     label: str = ""
     clock: Callable[[], float] = time.time
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    sleep: Callable[[float], None] = time.sleep
+    asleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     stats: TransferStats = field(default_factory=TransferStats)
 
     def __post_init__(self) -> None:
@@ -168,12 +178,22 @@ class Client:
     # -- drivers ---------------------------------------------------------------
     def step(self) -> StepOutcome:
         """Do the next step of the job loop over a blocking connection."""
-        if isinstance(self.transport, httpx.AsyncBaseTransport):
+        if isinstance(self.transport, httpx.AsyncBaseTransport) and not isinstance(
+            self.transport, httpx.BaseTransport
+        ):
             raise InvalidInput("this client has an async transport: use astep()/arun_once()")
         if self._sync is None:
             self._sync = httpx.Client(transport=self.transport)
-        http = self._sync
-        return self._drive(self._step_flow(), lambda req: http.send(req))
+        flow = self._step_flow()
+        try:
+            effect: Effect = next(flow)
+            while True:
+                if isinstance(effect, TrainTask):
+                    effect = flow.send(effect.run())
+                else:
+                    effect = flow.send(self._send(effect))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     async def astep(self) -> StepOutcome:
         """Do the next step of the job loop over an asyncio connection."""
@@ -189,8 +209,7 @@ class Client:
                 if isinstance(effect, TrainTask):
                     effect = flow.send(effect.run())
                 else:
-                    response = await self._mapped_async(effect)
-                    effect = flow.send(response)
+                    effect = flow.send(await self._asend(effect))
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
@@ -218,37 +237,65 @@ class Client:
         if self._async is not None:
             await self._async.aclose()
 
-    def _drive(self, flow: Flow, send: Callable[[httpx.Request], httpx.Response]) -> StepOutcome:
-        try:
-            effect: Effect = next(flow)
-            while True:
-                if isinstance(effect, TrainTask):
-                    effect = flow.send(effect.run())
-                else:
-                    effect = flow.send(self._mapped(send, effect))
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        assert self._sync is not None
+        attempt, waited = 1, 0.0
+        while True:
+            try:
+                result: httpx.Response | FedError = self._account(request, self._sync.send(request))
+            except httpx.TransportError as exc:
+                result = self._failed(request, exc)
+            delay = self._retry_delay(result, attempt, waited)
+            if delay is None:
+                if isinstance(result, FedError):
+                    raise result
+                return result
+            attempt, waited = attempt + 1, waited + delay
+            self.sleep(delay)
 
-    def _mapped(
-        self, send: Callable[[httpx.Request], httpx.Response], request: httpx.Request
-    ) -> httpx.Response:
-        try:
-            response = send(request)
-        except httpx.TimeoutException as exc:
-            raise RequestTimeout(f"{request.method} {request.url.path}: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise TransportError(f"{request.method} {request.url.path}: {exc!r}") from exc
-        return self._account(request, response)
-
-    async def _mapped_async(self, request: httpx.Request) -> httpx.Response:
+    async def _asend(self, request: httpx.Request) -> httpx.Response:
         assert self._async is not None
-        try:
-            response = await self._async.send(request)
-        except httpx.TimeoutException as exc:
-            raise RequestTimeout(f"{request.method} {request.url.path}: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise TransportError(f"{request.method} {request.url.path}: {exc!r}") from exc
-        return self._account(request, response)
+        attempt, waited = 1, 0.0
+        while True:
+            try:
+                result: httpx.Response | FedError = self._account(
+                    request, await self._async.send(request)
+                )
+            except httpx.TransportError as exc:
+                result = self._failed(request, exc)
+            delay = self._retry_delay(result, attempt, waited)
+            if delay is None:
+                if isinstance(result, FedError):
+                    raise result
+                return result
+            attempt, waited = attempt + 1, waited + delay
+            await self.asleep(delay)
+
+    def _retry_delay(
+        self, result: httpx.Response | FedError, attempt: int, waited: float
+    ) -> float | None:
+        """Backoff before retrying, or None to hand the result back. Shared by both drivers."""
+        if isinstance(result, httpx.Response):
+            if not is_retriable_status(result.status_code):
+                return None
+            self.stats.wasted_bytes += _wire_size(result.headers, len(result.content))
+            header = result.headers.get("Retry-After", "")
+            retry_after = float(header) if header.replace(".", "", 1).isdigit() else None
+        else:
+            retry_after = None
+        delay = self.retry.delay(attempt, waited, retry_after)
+        if delay is not None:
+            self.stats.retries += 1
+        return delay
+
+    def _failed(self, request: httpx.Request, exc: httpx.TransportError) -> FedError:
+        """A request that got no usable answer: count it, and map the error."""
+        self.stats.requests += 1
+        self.stats.wasted_bytes += _wire_size(request.headers, len(request.content))
+        where = f"{request.method} {request.url.path}"
+        if isinstance(exc, httpx.TimeoutException):
+            return RequestTimeout(f"{where}: {exc}")
+        return TransportError(f"{where}: {exc!r}")
 
     def _account(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
         self.stats.requests += 1
@@ -260,7 +307,12 @@ class Client:
     def _step_flow(self) -> Flow:
         identity = self._store.identity(self.server)
         if identity is None:
-            response = yield self._request(ENROL, None, json=EnrolRequest(label=self.label))
+            # The device proposes its own token and stores it first, so a retried or
+            # resumed enrolment names the same device instead of creating another.
+            token = self._store.enrolment_token(self.server)
+            response = yield self._request(
+                ENROL, None, json=EnrolRequest(label=self.label, token=token)
+            )
             enrolled = _decode(response, EnrolResponse)
             identity = Identity(enrolled.device_id, enrolled.token)
             self._store.save_identity(self.server, identity)
@@ -313,12 +365,7 @@ class Client:
 
     def _train(self, plan: RoundPlan) -> Flow:
         if self.clock() >= plan.deadline:
-            self._store.discard_round(self.job)
-            return StepOutcome(
-                "discarded",
-                round_id=plan.round_id,
-                reason="the round's deadline passed before training",
-            )
+            return self._discard(plan, "the round's deadline passed before training")
         held = self._store.held_model(self.job)
         assert held is not None and held[0] == plan.model_version
         base, _ = decode_tensors(held[2])
@@ -351,12 +398,17 @@ class Client:
             receipt = _decode(response, UploadReceipt)
         except (RoundClosed, InvalidRequest) as exc:
             # Stale or rejected work must never be sent again, nor into another round.
-            self._store.discard_round(self.job)
-            return StepOutcome("discarded", round_id=plan.round_id, reason=str(exc))
+            return self._discard(plan, str(exc))
         self._store.record_receipt(self.job, receipt)
         return StepOutcome("uploaded", round_id=plan.round_id, receipt=receipt)
 
     # -- helpers ---------------------------------------------------------------
+    def _discard(self, plan: RoundPlan, reason: str) -> StepOutcome:
+        self._store.discard_round(self.job)
+        self.stats.discarded_rounds += 1
+        logger.info("discarded work for round %s of %r: %s", plan.round_id, self.job, reason)
+        return StepOutcome("discarded", round_id=plan.round_id, reason=reason)
+
     def _backend(self, plan: RoundPlan) -> TrainingBackend:
         if self.model is None:
             self.model = create_backend(plan.model, self.runtime)

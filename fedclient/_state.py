@@ -8,6 +8,7 @@ keyed by the device ``key``.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -104,11 +105,25 @@ class DeviceState:
 
     # -- identity --------------------------------------------------------------
     def identity(self, server: str) -> Identity | None:
-        """The stored enrolment at ``server``, if any."""
+        """The stored enrolment at ``server``, if it completed."""
         row = self.db.execute(
             "SELECT device_id, token FROM identities WHERE key=? AND server=?", [self.key, server]
         ).fetchone()
-        return Identity(row[0], row[1]) if row else None
+        return Identity(row[0], row[1]) if row and row[0] else None
+
+    def enrolment_token(self, server: str) -> str:
+        """The token this device proposes to ``server``: made once, stored before use."""
+        with self.db.atomic():
+            row = self.db.execute(
+                "SELECT token FROM identities WHERE key=? AND server=?", [self.key, server]
+            ).fetchone()
+            if row:
+                return str(row[0])
+            token = secrets.token_urlsafe(32)  # 256 bits from the OS CSPRNG
+            self.db.execute(
+                "INSERT INTO identities VALUES (?, ?, '', ?)", [self.key, server, token]
+            )
+            return token
 
     def save_identity(self, server: str, identity: Identity) -> None:
         """Remember an enrolment."""

@@ -79,9 +79,15 @@ class FederationService:
 
     # -- handlers --------------------------------------------------------------
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
-        """Give a device an id and a bearer token."""
+        """Give a device an id and a bearer token (its own proposal, if it made one).
+
+        Enrolling again with the same proposed token names the same device."""
         device_id, token = new_credentials()
+        token = request.token or token
         with self.store.atomic():
+            existing = self.store.device_for_token(hash_token(token))
+            if existing is not None:
+                return EnrolResponse(existing, token)
             self.store.add_device(device_id, hash_token(token), request.label)
         return EnrolResponse(device_id, token)
 

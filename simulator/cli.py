@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--job", help="job name (default: the dataset's name)")
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
+        "--faults",
+        help="inject network faults under every device, e.g. "
+        "drop=0.3 (30%% of requests fail, every way) or lost=0.1,reset=0.05",
+    )
+    run.add_argument(
         "--report",
         default="fedsim-report.json",
         help="JSON report path; the plot goes beside it (.png)",
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         server=args.server,
         job=args.job,
         state_dir=args.state_dir,
+        faults=args.faults,
     )
     console = Console(stderr=True, quiet=args.quiet)
     with Progress(

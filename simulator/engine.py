@@ -24,7 +24,18 @@ import msgspec
 import numpy as np
 import sqlite_utils
 
-from fedclient import Client, DeviceState, __version__
+from fedclient import (
+    Client,
+    DeviceState,
+    FaultPlan,
+    FaultyTransport,
+    InvalidInput,
+    RetryPolicy,
+    ServerError,
+    StepOutcome,
+    TransportError,
+    __version__,
+)
 from fedclient._client import raise_for_error
 from fedclient.protocol import (
     JOB_STATUS,
@@ -79,6 +90,7 @@ class SimulationConfig:
     server: str | None = None
     job: str | None = None
     state_dir: str | None = None
+    faults: str | None = None
 
     def plan(self, data: Dataset) -> JobPlan:
         """The job plan this configuration describes."""
@@ -120,6 +132,15 @@ class _Device:
     client: Client
     profile: DeviceProfile
     examples: int
+    faults: FaultyTransport | None = None
+    backoff: float = 0.0  # simulated seconds spent waiting to retry this round
+
+    async def step(self) -> StepOutcome | None:
+        """One step; None when the network beat the retry policy (a network dropout)."""
+        try:
+            return await self.client.astep()
+        except (TransportError, ServerError):
+            return None
 
 
 @dataclass
@@ -180,6 +201,9 @@ async def simulate(
         server = _Server(config.server.rstrip("/"), None)
         plan = (await server.status(plan.job.name)).plan  # the server's plan rules
 
+    fault_plan = FaultPlan.parse(config.faults) if config.faults else None
+    if fault_plan is not None and config.server is not None:
+        raise InvalidInput("--faults needs the in-process server (drop --server)")
     rng = np.random.default_rng(config.seed)
     parts = partition(data.y_train, config.devices, config.partition, rng)
     profiles = draw_profiles(config.devices, rng, config.fleet)
@@ -195,17 +219,29 @@ async def simulate(
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=OFF")
                 shards[shard] = db
-            client = Client(
+            faults = (
+                FaultyTransport(server.transport, fault_plan, seed=config.seed * 100_003 + i)
+                if fault_plan is not None and server.transport is not None
+                else None
+            )
+            d = _Device(i, None, profiles[i], len(parts[i]), faults)  # type: ignore[arg-type]
+
+            async def wait(seconds: float) -> None:  # retries wait on the simulated clock
+                d.backoff += seconds
+
+            d.client = Client(
                 server.base_url,
                 plan.job.name,
                 (data.x_train[parts[i]], data.y_train[parts[i]]),
                 state=DeviceState(shards[shard], key=f"device-{i}"),
-                transport=server.transport,
+                transport=faults or server.transport,
                 seed=config.seed * 100_003 + i,
                 label=f"fedsim-{i}",
                 clock=server.clock,
+                retry=RetryPolicy(seed=config.seed * 100_003 + i),
+                asleep=wait,
             )
-            return _Device(i, client, profiles[i], len(parts[i]))
+            return d
 
         fleet = [device(i) for i in range(config.devices)]
         try:
@@ -226,6 +262,10 @@ async def simulate(
         "rounds_failed": sum(r["status"] == "failed" for r in rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "retries": sum(r["retries"] for r in rounds),
+        "wasted_bytes": sum(r["wasted_bytes"] for r in rounds),
+        "discarded": sum(r["discarded"] for r in rounds),
+        "dropouts_network": sum(r["dropouts_network"] for r in rounds),
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -262,11 +302,19 @@ async def _run_rounds(
             break
         up0 = sum(d.client.stats.bytes_up for d in fleet)
         down0 = sum(d.client.stats.bytes_down for d in fleet)
+        retries0 = sum(d.client.stats.retries for d in fleet)
+        wasted0 = sum(d.client.stats.wasted_bytes for d in fleet)
         # Check-in: devices arrive in an order drawn from the seed; the server fills the round.
         order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet))
         admitted: list[_Device] = []
+        network_dropouts = 0
+        for d in fleet:
+            d.backoff = 0.0
         for i in order:
-            outcome = await fleet[i].client.astep()
+            outcome = await fleet[i].step()
+            if outcome is None:
+                network_dropouts += 1
+                continue
             if outcome.status == "admitted":
                 admitted.append(fleet[i])
                 token = token or _token(fleet[i])
@@ -278,20 +326,32 @@ async def _run_rounds(
         finish: list[tuple[float, int, _Device]] = []
         for d in admitted:
             down = d.client.stats.bytes_down
-            await d.client.astep()
-            if (await d.client.astep()).status != "trained":
+            downloaded = await d.step()
+            trained = await d.step() if downloaded is not None else None
+            if trained is None:
+                network_dropouts += 1
+                continue
+            if trained.status != "trained":
                 continue
             update = d.client.device_state.progress(job).update or b""
             seconds = d.profile.round_seconds(
                 d.examples, plan.train.epochs, d.client.stats.bytes_down - down, len(update)
             )
-            finish.append((current.opened_at + seconds, d.index, d))
+            finish.append((current.opened_at + seconds + d.backoff, d.index, d))
         # Uploads arrive in simulated-time order; the server's quota and deadline decide.
+        # A device retrying an upload holds the clock for its backoff.
         discarded = 0
         for at, _, d in sorted(finish, key=lambda f: (f[0], f[1])):
             if simulated:
                 clock.now = max(clock.now, at)
-            discarded += (await d.client.astep()).status == "discarded"
+            before = d.backoff
+            uploaded = await d.step()
+            if simulated:
+                clock.now += d.backoff - before
+            if uploaded is None:
+                network_dropouts += 1
+            else:
+                discarded += uploaded.status == "discarded"
         await server.wait_closed(job, current.number, current.deadline)
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
         status = await server.status(job)
@@ -328,6 +388,11 @@ async def _run_rounds(
                 "admitted": closed.admitted,
                 "updates": closed.updates,
                 "discarded": discarded if first else 0,
+                "dropouts_network": network_dropouts if first else 0,
+                "retries": sum(d.client.stats.retries for d in fleet) - retries0 if first else 0,
+                "wasted_bytes": sum(d.client.stats.wasted_bytes for d in fleet) - wasted0
+                if first
+                else 0,
                 "bytes_up": sum(d.client.stats.bytes_up for d in fleet) - up0 if first else 0,
                 "bytes_down": sum(d.client.stats.bytes_down for d in fleet) - down0 if first else 0,
                 "round_seconds": round(elapsed, 3),

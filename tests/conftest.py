@@ -103,17 +103,21 @@ def make_devices(digits: Dataset) -> Callable[..., list[fedclient.Client]]:
         *,
         base: str = "http://fedserver.local",
         clock: Callable[[], float] | None = None,
+        per_device: dict[str, Callable[[int], Any]] | None = None,
         **kwargs: Any,
     ) -> list[fedclient.Client]:
+        """``transport`` may be a list (one per device); ``per_device`` maps a Client
+        argument to a function of the device index."""
         parts = np.array_split(np.arange(len(digits.y_train)), n)
         return [
             fedclient.Client(
                 base,
                 "digits",
                 (digits.x_train[p], digits.y_train[p]),
-                transport=transport,
+                transport=transport[i] if isinstance(transport, list) else transport,
                 seed=i,
                 **({"clock": clock} if clock else {}),
+                **{k: f(i) for k, f in (per_device or {}).items()},
                 **kwargs,
             )
             for i, p in enumerate(parts)

@@ -86,9 +86,15 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class EnrolRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A device asks for an identity; ``label`` is free text for operators."""
+    """A device asks for an identity; ``label`` is free text for operators.
 
-    label: str = ""
+    A device may propose its own bearer ``token`` (32-256 URL-safe characters):
+    enrolling again with the same token returns the same device, which makes a
+    retried enrolment idempotent. Without one the server draws a token.
+    """
+
+    label: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    token: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32,256}$")] | None = None
 
 
 class EnrolResponse(msgspec.Struct, frozen=True):

@@ -149,3 +149,16 @@ def test_mnist_without_a_data_dir_is_a_clear_error(tmp_path: Path) -> None:
         load_dataset("mnist")
     with pytest.raises(InvalidInput, match="missing"):
         load_dataset("mnist", tmp_path)
+
+
+def test_faults_cost_retries_and_bytes_but_not_accuracy(tmp_path: Path) -> None:
+    clean = _run(tmp_path, "clean", "--seed", "3")
+    faulty = _run(tmp_path, "faulty", "--seed", "3", "--faults", "drop=0.3")
+    again = _run(tmp_path, "again", "--seed", "3", "--faults", "drop=0.3")
+    assert _without_wall_time(faulty) == _without_wall_time(again)  # faults come from the seed
+    assert clean["final"]["retries"] == 0 and clean["final"]["wasted_bytes"] == 0
+    assert faulty["final"]["retries"] > 20 and faulty["final"]["wasted_bytes"] > 0
+    assert faulty["final"]["rounds_completed"] == 4
+    assert abs(faulty["final"]["accuracy"] - clean["final"]["accuracy"]) <= 0.02
+    assert faulty["final"]["simulated_seconds"] > clean["final"]["simulated_seconds"]
+    assert faulty["config"]["faults"] == "drop=0.3"

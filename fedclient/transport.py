@@ -1,0 +1,274 @@
+"""The network path: a seeded retry policy, and a fault-injecting httpx transport.
+
+`RetryPolicy` decides *whether* and *when* to retry; the client's drivers
+sleep (or, in the simulator, schedule) accordingly. Only failures that can
+succeed on a second try are retried: connect errors, read timeouts, a
+connection dropped mid-exchange, and HTTP 429, 502, 503, 504. Everything else
+is raised at once as a typed error.
+
+Why not tenacity or stamina: their jitter draws from the global `random`
+module, so a simulation could not be reproduced from its seed, and the
+simulator must *schedule* retries on its simulated clock rather than sleep.
+The policy itself is a dozen lines.
+
+`FaultyTransport` wraps any httpx transport (sync or async) and, from a seed,
+injects the faults real phones see: requests dropped before or after the
+server handled them, 5xx answers, timeouts, connections reset part-way through
+a body, and duplicated requests. Tests and ``fedsim --faults`` use it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+from fedclient._exceptions import InvalidInput
+
+__all__ = ["FaultCounts", "FaultPlan", "FaultyTransport", "RetryPolicy", "is_retriable_status"]
+
+RETRIABLE_STATUS = frozenset({429, 502, 503, 504})
+
+
+def is_retriable_status(status: int) -> bool:
+    """Whether an HTTP status is worth retrying."""
+    return status in RETRIABLE_STATUS
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded in attempts and in total time.
+
+    The n-th retry waits ``uniform(0, min(cap, base * 2**n))`` seconds, or the
+    server's ``Retry-After`` if that is longer. ``seed`` makes the jitter
+    reproducible; leave it None on real devices (a fleet must not retry in step).
+    """
+
+    max_attempts: int = 6
+    base_seconds: float = 0.5
+    cap_seconds: float = 30.0
+    max_total_seconds: float = 120.0
+    seed: int | None = None
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.base_seconds < 0 or self.cap_seconds < 0:
+            raise InvalidInput("retry policy needs max_attempts >= 1 and non-negative waits")
+        self._rng = random.Random(self.seed)
+
+    def delay(self, attempt: int, waited: float, retry_after: float | None = None) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1`` (attempts count from 1), or None
+        to give up. ``waited`` is the backoff already spent on this request."""
+        if attempt >= self.max_attempts:
+            return None
+        wait = self._rng.uniform(0.0, min(self.cap_seconds, self.base_seconds * 2 ** (attempt - 1)))
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        if waited + wait > self.max_total_seconds:
+            return None
+        return wait
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Probabilities of each fault per request (their sum must not exceed 1).
+
+    ``drop``      connection fails before the server sees the request
+    ``lost``      the server handles the request, the answer never arrives
+    ``error``     a proxy answers 502/503 without reaching the server
+    ``timeout``   the server handles the request, the client times out waiting
+    ``reset``     the connection resets part-way through the request or answer body
+    ``duplicate`` the request reaches the server twice (a retrying middlebox)
+    ``reset_every`` reset the link each time this many body bytes crossed it (0: never)
+    """
+
+    drop: float = 0.0
+    lost: float = 0.0
+    error: float = 0.0
+    timeout: float = 0.0
+    reset: float = 0.0
+    duplicate: float = 0.0
+    reset_every: int = 0
+
+    KINDS = ("drop", "lost", "error", "timeout", "reset", "duplicate")
+
+    @classmethod
+    def parse(cls, text: str) -> FaultPlan:
+        """``"drop=0.3,reset=0.05"``; ``"drop=0.3"`` alone spreads 0.3 over every kind."""
+        values: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, raw = item.partition("=")
+            if name not in (*cls.KINDS, "reset_every", "all"):
+                raise InvalidInput(
+                    f"unknown fault {name!r}; use {', '.join(cls.KINDS)}, reset_every or all"
+                )
+            try:
+                values[name] = float(raw)
+            except ValueError:
+                raise InvalidInput(f"fault {name!r} needs a number, got {raw!r}") from None
+        if set(values) in ({"drop"}, {"all"}):
+            # One figure for "requests that fail": every way of failing, in equal parts.
+            share = values.pop("drop", values.pop("all", 0.0)) / len(cls.KINDS)
+            values = dict.fromkeys(cls.KINDS, share)
+        reset_every = int(values.pop("reset_every", 0))
+        plan = cls(**values, reset_every=reset_every)
+        if sum(getattr(plan, k) for k in cls.KINDS) > 1.0 or any(
+            getattr(plan, k) < 0 for k in cls.KINDS
+        ):
+            raise InvalidInput("fault probabilities must be >= 0 and add up to at most 1")
+        return plan
+
+    def as_dict(self) -> dict[str, float]:
+        """The plan as plain data (for reports)."""
+        return {k: getattr(self, k) for k in (*self.KINDS, "reset_every")}
+
+
+@dataclass
+class FaultCounts:
+    """What a `FaultyTransport` did, and the bytes it wasted."""
+
+    requests: int = 0
+    injected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FaultPlan.KINDS, 0))
+    wasted_bytes: int = 0
+
+
+class FaultyTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Wrap ``inner`` (sync or async) and inject faults drawn from ``seed``."""
+
+    def __init__(
+        self,
+        inner: httpx.BaseTransport | httpx.AsyncBaseTransport,
+        plan: FaultPlan,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.counts = FaultCounts()
+        self._rng = random.Random(seed)
+        self._link_bytes = 0  # body bytes since the last periodic reset
+
+    # -- the decision, shared by both I/O paths --------------------------------
+    def _pick(self) -> str | None:
+        self.counts.requests += 1
+        roll = self._rng.random()
+        for kind in FaultPlan.KINDS:
+            p = getattr(self.plan, kind)
+            if roll < p:
+                self.counts.injected[kind] += 1
+                return kind
+            roll -= p
+        return None
+
+    def _cut(self, size: int) -> int | None:
+        """Where a body of ``size`` bytes is cut by the periodic reset, if it is."""
+        if not self.plan.reset_every:
+            return None
+        room = self.plan.reset_every - self._link_bytes
+        if size < room:
+            self._link_bytes += size
+            return None
+        self._link_bytes = 0
+        return room
+
+    def _request_fault(self, request: httpx.Request, kind: str | None) -> None:
+        body = len(request.content)
+        cut = self._cut(body)
+        if kind == "drop":
+            raise httpx.ConnectError("injected: connection refused", request=request)
+        if kind == "reset" and body and self._rng.random() < 0.5:
+            self.counts.wasted_bytes += self._rng.randrange(body)
+            raise httpx.WriteError("injected: connection reset while sending", request=request)
+        if cut is not None:
+            self.counts.wasted_bytes += cut
+            raise httpx.WriteError("injected: link reset while sending", request=request)
+
+    def _error_response(self, request: httpx.Request) -> httpx.Response:
+        status = self._rng.choice([502, 503])
+        return httpx.Response(
+            status,
+            json={"error": {"code": "server_error", "message": "injected: bad gateway"}},
+            request=request,
+        )
+
+    def _after(
+        self,
+        request: httpx.Request,
+        kind: str | None,
+        content: bytes,
+        status: int,
+        headers: Mapping[str, str],
+    ) -> httpx.Response:
+        if kind == "lost":
+            self.counts.wasted_bytes += len(content)
+            raise httpx.ReadError("injected: connection lost before the answer", request=request)
+        if kind == "timeout":
+            raise httpx.ReadTimeout("injected: timed out waiting for the answer", request=request)
+        cut = self._cut(len(content))
+        if kind == "reset" and content:
+            cut = self._rng.randrange(len(content))
+        if cut is not None:
+            return httpx.Response(
+                status,
+                headers=headers,
+                request=request,
+                stream=_BrokenStream(content[:cut], self.counts),
+            )
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+    # -- I/O -------------------------------------------------------------------
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(self.inner, httpx.BaseTransport), "inner transport is async-only"
+        kind = self._pick()
+        request.read()
+        self._request_fault(request, kind)
+        if kind == "error":
+            return self._error_response(request)
+        if kind == "duplicate":
+            self.inner.handle_request(request).read()
+        response = self.inner.handle_request(request)
+        content = response.read()
+        return self._after(request, kind, content, response.status_code, response.headers)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(self.inner, httpx.AsyncBaseTransport), "inner transport is sync-only"
+        kind = self._pick()
+        await request.aread()
+        self._request_fault(request, kind)
+        if kind == "error":
+            return self._error_response(request)
+        if kind == "duplicate":
+            await (await self.inner.handle_async_request(request)).aread()
+        response = await self.inner.handle_async_request(request)
+        content = await response.aread()
+        return self._after(request, kind, content, response.status_code, response.headers)
+
+    def close(self) -> None:
+        if isinstance(self.inner, httpx.BaseTransport):
+            self.inner.close()
+
+    async def aclose(self) -> None:
+        if isinstance(self.inner, httpx.AsyncBaseTransport):
+            await self.inner.aclose()
+
+
+class _BrokenStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that delivers a prefix, then fails like a reset connection."""
+
+    def __init__(self, prefix: bytes, counts: FaultCounts) -> None:
+        self.prefix = prefix
+        self.counts = counts
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.counts.wasted_bytes += len(self.prefix)  # unless a resuming client keeps it
+        if self.prefix:
+            yield self.prefix
+        raise httpx.RemoteProtocolError("injected: connection reset while receiving")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.counts.wasted_bytes += len(self.prefix)
+        if self.prefix:
+            yield self.prefix
+        raise httpx.RemoteProtocolError("injected: connection reset while receiving")

@@ -1,0 +1,118 @@
+"""Flaky networks: the retry policy, the fault-injecting transport, exactly-once uploads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+import fedclient
+from fedclient import FaultPlan, FaultyTransport, RetryPolicy
+from tests.conftest import Server
+
+pytestmark = pytest.mark.anyio
+
+
+def test_backoff_is_full_jitter_bounded_and_reproducible() -> None:
+    a = RetryPolicy(max_attempts=6, base_seconds=1, cap_seconds=8, max_total_seconds=100, seed=3)
+    b = RetryPolicy(max_attempts=6, base_seconds=1, cap_seconds=8, max_total_seconds=100, seed=3)
+    delays = [a.delay(n, 0.0) for n in range(1, 6)]
+    assert delays == [b.delay(n, 0.0) for n in range(1, 6)]
+    for n, d in enumerate(delays, start=1):
+        assert d is not None and 0 <= d <= min(8, 2 ** (n - 1))
+    assert a.delay(6, 0.0) is None  # attempts exhausted
+    assert a.delay(1, 99.9, retry_after=5) is None  # total time exhausted
+    assert RetryPolicy(seed=1).delay(1, 0.0, retry_after=7.0) == 7.0  # Retry-After honoured
+
+
+def test_fault_plans_parse_and_refuse_nonsense() -> None:
+    spread = FaultPlan.parse("drop=0.3")
+    assert sum(spread.as_dict()[k] for k in FaultPlan.KINDS) == pytest.approx(0.3)
+    assert FaultPlan.parse("lost=0.1,reset_every=2000000").reset_every == 2_000_000
+    for bad in ("drop=2", "bogus=0.1", "drop=x", "lost=0.6,error=0.6"):
+        with pytest.raises(fedclient.InvalidInput):
+            FaultPlan.parse(bad)
+
+
+async def test_only_retriable_failures_are_retried(server: Server, make_devices: Any) -> None:
+    # 503 from a proxy on every request: retried until the policy gives up, then typed.
+    always_503 = FaultyTransport(server.transport(), FaultPlan(error=1.0), seed=0)
+    slept: list[float] = []
+
+    async def record(delay: float) -> None:
+        slept.append(delay)
+
+    (device,) = make_devices(1, always_503, retry=RetryPolicy(max_attempts=4, seed=0),
+                             asleep=record)
+    with pytest.raises(fedclient.ServerError):
+        await device.astep()
+    assert always_503.counts.requests == 4 and len(slept) == 3 and device.stats.retries == 3
+    # A 401 is not retriable: one request, raised at once.
+    (device,) = make_devices(1, server.transport(), asleep=record)
+    await device.astep()
+    identity = device.device_state.identity(device.server)
+    device.device_state.save_identity(device.server,
+                                      fedclient._state.Identity(identity.device_id, "x" * 40))
+    before = device.stats.requests
+    with pytest.raises(fedclient.Unauthorized):
+        await device.astep()
+    assert device.stats.requests == before + 1
+
+
+async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
+        make_server: Any, make_devices: Any) -> None:
+    server: Server = make_server(rounds=10, devices_per_round=100, over_selection=1.0,
+                                 min_devices=1, deadline_seconds=10_000)
+    transports = [FaultyTransport(server.transport(), FaultPlan.parse("drop=0.3"), seed=i)
+                  for i in range(100)]
+
+    async def no_wait(delay: float) -> None:
+        return None
+
+    devices = make_devices(100, transports, asleep=no_wait,
+                           per_device={"retry": lambda i: RetryPolicy(max_attempts=5, seed=i)})
+    for round_number in range(1, 11):
+        pending = list(devices)
+        while pending:
+            still = []
+            for device in pending:
+                try:
+                    outcome = await device.arun_once()
+                except (fedclient.TransportError, fedclient.ServerError):
+                    still.append(device)  # retries exhausted: the device tries again later
+                    continue
+                assert outcome.status == "uploaded", outcome
+            pending = still
+        assert server.service.job_status("digits").rounds_completed == round_number
+
+    receipts = [r for d in devices for r in d.device_state.receipts("digits")]
+    assert len(receipts) == 1000
+    rows = [u for round_id in range(1, 11) for u in server.store.updates(round_id)]
+    assert len(rows) == 1000
+    assert sorted(r.receipt_id for r in rows) == sorted(r.receipt_id for r in receipts)
+    assert len({(r.round_id, r.device_id) for r in rows}) == 1000
+    # Faults of every kind really happened, at the asked-for rate.
+    injected = {k: sum(t.counts.injected[k] for t in transports) for k in FaultPlan.KINDS}
+    total = sum(t.counts.requests for t in transports)
+    assert all(n > 50 for n in injected.values()), injected
+    assert 0.25 < sum(injected.values()) / total < 0.35
+    assert sum(d.stats.retries for d in devices) > 1000
+    assert sum(d.stats.wasted_bytes for d in devices) > 0
+    assert server.service.job_status("digits").model_version == 10
+
+
+def test_a_sync_client_rides_out_faults_against_real_http(live_server: Any,
+                                                          make_devices: Any) -> None:
+    live = live_server(devices_per_round=3, over_selection=1.0)
+    transports = [FaultyTransport(httpx.HTTPTransport(), FaultPlan.parse("drop=0.5"), seed=i)
+                  for i in range(3)]
+    devices = make_devices(3, transports, base=live.url, sleep=lambda _: None,
+                           per_device={"retry": lambda i: RetryPolicy(max_attempts=12, seed=i)})
+    try:
+        assert [d.run_once().status for d in devices] == ["uploaded"] * 3
+    finally:
+        for d in devices:
+            d.close()
+    assert live.server.service.job_status("digits").model_version == 1
+    assert sum(t.counts.requests for t in transports) > sum(d.stats.requests for d in devices) / 2
