@@ -17,6 +17,7 @@ state table:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -47,6 +48,8 @@ from fedclient.protocol import (
     MODEL,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
+    UPLOAD_CHUNK,
+    UPLOAD_START,
     Admitted,
     CheckinRequest,
     CheckinResponse,
@@ -58,6 +61,8 @@ from fedclient.protocol import (
     RoundPlan,
     Route,
     UploadReceipt,
+    UploadSession,
+    UploadStart,
     Weights,
     decode_tensors,
     encode_tensors,
@@ -69,6 +74,9 @@ __all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
 
 T = TypeVar("T")
 logger = logging.getLogger("fedclient")
+
+#: A streamed download is stored in blocks of this many bytes (the most a break loses).
+DOWNLOAD_BLOCK = 256 * 1024
 
 #: What a step did.
 StepStatus = Literal[
@@ -97,6 +105,7 @@ class TransferStats:
     requests: int = 0
     retries: int = 0
     wasted_bytes: int = 0  # sent or received in attempts that failed
+    resumed_transfers: int = 0
     discarded_rounds: int = 0
 
 
@@ -127,7 +136,17 @@ class TrainTask:
         return self.backend.get_weights(), result
 
 
-Effect = httpx.Request | TrainTask
+@dataclass(frozen=True)
+class ResumableDownload:
+    """A GET whose body is kept in the device state as it arrives, so a retry after a
+    broken connection asks only for the rest (HTTP Range + If-Range)."""
+
+    request: httpx.Request
+    job: str
+    version: int
+
+
+Effect = httpx.Request | TrainTask | ResumableDownload
 Flow = Generator[Effect, Any, StepOutcome]
 
 
@@ -157,6 +176,8 @@ class Client:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sleep: Callable[[float], None] = time.sleep
     asleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    chunk_threshold: int = 1024 * 1024
+    chunk_bytes: int = 256 * 1024
     stats: TransferStats = field(default_factory=TransferStats)
 
     def __post_init__(self) -> None:
@@ -190,6 +211,8 @@ class Client:
             while True:
                 if isinstance(effect, TrainTask):
                     effect = flow.send(effect.run())
+                elif isinstance(effect, ResumableDownload):
+                    effect = flow.send(self._send(effect.request, download=effect))
                 else:
                     effect = flow.send(self._send(effect))
         except StopIteration as stop:
@@ -208,6 +231,8 @@ class Client:
             while True:
                 if isinstance(effect, TrainTask):
                     effect = flow.send(effect.run())
+                elif isinstance(effect, ResumableDownload):
+                    effect = flow.send(await self._asend(effect.request, download=effect))
                 else:
                     effect = flow.send(await self._asend(effect))
         except StopIteration as stop:
@@ -237,14 +262,29 @@ class Client:
         if self._async is not None:
             await self._async.aclose()
 
-    def _send(self, request: httpx.Request) -> httpx.Response:
+    def _send(
+        self, request: httpx.Request, download: ResumableDownload | None = None
+    ) -> httpx.Response:
         assert self._sync is not None
         attempt, waited = 1, 0.0
         while True:
+            sent = self._resume_from(request, download)
+            result: httpx.Response | FedError
             try:
-                result: httpx.Response | FedError = self._account(request, self._sync.send(request))
+                if download is None:
+                    result = self._account(sent, self._sync.send(sent))
+                else:
+                    response = self._sync.send(sent, stream=True)
+                    sink = _DownloadSink(self, download, sent, response)
+                    try:
+                        for chunk in response.iter_bytes():
+                            sink.take(chunk)
+                    finally:
+                        sink.flush()  # keep what arrived, even when the stream broke
+                        response.close()
+                    result = sink.finish()
             except httpx.TransportError as exc:
-                result = self._failed(request, exc)
+                result = self._failed(sent, exc)
             delay = self._retry_delay(result, attempt, waited)
             if delay is None:
                 if isinstance(result, FedError):
@@ -253,16 +293,29 @@ class Client:
             attempt, waited = attempt + 1, waited + delay
             self.sleep(delay)
 
-    async def _asend(self, request: httpx.Request) -> httpx.Response:
+    async def _asend(
+        self, request: httpx.Request, download: ResumableDownload | None = None
+    ) -> httpx.Response:
         assert self._async is not None
         attempt, waited = 1, 0.0
         while True:
+            sent = self._resume_from(request, download)
+            result: httpx.Response | FedError
             try:
-                result: httpx.Response | FedError = self._account(
-                    request, await self._async.send(request)
-                )
+                if download is None:
+                    result = self._account(sent, await self._async.send(sent))
+                else:
+                    response = await self._async.send(sent, stream=True)
+                    sink = _DownloadSink(self, download, sent, response)
+                    try:
+                        async for chunk in response.aiter_bytes():
+                            sink.take(chunk)
+                    finally:
+                        sink.flush()  # keep what arrived, even when the stream broke
+                        await response.aclose()
+                    result = sink.finish()
             except httpx.TransportError as exc:
-                result = self._failed(request, exc)
+                result = self._failed(sent, exc)
             delay = self._retry_delay(result, attempt, waited)
             if delay is None:
                 if isinstance(result, FedError):
@@ -270,6 +323,23 @@ class Client:
                 return result
             attempt, waited = attempt + 1, waited + delay
             await self.asleep(delay)
+
+    def _resume_from(
+        self, request: httpx.Request, download: ResumableDownload | None
+    ) -> httpx.Request:
+        """The request to send: a download resumes after the bytes the device holds."""
+        if download is None:
+            return request
+        etag, held = self._store.partial_download(download.job, download.version)
+        if not held:
+            return request
+        self.stats.resumed_transfers += 1
+        headers = httpx.Headers(request.headers)
+        headers["Range"] = f"bytes={held}-"
+        headers["If-Range"] = etag
+        return httpx.Request(
+            request.method, request.url, headers=headers, extensions=request.extensions
+        )
 
     def _retry_delay(
         self, result: httpx.Response | FedError, attempt: int, waited: float
@@ -349,9 +419,10 @@ class Client:
         headers = {}
         if held is not None and held[0] == plan.model_version:
             headers["If-None-Match"] = held[1]
-        response = yield self._request(
+        request = self._request(
             MODEL, identity, headers=headers, job=self.job, version=plan.model_version
         )
+        response = yield ResumableDownload(request, self.job, plan.model_version)
         raise_for_error(response)
         if response.status_code == 304 and held is not None:
             self._store.record_download(self.job, plan, held[1], None)
@@ -392,15 +463,56 @@ class Client:
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}
         try:
-            response = yield self._request(
-                UPLOAD, identity, content=body, headers=headers, round_id=plan.round_id
-            )
-            receipt = _decode(response, UploadReceipt)
+            if len(body) <= self.chunk_threshold:
+                response = yield self._request(
+                    UPLOAD, identity, content=body, headers=headers, round_id=plan.round_id
+                )
+                receipt = _decode(response, UploadReceipt)
+            else:
+                receipt = yield from self._upload_chunks(identity, plan, body, key)
         except (RoundClosed, InvalidRequest) as exc:
             # Stale or rejected work must never be sent again, nor into another round.
             return self._discard(plan, str(exc))
         self._store.record_receipt(self.job, receipt)
         return StepOutcome("uploaded", round_id=plan.round_id, receipt=receipt)
+
+    def _upload_chunks(
+        self, identity: Identity, plan: RoundPlan, body: bytes, key: str
+    ) -> Generator[Effect, Any, UploadReceipt]:
+        """A large update in chunks. Opening the session again tells the device how much
+        the server already holds, so a broken upload resumes where it stopped."""
+        start = UploadStart(size=len(body), sha256=hashlib.sha256(body).hexdigest())
+        response = yield self._request(
+            UPLOAD_START,
+            identity,
+            json=start,
+            headers={IDEMPOTENCY_HEADER: key},
+            round_id=plan.round_id,
+        )
+        session = _decode(response, UploadSession)
+        if 0 < session.offset < session.size:
+            self.stats.resumed_transfers += 1
+        while session.receipt is None:
+            chunk = body[session.offset : session.offset + self.chunk_bytes]
+            response = yield self._request(
+                UPLOAD_CHUNK,
+                identity,
+                content=chunk,
+                headers={
+                    "Upload-Offset": str(session.offset),
+                    "Content-Type": "application/octet-stream",
+                },
+                round_id=plan.round_id,
+                upload_id=key,
+            )
+            held = response.headers.get("Upload-Offset", "")
+            if response.status_code == 409 and held.isdigit():
+                # The server holds more (an answer was lost) or less than we thought.
+                session = msgspec.structs.replace(session, offset=int(held))
+                self.stats.resumed_transfers += 1
+                continue
+            session = _decode(response, UploadSession)
+        return session.receipt
 
     # -- helpers ---------------------------------------------------------------
     def _discard(self, plan: RoundPlan, reason: str) -> StepOutcome:
@@ -446,6 +558,67 @@ class Client:
             headers=all_headers,
             content=content,
             extensions={"timeout": httpx.Timeout(self.timeout).as_dict()},
+        )
+
+
+class _DownloadSink:
+    """Where a streamed model download goes: into the device state, block by block, so
+    the bytes that arrived before a break are kept and the retry asks for the rest."""
+
+    def __init__(
+        self,
+        client: Client,
+        download: ResumableDownload,
+        request: httpx.Request,
+        response: httpx.Response,
+    ) -> None:
+        self.store = client.device_state
+        self.stats = client.stats
+        self.download = download
+        self.request = request
+        self.response = response
+        self.body_kept = response.status_code in (200, 206)
+        self.pending = bytearray()
+        self.stats.requests += 1
+        self.stats.bytes_up += _wire_size(request.headers, 0)
+        self.stats.bytes_down += _wire_size(response.headers, 0)
+        if response.status_code == 200:  # a whole body: anything held is stale
+            self.store.drop_download_parts(download.job)
+        self.etag = response.headers.get("ETag", "")
+        self.offset = self.store.partial_download(download.job, download.version)[1]
+
+    def take(self, chunk: bytes) -> None:
+        """Receive a chunk of the body."""
+        self.stats.bytes_down += len(chunk)
+        self.pending.extend(chunk)
+        if self.body_kept and len(self.pending) >= DOWNLOAD_BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store the bytes received since the last flush."""
+        if self.body_kept and self.pending:
+            self.store.keep_download_part(
+                self.download.job,
+                self.download.version,
+                self.etag,
+                self.offset,
+                bytes(self.pending),
+            )
+            self.offset += len(self.pending)
+            self.pending.clear()
+
+    def finish(self) -> httpx.Response:
+        """The complete response, its body assembled from every stored part."""
+        if not self.body_kept:  # an error or a 304: hand it back as it came
+            return httpx.Response(
+                self.response.status_code,
+                headers=self.response.headers,
+                content=bytes(self.pending),
+                request=self.request,
+            )
+        body = self.store.drop_download_parts(self.download.job)
+        return httpx.Response(
+            200, headers=self.response.headers, content=body, request=self.request
         )
 
 

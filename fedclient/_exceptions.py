@@ -4,6 +4,7 @@
     ├── InvalidInput              bad arguments or data handed to the SDK (also a ValueError)
     ├── StateError                the device's SQLite state cannot be used
     ├── ModelMismatch             downloaded weights do not fit the local model
+    ├── PrivacyBudgetExceeded     a release would spend more privacy than the job's budget
     ├── TransportError            the request never got an HTTP answer
     │   └── RequestTimeout
     └── ApiError                  the other side answered with an error (carries status + code)
@@ -12,9 +13,11 @@
         ├── Forbidden             403  device not admitted to the round
         ├── NotFound              404  unknown job, round or model version
         ├── Conflict              409  e.g. a second upload for the same round
+        │   ├── OffsetMismatch    409  a chunk sent at another offset than the server holds
         │   └── RoundClosed       409  the round already closed
         │       └── DeadlinePassed 410 the round's deadline passed
         ├── PayloadTooLarge       413
+        ├── RangeNotSatisfiable   416
         └── ServerError           5xx
 
 The server raises the same `ApiError` classes; its one exception handler turns
@@ -38,7 +41,10 @@ __all__ = [
     "InvalidRequest",
     "ModelMismatch",
     "NotFound",
+    "OffsetMismatch",
     "PayloadTooLarge",
+    "RangeNotSatisfiable",
+    "PrivacyBudgetExceeded",
     "RequestTimeout",
     "RoundClosed",
     "ServerError",
@@ -70,6 +76,24 @@ class ModelMismatch(FedError):
     """Weights from the server do not match the local model's names or shapes."""
 
 
+class PrivacyBudgetExceeded(FedError):
+    """A release would take the device past its privacy budget for a job; nothing was charged.
+
+    ``epsilon`` is what the job would have spent with the release and ``budget``
+    the job's epsilon limit, both at the budget's delta. The device must not
+    train for, or upload to, the job until its budget is raised.
+    """
+
+    def __init__(self, job: str, *, epsilon: float, budget: float) -> None:
+        super().__init__(
+            f"privacy budget of job {job!r} exceeded: the release would bring epsilon to "
+            f"{epsilon:.4g}, over the budget of {budget:.4g}"
+        )
+        self.job = job
+        self.epsilon = epsilon
+        self.budget = budget
+
+
 class TransportError(FedError):
     """The request did not get an HTTP response (connection refused, reset, ...)."""
 
@@ -90,10 +114,17 @@ class ApiError(FedError):
         if "code" in cls.__dict__:
             ApiError._by_code[cls.code] = cls
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
 
     def to_json(self) -> dict[str, Any]:
         """The JSON error body the server sends for this error."""
@@ -135,6 +166,12 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+class OffsetMismatch(Conflict):
+    """409: a chunk was sent for another offset; ``Upload-Offset`` holds the server's."""
+
+    code = "offset_mismatch"
+
+
 class RoundClosed(Conflict):
     """409: the round is closed; the update is stale and must be discarded."""
 
@@ -155,6 +192,13 @@ class PayloadTooLarge(ApiError):
     code = "payload_too_large"
 
 
+class RangeNotSatisfiable(ApiError):
+    """416: the requested byte range lies outside the body."""
+
+    status = 416
+    code = "range_not_satisfiable"
+
+
 class ServerError(ApiError):
     """5xx: the server failed."""
 
@@ -170,6 +214,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     409: Conflict,
     410: DeadlinePassed,
     413: PayloadTooLarge,
+    416: RangeNotSatisfiable,
 }
 
 

@@ -22,7 +22,24 @@ from fedclient.protocol import RoundPlan, UploadReceipt
 
 __all__ = ["DeviceState", "Identity", "Phase", "RoundProgress"]
 
-SCHEMA_VERSION = 1
+#: Each schema version's statements, applied in order to bring an older file up to date.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "CREATE TABLE identities (key TEXT, server TEXT, device_id TEXT, token TEXT,"
+        " PRIMARY KEY (key, server))",
+        "CREATE TABLE progress (key TEXT, job TEXT, phase TEXT, plan TEXT,"
+        " idempotency_key TEXT, update_body BLOB, updated_at REAL, PRIMARY KEY (key, job))",
+        "CREATE TABLE models (key TEXT, job TEXT, version INTEGER, etag TEXT,"
+        " body BLOB, PRIMARY KEY (key, job))",
+        "CREATE TABLE receipts (key TEXT, job TEXT, round_id INTEGER, receipt TEXT,"
+        " PRIMARY KEY (key, job, round_id))",
+    ],
+    2: [  # the bytes of a model download received so far, so a broken download resumes
+        "CREATE TABLE download_parts (key TEXT, job TEXT, version INTEGER, etag TEXT,"
+        " offset INTEGER, data BLOB, PRIMARY KEY (key, job, version, offset))",
+    ],
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 
 
 class Phase(StrEnum):
@@ -81,24 +98,9 @@ class DeviceState:
                     f"state schema {version} is newer than this fedclient "
                     f"({SCHEMA_VERSION}); upgrade fedclient"
                 )
-            if version < 1:
-                self.db.execute(
-                    "CREATE TABLE identities (key TEXT, server TEXT, device_id TEXT, token TEXT,"
-                    " PRIMARY KEY (key, server))"
-                )
-                self.db.execute(
-                    "CREATE TABLE progress (key TEXT, job TEXT, phase TEXT, plan TEXT,"
-                    " idempotency_key TEXT, update_body BLOB, updated_at REAL,"
-                    " PRIMARY KEY (key, job))"
-                )
-                self.db.execute(
-                    "CREATE TABLE models (key TEXT, job TEXT, version INTEGER, etag TEXT,"
-                    " body BLOB, PRIMARY KEY (key, job))"
-                )
-                self.db.execute(
-                    "CREATE TABLE receipts (key TEXT, job TEXT, round_id INTEGER, receipt TEXT,"
-                    " PRIMARY KEY (key, job, round_id))"
-                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    self.db.execute(statement)
             self.db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
@@ -201,6 +203,38 @@ class DeviceState:
             "SELECT version, etag, body FROM models WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
+
+    # -- partial downloads -----------------------------------------------------
+    def partial_download(self, job: str, version: int) -> tuple[str, int]:
+        """(etag, bytes held) of a broken download of ``version``; ("", 0) if none."""
+        row = self.db.execute(
+            "SELECT etag, coalesce(sum(length(data)), 0) FROM download_parts"
+            " WHERE key=? AND job=? AND version=?",
+            [self.key, job, version],
+        ).fetchone()
+        return (str(row[0] or ""), int(row[1])) if row else ("", 0)
+
+    def keep_download_part(
+        self, job: str, version: int, etag: str, offset: int, data: bytes
+    ) -> None:
+        """Store received bytes of a download at ``offset``."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT OR REPLACE INTO download_parts VALUES (?, ?, ?, ?, ?, ?)",
+                [self.key, job, version, etag, offset, data],
+            )
+
+    def drop_download_parts(self, job: str) -> bytes:
+        """Forget the job's partial downloads; return the bytes of the newest, in order."""
+        with self.db.atomic():
+            rows = self.db.execute(
+                "SELECT version, data FROM download_parts WHERE key=? AND job=?"
+                " ORDER BY version DESC, offset",
+                [self.key, job],
+            ).fetchall()
+            self.db.execute("DELETE FROM download_parts WHERE key=? AND job=?", [self.key, job])
+        newest = rows[0][0] if rows else None
+        return b"".join(bytes(r[1]) for r in rows if r[0] == newest)
 
     def receipts(self, job: str) -> list[UploadReceipt]:
         """Every acknowledged upload for ``job``, oldest round first."""

@@ -132,6 +132,8 @@ class FaultCounts:
     requests: int = 0
     injected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FaultPlan.KINDS, 0))
     wasted_bytes: int = 0
+    bytes_sent: int = 0  # request body bytes that crossed the link, whole or cut
+    bytes_received: int = 0  # response body bytes that crossed the link, whole or cut
 
 
 class FaultyTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
@@ -175,15 +177,16 @@ class FaultyTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _request_fault(self, request: httpx.Request, kind: str | None) -> None:
         body = len(request.content)
-        cut = self._cut(body)
         if kind == "drop":
             raise httpx.ConnectError("injected: connection refused", request=request)
+        cut = self._cut(body)
         if kind == "reset" and body and self._rng.random() < 0.5:
-            self.counts.wasted_bytes += self._rng.randrange(body)
-            raise httpx.WriteError("injected: connection reset while sending", request=request)
+            cut = self._rng.randrange(body)
         if cut is not None:
             self.counts.wasted_bytes += cut
-            raise httpx.WriteError("injected: link reset while sending", request=request)
+            self.counts.bytes_sent += cut
+            raise httpx.WriteError("injected: connection reset while sending", request=request)
+        self.counts.bytes_sent += body
 
     def _error_response(self, request: httpx.Request) -> httpx.Response:
         status = self._rng.choice([502, 503])
@@ -203,6 +206,7 @@ class FaultyTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         if kind == "lost":
             self.counts.wasted_bytes += len(content)
+            self.counts.bytes_received += len(content)
             raise httpx.ReadError("injected: connection lost before the answer", request=request)
         if kind == "timeout":
             raise httpx.ReadTimeout("injected: timed out waiting for the answer", request=request)
@@ -210,12 +214,14 @@ class FaultyTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if kind == "reset" and content:
             cut = self._rng.randrange(len(content))
         if cut is not None:
+            self.counts.bytes_received += cut
             return httpx.Response(
                 status,
                 headers=headers,
                 request=request,
                 stream=_BrokenStream(content[:cut], self.counts),
             )
+        self.counts.bytes_received += len(content)
         return httpx.Response(status, headers=headers, content=content, request=request)
 
     # -- I/O -------------------------------------------------------------------

@@ -19,7 +19,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fedclient import __version__
-from fedclient._exceptions import ApiError, InvalidRequest, NotFound, PayloadTooLarge
+from fedclient._exceptions import (
+    ApiError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+)
 from fedclient.protocol import (
     CHECKIN,
     ENROL,
@@ -31,8 +37,12 @@ from fedclient.protocol import (
     ROUND_STATUS,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
+    UPLOAD_CHUNK,
+    UPLOAD_START,
+    UPLOAD_STATUS,
     CheckinRequest,
     EnrolRequest,
+    UploadStart,
     openapi_document,
 )
 from fedclient.protocol import Route as ApiRoute
@@ -64,9 +74,20 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         token = bearer_token(request.headers.get("authorization"))
         version = _int_param(request, "version")
         body, etag = service.model(token, request.path_params["job"], version)
-        headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+        headers = {
+            "ETag": etag,
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "Accept-Ranges": "bytes",
+        }
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
+        wanted = request.headers.get("range")
+        if wanted and request.headers.get("if-range", etag) == etag:
+            start, end = _byte_range(wanted, len(body))
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(body)}"
+            return Response(
+                body[start:end], status_code=206, media_type=TENSOR_MEDIA_TYPE, headers=headers
+            )
         return Response(body, media_type=TENSOR_MEDIA_TYPE, headers=headers)
 
     async def upload(request: Request) -> Response:
@@ -76,6 +97,32 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         body = await _read_limited(request, service.upload_limit(round_id))
         receipt = service.upload(token, round_id, request.headers.get(IDEMPOTENCY_HEADER), body)
         return _json(receipt)
+
+    async def upload_start(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        round_id = _int_param(request, "round_id")
+        body = _decode(await request.body(), UploadStart)
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        return _json(service.start_upload(token, round_id, key, body))
+
+    async def upload_chunk(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        round_id = _int_param(request, "round_id")
+        service.authenticate(token)  # reject strangers before reading their body
+        chunk = await _read_limited(request, service.upload_limit(round_id))
+        session = service.upload_chunk(
+            token,
+            round_id,
+            request.path_params["upload_id"],
+            request.headers.get("upload-offset"),
+            chunk,
+        )
+        return _json(session)
+
+    async def upload_status(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        round_id = _int_param(request, "round_id")
+        return _json(service.upload_status(token, round_id, request.path_params["upload_id"]))
 
     async def job_status(request: Request) -> Response:
         return _json(service.job_status(request.path_params["job"]))
@@ -97,6 +144,9 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         CHECKIN: checkin,
         MODEL: model,
         UPLOAD: upload,
+        UPLOAD_START: upload_start,
+        UPLOAD_CHUNK: upload_chunk,
+        UPLOAD_STATUS: upload_status,
         JOB_STATUS: job_status,
         ROUND_STATUS: round_status,
         HEALTH: health,
@@ -140,6 +190,28 @@ def _json(message: Any) -> Response:
     return Response(msgspec.json.encode(message), media_type="application/json")
 
 
+def _byte_range(header: str, size: int) -> tuple[int, int]:
+    """[start, end) of a single ``bytes=`` range (RFC 9110), or `RangeNotSatisfiable`."""
+    unit, _, spec = header.partition("=")
+    first, _, last = spec.strip().partition("-")
+    if unit.strip() != "bytes" or "," in spec or not (first.isdigit() or last.isdigit()):
+        raise RangeNotSatisfiable(
+            f"unsupported Range {header!r}; use bytes=START-[END]",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    if first.isdigit():
+        start, end = int(first), (int(last) + 1 if last.isdigit() else size)
+    else:  # a suffix: the last N bytes
+        start, end = max(0, size - int(last)), size
+    end = min(end, size)
+    if start >= end:
+        raise RangeNotSatisfiable(
+            f"range {header!r} is outside the {size}-byte body",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, end
+
+
 def _int_param(request: Request, name: str) -> int:
     value = request.path_params[name]
     if not value.isdigit():
@@ -162,7 +234,9 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
+    headers = dict(exc.headers)
+    if exc.retry_after:
+        headers["Retry-After"] = str(int(exc.retry_after))
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 

@@ -7,6 +7,7 @@ raises an `ApiError` subclass and changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import uuid
@@ -19,6 +20,7 @@ from fedclient._exceptions import (
     InvalidInput,
     InvalidRequest,
     NotFound,
+    OffsetMismatch,
     PayloadTooLarge,
     RoundClosed,
     Unauthorized,
@@ -36,12 +38,14 @@ from fedclient.protocol import (
     RoundPlan,
     RoundSummary,
     UploadReceipt,
+    UploadSession,
+    UploadStart,
     check_weights,
     decode_tensors,
 )
 from fedserver_ref.auth import hash_token, new_credentials
 from fedserver_ref.rounds import SyncRounds
-from fedserver_ref.store import JobRow, RoundRow, ServerStore, UpdateRow
+from fedserver_ref.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
 from fedserver_ref.strategies import FedAvg, Strategy
 
 __all__ = ["FederationService"]
@@ -140,18 +144,102 @@ class FederationService:
     ) -> UploadReceipt:
         """Accept one update, exactly once per idempotency key."""
         device_id = self.authenticate(token)
-        if not idempotency_key or len(idempotency_key) > 200:
-            raise InvalidRequest("an Idempotency-Key header (1-200 characters) is required")
+        key = _check_key(idempotency_key)
+        previous, job, round_ = self._admissible(device_id, round_id, key)
+        if previous is not None:
+            return previous
+        return self._accept(device_id, job, round_, key, body)
+
+    def start_upload(
+        self, token: str, round_id: int, idempotency_key: str | None, request: UploadStart
+    ) -> UploadSession:
+        """Open a chunked upload (or report where an open one stands)."""
+        device_id = self.authenticate(token)
+        key = _check_key(idempotency_key)
+        previous, job, _ = self._admissible(device_id, round_id, key)
+        if previous is not None:
+            return UploadSession(key, round_id, request.size, request.size, previous)
+        session = self.store.session(device_id, key)
+        if session is not None:
+            if (session.round_id, session.size, session.sha256) != (
+                round_id,
+                request.size,
+                request.sha256,
+            ):
+                raise Conflict("this upload id was opened for another round or body")
+            return _session(session)
+        if request.size > job.plan.job.max_upload_bytes:
+            raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
+        session = SessionRow(device_id, key, round_id, request.size, request.sha256, 0)
+        with self.store.atomic():
+            self.store.add_session(session)
+        return _session(session)
+
+    def upload_status(self, token: str, round_id: int, upload_id: str) -> UploadSession:
+        """Where a chunked upload stands (complete ones carry their receipt)."""
+        device_id = self.authenticate(token)
+        previous = self.store.update_by_key(device_id, upload_id)
+        if previous is not None and previous.round_id == round_id:
+            return UploadSession(upload_id, round_id, 0, 0, _receipt(previous))
+        session = self.store.session(device_id, upload_id)
+        if session is None or session.round_id != round_id:
+            raise NotFound(f"no upload {upload_id!r} in round {round_id}")
+        return _session(session)
+
+    def upload_chunk(
+        self, token: str, round_id: int, upload_id: str, offset: str | None, chunk: bytes
+    ) -> UploadSession:
+        """Append a chunk; the one that completes the body turns it into an update."""
+        device_id = self.authenticate(token)
+        if offset is None or not offset.isdigit():
+            raise InvalidRequest("an Upload-Offset header (a byte offset) is required")
+        status = self.upload_status(token, round_id, upload_id)
+        if status.receipt is not None:  # complete already: a retried last chunk
+            return status
+        _, job, round_ = self._admissible(device_id, round_id, upload_id)
+        session = self.store.session(device_id, upload_id)
+        assert session is not None
+        if int(offset) != session.offset:
+            raise OffsetMismatch(
+                f"the server holds {session.offset} bytes of this upload",
+                headers={"Upload-Offset": str(session.offset)},
+            )
+        if not chunk or session.offset + len(chunk) > session.size:
+            raise InvalidRequest(f"chunk must hold 1..{session.size - session.offset} bytes")
+        with self.store.atomic():
+            self.store.add_part(session, chunk)
+        session = self.store.session(device_id, upload_id)
+        assert session is not None
+        if session.offset < session.size:
+            return _session(session)
+        body = self.store.assemble(session)
+        try:
+            if hashlib.sha256(body).hexdigest() != session.sha256:
+                raise InvalidRequest("the assembled upload does not match its SHA-256")
+            receipt = self._accept(device_id, job, round_, upload_id, body)
+        except InvalidRequest:
+            with self.store.atomic():
+                self.store.drop_session(session)
+            raise
+        with self.store.atomic():
+            self.store.drop_session(session)
+        return UploadSession(upload_id, round_id, session.size, session.size, receipt)
+
+    def _admissible(
+        self, device_id: str, round_id: int, key: str
+    ) -> tuple[UploadReceipt | None, JobRow, RoundRow]:
+        """The receipt already given for ``key``, or the (job, round) that may take an update."""
         now = self.clock()
         self.rounds.advance(now)
         round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
-        previous = self.store.update_by_key(device_id, idempotency_key)
+        job = self._job(round_.job)
+        previous = self.store.update_by_key(device_id, key)
         if previous is not None:
             if previous.round_id != round_id:
                 raise Conflict("this Idempotency-Key was used for another round")
-            return _receipt(previous)
+            return _receipt(previous), job, round_
         if round_.status != "open":
             if now >= round_.deadline:
                 raise DeadlinePassed(f"round {round_id} closed at its deadline")
@@ -160,22 +248,27 @@ class FederationService:
             raise Forbidden(f"device was not admitted to round {round_id}")
         if self.store.has_update(round_id, device_id):
             raise Conflict(f"device already uploaded an update for round {round_id}")
-        job = self._job(round_.job)
+        return None, job, round_
+
+    def _accept(
+        self, device_id: str, job: JobRow, round_: RoundRow, key: str, body: bytes
+    ) -> UploadReceipt:
         if len(body) > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
         num_examples, train_loss = self._validate_update(job, round_, body)
+        now = self.clock()
         with self.store.atomic():
             row = self.store.add_update(
-                round_id,
+                round_.round_id,
                 device_id,
-                idempotency_key,
+                key,
                 uuid.uuid4().hex,
                 num_examples,
                 train_loss,
                 body,
                 now,
             )
-            if self.store.update_count(round_id) >= job.plan.job.devices_per_round:
+            if self.store.update_count(round_.round_id) >= job.plan.job.devices_per_round:
                 self.rounds.close(job, round_, now, "quota")
         return _receipt(row)
 
@@ -266,6 +359,16 @@ class FederationService:
                 f"uses {round_.model_version}"
             )
         return num_examples, train_loss
+
+
+def _check_key(key: str | None) -> str:
+    if not key or len(key) > 200 or not key.isprintable():
+        raise InvalidRequest("an Idempotency-Key header (1-200 characters) is required")
+    return key
+
+
+def _session(row: SessionRow) -> UploadSession:
+    return UploadSession(row.upload_id, row.round_id, row.size, row.offset)
 
 
 def _receipt(row: UpdateRow) -> UploadReceipt:

@@ -20,7 +20,7 @@ import sqlite_utils
 
 from fedclient.protocol import JobPlan
 
-__all__ = ["JobRow", "RoundRow", "ServerStore", "UpdateRow"]
+__all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
 
 SCHEMA_VERSION = 1
 
@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS updates (
     idempotency_key TEXT NOT NULL, receipt_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
     train_loss REAL, body BLOB, received_at REAL NOT NULL,
     UNIQUE (round_id, device_id), UNIQUE (device_id, idempotency_key));
+CREATE TABLE IF NOT EXISTS upload_sessions (
+    device_id TEXT, upload_id TEXT, round_id INTEGER NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, offset INTEGER NOT NULL, PRIMARY KEY (device_id, upload_id));
+CREATE TABLE IF NOT EXISTS upload_parts (
+    device_id TEXT, upload_id TEXT, offset INTEGER, data BLOB NOT NULL,
+    PRIMARY KEY (device_id, upload_id, offset));
 """
 
 
@@ -77,6 +83,18 @@ class RoundRow:
     closed_at: float | None
     reason: str
     train_loss: float | None
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """A chunked upload in progress."""
+
+    device_id: str
+    upload_id: str
+    round_id: int
+    size: int
+    sha256: str
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -232,6 +250,12 @@ class ServerStore:
             [status, now, reason, train_loss, round_id],
         )
         self.db.execute("UPDATE updates SET body=NULL WHERE round_id=?", [round_id])
+        self.db.execute(
+            "DELETE FROM upload_parts WHERE (device_id, upload_id) IN"
+            " (SELECT device_id, upload_id FROM upload_sessions WHERE round_id=?)",
+            [round_id],
+        )
+        self.db.execute("DELETE FROM upload_sessions WHERE round_id=?", [round_id])
 
     # -- admissions and updates ------------------------------------------------
     def admit(self, round_id: int, device_id: str, now: float) -> None:
@@ -306,6 +330,56 @@ class ServerStore:
             "SELECT * FROM updates WHERE round_id=? ORDER BY seq", [round_id]
         ).fetchall()
         return [UpdateRow(*row) for row in rows]
+
+    # -- chunked uploads -------------------------------------------------------
+    def add_session(self, session: SessionRow) -> None:
+        """Open a chunked upload."""
+        self.db.execute(
+            "INSERT INTO upload_sessions VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                session.device_id,
+                session.upload_id,
+                session.round_id,
+                session.size,
+                session.sha256,
+                session.offset,
+            ],
+        )
+
+    def session(self, device_id: str, upload_id: str) -> SessionRow | None:
+        """A chunked upload by its id."""
+        row = self.db.execute(
+            "SELECT * FROM upload_sessions WHERE device_id=? AND upload_id=?",
+            [device_id, upload_id],
+        ).fetchone()
+        return SessionRow(*row) if row else None
+
+    def add_part(self, session: SessionRow, data: bytes) -> None:
+        """Append a chunk at the session's offset."""
+        self.db.execute(
+            "INSERT INTO upload_parts VALUES (?, ?, ?, ?)",
+            [session.device_id, session.upload_id, session.offset, data],
+        )
+        self.db.execute(
+            "UPDATE upload_sessions SET offset=? WHERE device_id=? AND upload_id=?",
+            [session.offset + len(data), session.device_id, session.upload_id],
+        )
+
+    def assemble(self, session: SessionRow) -> bytes:
+        """The bytes received so far, in order."""
+        rows = self.db.execute(
+            "SELECT data FROM upload_parts WHERE device_id=? AND upload_id=? ORDER BY offset",
+            [session.device_id, session.upload_id],
+        ).fetchall()
+        return b"".join(bytes(r[0]) for r in rows)
+
+    def drop_session(self, session: SessionRow) -> None:
+        """Forget a chunked upload and its bytes."""
+        for table in ("upload_parts", "upload_sessions"):
+            self.db.execute(
+                f"DELETE FROM {table} WHERE device_id=? AND upload_id=?",
+                [session.device_id, session.upload_id],
+            )
 
     def fingerprint(self) -> str:
         """A digest of every stored row, to show that a request changed nothing."""

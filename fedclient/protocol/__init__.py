@@ -21,6 +21,8 @@ from fedclient.protocol._messages import (
     RoundSummary,
     TrainSettings,
     UploadReceipt,
+    UploadSession,
+    UploadStart,
 )
 from fedclient.protocol._routes import (
     CHECKIN,
@@ -33,6 +35,9 @@ from fedclient.protocol._routes import (
     ROUTES,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
+    UPLOAD_CHUNK,
+    UPLOAD_START,
+    UPLOAD_STATUS,
     Route,
     openapi_document,
 )
@@ -53,6 +58,9 @@ __all__ = [
     "ROUTES",
     "TENSOR_MEDIA_TYPE",
     "UPLOAD",
+    "UPLOAD_CHUNK",
+    "UPLOAD_START",
+    "UPLOAD_STATUS",
     "Admitted",
     "CheckinRequest",
     "CheckinResponse",
@@ -71,6 +79,8 @@ __all__ = [
     "RoundSummary",
     "TrainSettings",
     "UploadReceipt",
+    "UploadSession",
+    "UploadStart",
     "Weights",
     "check_weights",
     "decode_tensors",

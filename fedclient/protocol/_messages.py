@@ -29,6 +29,8 @@ __all__ = [
     "RoundSummary",
     "TrainSettings",
     "UploadReceipt",
+    "UploadSession",
+    "UploadStart",
 ]
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -165,6 +167,23 @@ class UploadReceipt(msgspec.Struct, frozen=True):
     device_id: str
     num_examples: int
     received_at: float
+
+
+class UploadStart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Open (or find again) a chunked upload of ``size`` bytes whose SHA-256 is ``sha256``."""
+
+    size: Annotated[int, msgspec.Meta(ge=1)]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class UploadSession(msgspec.Struct, frozen=True):
+    """A chunked upload: how many bytes the server holds, and the receipt once complete."""
+
+    upload_id: str
+    round_id: int
+    size: int
+    offset: int
+    receipt: UploadReceipt | None = None
 
 
 class RoundSummary(msgspec.Struct, frozen=True):

@@ -24,6 +24,9 @@ __all__ = [
     "ROUTES",
     "TENSOR_MEDIA_TYPE",
     "UPLOAD",
+    "UPLOAD_CHUNK",
+    "UPLOAD_START",
+    "UPLOAD_STATUS",
     "Route",
     "openapi_document",
 ]
@@ -43,6 +46,7 @@ class Route:
     request: type | None = None  # a JSON message type, or None
     response: Any = None  # a JSON message type, TENSOR_MEDIA_TYPE, or None
     request_tensors: bool = False
+    headers: tuple[str, ...] = ()  # request headers the route requires
     auth: bool = True
     errors: tuple[int, ...] = ()
 
@@ -74,9 +78,10 @@ MODEL = Route(
     "model",
     "GET",
     "/v1/models/{job}/{version}",
-    "Download one model version (immutable; ETag and If-None-Match supported).",
+    "Download one model version (immutable; ETag and If-None-Match supported). A Range "
+    "header (bytes=N-) with If-Range resumes a broken download: 206 Partial Content.",
     response=TENSOR_MEDIA_TYPE,
-    errors=(401, 404),
+    errors=(401, 404, 416),
 )
 UPLOAD = Route(
     "upload",
@@ -86,7 +91,40 @@ UPLOAD = Route(
     "Idempotency-Key header: a retry with the same key returns the original receipt.",
     response=m.UploadReceipt,
     request_tensors=True,
+    headers=("Idempotency-Key",),
     errors=(400, 401, 403, 404, 409, 410, 413),
+)
+UPLOAD_START = Route(
+    "upload_start",
+    "POST",
+    "/v1/rounds/{round_id}/uploads",
+    "Open a chunked upload for a large update, or find it again to resume: the answer "
+    "says how many bytes the server holds. Requires an Idempotency-Key header, which "
+    "becomes the upload id.",
+    request=m.UploadStart,
+    response=m.UploadSession,
+    headers=("Idempotency-Key",),
+    errors=(400, 401, 403, 404, 409, 410, 413),
+)
+UPLOAD_CHUNK = Route(
+    "upload_chunk",
+    "PATCH",
+    "/v1/rounds/{round_id}/uploads/{upload_id}",
+    "Append the bytes of the body at the Upload-Offset header's position. The chunk that "
+    "completes the upload returns the receipt. A wrong offset is a 409 whose Upload-Offset "
+    "header gives the server's.",
+    response=m.UploadSession,
+    request_tensors=True,
+    headers=("Upload-Offset",),
+    errors=(400, 401, 404, 409, 410),
+)
+UPLOAD_STATUS = Route(
+    "upload_status",
+    "GET",
+    "/v1/rounds/{round_id}/uploads/{upload_id}",
+    "Where a chunked upload stands.",
+    response=m.UploadSession,
+    errors=(401, 404),
 )
 JOB_STATUS = Route(
     "job_status",
@@ -109,13 +147,26 @@ ROUND_STATUS = Route(
 HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
 OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
 
-ROUTES = (ENROL, CHECKIN, MODEL, UPLOAD, JOB_STATUS, ROUND_STATUS, HEALTH, OPENAPI)
+ROUTES = (
+    ENROL,
+    CHECKIN,
+    MODEL,
+    UPLOAD,
+    UPLOAD_START,
+    UPLOAD_CHUNK,
+    UPLOAD_STATUS,
+    JOB_STATUS,
+    ROUND_STATUS,
+    HEALTH,
+    OPENAPI,
+)
 
 _REASONS = {
     400: "Invalid request",
     401: "Missing or wrong device token",
     403: "Not allowed",
-    404: "Unknown job, round or model",
+    404: "Unknown job, round, upload or model",
+    416: "Range outside the body",
     409: "Conflicts with stored state (e.g. round closed)",
     410: "Deadline passed",
     413: "Body over the limit",
@@ -138,15 +189,11 @@ def openapi_document(version: str) -> dict[str, Any]:
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
             for p in _path_params(route.path)
         ]
+        params += [
+            {"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+            for h in route.headers
+        ]
         if route.request_tensors:
-            params.append(
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": True,
-                    "schema": {"type": "string"},
-                }
-            )
             op["requestBody"] = {"content": {TENSOR_MEDIA_TYPE: {"schema": {}}}, "required": True}
         elif route.request is not None:
             op["requestBody"] = {

@@ -43,8 +43,9 @@ async def test_only_retriable_failures_are_retried(server: Server, make_devices:
     async def record(delay: float) -> None:
         slept.append(delay)
 
-    (device,) = make_devices(1, always_503, retry=RetryPolicy(max_attempts=4, seed=0),
-                             asleep=record)
+    (device,) = make_devices(
+        1, always_503, retry=RetryPolicy(max_attempts=4, seed=0), asleep=record
+    )
     with pytest.raises(fedclient.ServerError):
         await device.astep()
     assert always_503.counts.requests == 4 and len(slept) == 3 and device.stats.retries == 3
@@ -52,8 +53,9 @@ async def test_only_retriable_failures_are_retried(server: Server, make_devices:
     (device,) = make_devices(1, server.transport(), asleep=record)
     await device.astep()
     identity = device.device_state.identity(device.server)
-    device.device_state.save_identity(device.server,
-                                      fedclient._state.Identity(identity.device_id, "x" * 40))
+    device.device_state.save_identity(
+        device.server, fedclient._state.Identity(identity.device_id, "x" * 40)
+    )
     before = device.stats.requests
     with pytest.raises(fedclient.Unauthorized):
         await device.astep()
@@ -61,17 +63,24 @@ async def test_only_retriable_failures_are_retried(server: Server, make_devices:
 
 
 async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
-        make_server: Any, make_devices: Any) -> None:
-    server: Server = make_server(rounds=10, devices_per_round=100, over_selection=1.0,
-                                 min_devices=1, deadline_seconds=10_000)
-    transports = [FaultyTransport(server.transport(), FaultPlan.parse("drop=0.3"), seed=i)
-                  for i in range(100)]
+    make_server: Any, make_devices: Any
+) -> None:
+    server: Server = make_server(
+        rounds=10, devices_per_round=100, over_selection=1.0, min_devices=1, deadline_seconds=10_000
+    )
+    transports = [
+        FaultyTransport(server.transport(), FaultPlan.parse("drop=0.3"), seed=i) for i in range(100)
+    ]
 
     async def no_wait(delay: float) -> None:
         return None
 
-    devices = make_devices(100, transports, asleep=no_wait,
-                           per_device={"retry": lambda i: RetryPolicy(max_attempts=5, seed=i)})
+    devices = make_devices(
+        100,
+        transports,
+        asleep=no_wait,
+        per_device={"retry": lambda i: RetryPolicy(max_attempts=5, seed=i)},
+    )
     for round_number in range(1, 11):
         pending = list(devices)
         while pending:
@@ -102,13 +111,21 @@ async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
     assert server.service.job_status("digits").model_version == 10
 
 
-def test_a_sync_client_rides_out_faults_against_real_http(live_server: Any,
-                                                          make_devices: Any) -> None:
+def test_a_sync_client_rides_out_faults_against_real_http(
+    live_server: Any, make_devices: Any
+) -> None:
     live = live_server(devices_per_round=3, over_selection=1.0)
-    transports = [FaultyTransport(httpx.HTTPTransport(), FaultPlan.parse("drop=0.5"), seed=i)
-                  for i in range(3)]
-    devices = make_devices(3, transports, base=live.url, sleep=lambda _: None,
-                           per_device={"retry": lambda i: RetryPolicy(max_attempts=12, seed=i)})
+    transports = [
+        FaultyTransport(httpx.HTTPTransport(), FaultPlan.parse("drop=0.5"), seed=i)
+        for i in range(3)
+    ]
+    devices = make_devices(
+        3,
+        transports,
+        base=live.url,
+        sleep=lambda _: None,
+        per_device={"retry": lambda i: RetryPolicy(max_attempts=12, seed=i)},
+    )
     try:
         assert [d.run_once().status for d in devices] == ["uploaded"] * 3
     finally:
