@@ -584,8 +584,8 @@ class _DownloadSink:
         self.stats.bytes_down += _wire_size(response.headers, 0)
         if response.status_code == 200:  # a whole body: anything held is stale
             self.store.drop_download_parts(download.job)
-        self.etag = response.headers.get("ETag", "")
-        self.offset = self.store.partial_download(download.job, download.version)[1]
+        held_etag, self.offset = self.store.partial_download(download.job, download.version)
+        self.etag = response.headers.get("ETag", held_etag)
 
     def take(self, chunk: bytes) -> None:
         """Receive a chunk of the body."""
@@ -609,6 +609,16 @@ class _DownloadSink:
 
     def finish(self) -> httpx.Response:
         """The complete response, its body assembled from every stored part."""
+        if self.response.status_code == 416:
+            # Asked for bytes after the end: either every byte had arrived before a crash
+            # (use them), or what is held is not this body (drop it; the next try starts over).
+            total = self.response.headers.get("Content-Range", "").rpartition("/")[2]
+            if total.isdigit() and int(total) == self.offset:
+                body = self.store.drop_download_parts(self.download.job)
+                return httpx.Response(
+                    200, headers={"ETag": self.etag}, content=body, request=self.request
+                )
+            self.store.drop_download_parts(self.download.job)
         if not self.body_kept:  # an error or a 304: hand it back as it came
             return httpx.Response(
                 self.response.status_code,

@@ -1,0 +1,155 @@
+"""Crash safety with real processes: a device SIGKILLed across a round, a server SIGKILLed
+while uploads are in flight."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import fedclient
+from fedclient import Phase
+from tests.integration.test_fedserver_process import FedServerProcess
+
+CHILD = Path(__file__).with_name("crash_child.py")
+
+
+def _plan(server: FedServerProcess, *, rounds: int, per_round: int, hidden: int) -> None:
+    text = server.plan.read_text()
+    text = text.replace("hidden = [32]", f"hidden = [{hidden}]")
+    server.plan.write_text(text.replace("rounds = 3", f"rounds = {rounds}"))
+
+
+def test_a_device_killed_at_every_point_of_a_round_uploads_exactly_once(tmp_path: Path) -> None:
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.plan.write_text(server.plan.read_text().replace("hidden = [32]", "hidden = [16]"))
+    server.start()
+    state = tmp_path / "device.sqlite"
+    log = tmp_path / "train.log"
+    kills: list[tuple[int, str]] = []
+    trains_when_stored: int | None = None
+    # Kill at the 1st, 2nd, 3rd... watched operation of a run; start again at 1 each time
+    # the stored phase moved on, so every stretch of the round is hit at every point.
+    kill_at, last_phase = 0, Phase.IDLE
+    try:
+        for _ in range(400):
+            kill_at += 1
+            child = subprocess.run(
+                [sys.executable, str(CHILD), server.url, str(state), str(log), str(kill_at)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if child.returncode == 0:
+                assert child.stdout.strip() == "uploaded", child.stdout
+                break
+            assert child.returncode == -9, child.stderr  # SIGKILL, nothing else
+            phase = (
+                fedclient.DeviceState(state).progress("digits").phase
+                if state.exists()
+                else Phase.IDLE
+            )
+            kills.append((kill_at, phase.value))
+            if phase is not last_phase:
+                kill_at, last_phase = 0, phase
+            trains = log.read_text().count("train") if log.exists() else 0
+            if phase is Phase.TRAINED and trains_when_stored is None:
+                trains_when_stored = trains  # the update is stored from here on
+        else:
+            pytest.fail("the device never finished its round")
+        status = server.status()
+        round_id = 1
+        with httpx.Client(base_url=server.url) as http:
+            summary = http.get("/v1/jobs/digits/rounds/1").json()
+        assert summary["status"] == "closed" and summary["updates"] == 1
+        assert status["model_version"] == 1 and status["current_round"]["number"] == 2
+        # The device holds exactly one receipt, for that round, and trained no more after
+        # its update was stored.
+        receipts = fedclient.DeviceState(state).receipts("digits")
+        assert [r.round_id for r in receipts] == [round_id]
+        assert trains_when_stored is not None
+        assert log.read_text().count("train") == trains_when_stored
+        where = {
+            line.split()[1] for line in (tmp_path / "train.log.where").read_text().splitlines()
+        }
+        phases = {phase for _, phase in kills}
+        assert len(set(kills)) >= 20, kills
+        assert phases >= {"idle", "admitted", "downloaded", "trained"}, kills
+        assert {"Connection.execute", "socket.send", "socket.recv"} <= where, where
+        print(f"{len(kills)} kills across phases {sorted(phases)} at {sorted(where)}")
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+
+
+def test_a_server_killed_with_uploads_in_flight_loses_no_acknowledged_update(
+    tmp_path: Path, digits: Any
+) -> None:
+    server = FedServerProcess(tmp_path, rounds=1, per_round=6)
+    _plan(server, rounds=1, per_round=6, hidden=400)
+    server.start()
+    parts = np.array_split(np.arange(600), 6)
+    first_receipt = threading.Event()
+    receipts: list[fedclient.protocol.UploadReceipt] = []
+    retries: list[int] = []
+    errors: list[BaseException] = []
+
+    def device(i: int) -> None:
+        # Device 0 sends its update in one request; the others in 2 KiB chunks (60 each),
+        # so they are mid-upload when device 0's receipt arrives and the server dies.
+        client = fedclient.Client(
+            server.url,
+            "digits",
+            (digits.x_train[parts[i]], digits.y_train[parts[i]]),
+            state=tmp_path / f"d{i}.sqlite",
+            seed=i,
+            chunk_threshold=10**9 if i == 0 else 2048,
+            chunk_bytes=2048,
+            retry=fedclient.RetryPolicy(
+                max_attempts=200, base_seconds=0.02, cap_seconds=0.2, max_total_seconds=60, seed=i
+            ),
+        )
+        try:
+            for _ in range(3):  # check in, download, train
+                client.step()
+            outcome = client.step()
+            while outcome.status != "uploaded":
+                outcome = client.step()
+            assert outcome.receipt is not None
+            receipts.append(outcome.receipt)
+            first_receipt.set()
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+            first_receipt.set()
+        finally:
+            retries.append(client.stats.retries)
+            client.close()
+
+    threads = [threading.Thread(target=device, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    assert first_receipt.wait(timeout=60)
+    server.kill()  # the others are mid-upload: 40+ chunks each
+    acknowledged_before_kill = len(receipts)
+    server.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert acknowledged_before_kill >= 1
+    assert sum(retries) >= 1  # uploads really were cut off by the kill, then retried
+    with httpx.Client(base_url=server.url) as http:
+        summary = http.get("/v1/jobs/digits/rounds/1").json()
+    assert summary["status"] == "closed" and summary["updates"] == 6
+    assert server.status()["model_version"] == 1
+    # Every receipt a device holds names an update the server counted.
+    with sqlite3.connect(server.db) as db:
+        stored = {r[0] for r in db.execute("SELECT receipt_id FROM updates WHERE round_id=1")}
+    assert {r.receipt_id for r in receipts} == stored and len(stored) == 6
+    server.kill()
