@@ -45,6 +45,7 @@ from fedclient.protocol import (
     CHECKIN,
     ENROL,
     IDEMPOTENCY_HEADER,
+    LEAVE,
     MODEL,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
@@ -122,8 +123,10 @@ class TrainTask:
     learning_rate: float
     seed: int | None
 
-    def run(self) -> tuple[Weights, TrainResult]:
-        """Train from ``weights``; return the new weights and what training did."""
+    def run(self) -> tuple[Weights, TrainResult, float]:
+        """Train from ``weights``; return the new weights, what training did, and the
+        seconds it took."""
+        started = time.perf_counter()
         self.backend.set_weights(self.weights)
         result = self.backend.train(
             self.x,
@@ -133,7 +136,7 @@ class TrainTask:
             learning_rate=self.learning_rate,
             rng=np.random.default_rng(self.seed),
         )
-        return self.backend.get_weights(), result
+        return self.backend.get_weights(), result, time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,11 @@ class Client:
     resumes from it after a crash or restart. ``data`` is the device's local
     labelled set. ``model`` is optional: by default the plan's built-in model
     is trained with the ``runtime`` backend.
+
+    The device learns its training speed from past rounds and does not start work
+    it cannot finish before the round's deadline: it tells the server it is
+    leaving instead (``estimate_seconds(examples x epochs)`` overrides the
+    estimate, e.g. in a simulator).
     """
 
     server: str
@@ -178,6 +186,7 @@ class Client:
     asleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     chunk_threshold: int = 1024 * 1024
     chunk_bytes: int = 256 * 1024
+    estimate_seconds: Callable[[int], float] | None = None
     stats: TransferStats = field(default_factory=TransferStats)
 
     def __post_init__(self) -> None:
@@ -393,7 +402,7 @@ class Client:
         if progress.phase is Phase.ADMITTED:
             return (yield from self._download(identity, progress.plan))
         if progress.phase is Phase.DOWNLOADED:
-            return (yield from self._train(progress.plan))
+            return (yield from self._train(identity, progress.plan))
         assert progress.update is not None and progress.idempotency_key is not None
         return (
             yield from self._upload(
@@ -434,9 +443,14 @@ class Client:
             )
         return StepOutcome("downloaded", round_id=plan.round_id)
 
-    def _train(self, plan: RoundPlan) -> Flow:
-        if self.clock() >= plan.deadline:
-            return self._discard(plan, "the round's deadline passed before training")
+    def _train(self, identity: Identity, plan: RoundPlan) -> Flow:
+        needed = self._seconds_needed(plan)
+        if needed is not None and self.clock() + needed > plan.deadline:
+            # Tell the server now, so it can give the place to a device that can finish.
+            yield self._request(LEAVE, identity, round_id=plan.round_id)
+            return self._discard(
+                plan, f"cannot finish before the deadline (needs about {needed:.0f} s)"
+            )
         held = self._store.held_model(self.job)
         assert held is not None and held[0] == plan.model_version
         base, _ = decode_tensors(held[2])
@@ -444,9 +458,11 @@ class Client:
         x, y = check_dataset(self._x, self._y, inputs=backend.inputs, classes=backend.classes)
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
         settings = plan.train
-        weights, result = yield TrainTask(
+        weights, result, seconds = yield TrainTask(
             backend, base, x, y, settings.epochs, settings.batch_size, settings.learning_rate, seed
         )
+        if seconds > 0:
+            self._store.record_speed(len(y) * settings.epochs / seconds)
         delta = {name: (weights[name] - base[name]).astype(base[name].dtype) for name in base}
         body = encode_tensors(
             delta,
@@ -515,6 +531,14 @@ class Client:
         return session.receipt
 
     # -- helpers ---------------------------------------------------------------
+    def _seconds_needed(self, plan: RoundPlan) -> float | None:
+        """Seconds this device expects to need to train and upload, if it can tell."""
+        work = len(self._y) * plan.train.epochs
+        if self.estimate_seconds is not None:
+            return self.estimate_seconds(work)
+        speed = self._store.speed()  # examples per second, learned from past rounds
+        return None if speed is None else work / speed
+
     def _discard(self, plan: RoundPlan, reason: str) -> StepOutcome:
         self._store.discard_round(self.job)
         self.stats.discarded_rounds += 1

@@ -38,6 +38,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE download_parts (key TEXT, job TEXT, version INTEGER, etag TEXT,"
         " offset INTEGER, data BLOB, PRIMARY KEY (key, job, version, offset))",
     ],
+    3: [  # what the device learned of its own training speed
+        "CREATE TABLE speed (key TEXT PRIMARY KEY, examples_per_second REAL)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -235,6 +238,21 @@ class DeviceState:
             self.db.execute("DELETE FROM download_parts WHERE key=? AND job=?", [self.key, job])
         newest = rows[0][0] if rows else None
         return b"".join(bytes(r[1]) for r in rows if r[0] == newest)
+
+    # -- own speed -------------------------------------------------------------
+    def speed(self) -> float | None:
+        """Examples this device trains per second (an average over past rounds)."""
+        row = self.db.execute(
+            "SELECT examples_per_second FROM speed WHERE key=?", [self.key]
+        ).fetchone()
+        return float(row[0]) if row else None
+
+    def record_speed(self, examples_per_second: float) -> None:
+        """Fold one measurement into the average (exponentially weighted, 0.3 new)."""
+        old = self.speed()
+        new = examples_per_second if old is None else 0.7 * old + 0.3 * examples_per_second
+        with self.db.atomic():
+            self.db.execute("INSERT OR REPLACE INTO speed VALUES (?, ?)", [self.key, new])
 
     def receipts(self, job: str) -> list[UploadReceipt]:
         """Every acknowledged upload for ``job``, oldest round first."""

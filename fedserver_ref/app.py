@@ -32,6 +32,7 @@ from fedclient.protocol import (
     HEALTH,
     IDEMPOTENCY_HEADER,
     JOB_STATUS,
+    LEAVE,
     MODEL,
     OPENAPI,
     ROUND_STATUS,
@@ -124,6 +125,11 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         round_id = _int_param(request, "round_id")
         return _json(service.upload_status(token, round_id, request.path_params["upload_id"]))
 
+    async def leave(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        left = service.leave(token, _int_param(request, "round_id"))
+        return JSONResponse({"left": left})
+
     async def job_status(request: Request) -> Response:
         return _json(service.job_status(request.path_params["job"]))
 
@@ -147,6 +153,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         UPLOAD_START: upload_start,
         UPLOAD_CHUNK: upload_chunk,
         UPLOAD_STATUS: upload_status,
+        LEAVE: leave,
         JOB_STATUS: job_status,
         ROUND_STATUS: round_status,
         HEALTH: health,

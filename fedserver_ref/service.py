@@ -124,6 +124,18 @@ class FederationService:
             self.store.admit(round_.round_id, device_id, now)
         return Admitted(self._plan(job, round_))
 
+    def leave(self, token: str, round_id: int) -> bool:
+        """A device gives its place in a round back (if it has not contributed)."""
+        device_id = self.authenticate(token)
+        round_ = self.store.round(round_id)
+        if round_ is None:
+            raise NotFound(f"no round {round_id}")
+        if round_.status != "open" or self.store.has_update(round_id, device_id):
+            return False
+        with self.store.atomic():
+            self.store.withdraw(round_id, device_id)
+        return True
+
     def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:
         """A model version's body and ETag."""
         self.authenticate(token)

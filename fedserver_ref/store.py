@@ -262,6 +262,12 @@ class ServerStore:
         """Admit a device to a round."""
         self.db.execute("INSERT INTO admissions VALUES (?, ?, ?)", [round_id, device_id, now])
 
+    def withdraw(self, round_id: int, device_id: str) -> None:
+        """Free a device's place in a round."""
+        self.db.execute(
+            "DELETE FROM admissions WHERE round_id=? AND device_id=?", [round_id, device_id]
+        )
+
     def is_admitted(self, round_id: int, device_id: str) -> bool:
         """Whether the device holds a place in the round."""
         return (

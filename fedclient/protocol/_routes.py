@@ -18,6 +18,7 @@ __all__ = [
     "ENROL",
     "HEALTH",
     "JOB_STATUS",
+    "LEAVE",
     "MODEL",
     "OPENAPI",
     "ROUND_STATUS",
@@ -126,6 +127,13 @@ UPLOAD_STATUS = Route(
     response=m.UploadSession,
     errors=(401, 404),
 )
+LEAVE = Route(
+    "leave",
+    "POST",
+    "/v1/rounds/{round_id}/leave",
+    "An admitted device that cannot finish in time gives its place back.",
+    errors=(401, 404),
+)
 JOB_STATUS = Route(
     "job_status",
     "GET",
@@ -155,6 +163,7 @@ ROUTES = (
     UPLOAD_START,
     UPLOAD_CHUNK,
     UPLOAD_STATUS,
+    LEAVE,
     JOB_STATUS,
     ROUND_STATUS,
     HEALTH,

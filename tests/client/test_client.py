@@ -168,3 +168,26 @@ def test_device_state_survives_reopening(tmp_path: Path) -> None:
     assert again.identity("http://x") == fedclient._state.Identity("d", "t")
     assert fedclient.DeviceState(path, key="b").identity("http://x") is None
     assert httpx  # the client's transport library is importable alongside
+
+
+async def test_a_device_that_cannot_finish_in_time_leaves_and_frees_its_place(
+        make_server: Any, make_devices: Any) -> None:
+    server: Server = make_server(devices_per_round=1, over_selection=1.0)
+    slow, fast = make_devices(2, server.transport(), clock=server.clock,
+                              per_device={"estimate_seconds": lambda i: (
+                                  (lambda work: 1e6) if i == 0 else (lambda work: 1.0))})
+    assert (await slow.astep()).status == "admitted"
+    assert (await fast.astep()).status == "waiting"  # the round is full
+    await slow.astep()  # download
+    outcome = await slow.astep()
+    assert outcome.status == "discarded" and "cannot finish" in outcome.reason
+    assert server.store.admitted_count(1) == 0  # the place was given back
+    assert (await fast.arun_once()).status == "uploaded"
+
+
+async def test_a_device_learns_its_speed_from_training(server: Server, make_devices: Any) -> None:
+    (device,) = make_devices(1, server.transport())
+    assert device.device_state.speed() is None
+    await device.arun_once()
+    speed = device.device_state.speed()
+    assert speed is not None and speed > 0
