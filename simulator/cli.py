@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--job", help="job name (default: the dataset's name)")
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
+        "--runtime",
+        default="numpy",
+        choices=("numpy", "onnx"),
+        help="the devices' training backend (onnx needs the onnx extra; default numpy)",
+    )
+    run.add_argument(
         "--faults",
         help="inject network faults under every device, e.g. "
         "drop=0.3 (30%% of requests fail, every way) or lost=0.1,reset=0.05",
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         job=args.job,
         state_dir=args.state_dir,
         faults=args.faults,
+        runtime=args.runtime,
     )
     console = Console(stderr=True, quiet=args.quiet)
     with Progress(

@@ -25,6 +25,10 @@ class DeviceProfile:
     bandwidth_down: float  # bytes per second
     latency: float  # seconds, one way
 
+    def training_seconds(self, work: int) -> float:
+        """Simulated seconds to train ``work`` example-epochs."""
+        return work / self.examples_per_second
+
     def round_seconds(self, examples: int, epochs: int, down_bytes: int, up_bytes: int) -> float:
         """Simulated seconds from check-in to the end of the upload."""
         return (

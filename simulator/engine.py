@@ -15,7 +15,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from fedclient import (
     RetryPolicy,
     ServerError,
     StepOutcome,
+    TransferStats,
     TransportError,
     __version__,
 )
@@ -66,7 +67,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-DEVICES_PER_STATE_FILE = 64
+DEVICES_PER_STATE_FILE = 1024
 
 
 @dataclass
@@ -91,6 +92,7 @@ class SimulationConfig:
     job: str | None = None
     state_dir: str | None = None
     faults: str | None = None
+    runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
 
     def plan(self, data: Dataset) -> JobPlan:
         """The job plan this configuration describes."""
@@ -126,21 +128,101 @@ class SimClock:
         return self.now
 
 
-@dataclass
+@dataclass(slots=True)
 class _Device:
+    """A virtual device. Idle devices hold only this; a `Client` exists while one works."""
+
     index: int
-    client: Client
     profile: DeviceProfile
-    examples: int
-    faults: FaultyTransport | None = None
+    examples: np.ndarray  # indices of its training examples
+    stats: TransferStats = field(default_factory=TransferStats)
     backoff: float = 0.0  # simulated seconds spent waiting to retry this round
+    client: Client | None = None
 
     async def step(self) -> StepOutcome | None:
         """One step; None when the network beat the retry policy (a network dropout)."""
+        assert self.client is not None
         try:
             return await self.client.astep()
         except (TransportError, ServerError):
             return None
+
+
+class _Fleet:
+    """Every virtual device, and the few that are working this round."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        plan: JobPlan,
+        data: Dataset,
+        server: _Server,
+        state_dir: Path,
+    ) -> None:
+        rng = np.random.default_rng(config.seed)
+        parts = partition(data.y_train, config.devices, config.partition, rng)
+        profiles = draw_profiles(config.devices, rng, config.fleet)
+        self.devices = [_Device(i, profiles[i], parts[i]) for i in range(config.devices)]
+        self.config, self.plan, self.data, self.server = config, plan, data, server
+        self.faults = FaultPlan.parse(config.faults) if config.faults else None
+        self.state_dir = state_dir
+        self.shards: dict[int, sqlite_utils.Database] = {}
+        self.active: list[_Device] = []
+
+    def activate(self, i: int, round_number: int) -> _Device:
+        """Device ``i`` wakes up: a real `Client` over its own SQLite state."""
+        d = self.devices[i]
+        if d.client is not None:
+            return d
+        shard = i // DEVICES_PER_STATE_FILE
+        if shard not in self.shards:
+            db = sqlite_utils.Database(self.state_dir / f"devices-{shard:04d}.sqlite")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            self.shards[shard] = db
+        seed = self.config.seed * 100_003 + i
+        transport = self.server.transport
+        if self.faults is not None and transport is not None:
+            transport = FaultyTransport(transport, self.faults, seed=seed * 1009 + round_number)
+
+        async def wait(seconds: float) -> None:  # retries wait on the simulated clock
+            d.backoff += seconds
+
+        d.backoff = 0.0
+        d.client = Client(
+            self.server.base_url,
+            self.plan.job.name,
+            (self.data.x_train[d.examples], self.data.y_train[d.examples]),
+            state=DeviceState(self.shards[shard], key=f"device-{i}"),
+            transport=transport,
+            seed=seed,
+            label=f"fedsim-{i}",
+            clock=self.server.clock,
+            retry=RetryPolicy(seed=seed * 1009 + round_number),
+            asleep=wait,
+            runtime=self.config.runtime,
+            # The device's own estimate of its training time, from its profile.
+            estimate_seconds=d.profile.training_seconds,
+            stats=d.stats,
+        )
+        self.active.append(d)
+        return d
+
+    async def rest(self) -> None:
+        """The round is over: working devices go idle again (their state stays in SQLite)."""
+        for d in self.active:
+            if d.client is not None:
+                await d.client.aclose()
+                d.client = None
+        self.active.clear()
+
+    def total(self, name: str) -> int:
+        """A transfer statistic summed over the fleet."""
+        return sum(getattr(d.stats, name) for d in self.devices)
+
+    def close(self) -> None:
+        for db in self.shards.values():
+            db.close()
 
 
 @dataclass
@@ -201,58 +283,19 @@ async def simulate(
         server = _Server(config.server.rstrip("/"), None)
         plan = (await server.status(plan.job.name)).plan  # the server's plan rules
 
-    fault_plan = FaultPlan.parse(config.faults) if config.faults else None
-    if fault_plan is not None and config.server is not None:
+    if config.faults and config.server is not None:
         raise InvalidInput("--faults needs the in-process server (drop --server)")
-    rng = np.random.default_rng(config.seed)
-    parts = partition(data.y_train, config.devices, config.partition, rng)
-    profiles = draw_profiles(config.devices, rng, config.fleet)
     with tempfile.TemporaryDirectory(prefix="fedsim-") as scratch:
         state_dir = Path(config.state_dir or scratch)
         state_dir.mkdir(parents=True, exist_ok=True)
-        shards: dict[int, sqlite_utils.Database] = {}
-
-        def device(i: int) -> _Device:
-            shard = i // DEVICES_PER_STATE_FILE
-            if shard not in shards:
-                db = sqlite_utils.Database(state_dir / f"devices-{shard:04d}.sqlite")
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=OFF")
-                shards[shard] = db
-            faults = (
-                FaultyTransport(server.transport, fault_plan, seed=config.seed * 100_003 + i)
-                if fault_plan is not None and server.transport is not None
-                else None
-            )
-            d = _Device(i, None, profiles[i], len(parts[i]), faults)  # type: ignore[arg-type]
-
-            async def wait(seconds: float) -> None:  # retries wait on the simulated clock
-                d.backoff += seconds
-
-            d.client = Client(
-                server.base_url,
-                plan.job.name,
-                (data.x_train[parts[i]], data.y_train[parts[i]]),
-                state=DeviceState(shards[shard], key=f"device-{i}"),
-                transport=faults or server.transport,
-                seed=config.seed * 100_003 + i,
-                label=f"fedsim-{i}",
-                clock=server.clock,
-                retry=RetryPolicy(seed=config.seed * 100_003 + i),
-                asleep=wait,
-            )
-            return d
-
-        fleet = [device(i) for i in range(config.devices)]
+        fleet = _Fleet(config, plan, data, server, state_dir)
         try:
             rounds = await _run_rounds(
                 config, plan, data, server, clock, fleet, on_round, wall_start
             )
         finally:
-            for d in fleet:
-                await d.client.aclose()
-            for db in shards.values():
-                db.close()
+            await fleet.rest()
+            fleet.close()
     last = rounds[-1] if rounds else {}
     final = {
         "accuracy": last.get("accuracy"),
@@ -284,7 +327,7 @@ async def _run_rounds(
     data: Dataset,
     server: _Server,
     clock: SimClock,
-    fleet: list[_Device],
+    fleet: _Fleet,
     on_round: Callable[[dict[str, Any]], None] | None,
     wall_start: float,
 ) -> list[dict[str, Any]]:
@@ -300,47 +343,45 @@ async def _run_rounds(
         current = status.current_round
         if status.status == "finished" or current is None:
             break
-        up0 = sum(d.client.stats.bytes_up for d in fleet)
-        down0 = sum(d.client.stats.bytes_down for d in fleet)
-        retries0 = sum(d.client.stats.retries for d in fleet)
-        wasted0 = sum(d.client.stats.wasted_bytes for d in fleet)
+        totals0 = {k: fleet.total(k) for k in ("bytes_up", "bytes_down", "retries", "wasted_bytes")}
         # Check-in: devices arrive in an order drawn from the seed; the server fills the round.
-        order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet))
+        order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet.devices))
         admitted: list[_Device] = []
         network_dropouts = 0
-        for d in fleet:
-            d.backoff = 0.0
         for i in order:
-            outcome = await fleet[i].step()
+            d = fleet.activate(int(i), current.number)
+            outcome = await d.step()
             if outcome is None:
                 network_dropouts += 1
                 continue
             if outcome.status == "admitted":
-                admitted.append(fleet[i])
-                token = token or _token(fleet[i])
+                admitted.append(d)
+                token = token or _token(d)
             if (outcome.status == "waiting" and outcome.reason == "the round is full") or len(
                 admitted
             ) >= plan.admit_per_round:
                 break
         # Download and train for real; each device finishes at its simulated time.
         finish: list[tuple[float, int, _Device]] = []
+        discarded = 0
         for d in admitted:
-            down = d.client.stats.bytes_down
+            down = d.stats.bytes_down
             downloaded = await d.step()
             trained = await d.step() if downloaded is not None else None
             if trained is None:
                 network_dropouts += 1
                 continue
-            if trained.status != "trained":
+            if trained.status != "trained":  # left: it could not finish by the deadline
+                discarded += trained.status == "discarded"
                 continue
+            assert d.client is not None
             update = d.client.device_state.progress(job).update or b""
             seconds = d.profile.round_seconds(
-                d.examples, plan.train.epochs, d.client.stats.bytes_down - down, len(update)
+                len(d.examples), plan.train.epochs, d.stats.bytes_down - down, len(update)
             )
             finish.append((current.opened_at + seconds + d.backoff, d.index, d))
         # Uploads arrive in simulated-time order; the server's quota and deadline decide.
         # A device retrying an upload holds the clock for its backoff.
-        discarded = 0
         for at, _, d in sorted(finish, key=lambda f: (f[0], f[1])):
             if simulated:
                 clock.now = max(clock.now, at)
@@ -385,16 +426,16 @@ async def _run_rounds(
                 "accuracy": round(result.accuracy, 6),
                 "loss": round(result.loss, 6),
                 "train_loss": closed.train_loss,
-                "admitted": closed.admitted,
+                "admitted": len(admitted) if first else closed.admitted,
                 "updates": closed.updates,
                 "discarded": discarded if first else 0,
                 "dropouts_network": network_dropouts if first else 0,
-                "retries": sum(d.client.stats.retries for d in fleet) - retries0 if first else 0,
-                "wasted_bytes": sum(d.client.stats.wasted_bytes for d in fleet) - wasted0
+                "retries": fleet.total("retries") - totals0["retries"] if first else 0,
+                "wasted_bytes": fleet.total("wasted_bytes") - totals0["wasted_bytes"]
                 if first
                 else 0,
-                "bytes_up": sum(d.client.stats.bytes_up for d in fleet) - up0 if first else 0,
-                "bytes_down": sum(d.client.stats.bytes_down for d in fleet) - down0 if first else 0,
+                "bytes_up": fleet.total("bytes_up") - totals0["bytes_up"] if first else 0,
+                "bytes_down": fleet.total("bytes_down") - totals0["bytes_down"] if first else 0,
                 "round_seconds": round(elapsed, 3),
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
@@ -402,9 +443,11 @@ async def _run_rounds(
             rounds.append(record)
             if on_round is not None:
                 on_round(record)
+        await fleet.rest()
     return rounds
 
 
 def _token(device: _Device) -> str:
+    assert device.client is not None
     identity = device.client.device_state.identity(device.client.server)
     return identity.token if identity else ""

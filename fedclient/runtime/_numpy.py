@@ -33,7 +33,9 @@ class NumpyModel:
         rng = np.random.default_rng(seed)
         self._params: Weights = {}
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
-            limit = np.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+            # Glorot uniform for networks; zeros for softmax regression, whose loss is
+            # convex (random logits only slow it down: 0.47 vs 0.75 on MNIST in 5 rounds).
+            limit = np.sqrt(6.0 / (fan_in + fan_out)) if spec.kind == "mlp" else 0.0
             self._params[f"fc{i}.weight"] = rng.uniform(-limit, limit, (fan_out, fan_in)).astype(
                 self._dtype
             )
