@@ -445,11 +445,11 @@ class Client:
 
     def _train(self, identity: Identity, plan: RoundPlan) -> Flow:
         needed = self._seconds_needed(plan)
-        if needed is not None and self.clock() + needed > plan.deadline:
+        if self.clock() + (needed or 0.0) >= plan.deadline:
             # Tell the server now, so it can give the place to a device that can finish.
             yield self._request(LEAVE, identity, round_id=plan.round_id)
             return self._discard(
-                plan, f"cannot finish before the deadline (needs about {needed:.0f} s)"
+                plan, f"cannot finish before the deadline (needs about {needed or 0:.0f} s)"
             )
         held = self._store.held_model(self.job)
         assert held is not None and held[0] == plan.model_version
