@@ -1,29 +1,48 @@
-"""Virtual devices: how fast each computes and talks, drawn from a seed.
+"""Virtual devices: how fast each computes and talks, when it is online, how often it fails.
 
 Times are simulated, never slept: a device's round costs
 ``3 * latency + model_bytes / bandwidth_down + work / examples_per_second
 + update_bytes / bandwidth_up`` seconds of simulated time.
+
+A fleet comes from a named preset (`PRESETS`) or from a CSV trace file
+(``--fleet trace:PATH``) with one row per device profile and these columns
+(a header row names them; rows are reused in turn when the fleet is larger):
+
+    examples_per_second   training speed
+    bandwidth_up          uplink, bytes per second
+    bandwidth_down        downlink, bytes per second
+    latency               one-way latency, seconds
+    failure_rate          chance the device drops out of a round it joined (0-1)
+    online_from_hour      start of its daily online window, 0-24 (simulated clock)
+    online_hours          length of the window; 24 = always online
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = ["PRESETS", "DeviceProfile", "draw_profiles"]
+__all__ = ["PRESETS", "DeviceProfile", "draw_profiles", "load_trace"]
+
+DAY = 24 * 3600.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceProfile:
-    """One device's speed and link."""
+    """One device's speed, link, reliability and daily availability."""
 
     examples_per_second: float
     bandwidth_up: float  # bytes per second
     bandwidth_down: float  # bytes per second
     latency: float  # seconds, one way
+    failure_rate: float = 0.0
+    online_from_hour: float = 0.0
+    online_hours: float = 24.0
 
     def training_seconds(self, work: int) -> float:
         """Simulated seconds to train ``work`` example-epochs."""
@@ -34,27 +53,99 @@ class DeviceProfile:
         return (
             3 * self.latency
             + down_bytes / self.bandwidth_down
-            + examples * epochs / self.examples_per_second
+            + self.training_seconds(examples * epochs)
             + up_bytes / self.bandwidth_up
         )
 
+    def online(self, now: float) -> bool:
+        """Whether the device is online (charging, on Wi-Fi) at simulated time ``now``."""
+        if self.online_hours >= 24:
+            return True
+        hour = (now % DAY) / 3600.0
+        return (hour - self.online_from_hour) % 24 < self.online_hours
 
-#: Fleet presets: median examples/s, spread (lognormal sigma), uplink and downlink bytes/s.
+
+#: Fleet presets. speed: median examples/s; sigma: lognormal spread of speed and link;
+#: slow: share of devices 10x slower than the rest; fail: per-round failure rate;
+#: hours: daily online window (24 = always).
 PRESETS: dict[str, dict[str, float]] = {
     "phones": {"speed": 40.0, "sigma": 0.5, "up": 250e3, "down": 1.5e6, "latency": 0.08},
     "uniform": {"speed": 40.0, "sigma": 0.0, "up": 250e3, "down": 1.5e6, "latency": 0.08},
+    "slow-tail": {
+        "speed": 40.0,
+        "sigma": 0.5,
+        "up": 250e3,
+        "down": 1.5e6,
+        "latency": 0.08,
+        "slow": 0.2,
+        "fail": 0.05,
+    },
+    "diurnal": {
+        "speed": 40.0,
+        "sigma": 0.5,
+        "up": 250e3,
+        "down": 1.5e6,
+        "latency": 0.08,
+        "fail": 0.02,
+        "hours": 8.0,
+    },
 }
 
 
-def draw_profiles(n: int, rng: np.random.Generator, preset: str = "phones") -> list[DeviceProfile]:
-    """``n`` profiles from a named preset."""
-    if preset not in PRESETS:
-        raise InvalidInput(f"unknown fleet preset {preset!r}; available: {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+def draw_profiles(n: int, rng: np.random.Generator, fleet: str = "phones") -> list[DeviceProfile]:
+    """``n`` profiles from a named preset, or from ``trace:PATH`` (see the module docs)."""
+    if fleet.startswith("trace:"):
+        trace = load_trace(fleet.removeprefix("trace:"))
+        return [trace[i % len(trace)] for i in range(n)]
+    if fleet not in PRESETS:
+        raise InvalidInput(
+            f"unknown fleet {fleet!r}; use one of {', '.join(PRESETS)} or trace:PATH.csv"
+        )
+    p = PRESETS[fleet]
     speed = p["speed"] * rng.lognormal(0.0, p["sigma"], n)
+    if p.get("slow"):
+        speed[rng.random(n) < p["slow"]] /= 10.0
     link = rng.lognormal(0.0, p["sigma"], n)
     latency = p["latency"] * rng.lognormal(0.0, p["sigma"] / 2, n)
+    # Devices live in every time zone (drawn only when the preset has a window).
+    start = rng.uniform(0.0, 24.0, n) if p.get("hours", 24.0) < 24 else np.zeros(n)
     return [
-        DeviceProfile(float(s), float(p["up"] * q), float(p["down"] * q), float(lat))
-        for s, q, lat in zip(speed, link, latency, strict=True)
+        DeviceProfile(
+            float(s),
+            float(p["up"] * q),
+            float(p["down"] * q),
+            float(lat),
+            p.get("fail", 0.0),
+            float(h0),
+            p.get("hours", 24.0),
+        )
+        for s, q, lat, h0 in zip(speed, link, latency, start, strict=True)
     ]
+
+
+def load_trace(path: str | Path) -> list[DeviceProfile]:
+    """Device profiles from a CSV trace file (columns as in the module docs)."""
+    names = [f.name for f in fields(DeviceProfile)]
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise InvalidInput(f"cannot read fleet trace {path}: {exc}") from exc
+    if not rows:
+        raise InvalidInput(f"fleet trace {path} has no rows")
+    missing = [n for n in names[:4] if n not in rows[0]]
+    if missing:
+        raise InvalidInput(f"fleet trace {path} lacks columns {missing}; it needs {names}")
+    profiles = []
+    for number, row in enumerate(rows, start=2):
+        try:
+            values = {n: float(row[n]) for n in names if row.get(n) not in (None, "")}
+            profile = DeviceProfile(**values)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{path}, line {number}: {exc}") from exc
+        if min(profile.examples_per_second, profile.bandwidth_up, profile.bandwidth_down) <= 0:
+            raise InvalidInput(f"{path}, line {number}: speeds and bandwidths must be > 0")
+        if not 0 <= profile.failure_rate <= 1:
+            raise InvalidInput(f"{path}, line {number}: failure_rate must lie in [0, 1]")
+        profiles.append(profile)
+    return profiles

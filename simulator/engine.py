@@ -48,7 +48,7 @@ from fedclient.protocol import (
     Weights,
     decode_tensors,
 )
-from fedclient.runtime import EvalResult, NumpyModel
+from fedclient.runtime import EvalResult, create_backend
 from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
 from simulator.datasets import Dataset, load_dataset, partition
 from simulator.devices import DeviceProfile, draw_profiles
@@ -64,6 +64,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist": {
         "model": {"kind": "softmax", "hidden": []},
         "train": {"epochs": 1, "batch_size": 10, "learning_rate": 0.1},
+    },
+    "femnist": {
+        "model": {"kind": "mlp", "hidden": [200]},
+        "train": {"epochs": 5, "batch_size": 10, "learning_rate": 0.05},
     },
 }
 
@@ -92,7 +96,16 @@ class SimulationConfig:
     job: str | None = None
     state_dir: str | None = None
     faults: str | None = None
+    model: str | None = None  # softmax | mlp | cnn; default: the data set's
     runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
+
+    def _model(self, default: dict[str, Any]) -> dict[str, Any]:
+        if self.model is None or self.model == default["kind"]:
+            return default
+        hidden = {"softmax": [], "mlp": [64], "cnn": [8, 16]}.get(self.model)
+        if hidden is None:
+            raise InvalidInput(f"unknown model {self.model!r}; use softmax, mlp or cnn")
+        return {"kind": self.model, "hidden": hidden}
 
     def plan(self, data: Dataset) -> JobPlan:
         """The job plan this configuration describes."""
@@ -112,7 +125,11 @@ class SimulationConfig:
                     "deadline_seconds": self.deadline_seconds,
                     "seed": self.seed,
                 },
-                "model": {**defaults["model"], "inputs": data.inputs, "classes": data.classes},
+                "model": {
+                    **self._model(defaults["model"]),
+                    "inputs": data.inputs,
+                    "classes": data.classes,
+                },
                 "train": train,
             }
         )
@@ -160,7 +177,7 @@ class _Fleet:
         state_dir: Path,
     ) -> None:
         rng = np.random.default_rng(config.seed)
-        parts = partition(data.y_train, config.devices, config.partition, rng)
+        parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
         profiles = draw_profiles(config.devices, rng, config.fleet)
         self.devices = [_Device(i, profiles[i], parts[i]) for i in range(config.devices)]
         self.config, self.plan, self.data, self.server = config, plan, data, server
@@ -168,6 +185,9 @@ class _Fleet:
         self.state_dir = state_dir
         self.shards: dict[int, sqlite_utils.Database] = {}
         self.active: list[_Device] = []
+        # One model object serves every simulated device: a device's training step sets
+        # its weights, trains and reads them back with no await in between.
+        self.backend = create_backend(plan.model, config.runtime)
 
     def activate(self, i: int, round_number: int) -> _Device:
         """Device ``i`` wakes up: a real `Client` over its own SQLite state."""
@@ -201,6 +221,7 @@ class _Fleet:
             retry=RetryPolicy(seed=seed * 1009 + round_number),
             asleep=wait,
             runtime=self.config.runtime,
+            model=self.backend,
             # The device's own estimate of its training time, from its profile.
             estimate_seconds=d.profile.training_seconds,
             stats=d.stats,
@@ -289,6 +310,7 @@ async def simulate(
         state_dir = Path(config.state_dir or scratch)
         state_dir.mkdir(parents=True, exist_ok=True)
         fleet = _Fleet(config, plan, data, server, state_dir)
+        devices = len(fleet.devices)
         try:
             rounds = await _run_rounds(
                 config, plan, data, server, clock, fleet, on_round, wall_start
@@ -308,7 +330,11 @@ async def simulate(
         "retries": sum(r["retries"] for r in rounds),
         "wasted_bytes": sum(r["wasted_bytes"] for r in rounds),
         "discarded": sum(r["discarded"] for r in rounds),
-        "dropouts_network": sum(r["dropouts_network"] for r in rounds),
+        "dropouts": {
+            cause: sum(r["dropouts"][cause] for r in rounds)
+            for cause in ("deadline", "unavailable", "network")
+        },
+        "devices": devices,
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -332,7 +358,7 @@ async def _run_rounds(
     wall_start: float,
 ) -> list[dict[str, Any]]:
     job = plan.job.name
-    evaluator = NumpyModel(plan.model)
+    evaluator = fleet.backend
     simulated = isinstance(server.clock, SimClock)
     rounds: list[dict[str, Any]] = []
     evaluated: dict[int, EvalResult] = {}
@@ -348,7 +374,11 @@ async def _run_rounds(
         order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet.devices))
         admitted: list[_Device] = []
         network_dropouts = 0
+        failures = np.random.default_rng([config.seed, current.number, 1]).random(len(order))
+        unavailable = 0
         for i in order:
+            if not fleet.devices[i].profile.online(clock.now):
+                continue  # asleep, off Wi-Fi or unplugged: it does not check in
             d = fleet.activate(int(i), current.number)
             outcome = await d.step()
             if outcome is None:
@@ -365,6 +395,9 @@ async def _run_rounds(
         finish: list[tuple[float, int, _Device]] = []
         discarded = 0
         for d in admitted:
+            if failures[d.index] < d.profile.failure_rate:
+                unavailable += 1  # went offline mid-round: it simply never reports
+                continue
             down = d.stats.bytes_down
             downloaded = await d.step()
             trained = await d.step() if downloaded is not None else None
@@ -429,7 +462,11 @@ async def _run_rounds(
                 "admitted": len(admitted) if first else closed.admitted,
                 "updates": closed.updates,
                 "discarded": discarded if first else 0,
-                "dropouts_network": network_dropouts if first else 0,
+                "dropouts": {
+                    "deadline": discarded if first else 0,
+                    "unavailable": unavailable if first else 0,
+                    "network": network_dropouts if first else 0,
+                },
                 "retries": fleet.total("retries") - totals0["retries"] if first else 0,
                 "wasted_bytes": fleet.total("wasted_bytes") - totals0["wasted_bytes"]
                 if first

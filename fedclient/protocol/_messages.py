@@ -38,9 +38,14 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A built-in model architecture: ``softmax`` (no hidden layer) or ``mlp``."""
+    """A built-in model architecture.
 
-    kind: Literal["softmax", "mlp"] = "mlp"
+    ``softmax`` (no hidden layer), ``mlp`` (``hidden`` lists the layer widths) or
+    ``cnn`` (square images of ``inputs`` = side² pixels; ``hidden`` lists the two
+    convolution channel counts, default 8 and 16).
+    """
+
+    kind: Literal["softmax", "mlp", "cnn"] = "mlp"
     inputs: PositiveInt = 64
     hidden: list[PositiveInt] = msgspec.field(default_factory=lambda: [64])
     classes: Annotated[int, msgspec.Meta(ge=2)] = 10

@@ -1,26 +1,44 @@
-"""Training backends behind one interface: ``numpy`` here; edge runtimes load lazily."""
+"""Training backends behind one interface: ``numpy`` here; edge runtimes load lazily.
+
+``onnx`` (the ``[onnx]`` extra) trains device bundles with ONNX Runtime; its
+modules import no runtime until a backend is built.
+"""
 
 from __future__ import annotations
 
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
 from fedclient.runtime._base import EvalResult, TrainingBackend, TrainResult, check_dataset
+from fedclient.runtime._bundle import BundleManifest, read_manifest, write_bundle
+from fedclient.runtime._cnn import CnnShape, NumpyCnn, cnn_initial_weights
 from fedclient.runtime._numpy import NumpyModel
+from fedclient.runtime._onnx import OnnxBackend
 
 __all__ = [
+    "BundleManifest",
+    "CnnShape",
     "EvalResult",
+    "NumpyCnn",
     "NumpyModel",
+    "OnnxBackend",
     "TrainResult",
     "TrainingBackend",
     "check_dataset",
+    "cnn_initial_weights",
     "create_backend",
+    "read_manifest",
+    "write_bundle",
 ]
 
-RUNTIMES = ("numpy",)
+RUNTIMES = ("numpy", "onnx")
 
 
 def create_backend(spec: ModelSpec, runtime: str = "numpy", *, seed: int = 0) -> TrainingBackend:
     """A fresh model of architecture ``spec`` on the named runtime."""
+    if runtime == "numpy" and spec.kind == "cnn":
+        return NumpyCnn(CnnShape.for_spec(spec), seed=seed)
     if runtime == "numpy":
         return NumpyModel(spec, seed=seed)
+    if runtime == "onnx":  # builds (once, cached) and loads the spec's bundle; imports ONNX Runtime
+        return OnnxBackend.for_spec(spec, seed=seed)
     raise InvalidInput(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")

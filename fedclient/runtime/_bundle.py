@@ -1,0 +1,466 @@
+"""Device bundles: the files an ONNX Runtime device trains from, and their manifest.
+
+A bundle is a directory::
+
+    checkpoint            the parameters (ONNX Runtime training checkpoint)
+    training_model.onnx   forward + cross-entropy loss + gradients
+    eval_model.onnx       forward + loss, also returning the logits
+    optimizer_model.onnx  SGD (learning rate set per call)
+    inference.onnx        forward only; plain ``onnxruntime.InferenceSession`` runs it
+    manifest.json         `BundleManifest`: parameter names, shapes and dtypes, the
+                          input spec, ops, and every file's size and sha256
+
+`write_bundle` turns a forward ONNX model (one float32 input whose first
+dimension is the batch, one logits output) into a bundle; `read_manifest`
+reads one back and checks its files. `builtin_bundle` builds, once per
+machine, the bundle of a built-in `ModelSpec` in a cache directory.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from fedclient._exceptions import InvalidInput
+from fedclient.protocol import ModelSpec
+from fedclient.runtime import _ort
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "BUNDLE_FILES",
+    "BUNDLE_FORMAT",
+    "BundleManifest",
+    "FileInfo",
+    "TensorInfo",
+    "builtin_bundle",
+    "cache_root",
+    "forget_checked",
+    "read_manifest",
+    "write_bundle",
+]
+
+BUNDLE_FORMAT = "fedclient-bundle/1"
+MANIFEST = "manifest.json"
+#: Role -> file name of every file a bundle holds besides its manifest.
+BUNDLE_FILES = {
+    "checkpoint": "checkpoint",
+    "training_model": "training_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "inference_model": "inference.onnx",
+}
+LABELS = "labels"
+#: The newest ONNX IR version and default-domain opset ONNX Runtime 1.19 loads.
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
+_NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\w+)")
+
+
+class TensorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A named tensor's shape (``None`` for the batch dimension) and dtype."""
+
+    name: str
+    shape: list[int | None]
+    dtype: str
+
+
+class FileInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A bundle file's size in bytes and its sha256 (hex)."""
+
+    bytes: int
+    sha256: str
+
+
+class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a bundle holds, for devices, servers and people.
+
+    ``parameters`` are the trainable tensors, in graph order: exactly the
+    names, shapes and dtypes a device uploads. ``frozen`` are float
+    initialisers that are not trained.
+    """
+
+    format: str
+    name: str
+    source: str
+    input: TensorInfo
+    labels: TensorInfo
+    output: TensorInfo
+    classes: int
+    parameters: list[TensorInfo]
+    frozen: list[TensorInfo]
+    ops: dict[str, int]
+    files: dict[str, FileInfo]
+    loss: str = "cross_entropy"
+    optimizer: str = "sgd"
+    opset: int = 17
+    ir_version: int = 10
+    onnxruntime: str = ""
+    #: The built-in ``ModelSpec`` the bundle was made from, as plain data (older and newer
+    #: fedclient versions may know different model kinds); see `BundleManifest.spec`.
+    model_spec: dict[str, Any] | None = None
+
+    def spec(self) -> ModelSpec | None:
+        """The built-in model spec, if the bundle was made from one."""
+        if self.model_spec is None:
+            return None
+        try:
+            return msgspec.convert(self.model_spec, ModelSpec)
+        except msgspec.ValidationError as exc:
+            raise InvalidInput(
+                f"this fedclient cannot read the bundle's model spec: {exc}"
+            ) from exc
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example (the input's shape without its batch dimension)."""
+        return tuple(int(d) for d in self.input.shape[1:] if d is not None)
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable scalars."""
+        total = 0
+        for p in self.parameters:
+            count = 1
+            for d in p.shape:
+                count *= d or 1
+            total += count
+        return total
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dims(value_info: Any) -> list[int | None]:
+    return [
+        int(d.dim_value) if d.HasField("dim_value") else None
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
+@dataclass
+class _Prepared:
+    model: onnx.ModelProto
+    input: onnx.ValueInfoProto
+    output: onnx.ValueInfoProto
+    trainable: list[str]
+    frozen: list[str]
+
+
+def _prepare(model: onnx.ModelProto) -> _Prepared:
+    """A checked copy of ``model`` with a symbolic batch dimension, its input and output,
+    and its trainable and frozen float initialisers."""
+    import onnx
+
+    if model.ir_version > MAX_IR_VERSION:
+        raise InvalidInput(
+            f"the model has ONNX IR version {model.ir_version}; ONNX Runtime 1.19 loads up to "
+            f"{MAX_IR_VERSION}: export it with onnx==1.17 (or an older exporter)"
+        )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset > MAX_OPSET:
+        raise InvalidInput(f"the model's default opset is {opset}; supported: 7 to {MAX_OPSET}")
+    custom = sorted(
+        {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
+    )
+    if custom:
+        raise InvalidInput(f"unsupported ops outside the standard ONNX domain: {', '.join(custom)}")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise InvalidInput(
+            f"initialisers stored as external data are not supported ({', '.join(external[:5])}); "
+            "load the model with its data, or re-export it with the weights inline"
+        )
+    initialised = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initialised]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise InvalidInput(
+            "a trainable model needs exactly one input and one output (the logits); got inputs "
+            f"{[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}"
+        )
+    x, logits = inputs[0], graph.output[0]
+    if LABELS in (x.name, logits.name) or LABELS in initialised:
+        raise InvalidInput(f"the name {LABELS!r} is reserved for the training labels")
+    if x.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise InvalidInput(f"the input {x.name!r} must be float32")
+    if logits.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise InvalidInput(f"the output {logits.name!r} must be float32 logits")
+    x_dims, out_dims = _dims(x), _dims(logits)
+    if len(x_dims) < 2 or any(d is None for d in x_dims[1:]):
+        raise InvalidInput(
+            f"the input {x.name!r} must be (batch, ...) with fixed example dimensions, got {x_dims}"
+        )
+    if len(out_dims) != 2 or out_dims[1] is None or out_dims[1] < 2:
+        raise InvalidInput(
+            f"the output {logits.name!r} must be logits of shape (batch, classes), got {out_dims}"
+        )
+    # The last minibatch of an epoch is smaller: make the batch dimension symbolic.
+    for value in (x, logits):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    del graph.value_info[:]  # intermediate shapes may carry the old fixed batch
+    # Old exporters list initialisers as graph inputs too (IR < 4); parameters are not inputs.
+    kept = [i for i in graph.input if i.name not in initialised]
+    del graph.input[:]
+    graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
+    trainable: list[str] = []
+    frozen: list[str] = []
+    for tensor in graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            (trainable if tensor.dims else frozen).append(tensor.name)
+        elif tensor.data_type in (
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.BFLOAT16,
+        ):
+            raise InvalidInput(
+                f"parameter {tensor.name!r} is {onnx.TensorProto.DataType.Name(tensor.data_type)}; "
+                "only float32 parameters are supported"
+            )
+    if not trainable:
+        raise InvalidInput("the model has no float32 initialisers to train")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidInput(f"the ONNX model is invalid: {exc}") from exc
+    return _Prepared(model, x, logits, trainable, frozen)
+
+
+def write_bundle(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    directory: str | os.PathLike[str],
+    *,
+    name: str,
+    source: str = "",
+    frozen: list[str] | None = None,
+    model_spec: ModelSpec | None = None,
+) -> BundleManifest:
+    """Turn a forward ONNX model into a device bundle in ``directory`` (created if needed).
+
+    Every float32 initialiser with at least one dimension is trained, except
+    those named in ``frozen``. Raises `InvalidInput` with the reason when the
+    model cannot be trained on-device (op without a gradient, custom ops, ...).
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(os.fspath(model))
+        except Exception as exc:  # protobuf and file errors alike
+            raise InvalidInput(f"cannot read the ONNX model {os.fspath(model)!r}: {exc}") from exc
+    prepared = _prepare(model)
+    model, x, logits = prepared.model, prepared.input, prepared.output
+    trainable, constants = prepared.trainable, prepared.frozen
+    for frozen_name in frozen or []:
+        if frozen_name not in trainable:
+            raise InvalidInput(f"cannot freeze {frozen_name!r}: not a float32 parameter")
+        trainable.remove(frozen_name)
+        constants.append(frozen_name)
+    if not trainable:
+        raise InvalidInput("every parameter is frozen: nothing to train")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = _ort.artifacts_api()
+    try:
+        with _ort.quiet_native_stderr():
+            artifacts.generate_artifacts(
+                model,
+                requires_grad=trainable,
+                frozen_params=constants,
+                loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=artifacts.OptimType.SGD,
+                artifact_directory=out,
+                additional_output_names=[logits.name],
+            )
+    except Exception as exc:  # ORT raises bare RuntimeErrors; name the cause when known
+        missing = _NO_GRADIENT.search(str(exc))
+        if missing:
+            raise InvalidInput(
+                f"unsupported op {missing.group(1)!r}: ONNX Runtime training has no gradient for "
+                "it, so it cannot sit between a trainable parameter and the loss (freeze the "
+                "parameters before it, or replace the op)"
+            ) from exc
+        raise InvalidInput(
+            f"ONNX Runtime cannot build training artifacts: {_first_line(exc)}"
+        ) from exc
+    state, module = _load_module(out)
+    try:
+        module.export_model_for_inferencing(
+            str(out / BUNDLE_FILES["inference_model"]), [logits.name]
+        )
+    except Exception as exc:
+        raise InvalidInput(
+            f"ONNX Runtime cannot export the inference model: {_first_line(exc)}"
+        ) from exc
+    initialisers = {t.name: t for t in model.graph.initializer}
+
+    def info(tensor_name: str) -> TensorInfo:
+        value = initialisers[tensor_name]
+        return TensorInfo(tensor_name, [int(d) for d in value.dims], "float32")
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    manifest = BundleManifest(
+        format=BUNDLE_FORMAT,
+        name=name,
+        source=source,
+        input=TensorInfo(x.name, _dims(x), "float32"),
+        labels=TensorInfo(LABELS, [None], "int64"),
+        output=TensorInfo(logits.name, _dims(logits), "float32"),
+        classes=int(_dims(logits)[1] or 0),
+        parameters=[info(n) for n in trainable],
+        frozen=[info(n) for n in constants],
+        ops=dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
+        files={
+            role: FileInfo((out / f).stat().st_size, _sha256(out / f))
+            for role, f in BUNDLE_FILES.items()
+        },
+        opset=opset,
+        ir_version=int(model.ir_version),
+        onnxruntime=str(_ort.ort().__version__),
+        model_spec=None if model_spec is None else msgspec.to_builtins(model_spec),
+    )
+    del module, state
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+    tmp.replace(out / MANIFEST)
+    return manifest
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # ORT messages start with a C++ source location and signature; keep what follows it.
+    for marker in ("was false.", "] "):
+        if marker in text:
+            text = text.split(marker, 1)[1].strip() or text
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_module(directory: Path) -> tuple[Any, Any]:
+    api = _ort.training_api()
+    state = api.CheckpointState.load_checkpoint(str(directory / BUNDLE_FILES["checkpoint"]))
+    module = api.Module(
+        str(directory / BUNDLE_FILES["training_model"]),
+        state,
+        str(directory / BUNDLE_FILES["eval_model"]),
+        session_options=_ort.session_options(),
+    )
+    return state, module
+
+
+def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> BundleManifest:
+    """The manifest of the bundle in ``directory``; with ``verify``, every file's size and
+    sha256 are checked against it."""
+    path = Path(directory)
+    try:
+        manifest = msgspec.json.decode((path / MANIFEST).read_bytes(), type=BundleManifest)
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"{path} is not a device bundle: no {MANIFEST}") from exc
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"{path / MANIFEST} is not a valid bundle manifest: {exc}") from exc
+    if manifest.format != BUNDLE_FORMAT:
+        raise InvalidInput(
+            f"unsupported bundle format {manifest.format!r}; expected {BUNDLE_FORMAT}"
+        )
+    missing = sorted(set(BUNDLE_FILES) - set(manifest.files))
+    if missing:
+        raise InvalidInput(f"the bundle manifest lists no {', '.join(missing)}")
+    if verify:
+        for role, expected in manifest.files.items():
+            file = path / BUNDLE_FILES.get(role, role)
+            if not file.is_file():
+                raise InvalidInput(f"the bundle lacks {file.name}")
+            if file.stat().st_size != expected.bytes or _sha256(file) != expected.sha256:
+                raise InvalidInput(f"{file} does not match its checksum in the manifest")
+    return manifest
+
+
+def cache_root() -> Path:
+    """Where built-in bundles are cached: ``$FEDCLIENT_CACHE_DIR``, else the user cache."""
+    configured = os.environ.get("FEDCLIENT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fedclient"
+
+
+def builtin_bundle(
+    spec: ModelSpec, *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The bundle of built-in model ``spec`` initialised like the numpy reference for ``seed``;
+    built on first use, then reused. The cache key holds the initial weights' digest, so a
+    change to the numpy initialisation never reuses a stale bundle."""
+    from fedclient.runtime._graphs import builtin_graph, builtin_weights
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    weights = builtin_weights(spec, seed=seed)
+    digest = hashlib.sha256()
+    for name, value in weights.items():
+        digest.update(name.encode() + str(value.shape).encode() + value.tobytes())
+    key = msgspec.json.encode([BUNDLE_FORMAT, *_versions(), spec, seed, digest.hexdigest()])
+    target = root / "onnx" / f"{spec.kind}-{hashlib.sha256(key).hexdigest()[:20]}"
+    if target in _checked and (target / MANIFEST).is_file():
+        return target  # checked earlier in this process (a simulator builds many devices)
+    if (target / MANIFEST).is_file():
+        try:
+            read_manifest(target)
+            _checked.add(target)
+            return target
+        except InvalidInput:
+            shutil.rmtree(target, ignore_errors=True)  # a damaged cache entry: rebuild it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        write_bundle(
+            builtin_graph(spec, weights=weights),
+            building,
+            name=spec.kind,
+            source=f"builtin:{spec.kind}",
+            model_spec=spec,
+        )
+        try:
+            building.rename(target)
+        except OSError:  # another process built it first; theirs is as good
+            if not (target / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    _checked.add(target)
+    return target
+
+
+#: Cached bundles whose checksums were verified by this process.
+_checked: set[Path] = set()
+
+
+def forget_checked(path: Path) -> None:
+    """Make `builtin_bundle` verify (and, if damaged, rebuild) ``path`` again."""
+    _checked.discard(path)
+
+
+@functools.cache
+def _versions() -> tuple[str, str]:
+    try:
+        return str(_ort.ort().__version__), importlib.metadata.version("onnx")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise InvalidInput(f"building ONNX bundles needs onnx: {_ort.INSTALL_HINT}") from exc

@@ -1,0 +1,242 @@
+"""fedconvert, in-process: built-in, ONNX and PyTorch sources become verified device bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from fedclient.runtime import NumpyModel, OnnxBackend, read_manifest  # noqa: E402
+from tools._convert import builtin_source, convert  # noqa: E402
+from tools._references import NumpyReference  # noqa: E402
+from tools._verify import verify_bundle  # noqa: E402
+from tools.cli import main as fedconvert  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = fedconvert(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _checks(out: str) -> dict[str, str]:
+    """check name -> result column of the printed verification table."""
+    rows = {}
+    table = out.split("verification:", 1)[1].splitlines()[3:]
+    for line in table:
+        if not line.startswith("  ") or not line.strip():
+            break
+        rows[line[2:17].strip()] = line.split()[-1]
+    return rows
+
+
+def test_builtin_mlp_becomes_a_verified_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "mlp"
+    code, out, err = _run(
+        capsys, "mlp", "--inputs", "64", "--hidden", "32", "--seed", "3", "-o", str(out_dir)
+    )
+    assert code == 0, err
+    assert "GraphTransformer" not in out + err  # ONNX Runtime's INFO lines stay hidden
+    for needle in (
+        "fc1.weight  32x64  float32",
+        "2,410 trainable parameters",
+        "Gemm x2, Relu x1",
+        "checkpoint",
+        "inference.onnx",
+        "bundle verified",
+    ):
+        assert needle in out, needle
+    assert _checks(out) == {
+        name: "ok" for name in ("files", "initial weights", "inference", "loss", "training step")
+    }
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]] == [
+        (name, list(v.shape), "float32")
+        for name, v in NumpyModel(read_manifest(out_dir).spec(), seed=3).get_weights().items()  # type: ignore[arg-type]
+    ]
+    assert manifest["input"] == {"name": "input", "shape": [None, 64], "dtype": "float32"}
+    for role, info in manifest["files"].items():
+        name = {
+            "training_model": "training_model.onnx",
+            "eval_model": "eval_model.onnx",
+            "optimizer_model": "optimizer_model.onnx",
+            "inference_model": "inference.onnx",
+        }.get(role, role)
+        assert (out_dir / name).stat().st_size == info["bytes"]
+        assert len(info["sha256"]) == 64
+    # The bundle is what a device trains from.
+    weights = OnnxBackend(out_dir).get_weights()
+    np.testing.assert_array_equal(
+        weights["fc2.weight"],
+        NumpyModel(read_manifest(out_dir).spec(), seed=3).get_weights()["fc2.weight"],  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("side", [8, 28])
+def test_builtin_cnn_becomes_a_verified_bundle(
+    side: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "cnn", "--side", str(side), "-o", str(tmp_path / "cnn"))
+    assert code == 0, err
+    assert f"input Nx{side * side} float32" in out
+    assert "Conv x2, Gemm x1, MaxPool x2, Relu x2, Reshape x2" in out
+    assert set(_checks(out).values()) == {"ok"}
+
+
+def test_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(
+        capsys, "softmax", "--inputs", "16", "--classes", "3", "--json", "-o", str(tmp_path)
+    )
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["verification"]["passed"] is True
+    assert [c["name"] for c in summary["verification"]["checks"]] == [
+        "files",
+        "initial weights",
+        "inference",
+        "loss",
+        "training step",
+    ]
+    assert summary["manifest"]["ops"] == {"Gemm": 1}
+    assert summary["manifest"]["parameters"][0] == {
+        "name": "fc1.weight",
+        "shape": [3, 16],
+        "dtype": "float32",
+    }
+
+
+def _onnx_file(path: Path, *nodes: Any, weights: dict[str, np.ndarray], x_shape: list[Any]) -> Path:
+    graph = helper.make_graph(
+        list(nodes),
+        "net",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [x_shape[0], 5])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path
+    )
+    return path
+
+
+def test_an_onnx_file_is_verified_against_the_reference_evaluator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    path = _onnx_file(
+        tmp_path / "net.onnx",
+        helper.make_node("Conv", ["pixels", "k", "kb"], ["c"], kernel_shape=[3, 3]),
+        helper.make_node("Sigmoid", ["c"], ["s"]),
+        helper.make_node("Flatten", ["s"], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "b"], ["scores"], transB=1),
+        weights={
+            "k": rng.normal(0, 0.5, (2, 1, 3, 3)).astype(np.float32),
+            "kb": np.zeros(2, np.float32),
+            "w": rng.normal(0, 0.3, (5, 2 * 4 * 4)).astype(np.float32),
+            "b": np.zeros(5, np.float32),
+        },
+        x_shape=[1, 1, 6, 6],  # a fixed batch of 1, as exporters often write
+    )
+    code, out, err = _run(capsys, str(path), "-o", str(tmp_path / "bundle"))
+    assert code == 0, err
+    assert "onnx reference evaluator" in out and "gradient vs finite differences" in out
+    assert set(_checks(out).values()) == {"ok"}
+    backend = OnnxBackend(tmp_path / "bundle")
+    assert backend.input_shape == (1, 6, 6) and backend.classes == 5
+    result = backend.train(
+        rng.random((10, 36)),
+        np.arange(10) % 5,
+        epochs=1,
+        batch_size=4,
+        learning_rate=0.1,
+        rng=np.random.default_rng(0),
+    )
+    assert result.steps == 3  # the fixed batch of 1 was made symbolic
+
+
+def test_a_pytorch_module_is_verified_against_torch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed (fedconvert's PyTorch source is optional)"
+    )
+    code, out, err = _run(
+        capsys, f"{HERE / 'torch_net.py'}:Net", "--input-shape", "1,8,8", "-o", str(tmp_path)
+    )
+    assert code == 0, err
+    assert "vs PyTorch" in out
+    assert set(_checks(out).values()) == {"ok"}
+    from tests.tools.torch_net import Net
+
+    state = Net().state_dict()
+    weights = OnnxBackend(tmp_path).get_weights()
+    assert list(weights) == [k for k in state if k in weights] and set(weights) == set(state)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(value, state[name].numpy())
+    assert torch.__version__
+
+
+def test_a_pytorch_source_without_torch_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch is installed here; this checks the message a machine without it gets")
+    code, _, err = _run(capsys, "mypkg.models:Net", "--input-shape", "1,28,28")
+    assert code == 2
+    assert "needs torch installed" in err
+
+
+def test_unsupported_models_fail_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _onnx_file(
+        tmp_path / "floor.onnx",
+        helper.make_node("Gemm", ["pixels", "w", "b"], ["g"], transB=1),
+        helper.make_node("Floor", ["g"], ["scores"]),
+        weights={"w": np.ones((5, 4), np.float32), "b": np.zeros(5, np.float32)},
+        x_shape=["n", 4],
+    )
+    code, out, err = _run(capsys, str(path), "-o", str(tmp_path / "bundle"))
+    assert (code, out) == (2, "")
+    assert "unsupported op 'Floor'" in err and "Traceback" not in err
+    for argv, message in [
+        (["resnet50"], "cannot tell what 'resnet50' is"),
+        ([str(tmp_path / "missing.onnx")], "no such file"),
+        (["cnn", "--side", "10"], "divisible by 4"),
+        (["mlp", "--classes", "1"], "invalid mlp model"),
+    ]:
+        code, _, err = _run(capsys, *argv, "-o", str(tmp_path / "x"))
+        assert code == 2 and message in err, (argv, err)
+
+
+def test_a_failed_check_fails_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _run(capsys, "mlp", "--tolerance", "0", "-o", str(tmp_path))
+    assert code == 1
+    assert _checks(out)["inference"] == "FAILED" and "FAILED verification" in out
+
+
+def test_verification_catches_a_bundle_that_is_not_the_source(tmp_path: Path) -> None:
+    convert(builtin_source("mlp", hidden=[8], seed=0), tmp_path)
+    other = NumpyReference(NumpyModel(read_manifest(tmp_path).spec(), seed=1))  # type: ignore[arg-type]
+    verification = verify_bundle(tmp_path, other)
+    assert not verification.passed
+    failed = {c.name for c in verification.checks if not c.passed}
+    assert {"initial weights", "inference", "training step"} <= failed

@@ -1,0 +1,218 @@
+"""What a bundle is verified against: the source model, run by something other than ONNX
+Runtime's training engine.
+
+    NumpyReference      built-in models: the numpy backend (exact SGD step)
+    TorchReference      PyTorch modules: torch itself (exact SGD step)
+    OnnxReference       ONNX files: onnx's reference evaluator (forward), and the gradient
+                        checked by central finite differences in float64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from fedclient.protocol import Weights
+from fedclient.runtime import NumpyCnn, NumpyModel
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["NumpyReference", "OnnxReference", "Reference", "TorchReference"]
+
+
+class Reference(Protocol):
+    """The source model, as the verifier sees it."""
+
+    label: str
+
+    def initial_weights(self) -> Weights:
+        """The parameters the bundle must start from, by name."""
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch at the initial weights."""
+
+    def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights | None:
+        """Weights after one SGD step on the mean cross-entropy of (x, y), or None when the
+        reference cannot train (the verifier then checks the gradient numerically)."""
+
+    def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy at ``weights``, as precisely as the reference can."""
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(y)), y].mean())
+
+
+class NumpyReference:
+    """A built-in model's numpy implementation."""
+
+    label = "numpy reference"
+
+    def __init__(self, model: NumpyModel | NumpyCnn) -> None:
+        self._model = model
+        self._initial = model.get_weights()
+
+    def initial_weights(self) -> Weights:
+        """The numpy model's initial weights."""
+        return {k: v.copy() for k, v in self._initial.items()}
+
+    def _fresh(
+        self, weights: Mapping[str, np.ndarray], dtype: type = np.float32
+    ) -> NumpyModel | NumpyCnn:
+        model: NumpyModel | NumpyCnn
+        if isinstance(self._model, NumpyCnn):
+            model = NumpyCnn(self._model.shape, dtype=dtype)
+        else:
+            model = NumpyModel(self._model.spec, dtype=dtype)
+        model.set_weights({k: np.asarray(v, dtype=dtype) for k, v in weights.items()})
+        return model
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass in float32."""
+        return self._fresh(self._initial)._forward(x.reshape(len(x), -1))[0]
+
+    def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
+        """One full-batch SGD step in float32."""
+        model = self._fresh(self._initial)
+        model.train(
+            x.reshape(len(x), -1),
+            y,
+            epochs=1,
+            batch_size=len(x),
+            learning_rate=learning_rate,
+            rng=np.random.default_rng(0),
+        )
+        return model.get_weights()
+
+    def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy in float64."""
+        model = self._fresh(weights, np.float64)
+        return _cross_entropy(model._forward(x.reshape(len(x), -1).astype(np.float64))[0], y)
+
+
+class OnnxReference:
+    """An ONNX model evaluated by ``onnx.reference.ReferenceEvaluator`` (pure numpy), with its
+    float32 parameters fed as inputs so the loss can be taken at any weights."""
+
+    label = "onnx reference evaluator"
+
+    def __init__(self, model: onnx.ModelProto, parameters: list[str]) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        self._initial: Weights = {}
+        variant = onnx.ModelProto()
+        variant.CopyFrom(model)
+        kept = []
+        by_name = {t.name: t for t in model.graph.initializer}
+        for tensor in model.graph.initializer:
+            if tensor.name not in parameters:
+                kept.append(tensor)
+        for name in parameters:
+            value = onnx.numpy_helper.to_array(by_name[name])
+            self._initial[name] = np.array(value, dtype=np.float32)
+            variant.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape))
+            )
+        del variant.graph.initializer[:]
+        variant.graph.initializer.extend(kept)
+        initialised = {t.name for t in model.graph.initializer}
+        self._input = next(i.name for i in model.graph.input if i.name not in initialised)
+        self._shape = tuple(
+            d.dim_value
+            for d in next(
+                i for i in model.graph.input if i.name == self._input
+            ).type.tensor_type.shape.dim[1:]
+        )
+        self._evaluator: Any = ReferenceEvaluator(variant)
+
+    def initial_weights(self) -> Weights:
+        """The model's float32 initialisers."""
+        return {k: v.copy() for k, v in self._initial.items()}
+
+    def _run(self, weights: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        feeds = {self._input: x.reshape((len(x), *self._shape)), **weights}
+        return np.asarray(self._evaluator.run(None, feeds)[0])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass in float32."""
+        return self._run(self._initial, x.astype(np.float32))
+
+    def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> None:
+        """The evaluator cannot differentiate: the verifier uses finite differences."""
+        return None
+
+    def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy, evaluated in float64."""
+        wide = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+        return _cross_entropy(self._run(wide, x.astype(np.float64)).astype(np.float64), y)
+
+
+class TorchReference:
+    """A PyTorch ``nn.Module``: torch computes the forward pass and the SGD step."""
+
+    label = "PyTorch"
+
+    def __init__(self, module: Any, names: Mapping[str, str]) -> None:
+        """``names`` maps each bundle parameter name to the module's ``state_dict`` key."""
+        import torch
+
+        self._torch: Any = torch
+        self._module = module.eval()
+        self._names = dict(names)
+        state = module.state_dict()
+        self._initial: Weights = {
+            name: state[key].detach().cpu().numpy().astype(np.float32).copy()
+            for name, key in self._names.items()
+        }
+
+    def initial_weights(self) -> Weights:
+        """The module's parameters, by bundle name."""
+        return {k: v.copy() for k, v in self._initial.items()}
+
+    def _load(self, weights: Mapping[str, np.ndarray], dtype: Any) -> Any:
+        import copy
+
+        torch = self._torch
+        module = copy.deepcopy(self._module).to(dtype)
+        state = module.state_dict()
+        for name, key in self._names.items():
+            state[key] = torch.from_numpy(np.asarray(weights[name])).to(dtype)
+        module.load_state_dict(state)
+        return module
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward pass in float32."""
+        torch = self._torch
+        with torch.no_grad():
+            out = self._load(self._initial, torch.float32)(torch.from_numpy(x.astype(np.float32)))
+        return np.asarray(out.numpy())
+
+    def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
+        """One step of ``torch.optim.SGD`` on ``nn.CrossEntropyLoss``."""
+        torch = self._torch
+        module = self._load(self._initial, torch.float32)
+        optimizer = torch.optim.SGD(module.parameters(), lr=learning_rate)
+        loss = torch.nn.functional.cross_entropy(
+            module(torch.from_numpy(x.astype(np.float32))), torch.from_numpy(y.astype(np.int64))
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state = module.state_dict()
+        return {
+            name: state[key].detach().numpy().astype(np.float32)
+            for name, key in self._names.items()
+        }
+
+    def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy in float64."""
+        torch = self._torch
+        with torch.no_grad():
+            out = self._load(weights, torch.float64)(torch.from_numpy(x.astype(np.float64)))
+        return _cross_entropy(out.numpy(), y)

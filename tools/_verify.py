@@ -1,0 +1,178 @@
+"""Verify a device bundle: its files, one inference and one training step through ONNX Runtime,
+each compared with the source model run by a `Reference`.
+
+Checks (tolerances are absolute unless named otherwise):
+
+    files             every file's size and sha256 match the manifest
+    initial weights   the checkpoint holds the reference's parameters exactly (names, shapes,
+                      values)
+    inference         logits of ``inference.onnx`` in a plain InferenceSession vs the reference
+    loss              the training graph's loss at the initial weights vs the reference's
+    training step     weights after one SGD step vs the reference's step; where the reference
+                      cannot train (ONNX files), each parameter's gradient is checked by a
+                      central finite difference of the reference loss in float64 (relative error)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedclient.runtime import OnnxBackend, read_manifest
+from fedclient.runtime._ort import ort
+from tools._references import Reference
+
+__all__ = ["Check", "Verification", "verify_bundle"]
+
+#: Default absolute tolerance for float32 results of two different engines.
+TOLERANCE = 1e-5
+#: Relative tolerance of a float64 finite-difference gradient check.
+GRADIENT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification result."""
+
+    name: str
+    detail: str
+    error: float
+    tolerance: float
+    measure: str = "max |diff|"
+
+    @property
+    def passed(self) -> bool:
+        """Whether the error is within tolerance."""
+        return bool(np.isfinite(self.error)) and self.error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Every check of one bundle against one reference."""
+
+    reference: str
+    runtime: str
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check passed."""
+        return all(c.passed for c in self.checks)
+
+
+def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+        return float("inf")
+    return max(
+        (float(np.abs(a[k].astype(np.float64) - b[k]).max(initial=0.0)) for k in a), default=0.0
+    )
+
+
+def verify_bundle(
+    directory: str | os.PathLike[str],
+    reference: Reference,
+    *,
+    tolerance: float = TOLERANCE,
+    gradient_tolerance: float = GRADIENT_TOLERANCE,
+    learning_rate: float = 0.1,
+    examples: int = 8,
+    seed: int = 0,
+) -> Verification:
+    """Run the checks above on the bundle in ``directory``."""
+    path = Path(directory)
+    manifest = read_manifest(path, verify=True)  # raises InvalidInput on a checksum mismatch
+    checks = [Check("files", f"{len(manifest.files)} files, sha256", 0.0, 0.0, "mismatches")]
+    rng = np.random.default_rng(seed)
+    x = rng.random((examples, *manifest.input_shape), dtype=np.float32)
+    y = rng.permutation(np.arange(examples) % manifest.classes).astype(np.int64)
+
+    backend = OnnxBackend(path, verify=False)
+    initial = backend.get_weights()
+    expected = reference.initial_weights()
+    checks.append(
+        Check("initial weights", f"{len(initial)} tensors", _max_diff(initial, expected), 0.0)
+    )
+
+    session = ort().InferenceSession(
+        str(path / "inference.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (logits,) = session.run(None, {manifest.input.name: x})
+    error = float(np.abs(logits - reference.logits(x)).max())
+    checks.append(Check("inference", f"{examples} examples, logits", error, tolerance))
+
+    result = backend.train(
+        x,
+        y,
+        epochs=1,
+        batch_size=examples,
+        learning_rate=learning_rate,
+        rng=np.random.default_rng(0),
+    )
+    ref_loss = reference.loss(initial, x, y)
+    checks.append(
+        Check(
+            "loss", "cross-entropy at the initial weights", abs(result.loss - ref_loss), tolerance
+        )
+    )
+    stepped = backend.get_weights()
+    ref_step = reference.sgd_step(x, y, learning_rate)
+    if ref_step is not None:
+        checks.append(
+            Check(
+                "training step",
+                f"SGD lr {learning_rate:g}, weights",
+                _max_diff(stepped, ref_step),
+                tolerance,
+            )
+        )
+    else:
+        checks.append(
+            _gradient_check(reference, initial, stepped, x, y, learning_rate, gradient_tolerance)
+        )
+    return Verification(reference.label, f"onnxruntime {manifest.onnxruntime}", checks)
+
+
+def _gradient_check(
+    reference: Reference,
+    initial: dict[str, np.ndarray],
+    stepped: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    learning_rate: float,
+    tolerance: float,
+) -> Check:
+    """ONNX Runtime's gradient (from its SGD step) against finite differences of the reference
+    loss along that gradient, one parameter at a time.
+
+    ReLU and max-pool make the loss piecewise smooth: a step that crosses a kink
+    spoils a difference quotient, so a failing step size is retried smaller and
+    larger and the best agreement counts.
+    """
+    worst = 0.0
+    for name in initial:
+        grad = (initial[name].astype(np.float64) - stepped[name]) / learning_rate
+        norm = float(np.linalg.norm(grad))
+        if norm < 1e-7:
+            continue  # no gradient reaches it here (e.g. a dead ReLU unit); nothing to compare
+        direction = grad / norm
+        best = float("inf")
+        for h in (1e-5, 1e-6, 1e-4):
+            losses = []
+            for sign in (1.0, -1.0):
+                shifted = {k: v.astype(np.float64) for k, v in initial.items()}
+                shifted[name] = shifted[name] + sign * h * direction
+                losses.append(reference.loss(shifted, x, y))
+            best = min(best, abs((losses[0] - losses[1]) / (2 * h) - norm) / norm)
+            if best <= tolerance:
+                break
+        worst = max(worst, best)
+    return Check(
+        "training step",
+        f"SGD lr {learning_rate:g}, gradient vs finite differences",
+        worst,
+        tolerance,
+        "relative error",
+    )
