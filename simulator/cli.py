@@ -2,6 +2,8 @@
 
     fedsim run --dataset digits --devices 100 --devices-per-round 20 --rounds 40 \\
                --partition dirichlet:0.5 --seed 1 --report runs/digits.json
+    fedsim compare runs/a.json runs/b.json --plot runs/a-vs-b.png
+    fedsim replay runs/digits.json        # rerun from the report; check it reproduces
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from fedclient._exceptions import FedError
@@ -22,14 +25,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a simulated federation")
-    run.add_argument("--dataset", default="digits", help="digits (bundled) or mnist")
+    run.add_argument(
+        "--dataset", default="digits", help="digits (bundled), mnist or femnist (from --data-dir)"
+    )
     run.add_argument("--data-dir", help="folder holding the data files (e.g. ../shared/data)")
     run.add_argument("--devices", type=int, default=100)
     run.add_argument("--devices-per-round", type=int, default=20)
     run.add_argument("--rounds", type=int, default=40)
-    run.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    run.add_argument(
+        "--partition",
+        default="iid",
+        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user)",
+    )
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--fleet", default="phones", help="device profile preset: phones | uniform")
+    run.add_argument(
+        "--fleet",
+        default="phones",
+        help="device profiles: phones | uniform | slow-tail | diurnal | "
+        "trace:PATH.csv (see simulator/devices.py)",
+    )
     run.add_argument("--epochs", type=int)
     run.add_argument("--batch-size", type=int)
     run.add_argument("--learning-rate", type=float)
@@ -67,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON report path; the plot goes beside it (.png)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+
+    compare = commands.add_parser("compare", help="compare the reports of several runs")
+    compare.add_argument("reports", nargs="+", help="report files written by fedsim run")
+    compare.add_argument("--plot", help="write the combined plot here (default: beside the first)")
+
+    replay = commands.add_parser("replay", help="rerun a report's simulation and check it")
+    replay.add_argument("report", help="a report written by fedsim run")
+    replay.add_argument("--data-dir", help="where the data files are now, if they moved")
+    replay.add_argument("--out", help="report of the replay (default: REPORT.replay.json)")
+    replay.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -74,38 +98,55 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedsim`` command."""
     args = _parser().parse_args(argv)
     try:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-        from threadpoolctl import threadpool_limits
-
-        from simulator.engine import SimulationConfig, simulate
-        from simulator.report import write_report
+        from simulator import report as reports
+        from simulator.engine import SimulationConfig
     except ImportError as exc:
         print(f"fedsim needs the sim extra: pip install 'fedclient[sim]' ({exc})", file=sys.stderr)
         return 2
-    config = SimulationConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        devices=args.devices,
-        devices_per_round=args.devices_per_round,
-        rounds=args.rounds,
-        partition=args.partition,
-        seed=args.seed,
-        fleet=args.fleet,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        min_devices=args.min_devices,
-        over_selection=args.over_selection,
-        deadline_seconds=args.deadline_seconds,
-        server=args.server,
-        job=args.job,
-        state_dir=args.state_dir,
-        faults=args.faults,
-        runtime=args.runtime,
-        model=args.model,
+    try:
+        if args.command == "compare":
+            return _compare(args, reports)
+        if args.command == "replay":
+            original = reports.load_report(args.report)
+            config = SimulationConfig(**original["config"])
+            if args.data_dir:
+                config.data_dir = args.data_dir
+            out = args.out or str(args.report).removesuffix(".json") + ".replay.json"
+            replayed = _simulate(config, args.quiet)
+            reports.write_report(replayed, out)
+            same = _accuracies(replayed) == _accuracies(original)
+            print(
+                f"replayed {len(replayed['rounds'])} rounds into {out}: "
+                f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
+            )
+            return 0 if same else 1
+        config = SimulationConfig(
+            **{name: getattr(args, name) for name in SimulationConfig.__dataclass_fields__}
+        )
+        report = _simulate(config, args.quiet)
+    except FedError as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return exc.exit_code
+    json_path, png_path = reports.write_report(report, args.report)
+    final = report["final"]
+    print(
+        f"final accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
+        f"bytes up {final['bytes_up']:,}  down {final['bytes_down']:,}  "
+        f"simulated {final['simulated_seconds']:.0f}s  wall {final['wall_seconds']:.1f}s"
     )
-    console = Console(stderr=True, quiet=args.quiet)
+    print(f"report {json_path}  plot {png_path}")
+    return 0
+
+
+def _simulate(config: Any, quiet: bool) -> dict[str, Any]:
+    """Run one simulation with a progress bar and a line per round."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from threadpoolctl import threadpool_limits
+
+    from simulator.engine import simulate
+
+    console = Console(stderr=True, quiet=quiet)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -124,22 +165,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             progress.update(task, advance=1, description=f"accuracy {r['accuracy']:.3f}")
 
-        try:
-            # Device models are small: BLAS threads only contend (a 10x784 @ 784x200
-            # product takes 0.17 ms on one thread and up to 15 ms on two busy cores).
-            with threadpool_limits(limits=1):
-                report = asyncio.run(simulate(config, on_round))
-        except FedError as exc:
-            console.print(f"[red]fedsim: {exc}[/red]")
-            return exc.exit_code
-    json_path, png_path = write_report(report, args.report)
-    final = report["final"]
-    print(
-        f"final accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
-        f"bytes up {final['bytes_up']:,}  down {final['bytes_down']:,}  "
-        f"simulated {final['simulated_seconds']:.0f}s  wall {final['wall_seconds']:.1f}s"
+        # Device models are small: BLAS threads only contend (a 10x784 @ 784x200
+        # product takes 0.17 ms on one thread and up to 15 ms on two busy cores).
+        with threadpool_limits(limits=1):
+            return asyncio.run(simulate(config, on_round))
+
+
+def _accuracies(report: dict[str, Any]) -> list[Any]:
+    return [r["accuracy"] for r in report["rounds"]]
+
+
+def _compare(args: argparse.Namespace, reports: Any) -> int:
+    loaded = [(Path(p).stem, reports.load_report(p)) for p in args.reports]
+    print(reports.compare_table(loaded))
+    png = args.plot or str(
+        Path(args.reports[0]).with_name("-vs-".join(name for name, _ in loaded) + ".png")
     )
-    print(f"report {json_path}  plot {png_path}")
+    reports.plot_comparison(loaded, png)
+    print(f"plot {png}")
     return 0
 
 

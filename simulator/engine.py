@@ -12,6 +12,7 @@ the same seed gives the same report.
 from __future__ import annotations
 
 import asyncio
+import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -178,8 +179,8 @@ class _Fleet:
     ) -> None:
         rng = np.random.default_rng(config.seed)
         parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
-        profiles = draw_profiles(config.devices, rng, config.fleet)
-        self.devices = [_Device(i, profiles[i], parts[i]) for i in range(config.devices)]
+        profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
+        self.devices = [_Device(i, profiles[i], part) for i, part in enumerate(parts)]
         self.config, self.plan, self.data, self.server = config, plan, data, server
         self.faults = FaultPlan.parse(config.faults) if config.faults else None
         self.state_dir = state_dir
@@ -340,6 +341,11 @@ async def simulate(
     }
     return {
         "fedsim_version": __version__,
+        "versions": {
+            "fedclient": __version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
         "config": asdict(config),
         "plan": msgspec.to_builtins(plan),
         "rounds": rounds,

@@ -1,12 +1,17 @@
-"""Reports: the JSON a run writes, and the PNG plot beside it."""
+"""Reports: the JSON a run writes, the PNG beside it, and comparisons of several runs."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_report", "write_report"]
+from fedclient._exceptions import InvalidInput
+
+__all__ = ["compare_table", "load_report", "plot_comparison", "plot_report", "write_report"]
+
+CAUSES = ("deadline", "unavailable", "network")
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
@@ -19,17 +24,43 @@ def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
     return path, png
 
 
-def plot_report(report: dict[str, Any], png: str | Path) -> None:
-    """Accuracy and loss of the global model per round (held-out test split)."""
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read a report written by ``fedsim run``."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read report {path}: {exc}") from exc
+    if not isinstance(report, dict) or not {"config", "rounds", "final"} <= report.keys():
+        raise InvalidInput(f"{path} is not a fedsim report (no config, rounds and final)")
+    return report
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _title(report: dict[str, Any]) -> str:
+    c = report["config"]
+    return (
+        f"{c['dataset']}, {report['final'].get('devices', c['devices'])} devices, "
+        f"{c['devices_per_round']} per round, partition {c['partition']}, seed {c['seed']}"
+    )
+
+
+def plot_report(report: dict[str, Any], png: str | Path) -> None:
+    """Four panels: accuracy and loss per round, accuracy over simulated time,
+    participation and dropouts by cause, and bytes on the wire."""
+    plt = _pyplot()
     rounds = report["rounds"]
     x = [r["round"] for r in rounds]
-    config = report["config"]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    (acc_ax, time_ax), (part_ax, bytes_ax) = axes
+
     acc_ax.plot(
         x,
         [r["accuracy"] for r in rounds],
@@ -39,29 +70,134 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
         label="test accuracy",
     )
     acc_ax.set_xlabel("round")
-    acc_ax.set_ylabel("accuracy (held-out test split)")
+    acc_ax.set_ylabel("accuracy (held-out test set)")
     acc_ax.set_ylim(0, 1)
     acc_ax.grid(alpha=0.3)
-    acc_ax.legend(loc="lower right")
-    loss_ax.plot(
-        x, [r["loss"] for r in rounds], marker="o", markersize=3, color="tab:red", label="test loss"
-    )
-    train = [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None]
-    if train:
-        loss_ax.plot(
-            *zip(*train, strict=True),
-            linestyle="--",
-            color="tab:orange",
-            label="mean device training loss",
-        )
-    loss_ax.set_xlabel("round")
+    loss_ax = acc_ax.twinx()
+    loss_ax.plot(x, [r["loss"] for r in rounds], color="tab:red", alpha=0.6, label="test loss")
     loss_ax.set_ylabel("cross-entropy loss")
-    loss_ax.grid(alpha=0.3)
-    loss_ax.legend(loc="upper right")
-    fig.suptitle(
-        f"fedsim: {config['dataset']}, {config['devices']} devices, "
-        f"{config['devices_per_round']} per round, partition {config['partition']}, "
-        f"seed {config['seed']}"
+    lines = acc_ax.get_legend_handles_labels()
+    more = loss_ax.get_legend_handles_labels()
+    acc_ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
+    acc_ax.set_title("global model per round")
+
+    minutes = [r["simulated_seconds"] / 60 for r in rounds]
+    time_ax.plot(
+        minutes,
+        [r["accuracy"] for r in rounds],
+        marker="o",
+        markersize=3,
+        color="tab:blue",
+        label="test accuracy",
     )
-    fig.savefig(png, dpi=110)
+    time_ax.set_xlabel("simulated time (minutes)")
+    time_ax.set_ylabel("accuracy (held-out test set)")
+    time_ax.set_ylim(0, 1)
+    time_ax.grid(alpha=0.3)
+    time_ax.legend(loc="lower right")
+    time_ax.set_title("accuracy over simulated time")
+
+    updates = [r["updates"] for r in rounds]
+    part_ax.bar(x, updates, color="tab:green", label="updates aggregated")
+    bottom = list(updates)
+    colours = {"deadline": "tab:orange", "unavailable": "tab:gray", "network": "tab:red"}
+    for cause in CAUSES:
+        values = [r.get("dropouts", {}).get(cause, 0) for r in rounds]
+        if any(values):
+            part_ax.bar(x, values, bottom=bottom, color=colours[cause], label=f"dropped: {cause}")
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    part_ax.set_xlabel("round")
+    part_ax.set_ylabel("devices")
+    part_ax.set_ylim(0, max(bottom, default=1) * 1.35)  # room for the legend above the bars
+    part_ax.grid(alpha=0.3, axis="y")
+    part_ax.legend(loc="upper center", ncol=2, fontsize="small")
+    part_ax.set_title("participation")
+
+    bytes_ax.plot(x, [r["bytes_up"] / 1e6 for r in rounds], color="tab:purple", label="uploaded")
+    bytes_ax.plot(x, [r["bytes_down"] / 1e6 for r in rounds], color="tab:cyan", label="downloaded")
+    wasted = [r.get("wasted_bytes", 0) / 1e6 for r in rounds]
+    if any(wasted):
+        bytes_ax.plot(x, wasted, color="tab:red", linestyle="--", label="wasted (failed tries)")
+    bytes_ax.set_xlabel("round")
+    bytes_ax.set_ylabel("MB on the wire, all devices")
+    bytes_ax.set_ylim(bottom=0)
+    bytes_ax.grid(alpha=0.3)
+    bytes_ax.legend(loc="lower right")
+    bytes_ax.set_title("network")
+
+    fig.suptitle(f"fedsim: {_title(report)}")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def compare_table(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """A side-by-side table of several runs' final figures."""
+    rows = [
+        (
+            "run",
+            "dataset",
+            "devices",
+            "rounds",
+            "accuracy",
+            "loss",
+            "MB up",
+            "MB down",
+            "simulated s",
+            "wall s",
+        )
+    ]
+    for name, report in reports:
+        final, config = report["final"], report["config"]
+        rows.append(
+            (
+                name,
+                config["dataset"],
+                str(final.get("devices", config["devices"])),
+                str(len(report["rounds"])),
+                f"{final['accuracy']:.4f}",
+                f"{final['loss']:.4f}",
+                f"{final['bytes_up'] / 1e6:.1f}",
+                f"{final['bytes_down'] / 1e6:.1f}",
+                f"{final['simulated_seconds']:.0f}",
+                f"{final['wall_seconds']:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_comparison(reports: Sequence[tuple[str, dict[str, Any]]], png: str | Path) -> None:
+    """Accuracy per round and over simulated time, one line per run."""
+    plt = _pyplot()
+    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for name, report in reports:
+        rounds = report["rounds"]
+        accuracy = [r["accuracy"] for r in rounds]
+        by_round.plot([r["round"] for r in rounds], accuracy, marker="o", markersize=2, label=name)
+        by_time.plot(
+            [r["simulated_seconds"] / 60 for r in rounds],
+            accuracy,
+            marker="o",
+            markersize=2,
+            label=name,
+        )
+    by_round.set_xlabel("round")
+    by_time.set_xlabel("simulated time (minutes)")
+    for ax in (by_round, by_time):
+        ax.set_ylabel("accuracy (held-out test set)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    by_round.set_title("accuracy per round")
+    by_time.set_title("accuracy over simulated time")
+    fig.suptitle("fedsim compare: " + ", ".join(name for name, _ in reports))
+    fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -162,3 +162,103 @@ def test_faults_cost_retries_and_bytes_but_not_accuracy(tmp_path: Path) -> None:
     assert abs(faulty["final"]["accuracy"] - clean["final"]["accuracy"]) <= 0.02
     assert faulty["final"]["simulated_seconds"] > clean["final"]["simulated_seconds"]
     assert faulty["config"]["faults"] == "drop=0.3"
+
+
+def test_a_slow_tail_fleet_with_a_deadline_drops_devices_by_cause(tmp_path: Path) -> None:
+    args = (
+        "--seed",
+        "5",
+        "--fleet",
+        "slow-tail",
+        "--deadline-seconds",
+        "20",
+        "--over-selection",
+        "1.6",
+    )
+    a, b = _run(tmp_path, "a", *args), _run(tmp_path, "b", *args)
+    assert _without_wall_time(a) == _without_wall_time(b)
+    dropouts = a["final"]["dropouts"]
+    assert dropouts["deadline"] > 0
+    assert set(dropouts) == {"deadline", "unavailable", "network"}
+    assert sum(r["dropouts"]["deadline"] for r in a["rounds"]) == dropouts["deadline"]
+
+
+def test_a_fleet_from_a_trace_file(tmp_path: Path) -> None:
+    trace = tmp_path / "fleet.csv"
+    trace.write_text(
+        "examples_per_second,bandwidth_up,bandwidth_down,latency,failure_rate\n"
+        "100,1e6,1e6,0.01,0\n"
+        "1,1e3,1e3,0.5,0\n"
+    )
+    report = _run(
+        tmp_path, "t", "--seed", "1", "--fleet", f"trace:{trace}", "--deadline-seconds", "30"
+    )
+    # Every second device is hopelessly slow: it leaves rounds it cannot finish.
+    assert report["final"]["dropouts"]["deadline"] > 0
+    trace.write_text("examples_per_second,latency\n1,1\n")
+    assert fedsim([*SMALL, "--fleet", f"trace:{trace}", "--report", str(tmp_path / "x.json")]) == 2
+
+
+def test_compare_and_replay(tmp_path: Path, capsys: Any) -> None:
+    _run(tmp_path, "first", "--seed", "1")
+    _run(tmp_path, "second", "--seed", "1", "--faults", "drop=0.2")
+    capsys.readouterr()
+    assert (
+        fedsim(
+            [
+                "compare",
+                str(tmp_path / "first.json"),
+                str(tmp_path / "second.json"),
+                "--plot",
+                str(tmp_path / "both.png"),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "first" in table and "second" in table and "accuracy" in table
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    assert fedsim(["replay", str(tmp_path / "second.json"), "--quiet"]) == 0
+    assert "the same per-round accuracies" in capsys.readouterr().out
+    replayed = json.loads((tmp_path / "second.replay.json").read_text())
+    assert replayed["config"] == json.loads((tmp_path / "second.json").read_text())["config"]
+    assert replayed["versions"]["numpy"] == np.__version__
+    (tmp_path / "junk.json").write_text("{}")
+    assert fedsim(["compare", str(tmp_path / "junk.json")]) == 2
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "femnist").is_dir(),
+    reason=f"FEMNIST file not found in {SHARED_DATA}/femnist (set FEDCLIENT_DATA)",
+)
+def test_femnist_runs_one_device_per_writer(tmp_path: Path) -> None:
+    report = tmp_path / "femnist.json"
+    assert (
+        fedsim(
+            [
+                "run",
+                "--dataset",
+                "femnist",
+                "--data-dir",
+                str(SHARED_DATA),
+                "--partition",
+                "natural",
+                "--devices-per-round",
+                "5",
+                "--rounds",
+                "2",
+                "--epochs",
+                "1",
+                "--seed",
+                "1",
+                "--quiet",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    data = json.loads(report.read_text())
+    assert data["final"]["devices"] == 105  # the writers with training data
+    assert data["plan"]["model"]["classes"] == 62
+    assert data["final"]["accuracy"] > 1 / 62
