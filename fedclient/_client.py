@@ -41,6 +41,7 @@ from fedclient._exceptions import (
     error_from_status,
 )
 from fedclient._state import DeviceState, Identity, Phase
+from fedclient.compression import CompressionSpec, compress
 from fedclient.protocol import (
     CHECKIN,
     ENROL,
@@ -464,16 +465,24 @@ class Client:
         if seconds > 0:
             self._store.record_speed(len(y) * settings.epochs / seconds)
         delta = {name: (weights[name] - base[name]).astype(base[name].dtype) for name in base}
-        body = encode_tensors(
-            delta,
-            {
-                "num_examples": str(result.num_examples),
-                "train_loss": repr(result.loss),
-                "model_version": str(plan.model_version),
-                "round_id": str(plan.round_id),
-            },
-        )
-        self._store.record_update(self.job, plan, body, uuid.uuid4().hex)
+        metadata = {
+            "num_examples": str(result.num_examples),
+            "train_loss": repr(result.loss),
+            "model_version": str(plan.model_version),
+            "round_id": str(plan.round_id),
+        }
+        spec = CompressionSpec.parse(plan.compression)
+        residual_body = None
+        if spec.active:
+            held_residual = self._store.residual(self.job)
+            residual = decode_tensors(held_residual)[0] if held_residual else None
+            tensors, left_out = compress(delta, spec, np.random.default_rng(seed), residual)
+            metadata["compression"] = str(spec)
+            body = encode_tensors(tensors, metadata)
+            residual_body = encode_tensors(left_out)
+        else:
+            body = encode_tensors(delta, metadata)
+        self._store.record_update(self.job, plan, body, uuid.uuid4().hex, residual_body)
         return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:

@@ -41,6 +41,9 @@ MIGRATIONS: dict[int, list[str]] = {
     3: [  # what the device learned of its own training speed
         "CREATE TABLE speed (key TEXT PRIMARY KEY, examples_per_second REAL)",
     ],
+    4: [  # what compression left out of past updates (error feedback)
+        "CREATE TABLE residuals (key TEXT, job TEXT, body BLOB, PRIMARY KEY (key, job))",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -180,9 +183,21 @@ class DeviceState:
                 )
             self._set_progress(job, RoundProgress(Phase.DOWNLOADED, plan))
 
-    def record_update(self, job: str, plan: RoundPlan, update: bytes, idempotency_key: str) -> None:
-        """Trained: hold the update and the key every upload attempt will carry."""
+    def record_update(
+        self,
+        job: str,
+        plan: RoundPlan,
+        update: bytes,
+        idempotency_key: str,
+        residual: bytes | None = None,
+    ) -> None:
+        """Trained: hold the update and the key every upload attempt will carry (and, with
+        compression, what it left out, carried into the next update)."""
         with self.db.atomic():
+            if residual is not None:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO residuals VALUES (?, ?, ?)", [self.key, job, residual]
+                )
             self._set_progress(job, RoundProgress(Phase.TRAINED, plan, idempotency_key, update))
 
     def record_receipt(self, job: str, receipt: UploadReceipt) -> None:
@@ -238,6 +253,13 @@ class DeviceState:
             self.db.execute("DELETE FROM download_parts WHERE key=? AND job=?", [self.key, job])
         newest = rows[0][0] if rows else None
         return b"".join(bytes(r[1]) for r in rows if r[0] == newest)
+
+    def residual(self, job: str) -> bytes | None:
+        """The compression residual carried into the next update, if any."""
+        row = self.db.execute(
+            "SELECT body FROM residuals WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        return bytes(row[0]) if row else None
 
     # -- own speed -------------------------------------------------------------
     def speed(self) -> float | None:

@@ -25,6 +25,7 @@ from fedclient._exceptions import (
     RoundClosed,
     Unauthorized,
 )
+from fedclient.compression import CompressionSpec, decompress
 from fedclient.protocol import (
     Admitted,
     CheckinRequest,
@@ -42,6 +43,7 @@ from fedclient.protocol import (
     UploadStart,
     check_weights,
     decode_tensors,
+    encode_tensors,
 )
 from fedserver_ref.auth import hash_token, new_credentials
 from fedserver_ref.rounds import SyncRounds
@@ -267,7 +269,7 @@ class FederationService:
     ) -> UploadReceipt:
         if len(body) > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
-        num_examples, train_loss = self._validate_update(job, round_, body)
+        num_examples, train_loss, body = self._validate_update(job, round_, body)
         now = self.clock()
         with self.store.atomic():
             row = self.store.add_update(
@@ -345,15 +347,27 @@ class FederationService:
             self.clock(),
             job.plan.model,
             job.plan.train,
+            job.plan.job.compression,
         )
 
     def _validate_update(
         self, job: JobRow, round_: RoundRow, body: bytes
-    ) -> tuple[int, float | None]:
+    ) -> tuple[int, float | None, bytes]:
+        """Check an update; return its example count, training loss, and the dense body
+        to store (a compressed update is decoded here, so strategies see floats)."""
         tensors, metadata = decode_tensors(body)
         current = self.store.model(job.name, round_.model_version)
         assert current is not None
-        check_weights(tensors, decode_tensors(current[0])[0])
+        reference = decode_tensors(current[0])[0]
+        encoding = metadata.get("compression", "")
+        if encoding != job.plan.job.compression:
+            raise InvalidRequest(
+                f"the job wants compression {job.plan.job.compression!r}, got {encoding!r}"
+            )
+        if encoding:
+            tensors = decompress(tensors, CompressionSpec.parse(encoding), reference)
+            body = encode_tensors(tensors, metadata)
+        check_weights(tensors, reference)
         try:
             num_examples = int(metadata.get("num_examples", ""))
             loss_text = metadata.get("train_loss")
@@ -370,7 +384,7 @@ class FederationService:
                 f"update was trained on model version {version}, the round "
                 f"uses {round_.model_version}"
             )
-        return num_examples, train_loss
+        return num_examples, train_loss, body
 
 
 def _check_key(key: str | None) -> str:

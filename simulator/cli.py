@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--job", help="job name (default: the dataset's name)")
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
+        "--compress",
+        default="",
+        help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",
+    )
+    run.add_argument(
         "--model",
         choices=("softmax", "mlp", "cnn"),
         help="model architecture (default: the data set's: digits mlp, mnist softmax, femnist mlp)",

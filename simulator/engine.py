@@ -98,6 +98,7 @@ class SimulationConfig:
     state_dir: str | None = None
     faults: str | None = None
     model: str | None = None  # softmax | mlp | cnn; default: the data set's
+    compress: str = ""  # update compression the job asks of devices (fedclient.compression)
     runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
 
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +125,7 @@ class SimulationConfig:
                     "min_devices": self.min_devices or max(1, self.devices_per_round // 2),
                     "over_selection": self.over_selection,
                     "deadline_seconds": self.deadline_seconds,
+                    "compression": self.compress,
                     "seed": self.seed,
                 },
                 "model": {

@@ -70,6 +70,8 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deadline_seconds: PositiveFloat = 600.0
     seed: int = 0
     max_upload_bytes: PositiveInt = 64 * 1024 * 1024
+    #: How devices compress their updates: "", "q8", "q4", "topk:F" or "topk:F,q8".
+    compression: str = ""
 
 
 class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -82,6 +84,9 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:
             raise ValueError("job.min_devices must not exceed job.devices_per_round")
+        from fedclient.compression import CompressionSpec
+
+        CompressionSpec.parse(self.job.compression)  # refuse a plan devices could not follow
 
     @property
     def admit_per_round(self) -> int:
@@ -134,6 +139,7 @@ class RoundPlan(msgspec.Struct, frozen=True):
     clock_now: float
     model: ModelSpec
     train: TrainSettings
+    compression: str = ""
 
     def rebased(self, now: float) -> RoundPlan:
         """The same plan with ``deadline`` moved onto a clock that reads ``now``."""
