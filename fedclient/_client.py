@@ -123,20 +123,30 @@ class TrainTask:
     batch_size: int
     learning_rate: float
     seed: int | None
+    proximal_mu: float = 0.0
 
     def run(self) -> tuple[Weights, TrainResult, float]:
         """Train from ``weights``; return the new weights, what training did, and the
         seconds it took."""
         started = time.perf_counter()
         self.backend.set_weights(self.weights)
-        result = self.backend.train(
-            self.x,
-            self.y,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            rng=np.random.default_rng(self.seed),
-        )
+        extra = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
+        try:
+            result = self.backend.train(
+                self.x,
+                self.y,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                learning_rate=self.learning_rate,
+                rng=np.random.default_rng(self.seed),
+                **extra,
+            )
+        except TypeError as exc:
+            if not extra:
+                raise
+            raise InvalidInput(
+                f"the {self.backend.runtime} backend cannot train FedProx (proximal_mu)"
+            ) from exc
         return self.backend.get_weights(), result, time.perf_counter() - started
 
 
@@ -460,7 +470,15 @@ class Client:
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
         settings = plan.train
         weights, result, seconds = yield TrainTask(
-            backend, base, x, y, settings.epochs, settings.batch_size, settings.learning_rate, seed
+            backend,
+            base,
+            x,
+            y,
+            settings.epochs,
+            settings.batch_size,
+            settings.learning_rate,
+            seed,
+            settings.proximal_mu,
         )
         if seconds > 0:
             self._store.record_speed(len(y) * settings.epochs / seconds)

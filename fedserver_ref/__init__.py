@@ -9,7 +9,7 @@ from fedserver_ref.app import create_app
 from fedserver_ref.plan import load_plan, plan_from_dict
 from fedserver_ref.service import FederationService
 from fedserver_ref.store import ServerStore
-from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy
+from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
 
 __all__ = [
     "ClientUpdate",
@@ -20,4 +20,5 @@ __all__ = [
     "create_app",
     "load_plan",
     "plan_from_dict",
+    "strategy_for",
 ]

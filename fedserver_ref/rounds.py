@@ -18,7 +18,7 @@ import numpy as np
 from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
 from fedclient.runtime import create_backend
 from fedserver_ref.store import JobRow, RoundRow, ServerStore
-from fedserver_ref.strategies import ClientUpdate, Strategy
+from fedserver_ref.strategies import ClientUpdate, Strategy, strategy_for
 
 __all__ = ["SyncRounds", "initial_weights", "model_etag"]
 
@@ -36,12 +36,17 @@ def model_etag(body: bytes) -> str:
 class SyncRounds:
     """The round lifecycle of every job in a store, with one aggregation strategy."""
 
-    def __init__(self, store: ServerStore, strategy: Strategy) -> None:
+    def __init__(self, store: ServerStore, strategy: Strategy | None = None) -> None:
         self.store = store
-        self.strategy = strategy
+        self.strategy = strategy  # overrides every plan's choice when given
+
+    def strategy_for(self, plan: JobPlan) -> Strategy:
+        """The strategy that aggregates this job's rounds."""
+        return self.strategy or strategy_for(plan.strategy)
 
     def create_job(self, plan: JobPlan, now: float) -> None:
         """Register a job with its version-0 model and open its first round."""
+        self.strategy_for(plan)  # an unknown strategy is refused before anything is stored
         body = encode_tensors(initial_weights(plan))
         with self.store.atomic():
             self.store.add_job(plan)
@@ -73,7 +78,12 @@ class SyncRounds:
                     ClientUpdate(r.device_id, r.num_examples, decode_tensors(r.body or b"")[0])
                     for r in rows
                 ]
-                body = encode_tensors(self.strategy.aggregate(base, updates))
+                held = self.store.strategy_state(job.name)
+                state = decode_tensors(held)[0] if held else {}
+                new_weights, state = self.strategy_for(plan).aggregate(base, updates, state)
+                body = encode_tensors(new_weights)
+                if state:
+                    self.store.save_strategy_state(job.name, encode_tensors(state))
                 version = round_.model_version + 1
                 self.store.add_model(job.name, version, body, model_etag(body), now)
                 losses = [(r.train_loss, r.num_examples) for r in rows if r.train_loss is not None]

@@ -48,7 +48,7 @@ from fedclient.protocol import (
 from fedserver_ref.auth import hash_token, new_credentials
 from fedserver_ref.rounds import SyncRounds
 from fedserver_ref.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
-from fedserver_ref.strategies import FedAvg, Strategy
+from fedserver_ref.strategies import Strategy
 
 __all__ = ["FederationService"]
 
@@ -65,7 +65,7 @@ class FederationService:
     ) -> None:
         self.store = store
         self.clock = clock
-        self.rounds = SyncRounds(store, strategy or FedAvg())
+        self.rounds = SyncRounds(store, strategy)
 
     # -- setup -----------------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:

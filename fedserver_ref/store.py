@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS updates (
     idempotency_key TEXT NOT NULL, receipt_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
     train_loss REAL, body BLOB, received_at REAL NOT NULL,
     UNIQUE (round_id, device_id), UNIQUE (device_id, idempotency_key));
+CREATE TABLE IF NOT EXISTS strategy_state (job TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS upload_sessions (
     device_id TEXT, upload_id TEXT, round_id INTEGER NOT NULL, size INTEGER NOT NULL,
     sha256 TEXT NOT NULL, offset INTEGER NOT NULL, PRIMARY KEY (device_id, upload_id));
@@ -204,6 +205,15 @@ class ServerStore:
             "SELECT body, etag FROM models WHERE job=? AND version=?", [job, version]
         ).fetchone()
         return (bytes(row[0]), str(row[1])) if row else None
+
+    def strategy_state(self, job: str) -> bytes | None:
+        """The job's strategy memory (momentum, moments), if it has any."""
+        row = self.db.execute("SELECT body FROM strategy_state WHERE job=?", [job]).fetchone()
+        return bytes(row[0]) if row else None
+
+    def save_strategy_state(self, job: str, body: bytes) -> None:
+        """Keep the job's strategy memory."""
+        self.db.execute("INSERT OR REPLACE INTO strategy_state VALUES (?, ?)", [job, body])
 
     # -- rounds ----------------------------------------------------------------
     def open_round(

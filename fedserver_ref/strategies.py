@@ -1,7 +1,31 @@
-"""Aggregation strategies: pure functions from (global weights, client updates) to new weights.
+"""Aggregation strategies: pure functions from (global weights, client updates, state) to
+(new weights, new state).
 
-A strategy is one class with one method; to add one, subclass `Strategy` and
-pass an instance to `FederationService`.
+A strategy is one class. Subclass `Strategy`, give it a ``name`` and an
+``aggregate`` method, and a plan can name it::
+
+    class Krum(Strategy):
+        name = "krum"
+
+        def aggregate(self, weights, updates, state):
+            ...
+            return new_weights, state
+
+``state`` is the strategy's memory between rounds (momentum, Adam moments) as
+named float arrays; the server keeps it in SQLite next to the model, so a
+restarted server resumes mid-optimisation. Strategies built in:
+
+    fedavg        example-weighted mean of the updates (McMahan et al. 2017)
+    fedavgm       fedavg with server momentum (Hsu et al. 2019)
+    fedadam       server Adam on the mean update (Reddi et al. 2021)
+    fedyogi       server Yogi (Reddi et al. 2021)
+    fedadagrad    server Adagrad (Reddi et al. 2021)
+    median        coordinate-wise median of the updates (Yin et al. 2018)
+    trimmed_mean  coordinate-wise mean without the extremes (Yin et al. 2018)
+    norm_bound    fedavg of updates clipped to an L2 norm (Sun et al. 2019)
+
+FedProx is a device-side change (a proximal term in local training: the plan's
+``train.proximal_mu``) aggregated with fedavg.
 """
 
 from __future__ import annotations
@@ -9,12 +33,26 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from fedclient.protocol import Weights
+from fedclient._exceptions import InvalidInput
+from fedclient.protocol import StrategySettings, Weights
 
-__all__ = ["ClientUpdate", "FedAvg", "Strategy"]
+__all__ = [
+    "ClientUpdate",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
+    "Median",
+    "NormBound",
+    "Strategy",
+    "TrimmedMean",
+    "strategy_for",
+]
 
 
 @dataclass(frozen=True)
@@ -29,30 +67,184 @@ class ClientUpdate:
 class Strategy(ABC):
     """How a round's updates become the next global model."""
 
-    name: str = "strategy"
+    name: ClassVar[str] = ""
+    default_learning_rate: ClassVar[float] = 1.0
+    registry: ClassVar[dict[str, type[Strategy]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Strategy.registry[cls.name] = cls
+
+    def __init__(self, settings: StrategySettings | None = None) -> None:
+        self.settings = settings or StrategySettings()
+        self.learning_rate = self.settings.server_learning_rate or self.default_learning_rate
 
     @abstractmethod
-    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
-        """The next global weights from the current ones and the round's updates."""
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        """The next global weights (and strategy state) from this round's updates."""
+
+
+def strategy_for(settings: StrategySettings) -> Strategy:
+    """The strategy a plan names."""
+    cls = Strategy.registry.get(settings.name)
+    if cls is None:
+        raise InvalidInput(
+            f"unknown strategy {settings.name!r}; available: {', '.join(sorted(Strategy.registry))}"
+        )
+    return cls(settings)
+
+
+def weighted_mean(updates: Sequence[ClientUpdate], name: str) -> np.ndarray:
+    """The example-weighted mean of one tensor over the updates, in float64, summed in
+    the order received (the same updates in the same order give bit-identical sums)."""
+    total = sum(u.num_examples for u in updates)
+    if not updates or total <= 0:
+        raise ValueError("aggregation needs at least one update with examples")
+    acc = np.zeros(updates[0].delta[name].shape, dtype=np.float64)
+    for update in updates:
+        acc += update.delta[name].astype(np.float64) * (update.num_examples / total)
+    return acc
+
+
+def _apply(weights: Weights, step: dict[str, np.ndarray]) -> Weights:
+    return {k: (v.astype(np.float64) + step[k]).astype(v.dtype) for k, v in weights.items()}
 
 
 class FedAvg(Strategy):
-    """McMahan et al. 2017: add the example-weighted mean of the updates.
-
-    Sums run in float64 in the order the updates were received, so the same
-    updates in the same order always give bit-identical weights.
-    """
+    """Add the example-weighted mean of the updates."""
 
     name = "fedavg"
 
-    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
-        total = sum(u.num_examples for u in updates)
-        if not updates or total <= 0:
-            raise ValueError("FedAvg needs at least one update with examples")
-        result: Weights = {}
-        for name, value in weights.items():
-            acc = np.zeros(value.shape, dtype=np.float64)
-            for update in updates:
-                acc += update.delta[name].astype(np.float64) * (update.num_examples / total)
-            result[name] = (value.astype(np.float64) + acc).astype(value.dtype)
-        return result
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        mean = {k: weighted_mean(updates, k) for k in weights}
+        return _apply(weights, {k: self.learning_rate * v for k, v in mean.items()}), state
+
+
+class FedAvgM(Strategy):
+    """FedAvg with server momentum: v = beta v + mean; w += lr v."""
+
+    name = "fedavgm"
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        beta, lr = self.settings.momentum, self.learning_rate
+        velocity = {}
+        for k in weights:
+            previous = state.get(f"v.{k}", np.zeros(weights[k].shape, np.float64))
+            velocity[k] = beta * previous.astype(np.float64) + weighted_mean(updates, k)
+        return _apply(weights, {k: lr * v for k, v in velocity.items()}), {
+            f"v.{k}": v.astype(np.float32) for k, v in velocity.items()
+        }
+
+
+class _ServerOptimizer(Strategy):
+    """Reddi et al. 2021: the mean update is a pseudo-gradient for an adaptive optimiser."""
+
+    default_learning_rate = 0.03
+
+    def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        s = self.settings
+        step, new_state = {}, {}
+        for k in weights:
+            delta = weighted_mean(updates, k)
+            m = state.get(f"m.{k}", np.zeros(delta.shape, np.float32)).astype(np.float64)
+            v = state.get(f"v.{k}", np.full(delta.shape, s.tau**2, np.float32)).astype(np.float64)
+            m = s.beta1 * m + (1 - s.beta1) * delta
+            v = self.second_moment(v, delta * delta)
+            step[k] = self.learning_rate * m / (np.sqrt(v) + s.tau)
+            new_state[f"m.{k}"], new_state[f"v.{k}"] = m.astype(np.float32), v.astype(np.float32)
+        return _apply(weights, step), new_state
+
+
+class FedAdam(_ServerOptimizer):
+    """Server Adam."""
+
+    name = "fedadam"
+
+    def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
+        b2 = self.settings.beta2
+        moment: np.ndarray = b2 * v + (1 - b2) * g2
+        return moment
+
+
+class FedYogi(_ServerOptimizer):
+    """Server Yogi: the second moment moves additively, by the sign of the gap."""
+
+    name = "fedyogi"
+
+    def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
+        moment: np.ndarray = v - (1 - self.settings.beta2) * g2 * np.sign(v - g2)
+        return moment
+
+
+class FedAdagrad(_ServerOptimizer):
+    """Server Adagrad."""
+
+    name = "fedadagrad"
+    default_learning_rate = 0.1
+
+    def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
+        moment: np.ndarray = v + g2
+        return moment
+
+
+class Median(Strategy):
+    """Coordinate-wise median of the updates: robust to a minority of bad devices."""
+
+    name = "median"
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        step = {k: np.median(np.stack([u.delta[k] for u in updates]), axis=0) for k in weights}
+        return _apply(weights, step), state
+
+
+class TrimmedMean(Strategy):
+    """Coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest."""
+
+    name = "trimmed_mean"
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        cut = int(len(updates) * self.settings.trim_fraction)
+        step = {}
+        for k in weights:
+            stacked = np.sort(np.stack([u.delta[k].astype(np.float64) for u in updates]), axis=0)
+            step[k] = stacked[cut : len(updates) - cut].mean(axis=0)
+        return _apply(weights, step), state
+
+
+class NormBound(Strategy):
+    """FedAvg of the updates, each first scaled down to L2 norm ``norm_bound`` at most."""
+
+    name = "norm_bound"
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    ) -> tuple[Weights, Weights]:
+        bound = self.settings.norm_bound
+        clipped = []
+        for u in updates:
+            norm = float(
+                np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in u.delta.values()))
+            )
+            scale = min(1.0, bound / norm) if norm > 0 else 1.0
+            clipped.append(
+                ClientUpdate(
+                    u.device_id, u.num_examples, {k: v * scale for k, v in u.delta.items()}
+                )
+            )
+        return _apply(weights, {k: weighted_mean(clipped, k) for k in weights}), state

@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--job", help="job name (default: the dataset's name)")
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
+        "--strategy",
+        default="fedavg",
+        help="server aggregation: fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | "
+        "trimmed_mean | norm_bound",
+    )
+    run.add_argument(
+        "--server-learning-rate",
+        type=float,
+        help="step on the aggregated update (default: the strategy's; 1 for "
+        "fedavg, 0.03 for fedadam/fedyogi, 0.1 for fedadagrad)",
+    )
+    run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
+    run.add_argument(
         "--compress",
         default="",
         help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",
@@ -72,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--runtime",
         default="numpy",
-        choices=("numpy", "onnx"),
+        choices=("numpy", "onnx", "tflite"),
         help="the devices' training backend (onnx needs the onnx extra; default numpy)",
     )
     run.add_argument(

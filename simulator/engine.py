@@ -99,6 +99,9 @@ class SimulationConfig:
     faults: str | None = None
     model: str | None = None  # softmax | mlp | cnn; default: the data set's
     compress: str = ""  # update compression the job asks of devices (fedclient.compression)
+    strategy: str = "fedavg"  # the server's aggregation (fedserver_ref.strategies)
+    server_learning_rate: float | None = None  # None: the strategy's default
+    proximal_mu: float = 0.0  # FedProx
     runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
 
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +136,11 @@ class SimulationConfig:
                     "inputs": data.inputs,
                     "classes": data.classes,
                 },
-                "train": train,
+                "train": {**train, "proximal_mu": self.proximal_mu},
+                "strategy": {
+                    "name": self.strategy,
+                    "server_learning_rate": self.server_learning_rate,
+                },
             }
         )
 

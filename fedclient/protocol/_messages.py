@@ -27,6 +27,7 @@ __all__ = [
     "RetryLater",
     "RoundPlan",
     "RoundSummary",
+    "StrategySettings",
     "TrainSettings",
     "UploadReceipt",
     "UploadSession",
@@ -57,6 +58,22 @@ class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = 0.1
+    #: FedProx: weight of the proximal term mu/2 |w - w_global|^2 in local training.
+    proximal_mu: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the server aggregates (see ``fedserver_ref.strategies`` for the names)."""
+
+    name: str = "fedavg"
+    #: Step size on the aggregated update; None: the strategy's own default.
+    server_learning_rate: PositiveFloat | None = None
+    momentum: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.9
+    beta1: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.99
+    tau: PositiveFloat = 1e-3
+    trim_fraction: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.1
+    norm_bound: PositiveFloat = 1.0
 
 
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,6 +97,7 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     job: JobSettings
     model: ModelSpec = msgspec.field(default_factory=ModelSpec)
     train: TrainSettings = msgspec.field(default_factory=TrainSettings)
+    strategy: StrategySettings = msgspec.field(default_factory=StrategySettings)
 
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:

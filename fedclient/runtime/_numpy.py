@@ -104,8 +104,12 @@ class NumpyModel:
         batch_size: int,
         learning_rate: float,
         rng: np.random.Generator,
+        proximal_mu: float = 0.0,
     ) -> TrainResult:
-        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``."""
+        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
+
+        ``proximal_mu`` > 0 adds FedProx's term mu/2 |w - w_start|^2 to the loss."""
+        anchor = self.get_weights() if proximal_mu else None
         x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
         x = x.astype(self._dtype, copy=False)
         n = x.shape[0]
@@ -118,6 +122,8 @@ class NumpyModel:
                 idx = order[start : start + batch_size]
                 loss, grads = self.loss_and_grads(x[idx], y[idx])
                 for name, grad in grads.items():
+                    if anchor is not None:
+                        grad = grad + proximal_mu * (self._params[name] - anchor[name])
                     self._params[name] -= (learning_rate * grad).astype(self._dtype, copy=False)
                 total += loss * len(idx)
                 steps += 1

@@ -28,11 +28,11 @@ def test_fedavg_is_the_example_weighted_mean_of_the_updates() -> None:
         ClientUpdate("a", 1, {"w": np.array([3.0, 0.0], np.float32)}),
         ClientUpdate("b", 3, {"w": np.array([-1.0, 4.0], np.float32)}),
     ]
-    new = FedAvg().aggregate(base, updates)
+    new, state = FedAvg().aggregate(base, updates, {})
     np.testing.assert_allclose(new["w"], [1.0 + (3 - 3) / 4, 2.0 + 12 / 4])
-    assert new["w"].dtype == np.float32
+    assert new["w"].dtype == np.float32 and state == {}
     with pytest.raises(ValueError):
-        FedAvg().aggregate(base, [])
+        FedAvg().aggregate(base, [], {})
 
 
 async def test_round_closes_at_quota_and_aggregates_exactly(
