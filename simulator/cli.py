@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset", default="digits", help="digits (bundled), mnist or femnist (from --data-dir)"
     )
     run.add_argument("--data-dir", help="folder holding the data files (e.g. ../shared/data)")
+    run.add_argument(
+        "--text-column",
+        default="text",
+        help="csv: the column of texts (a name, or a 0-based index with --no-header)",
+    )
+    run.add_argument("--label-column", default="label", help="csv: the column of labels")
+    run.add_argument(
+        "--user-column", help="csv: a column naming each row's user (for --partition natural)"
+    )
+    run.add_argument("--no-header", action="store_true", help="csv: the file has no header row")
     run.add_argument("--devices", type=int, default=100)
     run.add_argument("--devices-per-round", type=int, default=20)
     run.add_argument("--rounds", type=int, default=40)

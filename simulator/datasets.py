@@ -7,6 +7,7 @@ in a package (scikit-learn's digits). Partitions are drawn from a seeded
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.util
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
+from fedclient.text import hash_features
 
-__all__ = ["Dataset", "load_dataset", "partition"]
+__all__ = ["CsvColumns", "Dataset", "load_dataset", "partition"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,15 @@ class Dataset:
     y_test: np.ndarray
     classes: int
     users: np.ndarray | None = None  # the natural owner of each training example, if known
+    texts: np.ndarray | None = None  # raw training texts: devices featurise their own
+    labels: tuple[str, ...] = ()  # class names, where the data names them
+
+    def device_data(self, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What one device holds. Text is featurised on the device, from its own messages."""
+        if self.texts is not None:
+            features = hash_features(self.texts[examples], dims=self.inputs)
+            return features, self.y_train[examples]
+        return self.x_train[examples], self.y_train[examples]
 
     @property
     def inputs(self) -> int:
@@ -37,19 +48,168 @@ class Dataset:
         return int(self.x_train.shape[1])
 
 
-DATASETS = ("digits", "mnist", "femnist")
+DATASETS = ("digits", "mnist", "femnist", "sms_spam", "csv:PATH", "npz:PATH")
+
+#: Hashed text features per message (fedclient.text.hash_features).
+TEXT_DIMS = 4096
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0) -> Dataset:
-    """Load ``digits`` (bundled with scikit-learn), or ``mnist`` or ``femnist`` from
-    ``data_dir`` (the folder holding ``mnist/`` and ``femnist/``)."""
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which columns of a user's CSV hold the text, the label and (optionally) the user."""
+
+    text: str = "text"
+    label: str = "label"
+    user: str | None = None
+    header: bool = True
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    columns: CsvColumns | None = None,
+) -> Dataset:
+    """Load ``digits`` (bundled with scikit-learn); ``mnist``, ``femnist`` or ``sms_spam``
+    from ``data_dir`` (the folder holding ``mnist/``...); or the user's own data:
+    ``csv:PATH`` (labelled texts, see `CsvColumns`) or ``npz:PATH`` (arrays ``x``, ``y``,
+    optional ``user``)."""
     if name == "digits":
         return _digits(seed)
-    if name in ("mnist", "femnist"):
+    if name.startswith("csv:"):
+        return _csv(Path(name.removeprefix("csv:")), columns or CsvColumns(), seed)
+    if name.startswith("npz:"):
+        return _npz(Path(name.removeprefix("npz:")), seed)
+    loaders = {"mnist": _mnist, "femnist": _femnist, "sms_spam": _sms_spam}
+    if name in loaders:
         if data_dir is None:
             raise InvalidInput(f"--dataset {name} needs --data-dir (the folder holding {name}/)")
-        return _mnist(Path(data_dir)) if name == "mnist" else _femnist(Path(data_dir))
+        return loaders[name](Path(data_dir), seed)
     raise InvalidInput(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+
+
+def _stratified_test(y: np.ndarray, seed: int, share: float = 0.2) -> np.ndarray:
+    """A boolean mask holding out ``share`` of every class, drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 0xD161])
+    test = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        test[idx[: round(len(idx) * share)]] = True
+    return test
+
+
+def _text_dataset(
+    name: str, texts: list[str], labels: list[str], seed: int, users: np.ndarray | None = None
+) -> Dataset:
+    if not texts:
+        raise InvalidInput(f"{name}: no rows")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise InvalidInput(f"{name}: labels must name at least two classes, found {classes}")
+    if len(classes) > max(2, len(labels) // 2):
+        raise InvalidInput(
+            f"{name}: {len(classes)} distinct labels in {len(labels)} rows; "
+            "labels must be classes (a handful of repeated values)"
+        )
+    y = np.array([classes.index(label) for label in labels], dtype=np.int64)
+    raw = np.array(texts, dtype=object)
+    test = _stratified_test(y, seed)
+    features = hash_features(raw, dims=TEXT_DIMS)
+    return Dataset(
+        name,
+        features[~test],
+        y[~test],
+        features[test],
+        y[test],
+        len(classes),
+        users[~test] if users is not None else None,
+        raw[~test],
+        tuple(classes),
+    )
+
+
+def _sms_spam(data_dir: Path, seed: int) -> Dataset:
+    """The SMS Spam Collection: TSV ``label<TAB>text`` with a header line."""
+    folder = data_dir / "sms_spam" if (data_dir / "sms_spam").is_dir() else data_dir
+    path = folder / "SMSSpamCollection"
+    if not path.is_file():
+        raise InvalidInput(f"SMS spam file missing: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = [r for r in rows[1:] if len(r) >= 2]  # the first line is a header
+    return _text_dataset("sms_spam", [r[1] for r in rows], [r[0] for r in rows], seed)
+
+
+def _csv(path: Path, columns: CsvColumns, seed: int) -> Dataset:
+    """A user's CSV of labelled texts; columns by name, or by 0-based index without a header."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows or (columns.header and len(rows) < 2):
+        raise InvalidInput(f"{path} is empty")
+    header, body = (rows[0], rows[1:]) if columns.header else ([], rows)
+
+    def index(column: str | None, role: str) -> int | None:
+        if column is None:
+            return None
+        if columns.header:
+            if column in header:
+                return header.index(column)
+            raise InvalidInput(f"{path} has no {role} column {column!r}; it has {header}")
+        if not column.isdigit():
+            raise InvalidInput(f"without a header, --{role}-column must be a 0-based index")
+        return int(column)
+
+    text_at, label_at = index(columns.text, "text"), index(columns.label, "label")
+    user_at = index(columns.user, "user")
+    assert text_at is not None and label_at is not None
+    width = max(i for i in (text_at, label_at, user_at) if i is not None) + 1
+    short = [n for n, r in enumerate(body, start=2 if columns.header else 1) if len(r) < width]
+    if short:
+        raise InvalidInput(f"{path}: rows {short[:5]} have fewer than {width} columns")
+    users = np.array([r[user_at] for r in body]) if user_at is not None else None
+    return _text_dataset(
+        f"csv:{path.name}",
+        [r[text_at] for r in body],
+        [r[label_at].strip() for r in body],
+        seed,
+        users,
+    )
+
+
+def _npz(path: Path, seed: int) -> Dataset:
+    """Arrays ``x`` (n, features), ``y`` (n,) integer classes, optional ``user`` (n,)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    if "x" not in arrays or "y" not in arrays:
+        raise InvalidInput(f"{path} needs arrays x and y, has {sorted(arrays)}")
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim < 2 or len(x) != len(y) or len(y) == 0:
+        raise InvalidInput(
+            f"{path}: x must be (n, features...) and y (n,), got {x.shape}, {y.shape}"
+        )
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise InvalidInput(f"{path}: y must hold non-negative integer classes")
+    x = x.reshape(len(x), -1).astype(np.float32)
+    y = y.astype(np.int64)
+    users = arrays.get("user")
+    test = _stratified_test(y, seed)
+    return Dataset(
+        f"npz:{path.name}",
+        x[~test],
+        y[~test],
+        x[test],
+        y[test],
+        max(2, int(y.max()) + 1),
+        users[~test] if users is not None else None,
+    )
 
 
 def _digits(seed: int) -> Dataset:
@@ -62,12 +222,7 @@ def _digits(seed: int) -> Dataset:
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     x = table[:, :-1] / np.float32(16.0)
     y = table[:, -1].astype(np.int64)
-    # A stratified 80/20 split: each class keeps its share in the held-out set.
-    rng = np.random.default_rng([seed, 0xD161])
-    test = np.zeros(len(y), dtype=bool)
-    for label in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        test[idx[: round(len(idx) * 0.2)]] = True
+    test = _stratified_test(y, seed)  # each class keeps its share in the held-out set
     return Dataset("digits", x[~test], y[~test], x[test], y[test], 10)
 
 
@@ -85,7 +240,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _mnist(data_dir: Path) -> Dataset:
+def _mnist(data_dir: Path, seed: int = 0) -> Dataset:
     folder = data_dir / "mnist" if (data_dir / "mnist").is_dir() else data_dir
     names = [
         "train-images-idx3-ubyte.gz",
@@ -107,7 +262,7 @@ def _mnist(data_dir: Path) -> Dataset:
     )
 
 
-def _femnist(data_dir: Path) -> Dataset:
+def _femnist(data_dir: Path, seed: int = 0) -> Dataset:
     """LEAF's FEMNIST subset: 62 classes of handwritten characters, one user per writer.
 
     Ink is dark on a white (255) background in the file; it is inverted so that

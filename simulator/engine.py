@@ -51,7 +51,7 @@ from fedclient.protocol import (
 )
 from fedclient.runtime import EvalResult, create_backend
 from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
-from simulator.datasets import Dataset, load_dataset, partition
+from simulator.datasets import CsvColumns, Dataset, load_dataset, partition
 from simulator.devices import DeviceProfile, draw_profiles
 
 __all__ = ["SimClock", "SimulationConfig", "simulate"]
@@ -69,6 +69,14 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "femnist": {
         "model": {"kind": "mlp", "hidden": [200]},
         "train": {"epochs": 5, "batch_size": 10, "learning_rate": 0.05},
+    },
+    "text": {  # sms_spam and csv: hashed n-grams into softmax regression
+        "model": {"kind": "softmax", "hidden": []},
+        "train": {"epochs": 5, "batch_size": 8, "learning_rate": 4.0},  # rows are L2-normed
+    },
+    "arrays": {  # npz: an MLP over whatever features the arrays hold
+        "model": {"kind": "mlp", "hidden": [64]},
+        "train": {"epochs": 5, "batch_size": 8, "learning_rate": 0.1},
     },
 }
 
@@ -99,6 +107,10 @@ class SimulationConfig:
     faults: str | None = None
     model: str | None = None  # softmax | mlp | cnn; default: the data set's
     compress: str = ""  # update compression the job asks of devices (fedclient.compression)
+    text_column: str = "text"  # --dataset csv:PATH: which columns hold what
+    label_column: str = "label"
+    user_column: str | None = None
+    no_header: bool = False
     strategy: str = "fedavg"  # the server's aggregation (fedserver_ref.strategies)
     server_learning_rate: float | None = None  # None: the strategy's default
     proximal_mu: float = 0.0  # FedProx
@@ -114,7 +126,14 @@ class SimulationConfig:
 
     def plan(self, data: Dataset) -> JobPlan:
         """The job plan this configuration describes."""
-        defaults = DATASET_DEFAULTS[data.name]
+        family = (
+            "text"
+            if data.texts is not None
+            else "arrays"
+            if data.name.startswith("npz:")
+            else data.name
+        )
+        defaults = DATASET_DEFAULTS[family]
         train = dict(defaults["train"])
         for key in ("epochs", "batch_size", "learning_rate"):
             if getattr(self, key) is not None:
@@ -122,7 +141,7 @@ class SimulationConfig:
         return plan_from_dict(
             {
                 "job": {
-                    "name": self.job or data.name,
+                    "name": self.job or _job_name(data.name),
                     "rounds": self.rounds,
                     "devices_per_round": self.devices_per_round,
                     "min_devices": self.min_devices or max(1, self.devices_per_round // 2),
@@ -222,7 +241,7 @@ class _Fleet:
         d.client = Client(
             self.server.base_url,
             self.plan.job.name,
-            (self.data.x_train[d.examples], self.data.y_train[d.examples]),
+            self.data.device_data(d.examples),
             state=DeviceState(self.shards[shard], key=f"device-{i}"),
             transport=transport,
             seed=seed,
@@ -298,7 +317,10 @@ async def simulate(
 ) -> dict[str, Any]:
     """Run the federation ``config`` describes; return the report (see `simulator.report`)."""
     wall_start = time.perf_counter()
-    data = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    columns = CsvColumns(
+        config.text_column, config.label_column, config.user_column, header=not config.no_header
+    )
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed, columns=columns)
     plan = config.plan(data)
     clock = SimClock()
     if config.server is None:
@@ -497,6 +519,13 @@ async def _run_rounds(
                 on_round(record)
         await fleet.rest()
     return rounds
+
+
+def _job_name(dataset: str) -> str:
+    """A valid job name for a data set (``csv:my data.csv`` -> ``csv-my-data``)."""
+    stem = dataset.split(":")[-1].rsplit(".", 1)[0] if ":" in dataset else dataset
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.")
+    return (name or "job")[:64]
 
 
 def _token(device: _Device) -> str:
