@@ -1,0 +1,160 @@
+"""The messages of secure aggregation, stage by stage (frozen msgspec Structs, bytes fields).
+
+Device -> server messages do not name their sender: the transport
+authenticates the device and passes its number to the server role. Server ->
+device messages name the peers they concern.
+
+====================  =======================  ====================================
+stage                 device -> server         server -> device
+====================  =======================  ====================================
+0 advertise keys      `KeyAdvertisement`       `KeyRoster` (the live neighbours' keys)
+1 share keys          `ShareKeys`              `ShareBundle` (shares addressed to it)
+2 masked input        `MaskedInput`            `UnmaskRequest` (who survived, who dropped)
+3 unmask              `UnmaskResponse`         (the server computes the sum)
+====================  =======================  ====================================
+
+`encode` / `decode` give the compact MessagePack form used for byte counts;
+any msgspec encoding (JSON with base64 bytes, too) carries the same Structs.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+
+from fedclient._exceptions import InvalidRequest
+
+__all__ = [
+    "EncryptedShare",
+    "KeyAdvertisement",
+    "KeyRoster",
+    "MaskedInput",
+    "PeerKeys",
+    "RelayedShare",
+    "RevealedShare",
+    "SecAggMessage",
+    "ShareBundle",
+    "ShareKeys",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode",
+    "encode",
+]
+
+
+class KeyAdvertisement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 0, device -> server: fresh X25519 public keys (c: encryption, s: masks)."""
+
+    c_public: bytes
+    s_public: bytes
+
+
+class PeerKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One peer's advertised public keys."""
+
+    device: int
+    c_public: bytes
+    s_public: bytes
+
+
+class KeyRoster(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 0, server -> device: the keys of its neighbours that advertised in time."""
+
+    peers: list[PeerKeys]
+
+
+class EncryptedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A share pair (self-mask seed, key) for ``recipient``, AES-GCM encrypted to it.
+
+    ``self_mask_digest`` and ``key_digest`` commit to the two shares, so the
+    server can check them when the recipient reveals one.
+    """
+
+    recipient: int
+    ciphertext: bytes
+    self_mask_digest: bytes
+    key_digest: bytes
+
+
+class ShareKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 1, device -> server: one encrypted share pair per roster peer.
+
+    ``seed_commitment`` commits to the self-mask seed and ``own_share_digest``
+    to the share of it the device keeps for itself.
+    """
+
+    seed_commitment: bytes
+    own_share_digest: bytes
+    shares: list[EncryptedShare]
+
+
+class RelayedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An encrypted share pair from ``sender``, relayed as received."""
+
+    sender: int
+    ciphertext: bytes
+
+
+class ShareBundle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 1, server -> device: the shares its neighbours that shared in time sent it.
+
+    The device masks its input with exactly these senders.
+    """
+
+    shares: list[RelayedShare]
+
+
+class MaskedInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 2, device -> server: the masked input, little-endian uint32 words."""
+
+    vector: bytes
+
+
+class UnmaskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 2, server -> device: which of its neighbours sent a masked input and which did not."""
+
+    survivors: list[int]
+    dropped: list[int]
+
+
+class RevealedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A share of ``owner``'s secret, in the clear (33 bytes)."""
+
+    owner: int
+    value: bytes
+
+
+class UnmaskResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 3, device -> server: self-mask shares of survivors, key shares of dropped devices."""
+
+    self_mask_shares: list[RevealedShare]
+    key_shares: list[RevealedShare]
+
+
+SecAggMessage = (
+    KeyAdvertisement
+    | KeyRoster
+    | ShareKeys
+    | ShareBundle
+    | MaskedInput
+    | UnmaskRequest
+    | UnmaskResponse
+)
+
+M = TypeVar("M")
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """The MessagePack bytes of a message."""
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, kind: type[M]) -> M:
+    """A message of type ``kind`` from MessagePack; `fedclient.InvalidRequest` if malformed."""
+    try:
+        return msgspec.msgpack.decode(data, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidRequest(f"malformed {getattr(kind, '__name__', kind)}: {exc}") from exc

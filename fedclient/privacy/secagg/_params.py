@@ -1,0 +1,183 @@
+"""What the server announces before an aggregation: participants, threshold, graph, encoding."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+from fedclient._exceptions import InvalidInput
+from fedclient.privacy.secagg._crypto import DOMAIN
+from fedclient.privacy.secagg._quantize import Quantization
+
+__all__ = ["MAX_VECTOR_LENGTH", "SecAggParams", "default_neighbours"]
+
+#: Keeps a mask under ChaCha20's 2^32-block stream limit with room to spare.
+MAX_VECTOR_LENGTH = 2**28
+
+
+def default_neighbours(n: int) -> int:
+    """SecAgg+ neighbourhood size for ``n`` devices: the even number nearest above 3 log2 n.
+
+    A default of the O(log n) family of Bell et al. 2020; pick k from their
+    bounds for a given dropout rate, corruption rate and failure probability.
+    """
+    if n < 2:
+        return 1
+    return min(n - 1, 2 * math.ceil(1.5 * math.log2(n)))
+
+
+class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One secure aggregation, as the server announces it to every participant.
+
+    - ``session``: 32 random bytes naming this aggregation; every derived key,
+      associated data and commitment is bound to it.
+    - ``participants``: sorted distinct device numbers in [1, 2^32); they are
+      also the Shamir evaluation points. The driver maps its device ids to them.
+    - ``neighbours``: ``None`` for SecAgg (every pair of devices shares a mask
+      and every device holds shares of every other); an integer ``k`` for
+      SecAgg+: each device talks only to its ``k`` neighbours in a Harary graph
+      H(k, n) laid over a random permutation of the participants derived from
+      ``graph_seed`` (public randomness). If k is odd and n odd, one device has
+      k + 1 neighbours.
+    - ``threshold``: shares needed to recover a secret. A secret is shared among
+      a device and its neighbours (all devices in SecAgg), and ``threshold``
+      must be more than half of the largest such group and at least 2, so an
+      honest device, which reveals either the self-mask share or the key share
+      of each peer and never both, cannot be led to hand out both secrets of
+      one device; it must be at most the smallest group.
+    """
+
+    session: bytes
+    participants: list[int]
+    threshold: int
+    vector_length: int
+    quantization: Quantization = msgspec.field(default_factory=Quantization)
+    neighbours: int | None = None
+    graph_seed: bytes = b""
+
+    def __post_init__(self) -> None:
+        if len(self.session) != 32:
+            raise InvalidInput("session must be 32 bytes")
+        ids = self.participants
+        if len(ids) < 2:
+            raise InvalidInput("secure aggregation needs at least 2 participants")
+        if any(not 1 <= d < 2**32 for d in ids) or any(a >= b for a, b in itertools.pairwise(ids)):
+            raise InvalidInput("participants must be sorted, distinct and in [1, 2^32)")
+        if len(ids) > self.quantization.max_devices:
+            raise InvalidInput(
+                f"{len(ids)} participants, but the encoding only avoids wrap-around up to "
+                f"{self.quantization.max_devices}"
+            )
+        if not 1 <= self.vector_length <= MAX_VECTOR_LENGTH:
+            raise InvalidInput(f"vector_length must be in [1, {MAX_VECTOR_LENGTH}]")
+        if self.neighbours is not None:
+            if self.neighbours < 2:
+                raise InvalidInput("neighbours must be at least 2")
+            if len(self.graph_seed) != 32:
+                raise InvalidInput("SecAgg+ needs a 32-byte graph_seed")
+        smallest, largest = self.group_sizes
+        if not (2 <= self.threshold <= smallest and 2 * self.threshold > largest):
+            raise InvalidInput(
+                f"threshold must be at least 2, more than half of {largest} and at most "
+                f"{smallest}; got {self.threshold}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        participants: Sequence[int],
+        vector_length: int,
+        *,
+        plus: bool = False,
+        neighbours: int | None = None,
+        threshold: int | None = None,
+        quantization: Quantization | None = None,
+        session: bytes | None = None,
+        graph_seed: bytes | None = None,
+    ) -> SecAggParams:
+        """Parameters for one aggregation over ``participants``.
+
+        ``plus`` selects SecAgg+ with ``neighbours`` (default `default_neighbours`);
+        the default threshold is the smallest majority of the largest group.
+        ``session`` and ``graph_seed`` (32 bytes each, public) default to fresh
+        bytes from the OS CSPRNG; pass them to reproduce a graph. A session must
+        never be reused for a second aggregation.
+        """
+        ids = sorted(participants)
+        k = None
+        if plus:
+            k = neighbours if neighbours is not None else default_neighbours(len(ids))
+        if k is not None and k >= len(ids) - 1:
+            k = None  # the graph is complete: plain SecAgg
+        seed = (graph_seed or os.urandom(32)) if k is not None else b""
+        largest = _degree_range(len(ids), k)[1] + 1
+        return cls(
+            session=session or os.urandom(32),
+            participants=ids,
+            threshold=threshold if threshold is not None else largest // 2 + 1,
+            vector_length=vector_length,
+            quantization=quantization or Quantization(),
+            neighbours=k,
+            graph_seed=seed,
+        )
+
+    @property
+    def group_sizes(self) -> tuple[int, int]:
+        """Smallest and largest share group (a device and its neighbours)."""
+        lo, hi = _degree_range(len(self.participants), self.neighbours)
+        return lo + 1, hi + 1
+
+    def graph(self) -> Mapping[int, frozenset[int]]:
+        """Every participant's neighbours (cached per parameter set)."""
+        return _graph(tuple(self.participants), self.neighbours, self.graph_seed)
+
+    def neighbourhood(self, device: int) -> frozenset[int]:
+        """The participants ``device`` shares masks and secrets with (itself excluded)."""
+        return self.graph()[device]
+
+
+def _degree_range(n: int, k: int | None) -> tuple[int, int]:
+    if k is None or k >= n - 1:
+        return n - 1, n - 1
+    if k % 2 == 1 and n % 2 == 1:
+        return k, k + 1
+    return k, k
+
+
+@functools.lru_cache(maxsize=16)
+def _graph(
+    participants: tuple[int, ...], k: int | None, seed: bytes
+) -> Mapping[int, frozenset[int]]:
+    n = len(participants)
+    if k is None or k >= n - 1:
+        everyone = frozenset(participants)
+        return {d: everyone - {d} for d in participants}
+    # A permutation fixed by the seed alone (not by any library's RNG stream).
+    ring = sorted(
+        participants,
+        key=lambda d: hashlib.sha256(DOMAIN + b"/graph" + seed + d.to_bytes(4, "big")).digest(),
+    )
+    adjacency: dict[int, set[int]] = {d: set() for d in participants}
+
+    def link(i: int, j: int) -> None:
+        a, b = ring[i % n], ring[j % n]
+        adjacency[a].add(b)
+        adjacency[b].add(a)
+
+    for i in range(n):
+        for step in range(1, k // 2 + 1):
+            link(i, i + step)
+    if k % 2 == 1:  # Harary H(k, n) for odd k: add "diameters"
+        if n % 2 == 0:
+            for i in range(n // 2):
+                link(i, i + n // 2)
+        else:
+            for i in range((n - 1) // 2 + 1):
+                link(i, i + (n - 1) // 2)
+    return {d: frozenset(s) for d, s in adjacency.items()}

@@ -1,0 +1,427 @@
+"""The server's role in secure aggregation (SecAgg / SecAgg+): a sans-io state machine.
+
+The driver announces `SecAggParams` to the participants, then for each stage
+feeds in what devices send and, when every expected device has answered
+(`SecAggServer.waiting_for` is empty) or the stage's deadline passed, closes
+the stage and sends each device its answer::
+
+    server = SecAggServer(params)
+    server.receive_keys(device, KeyAdvertisement)        # stage 0, any order
+    rosters = server.close_advertise()                   # {device: KeyRoster}
+    server.receive_shares(device, ShareKeys)             # stage 1
+    bundles = server.close_sharing()                     # {device: ShareBundle}
+    server.receive_masked_input(device, MaskedInput)     # stage 2
+    requests = server.close_masking()                    # {device: UnmaskRequest}
+    server.receive_unmask(device, UnmaskResponse)        # stage 3
+    result = server.finish()                             # SecAggResult
+
+``device`` is the participant number the transport authenticated. A rejected
+message raises `fedclient.InvalidRequest` (malformed, wrong length, bad key,
+unknown device, share that does not match its commitment) or
+`fedclient.Conflict` (its stage is not open, its device dropped out earlier,
+or it differs from what the device already sent) and changes nothing, so it
+cannot poison the round; an identical resend is accepted as a no-op. When too
+few devices remain, the closing call or `finish` raises `AggregationFailed`
+*before* anything is reconstructed: no device's input is revealed. The
+reconstructed secrets are checked against the devices' commitments (the
+self-mask seed's digest, the mask key's public key), so the sum is exact or
+the aggregation fails; it is never silently wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedclient._exceptions import Conflict, InvalidRequest
+from fedclient.privacy.secagg import (
+    AggregationFailed,
+    EncryptedShare,
+    KeyAdvertisement,
+    KeyRoster,
+    MaskedInput,
+    PeerKeys,
+    RelayedShare,
+    RevealedShare,
+    SecAggParams,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    _crypto,
+    _shamir,
+    dequantize,
+)
+
+__all__ = ["SecAggResult", "SecAggServer", "ServerStage"]
+
+
+class ServerStage(StrEnum):
+    """The stage a `SecAggServer` is collecting messages for."""
+
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASK = "mask"
+    UNMASK = "unmask"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """The outcome of one aggregation.
+
+    ``ring_sum`` is the exact sum in Z_{2^32} of the quantised inputs of the
+    ``contributors`` (the devices whose masked input arrived in time) and
+    ``total`` the same sum de-quantised to floats (divide by the number of
+    contributors for a mean). ``dropped`` lists the devices that shared keys
+    but sent no masked input: their masks were removed, their inputs are not in
+    the sum.
+    """
+
+    ring_sum: npt.NDArray[np.uint32]
+    total: npt.NDArray[np.float64]
+    contributors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+def _digest(message: msgspec.Struct) -> bytes:
+    return hashlib.sha256(msgspec.msgpack.encode(message)).digest()
+
+
+class SecAggServer:
+    """One secure aggregation, server side. See the module docstring for the call order."""
+
+    def __init__(self, params: SecAggParams) -> None:
+        self.params = params
+        self.graph: Mapping[int, frozenset[int]] = params.graph()
+        self.stage = ServerStage.ADVERTISE
+        self._participants = frozenset(params.participants)
+        self._digests: dict[ServerStage, dict[int, bytes]] = {
+            stage: {}
+            for stage in (
+                ServerStage.ADVERTISE,
+                ServerStage.SHARE,
+                ServerStage.MASK,
+                ServerStage.UNMASK,
+            )
+        }
+        self._keys: dict[int, KeyAdvertisement] = {}
+        self._key_owner: dict[bytes, int] = {}
+        self._u1: frozenset[int] = frozenset()
+        self._shares: dict[int, ShareKeys] = {}
+        self._share_index: dict[int, dict[int, EncryptedShare]] = {}
+        self._u2: frozenset[int] = frozenset()
+        self._sum = np.zeros(params.vector_length, dtype="<u4")
+        self._u3: frozenset[int] = frozenset()
+        self._requests: dict[int, UnmaskRequest] = {}
+        self._b_shares: dict[int, dict[int, int]] = {}
+        self._s_shares: dict[int, dict[int, int]] = {}
+        self._result: SecAggResult | None = None
+        self._failure: AggregationFailed | None = None
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    @property
+    def waiting_for(self) -> frozenset[int]:
+        """Devices the current stage still expects a message from."""
+        if self.stage not in self._digests:
+            return frozenset()
+        return frozenset(self._expected(self.stage) - self._digests[self.stage].keys())
+
+    def _expected(self, stage: ServerStage) -> frozenset[int]:
+        return {
+            ServerStage.ADVERTISE: self._participants,
+            ServerStage.SHARE: self._u1,
+            ServerStage.MASK: self._u2,
+            ServerStage.UNMASK: self._u3,
+        }[stage]
+
+    def _admit(self, device: int, stage: ServerStage, digest: bytes) -> bool:
+        """Check ``device`` may send for ``stage``; False if this exact message was accepted."""
+        if device not in self._participants:
+            raise InvalidRequest(f"device {device} is not a participant of this aggregation")
+        seen = self._digests[stage]
+        if device in seen:
+            if seen[device] == digest:
+                return False  # a resend of what was accepted: nothing to do
+            raise Conflict(f"device {device} already sent a different {stage.value} message")
+        self._expect_open(stage)
+        if device not in self._expected(stage):
+            raise Conflict(f"device {device} dropped out of this aggregation at an earlier stage")
+        return True
+
+    def _fail(self, reason: str) -> AggregationFailed:
+        self.stage = ServerStage.FAILED
+        self._failure = AggregationFailed(reason)
+        return self._failure
+
+    def _prune(self, alive: Iterable[int]) -> frozenset[int]:
+        """Drop devices with fewer than ``threshold`` live share-holders, until none is left."""
+        t = self.params.threshold
+        live = set(alive)
+        changed = True
+        while changed:
+            changed = False
+            for device in sorted(live):
+                if len(self.graph[device] & live) + 1 < t:
+                    live.discard(device)
+                    changed = True
+        return frozenset(live)
+
+    # -- stage 0: advertise keys -----------------------------------------------------------
+    def receive_keys(self, device: int, message: KeyAdvertisement) -> None:
+        """Accept a device's two public keys (32 bytes each, usable, never seen before)."""
+        digest = _digest(message)
+        if not self._admit(device, ServerStage.ADVERTISE, digest):
+            return
+        keys = (message.c_public, message.s_public)
+        if keys[0] == keys[1]:
+            raise InvalidRequest("the encryption and mask keys must differ")
+        for key in keys:
+            try:
+                _crypto.check_public_key(key)
+            except ValueError as exc:
+                raise InvalidRequest(f"unusable X25519 public key: {exc}") from exc
+            if key in self._key_owner:
+                raise InvalidRequest("public key already advertised by another device")
+        self._keys[device] = message
+        self._digests[ServerStage.ADVERTISE][device] = digest
+        for key in keys:
+            self._key_owner[key] = device
+
+    def close_advertise(self) -> dict[int, KeyRoster]:
+        """End stage 0: each live device's roster of live neighbours' keys.
+
+        Devices left with fewer than ``threshold - 1`` live neighbours are
+        dropped (they could not be unmasked). Raises `AggregationFailed` if
+        nobody is left.
+        """
+        self._expect_open(ServerStage.ADVERTISE)
+        self._u1 = self._prune(self._keys)
+        if not self._u1:
+            raise self._fail(
+                f"{len(self._keys)} devices advertised keys; too few for threshold "
+                f"{self.params.threshold}"
+            )
+        rosters = {}
+        for device in sorted(self._u1):
+            peers = []
+            for peer in sorted(self.graph[device] & self._u1):
+                keys = self._keys[peer]
+                peers.append(PeerKeys(peer, keys.c_public, keys.s_public))
+            rosters[device] = KeyRoster(peers)
+        self.stage = ServerStage.SHARE
+        return rosters
+
+    def _expect_open(self, stage: ServerStage) -> None:
+        if self.stage == ServerStage.FAILED and self._failure is not None:
+            raise Conflict(f"the aggregation failed: {self._failure}")
+        if self.stage != stage:
+            raise Conflict(f"the {stage.value} stage is not open ({self.stage.value})")
+
+    # -- stage 1: share keys ---------------------------------------------------------------
+    def receive_shares(self, device: int, message: ShareKeys) -> None:
+        """Accept a device's encrypted shares: one per live neighbour, each well-formed."""
+        digest = _digest(message)
+        if not self._admit(device, ServerStage.SHARE, digest):
+            return
+        if len(message.seed_commitment) != 32:
+            raise InvalidRequest("seed_commitment must be 32 bytes")
+        if len(message.own_share_digest) != _crypto.DIGEST_BYTES:
+            raise InvalidRequest(f"own_share_digest must be {_crypto.DIGEST_BYTES} bytes")
+        expected = self.graph[device] & self._u1
+        index: dict[int, EncryptedShare] = {}
+        for share in message.shares:
+            if share.recipient not in expected or share.recipient in index:
+                raise InvalidRequest(f"unexpected or repeated share recipient {share.recipient}")
+            if len(share.ciphertext) != _crypto.SHARE_CIPHERTEXT_BYTES:
+                raise InvalidRequest(
+                    f"share ciphertext for {share.recipient} is {len(share.ciphertext)} bytes, "
+                    f"not {_crypto.SHARE_CIPHERTEXT_BYTES}"
+                )
+            if (
+                len(share.self_mask_digest) != _crypto.DIGEST_BYTES
+                or len(share.key_digest) != _crypto.DIGEST_BYTES
+            ):
+                raise InvalidRequest(f"share digests must be {_crypto.DIGEST_BYTES} bytes")
+            index[share.recipient] = share
+        if index.keys() != expected:
+            missing = sorted(expected - index.keys())
+            raise InvalidRequest(f"shares missing for live neighbours {missing[:10]}")
+        self._shares[device] = message
+        self._share_index[device] = index
+        self._digests[ServerStage.SHARE][device] = digest
+
+    def close_sharing(self) -> dict[int, ShareBundle]:
+        """End stage 1: each device's bundle of the shares addressed to it.
+
+        A device whose live share-holders fell under the threshold is dropped,
+        and its neighbours will not mask with it. Raises `AggregationFailed` if
+        nobody is left.
+        """
+        self._expect_open(ServerStage.SHARE)
+        self._u2 = self._prune(self._shares)
+        if not self._u2:
+            raise self._fail(
+                f"{len(self._shares)} devices shared keys; too few for threshold "
+                f"{self.params.threshold}"
+            )
+        bundles = {}
+        for device in sorted(self._u2):
+            relayed = [
+                RelayedShare(sender, self._share_index[sender][device].ciphertext)
+                for sender in sorted(self.graph[device] & self._u2)
+            ]
+            bundles[device] = ShareBundle(relayed)
+        self.stage = ServerStage.MASK
+        return bundles
+
+    # -- stage 2: masked input -------------------------------------------------------------
+    def receive_masked_input(self, device: int, message: MaskedInput) -> None:
+        """Accept a masked input of exactly ``4 * vector_length`` bytes and add it to the sum."""
+        digest = hashlib.sha256(message.vector).digest()
+        if not self._admit(device, ServerStage.MASK, digest):
+            return
+        if len(message.vector) != 4 * self.params.vector_length:
+            raise InvalidRequest(
+                f"masked input is {len(message.vector)} bytes, not {4 * self.params.vector_length}"
+            )
+        np.add(self._sum, np.frombuffer(message.vector, dtype="<u4"), out=self._sum)
+        self._digests[ServerStage.MASK][device] = digest
+
+    def close_masking(self) -> dict[int, UnmaskRequest]:
+        """End stage 2: ask each contributor for the shares that remove the masks.
+
+        Raises `AggregationFailed` (and asks nothing) if some contributor's
+        self-mask or some dropped device's mask key could not reach the
+        threshold of shares from the contributors.
+        """
+        self._expect_open(ServerStage.MASK)
+        u3 = frozenset(self._digests[ServerStage.MASK])
+        t = self.params.threshold
+        short = [d for d in sorted(u3) if len((self.graph[d] & self._u2 & u3) | {d}) < t] + [
+            d for d in sorted(self._u2 - u3) if self.graph[d] & u3 and len(self.graph[d] & u3) < t
+        ]
+        if not u3 or short:
+            raise self._fail(
+                f"{len(u3)} of {len(self._u2)} devices sent a masked input; devices "
+                f"{short[:10]} cannot reach the threshold {t} of surviving share-holders"
+            )
+        self._u3 = u3
+        dropped = self._u2 - u3
+        self._requests = {
+            device: UnmaskRequest(
+                survivors=sorted((self.graph[device] & u3) | {device}),
+                dropped=sorted(self.graph[device] & dropped),
+            )
+            for device in sorted(u3)
+        }
+        self.stage = ServerStage.UNMASK
+        return dict(self._requests)
+
+    # -- stage 3: unmask -------------------------------------------------------------------
+    def receive_unmask(self, device: int, message: UnmaskResponse) -> None:
+        """Accept a device's revealed shares; each must match its owner's commitment."""
+        digest = _digest(message)
+        if not self._admit(device, ServerStage.UNMASK, digest):
+            return
+        request = self._requests[device]
+        b_new = self._check_revealed(device, message.self_mask_shares, request.survivors, b"b")
+        s_new = self._check_revealed(device, message.key_shares, request.dropped, b"s")
+        for owner, value in b_new.items():
+            self._b_shares.setdefault(owner, {})[device] = value
+        for owner, value in s_new.items():
+            self._s_shares.setdefault(owner, {})[device] = value
+        self._digests[ServerStage.UNMASK][device] = digest
+
+    def _check_revealed(
+        self, holder: int, revealed: Iterable[RevealedShare], allowed: list[int], kind: bytes
+    ) -> dict[int, int]:
+        session = self.params.session
+        allowed_set = set(allowed)
+        values: dict[int, int] = {}
+        for item in revealed:
+            owner = item.owner
+            if owner not in allowed_set or owner in values:
+                raise InvalidRequest(f"unexpected or repeated share of device {owner}")
+            try:
+                value = _shamir.decode_element(item.value)
+            except ValueError as exc:
+                raise InvalidRequest(f"share of device {owner}: {exc}") from exc
+            if kind == b"b" and owner == holder:
+                expected = self._shares[owner].own_share_digest
+            else:
+                dealt = self._share_index[owner][holder]
+                expected = dealt.self_mask_digest if kind == b"b" else dealt.key_digest
+            if _crypto.share_digest(session, kind, owner, holder, item.value) != expected:
+                raise InvalidRequest(f"share of device {owner} does not match its commitment")
+            values[owner] = value
+        return values
+
+    def finish(self) -> SecAggResult:
+        """End stage 3: reconstruct, remove every mask, and return the exact sum.
+
+        Raises `AggregationFailed` if a contributor's self-mask seed or a
+        dropped device's mask key has fewer than ``threshold`` shares, checked
+        before anything is reconstructed, or if a reconstructed secret does not
+        match its commitment.
+        """
+        if self._result is not None:
+            return self._result
+        self._expect_open(ServerStage.UNMASK)
+        params, t = self.params, self.params.threshold
+        dropped = sorted(d for d in self._u2 - self._u3 if self.graph[d] & self._u3)
+        short = [d for d in sorted(self._u3) if len(self._b_shares.get(d, {})) < t]
+        short += [d for d in dropped if len(self._s_shares.get(d, {})) < t]
+        if short:
+            raise self._fail(
+                f"{len(self._digests[ServerStage.UNMASK])} of {len(self._u3)} contributors "
+                f"answered the unmask request; devices {short[:10]} have fewer than {t} shares"
+            )
+        session = params.session
+        seeds: dict[int, bytes] = {}
+        for device in sorted(self._u3):
+            secret = _shamir.reconstruct(self._b_shares[device], t)
+            seed = secret.to_bytes(_shamir.ELEMENT_BYTES, "big")[-32:]
+            if (
+                secret >= 2**256
+                or _crypto.secret_digest(session, device, seed)
+                != self._shares[device].seed_commitment
+            ):
+                raise self._fail(f"device {device}'s self-mask seed does not match its commitment")
+            seeds[device] = seed
+        mask_keys: dict[int, X25519PrivateKey] = {}
+        for device in dropped:
+            secret = _shamir.reconstruct(self._s_shares[device], t)
+            key = X25519PrivateKey.from_private_bytes(
+                secret.to_bytes(_shamir.ELEMENT_BYTES, "big")[-32:]
+            )
+            if secret >= 2**256 or _crypto.public_bytes(key) != self._keys[device].s_public:
+                raise self._fail(f"device {device}'s mask key does not match its public key")
+            mask_keys[device] = key
+        expander = _crypto.MaskExpander(params.vector_length)
+        total = self._sum.copy()
+        for device, seed in seeds.items():
+            expander.add(total, _crypto.self_mask_key(seed, session, device), -1)
+        for device, key in mask_keys.items():
+            for survivor in sorted(self.graph[device] & self._u3):
+                agreed = _crypto.agree(key, self._keys[survivor].s_public)
+                pair_key = _crypto.pairwise_mask_key(agreed, session, survivor, device)
+                # The survivor added +mask if its number is the smaller one.
+                expander.add(total, pair_key, -1 if survivor < device else +1)
+        ring_sum = total.astype(np.uint32)
+        self._result = SecAggResult(
+            ring_sum=ring_sum,
+            total=dequantize(ring_sum, params.quantization),
+            contributors=tuple(sorted(self._u3)),
+            dropped=tuple(sorted(self._u2 - self._u3)),
+        )
+        self.stage = ServerStage.DONE
+        return self._result

@@ -1,0 +1,114 @@
+"""One server and N devices of a secure aggregation, wired in-process, stage by stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedclient.privacy.secagg import (
+    KeyAdvertisement,
+    KeyRoster,
+    MaskedInput,
+    SecAggClient,
+    SecAggParams,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    quantize,
+)
+from fedserver_ref.secagg import SecAggResult, SecAggServer
+
+STAGES = ("advertise", "share", "mask", "unmask")
+
+
+@dataclass
+class Aggregation:
+    """A server, its clients and their quantised inputs; each step drops the devices named."""
+
+    params: SecAggParams
+    server: SecAggServer
+    clients: dict[int, SecAggClient]
+    inputs: dict[int, npt.NDArray[np.uint32]]
+    sent: dict[str, dict[int, Any]] = field(default_factory=dict)
+    received: dict[str, dict[int, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls,
+        n: int,
+        length: int = 32,
+        *,
+        plus: bool = False,
+        seed: int = 0,
+        inputs: dict[int, npt.NDArray[np.uint32]] | None = None,
+        **kwargs: Any,
+    ) -> Aggregation:
+        params = SecAggParams.create(range(1, n + 1), length, plus=plus, **kwargs)
+        rng = np.random.default_rng(seed)
+        if inputs is None:
+            inputs = {
+                d: quantize(rng.uniform(-1, 1, length), params.quantization, rng)
+                for d in params.participants
+            }
+        clients = {d: SecAggClient(params, d) for d in params.participants}
+        return cls(params, SecAggServer(params), clients, inputs)
+
+    def advertise(self, drop: Iterable[int] = ()) -> dict[int, KeyRoster]:
+        out: dict[int, KeyAdvertisement] = {}
+        for d in sorted(set(self.clients) - set(drop)):
+            out[d] = self.clients[d].advertise_keys()
+            self.server.receive_keys(d, out[d])
+        self.sent["advertise"] = dict(out)
+        rosters = self.server.close_advertise()
+        self.received["advertise"] = dict(rosters)
+        return rosters
+
+    def share(self, drop: Iterable[int] = ()) -> dict[int, ShareBundle]:
+        rosters = self.received["advertise"]
+        out: dict[int, ShareKeys] = {}
+        for d in sorted(set(rosters) - set(drop)):
+            out[d] = self.clients[d].share_keys(rosters[d])
+            self.server.receive_shares(d, out[d])
+        self.sent["share"] = dict(out)
+        bundles = self.server.close_sharing()
+        self.received["share"] = dict(bundles)
+        return bundles
+
+    def mask(self, drop: Iterable[int] = ()) -> dict[int, UnmaskRequest]:
+        bundles = self.received["share"]
+        out: dict[int, MaskedInput] = {}
+        for d in sorted(set(bundles) - set(drop)):
+            out[d] = self.clients[d].masked_input(bundles[d], self.inputs[d])
+            self.server.receive_masked_input(d, out[d])
+        self.sent["mask"] = dict(out)
+        requests = self.server.close_masking()
+        self.received["mask"] = dict(requests)
+        return requests
+
+    def unmask(self, drop: Iterable[int] = ()) -> SecAggResult:
+        requests = self.received["mask"]
+        out: dict[int, UnmaskResponse] = {}
+        for d in sorted(set(requests) - set(drop)):
+            out[d] = self.clients[d].unmask(requests[d])
+            self.server.receive_unmask(d, out[d])
+        self.sent["unmask"] = dict(out)
+        return self.server.finish()
+
+    def run(self, drops: Mapping[str, Iterable[int]] | None = None) -> SecAggResult:
+        drops = drops or {}
+        self.advertise(drops.get("advertise", ()))
+        self.share(drops.get("share", ()))
+        self.mask(drops.get("mask", ()))
+        return self.unmask(drops.get("unmask", ()))
+
+    def plain_sum(self, devices: Iterable[int]) -> npt.NDArray[np.uint32]:
+        """The sum of the quantised inputs of ``devices`` in Z_{2^32}, computed in the clear."""
+        total = np.zeros(self.params.vector_length, dtype=np.uint64)
+        for d in devices:
+            total += self.inputs[d]
+        return (total % 2**32).astype(np.uint32)
