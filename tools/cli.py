@@ -4,6 +4,7 @@
     fedconvert cnn --side 28 -o bundles/cnn
     fedconvert model.onnx -o bundles/model
     fedconvert mypkg.models:Net --input-shape 1,28,28 -o bundles/net     (needs torch)
+    fedconvert mlp --hidden 32 --tflite -o bundles/mlp    (+ model.tflite; needs TensorFlow)
 
 A bundle holds ONNX Runtime training artifacts (checkpoint, training, eval and
 optimizer models), an inference model and ``manifest.json`` (parameter names,
@@ -12,6 +13,11 @@ Verification runs one inference and one training step through ONNX Runtime and
 compares them with the source model (numpy reference, PyTorch, or onnx's
 reference evaluator). Exit status: 0 verified, 1 verification failed,
 2 the model cannot be converted.
+
+``--tflite`` also writes ``model.tflite`` (built-in mlp and softmax only) with
+``train``, ``infer``, ``get_weights`` and ``set_weights`` signatures and its
+manifest ``model.tflite.json``, and verifies it through LiteRT. It needs
+TensorFlow at conversion time only, in its own venv (see tools/make_tflite_models.py).
 """
 
 from __future__ import annotations
@@ -21,8 +27,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedclient._exceptions import FedError
+from fedclient._exceptions import FedError, InvalidInput
+
+if TYPE_CHECKING:
+    from tools._convert import Source
 
 __all__ = ["main"]
 
@@ -67,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="do not train this initialiser",
     )
+    lite = parser.add_argument_group("TFLite (needs TensorFlow)")
+    lite.add_argument(
+        "--tflite",
+        action="store_true",
+        help="also write model.tflite with training signatures (built-in mlp/softmax)",
+    )
+    lite.add_argument(
+        "--train-batch",
+        type=int,
+        help="the TFLite model's fixed training batch (default 16; smaller minibatches are "
+        "padded, larger ones accumulated)",
+    )
     check = parser.add_argument_group("verification")
     check.add_argument(
         "--tolerance", type=float, default=1e-5, help="absolute tolerance (default 1e-5)"
@@ -105,21 +127,59 @@ def main(argv: list[str] | None = None) -> int:
             frozen=args.freeze,
         )
         out = Path(args.out or Path("bundles") / source.name)
+        if args.tflite:
+            _check_tflite_source(source)  # fail before the ONNX conversion, not after it
+            started = time.perf_counter()  # the bundle's time, without TensorFlow's import
         manifest = convert(source, out)
         verification = None
         if not args.no_verify:
             verification = verify_bundle(
                 out, source.reference, tolerance=args.tolerance, learning_rate=args.learning_rate
             )
+        seconds = time.perf_counter() - started
+        lite = None
+        if args.tflite and source.model_spec is not None:
+            from tools._tflite import TRAIN_BATCH, convert_and_verify
+
+            lite = convert_and_verify(
+                source.model_spec,
+                out / "model.tflite",
+                seed=args.seed,
+                train_batch=args.train_batch or TRAIN_BATCH,
+                verify=not args.no_verify,
+                tolerance=args.tolerance,
+                learning_rate=args.learning_rate,
+            )
     except FedError as exc:  # InvalidInput (exit 2) for models that cannot be converted
         print(f"fedconvert: {exc}", file=sys.stderr)
         return exc.exit_code
-    seconds = time.perf_counter() - started
+    results = [verification] + ([lite.verification] if lite is not None else [])
     if args.json:
-        print(json.dumps(summary(out, manifest, verification, seconds), indent=2))
+        data = summary(out, manifest, verification, seconds)
+        if lite is not None:
+            from tools._tflite import tflite_summary
+
+            data["tflite"] = tflite_summary(lite)
+        print(json.dumps(data, indent=2))
     else:
         print(render(out, manifest, verification, seconds))
-    return 0 if verification is None or verification.passed else 1
+        if lite is not None:
+            from tools._tflite import render_tflite
+
+            print("\n" + render_tflite(lite))
+    return 0 if all(v is None or v.passed for v in results) else 1
+
+
+def _check_tflite_source(source: Source) -> None:
+    """Fail before the ONNX conversion when the TFLite one cannot follow."""
+    from tools._tflite import tensorflow
+
+    spec = source.model_spec
+    if spec is None or spec.kind not in ("mlp", "softmax"):
+        raise InvalidInput(
+            f"--tflite converts the built-in mlp and softmax models only, not {source.name!r}"
+        )
+    tensorflow()  # InvalidInput with how to install it
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Training backends behind one interface: ``numpy`` here; edge runtimes load lazily.
 
-``onnx`` (the ``[onnx]`` extra) trains device bundles with ONNX Runtime; its
-modules import no runtime until a backend is built.
+``onnx`` (the ``[onnx]`` extra) trains device bundles with ONNX Runtime;
+``tflite`` (the ``[tflite]`` extra) trains ``.tflite`` models with training
+signatures through the LiteRT interpreter. Their modules import no runtime
+until a backend is built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from fedclient.runtime._bundle import BundleManifest, read_manifest, write_bundl
 from fedclient.runtime._cnn import CnnShape, NumpyCnn, cnn_initial_weights
 from fedclient.runtime._numpy import NumpyModel
 from fedclient.runtime._onnx import OnnxBackend
+from fedclient.runtime._tflite import TfliteBackend, TfliteManifest, read_tflite_manifest
 
 __all__ = [
     "BundleManifest",
@@ -21,16 +24,19 @@ __all__ = [
     "NumpyCnn",
     "NumpyModel",
     "OnnxBackend",
+    "TfliteBackend",
+    "TfliteManifest",
     "TrainResult",
     "TrainingBackend",
     "check_dataset",
     "cnn_initial_weights",
     "create_backend",
     "read_manifest",
+    "read_tflite_manifest",
     "write_bundle",
 ]
 
-RUNTIMES = ("numpy", "onnx")
+RUNTIMES = ("numpy", "onnx", "tflite")
 
 
 def create_backend(spec: ModelSpec, runtime: str = "numpy", *, seed: int = 0) -> TrainingBackend:
@@ -41,4 +47,6 @@ def create_backend(spec: ModelSpec, runtime: str = "numpy", *, seed: int = 0) ->
         return NumpyModel(spec, seed=seed)
     if runtime == "onnx":  # builds (once, cached) and loads the spec's bundle; imports ONNX Runtime
         return OnnxBackend.for_spec(spec, seed=seed)
+    if runtime == "tflite":  # loads the spec's shipped .tflite model; imports LiteRT
+        return TfliteBackend.for_spec(spec, seed=seed)
     raise InvalidInput(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
