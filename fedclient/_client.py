@@ -35,6 +35,7 @@ from fedclient._exceptions import (
     InvalidInput,
     InvalidRequest,
     ModelMismatch,
+    PrivacyBudgetExceeded,
     RequestTimeout,
     RoundClosed,
     TransportError,
@@ -42,6 +43,12 @@ from fedclient._exceptions import (
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
+from fedclient.privacy.dp import (
+    GaussianMechanism,
+    PrivacyBudget,
+    PrivacyLedger,
+    secret_generator,
+)
 from fedclient.protocol import (
     CHECKIN,
     ENROL,
@@ -462,6 +469,15 @@ class Client:
             return self._discard(
                 plan, f"cannot finish before the deadline (needs about {needed or 0:.0f} s)"
             )
+        privacy = self._privacy(plan)
+        if privacy is not None:
+            mechanism, budget, ledger = privacy
+            try:  # refuse before training, not after: the work would be wasted
+                epsilon_after = ledger.check(self.job, mechanism.noise_multiplier, budget)
+            except PrivacyBudgetExceeded:
+                yield self._request(LEAVE, identity, round_id=plan.round_id)
+                self._discard(plan, "the job's privacy budget is spent")
+                raise
         held = self._store.held_model(self.job)
         assert held is not None and held[0] == plan.model_version
         base, _ = decode_tensors(held[2])
@@ -489,6 +505,12 @@ class Client:
             "model_version": str(plan.model_version),
             "round_id": str(plan.round_id),
         }
+        if privacy is not None:
+            # Clip and noise; the noise must be secret on a real device (seeded only in
+            # simulations, for reproducible reports).
+            noise = secret_generator() if seed is None else np.random.default_rng([seed, 7])
+            delta = mechanism.privatize(delta, noise)
+            metadata["epsilon_spent"] = repr(epsilon_after)
         spec = CompressionSpec.parse(plan.compression)
         residual_body = None
         if spec.active:
@@ -500,7 +522,11 @@ class Client:
             residual_body = encode_tensors(left_out)
         else:
             body = encode_tensors(delta, metadata)
-        self._store.record_update(self.job, plan, body, uuid.uuid4().hex, residual_body)
+        key = uuid.uuid4().hex
+        with self._store.db.atomic():  # the release is charged before it can leave
+            if privacy is not None:
+                ledger.charge(self.job, key, mechanism.noise_multiplier, budget)
+            self._store.record_update(self.job, plan, body, key, residual_body)
         return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
@@ -565,6 +591,17 @@ class Client:
             return self.estimate_seconds(work)
         speed = self._store.speed()  # examples per second, learned from past rounds
         return None if speed is None else work / speed
+
+    def _privacy(
+        self, plan: RoundPlan
+    ) -> tuple[GaussianMechanism, PrivacyBudget, PrivacyLedger] | None:
+        """The local-DP mechanism, budget and ledger a round asks for, if any."""
+        p = plan.privacy
+        if p.dp_epsilon is None:
+            return None
+        mechanism = GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip, p.neighbouring)
+        budget = PrivacyBudget(p.budget_epsilon or p.dp_epsilon * plan.rounds, p.dp_delta)
+        return mechanism, budget, PrivacyLedger(self._store.db, self._store.key)
 
     def _discard(self, plan: RoundPlan, reason: str) -> StepOutcome:
         self._store.discard_round(self.job)

@@ -4,6 +4,11 @@
     open --(deadline, >= min_devices updates)------------------> closed (aggregated)
     open --(deadline, fewer than min_devices updates)----------> failed (model kept)
 
+Asynchronous jobs (``mode = "async"``, FedBuff, Nguyen et al. 2022) reuse the same
+table with one change: a round is a *buffer* that closes only when it holds
+``devices_per_round`` updates, each trained on whatever version was current when
+its device checked in and weighted by 1/sqrt(1 + staleness).
+
 Closing a round writes the next model version and opens the next round (or
 finishes the job) in the same transaction. Time comes from the caller, so the
 simulator can run rounds on a simulated clock.
@@ -61,7 +66,8 @@ class SyncRounds:
             count = self.store.update_count(round_.round_id)
             if count >= job.plan.job.devices_per_round:
                 self.close(job, round_, now, "quota")
-            elif now >= round_.deadline:
+            elif now >= round_.deadline and job.plan.job.mode == "sync":
+                # An async buffer has no deadline: it closes when it is full.
                 self.close(job, round_, now, "deadline")
 
     def close(self, job: JobRow, round_: RoundRow, now: float, why: str) -> None:
@@ -75,7 +81,9 @@ class SyncRounds:
                 assert current is not None
                 base, _ = decode_tensors(current[0])
                 updates = [
-                    ClientUpdate(r.device_id, r.num_examples, decode_tensors(r.body or b"")[0])
+                    ClientUpdate(
+                        r.device_id, r.num_examples, decode_tensors(r.body or b"")[0], r.staleness
+                    )
                     for r in rows
                 ]
                 held = self.store.strategy_state(job.name)

@@ -115,6 +115,8 @@ class FederationService:
             return JobFinished(job.model_version)
         round_ = self.store.latest_rounds(job.name, 1)[0]
         assert round_.status == "open"
+        if job.plan.job.mode == "async":
+            return self._checkin_async(job, round_, device_id, now)
         wait = max(1.0, round_.deadline - now)
         if self.store.is_admitted(round_.round_id, device_id):
             if self.store.has_update(round_.round_id, device_id):
@@ -126,13 +128,32 @@ class FederationService:
             self.store.admit(round_.round_id, device_id, now)
         return Admitted(self._plan(job, round_))
 
+    def _checkin_async(
+        self, job: JobRow, round_: RoundRow, device_id: str, now: float
+    ) -> CheckinResponse:
+        """Async: any number of buffers may be in flight; at most ``admit_per_round``
+        devices train at once, each on the version current when it checked in."""
+        oldest = job.model_version - job.plan.job.max_staleness
+        held = self.store.admission_of(job.name, device_id, oldest)
+        if held is not None:
+            return Admitted(self._plan(job, held))
+        if self.store.in_flight(job.name, oldest) >= job.plan.admit_per_round:
+            return RetryLater(1.0, "enough devices are training")
+        with self.store.atomic():
+            self.store.admit(round_.round_id, device_id, now)
+        return Admitted(self._plan(job, round_))
+
     def leave(self, token: str, round_id: int) -> bool:
         """A device gives its place in a round back (if it has not contributed)."""
         device_id = self.authenticate(token)
         round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
-        if round_.status != "open" or self.store.has_update(round_id, device_id):
+        job = self._job(round_.job)
+        if not self.store.is_admitted(round_id, device_id) or (
+            job.plan.job.mode == "sync"
+            and (round_.status != "open" or self.store.has_update(round_id, device_id))
+        ):
             return False
         with self.store.atomic():
             self.store.withdraw(round_id, device_id)
@@ -251,9 +272,11 @@ class FederationService:
         job = self._job(round_.job)
         previous = self.store.update_by_key(device_id, key)
         if previous is not None:
-            if previous.round_id != round_id:
+            if previous.round_id != round_id and job.plan.job.mode == "sync":
                 raise Conflict("this Idempotency-Key was used for another round")
             return _receipt(previous), job, round_
+        if job.plan.job.mode == "async":
+            return None, job, self._async_admissible(job, round_, device_id)
         if round_.status != "open":
             if now >= round_.deadline:
                 raise DeadlinePassed(f"round {round_id} closed at its deadline")
@@ -264,16 +287,40 @@ class FederationService:
             raise Conflict(f"device already uploaded an update for round {round_id}")
         return None, job, round_
 
+    def _async_admissible(self, job: JobRow, trained: RoundRow, device_id: str) -> RoundRow:
+        """Async: the round the device trained in, if its update may still be folded in."""
+        if job.status == "finished":
+            raise RoundClosed("the job ran all its rounds")
+        if not self.store.is_admitted(trained.round_id, device_id):
+            raise Forbidden(f"device holds no admission to round {trained.round_id}")
+        staleness = job.model_version - trained.model_version
+        if staleness > job.plan.job.max_staleness:
+            raise RoundClosed(
+                f"update trained on version {trained.model_version} is {staleness} versions "
+                f"behind; the job takes at most {job.plan.job.max_staleness}"
+            )
+        return trained
+
     def _accept(
         self, device_id: str, job: JobRow, round_: RoundRow, key: str, body: bytes
     ) -> UploadReceipt:
         if len(body) > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
-        num_examples, train_loss, body = self._validate_update(job, round_, body)
+        num_examples, train_loss, body, spent = self._validate_update(job, round_, body)
         now = self.clock()
+        # Sync: the update belongs to its own round. Async: to the buffer open now, with
+        # its staleness, and it uses up the admission it was trained under.
+        target, staleness = round_, 0
+        if job.plan.job.mode == "async":
+            target = self.store.latest_rounds(job.name, 1)[0]
+            staleness = target.model_version - round_.model_version
         with self.store.atomic():
+            if spent is not None:
+                self.store.record_privacy_spent(job.name, device_id, spent)
+            if job.plan.job.mode == "async":
+                self.store.withdraw(round_.round_id, device_id)
             row = self.store.add_update(
-                round_.round_id,
+                target.round_id,
                 device_id,
                 key,
                 uuid.uuid4().hex,
@@ -281,9 +328,10 @@ class FederationService:
                 train_loss,
                 body,
                 now,
+                staleness,
             )
-            if self.store.update_count(round_.round_id) >= job.plan.job.devices_per_round:
-                self.rounds.close(job, round_, now, "quota")
+            if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
+                self.rounds.close(job, target, now, "quota")
         return _receipt(row)
 
     def job_status(self, job_name: str) -> JobStatus:
@@ -305,6 +353,7 @@ class FederationService:
             current,
             job.plan,
             previous,
+            self.store.privacy_spent(job.name),
         )
 
     def round_status(self, job_name: str, number: int) -> RoundSummary:
@@ -338,23 +387,32 @@ class FederationService:
         return job
 
     def _plan(self, job: JobRow, round_: RoundRow) -> RoundPlan:
+        # Async buffers have no deadline; a device gets deadline_seconds from now to finish.
+        deadline = (
+            round_.deadline
+            if job.plan.job.mode == "sync"
+            else self.clock() + job.plan.job.deadline_seconds
+        )
         return RoundPlan(
             job.name,
             round_.round_id,
             round_.number,
             round_.model_version,
-            round_.deadline,
+            deadline,
             self.clock(),
             job.plan.model,
             job.plan.train,
             job.plan.job.compression,
+            job.plan.privacy,
+            job.plan.job.rounds,
         )
 
     def _validate_update(
         self, job: JobRow, round_: RoundRow, body: bytes
-    ) -> tuple[int, float | None, bytes]:
-        """Check an update; return its example count, training loss, and the dense body
-        to store (a compressed update is decoded here, so strategies see floats)."""
+    ) -> tuple[int, float | None, bytes, float | None]:
+        """Check an update; return its example count, training loss, the dense body to
+        store (a compressed update is decoded here, so strategies see floats) and, with
+        local DP, the epsilon its device reports having spent on the job."""
         tensors, metadata = decode_tensors(body)
         current = self.store.model(job.name, round_.model_version)
         assert current is not None
@@ -384,7 +442,15 @@ class FederationService:
                 f"update was trained on model version {version}, the round "
                 f"uses {round_.model_version}"
             )
-        return num_examples, train_loss, body
+        epsilon: float | None = None
+        if job.plan.privacy.dp_epsilon is not None:
+            try:
+                epsilon = float(metadata.get("epsilon_spent") or "nan")
+            except ValueError:
+                epsilon = math.nan
+            if not math.isfinite(epsilon) or epsilon < 0:
+                raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
+        return num_examples, train_loss, body, epsilon
 
 
 def _check_key(key: str | None) -> str:

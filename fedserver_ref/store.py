@@ -46,9 +46,12 @@ CREATE TABLE IF NOT EXISTS admissions (
 CREATE TABLE IF NOT EXISTS updates (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
     idempotency_key TEXT NOT NULL, receipt_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
-    train_loss REAL, body BLOB, received_at REAL NOT NULL,
-    UNIQUE (round_id, device_id), UNIQUE (device_id, idempotency_key));
+    train_loss REAL, body BLOB, received_at REAL NOT NULL, staleness INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (device_id, idempotency_key));
+CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round_id, device_id);
 CREATE TABLE IF NOT EXISTS strategy_state (job TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS privacy_spent (
+    job TEXT, device_id TEXT, epsilon REAL NOT NULL, PRIMARY KEY (job, device_id));
 CREATE TABLE IF NOT EXISTS upload_sessions (
     device_id TEXT, upload_id TEXT, round_id INTEGER NOT NULL, size INTEGER NOT NULL,
     sha256 TEXT NOT NULL, offset INTEGER NOT NULL, PRIMARY KEY (device_id, upload_id));
@@ -111,6 +114,7 @@ class UpdateRow:
     train_loss: float | None
     body: bytes | None
     received_at: float
+    staleness: int = 0
 
 
 class ServerStore:
@@ -215,6 +219,27 @@ class ServerStore:
         """Keep the job's strategy memory."""
         self.db.execute("INSERT OR REPLACE INTO strategy_state VALUES (?, ?)", [job, body])
 
+    def record_privacy_spent(self, job: str, device_id: str, epsilon: float) -> None:
+        """What a device reports it has spent on the job (local DP)."""
+        self.db.execute(
+            "INSERT INTO privacy_spent VALUES (?, ?, ?) ON CONFLICT (job, device_id)"
+            " DO UPDATE SET epsilon=max(epsilon, excluded.epsilon)",
+            [job, device_id, epsilon],
+        )
+
+    def privacy_spent(self, job: str) -> dict[str, float]:
+        """The fleet's budget use: devices, and the most and mean epsilon they spent."""
+        row = self.db.execute(
+            "SELECT count(*), max(epsilon), avg(epsilon) FROM privacy_spent WHERE job=?", [job]
+        ).fetchone()
+        if not row or not row[0]:
+            return {}
+        return {
+            "devices": float(row[0]),
+            "max_epsilon": float(row[1]),
+            "mean_epsilon": float(row[2]),
+        }
+
     # -- rounds ----------------------------------------------------------------
     def open_round(
         self, job: str, number: int, model_version: int, now: float, deadline: float
@@ -287,6 +312,27 @@ class ServerStore:
             is not None
         )
 
+    def in_flight(self, job: str, since_version: int) -> int:
+        """Devices admitted to rounds on a version >= ``since_version`` whose update is not in
+        (async: an upload consumes its admission)."""
+        return int(
+            self.db.execute(
+                "SELECT count(*) FROM admissions a JOIN rounds r ON r.round_id = a.round_id"
+                " WHERE r.job=? AND r.model_version >= ?",
+                [job, since_version],
+            ).fetchone()[0]
+        )
+
+    def admission_of(self, job: str, device_id: str, since_version: int) -> RoundRow | None:
+        """The round a device holds an unused admission to (async), if any."""
+        row = self.db.execute(
+            "SELECT r.* FROM admissions a JOIN rounds r ON r.round_id = a.round_id"
+            " WHERE r.job=? AND a.device_id=? AND r.model_version >= ?"
+            " ORDER BY r.number DESC LIMIT 1",
+            [job, device_id, since_version],
+        ).fetchone()
+        return RoundRow(*row) if row else None
+
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
         return int(
@@ -305,12 +351,14 @@ class ServerStore:
         train_loss: float | None,
         body: bytes,
         now: float,
+        staleness: int = 0,
     ) -> UpdateRow:
         """Store an accepted update."""
         self.db.execute(
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
-            " num_examples, train_loss, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now],
+            " num_examples, train_loss, body, received_at, staleness)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now, staleness],
         )
         update = self.update_by_key(device_id, key)
         assert update is not None

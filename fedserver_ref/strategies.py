@@ -62,6 +62,12 @@ class ClientUpdate:
     device_id: str
     num_examples: int
     delta: Weights
+    staleness: int = 0  # async: model versions between the one trained on and the current
+
+    @property
+    def weight(self) -> float:
+        """Its share in a weighted mean: examples, damped by staleness (FedBuff)."""
+        return float(self.num_examples / (1.0 + self.staleness) ** 0.5)
 
 
 class Strategy(ABC):
@@ -98,14 +104,15 @@ def strategy_for(settings: StrategySettings) -> Strategy:
 
 
 def weighted_mean(updates: Sequence[ClientUpdate], name: str) -> np.ndarray:
-    """The example-weighted mean of one tensor over the updates, in float64, summed in
-    the order received (the same updates in the same order give bit-identical sums)."""
-    total = sum(u.num_examples for u in updates)
+    """The weighted mean (`ClientUpdate.weight`) of one tensor over the updates, in float64,
+    summed in the order received (the same updates in the same order give bit-identical
+    sums)."""
+    total = sum(u.weight for u in updates)
     if not updates or total <= 0:
         raise ValueError("aggregation needs at least one update with examples")
     acc = np.zeros(updates[0].delta[name].shape, dtype=np.float64)
     for update in updates:
-        acc += update.delta[name].astype(np.float64) * (update.num_examples / total)
+        acc += update.delta[name].astype(np.float64) * (update.weight / total)
     return acc
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "JobSettings",
     "JobStatus",
     "ModelSpec",
+    "PrivacySettings",
     "RetryLater",
     "RoundPlan",
     "RoundSummary",
@@ -76,6 +77,23 @@ class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     norm_bound: PositiveFloat = 1.0
 
 
+class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Local differential privacy each device applies to its updates.
+
+    ``dp_epsilon`` is the privacy of one release (one round's update) at
+    ``dp_delta``; None turns local DP off. Devices clip their update to L2 norm
+    ``clip`` and add Gaussian noise calibrated to it; ``budget_epsilon`` caps
+    what one device spends on the job over all its releases (default: one
+    release per round of the job).
+    """
+
+    dp_epsilon: PositiveFloat | None = None
+    dp_delta: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 1e-5
+    clip: PositiveFloat = 1.0
+    budget_epsilon: PositiveFloat | None = None
+    neighbouring: Literal["replace", "add_remove"] = "replace"
+
+
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How a job's rounds run."""
 
@@ -89,6 +107,11 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_upload_bytes: PositiveInt = 64 * 1024 * 1024
     #: How devices compress their updates: "", "q8", "q4", "topk:F" or "topk:F,q8".
     compression: str = ""
+    #: "sync": rounds with deadlines. "async" (FedBuff): devices train on whatever version
+    #: is current; every devices_per_round updates are folded in, weighted 1/sqrt(1+staleness).
+    mode: Literal["sync", "async"] = "sync"
+    #: async: updates trained more than this many versions ago are refused.
+    max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 10
 
 
 class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -98,6 +121,7 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: ModelSpec = msgspec.field(default_factory=ModelSpec)
     train: TrainSettings = msgspec.field(default_factory=TrainSettings)
     strategy: StrategySettings = msgspec.field(default_factory=StrategySettings)
+    privacy: PrivacySettings = msgspec.field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:
@@ -158,6 +182,8 @@ class RoundPlan(msgspec.Struct, frozen=True):
     model: ModelSpec
     train: TrainSettings
     compression: str = ""
+    privacy: PrivacySettings = msgspec.field(default_factory=PrivacySettings)
+    rounds: int = 1  # rounds in the job (the default privacy budget counts them)
 
     def rebased(self, now: float) -> RoundPlan:
         """The same plan with ``deadline`` moved onto a clock that reads ``now``."""
@@ -242,6 +268,8 @@ class JobStatus(msgspec.Struct, frozen=True):
     current_round: RoundSummary | None
     plan: JobPlan
     previous_round: RoundSummary | None = None
+    #: With local DP: devices that reported spending, and the most and mean epsilon spent.
+    privacy_spent: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):

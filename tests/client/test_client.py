@@ -171,11 +171,17 @@ def test_device_state_survives_reopening(tmp_path: Path) -> None:
 
 
 async def test_a_device_that_cannot_finish_in_time_leaves_and_frees_its_place(
-        make_server: Any, make_devices: Any) -> None:
+    make_server: Any, make_devices: Any
+) -> None:
     server: Server = make_server(devices_per_round=1, over_selection=1.0)
-    slow, fast = make_devices(2, server.transport(), clock=server.clock,
-                              per_device={"estimate_seconds": lambda i: (
-                                  (lambda work: 1e6) if i == 0 else (lambda work: 1.0))})
+    slow, fast = make_devices(
+        2,
+        server.transport(),
+        clock=server.clock,
+        per_device={
+            "estimate_seconds": lambda i: (lambda work: 1e6) if i == 0 else (lambda work: 1.0)
+        },
+    )
     assert (await slow.astep()).status == "admitted"
     assert (await fast.astep()).status == "waiting"  # the round is full
     await slow.astep()  # download

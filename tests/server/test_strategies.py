@@ -31,9 +31,11 @@ def test_robust_aggregators_ignore_a_wild_update() -> None:
     mean = strategy_for(StrategySettings("fedavg")).aggregate(BASE, updates, {})[0]["w"]
     median = strategy_for(StrategySettings("median")).aggregate(BASE, updates, {})[0]["w"]
     trimmed = strategy_for(StrategySettings("trimmed_mean", trim_fraction=0.2)).aggregate(
-        BASE, updates, {})[0]["w"]
+        BASE, updates, {}
+    )[0]["w"]
     bounded = strategy_for(StrategySettings("norm_bound", norm_bound=2.0)).aggregate(
-        BASE, updates, {})[0]["w"]
+        BASE, updates, {}
+    )[0]["w"]
     assert abs(mean[0]) > 15
     np.testing.assert_allclose(median, [1, 1, 1])
     np.testing.assert_allclose(trimmed, [3.2 / 3, 2.8 / 3, 1], rtol=1e-5)  # 1 cut per side
@@ -62,21 +64,27 @@ def test_a_strategy_is_one_class() -> None:
             return {k: v + last[k] for k, v in weights.items()}, state
 
     result = strategy_for(StrategySettings("newest_only")).aggregate(
-        BASE, _updates([1, 2, 3], [4, 5, 6]), {})
+        BASE, _updates([1, 2, 3], [4, 5, 6]), {}
+    )
     np.testing.assert_array_equal(result[0]["w"], [4, 5, 6])
     with pytest.raises(fedclient.InvalidInput, match="unknown strategy"):
         strategy_for(StrategySettings("nope"))
     with pytest.raises(fedclient.InvalidInput, match="unknown strategy"):
-        FederationService(ServerStore()).add_job(plan_from_dict(
-            {"job": {"name": "x"}, "strategy": {"name": "nope"}}))
+        FederationService(ServerStore()).add_job(
+            plan_from_dict({"job": {"name": "x"}, "strategy": {"name": "nope"}})
+        )
 
 
-async def test_optimiser_state_survives_a_server_restart(tmp_path: Path, make_devices: Any,
-                                                         digits: Dataset) -> None:
-    plan = plan_from_dict({"job": {"name": "digits", "rounds": 3, "devices_per_round": 1},
-                           "model": {"kind": "softmax", "inputs": 64, "hidden": [],
-                                     "classes": 10},
-                           "strategy": {"name": "fedadam"}})
+async def test_optimiser_state_survives_a_server_restart(
+    tmp_path: Path, make_devices: Any, digits: Dataset
+) -> None:
+    plan = plan_from_dict(
+        {
+            "job": {"name": "digits", "rounds": 3, "devices_per_round": 1},
+            "model": {"kind": "softmax", "inputs": 64, "hidden": [], "classes": 10},
+            "strategy": {"name": "fedadam"},
+        }
+    )
     clock = ManualClock()
     first = FederationService(ServerStore(tmp_path / "s.sqlite"), clock=clock)
     first.add_job(plan)
@@ -96,27 +104,44 @@ class SignFlipper(NumpyModel):
     def train(self, x: Any, y: Any, **kwargs: Any) -> Any:
         start = self.get_weights()
         result = super().train(x, y, **kwargs)
-        self.set_weights({k: (start[k] - 10 * (v - start[k])).astype(v.dtype)
-                          for k, v in self.get_weights().items()})
+        self.set_weights(
+            {
+                k: (start[k] - 10 * (v - start[k])).astype(v.dtype)
+                for k, v in self.get_weights().items()
+            }
+        )
         return result
 
 
 async def _poisoned_federation(strategy: str, digits: Dataset) -> float:
-    plan = plan_from_dict({
-        "job": {"name": "digits", "rounds": 8, "devices_per_round": 20, "min_devices": 20,
-                "over_selection": 1.0, "seed": 1},
-        "model": {"kind": "mlp", "inputs": 64, "hidden": [32], "classes": 10},
-        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.1},
-        "strategy": {"name": strategy},
-    })
+    plan = plan_from_dict(
+        {
+            "job": {
+                "name": "digits",
+                "rounds": 8,
+                "devices_per_round": 20,
+                "min_devices": 20,
+                "over_selection": 1.0,
+                "seed": 1,
+            },
+            "model": {"kind": "mlp", "inputs": 64, "hidden": [32], "classes": 10},
+            "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.1},
+            "strategy": {"name": strategy},
+        }
+    )
     service = FederationService(ServerStore(), clock=ManualClock())
     service.add_job(plan)
     transport = Server(service, ManualClock()).transport()
     parts = partition(digits.y_train, 20, "iid", np.random.default_rng(0))
     devices = [
-        fedclient.Client("http://fl", "digits", (digits.x_train[p], digits.y_train[p]),
-                         transport=transport, seed=i,
-                         model=(SignFlipper if i < 2 else NumpyModel)(plan.model))
+        fedclient.Client(
+            "http://fl",
+            "digits",
+            (digits.x_train[p], digits.y_train[p]),
+            transport=transport,
+            seed=i,
+            model=(SignFlipper if i < 2 else NumpyModel)(plan.model),
+        )
         for i, p in enumerate(parts)
     ]
     for _ in range(8):
@@ -129,8 +154,7 @@ async def _poisoned_federation(strategy: str, digits: Dataset) -> float:
     return model.evaluate(digits.x_test, digits.y_test).accuracy
 
 
-async def test_median_keeps_accuracy_when_a_tenth_of_devices_are_poisoned(
-        digits: Dataset) -> None:
+async def test_median_keeps_accuracy_when_a_tenth_of_devices_are_poisoned(digits: Dataset) -> None:
     fedavg = await _poisoned_federation("fedavg", digits)
     median = await _poisoned_federation("median", digits)
     trimmed = await _poisoned_federation("trimmed_mean", digits)
@@ -145,8 +169,15 @@ def test_fedprox_keeps_local_training_near_the_global_model(digits: Dataset) -> 
     for mu in (0.0, 1.0):
         model = NumpyModel(spec, seed=0)
         start = model.get_weights()
-        model.train(digits.x_train[:200], digits.y_train[:200], epochs=5, batch_size=8,
-                    learning_rate=0.1, rng=np.random.default_rng(0), proximal_mu=mu)
+        model.train(
+            digits.x_train[:200],
+            digits.y_train[:200],
+            epochs=5,
+            batch_size=8,
+            learning_rate=0.1,
+            rng=np.random.default_rng(0),
+            proximal_mu=mu,
+        )
         end = model.get_weights()
         drift[mu] = sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start)
     assert drift[1.0] < 0.8 * drift[0.0]
