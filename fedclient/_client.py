@@ -600,7 +600,9 @@ class Client:
         if p.dp_epsilon is None:
             return None
         mechanism = GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip, p.neighbouring)
-        budget = PrivacyBudget(p.budget_epsilon or p.dp_epsilon * plan.rounds, p.dp_delta)
+        # Default budget: one release per round of the job, as the accountant counts them.
+        allowance = p.budget_epsilon or mechanism.epsilon(p.dp_delta, plan.rounds) * (1 + 1e-9)
+        budget = PrivacyBudget(allowance, p.dp_delta)
         return mechanism, budget, PrivacyLedger(self._store.db, self._store.key)
 
     def _discard(self, plan: RoundPlan, reason: str) -> StepOutcome:

@@ -83,6 +83,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
     run.add_argument(
+        "--mode",
+        default="sync",
+        choices=("sync", "async"),
+        help="sync: rounds with deadlines; async (FedBuff): devices train on whatever "
+        "version is current and every --devices-per-round updates are folded in",
+    )
+    run.add_argument(
+        "--max-staleness",
+        type=int,
+        default=10,
+        help="async: refuse updates trained this many versions ago or more",
+    )
+    run.add_argument(
+        "--dp",
+        default="",
+        help="local differential privacy: epsilon=E,delta=D,clip=C[,budget=B] (epsilon per "
+        "release; budget per device over the job, default epsilon x rounds)",
+    )
+    run.add_argument(
         "--compress",
         default="",
         help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",
@@ -97,6 +116,26 @@ def _parser() -> argparse.ArgumentParser:
         default="numpy",
         choices=("numpy", "onnx", "tflite"),
         help="the devices' training backend (onnx needs the onnx extra; default numpy)",
+    )
+    run.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local: every device in this process; ray: the devices sharded onto the "
+        "actors of a Ray cluster (needs the ray extra; see README)",
+    )
+    run.add_argument(
+        "--ray-address",
+        help="the Ray cluster: auto (the one this node joined), HEAD:6379, or ray://HEAD:10001 "
+        "(needs ray[client]); default: start a local Ray instance for the run",
+    )
+    run.add_argument(
+        "--ray-actors", type=int, help="actors the devices are sharded onto (default: one per CPU)"
+    )
+    run.add_argument(
+        "--ray-host-ip",
+        help="address the simulation's server listens on, reachable from every Ray node "
+        "(default: 127.0.0.1 on a one-node cluster, else this node's IP)",
     )
     run.add_argument(
         "--faults",

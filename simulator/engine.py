@@ -12,13 +12,15 @@ the same seed gives the same report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import msgspec
@@ -31,6 +33,7 @@ from fedclient import (
     FaultPlan,
     FaultyTransport,
     InvalidInput,
+    PrivacyBudgetExceeded,
     RetryPolicy,
     ServerError,
     StepOutcome,
@@ -39,6 +42,7 @@ from fedclient import (
     __version__,
 )
 from fedclient._client import raise_for_error
+from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.protocol import (
     JOB_STATUS,
     MODEL,
@@ -51,6 +55,7 @@ from fedclient.protocol import (
 )
 from fedclient.runtime import EvalResult, create_backend
 from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
+from simulator.buffered import run_buffered
 from simulator.datasets import CsvColumns, Dataset, load_dataset, partition
 from simulator.devices import DeviceProfile, draw_profiles
 
@@ -111,10 +116,17 @@ class SimulationConfig:
     label_column: str = "label"
     user_column: str | None = None
     no_header: bool = False
+    dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
+    mode: str = "sync"  # sync rounds, or async (FedBuff) buffers
+    max_staleness: int = 10
     strategy: str = "fedavg"  # the server's aggregation (fedserver_ref.strategies)
     server_learning_rate: float | None = None  # None: the strategy's default
     proximal_mu: float = 0.0  # FedProx
     runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
+    engine: str = "local"  # local | ray (simulator.engines.ray)
+    ray_address: str | None = None  # None: a new local Ray instance; auto | ray://HOST:PORT
+    ray_actors: int | None = None  # None: one per CPU of the Ray cluster
+    ray_host_ip: str | None = None  # where the actors reach the server; None: detected
 
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
         if self.model is None or self.model == default["kind"]:
@@ -148,6 +160,8 @@ class SimulationConfig:
                     "over_selection": self.over_selection,
                     "deadline_seconds": self.deadline_seconds,
                     "compression": self.compress,
+                    "mode": self.mode,
+                    "max_staleness": self.max_staleness,
                     "seed": self.seed,
                 },
                 "model": {
@@ -156,6 +170,7 @@ class SimulationConfig:
                     "classes": data.classes,
                 },
                 "train": {**train, "proximal_mu": self.proximal_mu},
+                "privacy": _privacy(self.dp),
                 "strategy": {
                     "name": self.strategy,
                     "server_learning_rate": self.server_learning_rate,
@@ -192,6 +207,32 @@ class _Device:
             return await self.client.astep()
         except (TransportError, ServerError):
             return None
+        except PrivacyBudgetExceeded as exc:
+            return StepOutcome("discarded", reason=f"budget: {exc}")
+
+
+#: The transfer statistics a round reports, summed over the fleet.
+TOTALS = ("bytes_up", "bytes_down", "retries", "wasted_bytes")
+
+
+class _Checkin(NamedTuple):
+    """A device's check-in: its outcome (None: a network dropout) and, once admitted,
+    its bearer token (the driver fetches the models it evaluates with one)."""
+
+    device: int
+    outcome: StepOutcome | None
+    token: str = ""
+
+
+class _Work(NamedTuple):
+    """A device's download and training: the outcome (None: a network dropout), the
+    bytes it downloaded, the size of its update and the seconds it waited to retry."""
+
+    device: int
+    outcome: StepOutcome | None
+    bytes_down: int
+    update_bytes: int
+    backoff: float
 
 
 class _Fleet:
@@ -204,11 +245,14 @@ class _Fleet:
         data: Dataset,
         server: _Server,
         state_dir: Path,
+        devices: list[_Device] | None = None,
     ) -> None:
-        rng = np.random.default_rng(config.seed)
-        parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
-        profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
-        self.devices = [_Device(i, profiles[i], part) for i, part in enumerate(parts)]
+        if devices is None:  # else a copy of the driver's (on a Ray actor)
+            rng = np.random.default_rng(config.seed)
+            parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
+            profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
+            devices = [_Device(i, profiles[i], part) for i, part in enumerate(parts)]
+        self.devices = devices
         self.config, self.plan, self.data, self.server = config, plan, data, server
         self.faults = FaultPlan.parse(config.faults) if config.faults else None
         self.state_dir = state_dir
@@ -258,6 +302,55 @@ class _Fleet:
         self.active.append(d)
         return d
 
+    # -- what the rounds ask of the devices, a batch at a time (see simulator.engines.ray)
+    def _at(self, now: float) -> None:
+        """Set the devices' simulated clock (the server's own, or a Ray actor's copy)."""
+        if isinstance(self.server.clock, SimClock):
+            self.server.clock.now = now
+
+    async def checkin(
+        self, indices: Sequence[int], round_number: int, now: float
+    ) -> list[_Checkin]:
+        """Devices ``indices`` wake up and check in, in that order, until the round is full."""
+        self._at(now)
+        answers: list[_Checkin] = []
+        for i in indices:
+            d = self.activate(i, round_number)
+            outcome = await d.step()
+            admitted = outcome is not None and outcome.status == "admitted"
+            answers.append(_Checkin(i, outcome, _token(d) if admitted else ""))
+            if outcome is not None and _round_full(outcome):
+                break
+        return answers
+
+    async def work(self, indices: Sequence[int], now: float) -> list[_Work]:
+        """Admitted devices ``indices`` download the model and train, one after another."""
+        self._at(now)
+        done: list[_Work] = []
+        for i in indices:
+            d = self.devices[i]
+            down = d.stats.bytes_down
+            downloaded = await d.step()
+            trained = await d.step() if downloaded is not None else None
+            update = b""
+            if trained is not None and trained.status == "trained":
+                assert d.client is not None
+                update = d.client.device_state.progress(self.plan.job.name).update or b""
+            done.append(_Work(i, trained, d.stats.bytes_down - down, len(update), d.backoff))
+        return done
+
+    async def upload(self, index: int, now: float) -> tuple[StepOutcome | None, float]:
+        """Device ``index`` uploads its update: the outcome, and the seconds spent retrying."""
+        self._at(now)
+        d = self.devices[index]
+        before = d.backoff
+        uploaded = await d.step()
+        return uploaded, d.backoff - before
+
+    async def totals(self) -> dict[str, int]:
+        """The transfer statistics (`TOTALS`) summed over the fleet."""
+        return {name: sum(getattr(d.stats, name) for d in self.devices) for name in TOTALS}
+
     async def rest(self) -> None:
         """The round is over: working devices go idle again (their state stays in SQLite)."""
         for d in self.active:
@@ -266,9 +359,15 @@ class _Fleet:
                 d.client = None
         self.active.clear()
 
-    def total(self, name: str) -> int:
-        """A transfer statistic summed over the fleet."""
-        return sum(getattr(d.stats, name) for d in self.devices)
+    def epsilon_spent(self, job: str, delta: float) -> list[float]:
+        """Each device's privacy spend on ``job``, from its own ledger (0: never released)."""
+        spent = []
+        for d in self.devices:
+            db = self.shards.get(d.index // DEVICES_PER_STATE_FILE)
+            ledger = PrivacyLedger(db, f"device-{d.index}") if db is not None else None
+            released = ledger is not None and ledger.releases(job) > 0
+            spent.append(round(ledger.spent(job, delta), 4) if released and ledger else 0.0)
+        return spent
 
     def close(self) -> None:
         for db in self.shards.values():
@@ -322,7 +421,12 @@ async def simulate(
     )
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, columns=columns)
     plan = config.plan(data)
+    if config.engine not in ("local", "ray"):
+        raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")
+    if config.engine != "ray" and (config.ray_address or config.ray_actors or config.ray_host_ip):
+        raise InvalidInput("--ray-address, --ray-actors and --ray-host-ip need --engine ray")
     clock = SimClock()
+    service: FederationService | None = None
     if config.server is None:
         service = FederationService(ServerStore(), clock=clock)
         service.add_job(plan)
@@ -338,18 +442,28 @@ async def simulate(
 
     if config.faults and config.server is not None:
         raise InvalidInput("--faults needs the in-process server (drop --server)")
-    with tempfile.TemporaryDirectory(prefix="fedsim-") as scratch:
-        state_dir = Path(config.state_dir or scratch)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fleet = _Fleet(config, plan, data, server, state_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        if config.engine == "ray":  # the devices on Ray actors, the server served over HTTP
+            fleet = await stack.enter_async_context(_ray_fleet(config, plan, data, service))
+        else:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedsim-"))
+            state_dir = Path(config.state_dir or scratch)
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fleet = _Fleet(config, plan, data, server, state_dir)
+            stack.callback(fleet.close)
+            stack.push_async_callback(fleet.rest)
         devices = len(fleet.devices)
-        try:
+        if plan.job.mode == "async":
+            if config.engine != "local" or config.server is not None:
+                raise InvalidInput("--mode async runs on the local engine, in-process")
+            rounds = await run_buffered(
+                config, plan, data, server, clock, fleet, fleet.backend, on_round, wall_start
+            )
+        else:
             rounds = await _run_rounds(
                 config, plan, data, server, clock, fleet, on_round, wall_start
             )
-        finally:
-            await fleet.rest()
-            fleet.close()
+        privacy = _privacy_report(plan, fleet)
     last = rounds[-1] if rounds else {}
     final = {
         "accuracy": last.get("accuracy"),
@@ -364,9 +478,10 @@ async def simulate(
         "discarded": sum(r["discarded"] for r in rounds),
         "dropouts": {
             cause: sum(r["dropouts"][cause] for r in rounds)
-            for cause in ("deadline", "unavailable", "network")
+            for cause in ("deadline", "unavailable", "network", "budget")
         },
         "devices": devices,
+        **({"privacy": privacy} if privacy else {}),
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -406,64 +521,68 @@ async def _run_rounds(
         current = status.current_round
         if status.status == "finished" or current is None:
             break
-        totals0 = {k: fleet.total(k) for k in ("bytes_up", "bytes_down", "retries", "wasted_bytes")}
+        totals0 = await fleet.totals()
         # Check-in: devices arrive in an order drawn from the seed; the server fills the round.
         order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet.devices))
-        admitted: list[_Device] = []
-        network_dropouts = 0
         failures = np.random.default_rng([config.seed, current.number, 1]).random(len(order))
-        unavailable = 0
-        for i in order:
-            if not fleet.devices[i].profile.online(clock.now):
-                continue  # asleep, off Wi-Fi or unplugged: it does not check in
-            d = fleet.activate(int(i), current.number)
-            outcome = await d.step()
-            if outcome is None:
-                network_dropouts += 1
-                continue
-            if outcome.status == "admitted":
-                admitted.append(d)
-                token = token or _token(d)
-            if (outcome.status == "waiting" and outcome.reason == "the round is full") or len(
-                admitted
-            ) >= plan.admit_per_round:
+        # Asleep, off Wi-Fi or unplugged: a device offline does not check in.
+        online = (int(i) for i in order if fleet.devices[i].profile.online(clock.now))
+        admitted: list[int] = []
+        network_dropouts = unavailable = 0
+        full = False
+        # In waves of as many devices as there are places left: a fleet spread over
+        # workers checks a wave in at once, and admits the same devices as one by one.
+        while not full and len(admitted) < plan.admit_per_round:
+            wave = list(itertools.islice(online, plan.admit_per_round - len(admitted)))
+            if not wave:
                 break
+            for i, outcome, device_token in await fleet.checkin(wave, current.number, clock.now):
+                if outcome is None:
+                    network_dropouts += 1
+                    continue
+                if outcome.status == "admitted":
+                    admitted.append(i)
+                    token = token or device_token
+                full = full or _round_full(outcome)
         # Download and train for real; each device finishes at its simulated time.
-        finish: list[tuple[float, int, _Device]] = []
-        discarded = 0
-        for d in admitted:
-            if failures[d.index] < d.profile.failure_rate:
+        working: list[int] = []
+        for i in admitted:
+            if failures[i] < fleet.devices[i].profile.failure_rate:
                 unavailable += 1  # went offline mid-round: it simply never reports
-                continue
-            down = d.stats.bytes_down
-            downloaded = await d.step()
-            trained = await d.step() if downloaded is not None else None
+            else:
+                working.append(i)
+        finish: list[tuple[float, int]] = []
+        discarded = refused = 0
+        for work in await fleet.work(working, clock.now):
+            trained = work.outcome
             if trained is None:
                 network_dropouts += 1
                 continue
-            if trained.status != "trained":  # left: it could not finish by the deadline
-                discarded += trained.status == "discarded"
+            if trained.status != "trained":  # left: out of time or out of privacy budget
+                if trained.reason.startswith("budget"):
+                    refused += 1
+                else:
+                    discarded += trained.status == "discarded"
                 continue
-            assert d.client is not None
-            update = d.client.device_state.progress(job).update or b""
+            d = fleet.devices[work.device]
             seconds = d.profile.round_seconds(
-                len(d.examples), plan.train.epochs, d.stats.bytes_down - down, len(update)
+                len(d.examples), plan.train.epochs, work.bytes_down, work.update_bytes
             )
-            finish.append((current.opened_at + seconds + d.backoff, d.index, d))
+            finish.append((current.opened_at + seconds + work.backoff, work.device))
         # Uploads arrive in simulated-time order; the server's quota and deadline decide.
         # A device retrying an upload holds the clock for its backoff.
-        for at, _, d in sorted(finish, key=lambda f: (f[0], f[1])):
+        for at, i in sorted(finish):
             if simulated:
                 clock.now = max(clock.now, at)
-            before = d.backoff
-            uploaded = await d.step()
+            uploaded, waited = await fleet.upload(i, clock.now)
             if simulated:
-                clock.now += d.backoff - before
+                clock.now += waited
             if uploaded is None:
                 network_dropouts += 1
             else:
                 discarded += uploaded.status == "discarded"
         await server.wait_closed(job, current.number, current.deadline)
+        totals = await fleet.totals()
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
         status = await server.status(job)
         newest = (
@@ -473,7 +592,7 @@ async def _run_rounds(
             if status.previous_round is not None
             else current.number
         )
-        span = max((at - current.opened_at for at, _, _ in finish), default=0.0)
+        span = max((at - current.opened_at for at, _ in finish), default=0.0)
         for number in range(current.number, newest + 1):
             closed = await server.round(job, number)
             first = number == current.number
@@ -503,13 +622,12 @@ async def _run_rounds(
                     "deadline": discarded if first else 0,
                     "unavailable": unavailable if first else 0,
                     "network": network_dropouts if first else 0,
+                    "budget": refused if first else 0,
                 },
-                "retries": fleet.total("retries") - totals0["retries"] if first else 0,
-                "wasted_bytes": fleet.total("wasted_bytes") - totals0["wasted_bytes"]
-                if first
-                else 0,
-                "bytes_up": fleet.total("bytes_up") - totals0["bytes_up"] if first else 0,
-                "bytes_down": fleet.total("bytes_down") - totals0["bytes_down"] if first else 0,
+                "retries": totals["retries"] - totals0["retries"] if first else 0,
+                "wasted_bytes": totals["wasted_bytes"] - totals0["wasted_bytes"] if first else 0,
+                "bytes_up": totals["bytes_up"] - totals0["bytes_up"] if first else 0,
+                "bytes_down": totals["bytes_down"] - totals0["bytes_down"] if first else 0,
                 "round_seconds": round(elapsed, 3),
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
@@ -521,11 +639,75 @@ async def _run_rounds(
     return rounds
 
 
+def _privacy_report(plan: JobPlan, fleet: _Fleet) -> dict[str, Any]:
+    """Local DP: what each device spent, from the devices' own ledgers."""
+    p = plan.privacy
+    if p.dp_epsilon is None:
+        return {}
+    spent = fleet.epsilon_spent(plan.job.name, p.dp_delta)
+    released = [e for e in spent if e > 0]
+    return {
+        "epsilon_per_release": p.dp_epsilon,
+        "delta": p.dp_delta,
+        "clip": p.clip,
+        "budget_epsilon": p.budget_epsilon
+        or round(
+            GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip).epsilon(
+                p.dp_delta, plan.job.rounds
+            ),
+            4,
+        ),
+        "devices_released": len(released),
+        "max_epsilon_spent": max(released, default=0.0),
+        "mean_epsilon_spent": round(sum(released) / len(released), 4) if released else 0.0,
+        "epsilon_spent_per_device": spent,
+    }
+
+
+def _privacy(text: str) -> dict[str, Any]:
+    """``epsilon=8,delta=1e-5,clip=1.0,budget=40`` -> the plan's [privacy] table."""
+    names = {
+        "epsilon": "dp_epsilon",
+        "delta": "dp_delta",
+        "clip": "clip",
+        "budget": "budget_epsilon",
+    }
+    table: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in names:
+            raise InvalidInput(f"unknown --dp setting {key!r}; use {', '.join(names)}")
+        try:
+            table[names[key]] = float(value)
+        except ValueError:
+            raise InvalidInput(f"--dp {key} needs a number, got {value!r}") from None
+    if table and "dp_epsilon" not in table:
+        raise InvalidInput("--dp needs epsilon=...")
+    return table
+
+
 def _job_name(dataset: str) -> str:
     """A valid job name for a data set (``csv:my data.csv`` -> ``csv-my-data``)."""
     stem = dataset.split(":")[-1].rsplit(".", 1)[0] if ":" in dataset else dataset
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.")
     return (name or "job")[:64]
+
+
+def _ray_fleet(
+    config: SimulationConfig, plan: JobPlan, data: Dataset, service: FederationService | None
+) -> contextlib.AbstractAsyncContextManager[_Fleet]:
+    """The fleet on Ray actors (``--engine ray``), if the ray extra is installed."""
+    try:
+        from simulator.engines.ray import ray_fleet
+    except ImportError as exc:
+        raise InvalidInput(
+            f"--engine ray needs the ray extra: pip install 'fedclient[ray]' ({exc})"
+        ) from None
+    return ray_fleet(config, plan, data, service)
+
+
+def _round_full(outcome: StepOutcome) -> bool:
+    return outcome.status == "waiting" and outcome.reason == "the round is full"
 
 
 def _token(device: _Device) -> str:

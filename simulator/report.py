@@ -11,7 +11,7 @@ from fedclient._exceptions import InvalidInput
 
 __all__ = ["compare_table", "load_report", "plot_comparison", "plot_report", "write_report"]
 
-CAUSES = ("deadline", "unavailable", "network")
+CAUSES = ("deadline", "unavailable", "network", "budget")
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
@@ -100,7 +100,12 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
     updates = [r["updates"] for r in rounds]
     part_ax.bar(x, updates, color="tab:green", label="updates aggregated")
     bottom = list(updates)
-    colours = {"deadline": "tab:orange", "unavailable": "tab:gray", "network": "tab:red"}
+    colours = {
+        "deadline": "tab:orange",
+        "unavailable": "tab:gray",
+        "network": "tab:red",
+        "budget": "tab:brown",
+    }
     for cause in CAUSES:
         values = [r.get("dropouts", {}).get(cause, 0) for r in rounds]
         if any(values):

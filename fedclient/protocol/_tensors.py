@@ -26,7 +26,8 @@ def encode_tensors(
 
 
 def decode_tensors(body: bytes) -> tuple[Weights, dict[str, str]]:
-    """Parse a safetensors body; any malformed input raises `InvalidRequest`."""
+    """Parse a safetensors body (tensors sorted by name); malformed input raises
+    `InvalidRequest`."""
     if len(body) < 8:
         raise InvalidRequest("tensor body is truncated")
     try:
@@ -36,7 +37,11 @@ def decode_tensors(body: bytes) -> tuple[Weights, dict[str, str]]:
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"tensor body is not valid safetensors: {exc}") from exc
     metadata = header.get("__metadata__") or {}
-    return dict(arrays), {str(k): str(v) for k, v in metadata.items()}
+    # safetensors hands tensors back in a per-process random order (a Rust HashMap); sort
+    # them, so anything that walks a model in order (noise draws, sums) is reproducible.
+    return {name: arrays[name] for name in sorted(arrays)}, {
+        str(k): str(v) for k, v in metadata.items()
+    }
 
 
 def check_weights(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:

@@ -23,10 +23,12 @@ def test_stale_updates_weigh_less() -> None:
     np.testing.assert_allclose(new["w"], [1 / 3], rtol=1e-6)
 
 
-async def test_devices_train_on_whatever_version_is_current(make_server: Any,
-                                                            make_devices: Any) -> None:
-    server: Server = make_server(mode="async", devices_per_round=2, over_selection=2.0,
-                                 rounds=4, max_staleness=1)
+async def test_devices_train_on_whatever_version_is_current(
+    make_server: Any, make_devices: Any
+) -> None:
+    server: Server = make_server(
+        mode="async", devices_per_round=2, over_selection=2.0, rounds=4, max_staleness=1
+    )
     a, b, c, d, e = make_devices(5, server.transport(), clock=server.clock)
     # a, b, c and d start on version 0; e must wait (4 may train at once).
     for device in (a, b, c, d):

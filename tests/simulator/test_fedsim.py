@@ -179,7 +179,7 @@ def test_a_slow_tail_fleet_with_a_deadline_drops_devices_by_cause(tmp_path: Path
     assert _without_wall_time(a) == _without_wall_time(b)
     dropouts = a["final"]["dropouts"]
     assert dropouts["deadline"] > 0
-    assert set(dropouts) == {"deadline", "unavailable", "network"}
+    assert set(dropouts) == {"deadline", "unavailable", "network", "budget"}
     assert sum(r["dropouts"]["deadline"] for r in a["rounds"]) == dropouts["deadline"]
 
 
@@ -262,3 +262,66 @@ def test_femnist_runs_one_device_per_writer(tmp_path: Path) -> None:
     assert data["final"]["devices"] == 105  # the writers with training data
     assert data["plan"]["model"]["classes"] == 62
     assert data["final"]["accuracy"] > 1 / 62
+
+
+def test_async_federation_beats_sync_on_simulated_time_with_a_slow_tail(tmp_path: Path) -> None:
+    common = [
+        "run",
+        "--dataset",
+        "digits",
+        "--devices",
+        "40",
+        "--partition",
+        "iid",
+        "--seed",
+        "3",
+        "--fleet",
+        "slow-tail",
+        "--epochs",
+        "2",
+        "--quiet",
+    ]
+    assert (
+        fedsim(
+            [
+                *common,
+                "--devices-per-round",
+                "8",
+                "--rounds",
+                "6",
+                "--over-selection",
+                "1.3",
+                "--report",
+                str(tmp_path / "sync.json"),
+            ]
+        )
+        == 0
+    )
+    for name in ("async", "async2"):
+        assert (
+            fedsim(
+                [
+                    *common,
+                    "--mode",
+                    "async",
+                    "--devices-per-round",
+                    "4",
+                    "--rounds",
+                    "30",
+                    "--over-selection",
+                    "2",
+                    "--report",
+                    str(tmp_path / f"{name}.json"),
+                ]
+            )
+            == 0
+        )
+    sync = json.loads((tmp_path / "sync.json").read_text())
+    fast = json.loads((tmp_path / "async.json").read_text())
+    assert _without_wall_time(fast) == _without_wall_time(
+        json.loads((tmp_path / "async2.json").read_text())
+    )
+    assert [r["model_version"] for r in fast["rounds"]] == list(range(1, 31))
+    target = sync["final"]["accuracy"]
+    reached = next(r for r in fast["rounds"] if r["accuracy"] >= target)
+    assert reached["simulated_seconds"] < sync["final"]["simulated_seconds"]
