@@ -11,7 +11,7 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import Weights
 
-__all__ = ["EvalResult", "TrainResult", "TrainingBackend", "check_dataset"]
+__all__ = ["EvalResult", "TrainResult", "TrainingBackend", "check_dataset", "check_labels"]
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,22 @@ def check_dataset(
         raise InvalidInput(f"y must have shape ({x.shape[0]},), got {y.shape}")
     if x.shape[0] == 0:
         raise InvalidInput("the data set is empty")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise InvalidInput(f"labels must be integers, got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= classes:
-        raise InvalidInput(f"labels must lie in [0, {classes}), got [{y.min()}, {y.max()}]")
+    y = check_labels(y, x.shape[0], classes)
     if not np.isfinite(x).all():
         raise InvalidInput("x contains NaN or Inf")
-    return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+    return x.astype(np.float32, copy=False), y
+
+
+def check_labels(y: np.ndarray, n: int, classes: int) -> np.ndarray:
+    """Validate ``n`` integer labels in [0, classes) and return them as int64.
+
+    Runtimes accept out-of-range labels silently (ONNX Runtime trains on them,
+    a one-hot of one is a zero row), so every backend refuses them here."""
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise InvalidInput(f"y must have shape ({n},), got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise InvalidInput(f"labels must be integers, got dtype {y.dtype}")
+    if n and (y.min() < 0 or y.max() >= classes):
+        raise InvalidInput(f"labels must lie in [0, {classes}), got [{y.min()}, {y.max()}]")
+    return np.ascontiguousarray(y, dtype=np.int64)

@@ -44,7 +44,7 @@ import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
-from fedclient.runtime._base import EvalResult, TrainResult
+from fedclient.runtime._base import EvalResult, TrainResult, check_labels
 from fedclient.runtime._bundle import FileInfo, TensorInfo, _sha256, cache_root
 
 __all__ = [
@@ -300,17 +300,7 @@ class TfliteBackend:
         return x
 
     def _labels(self, y: np.ndarray, n: int) -> np.ndarray:
-        y = np.asarray(y)
-        if y.shape != (n,):
-            raise InvalidInput(f"y must have shape ({n},), got {y.shape}")
-        if y.dtype.kind not in "iu":
-            raise InvalidInput(f"labels must be integers, got dtype {y.dtype}")
-        # one_hot turns an out-of-range label into a zero row silently; refuse them here.
-        if y.min() < 0 or y.max() >= self.classes:
-            raise InvalidInput(
-                f"labels must lie in [0, {self.classes}), got [{y.min()}, {y.max()}]"
-            )
-        return np.ascontiguousarray(y, dtype=np.int32)
+        return check_labels(y, n, self.classes).astype(np.int32)
 
     # -- training ----------------------------------------------------------------
     def train(
