@@ -26,6 +26,7 @@ from fedclient._exceptions import (
     RoundClosed,
     ServerError,
     StateError,
+    TooEarly,
     TransportError,
     Unauthorized,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "ServerError",
     "StateError",
     "StepOutcome",
+    "TooEarly",
     "TrainResult",
     "TrainTask",
     "TrainingBackend",

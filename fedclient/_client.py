@@ -31,6 +31,7 @@ import msgspec
 import numpy as np
 
 from fedclient._exceptions import (
+    Conflict,
     FedError,
     InvalidInput,
     InvalidRequest,
@@ -43,18 +44,22 @@ from fedclient._exceptions import (
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
+from fedclient.privacy import secagg
 from fedclient.privacy.dp import (
     GaussianMechanism,
     PrivacyBudget,
     PrivacyLedger,
     secret_generator,
 )
+from fedclient.privacy.secagg import SecAggError
 from fedclient.protocol import (
     CHECKIN,
     ENROL,
     IDEMPOTENCY_HEADER,
     LEAVE,
     MODEL,
+    SECAGG_FETCH,
+    SECAGG_POST,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
     UPLOAD_CHUNK,
@@ -157,6 +162,15 @@ class TrainTask:
         return self.backend.get_weights(), result, time.perf_counter() - started
 
 
+@dataclass
+class _SecureSession:
+    """A device's side of one round's secure aggregation (in memory: a restart drops it)."""
+
+    client: Any  # fedclient.privacy.secagg.SecAggClient
+    stage: str = "keys"  # the stage whose answer it waits for next
+    receipt: UploadReceipt | None = None
+
+
 @dataclass(frozen=True)
 class ResumableDownload:
     """A GET whose body is kept in the device state as it arrives, so a retry after a
@@ -217,6 +231,7 @@ class Client:
             raise InvalidInput("data must be (x, y) with x of shape (n, features), y of shape (n,)")
         self._sync: httpx.Client | None = None
         self._async: httpx.AsyncClient | None = None
+        self._secure: dict[int, _SecureSession] = {}
 
     @property
     def device_state(self) -> DeviceState:
@@ -532,18 +547,105 @@ class Client:
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}
         try:
-            if len(body) <= self.chunk_threshold:
+            if plan.privacy.secagg:
+                secured = yield from self._secure_upload(identity, plan, body)
+                if isinstance(secured, StepOutcome):
+                    return secured  # waiting for the other devices' stage
+                receipt = secured
+            elif len(body) <= self.chunk_threshold:
                 response = yield self._request(
                     UPLOAD, identity, content=body, headers=headers, round_id=plan.round_id
                 )
                 receipt = _decode(response, UploadReceipt)
             else:
                 receipt = yield from self._upload_chunks(identity, plan, body, key)
-        except (RoundClosed, InvalidRequest) as exc:
+        except (RoundClosed, InvalidRequest, Conflict, SecAggError) as exc:
             # Stale or rejected work must never be sent again, nor into another round.
+            self._secure.pop(plan.round_id, None)
             return self._discard(plan, str(exc))
         self._store.record_receipt(self.job, receipt)
         return StepOutcome("uploaded", round_id=plan.round_id, receipt=receipt)
+
+    def _secure_upload(
+        self, identity: Identity, plan: RoundPlan, body: bytes
+    ) -> Generator[Effect, Any, UploadReceipt | StepOutcome]:
+        """Secure aggregation instead of an upload: walk the stages, one message each;
+        a stage that has not closed yet is a "waiting" outcome (call again)."""
+        waiting = StepOutcome(
+            "waiting",
+            round_id=plan.round_id,
+            retry_after=1.0,
+            reason="secure aggregation: waiting for the other devices",
+        )
+        session = self._secure.get(plan.round_id)
+        if session is None:
+            response = yield self._request(
+                SECAGG_FETCH, identity, round_id=plan.round_id, stage="params"
+            )
+            if response.status_code == 425:
+                return waiting
+            raise_for_error(response)
+            offer = msgspec.msgpack.decode(response.content)
+            params = secagg.decode(offer["params"], secagg.SecAggParams)
+            session = _SecureSession(secagg.SecAggClient(params, int(offer["device"])))
+            yield from self._secure_post(
+                identity, plan, "keys", secagg.encode(session.client.advertise_keys())
+            )
+            self._secure[plan.round_id] = session
+        while True:
+            response = yield self._request(
+                SECAGG_FETCH, identity, round_id=plan.round_id, stage=session.stage
+            )
+            if response.status_code == 425:
+                return waiting
+            raise_for_error(response)
+            client = session.client
+            if session.stage == "keys":
+                roster = secagg.decode(response.content, secagg.KeyRoster)
+                message, session.stage = client.share_keys(roster), "shares"
+                yield from self._secure_post(identity, plan, "shares", secagg.encode(message))
+            elif session.stage == "shares":
+                bundle = secagg.decode(response.content, secagg.ShareBundle)
+                vector = self._secure_vector(plan, body, client.params)
+                masked = client.masked_input(bundle, vector)
+                answer = yield from self._secure_post(
+                    identity, plan, "masked", secagg.encode(masked)
+                )
+                session.receipt, session.stage = _decode(answer, UploadReceipt), "masked"
+            else:
+                request = secagg.decode(response.content, secagg.UnmaskRequest)
+                yield from self._secure_post(
+                    identity, plan, "unmask", secagg.encode(client.unmask(request))
+                )
+                self._secure.pop(plan.round_id, None)
+                assert session.receipt is not None
+                return session.receipt
+
+    def _secure_post(
+        self, identity: Identity, plan: RoundPlan, stage: str, body: bytes
+    ) -> Generator[Effect, Any, httpx.Response]:
+        response: httpx.Response = yield self._request(
+            SECAGG_POST,
+            identity,
+            content=body,
+            round_id=plan.round_id,
+            stage=stage,
+            headers={"Content-Type": "application/msgpack"},
+        )
+        raise_for_error(response)
+        return response
+
+    def _secure_vector(self, plan: RoundPlan, body: bytes, params: Any) -> np.ndarray:
+        """The update as ring elements: num_examples x delta, flat in name order, then
+        num_examples, so the secure sum divided by its last element is FedAvg's mean."""
+        tensors, metadata = decode_tensors(body)
+        examples = float(metadata["num_examples"])
+        flat = np.concatenate([tensors[n].ravel() for n in sorted(tensors)] + [np.zeros(1)])
+        weighted = flat.astype(np.float64) * examples
+        weighted[-1] = examples
+        seed = None if self.seed is None else [self.seed, plan.round_id, 11]
+        rng = np.random.default_rng(seed) if seed is not None else secret_generator()
+        return secagg.quantize(weighted, params.quantization, rng)
 
     def _upload_chunks(
         self, identity: Identity, plan: RoundPlan, body: bytes, key: str

@@ -18,6 +18,7 @@
         │       └── DeadlinePassed 410 the round's deadline passed
         ├── PayloadTooLarge       413
         ├── RangeNotSatisfiable   416
+        ├── TooEarly              425  a secure-aggregation stage has not closed yet
         └── ServerError           5xx
 
 The server raises the same `ApiError` classes; its one exception handler turns
@@ -49,6 +50,7 @@ __all__ = [
     "RoundClosed",
     "ServerError",
     "StateError",
+    "TooEarly",
     "TransportError",
     "Unauthorized",
     "error_from_status",
@@ -197,6 +199,13 @@ class RangeNotSatisfiable(ApiError):
 
     status = 416
     code = "range_not_satisfiable"
+
+
+class TooEarly(ApiError):
+    """425: the answer is not ready (a secure-aggregation stage is still open)."""
+
+    status = 425
+    code = "too_early"
 
 
 class ServerError(ApiError):

@@ -36,6 +36,8 @@ from fedclient.protocol import (
     MODEL,
     OPENAPI,
     ROUND_STATUS,
+    SECAGG_FETCH,
+    SECAGG_POST,
     TENSOR_MEDIA_TYPE,
     UPLOAD,
     UPLOAD_CHUNK,
@@ -130,6 +132,20 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         left = service.leave(token, _int_param(request, "round_id"))
         return JSONResponse({"left": left})
 
+    async def secagg_post(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        round_id = _int_param(request, "round_id")
+        service.authenticate(token)
+        body = await _read_limited(request, service.upload_limit(round_id))
+        receipt = service.secagg_post(token, round_id, request.path_params["stage"], body)
+        return _json(receipt) if receipt is not None else JSONResponse({"accepted": True})
+
+    async def secagg_fetch(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        round_id = _int_param(request, "round_id")
+        body = service.secagg_fetch(token, round_id, request.path_params["stage"])
+        return Response(body, media_type="application/msgpack")
+
     async def job_status(request: Request) -> Response:
         return _json(service.job_status(request.path_params["job"]))
 
@@ -154,6 +170,8 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         UPLOAD_CHUNK: upload_chunk,
         UPLOAD_STATUS: upload_status,
         LEAVE: leave,
+        SECAGG_POST: secagg_post,
+        SECAGG_FETCH: secagg_fetch,
         JOB_STATUS: job_status,
         ROUND_STATUS: round_status,
         HEALTH: health,

@@ -23,7 +23,7 @@ import numpy as np
 from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
 from fedclient.runtime import create_backend
 from fedserver_ref.store import JobRow, RoundRow, ServerStore
-from fedserver_ref.strategies import ClientUpdate, Strategy, strategy_for
+from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
 
 __all__ = ["SyncRounds", "initial_weights", "model_etag"]
 
@@ -70,25 +70,39 @@ class SyncRounds:
                 # An async buffer has no deadline: it closes when it is full.
                 self.close(job, round_, now, "deadline")
 
-    def close(self, job: JobRow, round_: RoundRow, now: float, why: str) -> None:
-        """Aggregate (or fail) the round, then open the next one or finish the job."""
+    def close(
+        self,
+        job: JobRow,
+        round_: RoundRow,
+        now: float,
+        why: str,
+        updates: list[ClientUpdate] | None = None,
+    ) -> None:
+        """Aggregate (or fail) the round, then open the next one or finish the job.
+
+        ``updates`` replaces the stored ones (a secure round hands in its sum)."""
         plan = job.plan
         with self.store.atomic():
             rows = self.store.updates(round_.round_id)
             completed, failed, version = job.rounds_completed, job.rounds_failed, job.model_version
-            if len(rows) >= plan.job.min_devices:
+            if updates or (updates is None and len(rows) >= plan.job.min_devices):
                 current = self.store.model(job.name, round_.model_version)
                 assert current is not None
                 base, _ = decode_tensors(current[0])
-                updates = [
-                    ClientUpdate(
-                        r.device_id, r.num_examples, decode_tensors(r.body or b"")[0], r.staleness
-                    )
-                    for r in rows
-                ]
+                if updates is None:
+                    updates = [
+                        ClientUpdate(
+                            r.device_id,
+                            r.num_examples,
+                            decode_tensors(r.body or b"")[0],
+                            r.staleness,
+                        )
+                        for r in rows
+                    ]
                 held = self.store.strategy_state(job.name)
                 state = decode_tensors(held)[0] if held else {}
-                new_weights, state = self.strategy_for(plan).aggregate(base, updates, state)
+                strategy = FedAvg() if job.plan.privacy.secagg else self.strategy_for(plan)
+                new_weights, state = strategy.aggregate(base, updates, state)
                 body = encode_tensors(new_weights)
                 if state:
                     self.store.save_strategy_state(job.name, encode_tensors(state))
@@ -101,7 +115,11 @@ class SyncRounds:
                     else None
                 )
                 self.store.close_round(
-                    round_.round_id, "closed", now, f"{why}: {len(rows)} updates", loss
+                    round_.round_id,
+                    "closed",
+                    now,
+                    f"{why}: {len(rows) or 'one sum of'} updates",
+                    loss,
                 )
                 completed += 1
             else:

@@ -13,6 +13,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+import numpy as np
+
 from fedclient._exceptions import (
     Conflict,
     DeadlinePassed,
@@ -47,8 +49,9 @@ from fedclient.protocol import (
 )
 from fedserver_ref.auth import hash_token, new_credentials
 from fedserver_ref.rounds import SyncRounds
+from fedserver_ref.secure_rounds import SecureRounds
 from fedserver_ref.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
-from fedserver_ref.strategies import Strategy
+from fedserver_ref.strategies import ClientUpdate, Strategy
 
 __all__ = ["FederationService"]
 
@@ -66,6 +69,7 @@ class FederationService:
         self.store = store
         self.clock = clock
         self.rounds = SyncRounds(store, strategy)
+        self.secure = SecureRounds()
 
     # -- setup -----------------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:
@@ -80,8 +84,18 @@ class FederationService:
             )
 
     def tick(self) -> None:
-        """Close the rounds whose quota is met or whose deadline passed."""
-        self.rounds.advance(self.clock())
+        """Close the rounds whose quota is met or whose deadline passed, and the secure
+        stages whose time is up."""
+        now = self.clock()
+        for round_id, aggregate in self.secure.tick(now).items():
+            round_ = self.store.round(round_id)
+            if round_ is not None and round_.status == "open":
+                job = self._job(round_.job)
+                if aggregate is None:  # too many dropouts: fail now, reveal nothing
+                    self.rounds.close(job, round_, now, "secure aggregation failed", updates=[])
+                else:
+                    self._close_secure(job, round_, now, aggregate)
+        self.rounds.advance(now)
 
     # -- handlers --------------------------------------------------------------
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
@@ -126,7 +140,56 @@ class FederationService:
             return RetryLater(wait, "the round is full")
         with self.store.atomic():
             self.store.admit(round_.round_id, device_id, now)
+        if job.plan.privacy.secagg and (
+            self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round
+        ):
+            self._open_secure(job, round_)
         return Admitted(self._plan(job, round_))
+
+    def _open_secure(self, job: JobRow, round_: RoundRow) -> None:
+        """The round is full: fix its cohort for secure aggregation."""
+        current = self.store.model(job.name, round_.model_version)
+        assert current is not None
+        admitted = self.store.admitted_devices(round_.round_id)
+        self.secure.open(round_.round_id, job.plan, admitted, decode_tensors(current[0])[0])
+
+    def secagg_fetch(self, token: str, round_id: int, stage: str) -> bytes:
+        """A secure-aggregation stage's message for this device (msgpack)."""
+        device_id = self.authenticate(token)
+        self.rounds.advance(self.clock())
+        return self.secure.fetch(round_id, device_id, stage)
+
+    def secagg_post(
+        self, token: str, round_id: int, stage: str, body: bytes
+    ) -> UploadReceipt | None:
+        """A device's message of a stage; the last one closes the round with the secure sum."""
+        device_id = self.authenticate(token)
+        now = self.clock()
+        self.rounds.advance(now)
+        round_ = self.store.round(round_id)
+        if round_ is None:
+            raise NotFound(f"no round {round_id}")
+        if round_.status != "open":
+            raise RoundClosed(f"round {round_id} is closed ({round_.reason})")
+        receipt, aggregate = self.secure.post(round_id, device_id, stage, body, now)
+        if aggregate is not None:
+            self._close_secure(self._job(round_.job), round_, now, aggregate)
+        return receipt
+
+    def _close_secure(
+        self, job: JobRow, round_: RoundRow, now: float, aggregate: ClientUpdate
+    ) -> None:
+        """End a round with its secure sum: the mean update, shaped like the model."""
+        current = self.store.model(job.name, round_.model_version)
+        assert current is not None
+        base = decode_tensors(current[0])[0]
+        flat, at, delta = aggregate.delta["flat"], 0, {}
+        for name in sorted(base):  # devices flatten in sorted-name order
+            size = base[name].size
+            delta[name] = flat[at : at + size].reshape(base[name].shape).astype(np.float32)
+            at += size
+        update = ClientUpdate("secagg", aggregate.num_examples, delta)
+        self.rounds.close(job, round_, now, "secure sum", updates=[update])
 
     def _checkin_async(
         self, job: JobRow, round_: RoundRow, device_id: str, now: float
@@ -183,6 +246,8 @@ class FederationService:
         previous, job, round_ = self._admissible(device_id, round_id, key)
         if previous is not None:
             return previous
+        if job.plan.privacy.secagg:
+            raise InvalidRequest("this job aggregates securely: use the secagg stages")
         return self._accept(device_id, job, round_, key, body)
 
     def start_upload(

@@ -333,6 +333,13 @@ class ServerStore:
         ).fetchone()
         return RoundRow(*row) if row else None
 
+    def admitted_devices(self, round_id: int) -> list[str]:
+        """The round's admitted devices, in the order they were admitted."""
+        rows = self.db.execute(
+            "SELECT device_id FROM admissions WHERE round_id=? ORDER BY rowid", [round_id]
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
         return int(

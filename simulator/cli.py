@@ -96,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
         help="async: refuse updates trained this many versions ago or more",
     )
     run.add_argument(
+        "--secagg",
+        dest="secagg",
+        action="store_const",
+        const="secagg",
+        default="",
+        help="secure aggregation (SecAgg): the server learns only sums",
+    )
+    run.add_argument(
+        "--secagg-plus",
+        dest="secagg",
+        action="store_const",
+        const="secagg+",
+        help="SecAgg+: each device shares keys with O(log n) neighbours only",
+    )
+    run.add_argument(
         "--dp",
         default="",
         help="local differential privacy: epsilon=E,delta=D,clip=C[,budget=B] (epsilon per "

@@ -117,6 +117,7 @@ class SimulationConfig:
     user_column: str | None = None
     no_header: bool = False
     dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
+    secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
     mode: str = "sync"  # sync rounds, or async (FedBuff) buffers
     max_staleness: int = 10
     strategy: str = "fedavg"  # the server's aggregation (fedserver_ref.strategies)
@@ -170,7 +171,10 @@ class SimulationConfig:
                     "classes": data.classes,
                 },
                 "train": {**train, "proximal_mu": self.proximal_mu},
-                "privacy": _privacy(self.dp),
+                "privacy": {
+                    **_privacy(self.dp),
+                    **({"secagg": self.secagg} if self.secagg else {}),
+                },
                 "strategy": {
                     "name": self.strategy,
                     "server_learning_rate": self.server_learning_rate,
@@ -569,6 +573,28 @@ async def _run_rounds(
                 len(d.examples), plan.train.epochs, work.bytes_down, work.update_bytes
             )
             finish.append((current.opened_at + seconds + work.backoff, work.device))
+        secured = 0  # devices whose masked input went into a secure sum
+        if plan.privacy.secagg:
+            # Secure aggregation: the stages advance together once the slowest device
+            # finished training; each pass moves every device one stage on.
+            if simulated and finish:
+                clock.now = max(clock.now, max(at for at, _ in finish))
+            pending = [i for _, i in sorted(finish)]
+            for _ in range(8):
+                waiting = []
+                for i in pending:
+                    outcome, waited = await fleet.upload(i, clock.now)
+                    if outcome is None:
+                        network_dropouts += 1
+                    elif outcome.status == "waiting":
+                        waiting.append(i)
+                    else:
+                        discarded += outcome.status == "discarded"
+                        secured += outcome.status == "uploaded"
+                pending = waiting
+                if not pending:
+                    break
+            finish = []
         # Uploads arrive in simulated-time order; the server's quota and deadline decide.
         # A device retrying an upload holds the clock for its backoff.
         for at, i in sorted(finish):
@@ -616,7 +642,7 @@ async def _run_rounds(
                 "loss": round(result.loss, 6),
                 "train_loss": closed.train_loss,
                 "admitted": len(admitted) if first else closed.admitted,
-                "updates": closed.updates,
+                "updates": secured if plan.privacy.secagg and first else closed.updates,
                 "discarded": discarded if first else 0,
                 "dropouts": {
                     "deadline": discarded if first else 0,

@@ -113,7 +113,7 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     part_ax.set_xlabel("round")
     part_ax.set_ylabel("devices")
-    part_ax.set_ylim(0, max(bottom, default=1) * 1.35)  # room for the legend above the bars
+    part_ax.set_ylim(0, max([1, *bottom]) * 1.35)  # room for the legend above the bars
     part_ax.grid(alpha=0.3, axis="y")
     part_ax.legend(loc="upper center", ncol=2, fontsize="small")
     part_ax.set_title("participation")

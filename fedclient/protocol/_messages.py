@@ -92,6 +92,14 @@ class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     clip: PositiveFloat = 1.0
     budget_epsilon: PositiveFloat | None = None
     neighbouring: Literal["replace", "add_remove"] = "replace"
+    #: Secure aggregation: "" (off), "secagg" or "secagg+"; the server learns only the sum.
+    secagg: Literal["", "secagg", "secagg+"] = ""
+    #: Fixed-point range of each coordinate a device sends: num_examples x delta, and
+    #: num_examples itself. The mean is the sum over the sum of num_examples, so the
+    #: rounding error of the mean is about secagg_clip * devices / 2^31 / examples.
+    secagg_clip: PositiveFloat = 32768.0
+    #: A secure-aggregation stage closes this long after its first message, at the latest.
+    secagg_stage_seconds: PositiveFloat = 60.0
 
 
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -23,6 +23,8 @@ __all__ = [
     "OPENAPI",
     "ROUND_STATUS",
     "ROUTES",
+    "SECAGG_FETCH",
+    "SECAGG_POST",
     "TENSOR_MEDIA_TYPE",
     "UPLOAD",
     "UPLOAD_CHUNK",
@@ -134,6 +136,22 @@ LEAVE = Route(
     "An admitted device that cannot finish in time gives its place back.",
     errors=(401, 404),
 )
+SECAGG_POST = Route(
+    "secagg_post",
+    "POST",
+    "/v1/rounds/{round_id}/secagg/{stage}",
+    "Secure aggregation: a device's message of a stage (keys, shares, masked, unmask), "
+    "msgpack-encoded. The masked input's answer is the device's receipt.",
+    errors=(400, 401, 403, 404, 409, 425),
+)
+SECAGG_FETCH = Route(
+    "secagg_fetch",
+    "GET",
+    "/v1/rounds/{round_id}/secagg/{stage}",
+    "Secure aggregation: the server's message of a stage for this device (params, keys, "
+    "shares, masked), msgpack-encoded; 425 until the stage closed.",
+    errors=(401, 403, 404, 425),
+)
 JOB_STATUS = Route(
     "job_status",
     "GET",
@@ -164,6 +182,8 @@ ROUTES = (
     UPLOAD_CHUNK,
     UPLOAD_STATUS,
     LEAVE,
+    SECAGG_POST,
+    SECAGG_FETCH,
     JOB_STATUS,
     ROUND_STATUS,
     HEALTH,
@@ -176,6 +196,7 @@ _REASONS = {
     403: "Not allowed",
     404: "Unknown job, round, upload or model",
     416: "Range outside the body",
+    425: "Too early: the stage has not closed",
     409: "Conflicts with stored state (e.g. round closed)",
     410: "Deadline passed",
     413: "Body over the limit",

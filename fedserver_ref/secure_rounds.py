@@ -1,0 +1,179 @@
+"""Secure aggregation inside a sync round: the server's side of the stages, over HTTP.
+
+When a round whose plan asks for ``secagg`` or ``secagg+`` fills up, its cohort
+is fixed and a `SecAggServer` is set up over it. Devices then train as usual
+and, instead of uploading their update, walk the stages:
+
+    GET  .../secagg/params   the round's SecAggParams and the device's number
+    POST .../secagg/keys     KeyAdvertisement      GET .../secagg/keys    KeyRoster
+    POST .../secagg/shares   ShareKeys             GET .../secagg/shares  ShareBundle
+    POST .../secagg/masked   MaskedInput           GET .../secagg/masked  UnmaskRequest
+    POST .../secagg/unmask   UnmaskResponse -> the device's receipt
+
+A stage closes when every device still in it has posted. A GET before then is a
+425 (too early) that the device answers by waiting. When the unmask stage
+closes, the exact ring sum becomes the round's aggregate: devices send
+``num_examples * delta`` with ``num_examples`` appended, so the sum divided by
+its last coordinate is FedAvg's weighted mean; the server never sees one
+device's update. Secure rounds live in memory: a restarted server fails the
+round at its deadline, as the protocol allows (devices' key material is
+ephemeral too).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from fedclient._exceptions import Conflict, Forbidden, NotFound, TooEarly
+from fedclient.privacy.secagg import (
+    AggregationFailed,
+    KeyAdvertisement,
+    MaskedInput,
+    Quantization,
+    SecAggParams,
+    ShareKeys,
+    UnmaskResponse,
+    decode,
+    dequantize,
+    encode,
+)
+from fedclient.protocol import JobPlan, UploadReceipt, Weights
+from fedserver_ref.secagg import SecAggServer
+from fedserver_ref.strategies import ClientUpdate
+
+__all__ = ["STAGES", "SecureRounds", "secure_vector_length"]
+
+STAGES = ("params", "keys", "shares", "masked", "unmask")
+
+
+def secure_vector_length(weights: Weights) -> int:
+    """Ring elements a device sends: every parameter, then its example count."""
+    return sum(int(v.size) for v in weights.values()) + 1
+
+
+@dataclass
+class _SecureRound:
+    params: SecAggParams
+    server: SecAggServer
+    members: dict[str, int]  # device id -> its number in the protocol
+    answers: dict[str, dict[int, Any]] = field(default_factory=dict)  # stage -> per device
+    receipts: dict[str, UploadReceipt] = field(default_factory=dict)
+    stage_seconds: float = 60.0
+    stage_deadline: float | None = None  # set when the stage's first message arrives
+
+
+class SecureRounds:
+    """The secure rounds in progress, by round id."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, _SecureRound] = {}
+
+    def open(self, round_id: int, plan: JobPlan, admitted: list[str], weights: Weights) -> None:
+        """Fix the cohort of a full round and set up its aggregation. Each stage closes when
+        every device in it has posted, or ``stage_seconds`` after its first message
+        (devices that did not post by then are dropouts the protocol tolerates up to
+        its threshold)."""
+        p = plan.privacy
+        members = {device: i for i, device in enumerate(admitted, start=1)}
+        params = SecAggParams.create(
+            list(members.values()),
+            secure_vector_length(weights),
+            plus=p.secagg == "secagg+",
+            quantization=Quantization(p.secagg_clip, max_devices=max(2, len(members))),
+        )
+        self.rounds[round_id] = _SecureRound(
+            params, SecAggServer(params), members, stage_seconds=p.secagg_stage_seconds
+        )
+
+    def _round(self, round_id: int, device_id: str) -> tuple[_SecureRound, int]:
+        secure = self.rounds.get(round_id)
+        if secure is None:
+            raise TooEarly("the round's cohort is not complete yet", retry_after=1.0)
+        if device_id not in secure.members:
+            raise Forbidden(f"device is not in round {round_id}'s secure aggregation")
+        return secure, secure.members[device_id]
+
+    def fetch(self, round_id: int, device_id: str, stage: str) -> bytes:
+        """The server's message of ``stage`` for one device (msgpack)."""
+        secure, number = self._round(round_id, device_id)
+        if stage == "params":
+            return msgspec.msgpack.encode({"params": encode(secure.params), "device": number})
+        answer = secure.answers.get(stage, {}).get(number)
+        if answer is None:
+            raise TooEarly(f"stage {stage!r} has not closed yet", retry_after=1.0)
+        return encode(answer)
+
+    def post(
+        self,
+        round_id: int,
+        device_id: str,
+        stage: str,
+        body: bytes,
+        now: float,
+    ) -> tuple[UploadReceipt | None, ClientUpdate | None]:
+        """Take a device's message; when the last stage closes, return the aggregate."""
+        secure, number = self._round(round_id, device_id)
+        server = secure.server
+        if stage == "keys":
+            server.receive_keys(number, decode(body, KeyAdvertisement))
+        elif stage == "shares":
+            server.receive_shares(number, decode(body, ShareKeys))
+        elif stage == "masked":
+            server.receive_masked_input(number, decode(body, MaskedInput))
+        elif stage == "unmask":
+            server.receive_unmask(number, decode(body, UnmaskResponse))
+        else:
+            raise NotFound(f"no secure-aggregation stage {stage!r} to post to")
+        receipt = secure.receipts.get(device_id)
+        if stage == "masked" and receipt is None:
+            receipt = UploadReceipt(uuid.uuid4().hex, round_id, device_id, 0, now)
+            secure.receipts[device_id] = receipt
+        if secure.stage_deadline is None:
+            secure.stage_deadline = now + secure.stage_seconds
+        if server.waiting_for:
+            return receipt, None
+        return receipt, self._close_stage(round_id, secure)
+
+    def tick(self, now: float) -> dict[int, ClientUpdate | None]:
+        """Close the stages whose time is up. Returns the rounds that ended: their aggregate,
+        or None where too many devices dropped out (the round fails, nothing revealed)."""
+        ended: dict[int, ClientUpdate | None] = {}
+        for round_id, secure in list(self.rounds.items()):
+            if secure.stage_deadline is None or now < secure.stage_deadline:
+                continue
+            try:
+                aggregate = self._close_stage(round_id, secure)
+            except AggregationFailed:
+                del self.rounds[round_id]
+                ended[round_id] = None
+                continue
+            if aggregate is not None:
+                ended[round_id] = aggregate
+        return ended
+
+    def _close_stage(self, round_id: int, secure: _SecureRound) -> ClientUpdate | None:
+        server = secure.server
+        secure.stage_deadline = None  # the next stage's clock starts with its first message
+        if "keys" not in secure.answers:
+            secure.answers["keys"] = server.close_advertise()
+        elif "shares" not in secure.answers:
+            secure.answers["shares"] = server.close_sharing()
+        elif "masked" not in secure.answers:
+            secure.answers["masked"] = server.close_masking()
+        else:
+            return self._aggregate(round_id, secure)
+        return None
+
+    def _aggregate(self, round_id: int, secure: _SecureRound) -> ClientUpdate:
+        result = secure.server.finish()
+        total = dequantize(result.ring_sum, secure.params.quantization)
+        examples = float(total[-1])
+        if examples <= 0:
+            raise Conflict("the secure sum holds no examples")
+        del self.rounds[round_id]
+        # The weighted mean update, flat in sorted-name order; the caller gives it shape.
+        return ClientUpdate("secagg", max(1, round(examples)), {"flat": total[:-1] / examples})

@@ -1,0 +1,162 @@
+"""Secure aggregation inside real rounds, over the HTTP API: the server sees only the sum."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fedclient
+from fedclient.protocol import decode_tensors
+from fedserver_ref import FederationService, ServerStore, plan_from_dict
+from simulator.cli import main as fedsim
+from tests.conftest import ManualClock, Server
+
+pytestmark = pytest.mark.anyio
+
+
+def _server(secagg: str) -> Server:
+    plan = plan_from_dict(
+        {
+            "job": {
+                "name": "digits",
+                "rounds": 2,
+                "devices_per_round": 6,
+                "over_selection": 1.0,
+                "seed": 4,
+            },
+            "model": {"kind": "mlp", "inputs": 64, "hidden": [16], "classes": 10},
+            "train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.1},
+            "privacy": {"secagg": secagg} if secagg else {},
+        }
+    )
+    clock = ManualClock()
+    service = FederationService(ServerStore(), clock=clock)
+    service.add_job(plan)
+    return Server(service, clock)
+
+
+async def _one_round(server: Server, make_devices: Any) -> dict[str, np.ndarray]:
+    devices = make_devices(6, server.transport())
+    for device in devices:
+        for _ in range(3):
+            await device.astep()  # check in, download, train
+    pending = list(devices)
+    for _ in range(10):
+        pending = [d for d in pending if (await d.astep()).status == "waiting"]
+        if not pending:
+            break
+    assert not pending
+    found = server.store.model("digits", 1)
+    assert found is not None
+    return decode_tensors(found[0])[0]
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+async def test_a_secure_round_gives_fedavg_of_the_updates(make_devices: Any, mode: str) -> None:
+    plain = await _one_round(_server(""), make_devices)
+    secure_server = _server(mode)
+    secure = await _one_round(secure_server, make_devices)
+    for name in plain:
+        # Same devices, same seeds: the only difference is the fixed-point rounding.
+        np.testing.assert_allclose(secure[name], plain[name], atol=2e-4)
+    assert secure_server.store.update_count(1) == 0  # no device's update was ever stored
+    assert secure_server.service.job_status("digits").model_version == 1
+
+
+async def test_secure_jobs_refuse_plain_uploads_and_bad_stage_messages(make_devices: Any) -> None:
+    server = _server("secagg")
+    devices = make_devices(6, server.transport())
+    for device in devices:
+        await device.astep()  # the sixth admission fixes the cohort
+    async with server.http() as http:
+        token = devices[0].device_state.identity(devices[0].server)
+        assert token is not None
+        auth = {"Authorization": f"Bearer {token.token}"}
+        before = server.store.fingerprint()
+        garbage = await http.post("/v1/rounds/1/secagg/keys", content=b"\x01\x02", headers=auth)
+        assert garbage.status_code == 400
+        early = await http.get("/v1/rounds/1/secagg/keys", headers=auth)
+        assert early.status_code == 425 and early.json()["error"]["code"] == "too_early"
+        unknown = await http.post("/v1/rounds/1/secagg/nope", content=b"", headers=auth)
+        assert unknown.status_code == 404
+        body = server.store.model("digits", 0)
+        assert body is not None
+        plain = await http.post(
+            "/v1/rounds/1/updates", content=body[0], headers={**auth, "Idempotency-Key": "k"}
+        )
+        assert plain.status_code == 400 and "secagg" in plain.text
+        assert server.store.fingerprint() == before
+    assert fedclient.TooEarly.status == 425
+
+
+def test_fedsim_secagg_plus_matches_plaintext(tmp_path: Path) -> None:
+    common = [
+        "run",
+        "--dataset",
+        "digits",
+        "--devices",
+        "24",
+        "--devices-per-round",
+        "8",
+        "--rounds",
+        "3",
+        "--seed",
+        "1",
+        "--quiet",
+    ]
+    assert fedsim([*common, "--report", str(tmp_path / "plain.json")]) == 0
+    assert fedsim([*common, "--secagg-plus", "--report", str(tmp_path / "secure.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    secure = json.loads((tmp_path / "secure.json").read_text())
+    assert [r["updates"] for r in secure["rounds"]] == [8, 8, 8]
+    assert abs(plain["final"]["accuracy"] - secure["final"]["accuracy"]) <= 0.005
+
+
+async def _walk(devices: list[Any], passes: int = 10) -> list[Any]:
+    pending = list(devices)
+    for _ in range(passes):
+        pending = [d for d in pending if (await d.astep()).status == "waiting"]
+        if not pending:
+            break
+    return pending
+
+
+async def test_a_stage_closes_at_its_deadline_without_the_dropouts(make_devices: Any) -> None:
+    server = _server("secagg")
+    devices = make_devices(6, server.transport(), clock=server.clock)
+    for device in devices:
+        for _ in range(3):
+            await device.astep()
+    quitter, *stayers = devices
+    assert (await quitter.astep()).status == "waiting"  # it posts its keys, then vanishes
+    await _walk(stayers, passes=2)  # the others post keys (the stage closes), then share
+    assert server.store.model("digits", 1) is None
+    server.clock.now += 61  # the sharing stage's time is up: it closes without the quitter
+    server.service.tick()
+    assert await _walk(stayers) == []
+    status = server.service.job_status("digits")
+    assert status.model_version == 1 and status.previous_round is not None
+    assert status.previous_round.status == "closed"
+
+
+async def test_too_many_dropouts_fail_the_round_and_keep_the_model(make_devices: Any) -> None:
+    server = _server("secagg")
+    devices = make_devices(6, server.transport(), clock=server.clock)
+    for device in devices:
+        for _ in range(3):
+            await device.astep()
+    for device in devices:
+        await device.astep()  # everyone advertises keys: the stage closes
+    await _walk(devices[:2], passes=1)  # two share keys; four vanish
+    server.clock.now += 61
+    server.service.tick()
+    status = server.service.job_status("digits")
+    assert status.model_version == 0 and status.rounds_failed == 1
+    assert "secure aggregation failed" in (
+        status.previous_round.reason if status.previous_round else ""
+    )
+    assert server.store.update_count(1) == 0
