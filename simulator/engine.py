@@ -216,7 +216,7 @@ class _Device:
 
 
 #: The transfer statistics a round reports, summed over the fleet.
-TOTALS = ("bytes_up", "bytes_down", "retries", "wasted_bytes")
+TOTALS = ("bytes_up", "bytes_down", "retries", "wasted_bytes", "resumed_transfers")
 
 
 class _Checkin(NamedTuple):
@@ -479,6 +479,7 @@ async def simulate(
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         "retries": sum(r["retries"] for r in rounds),
         "wasted_bytes": sum(r["wasted_bytes"] for r in rounds),
+        "resumed_transfers": sum(r["resumed_transfers"] for r in rounds),
         "discarded": sum(r["discarded"] for r in rounds),
         "dropouts": {
             cause: sum(r["dropouts"][cause] for r in rounds)
@@ -652,6 +653,9 @@ async def _run_rounds(
                 },
                 "retries": totals["retries"] - totals0["retries"] if first else 0,
                 "wasted_bytes": totals["wasted_bytes"] - totals0["wasted_bytes"] if first else 0,
+                "resumed_transfers": totals["resumed_transfers"] - totals0["resumed_transfers"]
+                if first
+                else 0,
                 "bytes_up": totals["bytes_up"] - totals0["bytes_up"] if first else 0,
                 "bytes_down": totals["bytes_down"] - totals0["bytes_down"] if first else 0,
                 "round_seconds": round(elapsed, 3),

@@ -158,6 +158,8 @@ def test_faults_cost_retries_and_bytes_but_not_accuracy(tmp_path: Path) -> None:
     assert _without_wall_time(faulty) == _without_wall_time(again)  # faults come from the seed
     assert clean["final"]["retries"] == 0 and clean["final"]["wasted_bytes"] == 0
     assert faulty["final"]["retries"] > 20 and faulty["final"]["wasted_bytes"] > 0
+    resets = _run(tmp_path, "resets", "--seed", "3", "--faults", "reset=0.4")
+    assert resets["final"]["resumed_transfers"] > 0  # downloads cut mid-body went on
     assert faulty["final"]["rounds_completed"] == 4
     assert abs(faulty["final"]["accuracy"] - clean["final"]["accuracy"]) <= 0.02
     assert faulty["final"]["simulated_seconds"] > clean["final"]["simulated_seconds"]
