@@ -111,7 +111,7 @@ def _load_latest(client: Client, model: TrainingBackend) -> int:
         response = http.get(client.server + JOB_STATUS.url(job=client.job))
         raise_for_error(response)
         status = msgspec.json.decode(response.content, type=JobStatus)
-        identity = client._store.identity(client.server)
+        identity = client.device_state.identity(client.server)
         headers = {"Authorization": f"Bearer {identity.token}"} if identity else {}
         response = http.get(
             client.server + MODEL.url(job=client.job, version=status.model_version), headers=headers
