@@ -71,6 +71,8 @@ def check_dataset(
     """Validate a labelled set for a model and return it as (float32, int64)."""
     x = np.asarray(x)
     y = np.asarray(y)
+    if x.dtype.kind not in "fiu":
+        raise InvalidInput(f"x must hold numbers, got dtype {x.dtype}")
     if x.ndim != 2 or x.shape[1] != inputs:
         raise InvalidInput(f"x must have shape (n, {inputs}), got {x.shape}")
     if y.shape != (x.shape[0],):

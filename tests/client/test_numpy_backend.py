@@ -81,6 +81,7 @@ def test_training_is_deterministic_for_a_seed(digits: Dataset) -> None:
         (np.zeros((4, 64)), np.zeros(4), "integers"),
         (np.full((4, 64), np.nan), np.zeros(4, int), "NaN"),
         (np.zeros((0, 64)), np.zeros(0, int), "empty"),
+        (np.full((4, 64), "a", dtype=object), np.zeros(4, int), "numbers"),
     ],
 )
 def test_bad_data_raises_invalid_input(x: np.ndarray, y: np.ndarray, match: str) -> None:
