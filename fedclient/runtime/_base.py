@@ -11,7 +11,14 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import Weights
 
-__all__ = ["EvalResult", "TrainResult", "TrainingBackend", "check_dataset", "check_labels"]
+__all__ = [
+    "EvalResult",
+    "NumpyWeights",
+    "TrainResult",
+    "TrainingBackend",
+    "check_dataset",
+    "check_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,31 @@ class TrainingBackend(Protocol):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes)."""
+
+
+class NumpyWeights:
+    """Parameters kept as numpy arrays and exchanged by name (the numpy backends' share)."""
+
+    _params: Weights
+
+    def get_weights(self) -> Weights:
+        """A copy of the parameters, by name."""
+        return {name: value.copy() for name, value in self._params.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all parameters; names, shapes and dtypes must match exactly."""
+        if set(weights) != set(self._params):
+            raise InvalidInput(
+                f"weights must have names {sorted(self._params)}, got {sorted(weights)}"
+            )
+        for name, value in weights.items():
+            ref = self._params[name]
+            if value.shape != ref.shape or value.dtype != ref.dtype:
+                raise InvalidInput(
+                    f"{name}: expected {ref.dtype}{list(ref.shape)}, "
+                    f"got {value.dtype}{list(value.shape)}"
+                )
+        self._params = {name: np.array(weights[name]) for name in self._params}
 
 
 def check_dataset(

@@ -14,14 +14,13 @@ so a server can create a job's version-0 model without any runtime installed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
-from fedclient.runtime._base import EvalResult, TrainResult, check_dataset
+from fedclient.runtime._base import EvalResult, NumpyWeights, TrainResult, check_dataset
 
 __all__ = ["CnnShape", "NumpyCnn", "cnn_initial_weights"]
 
@@ -138,7 +137,7 @@ def _unpool(grad: np.ndarray, where: np.ndarray) -> np.ndarray:
     return out.reshape(n, c, h2, w2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * h2, 2 * w2)
 
 
-class NumpyCnn:
+class NumpyCnn(NumpyWeights):
     """The built-in CNN in pure numpy: the reference the ONNX CNN is checked against."""
 
     runtime = "numpy"
@@ -149,25 +148,6 @@ class NumpyCnn:
         self.classes = shape.classes
         self._dtype = np.dtype(dtype)
         self._params = cnn_initial_weights(shape, seed=seed, dtype=dtype)
-
-    def get_weights(self) -> Weights:
-        """A copy of the parameters, by name."""
-        return {name: value.copy() for name, value in self._params.items()}
-
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all parameters; names, shapes and dtypes must match exactly."""
-        if set(weights) != set(self._params):
-            raise InvalidInput(
-                f"weights must have names {sorted(self._params)}, got {sorted(weights)}"
-            )
-        for name, value in weights.items():
-            ref = self._params[name]
-            if value.shape != ref.shape or value.dtype != ref.dtype:
-                raise InvalidInput(
-                    f"{name}: expected {ref.dtype}{list(ref.shape)}, "
-                    f"got {value.dtype}{list(value.shape)}"
-                )
-        self._params = {name: np.array(weights[name]) for name in self._params}
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         p = self._params

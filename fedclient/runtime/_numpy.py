@@ -8,18 +8,16 @@ other runtimes.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
 
 import numpy as np
 
-from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
-from fedclient.runtime._base import EvalResult, TrainResult, check_dataset
+from fedclient.runtime._base import EvalResult, NumpyWeights, TrainResult, check_dataset
 
 __all__ = ["NumpyModel"]
 
 
-class NumpyModel:
+class NumpyModel(NumpyWeights):
     """A dense ReLU network with a softmax output, in pure numpy."""
 
     runtime = "numpy"
@@ -41,26 +39,6 @@ class NumpyModel:
             )
             self._params[f"fc{i}.bias"] = np.zeros(fan_out, dtype=self._dtype)
         self._layers = len(sizes) - 1
-
-    # -- weights ---------------------------------------------------------------
-    def get_weights(self) -> Weights:
-        """A copy of the parameters, by name."""
-        return {name: value.copy() for name, value in self._params.items()}
-
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all parameters; names, shapes and dtypes must match exactly."""
-        if set(weights) != set(self._params):
-            raise InvalidInput(
-                f"weights must have names {sorted(self._params)}, got {sorted(weights)}"
-            )
-        for name, value in weights.items():
-            ref = self._params[name]
-            if value.shape != ref.shape or value.dtype != ref.dtype:
-                raise InvalidInput(
-                    f"{name}: expected {ref.dtype}{list(ref.shape)}, "
-                    f"got {value.dtype}{list(value.shape)}"
-                )
-        self._params = {name: np.array(value) for name, value in weights.items()}
 
     # -- maths -----------------------------------------------------------------
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
