@@ -125,7 +125,10 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
         bytes_ax.plot(x, wasted, color="tab:red", linestyle="--", label="wasted (failed tries)")
     bytes_ax.set_xlabel("round")
     bytes_ax.set_ylabel("MB on the wire, all devices")
-    bytes_ax.set_ylim(bottom=0)
+    peak = max(
+        [r["bytes_down"] / 1e6 for r in rounds] + [r["bytes_up"] / 1e6 for r in rounds] + [1e-3]
+    )
+    bytes_ax.set_ylim(0, peak * 1.25)  # lines clear of the frame and the legend
     bytes_ax.grid(alpha=0.3)
     bytes_ax.legend(loc="lower right")
     bytes_ax.set_title("network")
