@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -73,9 +73,52 @@ class TrainingBackend(Protocol):
 
 
 class NumpyWeights:
-    """Parameters kept as numpy arrays and exchanged by name (the numpy backends' share)."""
+    """What the numpy backends share: parameters kept as numpy arrays and exchanged by
+    name, and minibatch SGD over a subclass's ``loss_and_grads``."""
 
     _params: Weights
+    _dtype: np.dtype[Any]
+    inputs: int
+    classes: int
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+        """Mean cross-entropy on (x, y) and its gradient for every parameter."""
+        raise NotImplementedError
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        rng: np.random.Generator,
+        proximal_mu: float = 0.0,
+    ) -> TrainResult:
+        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
+
+        ``proximal_mu`` > 0 adds FedProx's term mu/2 |w - w_start|^2 to the loss."""
+        anchor = self.get_weights() if proximal_mu else None
+        x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
+        x = x.astype(self._dtype, copy=False)
+        n = x.shape[0]
+        steps = 0
+        epoch_loss = 0.0
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss, grads = self.loss_and_grads(x[idx], y[idx])
+                for name, grad in grads.items():
+                    if anchor is not None:
+                        grad = grad + proximal_mu * (self._params[name] - anchor[name])
+                    self._params[name] -= (learning_rate * grad).astype(self._dtype, copy=False)
+                total += loss * len(idx)
+                steps += 1
+            epoch_loss = total / n
+        return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
 
     def get_weights(self) -> Weights:
         """A copy of the parameters, by name."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
-from fedclient.runtime._base import EvalResult, NumpyWeights, TrainResult, check_dataset
+from fedclient.runtime._base import EvalResult, NumpyWeights, check_dataset
 
 __all__ = ["CnnShape", "NumpyCnn", "cnn_initial_weights"]
 
@@ -197,35 +197,6 @@ class NumpyCnn(NumpyWeights):
                 cols_grad = dz_rows @ weight.reshape(weight.shape[0], -1)
                 upstream = _col2im(cols_grad, tuple(cache[f"shape{i}"]))
         return loss, {name: grads[name].astype(self._dtype, copy=False) for name in p}
-
-    def train(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        batch_size: int,
-        learning_rate: float,
-        rng: np.random.Generator,
-    ) -> TrainResult:
-        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``."""
-        x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
-        x = x.astype(self._dtype, copy=False)
-        n = x.shape[0]
-        steps = 0
-        epoch_loss = 0.0
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                loss, grads = self.loss_and_grads(x[idx], y[idx])
-                for name, grad in grads.items():
-                    self._params[name] -= (learning_rate * grad).astype(self._dtype, copy=False)
-                total += loss * len(idx)
-                steps += 1
-            epoch_loss = total / n
-        return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (computed in chunks: im2col copies grow with the batch)."""

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 
 from fedclient.protocol import ModelSpec, Weights
-from fedclient.runtime._base import EvalResult, NumpyWeights, TrainResult, check_dataset
+from fedclient.runtime._base import EvalResult, NumpyWeights, check_dataset
 
 __all__ = ["NumpyModel"]
 
@@ -72,41 +72,6 @@ class NumpyModel(NumpyWeights):
             if i > 1:
                 delta = (delta @ self._params[f"fc{i}.weight"]) * (acts[i - 1] > 0)
         return loss, grads
-
-    def train(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        batch_size: int,
-        learning_rate: float,
-        rng: np.random.Generator,
-        proximal_mu: float = 0.0,
-    ) -> TrainResult:
-        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
-
-        ``proximal_mu`` > 0 adds FedProx's term mu/2 |w - w_start|^2 to the loss."""
-        anchor = self.get_weights() if proximal_mu else None
-        x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
-        x = x.astype(self._dtype, copy=False)
-        n = x.shape[0]
-        steps = 0
-        epoch_loss = 0.0
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                loss, grads = self.loss_and_grads(x[idx], y[idx])
-                for name, grad in grads.items():
-                    if anchor is not None:
-                        grad = grad + proximal_mu * (self._params[name] - anchor[name])
-                    self._params[name] -= (learning_rate * grad).astype(self._dtype, copy=False)
-                total += loss * len(idx)
-                steps += 1
-            epoch_loss = total / n
-        return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities."""
