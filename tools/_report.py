@@ -30,6 +30,23 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list
     return [fmt(header), line, *(fmt(r) for r in rows)]
 
 
+def verification_lines(verification: Verification) -> list[str]:
+    """The table of a verification's checks, and a blank line after it."""
+    rows = [
+        [
+            c.name,
+            c.detail,
+            c.measure,
+            f"{c.error:.2e}" if c.error else "0",
+            f"{c.tolerance:.0e}" if c.tolerance else "0",
+            "ok" if c.passed else "FAILED",
+        ]
+        for c in verification.checks
+    ]
+    header = f"verification: {verification.runtime} vs {verification.reference}"
+    return [header, *_table(["check", "what", "measure", "error", "tolerance", "result"], rows), ""]
+
+
 def _shape(dims: list[int | None]) -> str:
     return "x".join("N" if d is None else str(d) for d in dims) or "scalar"
 
@@ -69,20 +86,7 @@ def render(
     if verification is None:
         lines.append("verification skipped (--no-verify)")
     else:
-        lines.append(f"verification: {verification.runtime} vs {verification.reference}")
-        rows = [
-            [
-                c.name,
-                c.detail,
-                c.measure,
-                f"{c.error:.2e}" if c.error else "0",
-                f"{c.tolerance:.0e}" if c.tolerance else "0",
-                "ok" if c.passed else "FAILED",
-            ]
-            for c in verification.checks
-        ]
-        lines += _table(["check", "what", "measure", "error", "tolerance", "result"], rows)
-        lines.append("")
+        lines += verification_lines(verification)
         verdict = "verified" if verification.passed else "FAILED verification"
         lines.append(f"bundle {verdict} in {seconds:.2f} s")
     return "\n".join(lines)

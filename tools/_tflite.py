@@ -45,7 +45,7 @@ from fedclient.runtime._tflite import (
     model_filename,
 )
 from tools._references import NumpyReference
-from tools._report import _size, _table
+from tools._report import _size, _table, verification_lines
 from tools._verify import TOLERANCE, Check, Verification, _max_diff
 
 __all__ = [
@@ -364,20 +364,7 @@ def render_tflite(conversion: TfliteConversion) -> str:
     if verification is None:
         lines.append("verification skipped (--no-verify)")
         return "\n".join(lines)
-    lines.append(f"verification: {verification.runtime} vs {verification.reference}")
-    rows = [
-        [
-            c.name,
-            c.detail,
-            c.measure,
-            f"{c.error:.2e}" if c.error else "0",
-            f"{c.tolerance:.0e}" if c.tolerance else "0",
-            "ok" if c.passed else "FAILED",
-        ]
-        for c in verification.checks
-    ]
-    lines += _table(["check", "what", "measure", "error", "tolerance", "result"], rows)
-    lines.append("")
+    lines += verification_lines(verification)
     verdict = "verified" if verification.passed else "FAILED verification"
     lines.append(f"TFLite model {verdict}; converted and checked in {conversion.seconds:.2f} s")
     return "\n".join(lines)
