@@ -54,7 +54,7 @@ def _row(
     onnx_model: Callable[[], OnnxBackend],
     repeats: int,
 ) -> str:
-    x, y = data.x_train[:examples], data.y_train[:examples]
+    x, y = data.device_data(np.arange(examples))
     start = time.perf_counter()
     onnx = onnx_model()
     load_ms = (time.perf_counter() - start) * 1e3

@@ -369,13 +369,14 @@ def prepare(workload: Workload, data_dir: Path, scratch: Path) -> dict[str, Any]
     else:  # digits comes with scikit-learn, absent from Flower's venv: hand over fedsim's split
         np.savez(
             scratch / "arrays.npz",
-            x_train=data.x_train,
+            x_train=data.train_features(),
             y_train=data.y_train,
             x_test=data.x_test,
             y_test=data.y_test,
         )
         config["arrays"] = str(scratch / "arrays.npz")
-    config["train_checksum"] = float(data.x_train.sum(dtype=np.float64)) + float(data.y_train.sum())
+    features = data.train_features()
+    config["train_checksum"] = float(features.sum(dtype=np.float64)) + float(data.y_train.sum())
     return config
 
 

@@ -23,7 +23,12 @@ __all__ = ["CsvColumns", "Dataset", "load_dataset", "partition"]
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled train/test split with flat float32 features."""
+    """A labelled train/test split with flat float32 features.
+
+    ``x_train`` may instead hold uint8 pixels (MNIST: 47 MB rather than 188 MB as
+    float32): `device_data` scales the rows a device holds to [0, 1] as it hands
+    them over, and `train_features` does so for the whole set.
+    """
 
     name: str
     x_train: np.ndarray
@@ -40,12 +45,21 @@ class Dataset:
         if self.texts is not None:
             features = hash_features(self.texts[examples], dims=self.inputs)
             return features, self.y_train[examples]
-        return self.x_train[examples], self.y_train[examples]
+        return _features(self.x_train[examples]), self.y_train[examples]
+
+    def train_features(self) -> np.ndarray:
+        """Every training example's float32 features (a copy, if stored as pixels)."""
+        return _features(self.x_train)
 
     @property
     def inputs(self) -> int:
         """Features per example."""
         return int(self.x_train.shape[1])
+
+
+def _features(x: np.ndarray) -> np.ndarray:
+    """Float32 features: uint8 pixels scaled to [0, 1], anything else as it is."""
+    return (x / 255.0).astype(np.float32) if x.dtype == np.uint8 else x
 
 
 DATASETS = ("digits", "mnist", "femnist", "sms_spam", "csv:PATH", "npz:PATH")
@@ -228,8 +242,7 @@ def _digits(seed: int) -> Dataset:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read a gzip'd IDX file (the MNIST format: magic, dims, big-endian uint8 data)."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    raw = gzip.decompress(path.read_bytes())  # one call: a quarter faster than gzip.open
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise InvalidInput(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
@@ -254,9 +267,9 @@ def _mnist(data_dir: Path, seed: int = 0) -> Dataset:
     xtr, ytr, xte, yte = (_read_idx(folder / n) for n in names)
     return Dataset(
         "mnist",
-        (xtr.reshape(len(xtr), -1) / 255.0).astype(np.float32),
+        xtr.reshape(len(xtr), -1),  # pixels; devices get their rows as float32
         ytr.astype(np.int64),
-        (xte.reshape(len(xte), -1) / 255.0).astype(np.float32),
+        _features(xte.reshape(len(xte), -1)),
         yte.astype(np.int64),
         10,
     )

@@ -141,7 +141,14 @@ def test_mnist_loads_from_the_idx_files() -> None:
     data = load_dataset("mnist", SHARED_DATA)
     assert data.x_train.shape == (60_000, 784) and data.x_test.shape == (10_000, 784)
     assert set(np.unique(data.y_train)) == set(range(10))
-    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
+    x = data.train_features()
+    assert x.dtype == np.float32 and x.min() == 0.0 and x.max() == 1.0
+    assert data.x_test.dtype == np.float32 and data.x_test.max() == 1.0
+    # A device's rows are the same features, scaled as it gets them.
+    rows = np.array([7, 0, 59_999])
+    features, labels = data.device_data(rows)
+    assert features.dtype == np.float32 and np.array_equal(features, x[rows])
+    assert np.array_equal(labels, data.y_train[rows])
 
 
 def test_mnist_without_a_data_dir_is_a_clear_error(tmp_path: Path) -> None:
