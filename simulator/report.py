@@ -14,11 +14,16 @@ __all__ = ["compare_table", "load_report", "plot_comparison", "plot_report", "wr
 CAUSES = ("deadline", "unavailable", "network", "budget")
 
 
-def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
-    """Write ``report`` as JSON at ``path`` and its plot at the same name with ``.png``."""
+def write_report(
+    report: dict[str, Any], path: str | Path, *, plot: bool = True
+) -> tuple[Path, Path | None]:
+    """Write ``report`` as JSON at ``path`` and (``plot``) its plot at the same name
+    with ``.png``; return both paths (None for a plot not drawn)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+    if not plot:
+        return path, None
     png = path.with_suffix(".png")
     plot_report(report, png)
     return path, png
