@@ -97,11 +97,18 @@ class DeviceState:
         """A state that lives only as long as the process (tests, throwaway runs)."""
         return cls(sqlite_utils.Database(memory=True), key)
 
+    def _schema_version(self) -> int:
+        if not self.db["meta"].exists():
+            return 0
+        row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
     def _migrate(self) -> None:
+        if self._schema_version() == SCHEMA_VERSION:
+            return  # the common case (and many devices may share a file): no write
         with self.db.atomic():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-            row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+            version = self._schema_version()
             if version > SCHEMA_VERSION:
                 raise StateError(
                     f"state schema {version} is newer than this fedclient "

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -248,7 +247,7 @@ class _Fleet:
         plan: JobPlan,
         data: Dataset,
         server: _Server,
-        state_dir: Path,
+        state_dir: Path | None,
         devices: list[_Device] | None = None,
     ) -> None:
         if devices is None:  # else a copy of the driver's (on a Ray actor)
@@ -273,9 +272,12 @@ class _Fleet:
             return d
         shard = i // DEVICES_PER_STATE_FILE
         if shard not in self.shards:
-            db = sqlite_utils.Database(self.state_dir / f"devices-{shard:04d}.sqlite")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")
+            if self.state_dir is None:
+                db = sqlite_utils.Database(memory=True)
+            else:
+                db = sqlite_utils.Database(self.state_dir / f"devices-{shard:04d}.sqlite")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=OFF")
             self.shards[shard] = db
         seed = self.config.seed * 100_003 + i
         transport = self.server.transport
@@ -450,9 +452,11 @@ async def simulate(
         if config.engine == "ray":  # the devices on Ray actors, the server served over HTTP
             fleet = await stack.enter_async_context(_ray_fleet(config, plan, data, service))
         else:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedsim-"))
-            state_dir = Path(config.state_dir or scratch)
-            state_dir.mkdir(parents=True, exist_ok=True)
+            # The devices' SQLite state: in memory (shards of DEVICES_PER_STATE_FILE
+            # devices each), or in files kept under --state-dir.
+            state_dir = Path(config.state_dir) if config.state_dir else None
+            if state_dir is not None:
+                state_dir.mkdir(parents=True, exist_ok=True)
             fleet = _Fleet(config, plan, data, server, state_dir)
             stack.callback(fleet.close)
             stack.push_async_callback(fleet.rest)

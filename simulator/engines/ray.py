@@ -6,7 +6,7 @@ The driver (the ``fedsim`` process) keeps `simulator.engine`'s round logic: the
 seeded check-in order, the devices' simulated finish times, the uploads in that
 order, the evaluation. The devices live on actors: actor ``k`` of ``N`` owns the
 devices ``k, k + N, k + 2N, ...``, builds a real `fedclient.Client` for one when it
-wakes (its state in SQLite files in a scratch folder on the actor's node) and
+wakes (its state in SQLite in the actor's memory, or under ``--state-dir``) and
 does the steps the driver asks for, a batch per round: check-in in waves, then
 download and training on every actor at once, then the uploads one by one.
 
@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -79,8 +78,7 @@ async def ray_fleet(
             else:
                 assert config.server is not None
                 base_url = config.server.rstrip("/")
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedsim-"))
-            fleet = _RayFleet(config, plan, data, _Server(base_url, None), Path(scratch))
+            fleet = _RayFleet(config, plan, data, _Server(base_url, None), None)
             stack.push_async_callback(fleet.stop)
             await fleet.start(simulated=service is not None)
             yield fleet
@@ -206,13 +204,10 @@ class _Shard:
     ) -> None:
         # Device models are small: BLAS threads only contend (see simulator.cli).
         threadpool_limits(limits=1)
-        self.scratch: tempfile.TemporaryDirectory[str] | None = None
+        state_dir = None  # in memory, unless kept
         if config.state_dir:
             state_dir = Path(config.state_dir) / f"shard-{number:03d}"
             state_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.scratch = tempfile.TemporaryDirectory(prefix=f"fedsim-shard-{number:03d}-")
-            state_dir = Path(self.scratch.name)
         # On the simulated clock the driver says what time it is with every call.
         self.pool = _Pool()
         server = _Server(base_url, self.pool, SimClock() if simulated else time.time)
@@ -244,8 +239,6 @@ class _Shard:
         await self.fleet.rest()
         self.fleet.close()
         await self.pool.http.aclose()
-        if self.scratch is not None:
-            self.scratch.cleanup()
 
 
 class _RayFleet(_Fleet):
