@@ -125,6 +125,7 @@ class ServerStore:
         # that loop may run in another thread than the one that opened the store.
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._plans: dict[str, JobPlan] = {}  # stored plan text -> its decoded plan
         conn = sqlite3.connect(str(path), check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         if str(path) != ":memory:":
@@ -174,7 +175,10 @@ class ServerStore:
         row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
         if row is None:
             return None
-        return JobRow(row[0], msgspec.json.decode(row[1], type=JobPlan), *row[2:])
+        plan = self._plans.get(row[1])
+        if plan is None:  # plans are frozen: decode each stored text once, not per request
+            plan = self._plans[row[1]] = msgspec.json.decode(row[1], type=JobPlan)
+        return JobRow(row[0], plan, *row[2:])
 
     def jobs(self) -> list[JobRow]:
         """Every job."""
