@@ -17,6 +17,7 @@ state table:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -751,11 +752,18 @@ class Client:
             all_headers["Content-Type"] = "application/json"
         return httpx.Request(
             route.method,
-            self.server + route.url(**params),
+            _url(self.server + route.url(**params)),
             headers=all_headers,
             content=content,
             extensions={"timeout": httpx.Timeout(self.timeout).as_dict()},
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _url(text: str) -> httpx.URL:
+    """A parsed URL (immutable; parsing is the dearest part of building a request, and
+    a fleet of simulated devices asks for the same few URLs)."""
+    return httpx.URL(text)
 
 
 class _Direct:
