@@ -541,7 +541,8 @@ def fedsim_argv(workload: Workload, data_dir: Path, report: Path) -> list[str]:
     argv += ["--seed", str(workload.seed), "--epochs", str(workload.epochs)]
     argv += ["--batch-size", str(workload.batch_size)]
     argv += ["--learning-rate", str(workload.learning_rate)]
-    return [*argv, "--report", str(report), "--quiet"]
+    # The JSON report, no PNG: the Flower side draws no plot either.
+    return [*argv, "--report", str(report), "--quiet", "--no-plot"]
 
 
 def run_fedsim(argv: list[str], scratch: Path, timeout: float) -> Run:

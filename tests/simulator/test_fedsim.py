@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlite_utils
 
-from fedclient import InvalidInput
+from fedclient import DeviceState, InvalidInput
 from simulator.cli import main as fedsim
 from simulator.datasets import load_dataset, partition
 from tests.conftest import SHARED_DATA
@@ -67,6 +68,21 @@ def test_a_run_writes_a_report_and_a_plot(tmp_path: Path, capsys: Any) -> None:
     assert report["plan"]["job"]["seed"] == 4 and report["config"]["partition"] == "dirichlet:0.5"
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final accuracy" in capsys.readouterr().out
+
+
+def test_state_in_files_gives_the_report_of_state_in_memory(tmp_path: Path) -> None:
+    in_memory = _run(tmp_path, "memory", "--seed", "3")
+    kept = tmp_path / "state"
+    in_files = _run(tmp_path, "files", "--seed", "3", "--state-dir", str(kept), "--no-plot")
+    assert not (tmp_path / "files.png").exists() and (tmp_path / "memory.png").exists()
+    in_files["config"]["state_dir"] = None
+    assert _without_wall_time(in_files) == _without_wall_time(in_memory)
+    # The devices' state outlives the run there: every accepted update has its receipt.
+    job = in_files["plan"]["job"]["name"]
+    (path,) = kept.glob("devices-*.sqlite")  # 20 devices: one database
+    db = sqlite_utils.Database(path)
+    receipts = sum(len(DeviceState(db, key=f"device-{i}").receipts(job)) for i in range(20))
+    assert receipts == sum(r["updates"] for r in in_files["rounds"]) > 0
 
 
 def test_the_same_seed_gives_the_same_report(tmp_path: Path) -> None:
