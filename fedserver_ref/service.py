@@ -43,6 +43,7 @@ from fedclient.protocol import (
     UploadReceipt,
     UploadSession,
     UploadStart,
+    Weights,
     check_weights,
     decode_tensors,
     encode_tensors,
@@ -70,6 +71,8 @@ class FederationService:
         self.clock = clock
         self.rounds = SyncRounds(store, strategy)
         self.secure = SecureRounds()
+        # Decoded model versions (immutable once stored) that uploads are checked against.
+        self._references: dict[tuple[str, int], Weights] = {}
 
     # -- setup -----------------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:
@@ -472,6 +475,17 @@ class FederationService:
             job.plan.job.rounds,
         )
 
+    def _reference(self, job: str, version: int) -> Weights:
+        """Model ``version`` of ``job``, decoded once (callers only read it)."""
+        key = (job, version)
+        if key not in self._references:
+            stored = self.store.model(job, version)
+            assert stored is not None
+            self._references[key] = decode_tensors(stored[0])[0]
+            if len(self._references) > 16:  # async jobs check against recent versions
+                del self._references[next(iter(self._references))]
+        return self._references[key]
+
     def _validate_update(
         self, job: JobRow, round_: RoundRow, body: bytes
     ) -> tuple[int, float | None, bytes, float | None]:
@@ -479,9 +493,7 @@ class FederationService:
         store (a compressed update is decoded here, so strategies see floats) and, with
         local DP, the epsilon its device reports having spent on the job."""
         tensors, metadata = decode_tensors(body)
-        current = self.store.model(job.name, round_.model_version)
-        assert current is not None
-        reference = decode_tensors(current[0])[0]
+        reference = self._reference(job.name, round_.model_version)
         encoding = metadata.get("compression", "")
         if encoding != job.plan.job.compression:
             raise InvalidRequest(
