@@ -389,12 +389,20 @@ class _Server:
     clock: Callable[[], float] = time.time
     tick: Callable[[], None] | None = None  # the in-process server's deadline timer
 
+    http: httpx.AsyncClient | None = None  # the driver's own connection, once it asked
+
     async def _get(self, path: str, token: str = "") -> bytes:
+        if self.http is None:
+            self.http = httpx.AsyncClient(transport=self.transport, timeout=30)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with httpx.AsyncClient(transport=self.transport, timeout=30) as http:
-            response = await http.get(self.base_url + path, headers=headers)
+        response = await self.http.get(self.base_url + path, headers=headers)
         raise_for_error(response)
         return response.content
+
+    async def aclose(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
 
     async def status(self, job: str) -> JobStatus:
         return msgspec.json.decode(await self._get(JOB_STATUS.url(job=job)), type=JobStatus)
@@ -443,12 +451,13 @@ async def simulate(
             service.tick,
         )
     else:
+        if config.faults:
+            raise InvalidInput("--faults needs the in-process server (drop --server)")
         server = _Server(config.server.rstrip("/"), None)
-        plan = (await server.status(plan.job.name)).plan  # the server's plan rules
-
-    if config.faults and config.server is not None:
-        raise InvalidInput("--faults needs the in-process server (drop --server)")
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(server.aclose)
+        if config.server is not None:
+            plan = (await server.status(plan.job.name)).plan  # the server's plan rules
         if config.engine == "ray":  # the devices on Ray actors, the server served over HTTP
             fleet = await stack.enter_async_context(_ray_fleet(config, plan, data, service))
         else:
