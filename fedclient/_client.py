@@ -201,6 +201,9 @@ class Client:
     it cannot finish before the round's deadline: it tells the server it is
     leaving instead (``estimate_seconds(examples x epochs)`` overrides the
     estimate, e.g. in a simulator).
+
+    The async driver trains inline unless ``atrain`` is given: it receives each
+    `TrainTask` and returns what ``task.run()`` would (e.g. from a process pool).
     """
 
     server: str
@@ -221,6 +224,7 @@ class Client:
     chunk_bytes: int = 256 * 1024
     estimate_seconds: Callable[[int], float] | None = None
     stats: TransferStats = field(default_factory=TransferStats)
+    atrain: Callable[[TrainTask], Awaitable[tuple[Weights, TrainResult, float]]] | None = None
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -278,7 +282,8 @@ class Client:
             effect: Effect = next(flow)
             while True:
                 if isinstance(effect, TrainTask):
-                    effect = flow.send(effect.run())
+                    trained = await self.atrain(effect) if self.atrain else effect.run()
+                    effect = flow.send(trained)
                 elif isinstance(effect, ResumableDownload):
                     effect = flow.send(await self._asend(effect.request, download=effect))
                 else:

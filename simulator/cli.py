@@ -148,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
         "--ray-actors", type=int, help="actors the devices are sharded onto (default: one per CPU)"
     )
     run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local engine: processes the devices train on (default 1: in the event loop; "
+        "0: one per CPU). The report is the same for any number",
+    )
+    run.add_argument(
         "--ray-host-ip",
         help="address the simulation's server listens on, reachable from every Ray node "
         "(default: 127.0.0.1 on a one-node cluster, else this node's IP)",

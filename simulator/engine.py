@@ -57,6 +57,7 @@ from fedserver_ref import FederationService, ServerStore, create_app, plan_from_
 from simulator.buffered import run_buffered
 from simulator.datasets import CsvColumns, Dataset, load_dataset, partition
 from simulator.devices import DeviceProfile, draw_profiles
+from simulator.trainpool import TrainPool, resolve_workers
 
 __all__ = ["SimClock", "SimulationConfig", "simulate"]
 
@@ -124,6 +125,7 @@ class SimulationConfig:
     proximal_mu: float = 0.0  # FedProx
     runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
     engine: str = "local"  # local | ray (simulator.engines.ray)
+    workers: int = 1  # local engine: processes that train (1: in the loop; 0: one per CPU)
     ray_address: str | None = None  # None: a new local Ray instance; auto | ray://HOST:PORT
     ray_actors: int | None = None  # None: one per CPU of the Ray cluster
     ray_host_ip: str | None = None  # where the actors reach the server; None: detected
@@ -264,6 +266,12 @@ class _Fleet:
         # One model object serves every simulated device: a device's training step sets
         # its weights, trains and reads them back with no await in between.
         self.backend = create_backend(plan.model, config.runtime)
+        self.pool: TrainPool | None = None  # or the devices train on worker processes
+
+    def train_on(self, pool: TrainPool) -> None:
+        """Train on ``pool``'s workers; the download and training of several devices
+        then overlap (their protocol steps still run on the loop, one at a time)."""
+        self.pool = pool
 
     def activate(self, i: int, round_number: int) -> _Device:
         """Device ``i`` wakes up: a real `Client` over its own SQLite state."""
@@ -304,6 +312,7 @@ class _Fleet:
             # The device's own estimate of its training time, from its profile.
             estimate_seconds=d.profile.training_seconds,
             stats=d.stats,
+            atrain=self.pool,
         )
         self.active.append(d)
         return d
@@ -330,10 +339,11 @@ class _Fleet:
         return answers
 
     async def work(self, indices: Sequence[int], now: float) -> list[_Work]:
-        """Admitted devices ``indices`` download the model and train, one after another."""
+        """Admitted devices ``indices`` download the model and train: one after another,
+        or, training on a pool, a few at a time (each device's outcome is the same)."""
         self._at(now)
-        done: list[_Work] = []
-        for i in indices:
+
+        async def one(i: int) -> _Work:
             d = self.devices[i]
             down = d.stats.bytes_down
             downloaded = await d.step()
@@ -342,8 +352,20 @@ class _Fleet:
             if trained is not None and trained.status == "trained":
                 assert d.client is not None
                 update = d.client.device_state.progress(self.plan.job.name).update or b""
-            done.append(_Work(i, trained, d.stats.bytes_down - down, len(update), d.backoff))
-        return done
+            return _Work(i, trained, d.stats.bytes_down - down, len(update), d.backoff)
+
+        if self.pool is None:
+            return [await one(i) for i in indices]
+        # Enough devices in flight to keep every worker busy while the loop downloads.
+        slots = asyncio.Semaphore(2 * self.pool.workers + 2)
+
+        async def in_slot(i: int) -> _Work:
+            async with slots:
+                return await one(i)
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(in_slot(i)) for i in indices]
+        return [t.result() for t in tasks]
 
     async def upload(self, index: int, now: float) -> tuple[StepOutcome | None, float]:
         """Device ``index`` uploads its update: the outcome, and the seconds spent retrying."""
@@ -439,6 +461,8 @@ async def simulate(
         raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")
     if config.engine != "ray" and (config.ray_address or config.ray_actors or config.ray_host_ip):
         raise InvalidInput("--ray-address, --ray-actors and --ray-host-ip need --engine ray")
+    if config.engine == "ray" and config.workers != 1:
+        raise InvalidInput("--workers is for the local engine (Ray runs --ray-actors)")
     clock = SimClock()
     service: FederationService | None = None
     if config.server is None:
@@ -469,6 +493,11 @@ async def simulate(
             fleet = _Fleet(config, plan, data, server, state_dir)
             stack.callback(fleet.close)
             stack.push_async_callback(fleet.rest)
+            workers = resolve_workers(config.workers)
+            if workers > 1:
+                pool = TrainPool(workers, plan.model, config.runtime)
+                stack.callback(pool.close)
+                fleet.train_on(pool)
         devices = len(fleet.devices)
         if plan.job.mode == "async":
             if config.engine != "local" or config.server is not None:

@@ -107,6 +107,18 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path: Path, capsys: Any) ->
     )
     assert fedsim(["run", "--partition", "dirichlet:-1", "--report", str(tmp_path / "x.json")]) == 2
     assert "positive number" in capsys.readouterr().err
+    assert fedsim([*SMALL, "--workers", "-1", "--report", str(tmp_path / "x.json")]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_training_on_worker_processes_gives_the_same_report(tmp_path: Path) -> None:
+    inline = _run(tmp_path, "inline", "--seed", "5", "--no-plot")
+    pooled = _run(tmp_path, "pooled", "--seed", "5", "--no-plot", "--workers", "2")
+    assert pooled["config"]["workers"] == 2
+    pooled["config"]["workers"] = 1
+    assert _without_wall_time(pooled) == _without_wall_time(inline)
+    assert pooled["final"]["rounds_completed"] == 4
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.1", "dirichlet:10", "shards:2"])
