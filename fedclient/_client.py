@@ -332,8 +332,10 @@ class Client:
                     try:
                         for chunk in response.iter_bytes():
                             sink.take(chunk)
-                    finally:
+                    except BaseException:
                         sink.flush()  # keep what arrived, even when the stream broke
+                        raise
+                    finally:
                         response.close()
                     result = sink.finish()
             except httpx.TransportError as exc:
@@ -363,8 +365,10 @@ class Client:
                     try:
                         async for chunk in response.aiter_bytes():
                             sink.take(chunk)
-                    finally:
+                    except BaseException:
                         sink.flush()  # keep what arrived, even when the stream broke
+                        raise
+                    finally:
                         await response.aclose()
                     result = sink.finish()
             except httpx.TransportError as exc:
@@ -522,8 +526,6 @@ class Client:
             seed,
             settings.proximal_mu,
         )
-        if seconds > 0:
-            self._store.record_speed(len(y) * settings.epochs / seconds)
         delta = {name: (weights[name] - base[name]).astype(base[name].dtype) for name in base}
         metadata = {
             "num_examples": str(result.num_examples),
@@ -550,6 +552,8 @@ class Client:
             body = encode_tensors(delta, metadata)
         key = uuid.uuid4().hex
         with self._store.db.atomic():  # the release is charged before it can leave
+            if seconds > 0:
+                self._store.record_speed(len(y) * settings.epochs / seconds)
             if privacy is not None:
                 ledger.charge(self.job, key, mechanism.noise_multiplier, budget)
             self._store.record_update(self.job, plan, body, key, residual_body)
@@ -819,7 +823,10 @@ class _AsyncDirect:
 
 class _DownloadSink:
     """Where a streamed model download goes: into the device state, block by block, so
-    the bytes that arrived before a break are kept and the retry asks for the rest."""
+    the bytes that arrived before a break are kept and the retry asks for the rest.
+
+    A body that arrives whole within one block never touches the state: the caller
+    stores the model itself, in the step's own transaction."""
 
     def __init__(
         self,
@@ -838,10 +845,14 @@ class _DownloadSink:
         self.stats.requests += 1
         self.stats.bytes_up += _wire_size(request.headers, 0)
         self.stats.bytes_down += _wire_size(response.headers, 0)
-        if response.status_code == 200:  # a whole body: anything held is stale
-            self.store.drop_download_parts(download.job)
-        held_etag, self.offset = self.store.partial_download(download.job, download.version)
+        if response.status_code == 200:  # a whole body: whatever is held is stale
+            if self.store.has_download_parts(download.job):
+                self.store.drop_download_parts(download.job)
+            held_etag, self.offset = "", 0
+        else:
+            held_etag, self.offset = self.store.partial_download(download.job, download.version)
         self.etag = response.headers.get("ETag", held_etag)
+        self.stored = self.offset > 0  # parts of this body are in the state
 
     def take(self, chunk: bytes) -> None:
         """Receive a chunk of the body."""
@@ -862,6 +873,7 @@ class _DownloadSink:
             )
             self.offset += len(self.pending)
             self.pending.clear()
+            self.stored = True
 
     def finish(self) -> httpx.Response:
         """The complete response, its body assembled from every stored part."""
@@ -882,7 +894,11 @@ class _DownloadSink:
                 content=bytes(self.pending),
                 request=self.request,
             )
-        body = self.store.drop_download_parts(self.download.job)
+        if self.stored:  # a big or resumed body: the rest joins the parts it follows
+            self.flush()
+            body = self.store.drop_download_parts(self.download.job)
+        else:
+            body = bytes(self.pending)
         return httpx.Response(
             200, headers=self.response.headers, content=body, request=self.request
         )

@@ -242,6 +242,13 @@ class DeviceState:
         ).fetchone()
         return (str(row[0] or ""), int(row[1])) if row else ("", 0)
 
+    def has_download_parts(self, job: str) -> bool:
+        """Whether bytes of any download for ``job`` are held."""
+        row = self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM download_parts WHERE key=? AND job=?)", [self.key, job]
+        ).fetchone()
+        return bool(row[0])
+
     def keep_download_part(
         self, job: str, version: int, etag: str, offset: int, data: bytes
     ) -> None:
