@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedclient._exceptions import FedError
+# Only the standard library up here: a run starts decompressing its data set (on
+# threads) before it imports the rest, so the two overlap (simulator._prefetch).
+from simulator import _prefetch
 
 __all__ = ["main"]
 
@@ -189,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedsim`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        _prefetch.prefetch(args.dataset, args.data_dir)
+    from fedclient._exceptions import FedError
+
     try:
         from simulator import report as reports
         from simulator.engine import SimulationConfig

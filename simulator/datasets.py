@@ -8,7 +8,6 @@ in a package (scikit-learn's digits). Partitions are drawn from a seeded
 from __future__ import annotations
 
 import csv
-import gzip
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.text import hash_features
+from simulator import _prefetch
 
 __all__ = ["CsvColumns", "Dataset", "load_dataset", "partition"]
 
@@ -242,7 +242,7 @@ def _digits(seed: int) -> Dataset:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read a gzip'd IDX file (the MNIST format: magic, dims, big-endian uint8 data)."""
-    raw = gzip.decompress(path.read_bytes())  # one call: a quarter faster than gzip.open
+    raw = _prefetch.read_gzip(path)  # decompressed on a thread if fedsim started it
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise InvalidInput(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
@@ -254,13 +254,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _mnist(data_dir: Path, seed: int = 0) -> Dataset:
-    folder = data_dir / "mnist" if (data_dir / "mnist").is_dir() else data_dir
-    names = [
-        "train-images-idx3-ubyte.gz",
-        "train-labels-idx1-ubyte.gz",
-        "t10k-images-idx3-ubyte.gz",
-        "t10k-labels-idx1-ubyte.gz",
-    ]
+    folder = _prefetch.folder(data_dir, "mnist")
+    names = _prefetch.GZIP_FILES["mnist"][1]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise InvalidInput(f"MNIST files missing in {folder}: {', '.join(missing)}")
