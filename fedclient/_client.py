@@ -459,7 +459,7 @@ class Client:
         )
 
     def _checkin(self, identity: Identity) -> Flow:
-        held = self._store.held_model(self.job)
+        held = self._store.held_version(self.job)
         body = CheckinRequest(runtime=self.runtime, model_version=held[0] if held else None)
         response = yield self._request(CHECKIN, identity, json=body, job=self.job)
         answer: CheckinResponse = _decode(response, CheckinResponse)  # type: ignore[arg-type]
@@ -472,7 +472,7 @@ class Client:
         return StepOutcome("admitted", round_id=answer.plan.round_id)
 
     def _download(self, identity: Identity, plan: RoundPlan) -> Flow:
-        held = self._store.held_model(self.job)
+        held = self._store.held_version(self.job)
         headers = {}
         if held is not None and held[0] == plan.model_version:
             headers["If-None-Match"] = held[1]

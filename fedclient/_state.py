@@ -225,6 +225,13 @@ class DeviceState:
             self._set_progress(job, RoundProgress(Phase.IDLE))
 
     # -- models and receipts ---------------------------------------------------
+    def held_version(self, job: str) -> tuple[int, str] | None:
+        """The model version held for ``job`` and its etag, without reading the body."""
+        row = self.db.execute(
+            "SELECT version, etag FROM models WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
     def held_model(self, job: str) -> tuple[int, str, bytes] | None:
         """The model version held for ``job``: (version, etag, body)."""
         row = self.db.execute(
