@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -284,5 +285,16 @@ def _compare(args: argparse.Namespace, reports: Any) -> int:
     return 0
 
 
+def console() -> int:
+    """The ``fedsim`` command: `main`, then no last garbage collection at exit.
+
+    Python's shutdown collects once more over every object the run left behind (the
+    fleet, the server's store, the data set): ~0.1 s of a short run for memory the
+    process is about to give back anyway. Frozen objects are skipped."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console())
