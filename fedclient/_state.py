@@ -9,6 +9,7 @@ keyed by the device ``key``.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -98,9 +99,10 @@ class DeviceState:
         return cls(sqlite_utils.Database(memory=True), key)
 
     def _schema_version(self) -> int:
-        if not self.db["meta"].exists():
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet: a new file
             return 0
-        row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         return int(row[0]) if row else 0
 
     def _migrate(self) -> None:
