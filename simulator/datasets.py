@@ -8,6 +8,7 @@ in a package (scikit-learn's digits). Partitions are drawn from a seeded
 from __future__ import annotations
 
 import csv
+import heapq
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,9 +348,17 @@ def _dirichlet(
         cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
         for bucket, chunk in zip(buckets, np.split(idx, cuts), strict=True):
             bucket.extend(chunk.tolist())
-    # A device left empty takes one example from the largest device.
-    for bucket in buckets:
-        if not bucket:
-            largest = max(buckets, key=len)
-            bucket.append(largest.pop())
+    # A device left empty takes one example from the largest device (the first of the
+    # largest; a heap of (-size, device) with stale entries skipped finds it in log time).
+    sizes = [(-len(b), i) for i, b in enumerate(buckets)]
+    heapq.heapify(sizes)
+    for i, bucket in enumerate(buckets):
+        if bucket:
+            continue
+        while -sizes[0][0] != len(buckets[sizes[0][1]]):
+            heapq.heappop(sizes)  # stale: that device's size changed since
+        largest = sizes[0][1]
+        bucket.append(buckets[largest].pop())
+        heapq.heappush(sizes, (-len(buckets[largest]), largest))
+        heapq.heappush(sizes, (-1, i))
     return [np.array(b, dtype=np.int64) for b in buckets]
