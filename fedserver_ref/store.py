@@ -364,16 +364,26 @@ class ServerStore:
         now: float,
         staleness: int = 0,
     ) -> UpdateRow:
-        """Store an accepted update."""
-        self.db.execute(
+        """Store an accepted update (the row as stored, without reading it back)."""
+        cursor = self.db.execute(
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
             " num_examples, train_loss, body, received_at, staleness)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now, staleness],
         )
-        update = self.update_by_key(device_id, key)
-        assert update is not None
-        return update
+        assert cursor.lastrowid is not None
+        return UpdateRow(
+            cursor.lastrowid,
+            round_id,
+            device_id,
+            key,
+            receipt_id,
+            num_examples,
+            train_loss,
+            body,
+            now,
+            staleness,
+        )
 
     def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
         """The update a device sent with an idempotency key."""
