@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import heapq
 import importlib.util
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +244,10 @@ def _digits(seed: int) -> Dataset:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read a gzip'd IDX file (the MNIST format: magic, dims, big-endian uint8 data)."""
-    raw = _prefetch.read_gzip(path)  # decompressed on a thread if fedsim started it
+    try:
+        raw = _prefetch.read_gzip(path)  # decompressed on a thread if fedsim started it
+    except (OSError, EOFError, zlib.error) as exc:  # truncated, or not gzip at all
+        raise InvalidInput(f"cannot read {path}: {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise InvalidInput(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,23 @@ def test_mnist_without_a_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="data-dir"):
         load_dataset("mnist")
     with pytest.raises(InvalidInput, match="missing"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_a_damaged_mnist_file_is_a_clear_error(tmp_path: Path, capsys: Any) -> None:
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    idx = gzip.compress(b"\x00\x00\x08\x01" + (4).to_bytes(4, "big") + bytes(4))
+    for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        (folder / f"{name}-ubyte.gz").write_bytes(idx)
+    damaged = folder / "train-images-idx3-ubyte.gz"
+    damaged.write_bytes(idx[:-6])  # cut short (fedsim reads it on a thread: simulator._prefetch)
+    run = ["run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--devices", "2", "--quiet"]
+    assert fedsim([*run, "--report", str(tmp_path / "r.json")]) == 2
+    assert damaged.name in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+    damaged.write_bytes(b"not gzip at all")
+    with pytest.raises(InvalidInput, match="cannot read"):
         load_dataset("mnist", tmp_path)
 
 
