@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import heapq
 import importlib.util
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,11 @@ def _sms_spam(data_dir: Path, seed: int) -> Dataset:
     path = folder / "SMSSpamCollection"
     if not path.is_file():
         raise InvalidInput(f"SMS spam file missing: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from None
     rows = [r for r in rows[1:] if len(r) >= 2]  # the first line is a header
     return _text_dataset("sms_spam", [r[1] for r in rows], [r[0] for r in rows], seed)
 
@@ -197,13 +201,25 @@ def _csv(path: Path, columns: CsvColumns, seed: int) -> Dataset:
     )
 
 
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (never pickles); a damaged file is `InvalidInput`."""
+    try:
+        # Our own handle: np.load leaves its own open when the zip turns out damaged.
+        with open(path, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array
+                raise ValueError(path)
+            with loaded as npz:
+                return {k: npz[k] for k in npz.files}
+    except ValueError:  # numpy's answer to anything else, e.g. a pickle
+        raise InvalidInput(f"cannot read {path}: not an .npz file of plain arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from None
+
+
 def _npz(path: Path, seed: int) -> Dataset:
     """Arrays ``x`` (n, features), ``y`` (n,) integer classes, optional ``user`` (n,)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    arrays = _arrays(path)
     if "x" not in arrays or "y" not in arrays:
         raise InvalidInput(f"{path} needs arrays x and y, has {sorted(arrays)}")
     x, y = arrays["x"], arrays["y"]
@@ -286,9 +302,12 @@ def _femnist(data_dir: Path, seed: int = 0) -> Dataset:
     path = folder / "femnist_leaf_subset.npz"
     if not path.is_file():
         raise InvalidInput(f"FEMNIST file missing: {path}")
-    with np.load(path, allow_pickle=False) as npz:
-        x = (255 - npz["x"].reshape(len(npz["x"]), -1)).astype(np.float32) / np.float32(255)
-        y, writer, split = npz["y"].astype(np.int64), npz["writer"], npz["split"]
+    arrays = _arrays(path)
+    missing = {"x", "y", "writer", "split"} - set(arrays)
+    if missing:
+        raise InvalidInput(f"{path} lacks the arrays {sorted(missing)}")
+    x = (255 - arrays["x"].reshape(len(arrays["x"]), -1)).astype(np.float32) / np.float32(255)
+    y, writer, split = arrays["y"].astype(np.int64), arrays["writer"], arrays["split"]
     train = split == 0
     return Dataset("femnist", x[train], y[train], x[~train], y[~train], 62, writer[train])
 

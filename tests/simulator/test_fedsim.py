@@ -204,6 +204,17 @@ def test_a_damaged_mnist_file_is_a_clear_error(tmp_path: Path, capsys: Any) -> N
         load_dataset("mnist", tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"junk", b"PK\x03\x04 cut short"])
+def test_a_damaged_npz_file_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "femnist").mkdir()
+    (tmp_path / "femnist" / "femnist_leaf_subset.npz").write_bytes(content)
+    (tmp_path / "mine.npz").write_bytes(content)
+    with pytest.raises(InvalidInput, match="cannot read"):
+        load_dataset("femnist", tmp_path)
+    with pytest.raises(InvalidInput, match="cannot read"):
+        load_dataset(f"npz:{tmp_path / 'mine.npz'}")
+
+
 def test_faults_cost_retries_and_bytes_but_not_accuracy(tmp_path: Path) -> None:
     clean = _run(tmp_path, "clean", "--seed", "3")
     faulty = _run(tmp_path, "faulty", "--seed", "3", "--faults", "drop=0.3")
