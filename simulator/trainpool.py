@@ -14,10 +14,10 @@ import asyncio
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import fields
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from fedclient import InvalidInput, TrainTask
 from fedclient.protocol import ModelSpec, Weights
@@ -52,18 +52,11 @@ class TrainPool:
         )
 
     async def __call__(self, task: TrainTask) -> tuple[Weights, TrainResult, float]:
-        """Run ``task`` on a worker (the driver's `Client.atrain` hook)."""
+        """Run ``task`` on a worker (the driver's `Client.atrain` hook). The task goes
+        without its backend (a worker has its own; an ONNX session does not pickle)."""
         loop = asyncio.get_running_loop()
-        args = (task.weights, task.x, task.y, task.epochs, task.batch_size, task.learning_rate)
-        return await loop.run_in_executor(
-            self.executor,
-            _train,
-            self.runtime,
-            self.spec,
-            *args,
-            task.seed,
-            task.proximal_mu,
-        )
+        rest = {f.name: getattr(task, f.name) for f in fields(task) if f.name != "backend"}
+        return await loop.run_in_executor(self.executor, _train, self.runtime, self.spec, rest)
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)
@@ -78,22 +71,10 @@ def _start_worker() -> None:
     threadpool_limits(limits=1)  # small models: BLAS threads only contend (simulator.cli)
 
 
-def _train(
-    runtime: str,
-    spec: bytes,
-    weights: Weights,
-    x: np.ndarray,
-    y: np.ndarray,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int | None,
-    proximal_mu: float,
-) -> Any:
+def _train(runtime: str, spec: bytes, task: dict[str, Any]) -> Any:
     """In a worker: the job's model, built once per worker, trained as `TrainTask.run`."""
     backend = _BACKENDS.get((runtime, spec))
     if backend is None:
         model = msgspec.json.decode(spec, type=ModelSpec)
         backend = _BACKENDS[(runtime, spec)] = create_backend(model, runtime)
-    task = TrainTask(backend, weights, x, y, epochs, batch_size, learning_rate, seed, proximal_mu)
-    return task.run()
+    return TrainTask(backend, **task).run()
