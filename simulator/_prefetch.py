@@ -15,16 +15,13 @@ from pathlib import Path
 
 __all__ = ["GZIP_FILES", "folder", "prefetch", "read_gzip"]
 
-#: The gzip'd files of the data sets that have them: (folder under --data-dir, names).
-GZIP_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
+#: The gzip'd files of the data sets that have them (in ``--data-dir/<data set>/``).
+GZIP_FILES: dict[str, tuple[str, ...]] = {
     "mnist": (
-        "mnist",
-        (
-            "train-images-idx3-ubyte.gz",
-            "train-labels-idx1-ubyte.gz",
-            "t10k-images-idx3-ubyte.gz",
-            "t10k-labels-idx1-ubyte.gz",
-        ),
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
     ),
 }
 
@@ -47,8 +44,8 @@ _started: dict[Path, _Read] = {}
 
 
 def folder(data_dir: Path, dataset: str) -> Path:
-    """Where ``dataset``'s files are: ``data_dir/<name>/`` if it exists, else ``data_dir``."""
-    sub = data_dir / GZIP_FILES[dataset][0]
+    """Where ``dataset``'s files are: ``data_dir/<dataset>/`` if it exists, else ``data_dir``."""
+    sub = data_dir / dataset
     return sub if sub.is_dir() else data_dir
 
 
@@ -57,7 +54,7 @@ def prefetch(dataset: str, data_dir: str | Path | None) -> None:
     if dataset not in GZIP_FILES or data_dir is None:
         return
     where = folder(Path(data_dir), dataset)
-    for name in GZIP_FILES[dataset][1]:
+    for name in GZIP_FILES[dataset]:
         path = (where / name).resolve()
         if path.is_file() and path not in _started:
             _started[path] = _Read(path)

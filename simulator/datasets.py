@@ -148,7 +148,7 @@ def _text_dataset(
 
 def _sms_spam(data_dir: Path, seed: int) -> Dataset:
     """The SMS Spam Collection: TSV ``label<TAB>text`` with a header line."""
-    folder = data_dir / "sms_spam" if (data_dir / "sms_spam").is_dir() else data_dir
+    folder = _prefetch.folder(data_dir, "sms_spam")
     path = folder / "SMSSpamCollection"
     if not path.is_file():
         raise InvalidInput(f"SMS spam file missing: {path}")
@@ -276,7 +276,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _mnist(data_dir: Path, seed: int = 0) -> Dataset:
     folder = _prefetch.folder(data_dir, "mnist")
-    names = _prefetch.GZIP_FILES["mnist"][1]
+    names = _prefetch.GZIP_FILES["mnist"]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise InvalidInput(f"MNIST files missing in {folder}: {', '.join(missing)}")
@@ -298,7 +298,7 @@ def _femnist(data_dir: Path, seed: int = 0) -> Dataset:
     ink is 1.0 and background 0.0, as in MNIST. LEAF's own 90/10 split per writer
     gives the train and held-out test sets.
     """
-    folder = data_dir / "femnist" if (data_dir / "femnist").is_dir() else data_dir
+    folder = _prefetch.folder(data_dir, "femnist")
     path = folder / "femnist_leaf_subset.npz"
     if not path.is_file():
         raise InvalidInput(f"FEMNIST file missing: {path}")
