@@ -19,7 +19,7 @@ from typing import Any
 # threads) before it imports the rest, so the two overlap (simulator._prefetch).
 from simulator import _prefetch
 
-__all__ = ["main"]
+__all__ = ["console", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
