@@ -13,7 +13,7 @@ import sqlite_utils
 
 from fedclient import DeviceState, InvalidInput
 from simulator.cli import main as fedsim
-from simulator.datasets import load_dataset, partition
+from simulator.datasets import _features, load_dataset, partition
 from tests.conftest import SHARED_DATA
 
 SMALL = [
@@ -178,6 +178,16 @@ def test_mnist_loads_from_the_idx_files() -> None:
     features, labels = data.device_data(rows)
     assert features.dtype == np.float32 and np.array_equal(features, x[rows])
     assert np.array_equal(labels, data.y_train[rows])
+
+
+def test_pixels_scale_to_the_float64_quotient_rounded_once() -> None:
+    # Every byte value: the float32 division gives what x / 255.0 cast to float32 gives.
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 256)
+    expected = (pixels / 255.0).astype(np.float32)
+    got = _features(pixels)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    floats = np.ones((2, 3), np.float32)
+    assert _features(floats) is floats
 
 
 def test_mnist_without_a_data_dir_is_a_clear_error(tmp_path: Path) -> None:
