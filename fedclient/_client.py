@@ -237,6 +237,12 @@ class Client:
         self._sync: httpx.Client | _Direct | None = None
         self._async: httpx.AsyncClient | _AsyncDirect | None = None
         self._secure: dict[int, _SecureSession] = {}
+        # (inputs, classes) -> the data as checked for a backend of that shape: the data
+        # are fixed, so they are checked once, not every round.
+        self._checked: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # The model just downloaded and checked, (version, etag, weights), handed to the
+        # training step that follows so it need not read and decode the stored copy.
+        self._downloaded: tuple[int, str, Weights] | None = None
 
     @property
     def device_state(self) -> DeviceState:
@@ -486,9 +492,9 @@ class Client:
         else:
             weights, _ = decode_tensors(response.content)
             self._check_model(weights, plan)
-            self._store.record_download(
-                self.job, plan, response.headers.get("ETag", ""), response.content
-            )
+            etag = response.headers.get("ETag", "")
+            self._store.record_download(self.job, plan, etag, response.content)
+            self._downloaded = (plan.model_version, etag, weights)
         return StepOutcome("downloaded", round_id=plan.round_id)
 
     def _train(self, identity: Identity, plan: RoundPlan) -> Flow:
@@ -508,11 +514,9 @@ class Client:
                 yield self._request(LEAVE, identity, round_id=plan.round_id)
                 self._discard(plan, "the job's privacy budget is spent")
                 raise
-        held = self._store.held_model(self.job)
-        assert held is not None and held[0] == plan.model_version
-        base, _ = decode_tensors(held[2])
+        base = self._held_weights(plan)
         backend = self._backend(plan)
-        x, y = check_dataset(self._x, self._y, inputs=backend.inputs, classes=backend.classes)
+        x, y = self._checked_data(backend)
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
         settings = plan.train
         weights, result, seconds = yield TrainTask(
@@ -727,6 +731,26 @@ class Client:
         self.stats.discarded_rounds += 1
         logger.info("discarded work for round %s of %r: %s", plan.round_id, self.job, reason)
         return StepOutcome("discarded", round_id=plan.round_id, reason=reason)
+
+    def _held_weights(self, plan: RoundPlan) -> Weights:
+        """The stored model for this round, decoded (handed over by the download that
+        just stored it, when that was this process)."""
+        downloaded, self._downloaded = self._downloaded, None
+        held = self._store.held_version(self.job)
+        assert held is not None and held[0] == plan.model_version
+        if downloaded is not None and downloaded[:2] == held:
+            return downloaded[2]
+        stored = self._store.held_model(self.job)
+        assert stored is not None
+        return decode_tensors(stored[2])[0]
+
+    def _checked_data(self, backend: TrainingBackend) -> tuple[np.ndarray, np.ndarray]:
+        shape = (backend.inputs, backend.classes)
+        checked = self._checked.get(shape)
+        if checked is None:
+            checked = check_dataset(self._x, self._y, inputs=shape[0], classes=shape[1])
+            self._checked = {shape: checked}
+        return checked
 
     def _backend(self, plan: RoundPlan) -> TrainingBackend:
         if self.model is None:

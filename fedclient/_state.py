@@ -91,6 +91,8 @@ class DeviceState:
             # a charge for an update that was sent. A few fsyncs per round.
             self.db.execute("PRAGMA synchronous=FULL")
         self.key = key
+        # An enrolment never changes once stored, and every step needs it: read it once.
+        self._identities: dict[str, Identity] = {}
         self._migrate()
 
     @classmethod
@@ -126,10 +128,16 @@ class DeviceState:
     # -- identity --------------------------------------------------------------
     def identity(self, server: str) -> Identity | None:
         """The stored enrolment at ``server``, if it completed."""
+        known = self._identities.get(server)
+        if known is not None:
+            return known
         row = self.db.execute(
             "SELECT device_id, token FROM identities WHERE key=? AND server=?", [self.key, server]
         ).fetchone()
-        return Identity(row[0], row[1]) if row and row[0] else None
+        if not row or not row[0]:
+            return None
+        identity = self._identities[server] = Identity(row[0], row[1])
+        return identity
 
     def enrolment_token(self, server: str) -> str:
         """The token this device proposes to ``server``: made once, stored before use."""
@@ -152,6 +160,7 @@ class DeviceState:
                 "INSERT OR REPLACE INTO identities VALUES (?, ?, ?, ?)",
                 [self.key, server, identity.device_id, identity.token],
             )
+        self._identities[server] = identity
 
     # -- round progress --------------------------------------------------------
     def progress(self, job: str) -> RoundProgress:
