@@ -59,6 +59,7 @@ from fedclient.protocol import (
     IDEMPOTENCY_HEADER,
     LEAVE,
     MODEL,
+    MSGPACK_MEDIA_TYPE,
     SECAGG_FETCH,
     SECAGG_POST,
     TENSOR_MEDIA_TYPE,
@@ -202,6 +203,9 @@ class Client:
     leaving instead (``estimate_seconds(examples x epochs)`` overrides the
     estimate, e.g. in a simulator).
 
+    A model of at most ``inline_model_max`` bytes comes with the admission (one round
+    trip); a bigger one (or with 0) is downloaded from the model route, resumably.
+
     The async driver trains inline unless ``atrain`` is given: it receives each
     `TrainTask` and returns what ``task.run()`` would (e.g. from a process pool).
     """
@@ -221,6 +225,7 @@ class Client:
     sleep: Callable[[float], None] = time.sleep
     asleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     chunk_threshold: int = 1024 * 1024
+    inline_model_max: int = 1024 * 1024
     chunk_bytes: int = 256 * 1024
     estimate_seconds: Callable[[int], float] | None = None
     stats: TransferStats = field(default_factory=TransferStats)
@@ -466,15 +471,28 @@ class Client:
 
     def _checkin(self, identity: Identity) -> Flow:
         held = self._store.held_version(self.job)
-        body = CheckinRequest(runtime=self.runtime, model_version=held[0] if held else None)
-        response = yield self._request(CHECKIN, identity, json=body, job=self.job)
+        inline = max(self.inline_model_max, 0)
+        body = CheckinRequest(
+            runtime=self.runtime,
+            model_version=held[0] if held else None,
+            inline_model_max=inline,
+        )
+        headers = {"Accept": f"{MSGPACK_MEDIA_TYPE}, application/json"} if inline else None
+        response = yield self._request(CHECKIN, identity, json=body, headers=headers, job=self.job)
         answer: CheckinResponse = _decode(response, CheckinResponse)  # type: ignore[arg-type]
         if isinstance(answer, RetryLater):
             return StepOutcome("waiting", retry_after=answer.retry_after, reason=answer.reason)
         if isinstance(answer, JobFinished):
             return StepOutcome("finished", reason="the job ran all its rounds")
         assert isinstance(answer, Admitted)
-        self._store.record_admission(self.job, answer.plan.rebased(self.clock()))
+        plan = answer.plan.rebased(self.clock())
+        if answer.model is None:
+            self._store.record_admission(self.job, plan)
+        else:  # the model came along: admitted and downloaded in one transaction
+            weights, _ = decode_tensors(answer.model)
+            self._check_model(weights, plan)
+            self._store.record_admission(self.job, plan, (answer.model_etag, answer.model))
+            self._downloaded = (plan.model_version, answer.model_etag, weights)
         return StepOutcome("admitted", round_id=answer.plan.round_id)
 
     def _download(self, identity: Identity, plan: RoundPlan) -> Flow:
@@ -929,9 +947,12 @@ class _DownloadSink:
 
 
 def _decode(response: httpx.Response, type_: type[T]) -> T:
-    """Decode a JSON answer, or raise the typed error an error answer stands for."""
+    """Decode a JSON (or msgpack) answer, or raise the typed error an error answer
+    stands for."""
     raise_for_error(response)
     try:
+        if response.headers.get("content-type", "").startswith(MSGPACK_MEDIA_TYPE):
+            return msgspec.msgpack.decode(response.content, type=type_)
         return msgspec.json.decode(response.content, type=type_)
     except msgspec.DecodeError as exc:
         raise FedError(f"unexpected answer from the server: {exc}") from exc

@@ -189,10 +189,18 @@ class DeviceState:
             ],
         )
 
-    def record_admission(self, job: str, plan: RoundPlan) -> None:
-        """Checked in and admitted: hold the round plan."""
+    def record_admission(
+        self, job: str, plan: RoundPlan, model: tuple[str, bytes] | None = None
+    ) -> None:
+        """Checked in and admitted: hold the round plan, and the round's model (etag,
+        body) when it came with the admission (then no download is left to do)."""
         with self.db.atomic():
-            self._set_progress(job, RoundProgress(Phase.ADMITTED, plan))
+            if model is None:
+                self._set_progress(job, RoundProgress(Phase.ADMITTED, plan))
+                return
+            # Bytes of a download that broke before are of no use any more.
+            self.db.execute("DELETE FROM download_parts WHERE key=? AND job=?", [self.key, job])
+            self.record_download(job, plan, *model)
 
     def record_download(self, job: str, plan: RoundPlan, etag: str, body: bytes | None) -> None:
         """Hold the round's model (``body`` None: the held copy was still current)."""

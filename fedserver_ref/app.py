@@ -34,6 +34,7 @@ from fedclient.protocol import (
     JOB_STATUS,
     LEAVE,
     MODEL,
+    MSGPACK_MEDIA_TYPE,
     OPENAPI,
     ROUND_STATUS,
     SECAGG_FETCH,
@@ -70,7 +71,10 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
     async def checkin(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         body = _decode(await request.body() or b"{}", CheckinRequest)
-        answer = service.checkin(token, request.path_params["job"], body)
+        packed = MSGPACK_MEDIA_TYPE in request.headers.get("accept", "")
+        answer = service.checkin(token, request.path_params["job"], body, inline=packed)
+        if packed:
+            return Response(msgspec.msgpack.encode(answer), media_type=MSGPACK_MEDIA_TYPE)
         return _json(answer)
 
     async def model(request: Request) -> Response:

@@ -121,8 +121,28 @@ class FederationService:
             raise Unauthorized("unknown device token")
         return device_id
 
-    def checkin(self, token: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
-        """Admit the device to the job's open round, or tell it when to come back."""
+    def checkin(
+        self, token: str, job_name: str, request: CheckinRequest, *, inline: bool = False
+    ) -> CheckinResponse:
+        """Admit the device to the job's open round, or tell it when to come back.
+
+        ``inline``: the answer can carry bytes (msgpack), so an admission brings the
+        round's model when the device does not hold it and it fits the device's
+        ``inline_model_max``."""
+        answer = self._checkin(token, job_name, request)
+        if not (inline and isinstance(answer, Admitted) and request.inline_model_max > 0):
+            return answer
+        version = answer.plan.model_version
+        if request.model_version == version:
+            return answer
+        found = self.store.model(job_name, version)
+        assert found is not None
+        body, etag = found
+        if len(body) > request.inline_model_max:
+            return answer
+        return Admitted(answer.plan, body, etag)
+
+    def _checkin(self, token: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
         device_id = self.authenticate(token)
         job = self._job(job_name)
         now = self.clock()

@@ -59,7 +59,7 @@ async def run_buffered(
             i = idle[0]
             sequence += 1
             d = fleet.activate(i, sequence)
-            outcome = await d.step()
+            outcome = await d.checkin()
             if outcome is not None and outcome.status == "waiting":
                 await _release(fleet, i)
                 counts["waits"] += 1
@@ -73,9 +73,7 @@ async def run_buffered(
                     return
                 continue
             token = token or _token(d)
-            down = d.stats.bytes_down
-            downloaded = await d.step()
-            trained = await d.step() if downloaded is not None else None
+            trained = await d.download_and_train()
             if trained is None or trained.status != "trained":
                 counts["network" if trained is None else "left"] += 1
                 await _release(fleet, i)
@@ -83,9 +81,7 @@ async def run_buffered(
                 continue
             assert d.client is not None
             update = d.client.device_state.progress(job).update or b""
-            seconds = d.profile.round_seconds(
-                len(d.examples), plan.train.epochs, d.stats.bytes_down - down, len(update)
-            )
+            seconds = d.round_seconds(plan.train.epochs, len(update))
             heapq.heappush(events, (clock.now + seconds + d.backoff, i))
 
     rounds: list[dict[str, Any]] = []

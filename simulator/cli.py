@@ -125,6 +125,14 @@ def _parser() -> argparse.ArgumentParser:
         help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",
     )
     run.add_argument(
+        "--inline-model-max",
+        type=int,
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="a model up to this size comes with the admission (one round trip fewer); "
+        "bigger ones, or all with 0, are downloaded separately (resumably)",
+    )
+    run.add_argument(
         "--model",
         choices=("softmax", "mlp", "cnn"),
         help="model architecture (default: the data set's: digits mlp, mnist softmax, femnist mlp)",

@@ -48,10 +48,13 @@ class DeviceProfile:
         """Simulated seconds to train ``work`` example-epochs."""
         return work / self.examples_per_second
 
-    def round_seconds(self, examples: int, epochs: int, down_bytes: int, up_bytes: int) -> float:
-        """Simulated seconds from check-in to the end of the upload."""
+    def round_seconds(
+        self, examples: int, epochs: int, down_bytes: int, up_bytes: int, round_trips: int = 3
+    ) -> float:
+        """Simulated seconds from check-in to the end of the upload (``round_trips``:
+        check-in, download and upload; 2 when the model came with the admission)."""
         return (
-            3 * self.latency
+            round_trips * self.latency
             + down_bytes / self.bandwidth_down
             + self.training_seconds(examples * epochs)
             + up_bytes / self.bandwidth_up

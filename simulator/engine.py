@@ -32,6 +32,7 @@ from fedclient import (
     FaultPlan,
     FaultyTransport,
     InvalidInput,
+    Phase,
     PrivacyBudgetExceeded,
     RetryPolicy,
     ServerError,
@@ -112,6 +113,7 @@ class SimulationConfig:
     faults: str | None = None
     model: str | None = None  # softmax | mlp | cnn; default: the data set's
     compress: str = ""  # update compression the job asks of devices (fedclient.compression)
+    inline_model_max: int = 1024 * 1024  # a model up to this size comes with the admission
     text_column: str = "text"  # --dataset csv:PATH: which columns hold what
     label_column: str = "label"
     user_column: str | None = None
@@ -204,6 +206,8 @@ class _Device:
     stats: TransferStats = field(default_factory=TransferStats)
     backoff: float = 0.0  # simulated seconds spent waiting to retry this round
     client: Client | None = None
+    received: int = 0  # bytes down when it last checked in
+    round_trips: int = 3  # of its last round's work: check-in, download (unless inline), upload
 
     async def step(self) -> StepOutcome | None:
         """One step; None when the network beat the retry policy (a network dropout)."""
@@ -214,6 +218,31 @@ class _Device:
             return None
         except PrivacyBudgetExceeded as exc:
             return StepOutcome("discarded", reason=f"budget: {exc}")
+
+    async def checkin(self) -> StepOutcome | None:
+        """Check in (the bytes it receives from here on are its round's download)."""
+        self.received = self.stats.bytes_down
+        return await self.step()
+
+    async def download_and_train(self) -> StepOutcome | None:
+        """After its admission: download the model, unless it came along, and train."""
+        assert self.client is not None
+        state = self.client.device_state
+        inline = state.progress(self.client.job).phase is Phase.DOWNLOADED
+        self.round_trips = 2 if inline else 3
+        if not inline and await self.step() is None:
+            return None
+        return await self.step()
+
+    def round_seconds(self, epochs: int, update_bytes: int) -> float:
+        """Simulated seconds from its check-in to the end of its upload."""
+        return self.profile.round_seconds(
+            len(self.examples),
+            epochs,
+            self.stats.bytes_down - self.received,
+            update_bytes,
+            round_trips=self.round_trips,
+        )
 
 
 #: The transfer statistics a round reports, summed over the fleet.
@@ -231,12 +260,12 @@ class _Checkin(NamedTuple):
 
 class _Work(NamedTuple):
     """A device's download and training: the outcome (None: a network dropout), the
-    bytes it downloaded, the size of its update and the seconds it waited to retry."""
+    simulated seconds from its check-in to the end of its upload, and the seconds it
+    waited to retry."""
 
     device: int
     outcome: StepOutcome | None
-    bytes_down: int
-    update_bytes: int
+    seconds: float
     backoff: float
 
 
@@ -311,6 +340,7 @@ class _Fleet:
             model=self.backend,
             # The device's own estimate of its training time, from its profile.
             estimate_seconds=d.profile.training_seconds,
+            inline_model_max=self.config.inline_model_max,
             stats=d.stats,
             atrain=self.pool,
         )
@@ -331,7 +361,7 @@ class _Fleet:
         answers: list[_Checkin] = []
         for i in indices:
             d = self.activate(i, round_number)
-            outcome = await d.step()
+            outcome = await d.checkin()
             admitted = outcome is not None and outcome.status == "admitted"
             answers.append(_Checkin(i, outcome, _token(d) if admitted else ""))
             if outcome is not None and _round_full(outcome):
@@ -345,14 +375,13 @@ class _Fleet:
 
         async def one(i: int) -> _Work:
             d = self.devices[i]
-            down = d.stats.bytes_down
-            downloaded = await d.step()
-            trained = await d.step() if downloaded is not None else None
-            update = b""
+            trained = await d.download_and_train()
+            seconds = 0.0
             if trained is not None and trained.status == "trained":
                 assert d.client is not None
                 update = d.client.device_state.progress(self.plan.job.name).update or b""
-            return _Work(i, trained, d.stats.bytes_down - down, len(update), d.backoff)
+                seconds = d.round_seconds(self.plan.train.epochs, len(update))
+            return _Work(i, trained, seconds, d.backoff)
 
         if self.pool is None:
             return [await one(i) for i in indices]
@@ -611,11 +640,7 @@ async def _run_rounds(
                 else:
                     discarded += trained.status == "discarded"
                 continue
-            d = fleet.devices[work.device]
-            seconds = d.profile.round_seconds(
-                len(d.examples), plan.train.epochs, work.bytes_down, work.update_bytes
-            )
-            finish.append((current.opened_at + seconds + work.backoff, work.device))
+            finish.append((current.opened_at + work.seconds + work.backoff, work.device))
         secured = 0  # devices whose masked input went into a secure sum
         if plan.privacy.secagg:
             # Secure aggregation: the stages advance together once the slowest device

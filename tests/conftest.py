@@ -29,6 +29,16 @@ class ManualClock:
         return self.now
 
 
+async def step_until(device: fedclient.Client, phase: fedclient.Phase) -> None:
+    """Step ``device`` until its stored phase is ``phase`` (whether the model came with
+    the admission or took a step of its own)."""
+    for _ in range(8):
+        if device.device_state.progress(device.job).phase is phase:
+            return
+        await device.astep()
+    raise AssertionError(f"never reached {phase}")
+
+
 def make_plan(**job: Any) -> fedclient.protocol.JobPlan:
     """A small digits plan; keyword arguments override the [job] table."""
     settings = {

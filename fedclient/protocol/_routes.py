@@ -25,6 +25,7 @@ __all__ = [
     "ROUTES",
     "SECAGG_FETCH",
     "SECAGG_POST",
+    "MSGPACK_MEDIA_TYPE",
     "TENSOR_MEDIA_TYPE",
     "UPLOAD",
     "UPLOAD_CHUNK",
@@ -36,6 +37,9 @@ __all__ = [
 
 #: Media type of a tensor body (safetensors: a JSON header, then raw little-endian data).
 TENSOR_MEDIA_TYPE = "application/vnd.fedclient.safetensors"
+
+#: Media type of a msgpack body (a check-in answer that carries a model's raw bytes).
+MSGPACK_MEDIA_TYPE = "application/msgpack"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Route:
     headers: tuple[str, ...] = ()  # request headers the route requires
     auth: bool = True
     errors: tuple[int, ...] = ()
+    msgpack: bool = False  # the answer also comes in msgpack, on Accept: application/msgpack
 
     def url(self, **params: object) -> str:
         """The concrete path, e.g. ``MODEL.url(job="digits", version=3)``."""
@@ -72,10 +77,13 @@ CHECKIN = Route(
     "checkin",
     "POST",
     "/v1/jobs/{job}/checkin",
-    "Offer to work on a job: admitted with a round plan, told to retry later, or finished.",
+    "Offer to work on a job: admitted with a round plan, told to retry later, or finished. "
+    "With Accept: application/msgpack the answer is msgpack, and an admission carries the "
+    "round's model when the request's inline_model_max allows it.",
     request=m.CheckinRequest,
     response=m.CheckinResponse,
     errors=(400, 401, 404),
+    msgpack=True,
 )
 MODEL = Route(
     "model",
@@ -236,10 +244,11 @@ def openapi_document(version: str) -> dict[str, Any]:
         if route.response == TENSOR_MEDIA_TYPE:
             ok: dict[str, Any] = {"description": "OK", "content": {TENSOR_MEDIA_TYPE: {}}}
         elif route.response is not None:
-            ok = {
-                "description": "OK",
-                "content": {"application/json": {"schema": by_type[route.response]}},
-            }
+            schema = {"schema": by_type[route.response]}
+            content = {"application/json": schema}
+            if route.msgpack:
+                content[MSGPACK_MEDIA_TYPE] = schema
+            ok = {"description": "OK", "content": content}
         else:
             ok = {"description": "OK"}
         responses: dict[str, Any] = {"200": ok}

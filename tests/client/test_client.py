@@ -17,16 +17,41 @@ from tests.conftest import LiveServer, Server
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.parametrize(
+    ("inline_model_max", "steps", "phases"),
+    [
+        # The default: the model (a few kB) comes with the admission.
+        (
+            1024 * 1024,
+            ["admitted", "trained", "uploaded"],
+            [Phase.DOWNLOADED, Phase.TRAINED, Phase.IDLE],
+        ),
+        # Asked not to (or too big): a separate download step.
+        (
+            0,
+            ["admitted", "downloaded", "trained", "uploaded"],
+            [Phase.ADMITTED, Phase.DOWNLOADED, Phase.TRAINED, Phase.IDLE],
+        ),
+    ],
+)
 async def test_steps_follow_the_state_table_and_are_stored(
-    server: Server, make_devices: Any
+    server: Server,
+    make_devices: Any,
+    inline_model_max: int,
+    steps: list[str],
+    phases: list[Phase],
 ) -> None:
-    (device,) = make_devices(1, server.transport())
+    (device,) = make_devices(1, server.transport(), inline_model_max=inline_model_max)
     seen = []
-    for expected in ["admitted", "downloaded", "trained", "uploaded"]:
+    for expected in steps:
         outcome = await device.astep()
         assert outcome.status == expected
         seen.append(device.device_state.progress("digits").phase)
-    assert seen == [Phase.ADMITTED, Phase.DOWNLOADED, Phase.TRAINED, Phase.IDLE]
+    assert seen == phases
+    held = device.device_state.held_model("digits")
+    served = server.store.model("digits", 0)
+    assert held is not None and served is not None and held[1:] == (served[1], served[0])
+    assert device.stats.requests == len(steps)  # enrolment, and a request per step but training
     assert len(device.device_state.receipts("digits")) == 1
     # Already contributed to the open round: told to come back later.
     waiting = await device.astep()
@@ -38,7 +63,7 @@ async def test_a_restarted_client_resumes_at_its_stored_step(
 ) -> None:
     state = tmp_path / "device.sqlite"
     (device,) = make_devices(1, server.transport(), state=state)
-    for _ in range(3):
+    while device.device_state.progress("digits").phase is not Phase.TRAINED:
         await device.astep()
     pending = device.device_state.progress("digits")
     assert pending.phase is Phase.TRAINED and pending.update
@@ -61,7 +86,7 @@ async def test_server_errors_become_typed_exceptions(server: Server, make_device
         device.server, fedclient._state.Identity(identity.device_id, "forged")
     )
     with pytest.raises(fedclient.Unauthorized) as info:
-        await device.astep()
+        await device.arun_once()  # its next request (training sends none)
     assert info.value.status == 401 and info.value.code == "unauthorized"
     stranger = fedclient.Client(
         device.server, "no-such-job", device.data, transport=server.transport()
@@ -79,8 +104,9 @@ async def test_unreachable_server_is_a_transport_error(digits: Dataset) -> None:
     assert device.device_state.progress("digits").phase is Phase.IDLE
 
 
+@pytest.mark.parametrize("inline_model_max", [1024 * 1024, 0])
 async def test_a_model_that_does_not_match_the_job_is_refused(
-    server: Server, digits: Dataset
+    server: Server, digits: Dataset, inline_model_max: int
 ) -> None:
     device = fedclient.Client(
         "http://fedserver.local",
@@ -88,10 +114,13 @@ async def test_a_model_that_does_not_match_the_job_is_refused(
         (digits.x_train, digits.y_train),
         transport=server.transport(),
         model=fedclient.models.mlp(64, 99, 10),
+        inline_model_max=inline_model_max,
     )
-    assert (await device.astep()).status == "admitted"
+    if not inline_model_max:  # refused when it arrives: with the admission, or downloaded
+        assert (await device.astep()).status == "admitted"
     with pytest.raises(fedclient.ModelMismatch):
         await device.astep()
+    assert device.device_state.held_model("digits") is None
 
 
 def test_sync_client_over_real_http(live_server: Any, make_devices: Any) -> None:
@@ -103,7 +132,8 @@ def test_sync_client_over_real_http(live_server: Any, make_devices: Any) -> None
         for d in devices:
             d.close()
     assert live.server.service.job_status("digits").model_version == 1
-    assert all(d.stats.bytes_up > 4_000 and d.stats.requests == 4 for d in devices)
+    # Enrolment, check-in (the model came with the admission), upload.
+    assert all(d.stats.bytes_up > 4_000 and d.stats.requests == 3 for d in devices)
 
 
 def test_an_async_transport_needs_the_async_methods(server: Server, make_devices: Any) -> None:
@@ -184,8 +214,7 @@ async def test_a_device_that_cannot_finish_in_time_leaves_and_frees_its_place(
     )
     assert (await slow.astep()).status == "admitted"
     assert (await fast.astep()).status == "waiting"  # the round is full
-    await slow.astep()  # download
-    outcome = await slow.astep()
+    outcome = await slow.astep()  # it holds the model: training is next
     assert outcome.status == "discarded" and "cannot finish" in outcome.reason
     assert server.store.admitted_count(1) == 0  # the place was given back
     assert (await fast.arun_once()).status == "uploaded"

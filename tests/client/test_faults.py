@@ -58,7 +58,7 @@ async def test_only_retriable_failures_are_retried(server: Server, make_devices:
     )
     before = device.stats.requests
     with pytest.raises(fedclient.Unauthorized):
-        await device.astep()
+        await device.arun_once()  # training sends nothing; the upload is refused
     assert device.stats.requests == before + 1
 
 
@@ -106,7 +106,8 @@ async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
     total = sum(t.counts.requests for t in transports)
     assert all(n > 50 for n in injected.values()), injected
     assert 0.25 < sum(injected.values()) / total < 0.35
-    assert sum(d.stats.retries for d in devices) > 1000
+    # Every fault but a duplicate (which the client never sees) costs a retry.
+    assert sum(d.stats.retries for d in devices) > 0.2 * total
     assert sum(d.stats.wasted_bytes for d in devices) > 0
     assert server.service.job_status("digits").model_version == 10
 

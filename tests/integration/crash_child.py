@@ -1,7 +1,7 @@
 """A device process for the crash tests: runs one round, and SIGKILLs itself at the
 N-th SQLite statement or socket operation (counted with sys.setprofile).
 
-usage: crash_child.py SERVER_URL STATE_PATH TRAIN_LOG KILL_AT
+usage: crash_child.py SERVER_URL STATE_PATH TRAIN_LOG KILL_AT INLINE_MODEL_MAX
 Prints the outcome status when it survives. Each call of the model's train() is
 appended to TRAIN_LOG (fsync'd) before it runs.
 """
@@ -30,6 +30,7 @@ WATCHED = {
 
 def main() -> None:
     url, state, log, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    inline_model_max = int(sys.argv[5])
     seen = 0
 
     def profile(frame: Any, event: str, arg: Any) -> None:
@@ -64,6 +65,7 @@ def main() -> None:
         seed=1,
         chunk_threshold=1500,
         chunk_bytes=1500,
+        inline_model_max=inline_model_max,
         retry=fedclient.RetryPolicy(max_attempts=1),
     )
     sys.setprofile(profile)

@@ -15,7 +15,7 @@ from fedclient.privacy.dp import PrivacyLedger
 from fedclient.protocol import decode_tensors
 from fedserver_ref import FederationService, ServerStore, plan_from_dict
 from simulator.cli import main as fedsim
-from tests.conftest import ManualClock, Server
+from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio
 
@@ -40,8 +40,7 @@ async def test_a_dp_update_is_clipped_noised_and_charged_before_it_leaves(
 ) -> None:
     server = _dp_server()
     (device,) = make_devices(1, server.transport())
-    for _ in range(3):
-        await device.astep()  # admitted, downloaded, trained: nothing sent yet
+    await step_until(device, fedclient.Phase.TRAINED)  # nothing sent yet
     ledger = PrivacyLedger(device.device_state.db, device.device_state.key)
     assert ledger.releases("digits") == 1  # charged already
     assert server.store.update_count(1) == 0
@@ -62,8 +61,7 @@ async def test_a_device_out_of_budget_refuses_and_gives_its_place_back(make_devi
     server = _dp_server(budget_epsilon=9.0)  # one release costs ~8.6 under RDP
     (device,) = make_devices(1, server.transport())
     assert (await device.arun_once()).status == "uploaded"
-    assert (await device.astep()).status == "admitted"
-    await device.astep()  # download
+    assert (await device.astep()).status == "admitted"  # with the model: training is next
     with pytest.raises(fedclient.PrivacyBudgetExceeded) as refused:
         await device.astep()
     assert refused.value.budget == 9.0 and refused.value.epsilon > 9.0

@@ -13,7 +13,7 @@ import fedclient
 from fedclient.protocol import decode_tensors
 from fedserver_ref import FederationService, ServerStore, plan_from_dict
 from simulator.cli import main as fedsim
-from tests.conftest import ManualClock, Server
+from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio
 
@@ -147,8 +147,7 @@ async def test_too_many_dropouts_fail_the_round_and_keep_the_model(make_devices:
     server = _server("secagg")
     devices = make_devices(6, server.transport(), clock=server.clock)
     for device in devices:
-        for _ in range(3):
-            await device.astep()
+        await step_until(device, fedclient.Phase.TRAINED)
     for device in devices:
         await device.astep()  # everyone advertises keys: the stage closes
     await _walk(devices[:2], passes=1)  # two share keys; four vanish

@@ -94,4 +94,6 @@ def test_openapi_document_lists_every_route() -> None:
         assert route.method.lower() in doc["paths"][route.path]
     checkin = doc["paths"]["/v1/jobs/{job}/checkin"]["post"]
     assert checkin["responses"]["401"]["content"]["application/json"]
+    answers = checkin["responses"]["200"]["content"]
+    assert answers["application/msgpack"] == answers["application/json"]
     assert "RoundPlan" in doc["components"]["schemas"]

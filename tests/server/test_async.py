@@ -9,7 +9,7 @@ import pytest
 
 import fedclient
 from fedserver_ref.strategies import ClientUpdate, FedAvg
-from tests.conftest import Server
+from tests.conftest import Server, step_until
 
 pytestmark = pytest.mark.anyio
 
@@ -35,8 +35,7 @@ async def test_devices_train_on_whatever_version_is_current(
         assert (await device.astep()).status == "admitted"
     assert (await e.astep()).status == "waiting"
     for device in (a, b, c, d):
-        await device.astep()  # download version 0
-        await device.astep()  # train
+        await step_until(device, fedclient.Phase.TRAINED)  # on version 0
     # a and b fill the first buffer: version 1. c then lands in the next buffer, stale by 1.
     assert (await a.astep()).status == "uploaded"
     assert (await b.astep()).status == "uploaded"

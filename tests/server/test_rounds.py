@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+import msgspec
 import numpy as np
 import pytest
 
 import fedclient
-from fedclient.protocol import decode_tensors
+from fedclient.protocol import CheckinResponse, decode_tensors
 from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore
 from tests.conftest import ManualClock, Server, make_plan
 
@@ -87,7 +89,7 @@ async def test_a_device_that_trained_past_the_deadline_discards_its_work(
 ) -> None:
     (device,) = make_devices(1, server.transport(), clock=server.clock)
     assert (await device.astep()).status == "admitted"
-    assert (await device.astep()).status == "downloaded"
+    assert device.device_state.progress("digits").phase is fedclient.Phase.DOWNLOADED
     server.clock.now += 61
     outcome = await device.astep()
     assert outcome.status == "discarded" and "deadline" in outcome.reason
@@ -137,3 +139,36 @@ async def test_a_restarted_server_resumes_at_the_stored_round_and_version(
     assert again.job_status("digits").model_version == 2
     with pytest.raises(fedclient.InvalidInput, match="different plan"):
         again.add_job(make_plan(rounds=9))
+
+
+async def test_an_admission_carries_the_model_only_when_asked_and_it_fits(
+    server: Server, enrolled: tuple[httpx.AsyncClient, dict[str, str]]
+) -> None:
+    http, auth = enrolled
+    url = "/v1/jobs/digits/checkin"
+    packed = {**auth, "Accept": "application/msgpack"}
+    body, etag = _model(server, 0)
+
+    async def checkin(headers: dict[str, str], **request: Any) -> Any:
+        answer = await http.post(url, headers=headers, json=request)
+        assert answer.status_code == 200
+        if answer.headers["content-type"] == "application/msgpack":
+            return msgspec.msgpack.decode(answer.content, type=CheckinResponse)
+        return msgspec.json.decode(answer.content, type=CheckinResponse)
+
+    # JSON answers never carry bytes; a device that does not ask gets none either.
+    assert (await checkin(auth, inline_model_max=1 << 20)).model is None
+    assert (await checkin(packed)).model is None
+    # Asked, and it fits: the model route's body and ETag, in the (same) admission.
+    admitted = await checkin(packed, inline_model_max=len(body))
+    assert admitted.plan.round_id == 1 and (admitted.model, admitted.model_etag) == (body, etag)
+    # Too big for the device, or the version it already holds: none.
+    assert (await checkin(packed, inline_model_max=len(body) - 1)).model is None
+    assert (await checkin(packed, inline_model_max=len(body), model_version=0)).model is None
+    assert server.store.admitted_count(1) == 1  # asking again admitted nobody twice
+
+
+def _model(server: Server, version: int) -> tuple[bytes, str]:
+    found = server.store.model("digits", version)
+    assert found is not None
+    return found
