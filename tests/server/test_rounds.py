@@ -172,3 +172,14 @@ def _model(server: Server, version: int) -> tuple[bytes, str]:
     found = server.store.model("digits", version)
     assert found is not None
     return found
+
+
+def test_a_rounds_updates_are_read_in_arrival_order_without_a_sort() -> None:
+    store = ServerStore()
+    for seq, device in enumerate(["c", "a", "b"]):
+        store.add_update(1, device, f"k{seq}", f"r{seq}", 1, None, b"x" * 100, float(seq))
+    assert [r.device_id for r in store.updates(1)] == ["c", "a", "b"]
+    plan = store.db.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM updates WHERE round_id=? ORDER BY seq", [1]
+    ).fetchall()
+    assert not any("TEMP B-TREE" in step[-1] for step in plan), plan  # no copy of the bodies
