@@ -313,11 +313,15 @@ class DeviceState:
         return float(row[0]) if row else None
 
     def record_speed(self, examples_per_second: float) -> None:
-        """Fold one measurement into the average (exponentially weighted, 0.3 new)."""
-        old = self.speed()
-        new = examples_per_second if old is None else 0.7 * old + 0.3 * examples_per_second
-        with self.db.atomic():
-            self.db.execute("INSERT OR REPLACE INTO speed VALUES (?, ?)", [self.key, new])
+        """Fold one measurement into the average (exponentially weighted, 0.3 new).
+
+        One statement, so atomic on its own: no read first, no savepoint inside the
+        training step's transaction."""
+        self.db.execute(
+            "INSERT INTO speed VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
+            " examples_per_second = 0.7 * examples_per_second + 0.3 * excluded.examples_per_second",
+            [self.key, examples_per_second],
+        )
 
     def receipts(self, job: str) -> list[UploadReceipt]:
         """Every acknowledged upload for ``job``, oldest round first."""
