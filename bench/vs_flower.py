@@ -29,14 +29,15 @@ to exit, start-up and teardown included (a tiny launcher process starts it, time
 it and reads its CPU time and peak RSS). The engine's process and all its
 descendants (Ray's raylet, GCS and workers for Flower) are sampled every 0.5 s from
 /proc: the peak of their summed PSS, and their CPU time (user + sys).
-Installing Flower and writing the shared input files happen before, untimed. The
-load average is printed: on a shared machine use ``--repeats`` and read the times
-with it in mind.
+Installing Flower, byte-compiling fedsim's packages and writing the shared input
+files happen before, untimed. The load average is printed: on a shared machine use
+``--repeats`` and read the times with it in mind.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -335,6 +336,15 @@ def _flower_versions(python: Path) -> dict[str, str] | None:
 
 
 # -- shared inputs ---------------------------------------------------------------------
+
+
+def compile_project() -> None:
+    """Byte-compile fedsim's own packages (untimed), as an install leaves them: with
+    PYTHONDONTWRITEBYTECODE set, an editable install would compile every module of
+    the project from source on every run (Flower's come compiled from its wheels)."""
+    root = Path(__file__).resolve().parents[1]
+    for package in ("fedclient", "fedserver_ref", "simulator"):
+        compileall.compile_dir(root / package, quiet=1)
 
 
 def prepare(workload: Workload, data_dir: Path, scratch: Path) -> dict[str, Any]:
@@ -681,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="vs-flower-"))
     try:
         print(f"{workload.name}: {workload.describe()}", flush=True)
+        compile_project()
         config = prepare(workload, data_dir, scratch)
         fedsim = fedsim_argv(workload, data_dir, scratch / "fedsim-report.json")
         print("$", " ".join(fedsim), flush=True)
