@@ -45,25 +45,28 @@ class NumpyModel(NumpyWeights):
         activations = [x]
         a = x
         for i in range(1, self._layers + 1):
-            z = a @ self._params[f"fc{i}.weight"].T + self._params[f"fc{i}.bias"]
+            z = a @ self._params[f"fc{i}.weight"].T
+            z += self._params[f"fc{i}.bias"]
             a = np.maximum(z, 0) if i < self._layers else z
             activations.append(a)
         return a, activations
 
     @staticmethod
     def _softmax(logits: np.ndarray) -> np.ndarray:
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(shifted)
-        return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+        e: np.ndarray = logits - logits.max(axis=1, keepdims=True)
+        np.exp(e, out=e)
+        e /= e.sum(axis=1, keepdims=True)
+        return e
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         """Mean cross-entropy on (x, y) and its gradient for every parameter."""
         logits, acts = self._forward(x)
         probs = self._softmax(logits)
         n = x.shape[0]
-        loss = float(-np.log(np.maximum(probs[np.arange(n), y], 1e-12)).mean())
+        rows = np.arange(n)
+        loss = float(-np.log(np.maximum(probs[rows, y], 1e-12)).mean())
         delta = probs
-        delta[np.arange(n), y] -= 1.0
+        delta[rows, y] -= 1.0
         delta /= n
         grads: Weights = {}
         for i in range(self._layers, 0, -1):
