@@ -55,7 +55,7 @@ from fedclient.privacy.dp import (
 from fedclient.privacy.secagg import SecAggError
 from fedclient.protocol import (
     CHECKIN,
-    ENROL,
+    DEVICE_ID_HEADER,
     IDEMPOTENCY_HEADER,
     LEAVE,
     MODEL,
@@ -69,8 +69,6 @@ from fedclient.protocol import (
     Admitted,
     CheckinRequest,
     CheckinResponse,
-    EnrolRequest,
-    EnrolResponse,
     ErrorBody,
     JobFinished,
     RetryLater,
@@ -445,15 +443,11 @@ class Client:
     def _step_flow(self) -> Flow:
         identity = self._store.identity(self.server)
         if identity is None:
-            # The device proposes its own token and stores it first, so a retried or
-            # resumed enrolment names the same device instead of creating another.
+            # Not enrolled: the first check-in enrols it. The device proposes its own
+            # token and stores it first, so a retried or resumed enrolment names the
+            # same device instead of creating another.
             token = self._store.enrolment_token(self.server)
-            response = yield self._request(
-                ENROL, None, json=EnrolRequest(label=self.label, token=token)
-            )
-            enrolled = _decode(response, EnrolResponse)
-            identity = Identity(enrolled.device_id, enrolled.token)
-            self._store.save_identity(self.server, identity)
+            return (yield from self._checkin(Identity("", token)))
         progress = self._store.progress(self.job)
         if progress.phase is Phase.IDLE:
             return (yield from self._checkin(identity))
@@ -470,16 +464,24 @@ class Client:
         )
 
     def _checkin(self, identity: Identity) -> Flow:
+        """Check in (``identity`` without a device id: enrol with it first)."""
         held = self._store.held_version(self.job)
         inline = max(self.inline_model_max, 0)
+        enrol = not identity.device_id
         body = CheckinRequest(
             runtime=self.runtime,
             model_version=held[0] if held else None,
             inline_model_max=inline,
+            enrol_label=self.label if enrol else None,
         )
         headers = {"Accept": f"{MSGPACK_MEDIA_TYPE}, application/json"} if inline else None
         response = yield self._request(CHECKIN, identity, json=body, headers=headers, job=self.job)
         answer: CheckinResponse = _decode(response, CheckinResponse)  # type: ignore[arg-type]
+        if enrol:
+            device_id = response.headers.get(DEVICE_ID_HEADER, "")
+            if not device_id:
+                raise FedError("the server answered an enrolling check-in without a Device-Id")
+            self._store.save_identity(self.server, Identity(device_id, identity.token))
         if isinstance(answer, RetryLater):
             return StepOutcome("waiting", retry_after=answer.retry_after, reason=answer.reason)
         if isinstance(answer, JobFinished):

@@ -28,6 +28,7 @@ from fedclient._exceptions import (
 )
 from fedclient.protocol import (
     CHECKIN,
+    DEVICE_ID_HEADER,
     ENROL,
     HEALTH,
     IDEMPOTENCY_HEADER,
@@ -71,11 +72,16 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
     async def checkin(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         body = _decode(await request.body() or b"{}", CheckinRequest)
+        headers = {}
+        if body.enrol_label is not None:  # a first contact: enrol the proposed token
+            enrolled = service.enrol(EnrolRequest(label=body.enrol_label, token=token))
+            headers[DEVICE_ID_HEADER] = enrolled.device_id
         packed = MSGPACK_MEDIA_TYPE in request.headers.get("accept", "")
         answer = service.checkin(token, request.path_params["job"], body, inline=packed)
         if packed:
-            return Response(msgspec.msgpack.encode(answer), media_type=MSGPACK_MEDIA_TYPE)
-        return _json(answer)
+            encoded = msgspec.msgpack.encode(answer)
+            return Response(encoded, media_type=MSGPACK_MEDIA_TYPE, headers=headers)
+        return Response(msgspec.json.encode(answer), media_type="application/json", headers=headers)
 
     async def model(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))

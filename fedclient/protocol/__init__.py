@@ -52,8 +52,12 @@ from fedclient.protocol._tensors import Weights, check_weights, decode_tensors, 
 #: Header carrying the device's idempotency key on uploads.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
+#: Header of a check-in answer that enrolled the device: its id.
+DEVICE_ID_HEADER = "Device-Id"
+
 __all__ = [
     "CHECKIN",
+    "DEVICE_ID_HEADER",
     "ENROL",
     "HEALTH",
     "IDEMPOTENCY_HEADER",

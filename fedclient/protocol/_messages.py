@@ -172,11 +172,17 @@ class CheckinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``inline_model_max``: the largest model body (bytes) the device takes inside an
     admission, when it does not hold the round's version; 0, or an answer in JSON,
     never carries one (the device downloads it from the model route). Only a
-    msgpack answer (``Accept: application/msgpack``) carries the raw bytes."""
+    msgpack answer (``Accept: application/msgpack``) carries the raw bytes.
+
+    ``enrol_label``: set by a device not enrolled yet. The bearer token it proposes
+    enrols it first (as ``POST /v1/devices`` with that token would: again, the same
+    device), and the answer's ``Device-Id`` header names it. One round trip fewer
+    on a device's first contact."""
 
     runtime: str = "numpy"
     model_version: int | None = None
     inline_model_max: int = 0
+    enrol_label: str | None = None
 
 
 class RoundPlan(msgspec.Struct, frozen=True):

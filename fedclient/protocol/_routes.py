@@ -79,7 +79,8 @@ CHECKIN = Route(
     "/v1/jobs/{job}/checkin",
     "Offer to work on a job: admitted with a round plan, told to retry later, or finished. "
     "With Accept: application/msgpack the answer is msgpack, and an admission carries the "
-    "round's model when the request's inline_model_max allows it.",
+    "round's model when the request's inline_model_max allows it. A request with "
+    "enrol_label enrols its bearer token first; the answer's Device-Id header names it.",
     request=m.CheckinRequest,
     response=m.CheckinResponse,
     errors=(400, 401, 404),

@@ -11,6 +11,7 @@ import pytest
 
 import fedclient
 from fedclient import Phase
+from fedserver_ref.auth import hash_token
 from simulator.datasets import Dataset
 from tests.conftest import LiveServer, Server
 
@@ -51,7 +52,11 @@ async def test_steps_follow_the_state_table_and_are_stored(
     held = device.device_state.held_model("digits")
     served = server.store.model("digits", 0)
     assert held is not None and served is not None and held[1:] == (served[1], served[0])
-    assert device.stats.requests == len(steps)  # enrolment, and a request per step but training
+    # A request a step but training (the first check-in enrolled the device).
+    assert device.stats.requests == len(steps) - 1
+    identity = device.device_state.identity(device.server)
+    assert identity is not None
+    assert server.store.device_for_token(hash_token(identity.token)) == identity.device_id
     assert len(device.device_state.receipts("digits")) == 1
     # Already contributed to the open round: told to come back later.
     waiting = await device.astep()
@@ -132,8 +137,8 @@ def test_sync_client_over_real_http(live_server: Any, make_devices: Any) -> None
         for d in devices:
             d.close()
     assert live.server.service.job_status("digits").model_version == 1
-    # Enrolment, check-in (the model came with the admission), upload.
-    assert all(d.stats.bytes_up > 4_000 and d.stats.requests == 3 for d in devices)
+    # Check-in (enrolling, and the model came with the admission), upload.
+    assert all(d.stats.bytes_up > 4_000 and d.stats.requests == 2 for d in devices)
 
 
 def test_an_async_transport_needs_the_async_methods(server: Server, make_devices: Any) -> None:

@@ -13,6 +13,7 @@ import pytest
 import fedclient
 from fedclient.protocol import CheckinResponse, decode_tensors
 from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore
+from fedserver_ref.auth import hash_token
 from tests.conftest import ManualClock, Server, make_plan
 
 pytestmark = pytest.mark.anyio
@@ -183,3 +184,21 @@ def test_a_rounds_updates_are_read_in_arrival_order_without_a_sort() -> None:
         "EXPLAIN QUERY PLAN SELECT * FROM updates WHERE round_id=? ORDER BY seq", [1]
     ).fetchall()
     assert not any("TEMP B-TREE" in step[-1] for step in plan), plan  # no copy of the bodies
+
+
+async def test_a_first_check_in_enrols_the_proposed_token_once(server: Server) -> None:
+    token = "t" * 43
+    auth = {"Authorization": f"Bearer {token}"}
+    url = "/v1/jobs/digits/checkin"
+    async with server.http() as http:
+        stranger = await http.post(url, headers=auth, json={})
+        assert stranger.status_code == 401  # unknown, and it did not ask to enrol
+        first = await http.post(url, headers=auth, json={"enrol_label": "phone"})
+        again = await http.post(url, headers=auth, json={"enrol_label": "phone"})
+        known = await http.post(url, headers=auth, json={})
+    assert first.status_code == again.status_code == known.status_code == 200
+    device_id = first.headers["Device-Id"]
+    assert device_id and again.headers["Device-Id"] == device_id  # a retry: the same device
+    assert "Device-Id" not in known.headers
+    assert server.store.device_for_token(hash_token(token)) == device_id
+    assert server.store.admitted_count(1) == 1
