@@ -310,9 +310,11 @@ class _Fleet:
         shard = i // DEVICES_PER_STATE_FILE
         if shard not in self.shards:
             if self.state_dir is None:
-                db = sqlite_utils.Database(memory=True)
+                db = sqlite_utils.Database(memory=True, execute_plugins=False)
             else:
-                db = sqlite_utils.Database(self.state_dir / f"devices-{shard:04d}.sqlite")
+                db = sqlite_utils.Database(
+                    self.state_dir / f"devices-{shard:04d}.sqlite", execute_plugins=False
+                )
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=OFF")
             self.shards[shard] = db

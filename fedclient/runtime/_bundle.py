@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import importlib.metadata
 import os
 import re
 import shutil
@@ -460,6 +459,8 @@ def forget_checked(path: Path) -> None:
 
 @functools.cache
 def _versions() -> tuple[str, str]:
+    import importlib.metadata  # only here: every import of the SDK would pay for it
+
     try:
         return str(_ort.ort().__version__), importlib.metadata.version("onnx")
     except importlib.metadata.PackageNotFoundError as exc:

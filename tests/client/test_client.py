@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +243,14 @@ def test_speed_is_an_exponentially_weighted_average_of_the_measurements() -> Non
     state.record_speed(20.0)
     state.record_speed(40.0)
     assert state.speed() == pytest.approx(0.7 * (0.7 * 10.0 + 0.3 * 20.0) + 0.3 * 40.0)
+
+
+def test_an_app_opens_its_state_without_scanning_the_installed_packages(tmp_path: Path) -> None:
+    # No sqlite-utils plugins: importlib.metadata never walks every installed package.
+    code = (
+        "import sys, fedclient;"
+        f"fedclient.DeviceState({str(tmp_path / 's.sqlite')!r}); fedclient.DeviceState.in_memory();"
+        "print('importlib.metadata' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
