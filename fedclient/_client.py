@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal, TypeVar
 
 import httpx
@@ -45,14 +46,12 @@ from fedclient._exceptions import (
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
-from fedclient.privacy import secagg
 from fedclient.privacy.dp import (
     GaussianMechanism,
     PrivacyBudget,
     PrivacyLedger,
     secret_generator,
 )
-from fedclient.privacy.secagg import SecAggError
 from fedclient.protocol import (
     CHECKIN,
     DEVICE_ID_HEADER,
@@ -585,6 +584,9 @@ class Client:
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}
+        rejected: tuple[type[Exception], ...] = (RoundClosed, InvalidRequest, Conflict)
+        if plan.privacy.secagg:
+            rejected += (_secagg().SecAggError,)
         try:
             if plan.privacy.secagg:
                 secured = yield from self._secure_upload(identity, plan, body)
@@ -598,7 +600,7 @@ class Client:
                 receipt = _decode(response, UploadReceipt)
             else:
                 receipt = yield from self._upload_chunks(identity, plan, body, key)
-        except (RoundClosed, InvalidRequest, Conflict, SecAggError) as exc:
+        except rejected as exc:
             # Stale or rejected work must never be sent again, nor into another round.
             self._secure.pop(plan.round_id, None)
             return self._discard(plan, str(exc))
@@ -616,6 +618,7 @@ class Client:
             retry_after=1.0,
             reason="secure aggregation: waiting for the other devices",
         )
+        secagg = _secagg()
         session = self._secure.get(plan.round_id)
         if session is None:
             response = yield self._request(
@@ -684,7 +687,8 @@ class Client:
         weighted[-1] = examples
         seed = None if self.seed is None else [self.seed, plan.round_id, 11]
         rng = np.random.default_rng(seed) if seed is not None else secret_generator()
-        return secagg.quantize(weighted, params.quantization, rng)
+        ring: np.ndarray = _secagg().quantize(weighted, params.quantization, rng)
+        return ring
 
     def _upload_chunks(
         self, identity: Identity, plan: RoundPlan, body: bytes, key: str
@@ -946,6 +950,14 @@ class _DownloadSink:
         return httpx.Response(
             200, headers=self.response.headers, content=body, request=self.request
         )
+
+
+def _secagg() -> ModuleType:
+    """`fedclient.privacy.secagg`, imported when a job first asks for it: it brings in
+    `cryptography`, which an app that never aggregates securely need not load."""
+    from fedclient.privacy import secagg
+
+    return secagg
 
 
 def _decode(response: httpx.Response, type_: type[T]) -> T:

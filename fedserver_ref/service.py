@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,9 +51,11 @@ from fedclient.protocol import (
 )
 from fedserver_ref.auth import hash_token, new_credentials
 from fedserver_ref.rounds import SyncRounds
-from fedserver_ref.secure_rounds import SecureRounds
 from fedserver_ref.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
 from fedserver_ref.strategies import ClientUpdate, Strategy
+
+if TYPE_CHECKING:
+    from fedserver_ref.secure_rounds import SecureRounds
 
 __all__ = ["FederationService"]
 
@@ -70,9 +73,19 @@ class FederationService:
         self.store = store
         self.clock = clock
         self.rounds = SyncRounds(store, strategy)
-        self.secure = SecureRounds()
+        self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
+
+    @property
+    def secure(self) -> SecureRounds:
+        """The secure-aggregation rounds in flight (imported and made on first use: they
+        bring in `cryptography`, which a server without secure jobs need not load)."""
+        if self._secure is None:
+            from fedserver_ref.secure_rounds import SecureRounds
+
+            self._secure = SecureRounds()
+        return self._secure
 
     # -- setup -----------------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:
@@ -90,7 +103,8 @@ class FederationService:
         """Close the rounds whose quota is met or whose deadline passed, and the secure
         stages whose time is up."""
         now = self.clock()
-        for round_id, aggregate in self.secure.tick(now).items():
+        due = self._secure.tick(now) if self._secure is not None else {}
+        for round_id, aggregate in due.items():
             round_ = self.store.round(round_id)
             if round_ is not None and round_.status == "open":
                 job = self._job(round_.job)

@@ -7,6 +7,16 @@
   state machine; the server's role is `fedserver_ref.secagg`.
 """
 
-from fedclient.privacy import dp, secagg
+import importlib
+from types import ModuleType
+
+from fedclient.privacy import dp
 
 __all__ = ["dp", "secagg"]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # secagg brings in `cryptography`: loaded on first use, not with the SDK.
+    if name == "secagg":
+        return importlib.import_module("fedclient.privacy.secagg")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

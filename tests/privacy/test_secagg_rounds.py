@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,18 @@ async def test_too_many_dropouts_fail_the_round_and_keep_the_model(make_devices:
         status.previous_round.reason if status.previous_round else ""
     )
     assert server.store.update_count(1) == 0
+
+
+def test_cryptography_loads_only_for_secure_aggregation() -> None:
+    # An app (or a server) that never aggregates securely starts without `cryptography`.
+    code = (
+        "import sys, fedclient, simulator.engine\n"
+        "from fedserver_ref import FederationService, ServerStore\n"
+        "FederationService(ServerStore()).tick()\n"
+        "print('cryptography' in sys.modules)\n"
+        "import fedclient.privacy\n"
+        "fedclient.privacy.secagg.SecAggClient\n"
+        "print('cryptography' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr
