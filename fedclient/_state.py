@@ -317,11 +317,12 @@ class DeviceState:
     def record_speed(self, examples_per_second: float) -> None:
         """Fold one measurement into the average (exponentially weighted, 0.3 new).
 
-        One statement, so atomic on its own: no read first, no savepoint inside the
-        training step's transaction."""
+        One statement, so atomic on its own: no read first, and no savepoint inside
+        the training step's transaction (outside one, sqlite-utils commits it)."""
         self.db.execute(
             "INSERT INTO speed VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
-            " examples_per_second = 0.7 * examples_per_second + 0.3 * excluded.examples_per_second",
+            " examples_per_second ="
+            " 0.7 * examples_per_second + 0.3 * excluded.examples_per_second",
             [self.key, examples_per_second],
         )
 

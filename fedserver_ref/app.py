@@ -81,7 +81,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         if packed:
             encoded = msgspec.msgpack.encode(answer)
             return Response(encoded, media_type=MSGPACK_MEDIA_TYPE, headers=headers)
-        return Response(msgspec.json.encode(answer), media_type="application/json", headers=headers)
+        return _json(answer, headers)
 
     async def model(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
@@ -221,8 +221,8 @@ def _decode(body: bytes, type_: type[T]) -> T:
         raise InvalidRequest(f"invalid JSON body: {exc}") from exc
 
 
-def _json(message: Any) -> Response:
-    return Response(msgspec.json.encode(message), media_type="application/json")
+def _json(message: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(message), media_type="application/json", headers=headers)
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int]:
