@@ -236,6 +236,8 @@ class Client:
         self._x, self._y = np.asarray(self.data[0]), np.asarray(self.data[1])
         if self._x.ndim != 2 or self._y.shape != (self._x.shape[0],) or len(self._y) == 0:
             raise InvalidInput("data must be (x, y) with x of shape (n, features), y of shape (n,)")
+        if self.inline_model_max < 0:
+            raise InvalidInput(f"inline_model_max must be 0 or more, got {self.inline_model_max}")
         self._sync: httpx.Client | _Direct | None = None
         self._async: httpx.AsyncClient | _AsyncDirect | None = None
         self._secure: dict[int, _SecureSession] = {}
@@ -465,7 +467,7 @@ class Client:
     def _checkin(self, identity: Identity) -> Flow:
         """Check in (``identity`` without a device id: enrol with it first)."""
         held = self._store.held_version(self.job)
-        inline = max(self.inline_model_max, 0)
+        inline = self.inline_model_max
         enrol = not identity.device_id
         body = CheckinRequest(
             runtime=self.runtime,

@@ -494,6 +494,8 @@ async def simulate(
         raise InvalidInput("--ray-address, --ray-actors and --ray-host-ip need --engine ray")
     if config.engine == "ray" and config.workers != 1:
         raise InvalidInput("--workers is for the local engine (Ray runs --ray-actors)")
+    if config.inline_model_max < 0:
+        raise InvalidInput(f"--inline-model-max must be 0 or more, got {config.inline_model_max}")
     clock = SimClock()
     service: FederationService | None = None
     if config.server is None:

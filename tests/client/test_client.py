@@ -111,6 +111,13 @@ async def test_unreachable_server_is_a_transport_error(digits: Dataset) -> None:
     assert device.device_state.progress("digits").phase is Phase.IDLE
 
 
+def test_a_negative_inline_model_max_is_refused(digits: Dataset) -> None:
+    with pytest.raises(fedclient.InvalidInput, match="inline_model_max"):
+        fedclient.Client(
+            "http://x", "digits", (digits.x_train, digits.y_train), inline_model_max=-1
+        )
+
+
 @pytest.mark.parametrize("inline_model_max", [1024 * 1024, 0])
 async def test_a_model_that_does_not_match_the_job_is_refused(
     server: Server, digits: Dataset, inline_model_max: int

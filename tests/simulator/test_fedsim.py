@@ -110,6 +110,8 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path: Path, capsys: Any) ->
     assert "positive number" in capsys.readouterr().err
     assert fedsim([*SMALL, "--workers", "-1", "--report", str(tmp_path / "x.json")]) == 2
     assert "--workers" in capsys.readouterr().err
+    assert fedsim([*SMALL, "--inline-model-max", "-1", "--report", str(tmp_path / "x.json")]) == 2
+    assert "--inline-model-max" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
