@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +420,30 @@ def test_async_federation_beats_sync_on_simulated_time_with_a_slow_tail(tmp_path
     target = sync["final"]["accuracy"]
     reached = next(r for r in fast["rounds"] if r["accuracy"] >= target)
     assert reached["simulated_seconds"] < sync["final"]["simulated_seconds"]
+
+
+def test_the_fedsim_process_runs_without_httpx_s_command_line_client() -> None:
+    # httpx imports its CLI (rich, pygments) when they are installed; fedsim skips it,
+    # and the in-process server still answers through httpx.
+    code = (
+        "import asyncio, sys\n"
+        "from simulator import cli\n"
+        "if sys.argv[1] == 'skip':\n"
+        "    cli._without_httpx_cli()\n"
+        "import httpx\n"
+        "from fedserver_ref.app import create_app\n"
+        "from fedserver_ref.service import FederationService\n"
+        "from fedserver_ref.store import ServerStore\n"
+        "app = create_app(FederationService(ServerStore()))\n"
+        "async def get():\n"
+        "    async with httpx.AsyncClient(transport=httpx.ASGITransport(app)) as c:\n"
+        "        return (await c.get('http://t/healthz')).status_code\n"
+        "status = asyncio.run(get())\n"
+        "print(status, 'pygments' in sys.modules, 'rich.syntax' in sys.modules)\n"
+    )
+    run = [sys.executable, "-c", code]
+    pytest.importorskip("rich")
+    cold = subprocess.run([*run, "keep"], capture_output=True, text=True, check=True)
+    assert cold.stdout.split() == ["200", "True", "True"]  # what the skip avoids
+    skipped = subprocess.run([*run, "skip"], capture_output=True, text=True, check=True)
+    assert skipped.stdout.split() == ["200", "False", "False"]
