@@ -82,7 +82,8 @@ class NumpyWeights:
     classes: int
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
-        """Mean cross-entropy on (x, y) and its gradient for every parameter."""
+        """Mean cross-entropy on (x, y) and its gradient for every parameter (new arrays:
+        `train` scales them in place)."""
         raise NotImplementedError
 
     def train(
@@ -114,7 +115,8 @@ class NumpyWeights:
                 for name, grad in grads.items():
                     if anchor is not None:
                         grad = grad + proximal_mu * (self._params[name] - anchor[name])
-                    self._params[name] -= (learning_rate * grad).astype(self._dtype, copy=False)
+                    grad *= learning_rate  # in place: the step's own array, same values
+                    self._params[name] -= grad.astype(self._dtype, copy=False)
                 total += loss * len(idx)
                 steps += 1
             epoch_loss = total / n

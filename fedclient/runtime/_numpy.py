@@ -39,14 +39,17 @@ class NumpyModel(NumpyWeights):
             )
             self._params[f"fc{i}.bias"] = np.zeros(fan_out, dtype=self._dtype)
         self._layers = len(sizes) - 1
+        # Built once: a training step looks its parameters up by these names.
+        self._names = [(f"fc{i}.weight", f"fc{i}.bias") for i in range(1, self._layers + 1)]
+        self._rows: dict[int, np.ndarray] = {}  # np.arange(n), by batch size
 
     # -- maths -----------------------------------------------------------------
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         activations = [x]
         a = x
-        for i in range(1, self._layers + 1):
-            z = a @ self._params[f"fc{i}.weight"].T
-            z += self._params[f"fc{i}.bias"]
+        for i, (weight, bias) in enumerate(self._names, start=1):
+            z = a @ self._params[weight].T
+            z += self._params[bias]
             a = np.maximum(z, 0) if i < self._layers else z
             activations.append(a)
         return a, activations
@@ -63,17 +66,20 @@ class NumpyModel(NumpyWeights):
         logits, acts = self._forward(x)
         probs = self._softmax(logits)
         n = x.shape[0]
-        rows = np.arange(n)
+        rows = self._rows.get(n)
+        if rows is None:
+            rows = self._rows[n] = np.arange(n)
         loss = float(-np.log(np.maximum(probs[rows, y], 1e-12)).mean())
         delta = probs
         delta[rows, y] -= 1.0
         delta /= n
         grads: Weights = {}
         for i in range(self._layers, 0, -1):
-            grads[f"fc{i}.weight"] = delta.T @ acts[i - 1]
-            grads[f"fc{i}.bias"] = delta.sum(axis=0)
+            weight, bias = self._names[i - 1]
+            grads[weight] = delta.T @ acts[i - 1]
+            grads[bias] = delta.sum(axis=0)
             if i > 1:
-                delta = (delta @ self._params[f"fc{i}.weight"]) * (acts[i - 1] > 0)
+                delta = (delta @ self._params[weight]) * (acts[i - 1] > 0)
         return loss, grads
 
     def predict(self, x: np.ndarray) -> np.ndarray:
