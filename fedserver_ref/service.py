@@ -76,6 +76,9 @@ class FederationService:
         self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
+        # Token hash -> device id. Devices are only ever added, so a hit stays true; every
+        # request authenticates (an upload twice: before and after reading its body).
+        self._devices: dict[str, str] = {}
 
     @property
     def secure(self) -> SecureRounds:
@@ -130,9 +133,15 @@ class FederationService:
 
     def authenticate(self, token: str) -> str:
         """The device id behind a bearer token."""
-        device_id = self.store.device_for_token(hash_token(token))
+        hashed = hash_token(token)
+        device_id = self._devices.get(hashed)
         if device_id is None:
-            raise Unauthorized("unknown device token")
+            device_id = self.store.device_for_token(hashed)
+            if device_id is None:
+                raise Unauthorized("unknown device token")
+            if len(self._devices) >= 1 << 16:
+                self._devices.clear()
+            self._devices[hashed] = device_id
         return device_id
 
     def checkin(

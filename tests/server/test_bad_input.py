@@ -258,3 +258,15 @@ async def test_duplicate_upload_returns_the_original_receipt_and_counts_once(
     # A second, different update from the same device for the same round is a conflict.
     _expect(await _post_update(http, auth, plan["round_id"], body, key="other"), 409, "conflict")
     assert server.store.update_count(plan["round_id"]) == 1
+
+
+async def test_a_wrong_token_stays_401_after_the_right_one_was_seen(
+    server: Server, enrolled: tuple[httpx.AsyncClient, dict[str, str]]
+) -> None:
+    # The server remembers the devices it authenticated; that must not let a near miss in.
+    http, auth = enrolled
+    assert (await http.post("/v1/jobs/digits/checkin", json={}, headers=auth)).status_code == 200
+    near = {"Authorization": auth["Authorization"][:-1] + "!"}
+    before = server.store.fingerprint()
+    _expect(await http.post("/v1/jobs/digits/checkin", json={}, headers=near), 401, "unauthorized")
+    assert server.store.fingerprint() == before
