@@ -176,6 +176,20 @@ class DeviceState:
         plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
         return RoundProgress(Phase(row[0]), plan, row[2], row[3])
 
+    def phase(self, job: str) -> Phase:
+        """Where the device stands in ``job``, without reading the plan or the update."""
+        row = self.db.execute(
+            "SELECT phase FROM progress WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        return Phase(row[0]) if row else Phase.IDLE
+
+    def update_size(self, job: str) -> int:
+        """Bytes of the trained update waiting for upload (0 if none), without reading it."""
+        row = self.db.execute(
+            "SELECT length(update_body) FROM progress WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        return int(row[0] or 0) if row else 0
+
     def _set_progress(self, job: str, progress: RoundProgress) -> None:
         plan = msgspec.json.encode(progress.plan).decode() if progress.plan else None
         self.db.execute(

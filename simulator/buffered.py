@@ -80,8 +80,8 @@ async def run_buffered(
                 idle.append(i)
                 continue
             assert d.client is not None
-            update = d.client.device_state.progress(job).update or b""
-            seconds = d.round_seconds(plan.train.epochs, len(update))
+            size = d.client.device_state.update_size(job)
+            seconds = d.round_seconds(plan.train.epochs, size)
             heapq.heappush(events, (clock.now + seconds + d.backoff, i))
 
     rounds: list[dict[str, Any]] = []

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import operator
 import platform
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -227,8 +229,7 @@ class _Device:
     async def download_and_train(self) -> StepOutcome | None:
         """After its admission: download the model, unless it came along, and train."""
         assert self.client is not None
-        state = self.client.device_state
-        inline = state.progress(self.client.job).phase is Phase.DOWNLOADED
+        inline = self.client.device_state.phase(self.client.job) is Phase.DOWNLOADED
         self.round_trips = 2 if inline else 3
         if not inline and await self.step() is None:
             return None
@@ -381,8 +382,8 @@ class _Fleet:
             seconds = 0.0
             if trained is not None and trained.status == "trained":
                 assert d.client is not None
-                update = d.client.device_state.progress(self.plan.job.name).update or b""
-                seconds = d.round_seconds(self.plan.train.epochs, len(update))
+                size = d.client.device_state.update_size(self.plan.job.name)
+                seconds = d.round_seconds(self.plan.train.epochs, size)
             return _Work(i, trained, seconds, d.backoff)
 
         if self.pool is None:
@@ -408,7 +409,10 @@ class _Fleet:
 
     async def totals(self) -> dict[str, int]:
         """The transfer statistics (`TOTALS`) summed over the fleet."""
-        return {name: sum(getattr(d.stats, name) for d in self.devices) for name in TOTALS}
+        read = operator.attrgetter(*TOTALS)  # one call per device, not one per figure
+        rows = [read(d.stats) for d in self.devices] or [(0,) * len(TOTALS)]
+        columns = zip(*rows, strict=True)
+        return {name: sum(column) for name, column in zip(TOTALS, columns, strict=True)}
 
     async def rest(self) -> None:
         """The round is over: working devices go idle again (their state stays in SQLite)."""
@@ -532,15 +536,17 @@ async def simulate(
                 stack.callback(pool.close)
                 fleet.train_on(pool)
         devices = len(fleet.devices)
+        evaluator = _Evaluator(plan, config.runtime, data)
+        stack.callback(evaluator.close)
         if plan.job.mode == "async":
             if config.engine != "local" or config.server is not None:
                 raise InvalidInput("--mode async runs on the local engine, in-process")
             rounds = await run_buffered(
-                config, plan, data, server, clock, fleet, fleet.backend, on_round, wall_start
+                config, plan, data, server, clock, fleet, evaluator.backend, on_round, wall_start
             )
         else:
             rounds = await _run_rounds(
-                config, plan, data, server, clock, fleet, on_round, wall_start
+                config, plan, data, server, clock, fleet, evaluator, on_round, wall_start
             )
         privacy = _privacy_report(plan, fleet)
     last = rounds[-1] if rounds else {}
@@ -579,6 +585,33 @@ async def simulate(
     }
 
 
+class _Evaluator:
+    """Each model version's accuracy on the test set, computed on a thread of its own.
+
+    Evaluation is numpy over the whole test set, which runs with the GIL released: on a
+    second core it overlaps the next round's check-ins instead of holding up the loop.
+    It has its own model object (the fleet's serves the devices training on the loop).
+    The results do not depend on when they are computed."""
+
+    def __init__(self, plan: JobPlan, runtime: str, data: Dataset) -> None:
+        self.backend = create_backend(plan.model, runtime)
+        self.data = data
+        self.results: dict[int, asyncio.Future[EvalResult]] = {}
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fedsim-evaluate")
+
+    def start(self, version: int, weights: Weights) -> None:
+        """Evaluate model ``version`` (its result lands in ``results[version]``)."""
+        loop = asyncio.get_running_loop()
+        self.results[version] = loop.run_in_executor(self._thread, self._evaluate, weights)
+
+    def _evaluate(self, weights: Weights) -> EvalResult:
+        self.backend.set_weights(weights)
+        return self.backend.evaluate(self.data.x_test, self.data.y_test)
+
+    def close(self) -> None:
+        self._thread.shutdown(cancel_futures=True)
+
+
 async def _run_rounds(
     config: SimulationConfig,
     plan: JobPlan,
@@ -586,14 +619,25 @@ async def _run_rounds(
     server: _Server,
     clock: SimClock,
     fleet: _Fleet,
+    evaluator: _Evaluator,
     on_round: Callable[[dict[str, Any]], None] | None,
     wall_start: float,
 ) -> list[dict[str, Any]]:
     job = plan.job.name
-    evaluator = fleet.backend
     simulated = isinstance(server.clock, SimClock)
     rounds: list[dict[str, Any]] = []
-    evaluated: dict[int, EvalResult] = {}
+    # Rounds whose model is still being evaluated: reported, in order, once it is.
+    unreported: list[tuple[dict[str, Any], asyncio.Future[EvalResult]]] = []
+
+    async def report_evaluated() -> None:
+        for record, evaluated in unreported:
+            result = await evaluated
+            record["accuracy"], record["loss"] = round(result.accuracy, 6), round(result.loss, 6)
+            rounds.append(record)
+            if on_round is not None:
+                on_round(record)
+        unreported.clear()
+
     sim_total = 0.0
     token = ""
     while True:
@@ -624,6 +668,7 @@ async def _run_rounds(
                     admitted.append(i)
                     token = token or device_token
                 full = full or _round_full(outcome)
+        await report_evaluated()  # the last round's evaluation ran alongside these check-ins
         # Download and train for real; each device finishes at its simulated time.
         working: list[int] = []
         for i in admitted:
@@ -695,10 +740,8 @@ async def _run_rounds(
             closed = await server.round(job, number)
             first = number == current.number
             version = closed.model_version + (closed.status == "closed")
-            if version not in evaluated:
-                evaluator.set_weights(await server.model(job, version, token))
-                evaluated[version] = evaluator.evaluate(data.x_test, data.y_test)
-            result = evaluated[version]
+            if version not in evaluator.results:
+                evaluator.start(version, await server.model(job, version, token))
             if simulated:
                 elapsed = (closed.closed_at or clock.now) - closed.opened_at
                 sim_total = closed.closed_at or clock.now
@@ -710,8 +753,8 @@ async def _run_rounds(
                 "round_id": closed.round_id,
                 "status": closed.status,
                 "model_version": version,
-                "accuracy": round(result.accuracy, 6),
-                "loss": round(result.loss, 6),
+                "accuracy": None,  # filled in by report_evaluated
+                "loss": None,
                 "train_loss": closed.train_loss,
                 "admitted": len(admitted) if first else closed.admitted,
                 "updates": secured if plan.privacy.secagg and first else closed.updates,
@@ -733,10 +776,9 @@ async def _run_rounds(
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
             }
-            rounds.append(record)
-            if on_round is not None:
-                on_round(record)
+            unreported.append((record, evaluator.results[version]))
         await fleet.rest()
+    await report_evaluated()
     return rounds
 
 

@@ -46,11 +46,18 @@ async def test_steps_follow_the_state_table_and_are_stored(
 ) -> None:
     (device,) = make_devices(1, server.transport(), inline_model_max=inline_model_max)
     seen = []
+    state = device.device_state
     for expected in steps:
         outcome = await device.astep()
         assert outcome.status == expected
-        seen.append(device.device_state.progress("digits").phase)
+        progress = state.progress("digits")
+        seen.append(progress.phase)
+        # The light reads agree with the full one.
+        assert state.phase("digits") is progress.phase
+        assert state.update_size("digits") == len(progress.update or b"")
     assert seen == phases
+    assert Phase.TRAINED in seen and state.update_size("digits") == 0  # uploaded: dropped
+    assert state.phase("another job") is Phase.IDLE and state.update_size("another job") == 0
     held = device.device_state.held_model("digits")
     served = server.store.model("digits", 0)
     assert held is not None and served is not None and held[1:] == (served[1], served[0])
