@@ -25,7 +25,10 @@ from fedclient.runtime import create_backend
 from fedserver_ref.store import JobRow, RoundRow, ServerStore
 from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
 
-__all__ = ["SyncRounds", "initial_weights", "model_etag"]
+__all__ = ["DECODED_MAX_BYTES", "SyncRounds", "initial_weights", "model_etag"]
+
+#: At most this many bytes of accepted updates are held decoded for their round's close.
+DECODED_MAX_BYTES = 256 * 1024 * 1024
 
 
 def initial_weights(plan: JobPlan) -> Weights:
@@ -44,6 +47,25 @@ class SyncRounds:
     def __init__(self, store: ServerStore, strategy: Strategy | None = None) -> None:
         self.store = store
         self.strategy = strategy  # overrides every plan's choice when given
+        # Updates as decoded when they were checked on arrival, by receipt id, until their
+        # round closes (up to DECODED_MAX_BYTES): the close aggregates them without
+        # decoding every body again. A restarted server decodes the stored bodies.
+        self._decoded: dict[str, Weights] = {}
+        self._decoded_bytes = 0
+
+    def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
+        """Keep an accepted update's tensors (the decoded body) for its round's close."""
+        size = sum(t.nbytes for t in tensors.values())
+        if self._decoded_bytes + size <= DECODED_MAX_BYTES:
+            self._decoded[receipt_id] = tensors
+            self._decoded_bytes += size
+
+    def drop_decoded(self, receipt_id: str) -> Weights | None:
+        """Stop holding an update's tensors; return them, if they were held."""
+        held = self._decoded.pop(receipt_id, None)
+        if held is not None:
+            self._decoded_bytes -= sum(t.nbytes for t in held.values())
+        return held
 
     def strategy_for(self, plan: JobPlan) -> Strategy:
         """The strategy that aggregates this job's rounds."""
@@ -85,6 +107,7 @@ class SyncRounds:
         with self.store.atomic():
             rows = self.store.updates(round_.round_id)
             completed, failed, version = job.rounds_completed, job.rounds_failed, job.model_version
+            decoded = [self.drop_decoded(r.receipt_id) for r in rows]  # whatever happens next
             if updates or (updates is None and len(rows) >= plan.job.min_devices):
                 current = self.store.model(job.name, round_.model_version)
                 assert current is not None
@@ -94,10 +117,10 @@ class SyncRounds:
                         ClientUpdate(
                             r.device_id,
                             r.num_examples,
-                            decode_tensors(r.body or b"")[0],
+                            tensors if tensors is not None else decode_tensors(r.body or b"")[0],
                             r.staleness,
                         )
-                        for r in rows
+                        for r, tensors in zip(rows, decoded, strict=True)
                     ]
                 held = self.store.strategy_state(job.name)
                 state = decode_tensors(held)[0] if held else {}

@@ -417,7 +417,7 @@ class FederationService:
     ) -> UploadReceipt:
         if len(body) > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
-        num_examples, train_loss, body, spent = self._validate_update(job, round_, body)
+        num_examples, train_loss, body, spent, tensors = self._validate_update(job, round_, body)
         now = self.clock()
         # Sync: the update belongs to its own round. Async: to the buffer open now, with
         # its staleness, and it uses up the admission it was trained under.
@@ -425,24 +425,30 @@ class FederationService:
         if job.plan.job.mode == "async":
             target = self.store.latest_rounds(job.name, 1)[0]
             staleness = target.model_version - round_.model_version
-        with self.store.atomic():
-            if spent is not None:
-                self.store.record_privacy_spent(job.name, device_id, spent)
-            if job.plan.job.mode == "async":
-                self.store.withdraw(round_.round_id, device_id)
-            row = self.store.add_update(
-                target.round_id,
-                device_id,
-                key,
-                uuid.uuid4().hex,
-                num_examples,
-                train_loss,
-                body,
-                now,
-                staleness,
-            )
-            if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
-                self.rounds.close(job, target, now, "quota")
+        receipt_id = uuid.uuid4().hex
+        try:
+            with self.store.atomic():
+                if spent is not None:
+                    self.store.record_privacy_spent(job.name, device_id, spent)
+                if job.plan.job.mode == "async":
+                    self.store.withdraw(round_.round_id, device_id)
+                row = self.store.add_update(
+                    target.round_id,
+                    device_id,
+                    key,
+                    receipt_id,
+                    num_examples,
+                    train_loss,
+                    body,
+                    now,
+                    staleness,
+                )
+                self.rounds.hold_decoded(receipt_id, tensors)
+                if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
+                    self.rounds.close(job, target, now, "quota")
+        except BaseException:
+            self.rounds.drop_decoded(receipt_id)  # the update was not stored after all
+            raise
         return _receipt(row)
 
     def job_status(self, job_name: str) -> JobStatus:
@@ -531,10 +537,11 @@ class FederationService:
 
     def _validate_update(
         self, job: JobRow, round_: RoundRow, body: bytes
-    ) -> tuple[int, float | None, bytes, float | None]:
+    ) -> tuple[int, float | None, bytes, float | None, Weights]:
         """Check an update; return its example count, training loss, the dense body to
-        store (a compressed update is decoded here, so strategies see floats) and, with
-        local DP, the epsilon its device reports having spent on the job."""
+        store (a compressed update is decoded here, so strategies see floats), with
+        local DP the epsilon its device reports having spent on the job, and the
+        update's tensors (the body, decoded)."""
         tensors, metadata = decode_tensors(body)
         reference = self._reference(job.name, round_.model_version)
         encoding = metadata.get("compression", "")
@@ -570,7 +577,7 @@ class FederationService:
                 epsilon = math.nan
             if not math.isfinite(epsilon) or epsilon < 0:
                 raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
-        return num_examples, train_loss, body, epsilon
+        return num_examples, train_loss, body, epsilon, tensors
 
 
 def _check_key(key: str | None) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 import fedclient
 from fedclient.protocol import CheckinResponse, decode_tensors
-from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore
+from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore, rounds
 from fedserver_ref.auth import hash_token
 from tests.conftest import ManualClock, Server, make_plan
 
@@ -51,6 +51,24 @@ async def test_round_closes_at_quota_and_aggregates_exactly(
     assert status.current_round.number == 2 and status.current_round.updates == 1
     rows = server.store.updates(1)
     assert [r.device_id for r in rows] == [o.receipt.device_id for o in outcomes[:2]]  # type: ignore[union-attr]
+
+
+async def test_updates_held_decoded_aggregate_as_their_stored_bodies(
+    make_server: Any, make_devices: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The close aggregates the tensors checked at upload, or decodes the stored bodies
+    # (over the memory bound, or after a restart): the same model either way.
+    models = []
+    for bound in (rounds.DECODED_MAX_BYTES, 0):
+        monkeypatch.setattr(rounds, "DECODED_MAX_BYTES", bound)
+        server = make_server()
+        for d in make_devices(2, server.transport()):
+            assert (await d.arun_once()).status == "uploaded"
+        models.append(_weights(server, 1))
+        for row in server.store.updates(1):  # the close let go of everything it held
+            assert server.service.rounds.drop_decoded(row.receipt_id) is None
+    assert models[0].keys() == models[1].keys()
+    assert all(np.array_equal(models[0][k], models[1][k]) for k in models[0])
 
 
 async def test_deadline_with_too_few_updates_fails_and_keeps_the_model(
