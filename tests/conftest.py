@@ -19,6 +19,19 @@ from simulator.datasets import Dataset, load_dataset
 SHARED_DATA = Path(os.environ.get("FEDCLIENT_DATA", Path(__file__).parents[2] / "shared/data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """fedsim's decompressed-data cache in a folder of the session's own, not ~/.cache
+    (subprocesses inherit it)."""
+    before = os.environ.get("FEDSIM_CACHE_DIR")
+    os.environ["FEDSIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedsim-cache"))
+    yield
+    if before is None:
+        del os.environ["FEDSIM_CACHE_DIR"]
+    else:
+        os.environ["FEDSIM_CACHE_DIR"] = before
+
+
 class ManualClock:
     """A clock tests move by hand, so deadlines pass without sleeping."""
 

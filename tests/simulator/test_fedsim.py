@@ -218,6 +218,60 @@ def test_a_damaged_mnist_file_is_a_clear_error(tmp_path: Path, capsys: Any) -> N
         load_dataset("mnist", tmp_path)
 
 
+def _write_mnist(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Tiny MNIST-format files: gzip'd IDX (magic, dims, uint8 data)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def idx(a: np.ndarray) -> bytes:
+        dims = b"".join(d.to_bytes(4, "big") for d in a.shape)
+        return gzip.compress(bytes([0, 0, 8, a.ndim]) + dims + a.astype(np.uint8).tobytes())
+
+    for split in ("train", "t10k"):
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(idx(images))
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(idx(labels))
+
+
+def test_decompressed_files_are_cached_and_follow_their_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(cache))
+    images = np.arange(6 * 4, dtype=np.uint8).reshape(6, 2, 2)
+    labels = np.array([0, 1, 2, 0, 1, 2], np.uint8)
+    _write_mnist(tmp_path / "mnist", images, labels)
+    first = load_dataset("mnist", tmp_path)
+    assert len(list(cache.iterdir())) == 4  # one decompressed copy per file
+
+    def no_gunzip(data: bytes) -> bytes:
+        raise AssertionError("decompressed again")
+
+    monkeypatch.setattr(gzip, "decompress", no_gunzip)
+    again = load_dataset("mnist", tmp_path)  # from the cache: nothing is inflated
+    assert np.array_equal(again.x_train, first.x_train)
+    assert np.array_equal(again.y_test, first.y_test)
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(cache))
+
+    # A changed source is decompressed again, not served stale from the cache.
+    _write_mnist(tmp_path / "mnist", images[::-1], labels[::-1])
+    changed = load_dataset("mnist", tmp_path)
+    assert np.array_equal(changed.x_train, images[::-1].reshape(6, 4))
+    # A cached copy cut short (a full disk, say) is ignored and made whole again.
+    for copy in cache.glob("*train-images*"):
+        copy.write_bytes(copy.read_bytes()[:-3])
+    assert np.array_equal(load_dataset("mnist", tmp_path).x_train, changed.x_train)
+    # Off, or impossible to write: the data loads all the same.
+    for setting in ("off", str(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz")):
+        monkeypatch.setenv("FEDSIM_CACHE_DIR", setting)
+        assert np.array_equal(load_dataset("mnist", tmp_path).y_train, labels[::-1])
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]
+
+
 @pytest.mark.parametrize("content", [b"junk", b"PK\x03\x04 cut short"])
 def test_a_damaged_npz_file_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "femnist").mkdir()
