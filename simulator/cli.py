@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dataset", default="digits", help="digits (bundled), mnist or femnist (from --data-dir)"
     )
-    run.add_argument("--data-dir", help="folder holding the data files (e.g. ../shared/data)")
+    run.add_argument(
+        "--data-dir",
+        help="folder holding the data files (e.g. ../shared/data); gzip'd ones are "
+        "decompressed once into $FEDSIM_CACHE_DIR (default ~/.cache/fedsim; 'off': no cache)",
+    )
     run.add_argument(
         "--text-column",
         default="text",
