@@ -69,7 +69,10 @@ class NumpyModel(NumpyWeights):
         rows = self._rows.get(n)
         if rows is None:
             rows = self._rows[n] = np.arange(n)
-        loss = float(-np.log(np.maximum(probs[rows, y], 1e-12)).mean())
+        # The mean as ndarray.mean takes it (the sum in the model's dtype, divided in
+        # float64, rounded back), without its Python-level wrapper: once per batch.
+        total = np.add.reduce(-np.log(np.maximum(probs[rows, y], 1e-12)))
+        loss = float(total.dtype.type(np.float64(total) / n))
         delta = probs
         delta[rows, y] -= 1.0
         delta /= n
@@ -77,7 +80,7 @@ class NumpyModel(NumpyWeights):
         for i in range(self._layers, 0, -1):
             weight, bias = self._names[i - 1]
             grads[weight] = delta.T @ acts[i - 1]
-            grads[bias] = delta.sum(axis=0)
+            grads[bias] = np.add.reduce(delta, axis=0)
             if i > 1:
                 delta = (delta @ self._params[weight]) * (acts[i - 1] > 0)
         return loss, grads
