@@ -501,3 +501,19 @@ def test_the_fedsim_process_runs_without_httpx_s_command_line_client() -> None:
     assert cold.stdout.split() == ["200", "True", "True"]  # what the skip avoids
     skipped = subprocess.run([*run, "skip"], capture_output=True, text=True, check=True)
     assert skipped.stdout.split() == ["200", "False", "False"]
+
+
+def test_the_fedsim_process_imports_without_collecting_and_runs_collecting(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "r.json"
+    code = (
+        "import gc, sys\n"
+        "from simulator import cli\n"
+        f"sys.argv = ['fedsim', *{[*SMALL, '--rounds', '1', '--report', str(report)]!r}]\n"
+        "code = cli.console()\n"
+        "print(code, gc.isenabled(), gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ["0", "True", "True"]
+    assert json.loads(report.read_text())["final"]["rounds_completed"] == 1
