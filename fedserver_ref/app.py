@@ -166,9 +166,11 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
 
-    document = openapi_document(__version__)
+    document: dict[str, Any] = {}  # built by the first request for it (~4 ms of schemas)
 
     async def openapi(request: Request) -> Response:
+        if not document:
+            document.update(openapi_document(__version__))
         return JSONResponse(document)
 
     handlers: dict[ApiRoute, Endpoint] = {

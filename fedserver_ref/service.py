@@ -76,6 +76,7 @@ class FederationService:
         self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
+        self._bodies: dict[tuple[str, int], tuple[bytes, str]] = {}  # see _model_body
         # Token hash -> device id. Devices are only ever added, so a hit stays true; every
         # request authenticates (an upload twice: before and after reading its body).
         self._devices: dict[str, str] = {}
@@ -158,9 +159,7 @@ class FederationService:
         version = answer.plan.model_version
         if request.model_version == version:
             return answer
-        found = self.store.model(job_name, version)
-        assert found is not None
-        body, etag = found
+        body, etag = self._model_body(job_name, version)
         if len(body) > request.inline_model_max:
             return answer
         return Admitted(answer.plan, body, etag)
@@ -184,8 +183,7 @@ class FederationService:
             return Admitted(self._plan(job, round_))
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             return RetryLater(wait, "the round is full")
-        with self.store.atomic():
-            self.store.admit(round_.round_id, device_id, now)
+        self.store.admit(round_.round_id, device_id, now)  # one statement: atomic as it is
         if job.plan.privacy.secagg and (
             self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round
         ):
@@ -272,10 +270,10 @@ class FederationService:
         """A model version's body and ETag."""
         self.authenticate(token)
         self._job(job_name)
-        found = self.store.model(job_name, version)
-        if found is None:
-            raise NotFound(f"job {job_name!r} has no model version {version}")
-        return found
+        try:
+            return self._model_body(job_name, version)
+        except KeyError:
+            raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
     def upload_limit(self, round_id: int) -> int:
         """The largest upload body the round accepts."""
@@ -523,6 +521,21 @@ class FederationService:
             job.plan.privacy,
             job.plan.job.rounds,
         )
+
+    def _model_body(self, job: str, version: int) -> tuple[bytes, str]:
+        """Model ``version`` of ``job``: (body, ETag), KeyError if there is none. The
+        newest few are kept (immutable once stored): a round's check-ins and downloads
+        all serve the same one."""
+        key = (job, version)
+        held = self._bodies.get(key)
+        if held is None:
+            found = self.store.model(job, version)
+            if found is None:
+                raise KeyError(key)
+            held = self._bodies[key] = found
+            if len(self._bodies) > 4:
+                del self._bodies[next(iter(self._bodies))]
+        return held
 
     def _reference(self, job: str, version: int) -> Weights:
         """Model ``version`` of ``job``, decoded once (callers only read it)."""

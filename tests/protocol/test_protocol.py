@@ -22,6 +22,7 @@ from fedclient.protocol import (
     encode_tensors,
     openapi_document,
 )
+from tests.conftest import Server
 
 arrays = hnp.arrays(
     np.float32, hnp.array_shapes(max_dims=3, max_side=5), elements=st.floats(-1e6, 1e6, width=32)
@@ -97,3 +98,11 @@ def test_openapi_document_lists_every_route() -> None:
     answers = checkin["responses"]["200"]["content"]
     assert answers["application/msgpack"] == answers["application/json"]
     assert "RoundPlan" in doc["components"]["schemas"]
+
+
+@pytest.mark.anyio
+async def test_the_server_serves_the_openapi_document(server: Server) -> None:
+    async with server.http() as http:
+        served = [(await http.get("/openapi.json")).json() for _ in range(2)]
+    expected = msgspec.json.decode(msgspec.json.encode(openapi_document(fedclient.__version__)))
+    assert served[0] == served[1] == expected
