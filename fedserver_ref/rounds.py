@@ -67,6 +67,10 @@ class SyncRounds:
             self._decoded_bytes -= sum(t.nbytes for t in held.values())
         return held
 
+    def _decode_stored(self, seq: int) -> Weights:
+        """An update not held decoded (over the bound, or from before a restart)."""
+        return decode_tensors(self.store.update_body(seq) or b"")[0]
+
     def strategy_for(self, plan: JobPlan) -> Strategy:
         """The strategy that aggregates this job's rounds."""
         return self.strategy or strategy_for(plan.strategy)
@@ -105,7 +109,7 @@ class SyncRounds:
         ``updates`` replaces the stored ones (a secure round hands in its sum)."""
         plan = job.plan
         with self.store.atomic():
-            rows = self.store.updates(round_.round_id)
+            rows = self.store.updates(round_.round_id, bodies=False)
             completed, failed, version = job.rounds_completed, job.rounds_failed, job.model_version
             decoded = [self.drop_decoded(r.receipt_id) for r in rows]  # whatever happens next
             if updates or (updates is None and len(rows) >= plan.job.min_devices):
@@ -117,7 +121,7 @@ class SyncRounds:
                         ClientUpdate(
                             r.device_id,
                             r.num_examples,
-                            tensors if tensors is not None else decode_tensors(r.body or b"")[0],
+                            tensors if tensors is not None else self._decode_stored(r.seq),
                             r.staleness,
                         )
                         for r, tensors in zip(rows, decoded, strict=True)

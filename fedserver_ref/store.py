@@ -414,12 +414,22 @@ class ServerStore:
             ]
         )
 
-    def updates(self, round_id: int) -> list[UpdateRow]:
-        """The round's updates, in the order they were received."""
+    def updates(self, round_id: int, *, bodies: bool = True) -> list[UpdateRow]:
+        """The round's updates, in the order they were received (``bodies=False``: with
+        ``body`` None, for a caller that holds them decoded; see `update_body`)."""
+        body = "body" if bodies else "NULL"
         rows = self.db.execute(
-            "SELECT * FROM updates WHERE round_id=? ORDER BY seq", [round_id]
+            "SELECT seq, round_id, device_id, idempotency_key, receipt_id, num_examples,"
+            f" train_loss, {body}, received_at, staleness"
+            " FROM updates WHERE round_id=? ORDER BY seq",
+            [round_id],
         ).fetchall()
         return [UpdateRow(*row) for row in rows]
+
+    def update_body(self, seq: int) -> bytes | None:
+        """One update's body (None once its round closed)."""
+        row = self.db.execute("SELECT body FROM updates WHERE seq=?", [seq]).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
 
     # -- chunked uploads -------------------------------------------------------
     def add_session(self, session: SessionRow) -> None:
