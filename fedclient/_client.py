@@ -551,7 +551,9 @@ class Client:
             seed,
             settings.proximal_mu,
         )
-        delta = {name: (weights[name] - base[name]).astype(base[name].dtype) for name in base}
+        delta = {
+            name: (weights[name] - base[name]).astype(base[name].dtype, copy=False) for name in base
+        }
         metadata = {
             "num_examples": str(result.num_examples),
             "train_loss": repr(result.loss),

@@ -125,11 +125,12 @@ class FederationService:
         Enrolling again with the same proposed token names the same device."""
         device_id, token = new_credentials()
         token = request.token or token
+        hashed = hash_token(token)
         with self.store.atomic():
-            existing = self.store.device_for_token(hash_token(token))
+            existing = self.store.device_for_token(hashed)
             if existing is not None:
                 return EnrolResponse(existing, token)
-            self.store.add_device(device_id, hash_token(token), request.label)
+            self.store.add_device(device_id, hashed, request.label)
         return EnrolResponse(device_id, token)
 
     def authenticate(self, token: str) -> str:
