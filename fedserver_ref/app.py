@@ -173,11 +173,12 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
             document.update(openapi_document(__version__))
         return JSONResponse(document)
 
+    # Starlette tries the routes in order: the two every device-round takes come first.
     handlers: dict[ApiRoute, Endpoint] = {
-        ENROL: enrol,
         CHECKIN: checkin,
-        MODEL: model,
         UPLOAD: upload,
+        ENROL: enrol,
+        MODEL: model,
         UPLOAD_START: upload_start,
         UPLOAD_CHUNK: upload_chunk,
         UPLOAD_STATUS: upload_status,
