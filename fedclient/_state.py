@@ -216,17 +216,21 @@ class DeviceState:
                 return
             # Bytes of a download that broke before are of no use any more.
             self.db.execute("DELETE FROM download_parts WHERE key=? AND job=?", [self.key, job])
-            self.record_download(job, plan, *model)
+            self._hold_model(job, plan, *model)
 
     def record_download(self, job: str, plan: RoundPlan, etag: str, body: bytes | None) -> None:
         """Hold the round's model (``body`` None: the held copy was still current)."""
         with self.db.atomic():
-            if body is not None:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
-                    [self.key, job, plan.model_version, etag, body],
-                )
-            self._set_progress(job, RoundProgress(Phase.DOWNLOADED, plan))
+            self._hold_model(job, plan, etag, body)
+
+    def _hold_model(self, job: str, plan: RoundPlan, etag: str, body: bytes | None) -> None:
+        """`record_download`'s writes, for a caller already in a transaction."""
+        if body is not None:
+            self.db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                [self.key, job, plan.model_version, etag, body],
+            )
+        self._set_progress(job, RoundProgress(Phase.DOWNLOADED, plan))
 
     def record_update(
         self,
