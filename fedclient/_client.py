@@ -583,7 +583,7 @@ class Client:
                 self._store.record_speed(len(y) * settings.epochs / seconds)
             if privacy is not None:
                 ledger.charge(self.job, key, mechanism.noise_multiplier, budget)
-            self._store.record_update(self.job, plan, body, key, residual_body)
+            self._store._hold_update(self.job, plan, body, key, residual_body)
         return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:

@@ -243,11 +243,23 @@ class DeviceState:
         """Trained: hold the update and the key every upload attempt will carry (and, with
         compression, what it left out, carried into the next update)."""
         with self.db.atomic():
-            if residual is not None:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO residuals VALUES (?, ?, ?)", [self.key, job, residual]
-                )
-            self._set_progress(job, RoundProgress(Phase.TRAINED, plan, idempotency_key, update))
+            self._hold_update(job, plan, update, idempotency_key, residual)
+
+    def _hold_update(
+        self,
+        job: str,
+        plan: RoundPlan,
+        update: bytes,
+        idempotency_key: str,
+        residual: bytes | None = None,
+    ) -> None:
+        """`record_update`'s writes, for a caller already in a transaction (the client's
+        training step, which charges the privacy ledger in the same one)."""
+        if residual is not None:
+            self.db.execute(
+                "INSERT OR REPLACE INTO residuals VALUES (?, ?, ?)", [self.key, job, residual]
+            )
+        self._set_progress(job, RoundProgress(Phase.TRAINED, plan, idempotency_key, update))
 
     def record_receipt(self, job: str, receipt: UploadReceipt) -> None:
         """Acknowledged: keep the receipt, drop the update, and go idle."""

@@ -84,17 +84,21 @@ class SyncRounds:
             self.store.add_model(plan.job.name, 0, body, model_etag(body), now)
             self.store.open_round(plan.job.name, 1, 0, now, now + plan.job.deadline_seconds)
 
-    def advance(self, now: float) -> None:
-        """Close every round whose quota is met or whose deadline passed."""
+    def advance(self, now: float) -> bool:
+        """Close every round whose quota is met or whose deadline passed; whether any was."""
+        closed = False
         for round_ in self.store.open_rounds():
             job = self.store.job(round_.job)
             assert job is not None
             count = self.store.update_count(round_.round_id)
             if count >= job.plan.job.devices_per_round:
                 self.close(job, round_, now, "quota")
+                closed = True
             elif now >= round_.deadline and job.plan.job.mode == "sync":
                 # An async buffer has no deadline: it closes when it is full.
                 self.close(job, round_, now, "deadline")
+                closed = True
+        return closed
 
     def close(
         self,

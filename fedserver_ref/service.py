@@ -169,8 +169,8 @@ class FederationService:
         device_id = self.authenticate(token)
         job = self._job(job_name)
         now = self.clock()
-        self.rounds.advance(now)
-        job = self._job(job_name)
+        if self.rounds.advance(now):  # a round closed: the job moved on
+            job = self._job(job_name)
         if job.status == "finished":
             return JobFinished(job.model_version)
         round_ = self.store.latest_rounds(job.name, 1)[0]
