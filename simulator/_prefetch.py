@@ -61,16 +61,18 @@ def _trailer(path: Path) -> bytes:
         return handle.read(8)
 
 
-def cached_copy(path: Path) -> Path | None:
+def cached_copy(path: Path, trailer: bytes | None = None) -> Path | None:
     """Where ``path``'s decompressed bytes are (or would be) cached; None if uncached.
 
-    Named by the file's path, size, modification time and trailer: a file rewritten
-    in place, even within one tick of the file system's clock, gets a new name."""
+    Named by the file's path, size, modification time and trailer (``trailer``, when
+    the caller read it already): a file rewritten in place, even within one tick of
+    the file system's clock, gets a new name."""
     where = cache_dir()
     if where is None:
         return None
     stat = path.stat()
-    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_trailer(path).hex()}"
+    trailer = _trailer(path) if trailer is None else trailer
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{trailer.hex()}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return where / f"{digest}-{path.name.removesuffix('.gz')}"
 
@@ -78,10 +80,11 @@ def cached_copy(path: Path) -> Path | None:
 def _whole_copy(path: Path) -> Path | None:
     """The cached copy of ``path``'s decompressed bytes, if one is there and whole."""
     try:
-        copy = cached_copy(path)
+        trailer = _trailer(path)
+        copy = cached_copy(path, trailer)
         if copy is None:
             return None
-        size = int.from_bytes(_trailer(path)[4:], "little")
+        size = int.from_bytes(trailer[4:], "little")
         if copy.stat().st_size % 2**32 != size:
             return None  # none, or not the whole file: decompress again
         return copy
