@@ -542,9 +542,7 @@ class FederationService:
         """Model ``version`` of ``job``, decoded once (callers only read it)."""
         key = (job, version)
         if key not in self._references:
-            stored = self.store.model(job, version)
-            assert stored is not None
-            self._references[key] = decode_tensors(stored[0])[0]
+            self._references[key] = decode_tensors(self._model_body(job, version)[0])[0]
             if len(self._references) > 16:  # async jobs check against recent versions
                 del self._references[next(iter(self._references))]
         return self._references[key]
