@@ -129,6 +129,17 @@ class ServerStore:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._plans: dict[str, JobPlan] = {}  # stored plan text -> its decoded plan
+        # What every request reads, kept in memory: jobs, rounds, and a round's counts of
+        # admissions and updates. The store is its database's only writer (the server is
+        # one process: its secure-aggregation stages and the updates it holds decoded
+        # live in its memory too), so each write below updates or drops what it changes,
+        # and a transaction that rolls back drops all of it (`atomic`).
+        self._jobs: dict[str, JobRow] = {}
+        self._rounds: dict[int, RoundRow] = {}
+        self._open: list[RoundRow] | None = None
+        self._newest: dict[str, RoundRow] = {}
+        self._update_counts: dict[int, int] = {}
+        self._admitted_counts: dict[int, int] = {}
         conn = sqlite3.connect(str(path), check_same_thread=False)
         # Our own schema and SQL: no sqlite-utils plugins, so no scan of every installed
         # package's entry points for them (27 ms on the first open).
@@ -146,8 +157,24 @@ class ServerStore:
     @contextmanager
     def atomic(self) -> Iterator[None]:
         """One transaction (nested blocks become savepoints)."""
-        with self.db.atomic():
-            yield
+        try:
+            with self.db.atomic():
+                yield
+        except BaseException:
+            self._forget()  # rolled back: what the block wrote is not in the database
+            raise
+
+    def _forget(self) -> None:
+        """Drop every row kept in memory; the next reads come from the database."""
+        self._jobs.clear()
+        self._forget_rounds()
+        self._update_counts.clear()
+        self._admitted_counts.clear()
+
+    def _forget_rounds(self) -> None:
+        self._rounds.clear()
+        self._open = None
+        self._newest.clear()
 
     def close(self) -> None:
         """Close the database."""
@@ -174,16 +201,21 @@ class ServerStore:
             "INSERT INTO jobs VALUES (?, ?, 'running', 0, 0, 0)",
             [plan.job.name, msgspec.json.encode(plan).decode()],
         )
+        self._jobs.pop(plan.job.name, None)
 
     def job(self, name: str) -> JobRow | None:
         """A job by name."""
+        job = self._jobs.get(name)
+        if job is not None:
+            return job
         row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
         if row is None:
             return None
         plan = self._plans.get(row[1])
         if plan is None:  # plans are frozen: decode each stored text once, not per request
             plan = self._plans[row[1]] = msgspec.json.decode(row[1], type=JobPlan)
-        return JobRow(row[0], plan, *row[2:])
+        job = self._jobs[name] = JobRow(row[0], plan, *row[2:])
+        return job
 
     def jobs(self) -> list[JobRow]:
         """Every job."""
@@ -205,6 +237,7 @@ class ServerStore:
             " WHERE name=?",
             [status, model_version, rounds_completed, rounds_failed, name],
         )
+        self._jobs.pop(name, None)
 
     def add_model(self, job: str, version: int, body: bytes, etag: str, now: float) -> None:
         """Store a model version (immutable once written)."""
@@ -259,12 +292,18 @@ class ServerStore:
             " VALUES (?, ?, 'open', ?, ?, ?)",
             [job, number, model_version, now, deadline],
         )
+        self._forget_rounds()
         return int(cursor.lastrowid or 0)
 
     def round(self, round_id: int) -> RoundRow | None:
         """A round by id."""
-        row = self.db.execute("SELECT * FROM rounds WHERE round_id=?", [round_id]).fetchone()
-        return RoundRow(*row) if row else None
+        round_ = self._rounds.get(round_id)
+        if round_ is None:
+            row = self.db.execute("SELECT * FROM rounds WHERE round_id=?", [round_id]).fetchone()
+            if row is None:
+                return None
+            round_ = self._rounds[round_id] = RoundRow(*row)
+        return round_
 
     def round_by_number(self, job: str, number: int) -> RoundRow | None:
         """A job's round by its number."""
@@ -275,15 +314,21 @@ class ServerStore:
 
     def latest_rounds(self, job: str, count: int) -> list[RoundRow]:
         """The job's newest ``count`` rounds, newest first."""
+        if count == 1 and job in self._newest:
+            return [self._newest[job]]
         rows = self.db.execute(
             "SELECT * FROM rounds WHERE job=? ORDER BY number DESC LIMIT ?", [job, count]
         ).fetchall()
+        if rows and count >= 1:
+            self._newest[job] = RoundRow(*rows[0])
         return [RoundRow(*row) for row in rows]
 
     def open_rounds(self) -> list[RoundRow]:
         """Every round still open."""
-        rows = self.db.execute("SELECT * FROM rounds WHERE status='open'").fetchall()
-        return [RoundRow(*row) for row in rows]
+        if self._open is None:
+            rows = self.db.execute("SELECT * FROM rounds WHERE status='open'").fetchall()
+            self._open = [RoundRow(*row) for row in rows]
+        return list(self._open)
 
     def close_round(
         self, round_id: int, status: str, now: float, reason: str, train_loss: float | None
@@ -300,17 +345,21 @@ class ServerStore:
             [round_id],
         )
         self.db.execute("DELETE FROM upload_sessions WHERE round_id=?", [round_id])
+        self._forget_rounds()
 
     # -- admissions and updates ------------------------------------------------
     def admit(self, round_id: int, device_id: str, now: float) -> None:
         """Admit a device to a round."""
         self.db.execute("INSERT INTO admissions VALUES (?, ?, ?)", [round_id, device_id, now])
+        if round_id in self._admitted_counts:
+            self._admitted_counts[round_id] += 1
 
     def withdraw(self, round_id: int, device_id: str) -> None:
         """Free a device's place in a round."""
         self.db.execute(
             "DELETE FROM admissions WHERE round_id=? AND device_id=?", [round_id, device_id]
         )
+        self._admitted_counts.pop(round_id, None)
 
     def is_admitted(self, round_id: int, device_id: str) -> bool:
         """Whether the device holds a place in the round."""
@@ -351,11 +400,14 @@ class ServerStore:
 
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
-        return int(
-            self.db.execute(
-                "SELECT count(*) FROM admissions WHERE round_id=?", [round_id]
-            ).fetchone()[0]
-        )
+        count = self._admitted_counts.get(round_id)
+        if count is None:
+            count = self._admitted_counts[round_id] = int(
+                self.db.execute(
+                    "SELECT count(*) FROM admissions WHERE round_id=?", [round_id]
+                ).fetchone()[0]
+            )
+        return count
 
     def add_update(
         self,
@@ -377,6 +429,8 @@ class ServerStore:
             [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now, staleness],
         )
         assert cursor.lastrowid is not None
+        if round_id in self._update_counts:
+            self._update_counts[round_id] += 1
         return UpdateRow(
             cursor.lastrowid,
             round_id,
@@ -408,11 +462,14 @@ class ServerStore:
 
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""
-        return int(
-            self.db.execute("SELECT count(*) FROM updates WHERE round_id=?", [round_id]).fetchone()[
-                0
-            ]
-        )
+        count = self._update_counts.get(round_id)
+        if count is None:
+            count = self._update_counts[round_id] = int(
+                self.db.execute(
+                    "SELECT count(*) FROM updates WHERE round_id=?", [round_id]
+                ).fetchone()[0]
+            )
+        return count
 
     def updates(self, round_id: int, *, bodies: bool = True) -> list[UpdateRow]:
         """The round's updates, in the order they were received (``bodies=False``: with

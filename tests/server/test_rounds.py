@@ -220,3 +220,51 @@ async def test_a_first_check_in_enrols_the_proposed_token_once(server: Server) -
     assert "Device-Id" not in known.headers
     assert server.store.device_for_token(hash_token(token)) == device_id
     assert server.store.admitted_count(1) == 1
+
+
+def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
+    tmp_path: Path,
+) -> None:
+    store = ServerStore(tmp_path / "server.sqlite")
+    rounds.SyncRounds(store).create_job(make_plan(), now=0.0)
+    (first,) = store.open_rounds()
+    rid = first.round_id
+
+    def view(s: ServerStore) -> tuple[object, ...]:
+        return (
+            s.job("digits"),
+            s.round(rid),
+            s.open_rounds(),
+            s.latest_rounds("digits", 1),
+            s.update_count(rid),
+            s.admitted_count(rid),
+        )
+
+    view(store)  # every read now comes from memory
+    store.admit(rid, "a", 1.0)
+    store.add_update(rid, "a", "k", "r", 5, 0.5, b"x", 1.0)
+    with store.atomic():
+        store.update_job(
+            "digits", status="running", model_version=1, rounds_completed=1, rounds_failed=0
+        )
+        store.close_round(rid, "closed", 2.0, "quota", 0.5)
+        store.open_round("digits", 2, 1, 2.0, 62.0)
+    assert view(store) == view(ServerStore(tmp_path / "server.sqlite"))
+    assert store.update_count(rid) == store.admitted_count(rid) == 1
+    assert store.job("digits").model_version == 1 and len(store.latest_rounds("digits", 2)) == 2
+
+    (second,) = store.open_rounds()
+    before = view(store)
+    with pytest.raises(RuntimeError), store.atomic():
+        store.admit(second.round_id, "b", 3.0)
+        store.add_update(second.round_id, "b", "k2", "r2", 5, 0.5, b"x", 3.0)
+        store.update_job(
+            "digits", status="finished", model_version=2, rounds_completed=2, rounds_failed=0
+        )
+        store.close_round(second.round_id, "closed", 3.0, "quota", 0.5)
+        # Read back inside the transaction: memory holds what is about to roll back.
+        assert store.job("digits").status == "finished" and not store.open_rounds()
+        assert store.update_count(second.round_id) == store.admitted_count(second.round_id) == 1
+        raise RuntimeError("the aggregation failed")
+    assert view(store) == before == view(ServerStore(tmp_path / "server.sqlite"))
+    assert store.open_rounds() == [second] and store.update_count(second.round_id) == 0
