@@ -131,6 +131,7 @@ class FederationService:
             if existing is not None:
                 return EnrolResponse(existing, token)
             self.store.add_device(device_id, hashed, request.label)
+        self._remember(hashed, device_id)  # stored: its first check-in follows at once
         return EnrolResponse(device_id, token)
 
     def authenticate(self, token: str) -> str:
@@ -141,10 +142,13 @@ class FederationService:
             device_id = self.store.device_for_token(hashed)
             if device_id is None:
                 raise Unauthorized("unknown device token")
-            if len(self._devices) >= 1 << 16:
-                self._devices.clear()
-            self._devices[hashed] = device_id
+            self._remember(hashed, device_id)
         return device_id
+
+    def _remember(self, hashed: str, device_id: str) -> None:
+        if len(self._devices) >= 1 << 16:
+            self._devices.clear()
+        self._devices[hashed] = device_id
 
     def checkin(
         self, token: str, job_name: str, request: CheckinRequest, *, inline: bool = False

@@ -139,7 +139,8 @@ class ServerStore:
         self._open: list[RoundRow] | None = None
         self._newest: dict[str, RoundRow] = {}
         self._update_counts: dict[int, int] = {}
-        self._admitted_counts: dict[int, int] = {}
+        self._updated: dict[int, set[str]] = {}  # round -> the devices with an update in it
+        self._admitted: dict[int, set[str]] = {}  # round -> its admitted devices
         conn = sqlite3.connect(str(path), check_same_thread=False)
         # Our own schema and SQL: no sqlite-utils plugins, so no scan of every installed
         # package's entry points for them (27 ms on the first open).
@@ -169,7 +170,8 @@ class ServerStore:
         self._jobs.clear()
         self._forget_rounds()
         self._update_counts.clear()
-        self._admitted_counts.clear()
+        self._updated.clear()
+        self._admitted.clear()
 
     def _forget_rounds(self) -> None:
         self._rounds.clear()
@@ -346,29 +348,36 @@ class ServerStore:
         )
         self.db.execute("DELETE FROM upload_sessions WHERE round_id=?", [round_id])
         self._forget_rounds()
+        self._updated.pop(round_id, None)  # rarely asked of a closed round: read if it is
+        self._admitted.pop(round_id, None)
 
     # -- admissions and updates ------------------------------------------------
     def admit(self, round_id: int, device_id: str, now: float) -> None:
         """Admit a device to a round."""
         self.db.execute("INSERT INTO admissions VALUES (?, ?, ?)", [round_id, device_id, now])
-        if round_id in self._admitted_counts:
-            self._admitted_counts[round_id] += 1
+        if round_id in self._admitted:
+            self._admitted[round_id].add(device_id)
 
     def withdraw(self, round_id: int, device_id: str) -> None:
         """Free a device's place in a round."""
         self.db.execute(
             "DELETE FROM admissions WHERE round_id=? AND device_id=?", [round_id, device_id]
         )
-        self._admitted_counts.pop(round_id, None)
+        if round_id in self._admitted:
+            self._admitted[round_id].discard(device_id)
 
     def is_admitted(self, round_id: int, device_id: str) -> bool:
         """Whether the device holds a place in the round."""
-        return (
-            self.db.execute(
-                "SELECT 1 FROM admissions WHERE round_id=? AND device_id=?", [round_id, device_id]
-            ).fetchone()
-            is not None
-        )
+        return device_id in self._admissions(round_id)
+
+    def _admissions(self, round_id: int) -> set[str]:
+        admitted = self._admitted.get(round_id)
+        if admitted is None:
+            rows = self.db.execute(
+                "SELECT device_id FROM admissions WHERE round_id=?", [round_id]
+            ).fetchall()
+            admitted = self._admitted[round_id] = {str(r[0]) for r in rows}
+        return admitted
 
     def in_flight(self, job: str, since_version: int) -> int:
         """Devices admitted to rounds on a version >= ``since_version`` whose update is not in
@@ -400,14 +409,7 @@ class ServerStore:
 
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
-        count = self._admitted_counts.get(round_id)
-        if count is None:
-            count = self._admitted_counts[round_id] = int(
-                self.db.execute(
-                    "SELECT count(*) FROM admissions WHERE round_id=?", [round_id]
-                ).fetchone()[0]
-            )
-        return count
+        return len(self._admissions(round_id))
 
     def add_update(
         self,
@@ -431,6 +433,8 @@ class ServerStore:
         assert cursor.lastrowid is not None
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
+        if round_id in self._updated:
+            self._updated[round_id].add(device_id)
         return UpdateRow(
             cursor.lastrowid,
             round_id,
@@ -453,12 +457,13 @@ class ServerStore:
 
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
-        return (
-            self.db.execute(
-                "SELECT 1 FROM updates WHERE round_id=? AND device_id=?", [round_id, device_id]
-            ).fetchone()
-            is not None
-        )
+        updated = self._updated.get(round_id)
+        if updated is None:
+            rows = self.db.execute(
+                "SELECT device_id FROM updates WHERE round_id=?", [round_id]
+            ).fetchall()
+            updated = self._updated[round_id] = {str(r[0]) for r in rows}
+        return device_id in updated
 
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""

@@ -238,11 +238,16 @@ def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
             s.latest_rounds("digits", 1),
             s.update_count(rid),
             s.admitted_count(rid),
+            s.is_admitted(rid, "a"),
+            s.has_update(rid, "a"),
         )
 
     view(store)  # every read now comes from memory
     store.admit(rid, "a", 1.0)
     store.add_update(rid, "a", "k", "r", 5, 0.5, b"x", 1.0)
+    store.admit(rid, "c", 1.0)
+    store.withdraw(rid, "c")  # an async upload uses up its admission
+    assert not store.is_admitted(rid, "c")
     with store.atomic():
         store.update_job(
             "digits", status="running", model_version=1, rounds_completed=1, rounds_failed=0
@@ -265,6 +270,9 @@ def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
         # Read back inside the transaction: memory holds what is about to roll back.
         assert store.job("digits").status == "finished" and not store.open_rounds()
         assert store.update_count(second.round_id) == store.admitted_count(second.round_id) == 1
+        assert store.is_admitted(second.round_id, "b") and store.has_update(second.round_id, "b")
         raise RuntimeError("the aggregation failed")
     assert view(store) == before == view(ServerStore(tmp_path / "server.sqlite"))
     assert store.open_rounds() == [second] and store.update_count(second.round_id) == 0
+    assert not store.is_admitted(second.round_id, "b")
+    assert not store.has_update(second.round_id, "b")
