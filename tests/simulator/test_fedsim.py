@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -517,3 +518,25 @@ def test_the_fedsim_process_imports_without_collecting_and_runs_collecting(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-3:] == ["0", "True", "True"]
     assert json.loads(report.read_text())["final"]["rounds_completed"] == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize(("preset", "threads"), [(None, 1), ("2", 2)])
+def test_the_fedsim_process_loads_openblas_with_one_thread_unless_told_otherwise(
+    preset: str | None, threads: int
+) -> None:
+    code = (
+        "import os\n"
+        "from simulator import cli\n"
+        "cli._one_blas_thread()\n"
+        "import numpy\n"
+        "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    # The main thread and, told two, OpenBLAS's one other.
+    assert out.stdout.split() == [preset or "1", str(threads)]
