@@ -578,7 +578,7 @@ class Client:
         else:
             body = encode_tensors(delta, metadata)
         key = uuid.uuid4().hex
-        with self._store.db.atomic():  # the release is charged before it can leave
+        with self._store.atomic():  # the release is charged before it can leave
             if seconds > 0:
                 self._store.record_speed(len(y) * settings.epochs / seconds)
             if privacy is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -77,7 +79,10 @@ class RoundProgress:
 
 
 class DeviceState:
-    """SQLite state of one device (``key``) in a database file it may share with others."""
+    """SQLite state of one device (``key``) in a database file it may share with others.
+
+    One DeviceState at a time drives a key (a process opens it when the app starts):
+    it keeps what it last wrote of the round's progress in memory."""
 
     def __init__(self, db: str | Path | sqlite_utils.Database, key: str = "device") -> None:
         if isinstance(db, sqlite_utils.Database):
@@ -95,12 +100,29 @@ class DeviceState:
         self.key = key
         # An enrolment never changes once stored, and every step needs it: read it once.
         self._identities: dict[str, Identity] = {}
+        # The round progress and held model version last written or read, per job. One
+        # DeviceState drives a device key at a time (its steps could not interleave
+        # anyway), so they are what the file holds; a transaction that rolls back drops
+        # them (`atomic`), and the next read goes to the file.
+        self._progress: dict[str, RoundProgress] = {}
+        self._held: dict[str, tuple[int, str] | None] = {}
         self._migrate()
 
     @classmethod
     def in_memory(cls, key: str = "device") -> DeviceState:
         """A state that lives only as long as the process (tests, throwaway runs)."""
         return cls(sqlite_utils.Database(memory=True, execute_plugins=False), key)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One transaction: all of the block's writes or none (nested: a savepoint)."""
+        try:
+            with self.db.atomic():
+                yield
+        except BaseException:
+            self._progress.clear()  # rolled back: the file holds what it held before
+            self._held.clear()
+            raise
 
     def _schema_version(self) -> int:
         try:
@@ -143,7 +165,7 @@ class DeviceState:
 
     def enrolment_token(self, server: str) -> str:
         """The token this device proposes to ``server``: made once, stored before use."""
-        with self.db.atomic():
+        with self.atomic():
             row = self.db.execute(
                 "SELECT token FROM identities WHERE key=? AND server=?", [self.key, server]
             ).fetchone()
@@ -157,7 +179,7 @@ class DeviceState:
 
     def save_identity(self, server: str, identity: Identity) -> None:
         """Remember an enrolment."""
-        with self.db.atomic():
+        with self.atomic():
             self.db.execute(
                 "INSERT OR REPLACE INTO identities VALUES (?, ?, ?, ?)",
                 [self.key, server, identity.device_id, identity.token],
@@ -167,17 +189,26 @@ class DeviceState:
     # -- round progress --------------------------------------------------------
     def progress(self, job: str) -> RoundProgress:
         """Where the device stands in ``job``."""
+        known = self._progress.get(job)
+        if known is not None:
+            return known
         row = self.db.execute(
             "SELECT phase, plan, idempotency_key, update_body FROM progress WHERE key=? AND job=?",
             [self.key, job],
         ).fetchone()
         if row is None:
-            return RoundProgress(Phase.IDLE)
-        plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
-        return RoundProgress(Phase(row[0]), plan, row[2], row[3])
+            progress = RoundProgress(Phase.IDLE)
+        else:
+            plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
+            progress = RoundProgress(Phase(row[0]), plan, row[2], row[3])
+        self._progress[job] = progress
+        return progress
 
     def phase(self, job: str) -> Phase:
         """Where the device stands in ``job``, without reading the plan or the update."""
+        known = self._progress.get(job)
+        if known is not None:
+            return known.phase
         row = self.db.execute(
             "SELECT phase FROM progress WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
@@ -185,6 +216,9 @@ class DeviceState:
 
     def update_size(self, job: str) -> int:
         """Bytes of the trained update waiting for upload (0 if none), without reading it."""
+        known = self._progress.get(job)
+        if known is not None:
+            return len(known.update or b"")
         row = self.db.execute(
             "SELECT length(update_body) FROM progress WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
@@ -204,13 +238,14 @@ class DeviceState:
                 time.time(),
             ],
         )
+        self._progress[job] = progress
 
     def record_admission(
         self, job: str, plan: RoundPlan, model: tuple[str, bytes] | None = None
     ) -> None:
         """Checked in and admitted: hold the round plan, and the round's model (etag,
         body) when it came with the admission (then no download is left to do)."""
-        with self.db.atomic():
+        with self.atomic():
             if model is None:
                 self._set_progress(job, RoundProgress(Phase.ADMITTED, plan))
                 return
@@ -220,7 +255,7 @@ class DeviceState:
 
     def record_download(self, job: str, plan: RoundPlan, etag: str, body: bytes | None) -> None:
         """Hold the round's model (``body`` None: the held copy was still current)."""
-        with self.db.atomic():
+        with self.atomic():
             self._hold_model(job, plan, etag, body)
 
     def _hold_model(self, job: str, plan: RoundPlan, etag: str, body: bytes | None) -> None:
@@ -230,6 +265,7 @@ class DeviceState:
                 "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
                 [self.key, job, plan.model_version, etag, body],
             )
+            self._held[job] = (plan.model_version, etag)
         self._set_progress(job, RoundProgress(Phase.DOWNLOADED, plan))
 
     def record_update(
@@ -242,7 +278,7 @@ class DeviceState:
     ) -> None:
         """Trained: hold the update and the key every upload attempt will carry (and, with
         compression, what it left out, carried into the next update)."""
-        with self.db.atomic():
+        with self.atomic():
             self._hold_update(job, plan, update, idempotency_key, residual)
 
     def _hold_update(
@@ -263,7 +299,7 @@ class DeviceState:
 
     def record_receipt(self, job: str, receipt: UploadReceipt) -> None:
         """Acknowledged: keep the receipt, drop the update, and go idle."""
-        with self.db.atomic():
+        with self.atomic():
             self.db.execute(
                 "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?)",
                 [self.key, job, receipt.round_id, msgspec.json.encode(receipt).decode()],
@@ -272,16 +308,19 @@ class DeviceState:
 
     def discard_round(self, job: str) -> None:
         """Drop work for a round that closed without it."""
-        with self.db.atomic():
+        with self.atomic():
             self._set_progress(job, RoundProgress(Phase.IDLE))
 
     # -- models and receipts ---------------------------------------------------
     def held_version(self, job: str) -> tuple[int, str] | None:
         """The model version held for ``job`` and its etag, without reading the body."""
+        if job in self._held:
+            return self._held[job]
         row = self.db.execute(
             "SELECT version, etag FROM models WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
-        return (int(row[0]), str(row[1])) if row else None
+        held = self._held[job] = (int(row[0]), str(row[1])) if row else None
+        return held
 
     def held_model(self, job: str) -> tuple[int, str, bytes] | None:
         """The model version held for ``job``: (version, etag, body)."""
@@ -311,7 +350,7 @@ class DeviceState:
         self, job: str, version: int, etag: str, offset: int, data: bytes
     ) -> None:
         """Store received bytes of a download at ``offset``."""
-        with self.db.atomic():
+        with self.atomic():
             self.db.execute(
                 "INSERT OR REPLACE INTO download_parts VALUES (?, ?, ?, ?, ?, ?)",
                 [self.key, job, version, etag, offset, data],
@@ -319,7 +358,7 @@ class DeviceState:
 
     def drop_download_parts(self, job: str) -> bytes:
         """Forget the job's partial downloads; return the bytes of the newest, in order."""
-        with self.db.atomic():
+        with self.atomic():
             rows = self.db.execute(
                 "SELECT version, data FROM download_parts WHERE key=? AND job=?"
                 " ORDER BY version DESC, offset",

@@ -13,9 +13,10 @@ import pytest
 
 import fedclient
 from fedclient import Phase
+from fedclient.protocol import RoundPlan
 from fedserver_ref.auth import hash_token
 from simulator.datasets import Dataset
-from tests.conftest import LiveServer, Server
+from tests.conftest import LiveServer, Server, make_plan
 
 pytestmark = pytest.mark.anyio
 
@@ -270,3 +271,37 @@ def test_an_app_opens_its_state_without_scanning_the_installed_packages(tmp_path
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_progress_a_state_keeps_in_memory_follows_its_writes_and_drops_a_rollback(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite"
+    job = make_plan()
+    plans = [
+        RoundPlan("digits", r, r, r - 1, 60.0, 0.0, job.model, job.train, "", job.privacy, 3)
+        for r in (1, 2)
+    ]
+    state = fedclient.DeviceState(path, key="a")
+
+    def view(s: fedclient.DeviceState) -> tuple[object, ...]:
+        return (
+            s.progress("digits"),
+            s.phase("digits"),
+            s.update_size("digits"),
+            s.held_version("digits"),
+        )
+
+    assert view(state)[1:] == (Phase.IDLE, 0, None)  # read once, then kept
+    state.record_admission("digits", plans[0], ("e1", b"model-1"))
+    state.record_update("digits", plans[0], b"update", "key-1")
+    assert view(state) == view(fedclient.DeviceState(path, key="a"))
+    assert view(state)[1:] == (Phase.TRAINED, 6, (0, "e1"))
+    with pytest.raises(RuntimeError), state.atomic():
+        state.discard_round("digits")
+        state.record_download("digits", plans[1], "e2", b"model-2")
+        assert view(state)[1:] == (Phase.DOWNLOADED, 0, (1, "e2"))
+        raise RuntimeError("the app was killed mid-step")
+    assert view(state) == view(fedclient.DeviceState(path, key="a"))
+    assert view(state)[1:] == (Phase.TRAINED, 6, (0, "e1"))
+    assert view(fedclient.DeviceState(state.db, key="b"))[1:] == (Phase.IDLE, 0, None)
