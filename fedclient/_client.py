@@ -80,7 +80,7 @@ from fedclient.protocol import (
     decode_tensors,
     encode_tensors,
 )
-from fedclient.runtime import TrainingBackend, TrainResult, check_dataset, create_backend
+from fedclient.runtime import TrainingBackend, TrainResult, create_backend
 from fedclient.transport import RetryPolicy, is_retriable_status
 
 __all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
@@ -241,9 +241,6 @@ class Client:
         self._sync: httpx.Client | _Direct | None = None
         self._async: httpx.AsyncClient | _AsyncDirect | None = None
         self._secure: dict[int, _SecureSession] = {}
-        # (inputs, classes) -> the data as checked for a backend of that shape: the data
-        # are fixed, so they are checked once, not every round.
-        self._checked: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         # The model just downloaded and checked, (version, etag, weights), handed to the
         # training step that follows so it need not read and decode the stored copy.
         self._downloaded: tuple[int, str, Weights] | None = None
@@ -537,7 +534,9 @@ class Client:
                 raise
         base = self._held_weights(plan)
         backend = self._backend(plan)
-        x, y = self._checked_data(backend)
+        # The backend checks the data (shape, finite values, labels in range) as it
+        # trains, before it changes anything: bad data fail this step, state untouched.
+        x, y = self._x, self._y
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
         settings = plan.train
         weights, result, seconds = yield TrainTask(
@@ -771,14 +770,6 @@ class Client:
         stored = self._store.held_model(self.job)
         assert stored is not None
         return decode_tensors(stored[2])[0]
-
-    def _checked_data(self, backend: TrainingBackend) -> tuple[np.ndarray, np.ndarray]:
-        shape = (backend.inputs, backend.classes)
-        checked = self._checked.get(shape)
-        if checked is None:
-            checked = check_dataset(self._x, self._y, inputs=shape[0], classes=shape[1])
-            self._checked = {shape: checked}
-        return checked
 
     def _backend(self, plan: RoundPlan) -> TrainingBackend:
         if self.model is None:

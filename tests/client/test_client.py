@@ -305,3 +305,29 @@ def test_the_progress_a_state_keeps_in_memory_follows_its_writes_and_drops_a_rol
     assert view(state) == view(fedclient.DeviceState(path, key="a"))
     assert view(state)[1:] == (Phase.TRAINED, 6, (0, "e1"))
     assert view(fedclient.DeviceState(state.db, key="b"))[1:] == (Phase.IDLE, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda x, y: x.__setitem__((0, 0), np.nan), "NaN"),
+        (lambda x, y: y.__setitem__(0, 10), "labels must lie"),
+    ],
+)
+async def test_bad_training_data_fail_the_training_step_and_change_nothing(
+    server: Server, digits: Dataset, corrupt: Any, message: str
+) -> None:
+    x, y = digits.x_train[:40].copy(), digits.y_train[:40].copy()
+    corrupt(x, y)
+    device = fedclient.Client(
+        "http://fedserver.local", "digits", (x, y), transport=server.transport(), seed=0
+    )
+    while device.device_state.phase("digits") is not Phase.DOWNLOADED:
+        await device.astep()  # enrol, check in, download (or have the model come along)
+    before = device.device_state.progress("digits")
+    with pytest.raises(fedclient.InvalidInput, match=message):
+        await device.astep()
+    assert device.device_state.phase("digits") is Phase.DOWNLOADED
+    again = fedclient.DeviceState(device.device_state.db)  # what the file holds
+    assert again.progress("digits") == before and again.update_size("digits") == 0
+    assert server.store.update_count(1) == 0
