@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
+import msgspec
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
@@ -15,6 +15,16 @@ __all__ = ["Weights", "check_weights", "decode_tensors", "encode_tensors"]
 
 #: A model's parameters (or an update to them), by parameter name.
 Weights = dict[str, np.ndarray]
+
+
+class _Header(msgspec.Struct):
+    """Of a safetensors header, what safetensors.numpy.load does not return (the
+    tensors' entries are skipped, not built into dicts)."""
+
+    metadata: dict[str, str] | None = msgspec.field(default=None, name="__metadata__")
+
+
+_METADATA = msgspec.json.Decoder(_Header)
 
 
 def encode_tensors(
@@ -33,15 +43,12 @@ def decode_tensors(body: bytes) -> tuple[Weights, dict[str, str]]:
     try:
         arrays = load(body)
         header_len = int.from_bytes(body[:8], "little")
-        header = json.loads(body[8 : 8 + header_len])
+        header = _METADATA.decode(body[8 : 8 + header_len])
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"tensor body is not valid safetensors: {exc}") from exc
-    metadata = header.get("__metadata__") or {}
     # safetensors hands tensors back in a per-process random order (a Rust HashMap); sort
     # them, so anything that walks a model in order (noise draws, sums) is reproducible.
-    return {name: arrays[name] for name in sorted(arrays)}, {
-        str(k): str(v) for k, v in metadata.items()
-    }
+    return {name: arrays[name] for name in sorted(arrays)}, header.metadata or {}
 
 
 def check_weights(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
