@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ def plan_from_dict(data: dict[str, Any]) -> JobPlan:
 
 def load_plan(path: str | Path) -> JobPlan:
     """Read and validate a TOML plan file."""
+    import tomllib  # here, not at the top: a simulation builds its plan without TOML
+
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:

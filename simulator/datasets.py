@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import heapq
 import importlib.util
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +209,8 @@ def _csv(path: Path, columns: CsvColumns, seed: int) -> Dataset:
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file (never pickles); a damaged file is `InvalidInput`."""
+    import zipfile  # np.load imports it too, for .npz files only: MNIST needs neither
+
     try:
         # Our own handle: np.load leaves its own open when the zip turns out damaged.
         with open(path, "rb") as handle:

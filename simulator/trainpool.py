@@ -11,9 +11,7 @@ seed gives the same report whatever the number of workers.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
 from typing import Any
 
@@ -41,6 +39,10 @@ class TrainPool:
     """``workers`` processes training one job's model with one runtime."""
 
     def __init__(self, workers: int, spec: ModelSpec, runtime: str) -> None:
+        # Imported here: a run on the loop alone (--workers 1) needs no process machinery.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         # fork: a worker starts in milliseconds with the simulator's modules loaded; it
         # touches nothing it inherits but the code. Elsewhere a spawned worker imports.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
