@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+#: The connections this process found at (or brought to) `SCHEMA_VERSION`: a state
+#: opened again on one of them does not ask again (a simulator wakes each of its
+#: devices on a connection it shares with a hundred others).
+_CURRENT: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
 
 
 class Phase(StrEnum):
@@ -132,7 +138,10 @@ class DeviceState:
         return int(row[0]) if row else 0
 
     def _migrate(self) -> None:
+        if self.db in _CURRENT:
+            return
         if self._schema_version() == SCHEMA_VERSION:
+            _CURRENT.add(self.db)
             return  # the common case (and many devices may share a file): no write
         with self.db.atomic():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
@@ -148,6 +157,7 @@ class DeviceState:
             self.db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
+        _CURRENT.add(self.db)
 
     # -- identity --------------------------------------------------------------
     def identity(self, server: str) -> Identity | None:

@@ -211,6 +211,14 @@ def test_state_from_a_newer_fedclient_is_refused(tmp_path: Path) -> None:
         fedclient.DeviceState(path)
 
 
+def test_a_state_opened_again_on_a_checked_connection_reads_nothing(tmp_path: Path) -> None:
+    first = fedclient.DeviceState(tmp_path / "s.sqlite", key="a")
+    statements: list[str] = []
+    first.db.conn.set_trace_callback(statements.append)
+    fedclient.DeviceState(first.db, key="b")  # a simulator waking another device
+    assert statements == []  # (a new connection asks: the test above)
+
+
 def test_device_state_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     fedclient.DeviceState(path, key="a").save_identity(
