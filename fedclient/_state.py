@@ -12,8 +12,8 @@ import secrets
 import sqlite3
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -84,6 +84,18 @@ class RoundProgress:
     update: bytes | None = None
 
 
+@contextmanager
+def transaction(db: sqlite_utils.Database, forget: Callable[[], None]) -> Iterator[None]:
+    """``db.atomic()`` for an object that keeps in memory what it last wrote: when the
+    block rolls back, ``forget`` drops that, and the next reads go to the database."""
+    try:
+        with db.atomic():
+            yield
+    except BaseException:
+        forget()
+        raise
+
+
 class DeviceState:
     """SQLite state of one device (``key``) in a database file it may share with others.
 
@@ -119,16 +131,13 @@ class DeviceState:
         """A state that lives only as long as the process (tests, throwaway runs)."""
         return cls(sqlite_utils.Database(memory=True, execute_plugins=False), key)
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self) -> AbstractContextManager[None]:
         """One transaction: all of the block's writes or none (nested: a savepoint)."""
-        try:
-            with self.db.atomic():
-                yield
-        except BaseException:
-            self._progress.clear()  # rolled back: the file holds what it held before
-            self._held.clear()
-            raise
+        return transaction(self.db, self._forget)
+
+    def _forget(self) -> None:
+        self._progress.clear()
+        self._held.clear()
 
     def _schema_version(self) -> int:
         try:

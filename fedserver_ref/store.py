@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import sqlite_utils
 
+from fedclient._state import transaction
 from fedclient.protocol import JobPlan
 
 __all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
@@ -155,15 +155,9 @@ class ServerStore:
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self) -> AbstractContextManager[None]:
         """One transaction (nested blocks become savepoints)."""
-        try:
-            with self.db.atomic():
-                yield
-        except BaseException:
-            self._forget()  # rolled back: what the block wrote is not in the database
-            raise
+        return transaction(self.db, self._forget)
 
     def _forget(self) -> None:
         """Drop every row kept in memory; the next reads come from the database."""
@@ -368,16 +362,17 @@ class ServerStore:
 
     def is_admitted(self, round_id: int, device_id: str) -> bool:
         """Whether the device holds a place in the round."""
-        return device_id in self._admissions(round_id)
+        return device_id in self._devices_in(self._admitted, "admissions", round_id)
 
-    def _admissions(self, round_id: int) -> set[str]:
-        admitted = self._admitted.get(round_id)
-        if admitted is None:
+    def _devices_in(self, kept: dict[int, set[str]], table: str, round_id: int) -> set[str]:
+        """The devices with a row in ``table`` for the round (read once, then ``kept``)."""
+        devices = kept.get(round_id)
+        if devices is None:
             rows = self.db.execute(
-                "SELECT device_id FROM admissions WHERE round_id=?", [round_id]
+                f"SELECT device_id FROM {table} WHERE round_id=?", [round_id]
             ).fetchall()
-            admitted = self._admitted[round_id] = {str(r[0]) for r in rows}
-        return admitted
+            devices = kept[round_id] = {str(r[0]) for r in rows}
+        return devices
 
     def in_flight(self, job: str, since_version: int) -> int:
         """Devices admitted to rounds on a version >= ``since_version`` whose update is not in
@@ -409,7 +404,7 @@ class ServerStore:
 
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
-        return len(self._admissions(round_id))
+        return len(self._devices_in(self._admitted, "admissions", round_id))
 
     def add_update(
         self,
@@ -457,13 +452,7 @@ class ServerStore:
 
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
-        updated = self._updated.get(round_id)
-        if updated is None:
-            rows = self.db.execute(
-                "SELECT device_id FROM updates WHERE round_id=?", [round_id]
-            ).fetchall()
-            updated = self._updated[round_id] = {str(r[0]) for r in rows}
-        return device_id in updated
+        return device_id in self._devices_in(self._updated, "updates", round_id)
 
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""
