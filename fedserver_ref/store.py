@@ -13,6 +13,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import sqlite_utils
@@ -22,7 +23,13 @@ from fedclient.protocol import JobPlan
 
 __all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
 
+T = TypeVar("T")
+
 SCHEMA_VERSION = 1
+
+#: Rounds whose admitted devices, contributors and update count the store keeps in
+#: memory (the open ones, and the closed ones an async upload still asks about).
+KEPT_ROUNDS = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
@@ -129,8 +136,9 @@ class ServerStore:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._plans: dict[str, JobPlan] = {}  # stored plan text -> its decoded plan
-        # What every request reads, kept in memory: jobs, rounds, and a round's counts of
-        # admissions and updates. The store is its database's only writer (the server is
+        # What every request reads, kept in memory: jobs, rounds, and each round's
+        # admitted devices, contributors and update count (for the last `KEPT_ROUNDS`
+        # rounds asked about). The store is its database's only writer (the server is
         # one process: its secure-aggregation stages and the updates it holds decoded
         # live in its memory too), so each write below updates or drops what it changes,
         # and a transaction that rolls back drops all of it (`atomic`).
@@ -315,7 +323,7 @@ class ServerStore:
         rows = self.db.execute(
             "SELECT * FROM rounds WHERE job=? ORDER BY number DESC LIMIT ?", [job, count]
         ).fetchall()
-        if rows and count >= 1:
+        if rows:
             self._newest[job] = RoundRow(*rows[0])
         return [RoundRow(*row) for row in rows]
 
@@ -371,7 +379,7 @@ class ServerStore:
             rows = self.db.execute(
                 f"SELECT device_id FROM {table} WHERE round_id=?", [round_id]
             ).fetchall()
-            devices = kept[round_id] = {str(r[0]) for r in rows}
+            devices = _keep(kept, round_id, {str(r[0]) for r in rows})
         return devices
 
     def in_flight(self, job: str, since_version: int) -> int:
@@ -458,11 +466,10 @@ class ServerStore:
         """Updates accepted in the round."""
         count = self._update_counts.get(round_id)
         if count is None:
-            count = self._update_counts[round_id] = int(
-                self.db.execute(
-                    "SELECT count(*) FROM updates WHERE round_id=?", [round_id]
-                ).fetchone()[0]
-            )
+            row = self.db.execute(
+                "SELECT count(*) FROM updates WHERE round_id=?", [round_id]
+            ).fetchone()
+            count = _keep(self._update_counts, round_id, int(row[0]))
         return count
 
     def updates(self, round_id: int, *, bodies: bool = True) -> list[UpdateRow]:
@@ -538,3 +545,12 @@ class ServerStore:
         for line in self.db.conn.iterdump():
             digest.update(line.encode())
         return digest.hexdigest()
+
+
+def _keep(kept: dict[int, T], round_id: int, value: T) -> T:
+    """Keep ``value`` for ``round_id``, forgetting the others past `KEPT_ROUNDS`: an
+    async job asks about many closed rounds over its life."""
+    if len(kept) >= KEPT_ROUNDS:
+        kept.clear()
+    kept[round_id] = value
+    return value

@@ -13,6 +13,7 @@ import pytest
 import fedclient
 from fedclient.protocol import CheckinResponse, decode_tensors
 from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore, rounds
+from fedserver_ref import store as store_module
 from fedserver_ref.auth import hash_token
 from tests.conftest import ManualClock, Server, make_plan
 
@@ -276,3 +277,17 @@ def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
     assert store.open_rounds() == [second] and store.update_count(second.round_id) == 0
     assert not store.is_admitted(second.round_id, "b")
     assert not store.has_update(second.round_id, "b")
+
+
+def test_the_store_keeps_a_bounded_number_of_rounds_devices_in_memory() -> None:
+    store = ServerStore()
+    many = store_module.KEPT_ROUNDS * 2 + 1
+    for round_id in range(1, many + 1):
+        store.admit(round_id, f"d{round_id}", 0.0)
+        assert store.is_admitted(round_id, f"d{round_id}")
+        assert not store.is_admitted(round_id, "someone else")
+        assert store.update_count(round_id) == 0
+        assert len(store._admitted) <= store_module.KEPT_ROUNDS
+        assert len(store._update_counts) <= store_module.KEPT_ROUNDS
+    # Forgotten rounds are read again, right.
+    assert store.is_admitted(1, "d1") and store.admitted_count(1) == 1
