@@ -46,12 +46,8 @@ from fedclient._exceptions import (
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
-from fedclient.privacy.dp import (
-    GaussianMechanism,
-    PrivacyBudget,
-    PrivacyLedger,
-    secret_generator,
-)
+from fedclient.privacy.dp import GaussianMechanism, PrivacyBudget, PrivacyLedger
+from fedclient.privacy.noise import NoiseSource
 from fedclient.protocol import (
     CHECKIN,
     DEVICE_ID_HEADER,
@@ -205,6 +201,12 @@ class Client:
 
     The async driver trains inline unless ``atrain`` is given: it receives each
     `TrainTask` and returns what ``task.run()`` would (e.g. from a process pool).
+
+    ``seed`` fixes what training and compression draw (batch order, rounding), never
+    privacy noise: that comes from a CSPRNG keyed by the OS. Only a simulation that
+    wants reproducible reports sets ``simulation_seeded_noise``, which draws the noise
+    from ``seed`` too and warns (`fedclient.privacy.noise.SeededNoiseWarning`) each
+    round: anyone who knows the seed can subtract such noise.
     """
 
     server: str
@@ -227,6 +229,7 @@ class Client:
     estimate_seconds: Callable[[int], float] | None = None
     stats: TransferStats = field(default_factory=TransferStats)
     atrain: Callable[[TrainTask], Awaitable[tuple[Weights, TrainResult, float]]] | None = None
+    simulation_seeded_noise: bool = False
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -560,10 +563,7 @@ class Client:
             "round_id": str(plan.round_id),
         }
         if privacy is not None:
-            # Clip and noise; the noise must be secret on a real device (seeded only in
-            # simulations, for reproducible reports).
-            noise = secret_generator() if seed is None else np.random.default_rng([seed, 7])
-            delta = mechanism.privatize(delta, noise)
+            delta = mechanism.privatize(delta, self._noise_source(plan))
             metadata["epsilon_spent"] = repr(epsilon_after)
         spec = CompressionSpec.parse(plan.compression)
         residual_body = None
@@ -688,8 +688,8 @@ class Client:
         flat = np.concatenate([tensors[n].ravel() for n in sorted(tensors)] + [np.zeros(1)])
         weighted = flat.astype(np.float64) * examples
         weighted[-1] = examples
-        seed = None if self.seed is None else [self.seed, plan.round_id, 11]
-        rng = np.random.default_rng(seed) if seed is not None else secret_generator()
+        # The rounding hides nothing (the masks do): its generator need not be secret.
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, plan.round_id, 11])
         ring: np.ndarray = _secagg().quantize(weighted, params.quantization, rng)
         return ring
 
@@ -752,6 +752,15 @@ class Client:
         allowance = p.budget_epsilon or mechanism.epsilon(p.dp_delta, plan.rounds) * (1 + 1e-9)
         budget = PrivacyBudget(allowance, p.dp_delta)
         return mechanism, budget, PrivacyLedger(self._store.db, self._store.key)
+
+    def _noise_source(self, plan: RoundPlan) -> NoiseSource:
+        """Where this round's privacy noise comes from: the OS-keyed CSPRNG, unless a
+        simulation asked for noise drawn from ``seed`` (which warns: it is not private)."""
+        if self.simulation_seeded_noise:
+            if self.seed is None:
+                raise InvalidInput("simulation_seeded_noise needs a seed")
+            return NoiseSource.seeded_for_simulation(self.seed, plan.round_id)
+        return NoiseSource()
 
     def _discard(self, plan: RoundPlan, reason: str) -> StepOutcome:
         self._store.discard_round(self.job)

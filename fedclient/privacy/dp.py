@@ -28,17 +28,18 @@ Kamath & Steinke 2020 (Prop. 12) over the same grid of orders as Google's
 given number of releases stays within a job's budget under that accountant,
 which is the accountant the ledger charges with.
 
-Randomness: the noise comes from the ``numpy.random.Generator`` the caller
-passes. Tests pass a seeded one; a device must pass `secret_generator`
-(seeded from the OS CSPRNG) because anyone who knows the seed can subtract the
-noise. The noise is IEEE floating point, not a discrete or "secure" Gaussian
-(Mironov 2012): the guarantee is that of the real-valued mechanism.
+Noise: the clipped update is rounded to a fine grid (a power of two, about
+2^-20 of the sensitivity over sqrt(d)) and integer noise from the discrete
+Gaussian is added to its grid coordinates (`fedclient.privacy.noise`), drawn
+from a `NoiseSource`: a CSPRNG on a device, so no one can subtract the noise,
+and no floating-point trace of the clipped value survives (Mironov 2012). The
+rounding moves two neighbouring updates apart by at most sqrt(d) grid steps,
+which the noise is calibrated for, so the accountant's figures hold exactly.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import numpy.typing as npt
 import sqlite_utils
 
 from fedclient._exceptions import InvalidInput, PrivacyBudgetExceeded
+from fedclient.privacy.noise import NoiseSource, discrete_gaussian
 
 __all__ = [
     "DEFAULT_RDP_ORDERS",
@@ -63,7 +65,6 @@ __all__ = [
     "gaussian_delta",
     "l2_norm",
     "noise_multiplier_for_budget",
-    "secret_generator",
 ]
 
 Update = Mapping[str, npt.NDArray[np.floating]]
@@ -171,9 +172,8 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
     return hi
 
 
-def secret_generator() -> np.random.Generator:
-    """A numpy Generator seeded with 128 bits from the OS CSPRNG: use it for real DP noise."""
-    return np.random.default_rng(secrets.randbits(128))
+#: The grid a release is rounded to: at most 2^-GRID_BITS of the sensitivity over sqrt(d).
+GRID_BITS = 20
 
 
 @dataclass(frozen=True)
@@ -231,22 +231,36 @@ class GaussianMechanism:
         """Epsilon at ``delta`` after ``releases`` releases, by the RDP accountant."""
         return RdpAccountant().compose(self.noise_multiplier, releases).epsilon(delta)
 
-    def privatize(
-        self, update: Update, rng: np.random.Generator
-    ) -> dict[str, npt.NDArray[np.float32]]:
-        """Clip ``update`` and add noise drawn from ``rng`` (float32 out, same names/shapes).
+    def grid(self, dimension: int) -> float:
+        """The grid step a release of ``dimension`` coordinates is rounded to (a power of
+        two, so the grid values are exact floats)."""
+        step = self.sensitivity * 2.0**-GRID_BITS / math.sqrt(max(1, dimension))
+        return 2.0 ** math.floor(math.log2(step))
 
-        ``rng`` must be secret in production (`secret_generator`); a seeded one
-        makes tests reproducible. Noise is drawn in float64 in the order of
-        ``update``'s keys.
+    def privatize(self, update: Update, source: NoiseSource) -> dict[str, npt.NDArray[np.float32]]:
+        """Clip ``update``, round it to `grid`, add discrete Gaussian noise from ``source``.
+
+        Float32 out, same names and shapes. ``source`` must be a fresh
+        `NoiseSource()` on a device; a seeded one (simulations) is public. The
+        noise's standard deviation is ``noise_multiplier`` times the sensitivity
+        in grid steps plus ``sqrt(d)`` (what rounding can add), so a release is
+        exactly as private as the accountant says.
         """
         clipped, _ = clip_update(update, self.clip)
-        return {
-            name: (
-                value.astype(np.float64) + rng.normal(0.0, self.stddev, size=value.shape)
-            ).astype(np.float32)
-            for name, value in clipped.items()
-        }
+        names = list(clipped)
+        flat = np.concatenate([clipped[n].astype(np.float64).ravel() for n in names])
+        grid = self.grid(flat.size)
+        points = np.rint(flat / grid).astype(np.int64)
+        sigma = self.noise_multiplier * (self.sensitivity / grid + math.sqrt(flat.size))
+        points += discrete_gaussian(sigma, flat.size, source)
+        noised = points.astype(np.float64) * grid
+        out, at = {}, 0
+        for name in names:
+            shape = clipped[name].shape
+            size = clipped[name].size
+            out[name] = noised[at : at + size].reshape(shape).astype(np.float32)
+            at += size
+        return out
 
 
 # -- accounting ---------------------------------------------------------------------------

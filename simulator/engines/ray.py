@@ -28,6 +28,7 @@ import contextlib
 import logging
 import socket
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import uvicorn
 from threadpoolctl import threadpool_limits
 
 from fedclient import InvalidInput, StepOutcome
+from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.protocol import JobPlan
 from fedserver_ref import FederationService, create_app
 from simulator.datasets import Dataset
@@ -204,6 +206,8 @@ class _Shard:
     ) -> None:
         # Device models are small: BLAS threads only contend (see simulator.cli).
         threadpool_limits(limits=1)
+        # This actor's devices draw their privacy noise from the seed, knowingly.
+        warnings.filterwarnings("ignore", category=SeededNoiseWarning)
         state_dir = None  # in memory, unless kept
         if config.state_dir:
             state_dir = Path(config.state_dir) / f"shard-{number:03d}"

@@ -29,8 +29,8 @@ from fedclient.privacy.dp import (
     gaussian_delta,
     l2_norm,
     noise_multiplier_for_budget,
-    secret_generator,
 )
+from fedclient.privacy.noise import NoiseSource, SeededNoiseWarning
 
 
 # -- clipping ------------------------------------------------------------------------------
@@ -95,21 +95,23 @@ def test_the_mechanism_adds_gaussian_noise_of_the_calibrated_size() -> None:
     )
     assert GaussianMechanism(0.5, 1.0, "add_remove").stddev == 0.5
     zeros = {"a": np.zeros((200, 500), dtype=np.float32), "b": np.zeros(5000, dtype=np.float32)}
-    out = mechanism.privatize(zeros, np.random.default_rng(7))
+    with pytest.warns(SeededNoiseWarning):
+        out = mechanism.privatize(zeros, NoiseSource.seeded_for_simulation(7))
     assert out["a"].dtype == np.float32 and out["a"].shape == (200, 500)
     noise = np.concatenate([out["a"].ravel(), out["b"]]).astype(np.float64)
     assert abs(noise.mean()) < 5 * mechanism.stddev / math.sqrt(noise.size)
     assert noise.std() == pytest.approx(mechanism.stddev, rel=0.01)
     assert stats.kstest(noise / mechanism.stddev, "norm").pvalue > 1e-3
-    again = mechanism.privatize(zeros, np.random.default_rng(7))
+    with pytest.warns(SeededNoiseWarning):
+        again = mechanism.privatize(zeros, NoiseSource.seeded_for_simulation(7))
     np.testing.assert_array_equal(again["a"], out["a"])  # the seed fixes the noise
-    other = mechanism.privatize(zeros, secret_generator())
+    other = mechanism.privatize(zeros, NoiseSource())
     assert not np.array_equal(other["a"], out["a"])
 
 
 def test_privatize_clips_before_adding_noise() -> None:
     mechanism = GaussianMechanism(clip=1.0, noise_multiplier=1e-6)
-    out = mechanism.privatize({"w": np.full(100, 10.0)}, np.random.default_rng(0))
+    out = mechanism.privatize({"w": np.full(100, 10.0)}, NoiseSource())
     assert l2_norm(out) == pytest.approx(1.0, abs=1e-4)
 
 
