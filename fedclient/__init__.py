@@ -22,6 +22,7 @@ from fedclient._exceptions import (
     NotFound,
     PayloadTooLarge,
     PrivacyBudgetExceeded,
+    PrivacyPolicyViolation,
     RequestTimeout,
     RoundClosed,
     ServerError,
@@ -32,6 +33,7 @@ from fedclient._exceptions import (
 )
 from fedclient._fit import FitResult, fit
 from fedclient._state import DeviceState, Phase
+from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.runtime import EvalResult, TrainingBackend, TrainResult, create_backend
 from fedclient.transport import FaultPlan, FaultyTransport, RetryPolicy
 
@@ -56,6 +58,8 @@ __all__ = [
     "PayloadTooLarge",
     "Phase",
     "PrivacyBudgetExceeded",
+    "PrivacyPolicy",
+    "PrivacyPolicyViolation",
     "RequestTimeout",
     "RetryPolicy",
     "RoundClosed",

@@ -39,6 +39,7 @@ from fedclient._exceptions import (
     InvalidRequest,
     ModelMismatch,
     PrivacyBudgetExceeded,
+    PrivacyPolicyViolation,
     RequestTimeout,
     RoundClosed,
     TransportError,
@@ -46,8 +47,9 @@ from fedclient._exceptions import (
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
-from fedclient.privacy.dp import GaussianMechanism, PrivacyBudget, PrivacyLedger
+from fedclient.privacy.dp import PrivacyLedger
 from fedclient.privacy.noise import NoiseSource
+from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import (
     CHECKIN,
     DEVICE_ID_HEADER,
@@ -202,6 +204,10 @@ class Client:
     The async driver trains inline unless ``atrain`` is given: it receives each
     `TrainTask` and returns what ``task.run()`` would (e.g. from a process pool).
 
+    ``policy`` is the device's own `PrivacyPolicy`: a plan outside it is refused at
+    admission, before anything is trained or sent (`PrivacyPolicyViolation`), and
+    the ledger is charged as the policy accounts.
+
     ``seed`` fixes what training and compression draw (batch order, rounding), never
     privacy noise: that comes from a CSPRNG keyed by the OS. Only a simulation that
     wants reproducible reports sets ``simulation_seeded_noise``, which draws the noise
@@ -230,6 +236,7 @@ class Client:
     stats: TransferStats = field(default_factory=TransferStats)
     atrain: Callable[[TrainTask], Awaitable[tuple[Weights, TrainResult, float]]] | None = None
     simulation_seeded_noise: bool = False
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -489,6 +496,12 @@ class Client:
             return StepOutcome("finished", reason="the job ran all its rounds")
         assert isinstance(answer, Admitted)
         plan = answer.plan.rebased(self.clock())
+        try:
+            self.policy.check(plan)
+        except PrivacyPolicyViolation:
+            # Refused before anything is stored or trained; the place goes to another device.
+            yield self._request(LEAVE, identity, round_id=plan.round_id)
+            raise
         if answer.model is None:
             self._store.record_admission(self.job, plan)
         else:  # the model came along: admitted and downloaded in one transaction
@@ -526,15 +539,20 @@ class Client:
             return self._discard(
                 plan, f"cannot finish before the deadline (needs about {needed or 0:.0f} s)"
             )
-        privacy = self._privacy(plan)
-        if privacy is not None:
-            mechanism, budget, ledger = privacy
-            try:  # refuse before training, not after: the work would be wasted
-                epsilon_after = ledger.check(self.job, mechanism.noise_multiplier, budget)
-            except PrivacyBudgetExceeded:
-                yield self._request(LEAVE, identity, round_id=plan.round_id)
-                self._discard(plan, "the job's privacy budget is spent")
-                raise
+        try:  # the policy may have changed since the admission (an app update)
+            privacy = self.policy.check(plan)
+            if privacy is not None:  # refuse before training, not after: the work is wasted
+                ledger = PrivacyLedger(self._store.db, self._store.key)
+                epsilon_after = ledger.check(
+                    self.job,
+                    privacy.mechanism.noise_multiplier,
+                    privacy.budget,
+                    lifetime=privacy.lifetime,
+                )
+        except (PrivacyBudgetExceeded, PrivacyPolicyViolation) as exc:
+            yield self._request(LEAVE, identity, round_id=plan.round_id)
+            self._discard(plan, str(exc))
+            raise
         base = self._held_weights(plan)
         backend = self._backend(plan)
         # The backend checks the data (shape, finite values, labels in range) as it
@@ -556,14 +574,15 @@ class Client:
         delta = {
             name: (weights[name] - base[name]).astype(base[name].dtype, copy=False) for name in base
         }
-        metadata = {
-            "num_examples": str(result.num_examples),
-            "train_loss": repr(result.loss),
-            "model_version": str(plan.model_version),
-            "round_id": str(plan.round_id),
-        }
+        metadata = {"model_version": str(plan.model_version), "round_id": str(plan.round_id)}
+        if privacy is None or self.policy.share_metadata:
+            # Beside a DP release these would be unnoised facts about the data: by default
+            # they stay on the device, and the server weights the update like any other.
+            metadata["num_examples"] = str(result.num_examples)
+            metadata["train_loss"] = repr(result.loss)
         if privacy is not None:
-            delta = mechanism.privatize(delta, self._noise_source(plan))
+            delta = privacy.mechanism.privatize(delta, self._noise_source(plan))
+            # Not about the data: the count of releases and the plan fix it.
             metadata["epsilon_spent"] = repr(epsilon_after)
         spec = CompressionSpec.parse(plan.compression)
         residual_body = None
@@ -581,7 +600,13 @@ class Client:
             if seconds > 0:
                 self._store.record_speed(len(y) * settings.epochs / seconds)
             if privacy is not None:
-                ledger.charge(self.job, key, mechanism.noise_multiplier, budget)
+                ledger.charge(
+                    self.job,
+                    key,
+                    privacy.mechanism.noise_multiplier,
+                    privacy.budget,
+                    lifetime=privacy.lifetime,
+                )
             self._store._hold_update(self.job, plan, body, key, residual_body)
         return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
 
@@ -632,6 +657,13 @@ class Client:
             raise_for_error(response)
             offer = msgspec.msgpack.decode(response.content)
             params = secagg.decode(offer["params"], secagg.SecAggParams)
+            cohort = len(params.participants)
+            if cohort < self.policy.min_secure_cohort:
+                # A small sum says too much about each input: send nothing masked.
+                raise secagg.AggregationFailed(
+                    f"a secure aggregation of {cohort} devices is under the device's "
+                    f"minimum of {self.policy.min_secure_cohort} (PrivacyPolicy)"
+                )
             session = _SecureSession(secagg.SecAggClient(params, int(offer["device"])))
             yield from self._secure_post(
                 identity, plan, "keys", secagg.encode(session.client.advertise_keys())
@@ -684,7 +716,8 @@ class Client:
         """The update as ring elements: num_examples x delta, flat in name order, then
         num_examples, so the secure sum divided by its last element is FedAvg's mean."""
         tensors, metadata = decode_tensors(body)
-        examples = float(metadata["num_examples"])
+        # Without the count (a DP release keeps it on the device) every update weighs 1.
+        examples = float(metadata.get("num_examples", "1"))
         flat = np.concatenate([tensors[n].ravel() for n in sorted(tensors)] + [np.zeros(1)])
         weighted = flat.astype(np.float64) * examples
         weighted[-1] = examples
@@ -739,19 +772,6 @@ class Client:
             return self.estimate_seconds(work)
         speed = self._store.speed()  # examples per second, learned from past rounds
         return None if speed is None else work / speed
-
-    def _privacy(
-        self, plan: RoundPlan
-    ) -> tuple[GaussianMechanism, PrivacyBudget, PrivacyLedger] | None:
-        """The local-DP mechanism, budget and ledger a round asks for, if any."""
-        p = plan.privacy
-        if p.dp_epsilon is None:
-            return None
-        mechanism = GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip, p.neighbouring)
-        # Default budget: one release per round of the job, as the accountant counts them.
-        allowance = p.budget_epsilon or mechanism.epsilon(p.dp_delta, plan.rounds) * (1 + 1e-9)
-        budget = PrivacyBudget(allowance, p.dp_delta)
-        return mechanism, budget, PrivacyLedger(self._store.db, self._store.key)
 
     def _noise_source(self, plan: RoundPlan) -> NoiseSource:
         """Where this round's privacy noise comes from: the OS-keyed CSPRNG, unless a

@@ -5,6 +5,7 @@
     ├── StateError                the device's SQLite state cannot be used
     ├── ModelMismatch             downloaded weights do not fit the local model
     ├── PrivacyBudgetExceeded     a release would spend more privacy than the job's budget
+    ├── PrivacyPolicyViolation    a plan asks for less privacy than the device's policy allows
     ├── TransportError            the request never got an HTTP answer
     │   └── RequestTimeout
     └── ApiError                  the other side answered with an error (carries status + code)
@@ -46,6 +47,7 @@ __all__ = [
     "PayloadTooLarge",
     "RangeNotSatisfiable",
     "PrivacyBudgetExceeded",
+    "PrivacyPolicyViolation",
     "RequestTimeout",
     "RoundClosed",
     "ServerError",
@@ -86,14 +88,29 @@ class PrivacyBudgetExceeded(FedError):
     train for, or upload to, the job until its budget is raised.
     """
 
-    def __init__(self, job: str, *, epsilon: float, budget: float) -> None:
+    def __init__(self, job: str, *, epsilon: float, budget: float, scope: str = "job") -> None:
+        what = f"privacy budget of job {job!r}" if scope == "job" else "the device's lifetime"
         super().__init__(
-            f"privacy budget of job {job!r} exceeded: the release would bring epsilon to "
+            f"{what} exceeded: the release would bring epsilon to "
             f"{epsilon:.4g}, over the budget of {budget:.4g}"
         )
         self.job = job
         self.epsilon = epsilon
         self.budget = budget
+        #: "job" (the job's budget) or "lifetime" (every job of the device together).
+        self.scope = scope
+
+
+class PrivacyPolicyViolation(FedError):
+    """A job's plan asks for less privacy than the device's `PrivacyPolicy` allows.
+
+    Raised before the device trains or sends anything for the round; it leaves the
+    round. ``reason`` says which limit the plan broke."""
+
+    def __init__(self, job: str, reason: str) -> None:
+        super().__init__(f"job {job!r} refused by the device's privacy policy: {reason}")
+        self.job = job
+        self.reason = reason
 
 
 class TransportError(FedError):

@@ -14,6 +14,7 @@ import numpy as np
 from fedclient._client import Client, raise_for_error
 from fedclient._exceptions import FedError, InvalidInput
 from fedclient._state import DeviceState
+from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import JOB_STATUS, MODEL, JobStatus, decode_tensors
 from fedclient.runtime import TrainingBackend, check_dataset
 
@@ -42,6 +43,7 @@ def fit(
     rounds: int = 1,
     transport: httpx.BaseTransport | None = None,
     patience_seconds: float = 3600.0,
+    policy: PrivacyPolicy | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data``; ``federated=URL`` joins that job instead.
 
@@ -49,7 +51,8 @@ def fit(
     ``federated="https://host/jobs/NAME"`` the device takes part in ``rounds``
     rounds of job NAME (the server's plan sets epochs, batch size and learning
     rate), keeping its progress in ``state`` (a SQLite path), and ends with the
-    job's newest global model loaded into ``model``.
+    job's newest global model loaded into ``model``. ``policy`` is the device's
+    `PrivacyPolicy` (default: `PrivacyPolicy()`): plans outside it are refused.
     """
     x, y = check_dataset(data[0], data[1], inputs=model.inputs, classes=model.classes)
     if federated is None:
@@ -71,6 +74,7 @@ def fit(
         model=model,
         transport=transport,
         seed=seed,
+        policy=policy or PrivacyPolicy(),
     )
     history = []
     waited = 0.0

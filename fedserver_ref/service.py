@@ -569,8 +569,10 @@ class FederationService:
             tensors = decompress(tensors, CompressionSpec.parse(encoding), reference)
             body = encode_tensors(tensors, metadata)
         check_weights(tensors, reference)
+        dp = job.plan.privacy.dp_epsilon is not None
         try:
-            num_examples = int(metadata.get("num_examples", ""))
+            # A DP release comes without its (unnoised) example count: it weighs 1.
+            num_examples = int(metadata.get("num_examples", "1" if dp else ""))
             loss_text = metadata.get("train_loss")
             train_loss = float(loss_text) if loss_text is not None else None
         except ValueError as exc:
@@ -586,7 +588,7 @@ class FederationService:
                 f"uses {round_.model_version}"
             )
         epsilon: float | None = None
-        if job.plan.privacy.dp_epsilon is not None:
+        if dp:
             try:
                 epsilon = float(metadata.get("epsilon_spent") or "nan")
             except ValueError:

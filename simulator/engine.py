@@ -47,6 +47,7 @@ from fedclient import (
 from fedclient._client import raise_for_error
 from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.noise import SeededNoiseWarning
+from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import (
     JOB_STATUS,
     MODEL,
@@ -352,6 +353,8 @@ class _Fleet:
             # Reproducible reports: the privacy noise is drawn from the seed too. Not
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
+            # The researcher owns the simulated devices: they accept the plan's privacy.
+            policy=PrivacyPolicy.accepting(self.plan.privacy),
         )
         self.active.append(d)
         return d

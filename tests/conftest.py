@@ -125,6 +125,7 @@ def make_devices(digits: Dataset) -> Callable[..., list[fedclient.Client]]:
         transport: Any,
         *,
         base: str = "http://fedserver.local",
+        job: str = "digits",
         clock: Callable[[], float] | None = None,
         per_device: dict[str, Callable[[int], Any]] | None = None,
         **kwargs: Any,
@@ -135,7 +136,7 @@ def make_devices(digits: Dataset) -> Callable[..., list[fedclient.Client]]:
         return [
             fedclient.Client(
                 base,
-                "digits",
+                job,
                 (digits.x_train[p], digits.y_train[p]),
                 transport=transport[i] if isinstance(transport, list) else transport,
                 seed=i,

@@ -392,11 +392,13 @@ class PrivacyLedger:
                 " PRIMARY KEY (key, job, release_id))"
             )
 
-    def _rows(self, job: str) -> list[tuple[str, float, int]]:
+    def _rows(self, job: str | None) -> list[tuple[str, float, int]]:
+        """A job's releases (every job's, for ``None``)."""
+        where, args = ("key=?", [self.key]) if job is None else ("key=? AND job=?", [self.key, job])
         rows = self.db.execute(
             "SELECT release_id, noise_multiplier, count FROM privacy_ledger"
-            " WHERE key=? AND job=? ORDER BY rowid",
-            [self.key, job],
+            f" WHERE {where} ORDER BY rowid",
+            args,
         ).fetchall()
         return [(str(r[0]), float(r[1]), int(r[2])) for r in rows]
 
@@ -411,22 +413,55 @@ class PrivacyLedger:
         """Epsilon the device has spent on ``job`` so far, at ``delta``."""
         return self._epsilon(((z, c) for _, z, c in self._rows(job)), delta)
 
+    def spent_lifetime(self, delta: float) -> float:
+        """Epsilon the device has spent over every job together, at ``delta``."""
+        return self._epsilon(((z, c) for _, z, c in self._rows(None)), delta)
+
     def releases(self, job: str) -> int:
         """How many releases the ledger holds for ``job``."""
         return sum(c for _, _, c in self._rows(job))
 
-    def check(
-        self, job: str, noise_multiplier: float, budget: PrivacyBudget, count: int = 1
+    def _refuse_over(
+        self,
+        job: str,
+        noise_multiplier: float,
+        count: int,
+        budget: PrivacyBudget,
+        lifetime: PrivacyBudget | None,
+        rows: list[tuple[str, float, int]],
     ) -> float:
-        """Raise `PrivacyBudgetExceeded` unless ``count`` more releases fit; else the spend after.
+        """The job's spend with ``count`` more releases; raise if it or the lifetime's
+        would pass their budget."""
+        after = self._epsilon(
+            [*((z, c) for _, z, c in rows), (noise_multiplier, count)], budget.delta
+        )
+        if after > budget.epsilon * (1.0 + 1e-12):
+            raise PrivacyBudgetExceeded(job, epsilon=after, budget=budget.epsilon)
+        if lifetime is not None:
+            every = [(z, c) for _, z, c in self._rows(None)]
+            total = self._epsilon([*every, (noise_multiplier, count)], lifetime.delta)
+            if total > lifetime.epsilon * (1.0 + 1e-12):
+                raise PrivacyBudgetExceeded(
+                    job, epsilon=total, budget=lifetime.epsilon, scope="lifetime"
+                )
+        return after
+
+    def check(
+        self,
+        job: str,
+        noise_multiplier: float,
+        budget: PrivacyBudget,
+        count: int = 1,
+        *,
+        lifetime: PrivacyBudget | None = None,
+    ) -> float:
+        """Raise `PrivacyBudgetExceeded` unless ``count`` more releases fit the job's
+        ``budget`` (and the device's ``lifetime`` budget over every job, if given); else
+        the job's spend after them.
 
         Call it before training, to refuse a job early; it records nothing.
         """
-        rows = [(z, c) for _, z, c in self._rows(job)]
-        after = self._epsilon([*rows, (noise_multiplier, count)], budget.delta)
-        if after > budget.epsilon * (1.0 + 1e-12):
-            raise PrivacyBudgetExceeded(job, epsilon=after, budget=budget.epsilon)
-        return after
+        return self._refuse_over(job, noise_multiplier, count, budget, lifetime, self._rows(job))
 
     def charge(
         self,
@@ -435,15 +470,17 @@ class PrivacyLedger:
         noise_multiplier: float,
         budget: PrivacyBudget,
         count: int = 1,
+        *,
+        lifetime: PrivacyBudget | None = None,
     ) -> Charge:
         """Record ``count`` releases at ``noise_multiplier`` under ``release_id``, once.
 
         Idempotent by ``release_id``: charging it again returns the recorded
         charge with ``new=False``; charging it again with a different noise
         multiplier or count is a bug and raises `fedclient.InvalidInput`. If the
-        release would exceed ``budget``, raises `PrivacyBudgetExceeded` and
-        records nothing. Runs in one transaction (a savepoint inside the
-        caller's transaction, if any).
+        release would exceed ``budget`` (or ``lifetime``), raises
+        `PrivacyBudgetExceeded` and records nothing. Runs in one transaction (a
+        savepoint inside the caller's transaction, if any).
         """
         if not release_id:
             raise InvalidInput("release_id must be a non-empty string")
@@ -462,11 +499,7 @@ class PrivacyLedger:
                         )
                     spent = self._epsilon(((zz, cc) for _, zz, cc in rows), budget.delta)
                     return Charge(job, release_id, z, c, spent, budget.delta, new=False)
-            after = self._epsilon(
-                [*((z, c) for _, z, c in rows), (noise_multiplier, count)], budget.delta
-            )
-            if after > budget.epsilon * (1.0 + 1e-12):
-                raise PrivacyBudgetExceeded(job, epsilon=after, budget=budget.epsilon)
+            after = self._refuse_over(job, noise_multiplier, count, budget, lifetime, rows)
             self.db.execute(
                 "INSERT INTO privacy_ledger (key, job, release_id, noise_multiplier, count,"
                 " charged_at) VALUES (?, ?, ?, ?, ?, ?)",

@@ -19,6 +19,9 @@ from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio
 
+#: These rounds have 6 devices; a device's default policy refuses cohorts under 10.
+SMALL_COHORTS = fedclient.PrivacyPolicy(min_secure_cohort=2)
+
 
 def _server(secagg: str) -> Server:
     plan = plan_from_dict(
@@ -42,7 +45,7 @@ def _server(secagg: str) -> Server:
 
 
 async def _one_round(server: Server, make_devices: Any) -> dict[str, np.ndarray]:
-    devices = make_devices(6, server.transport())
+    devices = make_devices(6, server.transport(), policy=SMALL_COHORTS)
     for device in devices:
         for _ in range(3):
             await device.astep()  # check in, download, train
@@ -69,9 +72,27 @@ async def test_a_secure_round_gives_fedavg_of_the_updates(make_devices: Any, mod
     assert secure_server.service.job_status("digits").model_version == 1
 
 
+async def test_a_device_sends_nothing_masked_into_a_cohort_under_its_minimum(
+    make_devices: Any,
+) -> None:
+    # Six devices; the default policy wants at least ten in a secure sum: each device
+    # reads the cohort, sends no key and no masked input, and drops its update.
+    server = _server("secagg+")
+    devices = make_devices(6, server.transport())
+    for device in devices:
+        await step_until(device, fedclient.Phase.TRAINED)
+    for device in devices:
+        outcome = await device.astep()
+        assert outcome.status == "discarded" and "under the device's minimum of 10" in (
+            outcome.reason
+        )
+    assert server.service.secure.rounds[1].server.waiting_for == frozenset(range(1, 7))
+    assert server.store.model("digits", 1) is None
+
+
 async def test_secure_jobs_refuse_plain_uploads_and_bad_stage_messages(make_devices: Any) -> None:
     server = _server("secagg")
-    devices = make_devices(6, server.transport())
+    devices = make_devices(6, server.transport(), policy=SMALL_COHORTS)
     for device in devices:
         await device.astep()  # the sixth admission fixes the cohort
     async with server.http() as http:
@@ -129,7 +150,7 @@ async def _walk(devices: list[Any], passes: int = 10) -> list[Any]:
 
 async def test_a_stage_closes_at_its_deadline_without_the_dropouts(make_devices: Any) -> None:
     server = _server("secagg")
-    devices = make_devices(6, server.transport(), clock=server.clock)
+    devices = make_devices(6, server.transport(), clock=server.clock, policy=SMALL_COHORTS)
     for device in devices:
         for _ in range(3):
             await device.astep()
@@ -147,7 +168,7 @@ async def test_a_stage_closes_at_its_deadline_without_the_dropouts(make_devices:
 
 async def test_too_many_dropouts_fail_the_round_and_keep_the_model(make_devices: Any) -> None:
     server = _server("secagg")
-    devices = make_devices(6, server.transport(), clock=server.clock)
+    devices = make_devices(6, server.transport(), clock=server.clock, policy=SMALL_COHORTS)
     for device in devices:
         await step_until(device, fedclient.Phase.TRAINED)
     for device in devices:
