@@ -47,8 +47,9 @@ from fedclient._exceptions import (
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
+from fedclient.privacy.distributed import device_sigma
 from fedclient.privacy.dp import PrivacyLedger
-from fedclient.privacy.noise import NoiseSource
+from fedclient.privacy.noise import NoiseSource, discrete_gaussian
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import (
     CHECKIN,
@@ -580,13 +581,15 @@ class Client:
             # they stay on the device, and the server weights the update like any other.
             metadata["num_examples"] = str(result.num_examples)
             metadata["train_loss"] = repr(result.loss)
-        if privacy is not None:
+        if privacy is not None and not plan.privacy.distributed_dp:
             delta = privacy.mechanism.privatize(delta, self._noise_source(plan))
             # Not about the data: the count of releases and the plan fix it.
             metadata["epsilon_spent"] = repr(epsilon_after)
+        # With distributed DP the noise goes in with the masked input (`_secure_vector`);
+        # the ledger is charged for it below all the same, before anything can leave.
         spec = CompressionSpec.parse(plan.compression)
         residual_body = None
-        if spec.active:
+        if spec.active and not plan.privacy.secagg:  # secure sums quantise on their grid
             held_residual = self._store.residual(self.job)
             residual = decode_tensors(held_residual)[0] if held_residual else None
             tensors, left_out = compress(delta, spec, np.random.default_rng(seed), residual)
@@ -713,18 +716,48 @@ class Client:
         return response
 
     def _secure_vector(self, plan: RoundPlan, body: bytes, params: Any) -> np.ndarray:
-        """The update as ring elements: num_examples x delta, flat in name order, then
-        num_examples, so the secure sum divided by its last element is FedAvg's mean."""
+        """The update as ring elements, flat in name order.
+
+        Fixed point (``params.rotation`` None): num_examples x delta, then num_examples,
+        so the secure sum divided by its last element is FedAvg's mean. On a rotated
+        grid (compressed, or distributed DP): weight x delta, then the weight, with this
+        device's share of the noise when the plan asks for distributed DP."""
         tensors, metadata = decode_tensors(body)
-        # Without the count (a DP release keeps it on the device) every update weighs 1.
-        examples = float(metadata.get("num_examples", "1"))
-        flat = np.concatenate([tensors[n].ravel() for n in sorted(tensors)] + [np.zeros(1)])
-        weighted = flat.astype(np.float64) * examples
-        weighted[-1] = examples
+        flat = np.concatenate([tensors[n].ravel() for n in sorted(tensors)])
         # The rounding hides nothing (the masks do): its generator need not be secret.
         rng = np.random.default_rng(None if self.seed is None else [self.seed, plan.round_id, 11])
-        ring: np.ndarray = _secagg().quantize(weighted, params.quantization, rng)
+        rotation = params.rotation
+        if rotation is None:
+            # Without the count (a DP release keeps it on the device) every update weighs 1.
+            examples = float(metadata.get("num_examples", "1"))
+            weighted = np.append(flat.astype(np.float64) * examples, examples)
+            fixed: np.ndarray = _secagg().quantize(weighted, params.quantization, rng)
+            return fixed
+        noise = None
+        if plan.privacy.distributed_dp:
+            noise = self._distributed_noise(plan, rotation)
+        # A few bits cannot carry a count exactly: capped weights (McMahan et al. 2018).
+        # With DP every update weighs 1: a weight would put the count, unnoised, in the sum.
+        count = metadata.get("num_examples")
+        weight = 1.0
+        if count is not None and plan.privacy.dp_epsilon is None:
+            weight = min(1.0, int(count) / plan.privacy.weight_cap)
+        ring: np.ndarray = rotation.encode(flat * weight, weight, rng, noise)
         return ring
+
+    def _distributed_noise(self, plan: RoundPlan, rotation: Any) -> np.ndarray:
+        """This device's share of the sum's noise (distributed DP, `fedclient.privacy.
+        distributed`): enough that ``plan.min_devices`` shares give the sum the noise
+        multiplier the device charged its ledger for."""
+        privacy = self.policy.check(plan)
+        assert privacy is not None  # distributed_dp needs dp_epsilon (the plan checks it)
+        mechanism = privacy.mechanism
+        sensitivity = rotation.sensitivity() * (2.0 if mechanism.neighbouring == "replace" else 1.0)
+        sigma = device_sigma(
+            mechanism.noise_multiplier, sensitivity, max(1, plan.min_devices), rotation.padded
+        )
+        noise: np.ndarray = discrete_gaussian(sigma, rotation.padded, self._noise_source(plan))
+        return noise
 
     def _upload_chunks(
         self, identity: Identity, plan: RoundPlan, body: bytes, key: str

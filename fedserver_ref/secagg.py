@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedclient._exceptions import Conflict, InvalidRequest
+from fedclient._exceptions import Conflict, InvalidInput, InvalidRequest
 from fedclient.privacy.secagg import (
     AggregationFailed,
     EncryptedShare,
@@ -58,6 +58,7 @@ from fedclient.privacy.secagg import (
     _crypto,
     _shamir,
     dequantize,
+    unpack,
 )
 
 __all__ = ["SecAggResult", "SecAggServer", "ServerStage"]
@@ -285,15 +286,19 @@ class SecAggServer:
 
     # -- stage 2: masked input -------------------------------------------------------------
     def receive_masked_input(self, device: int, message: MaskedInput) -> None:
-        """Accept a masked input of exactly ``4 * vector_length`` bytes and add it to the sum."""
+        """Accept a masked input of exactly ``vector_length`` values of ``modulus_bits`` bits
+        and add it to the sum."""
         digest = hashlib.sha256(message.vector).digest()
         if not self._admit(device, ServerStage.MASK, digest):
             return
-        if len(message.vector) != 4 * self.params.vector_length:
-            raise InvalidRequest(
-                f"masked input is {len(message.vector)} bytes, not {4 * self.params.vector_length}"
-            )
-        np.add(self._sum, np.frombuffer(message.vector, dtype="<u4"), out=self._sum)
+        params = self.params
+        try:
+            vector = unpack(message.vector, params.modulus_bits, params.vector_length)
+        except InvalidInput as exc:
+            raise InvalidRequest(f"masked input: {exc}") from None
+        if params.modulus_bits < 32 and int(vector.max(initial=0)) > params.modulus_mask:
+            raise InvalidRequest("masked input values exceed the modulus")
+        np.add(self._sum, vector, out=self._sum)
         self._digests[ServerStage.MASK][device] = digest
 
     def close_masking(self) -> dict[int, UnmaskRequest]:
@@ -416,7 +421,7 @@ class SecAggServer:
                 pair_key = _crypto.pairwise_mask_key(agreed, session, survivor, device)
                 # The survivor added +mask if its number is the smaller one.
                 expander.add(total, pair_key, -1 if survivor < device else +1)
-        ring_sum = total.astype(np.uint32)
+        ring_sum = (total & np.uint32(params.modulus_mask)).astype(np.uint32)
         self._result = SecAggResult(
             ring_sum=ring_sum,
             total=dequantize(ring_sum, params.quantization),

@@ -22,18 +22,27 @@ ephemeral too).
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from fedclient._exceptions import Conflict, Forbidden, NotFound, TooEarly
+from fedclient.compression import CompressionSpec
+from fedclient.privacy.dp import GaussianMechanism
 from fedclient.privacy.secagg import (
+    BLOCK,
+    BOUND_SIGMAS,
     AggregationFailed,
     KeyAdvertisement,
     MaskedInput,
     Quantization,
+    RotatedQuantization,
     SecAggParams,
     ShareKeys,
     UnmaskResponse,
@@ -41,11 +50,11 @@ from fedclient.privacy.secagg import (
     dequantize,
     encode,
 )
-from fedclient.protocol import JobPlan, UploadReceipt, Weights
+from fedclient.protocol import JobPlan, PrivacySettings, UploadReceipt, Weights
 from fedserver_ref.secagg import SecAggServer
 from fedserver_ref.strategies import ClientUpdate
 
-__all__ = ["STAGES", "SecureRounds", "secure_vector_length"]
+__all__ = ["STAGES", "SecureRounds", "rotated_encoding", "secure_vector_length"]
 
 STAGES = ("params", "keys", "shares", "masked", "unmask")
 
@@ -53,6 +62,42 @@ STAGES = ("params", "keys", "shares", "masked", "unmask")
 def secure_vector_length(weights: Weights) -> int:
     """Ring elements a device sends: every parameter, then its example count."""
     return sum(int(v.size) for v in weights.values()) + 1
+
+
+def distributed_noise_ratio(privacy: PrivacySettings, min_devices: int, dimension: int) -> float:
+    """About how many grid steps of noise each device adds per level of its values, with
+    distributed DP: what the ring must be wide enough for. Sized for the replace relation
+    (twice add_remove's sensitivity), whatever the plan says, since a device may account
+    that way (`fedclient.PrivacyPolicy`)."""
+    assert privacy.dp_epsilon is not None
+    z = GaussianMechanism.for_release(privacy.dp_epsilon, privacy.dp_delta, 1.0).noise_multiplier
+    padded = -(-dimension // BLOCK) * BLOCK
+    steps_per_level = math.sqrt(padded) / BOUND_SIGMAS  # clip in grid steps, per level
+    return z * 2.0 * steps_per_level / math.sqrt(max(1, min_devices))
+
+
+def rotated_encoding(
+    plan: JobPlan, cohort: int, weights: Weights, session: bytes
+) -> RotatedQuantization | None:
+    """The common grid of a compressed (q8, q4) or noised (distributed DP) secure sum,
+    or None for the plain 32-bit fixed point. Its rotation's public randomness comes
+    from the session."""
+    bits = CompressionSpec.parse(plan.job.compression).bits
+    p = plan.privacy
+    if bits is None and not p.distributed_dp:
+        return None
+    dimension = sum(int(v.size) for v in weights.values())
+    noise_ratio = 0.0
+    if p.distributed_dp:
+        noise_ratio = distributed_noise_ratio(p, plan.job.min_devices, dimension)
+    return RotatedQuantization.create(
+        dimension,
+        clip=p.clip,
+        max_devices=max(2, cohort),
+        seed=hashlib.sha256(b"fedclient/rotation" + session).digest(),
+        bits=bits,
+        noise_ratio=noise_ratio,
+    )
 
 
 @dataclass
@@ -69,8 +114,11 @@ class _SecureRound:
 class SecureRounds:
     """The secure rounds in progress, by round id."""
 
-    def __init__(self) -> None:
+    def __init__(self, random: Callable[[int], bytes] = os.urandom) -> None:
         self.rounds: dict[int, _SecureRound] = {}
+        #: Where sessions and graphs come from: the OS, except in a simulation that wants
+        #: the same report from the same seed (a session is public, so nothing hides).
+        self.random = random
 
     def open(self, round_id: int, plan: JobPlan, admitted: list[str], weights: Weights) -> None:
         """Fix the cohort of a full round and set up its aggregation. Each stage closes when
@@ -79,11 +127,16 @@ class SecureRounds:
         its threshold)."""
         p = plan.privacy
         members = {device: i for i, device in enumerate(admitted, start=1)}
+        session = self.random(32)
+        rotation = rotated_encoding(plan, len(members), weights, session)
         params = SecAggParams.create(
             list(members.values()),
-            secure_vector_length(weights),
+            rotation.vector_length if rotation else secure_vector_length(weights),
             plus=p.secagg == "secagg+",
             quantization=Quantization(p.secagg_clip, max_devices=max(2, len(members))),
+            session=session,
+            graph_seed=self.random(32),
+            rotation=rotation,
         )
         self.rounds[round_id] = _SecureRound(
             params, SecAggServer(params), members, stage_seconds=p.secagg_stage_seconds
@@ -170,10 +223,14 @@ class SecureRounds:
 
     def _aggregate(self, round_id: int, secure: _SecureRound) -> ClientUpdate:
         result = secure.server.finish()
-        total = dequantize(result.ring_sum, secure.params.quantization)
-        examples = float(total[-1])
+        rotation = secure.params.rotation
+        if rotation is None:
+            total = dequantize(result.ring_sum, secure.params.quantization)
+            flat, examples = total[:-1], float(total[-1])
+        else:
+            flat, examples = rotation.decode(result.ring_sum)
         if examples <= 0:
             raise Conflict("the secure sum holds no examples")
         del self.rounds[round_id]
         # The weighted mean update, flat in sorted-name order; the caller gives it shape.
-        return ClientUpdate("secagg", max(1, round(examples)), {"flat": total[:-1] / examples})
+        return ClientUpdate("secagg", max(1, round(examples)), {"flat": flat / examples})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -69,9 +70,13 @@ class FederationService:
         *,
         strategy: Strategy | None = None,
         clock: Callable[[], float] = time.time,
+        secure_random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.store = store
         self.clock = clock
+        # Public randomness of secure aggregations (sessions, graphs, rotations): a
+        # simulation seeds it to reproduce its report; it hides nothing either way.
+        self.secure_random = secure_random
         self.rounds = SyncRounds(store, strategy)
         self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
@@ -88,7 +93,7 @@ class FederationService:
         if self._secure is None:
             from fedserver_ref.secure_rounds import SecureRounds
 
-            self._secure = SecureRounds()
+            self._secure = SecureRounds(self.secure_random)
         return self._secure
 
     # -- setup -----------------------------------------------------------------
@@ -525,6 +530,7 @@ class FederationService:
             job.plan.job.compression,
             job.plan.privacy,
             job.plan.job.rounds,
+            job.plan.job.min_devices,
         )
 
     def _model_body(self, job: str, version: int) -> tuple[bytes, str]:

@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
         "release; budget per device over the job, default epsilon x rounds)",
     )
     run.add_argument(
+        "--distributed-dp",
+        action="store_true",
+        help="with --dp and --secagg/--secagg-plus: each device adds a share of discrete "
+        "Gaussian noise so that the secure sum, not each update, is (epsilon, delta)-DP "
+        "per round (Kairouz et al. 2021)",
+    )
+    run.add_argument(
         "--compress",
         default="",
         help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",

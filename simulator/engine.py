@@ -125,6 +125,7 @@ class SimulationConfig:
     no_header: bool = False
     dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
     secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
+    distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private
     mode: str = "sync"  # sync rounds, or async (FedBuff) buffers
     max_staleness: int = 10
     strategy: str = "fedavg"  # the server's aggregation (fedserver_ref.strategies)
@@ -182,6 +183,7 @@ class SimulationConfig:
                 "privacy": {
                     **_privacy(self.dp),
                     **({"secagg": self.secagg} if self.secagg else {}),
+                    **({"distributed_dp": True} if self.distributed_dp else {}),
                 },
                 "strategy": {
                     "name": self.strategy,
@@ -512,7 +514,9 @@ async def simulate(
     clock = SimClock()
     service: FederationService | None = None
     if config.server is None:
-        service = FederationService(ServerStore(), clock=clock)
+        # Secure aggregations' public randomness from the seed: the same report each time.
+        public = np.random.default_rng([config.seed, 5])
+        service = FederationService(ServerStore(), clock=clock, secure_random=public.bytes)
         _without_secure_delete(service.store.db)
         service.add_job(plan)
         server = _Server(
@@ -817,6 +821,9 @@ def _privacy_report(plan: JobPlan, fleet: _Fleet) -> dict[str, Any]:
     return {
         "noise": "seeded from --seed for a reproducible report: a simulation's noise is "
         "not private (devices draw theirs from a CSPRNG)",
+        # local: each device's update is (epsilon, delta)-DP; distributed: each round's
+        # secure sum is, for every device in it (the ledgers charge the same per round).
+        "mechanism": "distributed" if p.distributed_dp else "local",
         "epsilon_per_release": p.dp_epsilon,
         "delta": p.dp_delta,
         "clip": p.clip,

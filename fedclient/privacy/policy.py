@@ -82,7 +82,8 @@ class PrivacyPolicy:
     @classmethod
     def accepting(cls, settings: PrivacySettings) -> PrivacyPolicy:
         """A policy that accepts whatever a plan's privacy ``settings`` ask: for
-        simulations, whose researcher is also the devices' owner."""
+        simulations, whose researcher is also the devices' owner. Metadata stay on the
+        device beside a DP release, as by default."""
         return cls(
             max_delta=max(settings.dp_delta, 1e-5),
             max_epsilon_per_release=None,
@@ -90,7 +91,6 @@ class PrivacyPolicy:
             max_epsilon_lifetime=None,
             neighbouring=settings.neighbouring,
             min_secure_cohort=2,
-            share_metadata=True,
         )
 
     def check(self, plan: RoundPlan) -> RoundPrivacy | None:

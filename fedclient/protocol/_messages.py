@@ -100,6 +100,14 @@ class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secagg_clip: PositiveFloat = 32768.0
     #: A secure-aggregation stage closes this long after its first message, at the latest.
     secagg_stage_seconds: PositiveFloat = 60.0
+    #: Distributed DP (with secure aggregation and dp_epsilon): each device adds a share
+    #: of discrete Gaussian noise so that the *sum* is (dp_epsilon, dp_delta)-DP per round
+    #: (Kairouz et al. 2021), instead of noising its own update for the server to see.
+    distributed_dp: bool = False
+    #: A compressed or distributed-DP secure sum weights each update by
+    #: min(1, num_examples / weight_cap): its few bits cannot carry a count exactly
+    #: (capped weights, McMahan et al. 2018). A DP release weighs 1 (no count is sent).
+    weight_cap: PositiveInt = 100
 
 
 class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -136,7 +144,21 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("job.min_devices must not exceed job.devices_per_round")
         from fedclient.compression import CompressionSpec
 
-        CompressionSpec.parse(self.job.compression)  # refuse a plan devices could not follow
+        # Refuse a plan devices could not follow, when it is loaded, never with a hang.
+        spec = CompressionSpec.parse(self.job.compression)
+        p = self.privacy
+        if p.secagg and self.job.mode == "async":
+            raise ValueError(
+                "secure aggregation needs sync rounds (a fixed cohort per sum); "
+                "async (FedBuff) buffers have none: use mode = 'sync' or drop secagg"
+            )
+        if p.secagg and spec.topk is not None:
+            raise ValueError(
+                "top-k keeps different coordinates on each device, so masked vectors no "
+                "longer line up: secure aggregation takes q8 or q4, not topk"
+            )
+        if p.distributed_dp and not (p.secagg and p.dp_epsilon is not None):
+            raise ValueError("distributed_dp needs secagg (or secagg+) and dp_epsilon")
 
     @property
     def admit_per_round(self) -> int:
@@ -204,6 +226,9 @@ class RoundPlan(msgspec.Struct, frozen=True):
     compression: str = ""
     privacy: PrivacySettings = msgspec.field(default_factory=PrivacySettings)
     rounds: int = 1  # rounds in the job (the default privacy budget counts them)
+    #: The fewest updates a round closes with (distributed DP calibrates each device's
+    #: share of the noise for that many).
+    min_devices: int = 1
 
     def rebased(self, now: float) -> RoundPlan:
         """The same plan with ``deadline`` moved onto a clock that reads ``now``."""

@@ -357,7 +357,7 @@ def test_bad_masked_inputs_are_rejected_and_late_ones_refused() -> None:
     bundles = agg.share()
     server = agg.server
     message = agg.clients[1].masked_input(bundles[1], agg.inputs[1])
-    with pytest.raises(InvalidRequest, match="not 32"):
+    with pytest.raises(InvalidRequest, match="want 32"):
         server.receive_masked_input(1, MaskedInput(message.vector + b"\0\0\0\0"))
     with pytest.raises(InvalidRequest, match="not a participant"):
         server.receive_masked_input(0, message)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import fedclient
+from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
+from fedclient.privacy.secagg import RotatedQuantization
 from fedclient.protocol import decode_tensors
 from fedserver_ref import FederationService, ServerStore, plan_from_dict
 from simulator.cli import main as fedsim
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.anyio
 SMALL_COHORTS = fedclient.PrivacyPolicy(min_secure_cohort=2)
 
 
-def _server(secagg: str) -> Server:
+def _server(secagg: str, compression: str = "", **privacy: Any) -> Server:
     plan = plan_from_dict(
         {
             "job": {
@@ -32,10 +34,11 @@ def _server(secagg: str) -> Server:
                 "devices_per_round": 6,
                 "over_selection": 1.0,
                 "seed": 4,
+                "compression": compression,
             },
             "model": {"kind": "mlp", "inputs": 64, "hidden": [16], "classes": 10},
             "train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.1},
-            "privacy": {"secagg": secagg} if secagg else {},
+            "privacy": {"secagg": secagg, **privacy} if secagg else {},
         }
     )
     clock = ManualClock()
@@ -44,8 +47,11 @@ def _server(secagg: str) -> Server:
     return Server(service, clock)
 
 
-async def _one_round(server: Server, make_devices: Any) -> dict[str, np.ndarray]:
-    devices = make_devices(6, server.transport(), policy=SMALL_COHORTS)
+async def _one_round(
+    server: Server, make_devices: Any, devices: list[Any] | None = None
+) -> dict[str, np.ndarray]:
+    if devices is None:
+        devices = make_devices(6, server.transport(), policy=SMALL_COHORTS)
     for device in devices:
         for _ in range(3):
             await device.astep()  # check in, download, train
@@ -70,6 +76,65 @@ async def test_a_secure_round_gives_fedavg_of_the_updates(make_devices: Any, mod
         np.testing.assert_allclose(secure[name], plain[name], atol=2e-4)
     assert secure_server.store.update_count(1) == 0  # no device's update was ever stored
     assert secure_server.service.job_status("digits").model_version == 1
+
+
+@pytest.mark.parametrize("compression", ["q8", "q4"])
+async def test_a_compressed_secure_round_gives_the_mean_in_fewer_bytes(
+    make_devices: Any, compression: str
+) -> None:
+    # Finding 8: --compress q8 with SecAgg crashed every device ("wants length 651, got
+    # (655,)") and the round never ended. The quantised values now go into the field.
+    plain = await _one_round(_server("secagg+"), make_devices)
+    server = _server("secagg+", compression, clip=5.0)  # a clip the updates stay under
+    secure = await _one_round(server, make_devices)
+    assert server.service.job_status("digits").model_version == 1
+    # Each device holds ~240 examples, over the weight cap (100): weights are 1, the
+    # counts nearly equal, so the mean is FedAvg's but for the q8 / q4 rounding, whose
+    # error is bounded by the grid's step.
+    d = sum(v.size for v in plain.values())
+    grid = RotatedQuantization.create(
+        d, clip=5.0, max_devices=6, seed=bytes(32), bits=int(compression[1:])
+    )
+    gap = np.sqrt(sum(float(np.sum((secure[n] - plain[n]) ** 2)) for n in plain))
+    assert 0 < gap < 1.2 * np.sqrt(6 * grid.padded) * grid.step / 2 / 6
+    assert grid.modulus_bits < 16  # what each device sent: a few bits a coordinate
+
+
+async def test_a_distributed_dp_round_adds_each_device_s_share_of_the_noise(
+    make_devices: Any,
+) -> None:
+    plain = await _one_round(_server("secagg"), make_devices)
+    server = _server("secagg", dp_epsilon=8.0, clip=1.0, distributed_dp=True)
+    devices = make_devices(6, server.transport(), policy=SMALL_COHORTS)
+    secure = await _one_round(server, make_devices, devices)
+    noise = np.concatenate([(secure[n] - plain[n]).ravel() for n in plain])
+    # The job's min_devices is 1, so each device adds all the noise one (8, 1e-5)
+    # release needs at the replace sensitivity 2 * clip (a malicious server could
+    # otherwise close the round on one device's share). Six devices: the mean carries
+    # sqrt(6) / 6 of it, rotated into the model's coordinates unchanged in size.
+    z = GaussianMechanism.for_release(8.0, 1e-5, 1.0).noise_multiplier
+    assert np.std(noise) == pytest.approx(z * 2.0 / np.sqrt(6), rel=0.1)
+    for device in devices:  # each device charged its ledger, once, before sending
+        ledger = PrivacyLedger(device.device_state.db, device.device_state.key)
+        assert ledger.releases("digits") == 1
+        assert ledger._rows("digits")[0][1] == pytest.approx(z)
+
+
+async def test_plans_that_cannot_work_are_refused_when_loaded() -> None:
+    # Finding 8: async mode with SecAgg left devices waiting forever.
+    base = {"job": {"name": "x", "devices_per_round": 4}}
+    with pytest.raises(fedclient.InvalidInput, match="sync rounds"):
+        plan_from_dict(
+            {**base, "job": {"name": "x", "mode": "async"}, "privacy": {"secagg": "secagg"}}
+        )
+    with pytest.raises(fedclient.InvalidInput, match="not topk"):
+        plan_from_dict(
+            {"job": {"name": "x", "compression": "topk:0.1,q8"}, "privacy": {"secagg": "secagg+"}}
+        )
+    with pytest.raises(fedclient.InvalidInput, match="distributed_dp needs"):
+        plan_from_dict(
+            {"job": {"name": "x"}, "privacy": {"dp_epsilon": 8.0, "distributed_dp": True}}
+        )
 
 
 async def test_a_device_sends_nothing_masked_into_a_cohort_under_its_minimum(
@@ -137,6 +202,41 @@ def test_fedsim_secagg_plus_matches_plaintext(tmp_path: Path) -> None:
     secure = json.loads((tmp_path / "secure.json").read_text())
     assert [r["updates"] for r in secure["rounds"]] == [8, 8, 8]
     assert abs(plain["final"]["accuracy"] - secure["final"]["accuracy"]) <= 0.005
+
+
+def test_fedsim_distributed_dp_reports_the_aggregate_s_privacy_and_reproduces(
+    tmp_path: Path,
+) -> None:
+    common = [
+        "run",
+        "--dataset",
+        "digits",
+        "--devices",
+        "24",
+        "--devices-per-round",
+        "8",
+        "--rounds",
+        "3",
+        "--seed",
+        "1",
+        "--quiet",
+        "--no-plot",
+        "--dp",
+        "epsilon=8,delta=1e-5,clip=1.0",
+        "--secagg-plus",
+        "--distributed-dp",
+        "--compress",
+        "q8",
+    ]
+    reports = []
+    for name in ("a", "b"):
+        assert fedsim([*common, "--report", str(tmp_path / f"{name}.json")]) == 0
+        reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    a, b = reports
+    privacy = a["final"]["privacy"]
+    assert privacy["mechanism"] == "distributed" and privacy["max_epsilon_spent"] > 0
+    assert [r["accuracy"] for r in a["rounds"]] == [r["accuracy"] for r in b["rounds"]]
+    assert [r["updates"] for r in a["rounds"]] == [8, 8, 8]
 
 
 async def _walk(devices: list[Any], passes: int = 10) -> list[Any]:

@@ -20,6 +20,13 @@ range (a device can always spoil the sum, never learn another's input).
 """
 
 from fedclient.privacy.secagg._client import ClientStage, SecAggClient
+from fedclient.privacy.secagg._encoding import (
+    BLOCK,
+    BOUND_SIGMAS,
+    RotatedQuantization,
+    pack,
+    unpack,
+)
 from fedclient.privacy.secagg._errors import (
     AggregationFailed,
     InvalidShare,
@@ -46,6 +53,8 @@ from fedclient.privacy.secagg._params import MAX_VECTOR_LENGTH, SecAggParams, de
 from fedclient.privacy.secagg._quantize import MODULUS_BITS, Quantization, dequantize, quantize
 
 __all__ = [
+    "BLOCK",
+    "BOUND_SIGMAS",
     "MAX_VECTOR_LENGTH",
     "MODULUS_BITS",
     "AggregationFailed",
@@ -60,6 +69,7 @@ __all__ = [
     "Quantization",
     "RelayedShare",
     "RevealedShare",
+    "RotatedQuantization",
     "SecAggClient",
     "SecAggError",
     "SecAggMessage",
@@ -72,5 +82,7 @@ __all__ = [
     "default_neighbours",
     "dequantize",
     "encode",
+    "pack",
     "quantize",
+    "unpack",
 ]

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedclient._exceptions import InvalidInput
 from fedclient.privacy.secagg import _crypto, _shamir
+from fedclient.privacy.secagg._encoding import pack
 from fedclient.privacy.secagg._errors import AggregationFailed, InvalidShare, ProtocolViolation
 from fedclient.privacy.secagg._messages import (
     EncryptedShare,
@@ -196,7 +197,8 @@ class SecAggClient:
             raise InvalidShare(sender, str(exc)) from exc
 
     def masked_input(self, bundle: ShareBundle, vector: npt.NDArray[np.uint32]) -> MaskedInput:
-        """Stage 2: ``vector`` (quantised, uint32) plus the self-mask and the pairwise masks.
+        """Stage 2: ``vector`` (quantised, uint32) plus the self-mask and the pairwise masks,
+        in Z_{2^modulus_bits}.
 
         Each relayed share is decrypted and checked; one that fails is recorded
         in `rejected_shares` (the sender still counts as a peer, so the pairwise
@@ -238,7 +240,9 @@ class SecAggClient:
                 raise ProtocolViolation(f"unusable mask key for device {peer}: {exc}") from exc
             key = _crypto.pairwise_mask_key(secret, params.session, self.device, peer)
             expander.add(masked, key, +1 if self.device < peer else -1)
-        message = MaskedInput(masked.tobytes())
+        if params.modulus_bits < 32:  # the masks mod 2^b are the 32-bit masks' low bits
+            np.bitwise_and(masked, np.uint32(params.modulus_mask), out=masked)
+        message = MaskedInput(pack(masked, params.modulus_bits))
         self._received = received
         self.rejected_shares = rejected
         self._maskers = sorted(senders)

@@ -13,6 +13,7 @@ import msgspec
 
 from fedclient._exceptions import InvalidInput
 from fedclient.privacy.secagg._crypto import DOMAIN
+from fedclient.privacy.secagg._encoding import RotatedQuantization
 from fedclient.privacy.secagg._quantize import Quantization
 
 __all__ = ["MAX_VECTOR_LENGTH", "SecAggParams", "default_neighbours"]
@@ -51,6 +52,10 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       honest device, which reveals either the self-mask share or the key share
       of each peer and never both, cannot be led to hand out both secrets of
       one device; it must be at most the smallest group.
+    - ``modulus_bits``: the sum is taken in Z_{2^modulus_bits}; a masked input
+      travels as ``modulus_bits`` bits a value (`pack`).
+    - ``rotation``: for a compressed or noised sum, the common grid every device
+      encodes its update on (`RotatedQuantization`); None: ``quantization``.
     """
 
     session: bytes
@@ -60,8 +65,17 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     quantization: Quantization = msgspec.field(default_factory=Quantization)
     neighbours: int | None = None
     graph_seed: bytes = b""
+    modulus_bits: int = 32
+    rotation: RotatedQuantization | None = None
 
     def __post_init__(self) -> None:
+        if not 2 <= self.modulus_bits <= 32:
+            raise InvalidInput(f"modulus_bits must be in [2, 32], got {self.modulus_bits}")
+        if self.rotation is not None and (
+            self.rotation.modulus_bits != self.modulus_bits
+            or self.rotation.vector_length != self.vector_length
+        ):
+            raise InvalidInput("the rotated encoding does not match the ring or the length")
         if len(self.session) != 32:
             raise InvalidInput("session must be 32 bytes")
         ids = self.participants
@@ -100,6 +114,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         quantization: Quantization | None = None,
         session: bytes | None = None,
         graph_seed: bytes | None = None,
+        rotation: RotatedQuantization | None = None,
     ) -> SecAggParams:
         """Parameters for one aggregation over ``participants``.
 
@@ -107,7 +122,8 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         the default threshold is the smallest majority of the largest group.
         ``session`` and ``graph_seed`` (32 bytes each, public) default to fresh
         bytes from the OS CSPRNG; pass them to reproduce a graph. A session must
-        never be reused for a second aggregation.
+        never be reused for a second aggregation. With ``rotation`` the ring is
+        its ``modulus_bits`` (``vector_length`` must be its ``vector_length``).
         """
         ids = sorted(participants)
         k = None
@@ -125,6 +141,8 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             quantization=quantization or Quantization(),
             neighbours=k,
             graph_seed=seed,
+            modulus_bits=rotation.modulus_bits if rotation else 32,
+            rotation=rotation,
         )
 
     @property
@@ -136,6 +154,11 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def graph(self) -> Mapping[int, frozenset[int]]:
         """Every participant's neighbours (cached per parameter set)."""
         return _graph(tuple(self.participants), self.neighbours, self.graph_seed)
+
+    @property
+    def modulus_mask(self) -> int:
+        """``2^modulus_bits - 1``: a ring element's bits."""
+        return int(2**self.modulus_bits - 1)
 
     def neighbourhood(self, device: int) -> frozenset[int]:
         """The participants ``device`` shares masks and secrets with (itself excluded)."""
