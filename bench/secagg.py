@@ -25,6 +25,7 @@ with two device processes on the same cores.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing as mp
 import random
 import resource
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fedclient.identity import SigningKey
 from fedclient.privacy.secagg import (
     KeyAdvertisement,
     KeyRoster,
@@ -46,6 +48,8 @@ from fedclient.privacy.secagg import (
     SecAggParams,
     ShareBundle,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
     decode,
@@ -54,7 +58,18 @@ from fedclient.privacy.secagg import (
 )
 from fedserver_ref.secagg import SecAggServer
 
-STAGES = ("advertise", "share", "mask", "unmask")
+STAGES = ("advertise", "share", "mask", "consistency", "unmask")
+
+
+def signer(seed: int, device: int) -> SigningKey:
+    """The device's identity key: reproducible, so workers and the server agree on it."""
+    return SigningKey(hashlib.sha256(f"bench/{seed}/{device}".encode()).digest())
+
+
+def client_for(params: SecAggParams, device: int, seed: int) -> SecAggClient:
+    """A device that trusts the identity keys the server relays (no authority pinned:
+    certificates would add one signature check per peer and change nothing else)."""
+    return SecAggClient(params, device, signer(seed, device), min_contributors=2)
 
 
 def device_input(params: SecAggParams, seed: int, device: int) -> np.ndarray:
@@ -77,6 +92,8 @@ def answer(
     elif stage == "mask":
         assert x is not None
         message = client.masked_input(decode(data or b"", ShareBundle), x)
+    elif stage == "consistency":
+        message = client.consistency(decode(data or b"", SurvivorList))
     else:
         message = client.unmask(decode(data or b"", UnmaskRequest))
     body = encode(message)
@@ -86,7 +103,7 @@ def answer(
 def worker(conn: Connection, params_bytes: bytes, devices: list[int], seed: int) -> None:
     """Run ``devices``' clients: answer each stage's messages, with the time each took."""
     params = decode(params_bytes, SecAggParams)
-    clients = {d: SecAggClient(params, d) for d in devices}
+    clients = {d: client_for(params, d, seed) for d in devices}
     while True:
         stage, payload = conn.recv()
         if stage == "stop":
@@ -175,9 +192,11 @@ def run(mode: str, devices: int, length: int, dropout: float, workers: int, seed
     # One device runs here, alone, after the fleet finished each stage: its times are
     # those of a device with the CPU to itself.
     probe = min(set(params.participants) - dropped)
-    probe_client = SecAggClient(decode(encode(params), SecAggParams), probe)
+    probe_client = client_for(decode(encode(params), SecAggParams), probe, seed)
     ledger = Ledger()
-    server = SecAggServer(params)
+    server = SecAggServer(
+        params, {d: (signer(seed, d).public, None) for d in params.participants}
+    )
     announce = len(encode(params))
     fleet = Fleet(params, workers, seed, probe)
     wall = time.perf_counter()
@@ -189,6 +208,11 @@ def run(mode: str, devices: int, length: int, dropout: float, workers: int, seed
             "advertise": (KeyAdvertisement, server.receive_keys, server.close_advertise),
             "share": (ShareKeys, server.receive_shares, server.close_sharing),
             "mask": (MaskedInput, server.receive_masked_input, server.close_masking),
+            "consistency": (
+                SurvivorSignature,
+                server.receive_consistency,
+                server.close_consistency,
+            ),
             "unmask": (UnmaskResponse, server.receive_unmask, server.finish),
         }
         expected = None

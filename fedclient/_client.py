@@ -252,6 +252,7 @@ class Client:
         self._sync: httpx.Client | _Direct | None = None
         self._async: httpx.AsyncClient | _AsyncDirect | None = None
         self._secure: dict[int, _SecureSession] = {}
+        self._identity: Any = None  # fedclient.identity.SigningKey, loaded on first use
         # The model just downloaded and checked, (version, etag, weights), handed to the
         # training step that follows so it need not read and decode the stored copy.
         self._downloaded: tuple[int, str, Weights] | None = None
@@ -260,6 +261,20 @@ class Client:
     def device_state(self) -> DeviceState:
         """The device's SQLite state."""
         return self._store
+
+    @property
+    def identity_key(self) -> bytes:
+        """The device's Ed25519 identity public key (made on first use and kept in the
+        state): what an identity authority certifies (`DeviceState.set_identity_certificate`)."""
+        return bytes(self._signer().public)
+
+    def _signer(self) -> Any:
+        """The device's identity key (`fedclient.identity.SigningKey`), loaded once."""
+        if self._identity is None:
+            from fedclient.identity import SigningKey
+
+            self._identity = SigningKey(self._store.signing_key())
+        return self._identity
 
     # -- drivers ---------------------------------------------------------------
     def step(self) -> StepOutcome:
@@ -482,6 +497,8 @@ class Client:
             model_version=held[0] if held else None,
             inline_model_max=inline,
             enrol_label=self.label if enrol else None,
+            identity_key=self.identity_key if enrol else None,
+            identity_certificate=self._store.identity_certificate() if enrol else None,
         )
         headers = {"Accept": f"{MSGPACK_MEDIA_TYPE}, application/json"} if inline else None
         response = yield self._request(CHECKIN, identity, json=body, headers=headers, job=self.job)
@@ -667,7 +684,17 @@ class Client:
                     f"a secure aggregation of {cohort} devices is under the device's "
                     f"minimum of {self.policy.min_secure_cohort} (PrivacyPolicy)"
                 )
-            session = _SecureSession(secagg.SecAggClient(params, int(offer["device"])))
+            # Distributed DP's noise is made for min_devices shares: no fewer may be unmasked.
+            shares = plan.min_devices if plan.privacy.distributed_dp else 0
+            client = secagg.SecAggClient(
+                params,
+                int(offer["device"]),
+                self._signer(),
+                trusted_authorities=self.policy.trusted_authorities,
+                min_contributors=max(self.policy.min_secure_cohort, shares),
+                colluding_fraction=self.policy.max_colluding_fraction,
+            )
+            session = _SecureSession(client)
             yield from self._secure_post(
                 identity, plan, "keys", secagg.encode(session.client.advertise_keys())
             )
@@ -692,6 +719,10 @@ class Client:
                     identity, plan, "masked", secagg.encode(masked)
                 )
                 session.receipt, session.stage = _decode(answer, UploadReceipt), "masked"
+            elif session.stage == "masked":
+                survivors = secagg.decode(response.content, secagg.SurvivorList)
+                message, session.stage = client.consistency(survivors), "consistency"
+                yield from self._secure_post(identity, plan, "consistency", secagg.encode(message))
             else:
                 request = secagg.decode(response.content, secagg.UnmaskRequest)
                 yield from self._secure_post(

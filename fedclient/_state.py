@@ -48,6 +48,9 @@ MIGRATIONS: dict[int, list[str]] = {
     4: [  # what compression left out of past updates (error feedback)
         "CREATE TABLE residuals (key TEXT, job TEXT, body BLOB, PRIMARY KEY (key, job))",
     ],
+    5: [  # the device's identity key (Ed25519) and an authority's certificate of it
+        "CREATE TABLE signing_keys (key TEXT PRIMARY KEY, private BLOB NOT NULL, certificate BLOB)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -204,6 +207,37 @@ class DeviceState:
                 [self.key, server, identity.device_id, identity.token],
             )
         self._identities[server] = identity
+
+    def signing_key(self) -> bytes:
+        """The device's Ed25519 identity key (raw private bytes): made once, from the OS
+        CSPRNG, and kept; every server the device enrols at learns its public half."""
+        row = self.db.execute("SELECT private FROM signing_keys WHERE key=?", [self.key]).fetchone()
+        if row:
+            return bytes(row[0])
+        from fedclient.identity import SigningKey
+
+        private = SigningKey().private_bytes()
+        with self.atomic():
+            self.db.execute(
+                "INSERT OR IGNORE INTO signing_keys (key, private) VALUES (?, ?)",
+                [self.key, private],
+            )
+        return self.signing_key()  # whichever key won, should two writers race
+
+    def identity_certificate(self) -> bytes | None:
+        """An identity authority's certificate of this device's identity key, if given."""
+        row = self.db.execute(
+            "SELECT certificate FROM signing_keys WHERE key=?", [self.key]
+        ).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def set_identity_certificate(self, certificate: bytes) -> None:
+        """Keep an authority's certificate of the identity key (`fedclient.IdentityAuthority`)."""
+        self.signing_key()
+        with self.atomic():
+            self.db.execute(
+                "UPDATE signing_keys SET certificate=? WHERE key=?", [certificate, self.key]
+            )
 
     # -- round progress --------------------------------------------------------
     def progress(self, job: str) -> RoundProgress:

@@ -74,7 +74,14 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         body = _decode(await request.body() or b"{}", CheckinRequest)
         headers = {}
         if body.enrol_label is not None:  # a first contact: enrol the proposed token
-            enrolled = service.enrol(EnrolRequest(label=body.enrol_label, token=token))
+            enrolled = service.enrol(
+                EnrolRequest(
+                    label=body.enrol_label,
+                    token=token,
+                    identity_key=body.identity_key,
+                    identity_certificate=body.identity_certificate,
+                )
+            )
             headers[DEVICE_ID_HEADER] = enrolled.device_id
         packed = MSGPACK_MEDIA_TYPE in request.headers.get("accept", "")
         answer = service.checkin(token, request.path_params["job"], body, inline=packed)

@@ -5,27 +5,35 @@ feeds in what devices send and, when every expected device has answered
 (`SecAggServer.waiting_for` is empty) or the stage's deadline passed, closes
 the stage and sends each device its answer::
 
-    server = SecAggServer(params)
+    server = SecAggServer(params, identities)
     server.receive_keys(device, KeyAdvertisement)        # stage 0, any order
     rosters = server.close_advertise()                   # {device: KeyRoster}
     server.receive_shares(device, ShareKeys)             # stage 1
     bundles = server.close_sharing()                     # {device: ShareBundle}
     server.receive_masked_input(device, MaskedInput)     # stage 2
-    requests = server.close_masking()                    # {device: UnmaskRequest}
-    server.receive_unmask(device, UnmaskResponse)        # stage 3
+    lists = server.close_masking()                       # {device: SurvivorList}
+    server.receive_consistency(device, SurvivorSignature)  # stage 3
+    requests = server.close_consistency()                # {device: UnmaskRequest}
+    server.receive_unmask(device, UnmaskResponse)        # stage 4
     result = server.finish()                             # SecAggResult
 
-``device`` is the participant number the transport authenticated. A rejected
-message raises `fedclient.InvalidRequest` (malformed, wrong length, bad key,
-unknown device, share that does not match its commitment) or
-`fedclient.Conflict` (its stage is not open, its device dropped out earlier,
-or it differs from what the device already sent) and changes nothing, so it
-cannot poison the round; an identical resend is accepted as a no-op. When too
-few devices remain, the closing call or `finish` raises `AggregationFailed`
-*before* anything is reconstructed: no device's input is revealed. The
-reconstructed secrets are checked against the devices' commitments (the
-self-mask seed's digest, the mask key's public key), so the sum is exact or
-the aggregation fails; it is never silently wrong.
+``device`` is the participant number the transport authenticated, and
+``identities`` maps each participant to the identity key (and certificate) it
+enrolled with: a key advertisement or a signed contributor list must verify
+under it. A rejected message raises `fedclient.InvalidRequest` (malformed,
+wrong length, bad key or signature, unknown device, share that does not match
+its commitment) or `fedclient.Conflict` (its stage is not open, its device
+dropped out earlier, or it differs from what the device already sent) and
+changes nothing, so it cannot poison the round; an identical resend is
+accepted as a no-op. When too few devices remain, the closing call or `finish`
+raises `AggregationFailed` *before* anything is reconstructed: no device's
+input is revealed. The reconstructed secrets are checked against the devices'
+commitments (the self-mask seed's digest, the mask key's public key), so the
+sum is exact or the aggregation fails; it is never silently wrong.
+
+This role is what an honest server does; the devices (`SecAggClient`) check
+everything it relays, so a server that deviates from it makes the round abort
+rather than learn an input.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedclient._exceptions import Conflict, InvalidInput, InvalidRequest
+from fedclient.identity import verify_signature
 from fedclient.privacy.secagg import (
     AggregationFailed,
     EncryptedShare,
@@ -53,8 +62,11 @@ from fedclient.privacy.secagg import (
     SecAggParams,
     ShareBundle,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
+    Vouch,
     _crypto,
     _shamir,
     dequantize,
@@ -70,6 +82,7 @@ class ServerStage(StrEnum):
     ADVERTISE = "advertise"
     SHARE = "share"
     MASK = "mask"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
     FAILED = "failed"
@@ -100,9 +113,14 @@ def _digest(message: msgspec.Struct) -> bytes:
 class SecAggServer:
     """One secure aggregation, server side. See the module docstring for the call order."""
 
-    def __init__(self, params: SecAggParams) -> None:
+    def __init__(
+        self, params: SecAggParams, identities: Mapping[int, tuple[bytes, bytes | None]]
+    ) -> None:
+        if set(identities) != set(params.participants):
+            raise InvalidInput("every participant needs an identity key, and only they")
         self.params = params
-        self.graph: Mapping[int, frozenset[int]] = params.graph()
+        self.identities = dict(identities)
+        self.graph: Mapping[int, frozenset[int]] = {}  # fixed by the roster (close_advertise)
         self.stage = ServerStage.ADVERTISE
         self._participants = frozenset(params.participants)
         self._digests: dict[ServerStage, dict[int, bytes]] = {
@@ -111,6 +129,7 @@ class SecAggServer:
                 ServerStage.ADVERTISE,
                 ServerStage.SHARE,
                 ServerStage.MASK,
+                ServerStage.CONSISTENCY,
                 ServerStage.UNMASK,
             )
         }
@@ -122,7 +141,8 @@ class SecAggServer:
         self._u2: frozenset[int] = frozenset()
         self._sum = np.zeros(params.vector_length, dtype="<u4")
         self._u3: frozenset[int] = frozenset()
-        self._requests: dict[int, UnmaskRequest] = {}
+        self._vouches: dict[int, bytes] = {}
+        self._u4: frozenset[int] = frozenset()
         self._b_shares: dict[int, dict[int, int]] = {}
         self._s_shares: dict[int, dict[int, int]] = {}
         self._result: SecAggResult | None = None
@@ -141,7 +161,8 @@ class SecAggServer:
             ServerStage.ADVERTISE: self._participants,
             ServerStage.SHARE: self._u1,
             ServerStage.MASK: self._u2,
-            ServerStage.UNMASK: self._u3,
+            ServerStage.CONSISTENCY: self._u3,
+            ServerStage.UNMASK: self._u4,
         }[stage]
 
     def _admit(self, device: int, stage: ServerStage, digest: bytes) -> bool:
@@ -185,6 +206,11 @@ class SecAggServer:
         keys = (message.c_public, message.s_public)
         if keys[0] == keys[1]:
             raise InvalidRequest("the encryption and mask keys must differ")
+        statement = _crypto.advertisement_message(
+            self.params.session, device, message.c_public, message.s_public
+        )
+        if not verify_signature(self.identities[device][0], message.signature, statement):
+            raise InvalidRequest("the key advertisement is not signed by the device's identity")
         for key in keys:
             try:
                 _crypto.check_public_key(key)
@@ -198,28 +224,42 @@ class SecAggServer:
             self._key_owner[key] = device
 
     def close_advertise(self) -> dict[int, KeyRoster]:
-        """End stage 0: each live device's roster of live neighbours' keys.
+        """End stage 0: every advertiser gets the same roster of every advertisement.
 
-        Devices left with fewer than ``threshold - 1`` live neighbours are
-        dropped (they could not be unmasked). Raises `AggregationFailed` if
-        nobody is left.
+        The neighbour graph is laid over the advertisers from the roster's hash, as
+        each device will lay it. Raises `AggregationFailed` if fewer than the
+        threshold advertised.
         """
         self._expect_open(ServerStage.ADVERTISE)
-        self._u1 = self._prune(self._keys)
-        if not self._u1:
+        advertisers = sorted(self._keys)
+        if len(advertisers) < self.params.threshold:
             raise self._fail(
-                f"{len(self._keys)} devices advertised keys; too few for threshold "
+                f"{len(advertisers)} devices advertised keys; too few for threshold "
                 f"{self.params.threshold}"
             )
-        rosters = {}
-        for device in sorted(self._u1):
-            peers = []
-            for peer in sorted(self.graph[device] & self._u1):
-                keys = self._keys[peer]
-                peers.append(PeerKeys(peer, keys.c_public, keys.s_public))
-            rosters[device] = KeyRoster(peers)
+        peers = []
+        for device in advertisers:
+            keys = self._keys[device]
+            identity, certificate = self.identities[device]
+            peers.append(
+                PeerKeys(
+                    device,
+                    keys.c_public,
+                    keys.s_public,
+                    keys.signature,
+                    identity,
+                    certificate or b"",
+                )
+            )
+        seed = _crypto.roster_seed(
+            self.params.session,
+            [(p.device, p.c_public, p.s_public, p.identity_key) for p in peers],
+        )
+        self.graph = self.params.graph_for(advertisers, seed)
+        self._u1 = frozenset(advertisers)
+        roster = KeyRoster(peers)
         self.stage = ServerStage.SHARE
-        return rosters
+        return {device: roster for device in advertisers}
 
     def _expect_open(self, stage: ServerStage) -> None:
         if self.stage == ServerStage.FAILED and self._failure is not None:
@@ -301,45 +341,75 @@ class SecAggServer:
         np.add(self._sum, vector, out=self._sum)
         self._digests[ServerStage.MASK][device] = digest
 
-    def close_masking(self) -> dict[int, UnmaskRequest]:
-        """End stage 2: ask each contributor for the shares that remove the masks.
+    def close_masking(self) -> dict[int, SurvivorList]:
+        """End stage 2: show each contributor the contributor list, to sign.
 
-        Raises `AggregationFailed` (and asks nothing) if some contributor's
+        Raises `AggregationFailed` (and shows nothing) if some contributor's
         self-mask or some dropped device's mask key could not reach the
         threshold of shares from the contributors.
         """
         self._expect_open(ServerStage.MASK)
         u3 = frozenset(self._digests[ServerStage.MASK])
+        self._check_recoverable(u3, "sent a masked input")
+        self._u3 = u3
+        listed = SurvivorList(sorted(u3))
+        self.stage = ServerStage.CONSISTENCY
+        return {device: listed for device in sorted(u3)}
+
+    def _check_recoverable(self, holders: frozenset[int], what: str) -> None:
+        """Fail unless ``holders`` hold the threshold of shares of every contributor's
+        self-mask seed and every dropped device's mask key."""
         t = self.params.threshold
-        short = [d for d in sorted(u3) if len((self.graph[d] & self._u2 & u3) | {d}) < t] + [
-            d for d in sorted(self._u2 - u3) if self.graph[d] & u3 and len(self.graph[d] & u3) < t
+        u3 = self._u3 or holders
+        short = [
+            d for d in sorted(u3) if len((self.graph[d] & self._u2 & holders) | ({d} & holders)) < t
         ]
-        if not u3 or short:
+        short += [
+            d
+            for d in sorted(self._u2 - u3)
+            if self.graph[d] & u3 and len(self.graph[d] & holders) < t
+        ]
+        if not holders or short:
             raise self._fail(
-                f"{len(u3)} of {len(self._u2)} devices sent a masked input; devices "
+                f"{len(holders)} of {len(self._u2)} devices {what}; devices "
                 f"{short[:10]} cannot reach the threshold {t} of surviving share-holders"
             )
-        self._u3 = u3
-        dropped = self._u2 - u3
-        self._requests = {
-            device: UnmaskRequest(
-                survivors=sorted((self.graph[device] & u3) | {device}),
-                dropped=sorted(self.graph[device] & dropped),
-            )
-            for device in sorted(u3)
-        }
-        self.stage = ServerStage.UNMASK
-        return dict(self._requests)
 
-    # -- stage 3: unmask -------------------------------------------------------------------
+    # -- stage 3: consistency --------------------------------------------------------------
+    def receive_consistency(self, device: int, message: SurvivorSignature) -> None:
+        """Accept a contributor's signature of the contributor list."""
+        digest = hashlib.sha256(message.signature).digest()
+        if not self._admit(device, ServerStage.CONSISTENCY, digest):
+            return
+        statement = _crypto.survivors_message(self.params.session, sorted(self._u3))
+        if not verify_signature(self.identities[device][0], message.signature, statement):
+            raise InvalidRequest("the contributor list is not signed by the device's identity")
+        self._vouches[device] = message.signature
+        self._digests[ServerStage.CONSISTENCY][device] = digest
+
+    def close_consistency(self) -> dict[int, UnmaskRequest]:
+        """End stage 3: every signer gets the list and all the signatures of it.
+
+        Raises `AggregationFailed` if the signers could not unmask the sum."""
+        self._expect_open(ServerStage.CONSISTENCY)
+        u4 = frozenset(self._vouches)
+        self._check_recoverable(u4, "signed the contributor list")
+        self._u4 = u4
+        request = UnmaskRequest(sorted(self._u3), [Vouch(d, self._vouches[d]) for d in sorted(u4)])
+        self.stage = ServerStage.UNMASK
+        return {device: request for device in sorted(u4)}
+
+    # -- stage 4: unmask -------------------------------------------------------------------
     def receive_unmask(self, device: int, message: UnmaskResponse) -> None:
         """Accept a device's revealed shares; each must match its owner's commitment."""
         digest = _digest(message)
         if not self._admit(device, ServerStage.UNMASK, digest):
             return
-        request = self._requests[device]
-        b_new = self._check_revealed(device, message.self_mask_shares, request.survivors, b"b")
-        s_new = self._check_revealed(device, message.key_shares, request.dropped, b"s")
+        maskers = self.graph[device] & self._u2
+        survivors = sorted((maskers & self._u3) | {device})
+        dropped = sorted(maskers - self._u3)
+        b_new = self._check_revealed(device, message.self_mask_shares, survivors, b"b")
+        s_new = self._check_revealed(device, message.key_shares, dropped, b"s")
         for owner, value in b_new.items():
             self._b_shares.setdefault(owner, {})[device] = value
         for owner, value in s_new.items():
@@ -387,7 +457,7 @@ class SecAggServer:
         short += [d for d in dropped if len(self._s_shares.get(d, {})) < t]
         if short:
             raise self._fail(
-                f"{len(self._digests[ServerStage.UNMASK])} of {len(self._u3)} contributors "
+                f"{len(self._digests[ServerStage.UNMASK])} of {len(self._u4)} signers "
                 f"answered the unmask request; devices {short[:10]} have fewer than {t} shares"
             )
         session = params.session

@@ -4,20 +4,23 @@ When a round whose plan asks for ``secagg`` or ``secagg+`` fills up, its cohort
 is fixed and a `SecAggServer` is set up over it. Devices then train as usual
 and, instead of uploading their update, walk the stages:
 
-    GET  .../secagg/params   the round's SecAggParams and the device's number
-    POST .../secagg/keys     KeyAdvertisement      GET .../secagg/keys    KeyRoster
-    POST .../secagg/shares   ShareKeys             GET .../secagg/shares  ShareBundle
-    POST .../secagg/masked   MaskedInput           GET .../secagg/masked  UnmaskRequest
-    POST .../secagg/unmask   UnmaskResponse -> the device's receipt
+    GET  .../secagg/params       the round's SecAggParams and the device's number
+    POST .../secagg/keys         KeyAdvertisement    GET .../secagg/keys         KeyRoster
+    POST .../secagg/shares       ShareKeys           GET .../secagg/shares       ShareBundle
+    POST .../secagg/masked       MaskedInput         GET .../secagg/masked       SurvivorList
+    POST .../secagg/consistency  SurvivorSignature   GET .../secagg/consistency  UnmaskRequest
+    POST .../secagg/unmask       UnmaskResponse -> the device's receipt
 
 A stage closes when every device still in it has posted. A GET before then is a
 425 (too early) that the device answers by waiting. When the unmask stage
 closes, the exact ring sum becomes the round's aggregate: devices send
 ``num_examples * delta`` with ``num_examples`` appended, so the sum divided by
-its last coordinate is FedAvg's weighted mean; the server never sees one
-device's update. Secure rounds live in memory: a restarted server fails the
-round at its deadline, as the protocol allows (devices' key material is
-ephemeral too).
+its last coordinate is FedAvg's weighted mean (or, on a rotated grid, weight x
+delta and the weight); the server never sees one device's update. Every device
+in the cohort must have enrolled with an identity key: the roster carries it
+(and its certificate) to its peers. Secure rounds live in memory: a restarted
+server fails the round at its deadline, as the protocol allows (devices' key
+material is ephemeral too).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from fedclient.privacy.secagg import (
     RotatedQuantization,
     SecAggParams,
     ShareKeys,
+    SurvivorSignature,
     UnmaskResponse,
     decode,
     dequantize,
@@ -56,7 +60,7 @@ from fedserver_ref.strategies import ClientUpdate
 
 __all__ = ["STAGES", "SecureRounds", "rotated_encoding", "secure_vector_length"]
 
-STAGES = ("params", "keys", "shares", "masked", "unmask")
+STAGES = ("params", "keys", "shares", "masked", "consistency", "unmask")
 
 
 def secure_vector_length(weights: Weights) -> int:
@@ -120,11 +124,17 @@ class SecureRounds:
         #: the same report from the same seed (a session is public, so nothing hides).
         self.random = random
 
-    def open(self, round_id: int, plan: JobPlan, admitted: list[str], weights: Weights) -> None:
+    def open(
+        self,
+        round_id: int,
+        plan: JobPlan,
+        admitted: dict[str, tuple[bytes, bytes | None]],
+        weights: Weights,
+    ) -> None:
         """Fix the cohort of a full round and set up its aggregation. Each stage closes when
         every device in it has posted, or ``stage_seconds`` after its first message
         (devices that did not post by then are dropouts the protocol tolerates up to
-        its threshold)."""
+        its threshold). ``admitted`` maps each device to its identity key and certificate."""
         p = plan.privacy
         members = {device: i for i, device in enumerate(admitted, start=1)}
         session = self.random(32)
@@ -135,11 +145,14 @@ class SecureRounds:
             plus=p.secagg == "secagg+",
             quantization=Quantization(p.secagg_clip, max_devices=max(2, len(members))),
             session=session,
-            graph_seed=self.random(32),
             rotation=rotation,
         )
+        identities = {number: admitted[device] for device, number in members.items()}
         self.rounds[round_id] = _SecureRound(
-            params, SecAggServer(params), members, stage_seconds=p.secagg_stage_seconds
+            params,
+            SecAggServer(params, identities),
+            members,
+            stage_seconds=p.secagg_stage_seconds,
         )
 
     def _round(self, round_id: int, device_id: str) -> tuple[_SecureRound, int]:
@@ -177,6 +190,8 @@ class SecureRounds:
             server.receive_shares(number, decode(body, ShareKeys))
         elif stage == "masked":
             server.receive_masked_input(number, decode(body, MaskedInput))
+        elif stage == "consistency":
+            server.receive_consistency(number, decode(body, SurvivorSignature))
         elif stage == "unmask":
             server.receive_unmask(number, decode(body, UnmaskResponse))
         else:
@@ -217,6 +232,8 @@ class SecureRounds:
             secure.answers["shares"] = server.close_sharing()
         elif "masked" not in secure.answers:
             secure.answers["masked"] = server.close_masking()
+        elif "consistency" not in secure.answers:
+            secure.answers["consistency"] = server.close_consistency()
         else:
             return self._aggregate(round_id, secure)
         return None

@@ -71,9 +71,13 @@ class FederationService:
         strategy: Strategy | None = None,
         clock: Callable[[], float] = time.time,
         secure_random: Callable[[int], bytes] = os.urandom,
+        identity_authorities: tuple[bytes, ...] = (),
     ) -> None:
         self.store = store
         self.clock = clock
+        #: Identity authorities' public keys: when set, a device enrols only with an
+        #: identity key one of them certified (`fedclient.IdentityAuthority`).
+        self.identity_authorities = identity_authorities
         # Public randomness of secure aggregations (sessions, graphs, rotations): a
         # simulation seeds it to reproduce its report; it hides nothing either way.
         self.secure_random = secure_random
@@ -131,11 +135,22 @@ class FederationService:
         device_id, token = new_credentials()
         token = request.token or token
         hashed = hash_token(token)
+        key, certificate = request.identity_key, request.identity_certificate
+        if self.identity_authorities:
+            from fedclient.identity import verify_certificate
+
+            if key is None or certificate is None:
+                raise Forbidden("this server enrols devices with a certified identity key only")
+            if not verify_certificate(self.identity_authorities, key, certificate):
+                raise Forbidden("the identity certificate is not from a trusted authority")
         with self.store.atomic():
             existing = self.store.device_for_token(hashed)
             if existing is not None:
+                held = self.store.device_identity(existing)
+                if key is not None and (held is None or held[0] != key):
+                    raise Conflict("this device enrolled with another identity key")
                 return EnrolResponse(existing, token)
-            self.store.add_device(device_id, hashed, request.label)
+            self.store.add_device(device_id, hashed, request.label, key, certificate)
         self._remember(hashed, device_id)  # stored: its first check-in follows at once
         return EnrolResponse(device_id, token)
 
@@ -193,6 +208,11 @@ class FederationService:
             return Admitted(self._plan(job, round_))
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             return RetryLater(wait, "the round is full")
+        if job.plan.privacy.secagg and self.store.device_identity(device_id) is None:
+            raise Forbidden(
+                "secure aggregation needs devices enrolled with an identity key; "
+                "this one enrolled without (enrol again with a current fedclient)"
+            )
         self.store.admit(round_.round_id, device_id, now)  # one statement: atomic as it is
         if job.plan.privacy.secagg and (
             self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round
@@ -204,8 +224,12 @@ class FederationService:
         """The round is full: fix its cohort for secure aggregation."""
         current = self.store.model(job.name, round_.model_version)
         assert current is not None
-        admitted = self.store.admitted_devices(round_.round_id)
-        self.secure.open(round_.round_id, job.plan, admitted, decode_tensors(current[0])[0])
+        identities = {}
+        for device in self.store.admitted_devices(round_.round_id):
+            identity = self.store.device_identity(device)
+            assert identity is not None  # checked at admission
+            identities[device] = identity
+        self.secure.open(round_.round_id, job.plan, identities, decode_tensors(current[0])[0])
 
     def secagg_fetch(self, token: str, round_id: int, stage: str) -> bytes:
         """A secure-aggregation stage's message for this device (msgpack)."""

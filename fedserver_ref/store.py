@@ -18,6 +18,7 @@ from typing import TypeVar
 import msgspec
 import sqlite_utils
 
+from fedclient._exceptions import StateError
 from fedclient._state import transaction
 from fedclient.protocol import JobPlan
 
@@ -25,7 +26,15 @@ __all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+#: Each schema version's statements after the first (`_SCHEMA`), applied in order to
+#: bring an older database up to date.
+MIGRATIONS: dict[int, list[str]] = {
+    2: [  # a device's identity key (Ed25519) and an identity authority's certificate of it
+        "ALTER TABLE devices ADD COLUMN identity_key BLOB",
+        "ALTER TABLE devices ADD COLUMN certificate BLOB",
+    ],
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 
 #: Rounds whose admitted devices, contributors and update count the store keeps in
 #: memory (the open ones, and the closed ones an async upload still asks about).
@@ -159,6 +168,16 @@ class ServerStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+            row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+            version = int(row[0]) if row else 1  # a new file holds version 1's tables
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"database schema {version} is newer than this fedserver "
+                    f"({SCHEMA_VERSION}); upgrade fedclient"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    self.db.execute(statement)
             self.db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
@@ -185,11 +204,29 @@ class ServerStore:
         self.db.close()
 
     # -- devices ---------------------------------------------------------------
-    def add_device(self, device_id: str, token_hash: str, label: str) -> None:
-        """Register an enrolled device."""
+    def add_device(
+        self,
+        device_id: str,
+        token_hash: str,
+        label: str,
+        identity_key: bytes | None = None,
+        certificate: bytes | None = None,
+    ) -> None:
+        """Register an enrolled device (with its identity key, and a certificate of it)."""
         self.db.execute(
-            "INSERT INTO devices VALUES (?, ?, ?, ?)", [device_id, token_hash, label, time.time()]
+            "INSERT INTO devices (device_id, token_hash, label, created, identity_key,"
+            " certificate) VALUES (?, ?, ?, ?, ?, ?)",
+            [device_id, token_hash, label, time.time(), identity_key, certificate],
         )
+
+    def device_identity(self, device_id: str) -> tuple[bytes, bytes | None] | None:
+        """A device's identity key and its certificate, if it registered a key."""
+        row = self.db.execute(
+            "SELECT identity_key, certificate FROM devices WHERE device_id=?", [device_id]
+        ).fetchone()
+        if not row or row[0] is None:
+            return None
+        return bytes(row[0]), bytes(row[1]) if row[1] is not None else None
 
     def device_for_token(self, token_hash: str) -> str | None:
         """The device whose token hashes to ``token_hash``."""

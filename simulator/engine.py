@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import operator
 import platform
@@ -45,6 +46,7 @@ from fedclient import (
     __version__,
 )
 from fedclient._client import raise_for_error
+from fedclient.identity import IdentityAuthority
 from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.privacy.policy import PrivacyPolicy
@@ -215,6 +217,7 @@ class _Device:
     client: Client | None = None
     received: int = 0  # bytes down when it last checked in
     round_trips: int = 3  # of its last round's work: check-in, download (unless inline), upload
+    certified: bool = False  # holds the simulation authority's certificate of its identity
 
     async def step(self) -> StepOutcome | None:
         """One step; None when the network beat the retry policy (a network dropout)."""
@@ -302,6 +305,9 @@ class _Fleet:
         # its weights, trains and reads them back with no await in between.
         self.backend = create_backend(plan.model, config.runtime)
         self.pool: TrainPool | None = None  # or the devices train on worker processes
+        # Secure aggregation: the run's identity authority certifies every device's
+        # identity key, and every device pins it (see `simulation_authority`).
+        self.authority = simulation_authority(config) if plan.privacy.secagg else None
 
     def train_on(self, pool: TrainPool) -> None:
         """Train on ``pool``'s workers; the download and training of several devices
@@ -356,8 +362,15 @@ class _Fleet:
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
             # The researcher owns the simulated devices: they accept the plan's privacy.
-            policy=PrivacyPolicy.accepting(self.plan.privacy),
+            policy=PrivacyPolicy.accepting(
+                self.plan.privacy, (self.authority.public,) if self.authority else ()
+            ),
         )
+        if self.authority is not None and not d.certified:
+            state = d.client.device_state
+            if state.identity_certificate() is None:  # a new device, or one from --state-dir
+                state.set_identity_certificate(self.authority.certify(d.client.identity_key))
+            d.certified = True
         self.active.append(d)
         return d
 
@@ -516,7 +529,13 @@ async def simulate(
     if config.server is None:
         # Secure aggregations' public randomness from the seed: the same report each time.
         public = np.random.default_rng([config.seed, 5])
-        service = FederationService(ServerStore(), clock=clock, secure_random=public.bytes)
+        authority = simulation_authority(config) if plan.privacy.secagg else None
+        service = FederationService(
+            ServerStore(),
+            clock=clock,
+            secure_random=public.bytes,
+            identity_authorities=(authority.public,) if authority else (),
+        )
         _without_secure_delete(service.store.db)
         service.add_job(plan)
         server = _Server(
@@ -601,6 +620,14 @@ async def simulate(
         "rounds": rounds,
         "final": final,
     }
+
+
+def simulation_authority(config: SimulationConfig) -> IdentityAuthority:
+    """The run's identity authority: in a deployment the operator's, kept away from the
+    server; here drawn from the seed, so every Ray actor and the in-process server hold
+    the same one (a simulation plays every party)."""
+    seed = hashlib.sha256(f"fedsim/identity-authority/{config.seed}".encode()).digest()
+    return IdentityAuthority(seed)
 
 
 def _without_secure_delete(db: sqlite_utils.Database) -> None:

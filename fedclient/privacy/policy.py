@@ -20,6 +20,14 @@ refuses one outside it with `fedclient.PrivacyPolicyViolation`:
 - ``require_dp``: refuse a job without differential privacy.
 - ``min_secure_cohort``: the fewest devices a secure aggregation may have, and
   the fewest it may unmask with; below it the sum says too much about each.
+- ``trusted_authorities``: identity authorities' public keys
+  (`fedclient.IdentityAuthority`). With one, the device takes part in a secure
+  aggregation only with peers whose identity keys it certified, so the server
+  can neither invent devices nor swap a device's keys. Without, it trusts the
+  identity keys the server relays (see the README's threat model).
+- ``max_colluding_fraction``: the share of a secure aggregation's devices the
+  device assumes may collude with the server; it unmasks only a contributor
+  list signed by more devices than such a coalition could get to sign two.
 - ``share_metadata``: whether ``num_examples`` and ``train_loss`` may travel in
   the clear beside a DP release. They are not noised, so by default they do not
   (the server then weights every update alike).
@@ -66,6 +74,8 @@ class PrivacyPolicy:
     require_dp: bool = False
     min_secure_cohort: int = 10
     share_metadata: bool = False
+    trusted_authorities: tuple[bytes, ...] = ()
+    max_colluding_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0 < self.max_delta < 1:
@@ -78,13 +88,20 @@ class PrivacyPolicy:
             raise InvalidInput(f"unknown neighbouring relation {self.neighbouring!r}")
         if self.min_secure_cohort < 2:
             raise InvalidInput("min_secure_cohort must be at least 2")
+        if not 0 <= self.max_colluding_fraction < 1:
+            raise InvalidInput("max_colluding_fraction must be in [0, 1)")
+        if any(len(key) != 32 for key in self.trusted_authorities):
+            raise InvalidInput("an identity authority's public key is 32 bytes")
 
     @classmethod
-    def accepting(cls, settings: PrivacySettings) -> PrivacyPolicy:
+    def accepting(
+        cls, settings: PrivacySettings, trusted_authorities: tuple[bytes, ...] = ()
+    ) -> PrivacyPolicy:
         """A policy that accepts whatever a plan's privacy ``settings`` ask: for
         simulations, whose researcher is also the devices' owner. Metadata stay on the
         device beside a DP release, as by default."""
         return cls(
+            trusted_authorities=trusted_authorities,
             max_delta=max(settings.dp_delta, 1e-5),
             max_epsilon_per_release=None,
             max_epsilon_per_job=None,

@@ -179,6 +179,10 @@ class EnrolRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     label: Annotated[str, msgspec.Meta(max_length=200)] = ""
     token: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32,256}$")] | None = None
+    #: The device's Ed25519 identity public key (`fedclient.identity`), and an identity
+    #: authority's certificate of it: secure aggregation relays both to its peers.
+    identity_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)] | None = None
+    identity_certificate: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)] | None = None
 
 
 class EnrolResponse(msgspec.Struct, frozen=True):
@@ -205,6 +209,9 @@ class CheckinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model_version: int | None = None
     inline_model_max: int = 0
     enrol_label: str | None = None
+    #: With ``enrol_label``: the device's identity key and its certificate (see `EnrolRequest`).
+    identity_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)] | None = None
+    identity_certificate: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)] | None = None
 
 
 class RoundPlan(msgspec.Struct, frozen=True):

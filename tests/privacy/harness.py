@@ -1,4 +1,8 @@
-"""One server and N devices of a secure aggregation, wired in-process, stage by stage."""
+"""One server and N devices of a secure aggregation, wired in-process, stage by stage.
+
+Each device has an identity key certified by one identity authority, which every
+device pins (`authority`). Devices assume no colluders unless a test says
+(``colluding_fraction``): the dropout tests need only a majority of signers."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedclient.identity import IdentityAuthority, SigningKey
 from fedclient.privacy.secagg import (
     KeyAdvertisement,
     KeyRoster,
@@ -17,13 +22,15 @@ from fedclient.privacy.secagg import (
     SecAggParams,
     ShareBundle,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
     quantize,
 )
 from fedserver_ref.secagg import SecAggResult, SecAggServer
 
-STAGES = ("advertise", "share", "mask", "unmask")
+STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 
 
 @dataclass
@@ -34,6 +41,8 @@ class Aggregation:
     server: SecAggServer
     clients: dict[int, SecAggClient]
     inputs: dict[int, npt.NDArray[np.uint32]]
+    authority: IdentityAuthority
+    signers: dict[int, SigningKey]
     sent: dict[str, dict[int, Any]] = field(default_factory=dict)
     received: dict[str, dict[int, Any]] = field(default_factory=dict)
 
@@ -48,6 +57,10 @@ class Aggregation:
         inputs: dict[int, npt.NDArray[np.uint32]] | None = None,
         **kwargs: Any,
     ) -> Aggregation:
+        client_options = {"colluding_fraction": 0.0}
+        client_options |= {
+            k: kwargs.pop(k) for k in ("min_contributors", "colluding_fraction") if k in kwargs
+        }
         params = SecAggParams.create(range(1, n + 1), length, plus=plus, **kwargs)
         rng = np.random.default_rng(seed)
         if inputs is None:
@@ -55,8 +68,16 @@ class Aggregation:
                 d: quantize(rng.uniform(-1, 1, length), params.quantization, rng)
                 for d in params.participants
             }
-        clients = {d: SecAggClient(params, d) for d in params.participants}
-        return cls(params, SecAggServer(params), clients, inputs)
+        authority = IdentityAuthority()
+        signers = {d: SigningKey() for d in params.participants}
+        identities = {d: (k.public, authority.certify(k.public)) for d, k in signers.items()}
+        clients = {
+            d: SecAggClient(
+                params, d, signers[d], trusted_authorities=[authority.public], **client_options
+            )
+            for d in params.participants
+        }
+        return cls(params, SecAggServer(params, identities), clients, inputs, authority, signers)
 
     def advertise(self, drop: Iterable[int] = ()) -> dict[int, KeyRoster]:
         out: dict[int, KeyAdvertisement] = {}
@@ -79,19 +100,30 @@ class Aggregation:
         self.received["share"] = dict(bundles)
         return bundles
 
-    def mask(self, drop: Iterable[int] = ()) -> dict[int, UnmaskRequest]:
+    def mask(self, drop: Iterable[int] = ()) -> dict[int, SurvivorList]:
         bundles = self.received["share"]
         out: dict[int, MaskedInput] = {}
         for d in sorted(set(bundles) - set(drop)):
             out[d] = self.clients[d].masked_input(bundles[d], self.inputs[d])
             self.server.receive_masked_input(d, out[d])
         self.sent["mask"] = dict(out)
-        requests = self.server.close_masking()
-        self.received["mask"] = dict(requests)
+        lists = self.server.close_masking()
+        self.received["mask"] = dict(lists)
+        return lists
+
+    def consistency(self, drop: Iterable[int] = ()) -> dict[int, UnmaskRequest]:
+        lists = self.received["mask"]
+        out: dict[int, SurvivorSignature] = {}
+        for d in sorted(set(lists) - set(drop)):
+            out[d] = self.clients[d].consistency(lists[d])
+            self.server.receive_consistency(d, out[d])
+        self.sent["consistency"] = dict(out)
+        requests = self.server.close_consistency()
+        self.received["consistency"] = dict(requests)
         return requests
 
     def unmask(self, drop: Iterable[int] = ()) -> SecAggResult:
-        requests = self.received["mask"]
+        requests = self.received["consistency"]
         out: dict[int, UnmaskResponse] = {}
         for d in sorted(set(requests) - set(drop)):
             out[d] = self.clients[d].unmask(requests[d])
@@ -104,6 +136,7 @@ class Aggregation:
         self.advertise(drops.get("advertise", ()))
         self.share(drops.get("share", ()))
         self.mask(drops.get("mask", ()))
+        self.consistency(drops.get("consistency", ()))
         return self.unmask(drops.get("unmask", ()))
 
     def plain_sum(self, devices: Iterable[int]) -> npt.NDArray[np.uint32]:

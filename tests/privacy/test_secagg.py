@@ -8,6 +8,7 @@ from collections import deque
 import msgspec
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from fedclient import Conflict, InvalidInput, InvalidRequest
@@ -17,7 +18,6 @@ from fedclient.privacy.secagg import (
     KeyAdvertisement,
     KeyRoster,
     MaskedInput,
-    PeerKeys,
     ProtocolViolation,
     Quantization,
     RelayedShare,
@@ -25,8 +25,10 @@ from fedclient.privacy.secagg import (
     SecAggParams,
     ShareBundle,
     ShareKeys,
+    SurvivorList,
     UnmaskRequest,
     UnmaskResponse,
+    Vouch,
     _crypto,
     _shamir,
     decode,
@@ -50,9 +52,10 @@ def tolerance(agg: Aggregation) -> int:
 
 
 def victims(agg: Aggregation, count: int, rng: random.Random) -> tuple[int, list[int]]:
-    """A device and ``count`` of its neighbours: dropping them strains its group most."""
-    centre = rng.choice(agg.params.participants)
-    return centre, rng.sample(sorted(agg.params.neighbourhood(centre)), count)
+    """A device and ``count`` of its neighbours: dropping them strains its group most.
+    The graph exists once the roster does: call after `Aggregation.advertise`."""
+    centre = rng.choice(sorted(agg.server.graph))
+    return centre, rng.sample(sorted(agg.server.graph[centre]), count)
 
 
 # -- exactness ---------------------------------------------------------------------------------
@@ -63,13 +66,21 @@ def test_secure_sum_is_bit_exact_with_dropouts_up_to_the_threshold(
 ) -> None:
     agg = Aggregation.start(n, 24, plus=plus, neighbours=k, seed=n)
     rng = random.Random(n * 7 + len(stage))
-    _, dropped = victims(agg, tolerance(agg), rng)
-    if stage == "spread":  # the tolerated dropouts spread over every stage
-        drops = {s: dropped[i :: len(STAGES)] for i, s in enumerate(STAGES)}
+    later = STAGES[1:]  # the graph is laid over the devices that advertised
+    if stage == "advertise":  # who never advertises is simply not in the graph
+        drops = {"advertise": rng.sample(agg.params.participants, tolerance(agg))}
+        agg.advertise(drops["advertise"])
     else:
-        drops = {stage: dropped}
-
-    result = agg.run(drops)
+        agg.advertise()
+        _, dropped = victims(agg, tolerance(agg), rng)
+        if stage == "spread":  # the tolerated dropouts spread over every later stage
+            drops = {s: dropped[i :: len(later)] for i, s in enumerate(later)}
+        else:
+            drops = {stage: dropped}
+    agg.share(drops.get("share", ()))
+    agg.mask(drops.get("mask", ()))
+    agg.consistency(drops.get("consistency", ()))
+    result = agg.unmask(drops.get("unmask", ()))
 
     gone = set(drops.get("advertise", ())) | set(drops.get("share", ()))
     gone |= set(drops.get("mask", ()))
@@ -85,9 +96,13 @@ def test_odd_neighbourhood_and_even_share_counts_work() -> None:
     # gives share groups of 6, an even share count.
     for n in (11, 12):
         agg = Aggregation.start(n, 16, plus=True, neighbours=5)
-        degrees = {len(agg.params.neighbourhood(d)) for d in agg.params.participants}
+        agg.advertise()
+        degrees = {len(agg.server.graph[d]) for d in agg.params.participants}
         assert degrees == ({5, 6} if n == 11 else {5})
-        result = agg.run({"mask": [1]})
+        agg.share()
+        agg.mask([1])
+        agg.consistency()
+        result = agg.unmask()
         np.testing.assert_array_equal(result.ring_sum, agg.plain_sum(result.contributors))
 
 
@@ -117,15 +132,16 @@ def test_encoding_cannot_wrap_for_ten_thousand_devices() -> None:
 @pytest.mark.parametrize("stage", ["mask", "unmask"])
 def test_one_dropout_too_many_fails_cleanly(plus: bool, stage: str) -> None:
     agg = Aggregation.start(30, 16, plus=plus, neighbours=8)
-    centre, dropped = victims(agg, tolerance(agg) + 1, random.Random(1))
     agg.advertise()
+    centre, dropped = victims(agg, tolerance(agg) + 1, random.Random(1))
     agg.share()
     if stage == "mask":
         with pytest.raises(AggregationFailed, match="threshold"):
             agg.mask(dropped)
-        assert "mask" not in agg.received  # no unmask request went out: nothing revealed
+        assert "mask" not in agg.received  # no contributor list went out: nothing revealed
     else:
         agg.mask()
+        agg.consistency()
         with pytest.raises(AggregationFailed, match="fewer than"):
             agg.unmask(dropped)
         # The server holds fewer than `threshold` shares of the centre's seed: Shamir hides it.
@@ -151,47 +167,81 @@ def test_secagg_plus_leaves_out_a_device_whose_group_is_too_thin_early() -> None
     # Before any input exists, a device whose group fell under the threshold is left
     # out (its input is never sent), and the others still get their exact sum.
     agg = Aggregation.start(30, 16, plus=True, neighbours=8)
+    agg.advertise()
     centre, dropped = victims(agg, tolerance(agg) + 1, random.Random(5))
-    result = agg.run({"advertise": dropped})
+    agg.share(dropped)
+    assert centre not in agg.received["share"]  # no bundle: it never masks
+    agg.mask()
+    agg.consistency()
+    result = agg.unmask()
     assert centre not in result.contributors
     np.testing.assert_array_equal(result.ring_sum, agg.plain_sum(result.contributors))
 
 
-def test_a_device_never_reveals_both_secrets_of_a_peer() -> None:
+def test_a_device_signs_one_contributor_list_and_unmasks_only_that_one() -> None:
     agg = Aggregation.start(10, 8)
     agg.advertise()
     agg.share()
-    requests = agg.mask(drop=[3])
+    lists = agg.mask(drop=[3])
     client = agg.clients[1]
-    first = client.unmask(requests[1])
-    assert client.unmask(requests[1]) == first  # a retried request: same answer
-    flipped = UnmaskRequest(
-        survivors=[d for d in requests[1].survivors if d != 5],
-        dropped=sorted([*requests[1].dropped, 5]),
-    )
+    signed = client.consistency(lists[1])
+    assert client.consistency(lists[1]) == signed  # a retried request: same answer
     with pytest.raises(ProtocolViolation, match="already answered"):
-        client.unmask(flipped)
+        client.consistency(SurvivorList([d for d in lists[1].contributors if d != 5]))
+    requests = agg.consistency()
+    first = client.unmask(requests[1])
+    assert client.unmask(requests[1]) == first
+    # Another list, whatever its signatures: the device never reveals a second set of shares.
+    other = UnmaskRequest([d for d in requests[1].contributors if d != 5], requests[1].signatures)
+    with pytest.raises(ProtocolViolation, match="already answered"):
+        client.unmask(other)
+
+
+def test_the_device_checks_the_contributor_list() -> None:
+    agg = Aggregation.start(10, 8, min_contributors=7)
+    agg.advertise()
+    agg.share(drop=[9])  # device 9 never shared: no one masked with it
+    lists = agg.mask()
+    listed = lists[2].contributors
+    assert 9 not in listed
+    bad = [
+        SurvivorList(listed[::-1]),  # not sorted
+        SurvivorList([d for d in listed if d != 2]),  # this device left out
+        SurvivorList(sorted([*listed, 11])),  # a device that never advertised
+        SurvivorList(sorted([*listed, 9])),  # a neighbour that never shared with it
+    ]
+    for survivors in bad:
+        with pytest.raises(ProtocolViolation):
+            agg.clients[2].consistency(survivors)
+    with pytest.raises(AggregationFailed, match="unmasks sums of 7"):
+        agg.clients[2].consistency(SurvivorList(listed[:6]))
+    assert agg.clients[2].stage == "consistency"  # nothing signed yet
+    agg.clients[2].consistency(lists[2])
 
 
 def test_the_device_checks_the_unmask_request() -> None:
     agg = Aggregation.start(10, 8)
     agg.advertise()
     agg.share()
-    requests = agg.mask()
-    survivors = requests[2].survivors
+    agg.mask()
+    requests = agg.consistency()
+    request, client = requests[2], agg.clients[2]
+    vouches = request.signatures
+    forged = Vouch(vouches[0].device, bytes(64))
     bad = [
-        UnmaskRequest(survivors=survivors, dropped=[survivors[-1]]),  # both
-        UnmaskRequest(survivors=[d for d in survivors if d != 2], dropped=[2]),  # self dropped
-        UnmaskRequest(survivors=survivors[:-1], dropped=[]),  # a peer left out
-        UnmaskRequest(survivors=[*survivors, survivors[0]], dropped=[]),  # repeated
+        UnmaskRequest(request.contributors[:-1], vouches),  # not the list it signed
+        UnmaskRequest(request.contributors, [forged, *vouches[1:]]),  # a forged signature
+        UnmaskRequest(request.contributors, [*vouches, vouches[0]]),  # a signature twice
+        UnmaskRequest(request.contributors, vouches[:5]),  # five of ten: no majority
+        UnmaskRequest(  # device 4's signature passed off as device 3's
+            request.contributors,
+            [Vouch(3, vouches[3].signature), *(v for v in vouches if v.device != 3)],
+        ),
     ]
-    for request in bad:
+    for candidate in bad:
         with pytest.raises(ProtocolViolation):
-            agg.clients[2].unmask(request)
-    few = UnmaskRequest(survivors=survivors[:5], dropped=survivors[5:])
-    with pytest.raises(AggregationFailed):
-        agg.clients[2].unmask(few)
-    assert agg.clients[2].unmask(requests[2]).self_mask_shares
+            client.unmask(candidate)
+    assert client.unmask(request).self_mask_shares
 
 
 # -- what the server sees ----------------------------------------------------------------------
@@ -248,7 +298,7 @@ def test_no_single_stage_reveals_an_update() -> None:
     masked = np.frombuffer(agg.sent["mask"][target].vector, dtype="<u4")
     assert np.count_nonzero(masked) > length - 5
 
-    # Stage 3: survivors' self-mask seeds and the dropped device's key are revealed,
+    # Stage 4: survivors' self-mask seeds and the dropped device's key are revealed,
     # never both secrets of one device...
     revealed_b = {s.owner for r in agg.sent["unmask"].values() for s in r.self_mask_shares}
     revealed_s = {s.owner for r in agg.sent["unmask"].values() for s in r.key_shares}
@@ -275,9 +325,11 @@ def test_bad_keys_are_rejected_and_the_device_can_retry() -> None:
     server, good = agg.server, agg.clients[1].advertise_keys()
     low_order = bytes(32)  # the all-zero point has small order
     bad = [
-        KeyAdvertisement(good.c_public[:31], good.s_public),
-        KeyAdvertisement(low_order, good.s_public),
-        KeyAdvertisement(good.c_public, good.c_public),
+        msgspec.structs.replace(good, c_public=good.c_public[:31]),
+        msgspec.structs.replace(good, c_public=low_order),
+        msgspec.structs.replace(good, s_public=good.c_public),
+        msgspec.structs.replace(good, signature=bytes(64)),  # not its identity's signature
+        msgspec.structs.replace(good, s_public=agg.clients[2].advertise_keys().s_public),
     ]
     for message in bad:
         with pytest.raises(InvalidRequest):
@@ -286,7 +338,7 @@ def test_bad_keys_are_rejected_and_the_device_can_retry() -> None:
         server.receive_keys(99, good)
     server.receive_keys(1, good)
     server.receive_keys(1, good)  # an identical resend is a no-op
-    with pytest.raises(InvalidRequest, match="already advertised"):
+    with pytest.raises(InvalidRequest, match="not signed"):
         server.receive_keys(2, good)  # someone else's keys
     with pytest.raises(Conflict, match="different"):
         server.receive_keys(1, agg.clients[2].advertise_keys())
@@ -297,11 +349,12 @@ def test_bad_keys_are_rejected_and_the_device_can_retry() -> None:
     agg.received["advertise"] = server.close_advertise()
     agg.share()
     agg.mask()
+    agg.consistency()
     result = agg.unmask()
     np.testing.assert_array_equal(result.ring_sum, agg.plain_sum(range(1, 6)))
 
 
-def test_bad_shares_are_rejected_and_a_tampered_one_is_ignored_by_its_recipient() -> None:
+def test_bad_shares_are_rejected_and_a_tampered_one_stops_its_recipient() -> None:
     agg = Aggregation.start(6, 8)
     rosters = agg.advertise()
     server = agg.server
@@ -342,13 +395,16 @@ def test_bad_shares_are_rejected_and_a_tampered_one_is_ignored_by_its_recipient(
     agg.received["share"] = server.close_sharing()
     with pytest.raises(Conflict, match="not open"):  # device 6, after the stage closed
         server.receive_shares(6, agg.clients[6].share_keys(rosters[6]))
-    agg.mask()
-    rejected = agg.clients[2].rejected_shares
-    assert list(rejected) == [1] and isinstance(rejected[1], InvalidShare)
-    assert "authentication failed" in str(rejected[1])
+    # Device 2 cannot open device 1's share: its keys were signed, so only tampering
+    # explains it. It masks nothing and drops out; the others go on without it.
+    with pytest.raises(InvalidShare, match="authentication failed"):
+        agg.clients[2].masked_input(agg.received["share"][2], agg.inputs[2])
+    assert 2 not in agg.clients[2]._sent.get("mask", {})
+    agg.mask(drop=[2])
+    agg.consistency()
     result = agg.unmask()
-    assert result.dropped == ()  # device 6 never counted as sharing
-    np.testing.assert_array_equal(result.ring_sum, agg.plain_sum(range(1, 6)))
+    assert result.dropped == (2,)  # device 6 never counted as sharing
+    np.testing.assert_array_equal(result.ring_sum, agg.plain_sum([1, 3, 4, 5]))
 
 
 def test_bad_masked_inputs_are_rejected_and_late_ones_refused() -> None:
@@ -370,6 +426,7 @@ def test_bad_masked_inputs_are_rejected_and_late_ones_refused() -> None:
     late = agg.clients[6].masked_input(bundles[6], agg.inputs[6])
     with pytest.raises(Conflict, match="not open"):
         server.receive_masked_input(6, late)
+    agg.consistency()
     result = agg.unmask()
     assert result.dropped == (6,)
     np.testing.assert_array_equal(result.ring_sum, agg.plain_sum(range(1, 6)))
@@ -379,7 +436,8 @@ def test_bad_revealed_shares_are_rejected_whole() -> None:
     agg = Aggregation.start(6, 8)
     agg.advertise()
     agg.share()
-    requests = agg.mask(drop=[6])
+    agg.mask(drop=[6])
+    requests = agg.consistency()
     server = agg.server
     honest = agg.clients[1].unmask(requests[1])
     wrong = msgspec.structs.replace(honest.self_mask_shares[1], value=_shamir.encode_element(12345))
@@ -409,24 +467,51 @@ def test_the_device_checks_the_roster_and_bundle() -> None:
     agg = Aggregation.start(12, 8, plus=True, neighbours=4)
     rosters = agg.advertise()
     me = agg.clients[1]
-    stranger = next(d for d in range(2, 13) if d not in me.neighbours)
-    peer = rosters[1].peers[0]
+    roster = rosters[1]
+    entry = {p.device: p for p in roster.peers}
     with pytest.raises(ProtocolViolation):  # out of order
         agg.clients[2].masked_input(ShareBundle([]), agg.inputs[2])
-    with pytest.raises(ProtocolViolation, match="unexpectedly"):
-        me.share_keys(KeyRoster([*rosters[1].peers, PeerKeys(stranger, b"x" * 32, b"y" * 32)]))
-    with pytest.raises(ProtocolViolation, match="repeats a public key"):
-        me.share_keys(
-            KeyRoster([peer, PeerKeys(rosters[1].peers[1].device, peer.c_public, b"z" * 32)])
-        )
-    with pytest.raises(AggregationFailed):
-        me.share_keys(KeyRoster(rosters[1].peers[:1]))
+    stranger = msgspec.structs.replace(entry[2], device=13)
+    own = entry[1]
+    bad = {
+        "unexpectedly": [*roster.peers, stranger],  # a device not in the aggregation
+        "repeats a public key": [
+            msgspec.structs.replace(p, s_public=entry[2].s_public) if p.device == 3 else p
+            for p in roster.peers
+        ],
+        "repeats an identity": [
+            msgspec.structs.replace(p, identity_key=entry[2].identity_key) if p.device == 3 else p
+            for p in roster.peers
+        ],
+        "not signed": [  # device 3's keys swapped for others, its signature kept
+            msgspec.structs.replace(
+                p, c_public=X25519PrivateKey.generate().public_key().public_bytes_raw()
+            )
+            if p.device == 3
+            else p
+            for p in roster.peers
+        ],
+        "not certified": [
+            msgspec.structs.replace(p, certificate=bytes(64)) if p.device == 3 else p
+            for p in roster.peers
+        ],
+        "leaves this device out": [p for p in roster.peers if p.device != 1],
+        "device 1's keys are not signed": [  # its own entry altered
+            msgspec.structs.replace(own, c_public=entry[2].c_public) if p.device == 1 else p
+            for p in roster.peers
+        ],
+    }
+    for reason, peers in bad.items():
+        with pytest.raises(ProtocolViolation, match=reason):
+            me.share_keys(KeyRoster(peers))
+    assert me.stage == "share"  # nothing encrypted to anyone
     bundles = agg.share()
+    stranger_id = next(d for d in range(2, 13) if d not in me.neighbours)
     with pytest.raises(ProtocolViolation, match="sender twice"):
         me.masked_input(ShareBundle([*bundles[1].shares, bundles[1].shares[0]]), agg.inputs[1])
     with pytest.raises(ProtocolViolation, match="non-peer"):
         me.masked_input(
-            ShareBundle([*bundles[1].shares, RelayedShare(stranger, b"")]), agg.inputs[1]
+            ShareBundle([*bundles[1].shares, RelayedShare(stranger_id, b"")]), agg.inputs[1]
         )
     with pytest.raises(InvalidInput):
         me.masked_input(bundles[1], agg.inputs[1].astype(np.int64))
@@ -448,8 +533,7 @@ def test_messages_round_trip_and_garbage_is_an_invalid_request() -> None:
         decode(b"\x93garbage", ShareKeys)
     with pytest.raises(InvalidRequest):
         decode(encode(MaskedInput(b"x")), ShareKeys)
-    params = decode(encode(agg.params), SecAggParams)
-    assert params == agg.params and params.graph() == agg.params.graph()
+    assert decode(encode(agg.params), SecAggParams) == agg.params
 
 
 # -- parameters, graph, Shamir ---------------------------------------------------------------
@@ -473,11 +557,11 @@ def test_parameters_refuse_an_unsafe_threshold() -> None:
 
 def test_the_neighbour_graph_is_a_k_connected_regular_graph_fixed_by_the_seed() -> None:
     params = SecAggParams.create(range(1, 201), 8, plus=True, neighbours=10)
-    graph = params.graph()
+    graph = params.graph_for(range(1, 201), b"a" * 32)
     assert all(len(graph[d]) == 10 and d not in graph[d] for d in graph)
     assert all(d in graph[e] for d in graph for e in graph[d])
-    other = SecAggParams.create(range(1, 201), 8, plus=True, neighbours=10)
-    assert other.graph() != graph  # a fresh seed, a fresh graph
+    assert params.graph_for(range(1, 201), b"b" * 32) != graph  # another roster, another graph
+    assert params.graph_for(range(1, 201), b"a" * 32) == graph
     rng = random.Random(0)
     for _ in range(20):  # Harary H(k, n) stays connected after any k - 1 removals
         removed = set(rng.sample(range(1, 201), 9))
@@ -489,6 +573,19 @@ def test_the_neighbour_graph_is_a_k_connected_regular_graph_fixed_by_the_seed() 
                 seen.add(e)
                 queue.append(e)
         assert seen == alive
+
+
+def test_the_graph_comes_from_the_whole_signed_roster() -> None:
+    # Each device lays the graph from a hash of every advertisement, fresh keys included:
+    # the server cannot choose it, and device and server agree on it.
+    agg = Aggregation.start(40, 8, plus=True, neighbours=6)
+    agg.advertise()
+    agg.share()
+    for d, client in agg.clients.items():
+        assert client.neighbours == agg.server.graph[d]
+    again = Aggregation.start(40, 8, plus=True, neighbours=6)
+    again.advertise()
+    assert again.server.graph != agg.server.graph
 
 
 def test_shamir_recovers_from_any_threshold_shares_and_uses_a_prime_field() -> None:

@@ -1,25 +1,25 @@
 """Secure aggregation, device role: SecAgg (Bonawitz et al. 2017) and SecAgg+ (Bell et al. 2020).
 
-The server learns the exact sum, in Z_{2^32}, of the quantised updates of the
-devices that sent a masked input, and nothing else about any one of them, as
-long as at most ``threshold - 1`` share-holders of any device collude with it
-and no more than the tolerated number of devices drop out. It is a sans-io
-protocol core: `SecAggClient` here and `fedserver_ref.secagg.SecAggServer`
-turn the stage messages of `fedclient.privacy.secagg` into one another over
-any transport.
+The server learns the sum, in Z_{2^b}, of the encoded updates of the devices
+that sent a masked input, and nothing else about any one of them, against a
+*malicious* server colluding with up to the tolerated share of devices: every
+key is signed with an enrolled identity key (certified by an identity authority
+the device pins, if it pins one), the SecAgg+ graph comes from the signed
+roster, and a consistency round (signed contributor lists) stops the server
+from showing devices different dropouts. What each check stops, and what none
+can (a server that enrols devices of its own without an authority; inputs out
+of range), is in `SecAggClient` and in the README's threat model.
 
-Threat model: an honest-but-curious server. The consistency round of Bonawitz
-et al.'s actively secure variant (signatures over the survivor set, which needs
-a PKI) is not implemented: a server that lies to different devices about who
-dropped can learn a device's input. Devices' inputs are not checked to be in
-range (a device can always spoil the sum, never learn another's input).
+It is a sans-io protocol core: `SecAggClient` here and
+`fedserver_ref.secagg.SecAggServer` turn the stage messages of
+`fedclient.privacy.secagg` into one another over any transport.
 
     params = SecAggParams.create(range(1, n + 1), vector_length, plus=True)
     q = quantize(update, params.quantization, rng)          # float -> Z_{2^32}
-    client = SecAggClient(params, device)                   # see SecAggClient
+    client = SecAggClient(params, device, signer)           # see SecAggClient
 """
 
-from fedclient.privacy.secagg._client import ClientStage, SecAggClient
+from fedclient.privacy.secagg._client import ClientStage, SecAggClient, signature_quorum
 from fedclient.privacy.secagg._encoding import (
     BLOCK,
     BOUND_SIGMAS,
@@ -44,8 +44,11 @@ from fedclient.privacy.secagg._messages import (
     SecAggMessage,
     ShareBundle,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
+    Vouch,
     decode,
     encode,
 )
@@ -76,13 +79,17 @@ __all__ = [
     "SecAggParams",
     "ShareBundle",
     "ShareKeys",
+    "SurvivorList",
+    "SurvivorSignature",
     "UnmaskRequest",
     "UnmaskResponse",
+    "Vouch",
     "decode",
     "default_neighbours",
     "dequantize",
     "encode",
     "pack",
     "quantize",
+    "signature_quorum",
     "unpack",
 ]

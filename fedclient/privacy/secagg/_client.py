@@ -1,26 +1,47 @@
 """The device's role in secure aggregation: a sans-io state machine.
 
-The driver moves one `SecAggClient` through four calls, sending what each
+The driver moves one `SecAggClient` through five calls, sending what each
 returns to the server and passing in what the server answers::
 
-    client = SecAggClient(params, device)
+    client = SecAggClient(params, device, signer)
     send(client.advertise_keys())                    # stage 0
     send(client.share_keys(roster))                  # stage 1, roster: KeyRoster
     send(client.masked_input(bundle, quantized))     # stage 2, bundle: ShareBundle
-    send(client.unmask(request))                     # stage 3, request: UnmaskRequest
+    send(client.consistency(survivors))              # stage 3, survivors: SurvivorList
+    send(client.unmask(request))                     # stage 4, request: UnmaskRequest
+
+The device trusts the server with nothing it can check itself (Bonawitz et al.
+2017's actively secure variant):
+
+- every roster entry is a key advertisement signed with an identity key, which
+  an identity authority the device pins must have certified (when it pins one);
+  no identity, device or key appears twice;
+- the SecAgg+ graph comes from a hash of the whole roster, not from the server;
+- a relayed share that does not decrypt aborts the aggregation before the
+  device masks anything (it would otherwise mask with a peer whose share of
+  its secrets went to the server);
+- it signs one contributor list per aggregation, and unmasks only for that
+  list, signed by more devices than a server colluding with the tolerated
+  share of them could get to sign two different lists; it takes its own
+  neighbours' status from that list, so honest devices agree on who dropped
+  and never reveal both secrets of one device;
+- the list must be at least ``min_contributors`` long (a small sum says too
+  much about each input; distributed DP's noise needs that many shares).
 
 Each call may be repeated with the same argument (a retried request gets the
 same message back); a call with a different argument for a stage already done
 raises `ProtocolViolation`. Secrets (X25519 keys, the self-mask seed, the
 Shamir coefficients, the AES-GCM nonces) come from the OS CSPRNG and live only
-in memory: a device that restarts mid-aggregation has simply dropped out, which
-the protocol tolerates. Keeping them out of the state file also means a
-restarted device can never send a second, different masked input.
+in memory: a device that restarts mid-aggregation has simply dropped out,
+which the protocol tolerates, and can never send a second, different masked
+input.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from enum import StrEnum
 
 import numpy as np
@@ -28,6 +49,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedclient._exceptions import InvalidInput
+from fedclient.identity import SigningKey, verify_certificate, verify_signature
 from fedclient.privacy.secagg import _crypto, _shamir
 from fedclient.privacy.secagg._encoding import pack
 from fedclient.privacy.secagg._errors import AggregationFailed, InvalidShare, ProtocolViolation
@@ -36,15 +58,30 @@ from fedclient.privacy.secagg._messages import (
     KeyAdvertisement,
     KeyRoster,
     MaskedInput,
+    PeerKeys,
     RevealedShare,
     ShareBundle,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
 from fedclient.privacy.secagg._params import SecAggParams
 
-__all__ = ["ClientStage", "SecAggClient"]
+__all__ = ["ClientStage", "SecAggClient", "signature_quorum"]
+
+
+def signature_quorum(advertised: int, colluding_fraction: float) -> int:
+    """Signatures of one contributor list a device wants before it unmasks.
+
+    Of ``advertised`` devices at most ``c = ceil(colluding_fraction * advertised)``
+    collude with the server and sign anything; honest ones sign one list. Two
+    different lists each signed by ``q`` devices need ``2q - advertised`` devices
+    that signed both, so ``q = floor((advertised + c) / 2) + 1`` leaves room for
+    one list only."""
+    colluding = math.ceil(colluding_fraction * advertised)
+    return (advertised + colluding) // 2 + 1
 
 
 class ClientStage(StrEnum):
@@ -53,6 +90,7 @@ class ClientStage(StrEnum):
     ADVERTISE = "advertise"
     SHARE = "share"
     MASK = "mask"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -60,28 +98,46 @@ class ClientStage(StrEnum):
 class SecAggClient:
     """One device (number ``device`` in ``params.participants``) in one secure aggregation.
 
-    Its two X25519 key pairs and its self-mask seed are drawn from the OS
-    CSPRNG when it is created; they never leave memory.
+    ``signer`` is the device's identity key. ``trusted_authorities``: identity
+    authorities' public keys; if any, every peer must hold a certificate from one.
+    ``min_contributors``: the fewest contributors it unmasks a sum of.
+    ``colluding_fraction``: the share of devices it assumes may collude with the
+    server (`signature_quorum`). Its two X25519 key pairs and its self-mask seed
+    are drawn from the OS CSPRNG when it is created; they never leave memory.
     """
 
-    def __init__(self, params: SecAggParams, device: int) -> None:
+    def __init__(
+        self,
+        params: SecAggParams,
+        device: int,
+        signer: SigningKey,
+        *,
+        trusted_authorities: Iterable[bytes] = (),
+        min_contributors: int = 2,
+        colluding_fraction: float = 0.2,
+    ) -> None:
         if device not in params.participants:
             raise InvalidInput(f"device {device} is not a participant of this aggregation")
+        if not 0 <= colluding_fraction < 1:
+            raise InvalidInput(f"colluding_fraction must be in [0, 1), got {colluding_fraction}")
         self.params = params
         self.device = device
-        self.neighbours = params.neighbourhood(device)
+        self.signer = signer
+        self.trusted_authorities = tuple(trusted_authorities)
+        self.min_contributors = max(2, min_contributors)
+        self.colluding_fraction = colluding_fraction
         self.stage = ClientStage.ADVERTISE
-        #: Senders whose relayed share failed to verify, with the reason; this
-        #: device cannot help unmask them.
-        self.rejected_shares: dict[int, InvalidShare] = {}
+        self.neighbours: frozenset[int] = frozenset()
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
         self._seed = os.urandom(32)
-        self._peers: dict[int, tuple[bytes, bytes]] = {}
+        self._identities: dict[int, bytes] = {}  # every advertiser's identity key
+        self._peers: dict[int, tuple[bytes, bytes]] = {}  # neighbours' (c, s) keys
         self._c_secrets: dict[int, bytes] = {}
         self._own_share = 0
         self._received: dict[int, tuple[int, int]] = {}
         self._maskers: list[int] = []
+        self._contributors: list[int] | None = None
         self._sent: dict[ClientStage, tuple[object, object]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -100,43 +156,80 @@ class SecAggClient:
             )
         return message
 
+    def _public_keys(self) -> tuple[bytes, bytes]:
+        return _crypto.public_bytes(self._c_key), _crypto.public_bytes(self._s_key)
+
     # -- stage 0 ---------------------------------------------------------------------------
     def advertise_keys(self) -> KeyAdvertisement:
-        """Stage 0: the two fresh public keys to send to the server."""
-        message = KeyAdvertisement(
-            _crypto.public_bytes(self._c_key), _crypto.public_bytes(self._s_key)
+        """Stage 0: the two fresh public keys, signed with the identity key."""
+        c_public, s_public = self._public_keys()
+        statement = _crypto.advertisement_message(
+            self.params.session, self.device, c_public, s_public
         )
+        message = KeyAdvertisement(c_public, s_public, self.signer.sign(statement))
         if self.stage == ClientStage.ADVERTISE:
             self._sent[ClientStage.ADVERTISE] = (None, message)
             self.stage = ClientStage.SHARE
         return message
 
     # -- stage 1 ---------------------------------------------------------------------------
-    def share_keys(self, roster: KeyRoster) -> ShareKeys:
-        """Stage 1: Shamir shares of the self-mask seed and of the mask key, encrypted per peer.
+    def _check_roster(self, roster: KeyRoster) -> None:
+        """Every entry signed by a distinct (certified) identity, this device's as sent."""
+        params, session = self.params, self.params.session
+        mine = self._sent[ClientStage.ADVERTISE][1]
+        assert isinstance(mine, KeyAdvertisement)
+        identities: dict[int, bytes] = {}
+        seen_keys: set[bytes] = set()
+        for entry in roster.peers:
+            who = entry.device
+            if who not in params.participants or who in identities:
+                raise ProtocolViolation(f"roster names device {who} unexpectedly")
+            if entry.identity_key in identities.values():
+                raise ProtocolViolation(f"roster repeats an identity key (device {who})")
+            for key in (entry.c_public, entry.s_public):
+                if key in seen_keys:
+                    raise ProtocolViolation(f"roster repeats a public key (device {who})")
+                seen_keys.add(key)
+            if self.trusted_authorities and not verify_certificate(
+                self.trusted_authorities, entry.identity_key, entry.certificate
+            ):
+                raise ProtocolViolation(
+                    f"device {who}'s identity is not certified by a trusted authority"
+                )
+            statement = _crypto.advertisement_message(session, who, entry.c_public, entry.s_public)
+            if not verify_signature(entry.identity_key, entry.signature, statement):
+                raise ProtocolViolation(f"device {who}'s keys are not signed by its identity")
+            if who == self.device and (
+                entry.identity_key != self.signer.public
+                or (entry.c_public, entry.s_public) != (mine.c_public, mine.s_public)
+            ):
+                raise ProtocolViolation("the roster does not carry this device's own keys")
+            identities[who] = entry.identity_key
+        if self.device not in identities:
+            raise ProtocolViolation("the roster leaves this device out")
+        self._identities = identities
 
-        Raises `ProtocolViolation` if the roster names a non-neighbour, repeats a
-        device or key, or holds an unusable key; `AggregationFailed` if too few
-        neighbours are left to reach the threshold.
+    def share_keys(self, roster: KeyRoster) -> ShareKeys:
+        """Stage 1: Shamir shares of the self-mask seed and of the mask key, encrypted per
+        neighbour.
+
+        Raises `ProtocolViolation` if any roster entry fails its checks (see the module
+        docstring) or holds an unusable key; `AggregationFailed` if too few devices are
+        left to reach the threshold.
         """
         previous = self._replay(ClientStage.SHARE, roster)
         if previous is not None:
             assert isinstance(previous, ShareKeys)
             return previous
         params = self.params
-        peers: dict[int, tuple[bytes, bytes]] = {}
-        seen_keys = {
-            _crypto.public_bytes(self._c_key),
-            _crypto.public_bytes(self._s_key),
-        }
-        for entry in roster.peers:
-            if entry.device not in self.neighbours or entry.device in peers:
-                raise ProtocolViolation(f"roster names device {entry.device} unexpectedly")
-            for key in (entry.c_public, entry.s_public):
-                if key in seen_keys:
-                    raise ProtocolViolation(f"roster repeats a public key (device {entry.device})")
-                seen_keys.add(key)
-            peers[entry.device] = (entry.c_public, entry.s_public)
+        self._check_roster(roster)
+        entries: dict[int, PeerKeys] = {e.device: e for e in roster.peers}
+        seed = _crypto.roster_seed(
+            params.session,
+            [(e.device, e.c_public, e.s_public, e.identity_key) for e in roster.peers],
+        )
+        self.neighbours = params.graph_for(sorted(entries), seed)[self.device]
+        peers = {d: (entries[d].c_public, entries[d].s_public) for d in self.neighbours}
         if len(peers) + 1 < params.threshold:
             raise AggregationFailed(
                 f"device {self.device} has {len(peers)} live neighbours; the threshold "
@@ -200,9 +293,10 @@ class SecAggClient:
         """Stage 2: ``vector`` (quantised, uint32) plus the self-mask and the pairwise masks,
         in Z_{2^modulus_bits}.
 
-        Each relayed share is decrypted and checked; one that fails is recorded
-        in `rejected_shares` (the sender still counts as a peer, so the pairwise
-        masks cancel). The device masks with exactly the bundle's senders.
+        Every relayed share must decrypt and decode; one that does not raises
+        `InvalidShare` and nothing is masked or sent (its sender's keys were signed,
+        so only tampering explains it). The device masks with exactly the bundle's
+        senders.
         """
         params = self.params
         values = np.asarray(vector)
@@ -223,13 +317,9 @@ class SecAggClient:
                 f"only {len(senders)} neighbours of device {self.device} shared keys; "
                 f"threshold {params.threshold}"
             )
-        received: dict[int, tuple[int, int]] = {}
-        rejected: dict[int, InvalidShare] = {}
-        for share in bundle.shares:
-            try:
-                received[share.sender] = self._open(share.sender, share.ciphertext)
-            except InvalidShare as exc:
-                rejected[share.sender] = exc
+        received = {
+            share.sender: self._open(share.sender, share.ciphertext) for share in bundle.shares
+        }
         expander = _crypto.MaskExpander(params.vector_length)
         masked = values.astype("<u4", copy=True)
         expander.add(masked, _crypto.self_mask_key(self._seed, params.session, self.device), +1)
@@ -244,34 +334,80 @@ class SecAggClient:
             np.bitwise_and(masked, np.uint32(params.modulus_mask), out=masked)
         message = MaskedInput(pack(masked, params.modulus_bits))
         self._received = received
-        self.rejected_shares = rejected
         self._maskers = sorted(senders)
         self._sent[ClientStage.MASK] = ((bundle, values.tobytes()), message)
-        self.stage = ClientStage.UNMASK
+        self.stage = ClientStage.CONSISTENCY
         return message
 
     # -- stage 3 ---------------------------------------------------------------------------
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Stage 3: self-mask shares of the survivors, key shares of the dropped peers.
+    def consistency(self, survivors: SurvivorList) -> SurvivorSignature:
+        """Stage 3: sign the contributor list, after checking it.
 
-        The device checks that the request splits exactly the peers it masked
-        with (and itself, a survivor) into two disjoint sets, with at least the
-        threshold of survivors, and answers only one request per aggregation, so
-        it never reveals both secrets of any device.
+        It must be sorted and distinct, name this device and only devices of the
+        roster, name every neighbour that masked with this device or explicitly
+        leave it out as dropped (a neighbour in the list that did not share with this
+        device is a contradiction), and be at least ``min_contributors`` and the
+        threshold long (else `AggregationFailed`). The device signs one list per
+        aggregation."""
+        previous = self._replay(ClientStage.CONSISTENCY, survivors)
+        if previous is not None:
+            assert isinstance(previous, SurvivorSignature)
+            return previous
+        listed = survivors.contributors
+        if listed != sorted(set(listed)):
+            raise ProtocolViolation("the contributor list is not sorted and distinct")
+        if self.device not in listed:
+            raise ProtocolViolation("the contributor list leaves this device out")
+        if not set(listed) <= self._identities.keys():
+            raise ProtocolViolation("the contributor list names a device that never advertised")
+        if set(listed) & self.neighbours - set(self._maskers):
+            raise ProtocolViolation("the contributor list names a neighbour that never shared")
+        needed = max(self.min_contributors, self.params.threshold)
+        if len(listed) < needed:
+            raise AggregationFailed(
+                f"{len(listed)} contributors; device {self.device} unmasks sums of {needed} or more"
+            )
+        statement = _crypto.survivors_message(self.params.session, listed)
+        message = SurvivorSignature(self.signer.sign(statement))
+        self._contributors = list(listed)
+        self._sent[ClientStage.CONSISTENCY] = (survivors, message)
+        self.stage = ClientStage.UNMASK
+        return message
+
+    # -- stage 4 ---------------------------------------------------------------------------
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Stage 4: self-mask shares of the surviving neighbours, key shares of the
+        dropped ones.
+
+        The request must carry the very list this device signed, and valid signatures
+        of it from at least `signature_quorum` devices of the roster (any invalid one
+        aborts). Survivors and dropouts are read from that list, not from the server.
         """
         previous = self._replay(ClientStage.UNMASK, request)
         if previous is not None:
             assert isinstance(previous, UnmaskResponse)
             return previous
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
-            raise ProtocolViolation("the unmask request repeats a device")
-        if survivors & dropped:
-            raise ProtocolViolation("the unmask request calls a device both survivor and dropped")
-        if self.device not in survivors:
-            raise ProtocolViolation("the unmask request does not count this device as a survivor")
-        if survivors | dropped != {self.device, *self._maskers}:
-            raise ProtocolViolation("the unmask request does not match the peers masked with")
+        listed = self._contributors
+        assert listed is not None
+        if request.contributors != listed:
+            raise ProtocolViolation("the unmask request is for another contributor list")
+        statement = _crypto.survivors_message(self.params.session, listed)
+        vouched: set[int] = set()
+        for vouch in request.signatures:
+            key = self._identities.get(vouch.device)
+            if key is None or vouch.device not in listed or vouch.device in vouched:
+                raise ProtocolViolation(f"unexpected signature from device {vouch.device}")
+            if not verify_signature(key, vouch.signature, statement):
+                raise ProtocolViolation(f"device {vouch.device}'s signature does not verify")
+            vouched.add(vouch.device)
+        quorum = signature_quorum(len(self._identities), self.colluding_fraction)
+        if len(vouched) < quorum:
+            raise ProtocolViolation(
+                f"{len(vouched)} devices signed the contributor list; {quorum} needed"
+            )
+        alive = set(listed)
+        survivors = (set(self._maskers) & alive) | {self.device}
+        dropped = set(self._maskers) - alive
         if len(survivors) < self.params.threshold:
             raise AggregationFailed(
                 f"{len(survivors)} survivors around device {self.device}; threshold "
@@ -281,12 +417,9 @@ class SecAggClient:
         b_shares += [
             RevealedShare(v, _shamir.encode_element(self._received[v][0]))
             for v in sorted(survivors - {self.device})
-            if v in self._received
         ]
         s_shares = [
-            RevealedShare(v, _shamir.encode_element(self._received[v][1]))
-            for v in sorted(dropped)
-            if v in self._received
+            RevealedShare(v, _shamir.encode_element(self._received[v][1])) for v in sorted(dropped)
         ]
         message = UnmaskResponse(self_mask_shares=b_shares, key_shares=s_shares)
         self._sent[ClientStage.UNMASK] = (request, message)

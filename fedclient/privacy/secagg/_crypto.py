@@ -14,6 +14,8 @@
   seed, so the server can reject a wrong revealed share and check what it
   reconstructs. The committed values are uniform 256-bit field elements, so
   the digests reveal nothing useful.
+- Signed statements (Ed25519, with the device's identity key): its advertised
+  keys, and the contributor list it agrees to unmask, each bound to the session.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "SHARE_CIPHERTEXT_BYTES",
     "SHARE_PLAINTEXT_BYTES",
     "MaskExpander",
+    "advertisement_message",
     "agree",
     "check_public_key",
     "decrypt_share",
@@ -44,9 +47,11 @@ __all__ = [
     "pairwise_mask_key",
     "private_bytes",
     "public_bytes",
+    "roster_seed",
     "secret_digest",
     "self_mask_key",
     "share_digest",
+    "survivors_message",
 ]
 
 DOMAIN = b"fedclient/secagg/v1"
@@ -141,6 +146,27 @@ def share_digest(session: bytes, kind: bytes, owner: int, holder: int, share: by
 def secret_digest(session: bytes, owner: int, seed: bytes) -> bytes:
     """The commitment to a self-mask seed, checked after it is reconstructed."""
     return hashlib.sha256(DOMAIN + b"/seed-commit" + session + _id(owner) + seed).digest()
+
+
+def advertisement_message(session: bytes, device: int, c_public: bytes, s_public: bytes) -> bytes:
+    """What a device signs when it advertises its keys."""
+    return DOMAIN + b"/advertise" + session + _id(device) + c_public + s_public
+
+
+def survivors_message(session: bytes, contributors: list[int]) -> bytes:
+    """What a device signs to agree to unmask the sum of ``contributors`` (sorted)."""
+    listed = hashlib.sha256(b"".join(_id(d) for d in contributors)).digest()
+    return DOMAIN + b"/survivors" + session + listed
+
+
+def roster_seed(session: bytes, entries: list[tuple[int, bytes, bytes, bytes]]) -> bytes:
+    """The SecAgg+ graph's seed: a hash of every (device, c key, s key, identity key) of
+    the roster, sorted by device. The devices' fresh keys are in it, so the server
+    cannot pick the graph (it could only retry with other subsets of devices)."""
+    digest = hashlib.sha256(DOMAIN + b"/graph-seed" + session)
+    for device, c_public, s_public, identity in sorted(entries):
+        digest.update(_id(device) + c_public + s_public + identity)
+    return digest.digest()
 
 
 class MaskExpander:

@@ -25,8 +25,8 @@ class SecAggError(FedError):
 class InvalidShare(SecAggError):
     """An encrypted share failed authentication (AES-GCM) or has the wrong size.
 
-    The device that received it ignores it: it cannot help unmask that sender,
-    and the round goes on without it.
+    Its peer's keys were signed, so only a tampering server or a malicious peer
+    sends one: the device that received it aborts before masking anything.
     """
 
     def __init__(self, sender: int, reason: str) -> None:

@@ -2,15 +2,18 @@
 
 Device -> server messages do not name their sender: the transport
 authenticates the device and passes its number to the server role. Server ->
-device messages name the peers they concern.
+device messages name the peers they concern. What a device signs, it signs
+with its identity key (`fedclient.identity`): its advertised keys, and the
+list of contributors it agrees to unmask.
 
 ====================  =======================  ====================================
 stage                 device -> server         server -> device
 ====================  =======================  ====================================
-0 advertise keys      `KeyAdvertisement`       `KeyRoster` (the live neighbours' keys)
+0 advertise keys      `KeyAdvertisement`       `KeyRoster` (everyone's signed keys)
 1 share keys          `ShareKeys`              `ShareBundle` (shares addressed to it)
-2 masked input        `MaskedInput`            `UnmaskRequest` (who survived, who dropped)
-3 unmask              `UnmaskResponse`         (the server computes the sum)
+2 masked input        `MaskedInput`            `SurvivorList` (who sent a masked input)
+3 consistency         `SurvivorSignature`      `UnmaskRequest` (the list, signed by many)
+4 unmask              `UnmaskResponse`         (the server computes the sum)
 ====================  =======================  ====================================
 
 `encode` / `decode` give the compact MessagePack form used for byte counts;
@@ -36,30 +39,43 @@ __all__ = [
     "SecAggMessage",
     "ShareBundle",
     "ShareKeys",
+    "SurvivorList",
+    "SurvivorSignature",
     "UnmaskRequest",
     "UnmaskResponse",
+    "Vouch",
     "decode",
     "encode",
 ]
 
 
 class KeyAdvertisement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Stage 0, device -> server: fresh X25519 public keys (c: encryption, s: masks)."""
+    """Stage 0, device -> server: fresh X25519 public keys (c: encryption, s: masks),
+    signed with the device's identity key (`advertisement_message`)."""
 
     c_public: bytes
     s_public: bytes
+    signature: bytes
 
 
 class PeerKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One peer's advertised public keys."""
+    """One device's signed advertisement, with its identity key and the certificate
+    of it (empty without one), as the device enrolled them."""
 
     device: int
     c_public: bytes
     s_public: bytes
+    signature: bytes
+    identity_key: bytes
+    certificate: bytes = b""
 
 
 class KeyRoster(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Stage 0, server -> device: the keys of its neighbours that advertised in time."""
+    """Stage 0, server -> device: every device that advertised in time (itself included).
+
+    The same for every device: each checks every entry, and derives the SecAgg+
+    neighbour graph from the whole roster (`roster_seed`), so the server cannot
+    choose the graph alone."""
 
     peers: list[PeerKeys]
 
@@ -111,11 +127,35 @@ class MaskedInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     vector: bytes
 
 
-class UnmaskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Stage 2, server -> device: which of its neighbours sent a masked input and which did not."""
+class SurvivorList(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 2, server -> device: every device whose masked input is in the sum."""
 
-    survivors: list[int]
-    dropped: list[int]
+    contributors: list[int]
+
+
+class SurvivorSignature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 3, device -> server: its signature of the contributor list it was shown."""
+
+    signature: bytes
+
+
+class Vouch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One device's signature of the contributor list."""
+
+    device: int
+    signature: bytes
+
+
+class UnmaskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Stage 3, server -> device: the contributor list and the signatures of it.
+
+    A device unmasks only for the list it signed itself, vouched for by more
+    devices than could be shown a different list (Bonawitz et al. 2017's
+    consistency check): so every honest device takes the same devices for
+    dropped, and none reveals both secrets of one device."""
+
+    contributors: list[int]
+    signatures: list[Vouch]
 
 
 class RevealedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -138,6 +178,8 @@ SecAggMessage = (
     | ShareKeys
     | ShareBundle
     | MaskedInput
+    | SurvivorList
+    | SurvivorSignature
     | UnmaskRequest
     | UnmaskResponse
 )

@@ -43,9 +43,10 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     - ``neighbours``: ``None`` for SecAgg (every pair of devices shares a mask
       and every device holds shares of every other); an integer ``k`` for
       SecAgg+: each device talks only to its ``k`` neighbours in a Harary graph
-      H(k, n) laid over a random permutation of the participants derived from
-      ``graph_seed`` (public randomness). If k is odd and n odd, one device has
-      k + 1 neighbours.
+      H(k, n) laid over a random permutation of the devices that advertised
+      keys, derived from the whole signed roster (`graph_for`, `roster_seed`):
+      public randomness no single party picks. If k is odd and n odd, one device
+      has k + 1 neighbours.
     - ``threshold``: shares needed to recover a secret. A secret is shared among
       a device and its neighbours (all devices in SecAgg), and ``threshold``
       must be more than half of the largest such group and at least 2, so an
@@ -64,7 +65,6 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     vector_length: int
     quantization: Quantization = msgspec.field(default_factory=Quantization)
     neighbours: int | None = None
-    graph_seed: bytes = b""
     modulus_bits: int = 32
     rotation: RotatedQuantization | None = None
 
@@ -90,11 +90,8 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if not 1 <= self.vector_length <= MAX_VECTOR_LENGTH:
             raise InvalidInput(f"vector_length must be in [1, {MAX_VECTOR_LENGTH}]")
-        if self.neighbours is not None:
-            if self.neighbours < 2:
-                raise InvalidInput("neighbours must be at least 2")
-            if len(self.graph_seed) != 32:
-                raise InvalidInput("SecAgg+ needs a 32-byte graph_seed")
+        if self.neighbours is not None and self.neighbours < 2:
+            raise InvalidInput("neighbours must be at least 2")
         smallest, largest = self.group_sizes
         if not (2 <= self.threshold <= smallest and 2 * self.threshold > largest):
             raise InvalidInput(
@@ -113,17 +110,16 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         threshold: int | None = None,
         quantization: Quantization | None = None,
         session: bytes | None = None,
-        graph_seed: bytes | None = None,
         rotation: RotatedQuantization | None = None,
     ) -> SecAggParams:
         """Parameters for one aggregation over ``participants``.
 
         ``plus`` selects SecAgg+ with ``neighbours`` (default `default_neighbours`);
         the default threshold is the smallest majority of the largest group.
-        ``session`` and ``graph_seed`` (32 bytes each, public) default to fresh
-        bytes from the OS CSPRNG; pass them to reproduce a graph. A session must
-        never be reused for a second aggregation. With ``rotation`` the ring is
-        its ``modulus_bits`` (``vector_length`` must be its ``vector_length``).
+        ``session`` (32 bytes, public) defaults to fresh bytes from the OS CSPRNG;
+        a session must never be reused for a second aggregation. With
+        ``rotation`` the ring is its ``modulus_bits`` (``vector_length`` must be
+        its ``vector_length``).
         """
         ids = sorted(participants)
         k = None
@@ -131,7 +127,6 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             k = neighbours if neighbours is not None else default_neighbours(len(ids))
         if k is not None and k >= len(ids) - 1:
             k = None  # the graph is complete: plain SecAgg
-        seed = (graph_seed or os.urandom(32)) if k is not None else b""
         largest = _degree_range(len(ids), k)[1] + 1
         return cls(
             session=session or os.urandom(32),
@@ -140,7 +135,6 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             vector_length=vector_length,
             quantization=quantization or Quantization(),
             neighbours=k,
-            graph_seed=seed,
             modulus_bits=rotation.modulus_bits if rotation else 32,
             rotation=rotation,
         )
@@ -151,18 +145,15 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         lo, hi = _degree_range(len(self.participants), self.neighbours)
         return lo + 1, hi + 1
 
-    def graph(self) -> Mapping[int, frozenset[int]]:
-        """Every participant's neighbours (cached per parameter set)."""
-        return _graph(tuple(self.participants), self.neighbours, self.graph_seed)
-
     @property
     def modulus_mask(self) -> int:
         """``2^modulus_bits - 1``: a ring element's bits."""
         return int(2**self.modulus_bits - 1)
 
-    def neighbourhood(self, device: int) -> frozenset[int]:
-        """The participants ``device`` shares masks and secrets with (itself excluded)."""
-        return self.graph()[device]
+    def graph_for(self, members: Sequence[int], seed: bytes) -> Mapping[int, frozenset[int]]:
+        """Every member's neighbours among ``members`` (the devices that advertised keys),
+        laid out by ``seed`` (`roster_seed`); complete for SecAgg. Cached."""
+        return _graph(tuple(sorted(members)), self.neighbours, seed)
 
 
 def _degree_range(n: int, k: int | None) -> tuple[int, int]:
