@@ -194,9 +194,7 @@ def run(mode: str, devices: int, length: int, dropout: float, workers: int, seed
     probe = min(set(params.participants) - dropped)
     probe_client = client_for(decode(encode(params), SecAggParams), probe, seed)
     ledger = Ledger()
-    server = SecAggServer(
-        params, {d: (signer(seed, d).public, None) for d in params.participants}
-    )
+    server = SecAggServer(params, {d: (signer(seed, d).public, None) for d in params.participants})
     announce = len(encode(params))
     fleet = Fleet(params, workers, seed, probe)
     wall = time.perf_counter()

@@ -658,8 +658,10 @@ class Client:
     def _secure_upload(
         self, identity: Identity, plan: RoundPlan, body: bytes
     ) -> Generator[Effect, Any, UploadReceipt | StepOutcome]:
-        """Secure aggregation instead of an upload: walk the stages, one message each;
-        a stage that has not closed yet is a "waiting" outcome (call again)."""
+        """Secure aggregation instead of an upload: one stage per step. A step fetches
+        the server's answer to the last stage and posts this device's next message, then
+        waits (the stage closes only once the others posted too: fetching at once would
+        nearly always be answered 425); a stage not closed yet is "waiting" too."""
         waiting = StepOutcome(
             "waiting",
             round_id=plan.round_id,
@@ -699,38 +701,37 @@ class Client:
                 identity, plan, "keys", secagg.encode(session.client.advertise_keys())
             )
             self._secure[plan.round_id] = session
-        while True:
-            response = yield self._request(
-                SECAGG_FETCH, identity, round_id=plan.round_id, stage=session.stage
+            return waiting
+        response = yield self._request(
+            SECAGG_FETCH, identity, round_id=plan.round_id, stage=session.stage
+        )
+        if response.status_code == 425:
+            return waiting
+        raise_for_error(response)
+        client = session.client
+        if session.stage == "keys":
+            roster = secagg.decode(response.content, secagg.KeyRoster)
+            message, session.stage = client.share_keys(roster), "shares"
+            yield from self._secure_post(identity, plan, "shares", secagg.encode(message))
+        elif session.stage == "shares":
+            bundle = secagg.decode(response.content, secagg.ShareBundle)
+            vector = self._secure_vector(plan, body, client.params)
+            masked = client.masked_input(bundle, vector)
+            answer = yield from self._secure_post(identity, plan, "masked", secagg.encode(masked))
+            session.receipt, session.stage = _decode(answer, UploadReceipt), "masked"
+        elif session.stage == "masked":
+            survivors = secagg.decode(response.content, secagg.SurvivorList)
+            message, session.stage = client.consistency(survivors), "consistency"
+            yield from self._secure_post(identity, plan, "consistency", secagg.encode(message))
+        else:
+            request = secagg.decode(response.content, secagg.UnmaskRequest)
+            yield from self._secure_post(
+                identity, plan, "unmask", secagg.encode(client.unmask(request))
             )
-            if response.status_code == 425:
-                return waiting
-            raise_for_error(response)
-            client = session.client
-            if session.stage == "keys":
-                roster = secagg.decode(response.content, secagg.KeyRoster)
-                message, session.stage = client.share_keys(roster), "shares"
-                yield from self._secure_post(identity, plan, "shares", secagg.encode(message))
-            elif session.stage == "shares":
-                bundle = secagg.decode(response.content, secagg.ShareBundle)
-                vector = self._secure_vector(plan, body, client.params)
-                masked = client.masked_input(bundle, vector)
-                answer = yield from self._secure_post(
-                    identity, plan, "masked", secagg.encode(masked)
-                )
-                session.receipt, session.stage = _decode(answer, UploadReceipt), "masked"
-            elif session.stage == "masked":
-                survivors = secagg.decode(response.content, secagg.SurvivorList)
-                message, session.stage = client.consistency(survivors), "consistency"
-                yield from self._secure_post(identity, plan, "consistency", secagg.encode(message))
-            else:
-                request = secagg.decode(response.content, secagg.UnmaskRequest)
-                yield from self._secure_post(
-                    identity, plan, "unmask", secagg.encode(client.unmask(request))
-                )
-                self._secure.pop(plan.round_id, None)
-                assert session.receipt is not None
-                return session.receipt
+            self._secure.pop(plan.round_id, None)
+            assert session.receipt is not None
+            return session.receipt
+        return waiting
 
     def _secure_post(
         self, identity: Identity, plan: RoundPlan, stage: str, body: bytes

@@ -49,6 +49,7 @@ from fedclient.privacy.secagg import (
     SecAggParams,
     ShareKeys,
     SurvivorSignature,
+    Tolerance,
     UnmaskResponse,
     decode,
     dequantize,
@@ -146,6 +147,7 @@ class SecureRounds:
             quantization=Quantization(p.secagg_clip, max_devices=max(2, len(members))),
             session=session,
             rotation=rotation,
+            tolerance=Tolerance(p.secagg_colluding, p.secagg_dropout),
         )
         identities = {number: admitted[device] for device, number in members.items()}
         self.rounds[round_id] = _SecureRound(

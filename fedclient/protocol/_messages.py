@@ -100,6 +100,12 @@ class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secagg_clip: PositiveFloat = 32768.0
     #: A secure-aggregation stage closes this long after its first message, at the latest.
     secagg_stage_seconds: PositiveFloat = 60.0
+    #: What a secure aggregation withstands: this share of its devices colluding with the
+    #: server, and this share dropping out after they advertised keys (both with failure
+    #: probability 2^-40). They fix the SecAgg+ neighbourhood and the threshold (Bell et
+    #: al. 2020); each device checks the threshold against its own PrivacyPolicy.
+    secagg_colluding: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.2
+    secagg_dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3
     #: Distributed DP (with secure aggregation and dp_epsilon): each device adds a share
     #: of discrete Gaussian noise so that the *sum* is (dp_epsilon, dp_delta)-DP per round
     #: (Kairouz et al. 2021), instead of noising its own update for the server to see.

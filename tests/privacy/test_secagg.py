@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from fedclient import Conflict, InvalidInput, InvalidRequest
+from fedclient.identity import SigningKey
 from fedclient.privacy.secagg import (
     AggregationFailed,
     InvalidShare,
@@ -22,19 +23,24 @@ from fedclient.privacy.secagg import (
     Quantization,
     RelayedShare,
     RevealedShare,
+    SecAggClient,
     SecAggParams,
     ShareBundle,
     ShareKeys,
     SurvivorList,
+    Tolerance,
     UnmaskRequest,
     UnmaskResponse,
     Vouch,
     _crypto,
     _shamir,
+    choose,
     decode,
     dequantize,
     encode,
     quantize,
+    safe_threshold,
+    signature_quorum,
 )
 from fedserver_ref.secagg import ServerStage
 from tests.privacy.harness import STAGES, Aggregation
@@ -47,8 +53,11 @@ CONFIGS += [(3, True, 2), (10, True, 4), (100, True, None)]
 
 
 def tolerance(agg: Aggregation) -> int:
-    """How many devices of one share group may drop: smallest group minus threshold."""
-    return agg.params.group_sizes[0] - agg.params.threshold
+    """How many devices of one share group may drop: smallest group minus threshold, and
+    no more than leave enough signers of the contributor list (a majority, here)."""
+    n = len(agg.params.participants)
+    signers = n - signature_quorum(n, 0.0)
+    return min(agg.params.group_sizes[0] - agg.params.threshold, signers)
 
 
 def victims(agg: Aggregation, count: int, rng: random.Random) -> tuple[int, list[int]]:
@@ -95,7 +104,7 @@ def test_odd_neighbourhood_and_even_share_counts_work() -> None:
     # k=5 with n=11 is Harary's odd case (one device has 6 neighbours); k=5 with n=12
     # gives share groups of 6, an even share count.
     for n in (11, 12):
-        agg = Aggregation.start(n, 16, plus=True, neighbours=5)
+        agg = Aggregation.start(n, 16, plus=True, neighbours=5, threshold=4)
         agg.advertise()
         degrees = {len(agg.server.graph[d]) for d in agg.params.participants}
         assert degrees == ({5, 6} if n == 11 else {5})
@@ -131,7 +140,9 @@ def test_encoding_cannot_wrap_for_ten_thousand_devices() -> None:
 @pytest.mark.parametrize("plus", [False, True])
 @pytest.mark.parametrize("stage", ["mask", "unmask"])
 def test_one_dropout_too_many_fails_cleanly(plus: bool, stage: str) -> None:
-    agg = Aggregation.start(30, 16, plus=plus, neighbours=8)
+    # A majority threshold, so one dropout too many shows at the threshold, not first
+    # at the signature quorum (a majority too, with no colluders assumed).
+    agg = Aggregation.start(30, 16, plus=plus, neighbours=8, threshold=5 if plus else 16)
     agg.advertise()
     centre, dropped = victims(agg, tolerance(agg) + 1, random.Random(1))
     agg.share()
@@ -166,7 +177,7 @@ def test_secagg_fails_when_too_few_devices_advertise_or_share() -> None:
 def test_secagg_plus_leaves_out_a_device_whose_group_is_too_thin_early() -> None:
     # Before any input exists, a device whose group fell under the threshold is left
     # out (its input is never sent), and the others still get their exact sum.
-    agg = Aggregation.start(30, 16, plus=True, neighbours=8)
+    agg = Aggregation.start(30, 16, plus=True, neighbours=8, threshold=5)
     agg.advertise()
     centre, dropped = victims(agg, tolerance(agg) + 1, random.Random(5))
     agg.share(dropped)
@@ -540,7 +551,8 @@ def test_messages_round_trip_and_garbage_is_an_invalid_request() -> None:
 def test_parameters_refuse_an_unsafe_threshold() -> None:
     ids = list(range(1, 11))
     base = SecAggParams.create(ids, 8)
-    for t in (1, 5, 11):  # below 2, half of 10, above the group
+    assert base.threshold == 3  # more than the 2 colluders of 10 (20%) hold
+    for t in (1, 11):  # below 2, above the group
         with pytest.raises(InvalidInput, match="threshold"):
             msgspec.structs.replace(base, threshold=t)
     assert msgspec.structs.replace(base, threshold=10).threshold == 10
@@ -553,6 +565,41 @@ def test_parameters_refuse_an_unsafe_threshold() -> None:
     with pytest.raises(msgspec.ValidationError):
         decode_params = msgspec.msgpack.encode(msgspec.structs.asdict(base) | {"threshold": 1})
         msgspec.msgpack.decode(decode_params, type=SecAggParams)
+    # Few neighbours are safe only if every share of the group is needed: no dropout
+    # is tolerated (the colluders among k neighbours hold at most k of k + 1 shares).
+    for k in (2, 4, 8):
+        assert SecAggParams.create(range(1, 101), 8, plus=True, neighbours=k).threshold == k + 1
+
+
+def test_a_device_refuses_a_threshold_its_colluders_could_reach() -> None:
+    # A server announcing a threshold of 2 for 10 devices: two colluders would rebuild
+    # any device's secrets. A device that assumes 20% colluding wants 3.
+    params = SecAggParams.create(range(1, 11), 8, threshold=2)
+    with pytest.raises(ProtocolViolation, match="wants at least 3"):
+        SecAggClient(params, 1, SigningKey(), colluding_fraction=0.2)
+    SecAggClient(params, 1, SigningKey(), colluding_fraction=0.1)  # one colluder: fine
+
+
+@pytest.mark.parametrize(("n", "expected"), [(100, (None, 21)), (1000, (218, 96))])
+def test_neighbours_and_threshold_follow_the_tolerances(
+    n: int, expected: tuple[int | None, int]
+) -> None:
+    # Bell et al. 2020's conditions at 20% colluding, 30% dropout, 2^-40 both ways.
+    assert choose(n) == expected
+    k, t = expected
+    if k is not None:
+        # Security: n * P[Bin(k, 0.2) >= t] <= 2^-40; correctness: n * P[Bin(k, 0.7) < t].
+        tail = stats.binom.sf(t - 1, k, 0.2) * n
+        short = stats.binom.cdf(t - 1, k, 0.7) * n
+        assert tail <= 2**-40 and short <= 2**-40
+        assert stats.binom.sf(t - 2, k, 0.2) * n > 2**-40  # one lower would not be safe
+        assert choose(n)[0] == k and safe_threshold(n, k - 1, 0.2) > t - 5
+    else:
+        assert t == 21 and int(0.7 * n) >= t
+    params = SecAggParams.create(range(1, n + 1), 8, plus=True)
+    assert (params.neighbours, params.threshold) == expected
+    with pytest.raises(InvalidInput, match="cannot tolerate"):
+        choose(20, Tolerance(colluding=0.4, dropout=0.6))
 
 
 def test_the_neighbour_graph_is_a_k_connected_regular_graph_fixed_by_the_seed() -> None:

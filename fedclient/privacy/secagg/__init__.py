@@ -19,6 +19,7 @@ It is a sans-io protocol core: `SecAggClient` here and
     client = SecAggClient(params, device, signer)           # see SecAggClient
 """
 
+from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
 from fedclient.privacy.secagg._client import ClientStage, SecAggClient, signature_quorum
 from fedclient.privacy.secagg._encoding import (
     BLOCK,
@@ -52,7 +53,7 @@ from fedclient.privacy.secagg._messages import (
     decode,
     encode,
 )
-from fedclient.privacy.secagg._params import MAX_VECTOR_LENGTH, SecAggParams, default_neighbours
+from fedclient.privacy.secagg._params import MAX_VECTOR_LENGTH, SecAggParams
 from fedclient.privacy.secagg._quantize import MODULUS_BITS, Quantization, dequantize, quantize
 
 __all__ = [
@@ -81,15 +82,17 @@ __all__ = [
     "ShareKeys",
     "SurvivorList",
     "SurvivorSignature",
+    "Tolerance",
     "UnmaskRequest",
     "UnmaskResponse",
     "Vouch",
     "decode",
-    "default_neighbours",
+    "choose",
     "dequantize",
     "encode",
     "pack",
     "quantize",
+    "safe_threshold",
     "signature_quorum",
     "unpack",
 ]

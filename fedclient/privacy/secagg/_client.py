@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedclient._exceptions import InvalidInput
 from fedclient.identity import SigningKey, verify_certificate, verify_signature
 from fedclient.privacy.secagg import _crypto, _shamir
+from fedclient.privacy.secagg._choice import safe_threshold
 from fedclient.privacy.secagg._encoding import pack
 from fedclient.privacy.secagg._errors import AggregationFailed, InvalidShare, ProtocolViolation
 from fedclient.privacy.secagg._messages import (
@@ -102,7 +103,9 @@ class SecAggClient:
     authorities' public keys; if any, every peer must hold a certificate from one.
     ``min_contributors``: the fewest contributors it unmasks a sum of.
     ``colluding_fraction``: the share of devices it assumes may collude with the
-    server (`signature_quorum`). Its two X25519 key pairs and its self-mask seed
+    server: the threshold must be safe against them (`safe_threshold`, checked
+    here, raising `ProtocolViolation`) and so must the signatures it wants before
+    unmasking (`signature_quorum`). Its two X25519 key pairs and its self-mask seed
     are drawn from the OS CSPRNG when it is created; they never leave memory.
     """
 
@@ -120,6 +123,12 @@ class SecAggClient:
             raise InvalidInput(f"device {device} is not a participant of this aggregation")
         if not 0 <= colluding_fraction < 1:
             raise InvalidInput(f"colluding_fraction must be in [0, 1), got {colluding_fraction}")
+        safe = safe_threshold(len(params.participants), params.neighbours, colluding_fraction)
+        if params.threshold < safe:
+            raise ProtocolViolation(
+                f"threshold {params.threshold} lets {colluding_fraction:.0%} colluding devices "
+                f"rebuild a device's secrets; this device wants at least {safe}"
+            )
         self.params = params
         self.device = device
         self.signer = signer

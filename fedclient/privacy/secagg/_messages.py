@@ -16,8 +16,9 @@ stage                 device -> server         server -> device
 4 unmask              `UnmaskResponse`         (the server computes the sum)
 ====================  =======================  ====================================
 
-`encode` / `decode` give the compact MessagePack form used for byte counts;
-any msgspec encoding (JSON with base64 bytes, too) carries the same Structs.
+`encode` / `decode` give the compact MessagePack form used for byte counts: each
+Struct travels as an array of its fields in order (no field names: a device
+sends hundreds of shares a round), and decoding checks the length and types.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-class KeyAdvertisement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class KeyAdvertisement(msgspec.Struct, frozen=True, array_like=True):
     """Stage 0, device -> server: fresh X25519 public keys (c: encryption, s: masks),
     signed with the device's identity key (`advertisement_message`)."""
 
@@ -58,7 +59,7 @@ class KeyAdvertisement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     signature: bytes
 
 
-class PeerKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class PeerKeys(msgspec.Struct, frozen=True, array_like=True):
     """One device's signed advertisement, with its identity key and the certificate
     of it (empty without one), as the device enrolled them."""
 
@@ -70,7 +71,7 @@ class PeerKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     certificate: bytes = b""
 
 
-class KeyRoster(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class KeyRoster(msgspec.Struct, frozen=True, array_like=True):
     """Stage 0, server -> device: every device that advertised in time (itself included).
 
     The same for every device: each checks every entry, and derives the SecAgg+
@@ -80,7 +81,7 @@ class KeyRoster(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peers: list[PeerKeys]
 
 
-class EncryptedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class EncryptedShare(msgspec.Struct, frozen=True, array_like=True):
     """A share pair (self-mask seed, key) for ``recipient``, AES-GCM encrypted to it.
 
     ``self_mask_digest`` and ``key_digest`` commit to the two shares, so the
@@ -93,7 +94,7 @@ class EncryptedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     key_digest: bytes
 
 
-class ShareKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class ShareKeys(msgspec.Struct, frozen=True, array_like=True):
     """Stage 1, device -> server: one encrypted share pair per roster peer.
 
     ``seed_commitment`` commits to the self-mask seed and ``own_share_digest``
@@ -105,14 +106,14 @@ class ShareKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shares: list[EncryptedShare]
 
 
-class RelayedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class RelayedShare(msgspec.Struct, frozen=True, array_like=True):
     """An encrypted share pair from ``sender``, relayed as received."""
 
     sender: int
     ciphertext: bytes
 
 
-class ShareBundle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class ShareBundle(msgspec.Struct, frozen=True, array_like=True):
     """Stage 1, server -> device: the shares its neighbours that shared in time sent it.
 
     The device masks its input with exactly these senders.
@@ -121,32 +122,32 @@ class ShareBundle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shares: list[RelayedShare]
 
 
-class MaskedInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class MaskedInput(msgspec.Struct, frozen=True, array_like=True):
     """Stage 2, device -> server: the masked input, little-endian uint32 words."""
 
     vector: bytes
 
 
-class SurvivorList(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class SurvivorList(msgspec.Struct, frozen=True, array_like=True):
     """Stage 2, server -> device: every device whose masked input is in the sum."""
 
     contributors: list[int]
 
 
-class SurvivorSignature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class SurvivorSignature(msgspec.Struct, frozen=True, array_like=True):
     """Stage 3, device -> server: its signature of the contributor list it was shown."""
 
     signature: bytes
 
 
-class Vouch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Vouch(msgspec.Struct, frozen=True, array_like=True):
     """One device's signature of the contributor list."""
 
     device: int
     signature: bytes
 
 
-class UnmaskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class UnmaskRequest(msgspec.Struct, frozen=True, array_like=True):
     """Stage 3, server -> device: the contributor list and the signatures of it.
 
     A device unmasks only for the list it signed itself, vouched for by more
@@ -158,14 +159,14 @@ class UnmaskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     signatures: list[Vouch]
 
 
-class RevealedShare(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class RevealedShare(msgspec.Struct, frozen=True, array_like=True):
     """A share of ``owner``'s secret, in the clear (33 bytes)."""
 
     owner: int
     value: bytes
 
 
-class UnmaskResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class UnmaskResponse(msgspec.Struct, frozen=True, array_like=True):
     """Stage 3, device -> server: self-mask shares of survivors, key shares of dropped devices."""
 
     self_mask_shares: list[RevealedShare]

@@ -5,32 +5,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import math
 import os
 from collections.abc import Mapping, Sequence
 
 import msgspec
 
 from fedclient._exceptions import InvalidInput
+from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
 from fedclient.privacy.secagg._crypto import DOMAIN
 from fedclient.privacy.secagg._encoding import RotatedQuantization
 from fedclient.privacy.secagg._quantize import Quantization
 
-__all__ = ["MAX_VECTOR_LENGTH", "SecAggParams", "default_neighbours"]
+__all__ = ["MAX_VECTOR_LENGTH", "SecAggParams"]
 
 #: Keeps a mask under ChaCha20's 2^32-block stream limit with room to spare.
 MAX_VECTOR_LENGTH = 2**28
-
-
-def default_neighbours(n: int) -> int:
-    """SecAgg+ neighbourhood size for ``n`` devices: the even number nearest above 3 log2 n.
-
-    A default of the O(log n) family of Bell et al. 2020; pick k from their
-    bounds for a given dropout rate, corruption rate and failure probability.
-    """
-    if n < 2:
-        return 1
-    return min(n - 1, 2 * math.ceil(1.5 * math.log2(n)))
 
 
 class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,11 +37,12 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       public randomness no single party picks. If k is odd and n odd, one device
       has k + 1 neighbours.
     - ``threshold``: shares needed to recover a secret. A secret is shared among
-      a device and its neighbours (all devices in SecAgg), and ``threshold``
-      must be more than half of the largest such group and at least 2, so an
-      honest device, which reveals either the self-mask share or the key share
-      of each peer and never both, cannot be led to hand out both secrets of
-      one device; it must be at most the smallest group.
+      a device and its neighbours (all devices in SecAgg); ``threshold`` is at
+      least 2 and at most the smallest such group. It must exceed what the
+      colluders among a group can hold (`safe_threshold`; each device checks
+      it against the share of colluders it assumes); it need not be a majority,
+      since the consistency round keeps honest devices from revealing both
+      secrets of any device.
     - ``modulus_bits``: the sum is taken in Z_{2^modulus_bits}; a masked input
       travels as ``modulus_bits`` bits a value (`pack`).
     - ``rotation``: for a compressed or noised sum, the common grid every device
@@ -92,11 +82,11 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise InvalidInput(f"vector_length must be in [1, {MAX_VECTOR_LENGTH}]")
         if self.neighbours is not None and self.neighbours < 2:
             raise InvalidInput("neighbours must be at least 2")
-        smallest, largest = self.group_sizes
-        if not (2 <= self.threshold <= smallest and 2 * self.threshold > largest):
+        smallest, _ = self.group_sizes
+        if not 2 <= self.threshold <= smallest:
             raise InvalidInput(
-                f"threshold must be at least 2, more than half of {largest} and at most "
-                f"{smallest}; got {self.threshold}"
+                f"threshold must be at least 2 and at most the smallest share group "
+                f"({smallest}); got {self.threshold}"
             )
 
     @classmethod
@@ -111,27 +101,32 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         quantization: Quantization | None = None,
         session: bytes | None = None,
         rotation: RotatedQuantization | None = None,
+        tolerance: Tolerance | None = None,
     ) -> SecAggParams:
         """Parameters for one aggregation over ``participants``.
 
-        ``plus`` selects SecAgg+ with ``neighbours`` (default `default_neighbours`);
-        the default threshold is the smallest majority of the largest group.
+        ``plus`` selects SecAgg+ with ``neighbours``; by default ``neighbours`` and
+        ``threshold`` are the cheapest that meet ``tolerance`` (`choose`: Bell et
+        al. 2020's bounds; the complete graph where no sparser one does), and a
+        given ``neighbours`` gets the smallest safe threshold.
         ``session`` (32 bytes, public) defaults to fresh bytes from the OS CSPRNG;
         a session must never be reused for a second aggregation. With
         ``rotation`` the ring is its ``modulus_bits`` (``vector_length`` must be
         its ``vector_length``).
         """
         ids = sorted(participants)
+        tol = tolerance or Tolerance()
         k = None
         if plus:
-            k = neighbours if neighbours is not None else default_neighbours(len(ids))
+            k = neighbours if neighbours is not None else choose(len(ids), tol)[0]
         if k is not None and k >= len(ids) - 1:
             k = None  # the graph is complete: plain SecAgg
-        largest = _degree_range(len(ids), k)[1] + 1
+        if threshold is None:
+            threshold = safe_threshold(len(ids), k, tol.colluding, tol.security_bits)
         return cls(
             session=session or os.urandom(32),
             participants=ids,
-            threshold=threshold if threshold is not None else largest // 2 + 1,
+            threshold=threshold,
             vector_length=vector_length,
             quantization=quantization or Quantization(),
             neighbours=k,
