@@ -1,25 +1,31 @@
-"""What secure aggregation costs: server and device time and bytes, SecAgg against SecAgg+.
+"""What secure aggregation costs, and how often it aborts, at the default k and threshold.
 
-    python bench/secagg.py                       # 1,000 devices x 100,000 parameters, 10% drop
-    python bench/secagg.py --devices 200 --params 10000 --modes plus
+    python bench/secagg.py                        # n=100 and 1,000; 0/10/30% dropout; 50 seeds
+    python bench/secagg.py --devices 100 --dropouts 0.3 --seeds 10 --params 10000
 
-Every device is real: the devices run the `SecAggClient` in ``--workers``
-processes (the sans-io core needs no server to be in the same process), the
-server runs `fedserver_ref.secagg.SecAggServer` in this process, and every
-message crosses as MessagePack bytes, which are what the byte counts count.
-The dropped devices (``--dropout`` of them, chosen with ``--seed``) vanish
-after sharing their keys, before sending a masked input: the costliest point
-for the server, which must then rebuild their mask keys and remove their
-pairwise masks from every surviving neighbour. The result is checked
-bit-exact against the plain sum of the contributors' quantised inputs.
+For each number of devices and dropout rate, two measurements:
 
-Times are the CPU seconds (``time.process_time``) of the protocol calls:
-decoding a message in and encoding the answer out included, quantisation and
-the transport not. CPU time is used because the machine may be shared; the
-per-stage wall times of the fleet are printed too. One device (the "probe")
-runs in this process after the fleet finished each stage, so its figures are
-those of a device with a CPU to itself; the fleet's median shows the same work
-with two device processes on the same cores.
+- **Cost** (one run, ``--params`` parameters, seed 1). Every device is real:
+  the devices run the `SecAggClient` in ``--workers`` processes (the sans-io
+  core needs no server in the same process), the server runs
+  `fedserver_ref.secagg.SecAggServer` in this process, and every message
+  crosses as MessagePack bytes, which are what the byte counts count. The
+  dropped devices vanish after sharing their keys, before sending a masked
+  input: the costliest point for the server, which must then rebuild their
+  mask keys and remove their pairwise masks from every surviving neighbour.
+  The result is checked bit-exact against the plain sum of the contributors'
+  quantised inputs. Times are CPU seconds (``time.process_time``) of the
+  protocol calls, decoding and encoding included; one device (the "probe")
+  runs in this process after the fleet finished each stage, so its figures
+  are those of a device with a CPU to itself.
+- **Aborts** (``--seeds`` runs of the whole protocol, 8 parameters, seeds 1..N):
+  the fraction of aggregations that end without a sum when that share of the
+  devices, drawn at random, drops after sharing keys. Every device checks
+  everything as in a deployment (signed roster, threshold against 20%
+  colluding, signature quorum); a device that aborts drops out.
+
+k and t are `SecAggParams.create`'s defaults (`fedclient.privacy.secagg.choose`:
+20% colluding, 30% dropout, 2^-40 both ways).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from fedclient.privacy.secagg import (
     KeyRoster,
     MaskedInput,
     SecAggClient,
+    SecAggError,
     SecAggParams,
     ShareBundle,
     ShareKeys,
@@ -176,7 +183,9 @@ class Fleet:
             proc.join()
 
 
-def run(mode: str, devices: int, length: int, dropout: float, workers: int, seed: int) -> None:
+def run(
+    mode: str, devices: int, length: int, dropout: float, workers: int, seed: int
+) -> dict[str, Any]:
     params = SecAggParams.create(range(1, devices + 1), length, plus=(mode == "plus"))
     groups = params.group_sizes
     label = "SecAgg+" if mode == "plus" else "SecAgg"
@@ -279,20 +288,81 @@ def run(mode: str, devices: int, length: int, dropout: float, workers: int, seed
     print(f"   bench wall time {time.perf_counter() - wall:.1f} s")
     if not exact:
         raise SystemExit("the secure sum differs from the plain sum")
+    return {
+        "k": params.neighbours or devices - 1,
+        "t": params.threshold,
+        "server": server_total,
+        "device": sum(per_stage.values()),
+        "up": ledger.up[probe],
+        "down": ledger.down[probe],
+    }
+
+
+def trial(args: tuple[int, int, float, int]) -> bool:
+    """One whole aggregation in this process; True if it aborted."""
+    devices, length, dropout, seed = args
+    params = SecAggParams.create(range(1, devices + 1), length, plus=True)
+    server = SecAggServer(params, {d: (signer(seed, d).public, None) for d in params.participants})
+    clients = {
+        d: SecAggClient(params, d, signer(seed, d), min_contributors=2) for d in params.participants
+    }
+    dropped = set(random.Random(seed).sample(params.participants, int(dropout * devices)))
+    try:
+        for d, c in clients.items():
+            server.receive_keys(d, c.advertise_keys())
+        rosters = server.close_advertise()
+        for d, roster in rosters.items():
+            server.receive_shares(d, clients[d].share_keys(roster))
+        bundles = server.close_sharing()
+        for d, bundle in bundles.items():
+            if d not in dropped:
+                x = device_input(params, seed, d)
+                server.receive_masked_input(d, clients[d].masked_input(bundle, x))
+        lists = server.close_masking()
+        for d, listed in lists.items():
+            server.receive_consistency(d, clients[d].consistency(listed))
+        requests = server.close_consistency()
+        for d, request in requests.items():
+            server.receive_unmask(d, clients[d].unmask(request))
+        server.finish()
+    except SecAggError:
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--devices", default="100,1000", help="comma list")
     parser.add_argument("--params", type=int, default=100_000)
-    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropouts", default="0,0.1,0.3", help="comma list of fractions")
+    parser.add_argument("--seeds", type=int, default=50, help="aggregations per abort figure")
     parser.add_argument("--workers", type=int, default=2, help="device processes")
-    parser.add_argument("--modes", default="plus,secagg", help="comma list of plus, secagg")
-    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {mp.cpu_count()} CPUs")
-    for mode in args.modes.split(","):
-        run(mode.strip(), args.devices, args.params, args.dropout, args.workers, args.seed)
+    rows = []
+    for devices in (int(n) for n in args.devices.split(",")):
+        for dropout in (float(f) for f in args.dropouts.split(",")):
+            cost = run("plus", devices, args.params, dropout, args.workers, 1)
+            started = time.perf_counter()
+            with mp.get_context("fork").Pool(args.workers) as pool:
+                jobs = [(devices, 8, dropout, seed) for seed in range(1, args.seeds + 1)]
+                aborted = sum(pool.map(trial, jobs))
+            print(
+                f"   aborts : {aborted} of {args.seeds} aggregations "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
+            rows.append((devices, dropout, cost, aborted))
+    print(
+        "\n| devices | dropout | k | t | server CPU s | device CPU s | device up kB "
+        "| device down kB | aborted |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for devices, dropout, cost, aborted in rows:
+        print(
+            f"| {devices:,} | {dropout:.0%} | {cost['k']} | {cost['t']} | "
+            f"{cost['server']:.2f} | {cost['device']:.3f} | {cost['up'] / 1e3:.1f} | "
+            f"{cost['down'] / 1e3:.1f} | {aborted}/{args.seeds} |"
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from fedclient._exceptions import (
 )
 from fedclient._fit import FitResult, fit
 from fedclient._state import DeviceState, Phase
+from fedclient.identity import IdentityAuthority
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.runtime import EvalResult, TrainingBackend, TrainResult, create_backend
 from fedclient.transport import FaultPlan, FaultyTransport, RetryPolicy
@@ -51,6 +52,7 @@ __all__ = [
     "FedError",
     "FitResult",
     "Forbidden",
+    "IdentityAuthority",
     "InvalidInput",
     "InvalidRequest",
     "ModelMismatch",

@@ -27,13 +27,30 @@ def main(argv: list[str] | None = None) -> int:
         "--tick-seconds", type=float, default=1.0, help="how often deadlines are checked"
     )
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--identity-authority",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="an identity authority's public key (64 hex digits; repeat for several): "
+        "devices enrol only with an identity key it certified (fedclient.IdentityAuthority)",
+    )
     args = parser.parse_args(argv)
+    try:
+        authorities = tuple(bytes.fromhex(key) for key in args.identity_authority)
+    except ValueError:
+        authorities = ()
+    if any(len(key) != 32 for key in authorities) or len(authorities) != len(
+        args.identity_authority
+    ):
+        print("fedserver: --identity-authority takes 64 hex digits", file=sys.stderr)
+        return 2
     try:
         import uvicorn
 
         from fedserver_ref import FederationService, ServerStore, create_app, load_plan
 
-        service = FederationService(ServerStore(args.db))
+        service = FederationService(ServerStore(args.db), identity_authorities=authorities)
         for path in args.plan:
             service.add_job(load_plan(path))
     except ImportError as exc:

@@ -1,0 +1,94 @@
+"""Device identity keys at enrolment: registered once, certified where the server demands it."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+import fedclient
+from fedclient.identity import SigningKey, verify_certificate
+from fedserver_ref import FederationService, ServerStore
+from fedserver_ref.cli import main as fedserver
+from tests.conftest import ManualClock, Server, make_plan
+
+pytestmark = pytest.mark.anyio
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _server(authorities: tuple[bytes, ...] = ()) -> Server:
+    clock = ManualClock()
+    service = FederationService(ServerStore(), clock=clock, identity_authorities=authorities)
+    service.add_job(make_plan())
+    return Server(service, clock)
+
+
+async def test_a_server_with_an_authority_enrols_certified_devices_only() -> None:
+    authority = fedclient.IdentityAuthority()
+    server = _server((authority.public,))
+    key = SigningKey().public
+    before = server.store.fingerprint()
+    async with server.http() as http:
+        bare = await http.post("/v1/devices", json={"identity_key": _b64(key)})
+        assert bare.status_code == 403 and "certified" in bare.json()["error"]["message"]
+        forged = fedclient.IdentityAuthority().certify(key)  # an authority of the attacker's
+        wrong = await http.post(
+            "/v1/devices",
+            json={"identity_key": _b64(key), "identity_certificate": _b64(forged)},
+        )
+        assert wrong.status_code == 403 and "trusted" in wrong.json()["error"]["message"]
+        assert server.store.fingerprint() == before  # refusals wrote nothing
+        good = await http.post(
+            "/v1/devices",
+            json={"identity_key": _b64(key), "identity_certificate": _b64(authority.certify(key))},
+        )
+        assert good.status_code == 200
+    device = good.json()["device_id"]
+    held = server.store.device_identity(device)
+    assert held is not None and held[0] == key
+    assert held[1] is not None and verify_certificate([authority.public], key, held[1])
+
+
+async def test_an_identity_key_cannot_be_changed_by_enrolling_again() -> None:
+    server = _server()
+    token = "t" * 40
+    async with server.http() as http:
+        first = await http.post(
+            "/v1/devices", json={"token": token, "identity_key": _b64(bytes(32))}
+        )
+        again = await http.post(
+            "/v1/devices", json={"token": token, "identity_key": _b64(bytes(32))}
+        )
+        assert first.json()["device_id"] == again.json()["device_id"]
+        other = await http.post(
+            "/v1/devices", json={"token": token, "identity_key": _b64(bytes([1]) * 32)}
+        )
+        assert other.status_code == 409
+        bad = await http.post("/v1/devices", json={"identity_key": _b64(b"short")})
+        assert bad.status_code == 400
+
+
+async def test_a_client_enrols_with_its_key_and_certificate(make_devices: Any) -> None:
+    authority = fedclient.IdentityAuthority()
+    server = _server((authority.public,))
+    (device,) = make_devices(1, server.transport())
+    with pytest.raises(fedclient.Forbidden):
+        await device.astep()  # no certificate yet: the server refuses it
+    device.device_state.set_identity_certificate(authority.certify(device.identity_key))
+    assert (await device.astep()).status == "admitted"
+    enrolled = device.device_state.identity(device.server)
+    assert enrolled is not None
+    held = server.store.device_identity(enrolled.device_id)
+    assert held is not None and held[0] == device.identity_key
+    # The key is made once and kept: a new Client on the same state has the same one.
+    again = fedclient.Client(device.server, "digits", device.data, state=device.device_state)
+    assert again.identity_key == device.identity_key
+
+
+def test_fedserver_refuses_a_malformed_authority_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fedserver(["--plan", "x.toml", "--identity-authority", "abcd"]) == 2
+    assert "64 hex digits" in capsys.readouterr().err
