@@ -872,12 +872,17 @@ class Client:
 
     def _check_model(self, weights: Weights, plan: RoundPlan) -> None:
         local = self._backend(plan).get_weights()
-        if {k: (v.shape, v.dtype) for k, v in local.items()} != {
-            k: (v.shape, v.dtype) for k, v in weights.items()
-        }:
+        theirs = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
+        ours = {k: (tuple(v.shape), str(v.dtype)) for k, v in local.items()}
+        if theirs != ours:
+            differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+            detail = "; ".join(
+                f"{k}: job {_describe(theirs.get(k))}, local {_describe(ours.get(k))}"
+                for k in differ[:5]
+            )
             raise ModelMismatch(
-                f"the job's model ({sorted(weights)}) does not match the "
-                f"local model ({sorted(local)})"
+                f"the job's model does not match the local model ({len(differ)} tensors "
+                f"differ): {detail}"
             )
 
     def _request(
@@ -1076,6 +1081,10 @@ def raise_for_error(response: httpx.Response) -> None:
     if retry_after.replace(".", "", 1).isdigit():
         error.retry_after = float(retry_after)
     raise error
+
+
+def _describe(tensor: tuple[tuple[int, ...], str] | None) -> str:
+    return "missing" if tensor is None else f"{tensor[1]}{list(tensor[0])}"
 
 
 def _wire_size(headers: httpx.Headers, body_length: int) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -51,8 +50,11 @@ def fit(
     ``federated="https://host/jobs/NAME"`` the device takes part in ``rounds``
     rounds of job NAME (the server's plan sets epochs, batch size and learning
     rate), keeping its progress in ``state`` (a SQLite path), and ends with the
-    job's newest global model loaded into ``model``. ``policy`` is the device's
-    `PrivacyPolicy` (default: `PrivacyPolicy()`): plans outside it are refused.
+    job's newest global model loaded into ``model``: once the round of its last
+    update has closed, so that update is in it. ``patience_seconds`` bounds the wait
+    for each round (to be admitted, for the secure stages, for the close). ``policy``
+    is the device's `PrivacyPolicy` (default: `PrivacyPolicy()`): plans outside it are
+    refused. The URL may name the job as ``/jobs/NAME`` or ``/v1/jobs/NAME``.
     """
     x, y = check_dataset(data[0], data[1], inputs=model.inputs, classes=model.classes)
     if federated is None:
@@ -77,7 +79,8 @@ def fit(
         policy=policy or PrivacyPolicy(),
     )
     history = []
-    waited = 0.0
+    waited = 0.0  # since the last upload: patience is per round
+    last_round: int | None = None
     try:
         while len(history) < rounds:
             outcome = client.run_once()
@@ -85,18 +88,41 @@ def fit(
                 break
             if outcome.status == "uploaded":
                 history.append({"round_id": float(outcome.round_id or 0)})
+                last_round, waited = outcome.round_id, 0.0
             elif outcome.status == "waiting":
-                pause = min(outcome.retry_after or 1.0, patience_seconds - waited)
-                if pause <= 0:
-                    raise FedError(
-                        f"not admitted to a round of {job!r} within {patience_seconds} s"
-                    )
-                time.sleep(pause)
-                waited += pause
+                waited = _pause(client, outcome.retry_after or 1.0, waited, patience_seconds)
+        if last_round is not None:
+            _await_close(client, last_round, patience_seconds)
         version = _load_latest(client, model)
     finally:
         client.close()
     return FitResult("federated", history, version)
+
+
+def _pause(client: Client, seconds: float, waited: float, patience: float) -> float:
+    """Sleep ``seconds`` (no more than the patience left); the time waited after it."""
+    pause = min(seconds, patience - waited)
+    if pause <= 0:
+        raise FedError(f"no progress in job {client.job!r} within {patience} s")
+    client.sleep(pause)
+    return waited + pause
+
+
+def _await_close(client: Client, round_id: int, patience: float) -> None:
+    """Wait until round ``round_id`` (the last one this device uploaded to) has closed, so
+    the model loaded next is the one its update went into."""
+    waited = 0.0
+    with httpx.Client(transport=client.transport, timeout=client.timeout) as http:  # type: ignore[arg-type]
+        while True:
+            response = http.get(client.server + JOB_STATUS.url(job=client.job))
+            raise_for_error(response)
+            status = msgspec.json.decode(response.content, type=JobStatus)
+            current = status.current_round
+            if current is None or current.round_id != round_id:
+                return
+            waited = _pause(
+                client, min(5.0, max(0.5, current.deadline - current.opened_at)), waited, patience
+            )
 
 
 def _split_job_url(url: str) -> tuple[str, str]:
@@ -104,6 +130,8 @@ def _split_job_url(url: str) -> tuple[str, str]:
     segments = [s for s in parts.path.split("/") if s]
     if parts.scheme not in ("http", "https") or len(segments) < 2 or segments[-2] != "jobs":
         raise InvalidInput(f"federated must look like https://host[:port]/jobs/NAME, got {url!r}")
+    if segments[-3:-2] == ["v1"]:  # the API's own path (/v1/jobs/NAME) names the job too
+        segments = segments[:-3] + segments[-2:]
     base_path = "/".join(segments[:-2])
     server = f"{parts.scheme}://{parts.netloc}" + (f"/{base_path}" if base_path else "")
     return server, segments[-1]

@@ -34,6 +34,7 @@ from fedclient.protocol import (
     IDEMPOTENCY_HEADER,
     JOB_STATUS,
     LEAVE,
+    MAX_ID,
     MODEL,
     MSGPACK_MEDIA_TYPE,
     OPENAPI,
@@ -49,12 +50,17 @@ from fedclient.protocol import (
     EnrolRequest,
     UploadStart,
     openapi_document,
+    parse_id,
 )
 from fedclient.protocol import Route as ApiRoute
 from fedserver_ref.auth import bearer_token
 from fedserver_ref.service import FederationService
 
-__all__ = ["create_app"]
+__all__ = ["JSON_LIMIT", "create_app"]
+
+#: The largest JSON body a route reads (enrolment, check-in, upload start): they are a
+#: few hundred bytes; anything larger is refused before it is held in memory.
+JSON_LIMIT = 64 * 1024
 
 T = TypeVar("T")
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -66,22 +72,25 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
     (the simulator, on its simulated clock)."""
 
     async def enrol(request: Request) -> Response:
-        body = _decode(await request.body(), EnrolRequest)
+        body = _decode(await _read_limited(request, JSON_LIMIT), EnrolRequest)
         return _json(service.enrol(body))
 
     async def checkin(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
-        body = _decode(await request.body() or b"{}", CheckinRequest)
+        body = _decode(await _read_limited(request, JSON_LIMIT) or b"{}", CheckinRequest)
         headers = {}
         if body.enrol_label is not None:  # a first contact: enrol the proposed token
-            enrolled = service.enrol(
-                EnrolRequest(
-                    label=body.enrol_label,
-                    token=token,
-                    identity_key=body.identity_key,
-                    identity_certificate=body.identity_certificate,
-                )
+            # Validated as a POST /v1/devices body is (label length, token form).
+            request_ = _convert(
+                {
+                    "label": body.enrol_label,
+                    "token": token,
+                    "identity_key": body.identity_key,
+                    "identity_certificate": body.identity_certificate,
+                },
+                EnrolRequest,
             )
+            enrolled = service.enrol(request_)
             headers[DEVICE_ID_HEADER] = enrolled.device_id
         packed = MSGPACK_MEDIA_TYPE in request.headers.get("accept", "")
         answer = service.checkin(token, request.path_params["job"], body, inline=packed)
@@ -121,7 +130,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
     async def upload_start(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         round_id = _int_param(request, "round_id")
-        body = _decode(await request.body(), UploadStart)
+        body = _decode(await _read_limited(request, JSON_LIMIT), UploadStart)
         key = request.headers.get(IDEMPOTENCY_HEADER)
         return _json(service.start_upload(token, round_id, key, body))
 
@@ -231,6 +240,14 @@ def _decode(body: bytes, type_: type[T]) -> T:
         raise InvalidRequest(f"invalid JSON body: {exc}") from exc
 
 
+def _convert(fields: dict[str, Any], type_: type[T]) -> T:
+    """``type_`` built from ``fields`` with its constraints checked, as decoding does."""
+    try:
+        return msgspec.convert(fields, type=type_)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {exc}") from exc
+
+
 def _json(message: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(message), media_type="application/json", headers=headers)
 
@@ -259,9 +276,10 @@ def _byte_range(header: str, size: int) -> tuple[int, int]:
 
 def _int_param(request: Request, name: str) -> int:
     value = request.path_params[name]
-    if not value.isdigit():
-        raise NotFound(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    parsed = parse_id(value)
+    if parsed is None:
+        raise NotFound(f"{name} must be an integer from 0 to {MAX_ID}, got {value[:40]!r}")
+    return parsed
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

@@ -133,7 +133,16 @@ class SyncRounds:
                 held = self.store.strategy_state(job.name)
                 state = decode_tensors(held)[0] if held else {}
                 strategy = FedAvg() if job.plan.privacy.secagg else self.strategy_for(plan)
-                new_weights, state = strategy.aggregate(base, updates, state)
+                with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                    new_weights, state = strategy.aggregate(base, updates, state)
+            if updates and not all(np.all(np.isfinite(w)) for w in new_weights.values()):
+                # Every update was finite and bounded, yet their aggregate is not (an
+                # overflow): publishing it would stop every device. The model stays.
+                self.store.close_round(
+                    round_.round_id, "failed", now, f"{why}: the aggregate is not finite", None
+                )
+                failed += 1
+            elif updates:
                 body = encode_tensors(new_weights)
                 if state:
                     self.store.save_strategy_state(job.name, encode_tensors(state))

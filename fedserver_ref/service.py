@@ -7,6 +7,7 @@ raises an `ApiError` subclass and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -30,6 +31,7 @@ from fedclient._exceptions import (
     Unauthorized,
 )
 from fedclient.compression import CompressionSpec, decompress
+from fedclient.privacy.dp import GaussianMechanism
 from fedclient.protocol import (
     Admitted,
     CheckinRequest,
@@ -39,6 +41,7 @@ from fedclient.protocol import (
     JobFinished,
     JobPlan,
     JobStatus,
+    PrivacySettings,
     RetryLater,
     RoundPlan,
     RoundSummary,
@@ -58,7 +61,11 @@ from fedserver_ref.strategies import ClientUpdate, Strategy
 if TYPE_CHECKING:
     from fedserver_ref.secure_rounds import SecureRounds
 
-__all__ = ["FederationService"]
+__all__ = ["CONTRIBUTED_RETRY", "FederationService"]
+
+#: Seconds a device that already contributed to the open round waits before it asks
+#: again, at most (the round may close by quota any moment; its deadline may be far).
+CONTRIBUTED_RETRY = 30.0
 
 
 class FederationService:
@@ -204,7 +211,8 @@ class FederationService:
         wait = max(1.0, round_.deadline - now)
         if self.store.is_admitted(round_.round_id, device_id):
             if self.store.has_update(round_.round_id, device_id):
-                return RetryLater(wait, "already contributed to this round")
+                # The round may close by quota long before its deadline: ask again soon.
+                return RetryLater(min(wait, CONTRIBUTED_RETRY), "already contributed to this round")
             return Admitted(self._plan(job, round_))
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             return RetryLater(wait, "the round is full")
@@ -607,8 +615,16 @@ class FederationService:
             train_loss = float(loss_text) if loss_text is not None else None
         except ValueError as exc:
             raise InvalidRequest(f"bad update metadata: {exc}") from exc
-        if not 1 <= num_examples <= 10**9:
-            raise InvalidRequest("metadata num_examples must be a positive integer")
+        limit = job.plan.job.max_examples
+        if not 1 <= num_examples <= limit:
+            raise InvalidRequest(f"metadata num_examples must be an integer from 1 to {limit}")
+        bound = _norm_bound(job.plan, sum(t.size for t in tensors.values()))
+        if bound is not None:
+            norm = math.sqrt(sum(float(np.vdot(t, t)) for t in tensors.values()))
+            if not norm <= bound:  # NaN too (check_weights refuses it first)
+                raise InvalidRequest(
+                    f"the update's L2 norm {norm:.4g} is over the job's max_update_norm {bound:g}"
+                )
         if train_loss is not None and not math.isfinite(train_loss):
             train_loss = None
         version = metadata.get("model_version")
@@ -626,6 +642,20 @@ class FederationService:
             if not math.isfinite(epsilon) or epsilon < 0:
                 raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
         return num_examples, train_loss, body, epsilon, tensors
+
+
+def _norm_bound(plan: JobPlan, dimension: int) -> float | None:
+    """The largest L2 norm an update may have: ``max_update_norm``, plus, with local DP,
+    the norm the devices' noise reaches (its standard deviation times sqrt(d), twice)."""
+    return _bound(plan.job.max_update_norm, plan.privacy, dimension)
+
+
+@functools.lru_cache(maxsize=64)
+def _bound(bound: float | None, p: PrivacySettings, dimension: int) -> float | None:
+    if bound is None or p.dp_epsilon is None or p.distributed_dp:
+        return bound
+    noise = GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip, p.neighbouring)
+    return bound + 2.0 * noise.stddev * math.sqrt(dimension)
 
 
 def _check_key(key: str | None) -> str:

@@ -32,6 +32,7 @@ from fedclient.protocol._routes import (
     HEALTH,
     JOB_STATUS,
     LEAVE,
+    MAX_ID,
     MODEL,
     MSGPACK_MEDIA_TYPE,
     OPENAPI,
@@ -46,6 +47,7 @@ from fedclient.protocol._routes import (
     UPLOAD_STATUS,
     Route,
     openapi_document,
+    parse_id,
 )
 from fedclient.protocol._tensors import Weights, check_weights, decode_tensors, encode_tensors
 
@@ -63,6 +65,7 @@ __all__ = [
     "IDEMPOTENCY_HEADER",
     "JOB_STATUS",
     "LEAVE",
+    "MAX_ID",
     "MODEL",
     "OPENAPI",
     "ROUND_STATUS",
@@ -102,4 +105,5 @@ __all__ = [
     "decode_tensors",
     "encode_tensors",
     "openapi_document",
+    "parse_id",
 ]

@@ -134,6 +134,11 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mode: Literal["sync", "async"] = "sync"
     #: async: updates trained more than this many versions ago are refused.
     max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 10
+    #: An update whose L2 norm (every tensor together) is larger is refused (400): one
+    #: device's finite 3e38s would otherwise overflow the aggregate. None: no bound.
+    max_update_norm: PositiveFloat | None = 1000.0
+    #: An update may claim at most this many examples (its FedAvg weight).
+    max_examples: PositiveInt = 1_000_000
 
 
 class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -211,10 +216,10 @@ class CheckinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device), and the answer's ``Device-Id`` header names it. One round trip fewer
     on a device's first contact."""
 
-    runtime: str = "numpy"
-    model_version: int | None = None
-    inline_model_max: int = 0
-    enrol_label: str | None = None
+    runtime: Annotated[str, msgspec.Meta(max_length=32)] = "numpy"
+    model_version: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    inline_model_max: Annotated[int, msgspec.Meta(ge=0)] = 0
+    enrol_label: Annotated[str, msgspec.Meta(max_length=200)] | None = None
     #: With ``enrol_label``: the device's identity key and its certificate (see `EnrolRequest`).
     identity_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)] | None = None
     identity_certificate: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)] | None = None

@@ -19,6 +19,7 @@ __all__ = [
     "HEALTH",
     "JOB_STATUS",
     "LEAVE",
+    "MAX_ID",
     "MODEL",
     "OPENAPI",
     "ROUND_STATUS",
@@ -33,6 +34,7 @@ __all__ = [
     "UPLOAD_STATUS",
     "Route",
     "openapi_document",
+    "parse_id",
 ]
 
 #: Media type of a tensor body (safetensors: a JSON header, then raw little-endian data).
@@ -71,7 +73,7 @@ ENROL = Route(
     request=m.EnrolRequest,
     response=m.EnrolResponse,
     auth=False,
-    errors=(400,),
+    errors=(400, 403, 409, 413),
 )
 CHECKIN = Route(
     "checkin",
@@ -83,7 +85,7 @@ CHECKIN = Route(
     "enrol_label enrols its bearer token first; the answer's Device-Id header names it.",
     request=m.CheckinRequest,
     response=m.CheckinResponse,
-    errors=(400, 401, 404),
+    errors=(400, 401, 403, 404, 409, 413),
     msgpack=True,
 )
 MODEL = Route(
@@ -212,6 +214,22 @@ _REASONS = {
 }
 
 
+#: Path ids are integers: ASCII digits, at most 2^63 - 1 (what the store keeps).
+MAX_ID = 2**63 - 1
+_STRING: dict[str, Any] = {"type": "string"}
+_ID: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
+_PATH_SCHEMAS = {"version": _ID, "round_id": _ID, "number": _ID}
+
+
+def parse_id(text: str) -> int | None:
+    """A path id: ASCII digits only (superscripts and other scripts' digits are digits
+    to `str.isdigit`), at most `MAX_ID`; else None."""
+    if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     """Build the OpenAPI 3.1 document for `ROUTES`."""
     types: list[Any] = [m.ErrorBody]
@@ -225,7 +243,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     for route in ROUTES:
         op: dict[str, Any] = {"operationId": route.name, "summary": route.summary}
         params = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": p, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(p, _STRING)}
             for p in _path_params(route.path)
         ]
         params += [

@@ -140,8 +140,10 @@ async def test_a_model_that_does_not_match_the_job_is_refused(
     )
     if not inline_model_max:  # refused when it arrives: with the admission, or downloaded
         assert (await device.astep()).status == "admitted"
-    with pytest.raises(fedclient.ModelMismatch):
+    with pytest.raises(fedclient.ModelMismatch) as refused:
         await device.astep()
+    # It says which tensors differ and how: the job's 16 hidden units against the local 99.
+    assert "fc1.weight: job float32[16, 64], local float32[99, 64]" in str(refused.value)
     assert device.device_state.held_model("digits") is None
 
 
@@ -190,6 +192,40 @@ def test_fit_switches_between_standalone_and_federated_with_one_argument(
     served = fedclient.protocol.decode_tensors(found[0])[0]
     assert all(np.array_equal(federated.get_weights()[k], v) for k, v in served.items())
     assert federated.evaluate(digits.x_test, digits.y_test).accuracy > 0.5
+
+
+def test_fit_returns_the_model_its_last_update_went_into(
+    live_server: Any, digits: Dataset, tmp_path: Path
+) -> None:
+    # Two updates close a round. fit's device uploads first: it must wait for the round
+    # to close and load version 1, not return at once with version 0 (issue 19). The
+    # README's URL form /v1/jobs/NAME names the job too.
+    import threading
+
+    live: LiveServer = live_server(devices_per_round=2, min_devices=2, rounds=3)
+    data = (digits.x_train[:200], digits.y_train[:200])
+    model = fedclient.models.mlp(64, 16, 10)
+    results: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: results.append(
+            fedclient.fit(model, data, seed=0, federated=f"{live.url}/v1/jobs/digits", rounds=1)
+        )
+    )
+    worker.start()
+    store = live.server.store
+    other = fedclient.Client(live.url, "digits", (digits.x_train[200:400], digits.y_train[200:400]))
+    while store.update_count(1) == 0:  # fit's update arrives first...
+        assert worker.is_alive()
+        threading.Event().wait(0.01)
+    assert other.run_once().status == "uploaded"  # ...and the second closes the round
+    other.close()
+    worker.join(timeout=30)
+    (result,) = results
+    assert result.model_version == 1
+    found = store.model("digits", 1)
+    assert found is not None
+    served = fedclient.protocol.decode_tensors(found[0])[0]
+    assert all(np.array_equal(model.get_weights()[k], v) for k, v in served.items())
 
 
 @pytest.mark.parametrize(

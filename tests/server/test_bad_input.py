@@ -108,6 +108,8 @@ async def test_unknown_job_round_and_version_are_404(
         "truncated",
         "no_examples",
         "bad_examples",
+        "too_many_examples",
+        "huge_finite",
         "wrong_version",
     ],
 )
@@ -135,6 +137,10 @@ async def test_invalid_update_is_400_and_changes_nothing(
         del meta["num_examples"]
     elif case == "bad_examples":
         meta["num_examples"] = "-3"
+    elif case == "too_many_examples":  # a FedAvg weight of 1e9 drowns everyone else
+        meta["num_examples"] = str(10**9)
+    elif case == "huge_finite":  # finite 3e38s: their weighted mean overflows to inf
+        delta[name][:] = 3e38
     elif case == "wrong_version":
         meta["model_version"] = "5"
     body = encode_tensors(delta, meta)
