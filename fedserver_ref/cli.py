@@ -12,14 +12,21 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedserver`` command."""
-    parser = argparse.ArgumentParser(prog="fedserver", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:
+        return _init(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="fedserver",
+        description=__doc__,
+        epilog="fedserver init --plan PLAN --db PATH creates the database first.",
+    )
     parser.add_argument(
         "--plan", action="append", required=True, help="a TOML job plan (repeat for several jobs)"
     )
     parser.add_argument(
         "--db",
         default="fedserver.sqlite",
-        help="SQLite database; a restarted server resumes from it",
+        help="SQLite database made by `fedserver init`; a restarted server resumes from it",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -27,32 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         "--tick-seconds", type=float, default=1.0, help="how often deadlines are checked"
     )
     parser.add_argument("--log-level", default="warning")
-    parser.add_argument(
-        "--identity-authority",
-        action="append",
-        default=[],
-        metavar="HEX",
-        help="an identity authority's public key (64 hex digits; repeat for several): "
-        "devices enrol only with an identity key it certified (fedclient.IdentityAuthority)",
-    )
+    _authority_option(parser)
     args = parser.parse_args(argv)
-    try:
-        authorities = tuple(bytes.fromhex(key) for key in args.identity_authority)
-    except ValueError:
-        authorities = ()
-    if any(len(key) != 32 for key in authorities) or len(authorities) != len(
-        args.identity_authority
-    ):
-        print("fedserver: --identity-authority takes 64 hex digits", file=sys.stderr)
+    authorities = _authorities(args.identity_authority)
+    if authorities is None:
         return 2
     try:
         import uvicorn
 
         from fedserver_ref import FederationService, ServerStore, create_app, load_plan
 
-        service = FederationService(ServerStore(args.db), identity_authorities=authorities)
-        for path in args.plan:
-            service.add_job(load_plan(path))
+        plans = [load_plan(path) for path in args.plan]
+        service = FederationService(
+            ServerStore.open_existing(args.db), identity_authorities=authorities
+        )
+        for plan in plans:
+            service.add_job(plan)
     except ImportError as exc:
         print(
             f"fedserver needs the server extra: pip install 'fedclient[server]' ({exc})",
@@ -70,6 +67,57 @@ def main(argv: list[str] | None = None) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _init(argv: list[str]) -> int:
+    """``fedserver init``: create the database and its jobs (the only way one is made)."""
+    parser = argparse.ArgumentParser(
+        prog="fedserver init",
+        description="Create a server database with the jobs of the given plans. It refuses "
+        "to touch an existing file; `fedserver` then serves the database.",
+    )
+    parser.add_argument("--plan", action="append", required=True, help="a TOML job plan")
+    parser.add_argument("--db", default="fedserver.sqlite", help="where to create it")
+    args = parser.parse_args(argv)
+    try:
+        from fedserver_ref.plan import load_plan
+        from fedserver_ref.service import FederationService
+        from fedserver_ref.store import ServerStore
+
+        plans = [load_plan(path) for path in args.plan]
+        store = ServerStore.create(args.db)
+        service = FederationService(store)
+        for plan in plans:
+            service.add_job(plan)
+        store.close()
+    except FedError as exc:
+        print(f"fedserver init: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"fedserver init: created {args.db} with {', '.join(p.job.name for p in plans)}")
+    return 0
+
+
+def _authority_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--identity-authority",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="an identity authority's public key (64 hex digits; repeat for several): "
+        "devices enrol only with an identity key it certified (fedclient.IdentityAuthority)",
+    )
+
+
+def _authorities(keys: list[str]) -> tuple[bytes, ...] | None:
+    """The authorities' public keys, or None (after saying why) if one is malformed."""
+    try:
+        parsed = tuple(bytes.fromhex(key) for key in keys)
+    except ValueError:
+        parsed = ()
+    if len(parsed) != len(keys) or any(len(key) != 32 for key in parsed):
+        print("fedserver: --identity-authority takes 64 hex digits", file=sys.stderr)
+        return None
+    return parsed
 
 
 if __name__ == "__main__":

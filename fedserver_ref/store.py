@@ -182,6 +182,57 @@ class ServerStore:
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
 
+    @classmethod
+    def open_existing(cls, path: str | Path) -> ServerStore:
+        """The store in the database at ``path``, which must be one this server made.
+
+        A missing or empty file, a damaged one (header, pages: ``PRAGMA quick_check``)
+        or one of a newer schema raises `fedclient.StateError` with one line naming the
+        file and the problem, and nothing is written: a new database is made only by
+        `create` (``fedserver init``), never by mistake."""
+        where = Path(path)
+        make = f"create one with: fedserver init --plan PLAN --db {where}"
+        if not where.exists():
+            raise StateError(f"{where}: no such database ({make})")
+        size = where.stat().st_size
+        if size == 0:
+            raise StateError(f"{where}: the file is empty (0 bytes), not a database ({make})")
+        with where.open("rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise StateError(f"{where}: not an SQLite database (its header is damaged)")
+        try:
+            conn = sqlite3.connect(f"{where.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise StateError(f"{where}: the database is damaged: {problems[0]}")
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+                if not {"meta", "jobs", "rounds", "devices"} <= tables:
+                    raise StateError(f"{where}: not a fedserver database (tables missing)")
+                row = conn.execute(
+                    "SELECT value FROM meta WHERE name='schema_version'"
+                ).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{where}: the database is damaged ({exc})") from None
+        version = int(row[0]) if row and str(row[0]).isdigit() else None
+        if version is None:
+            raise StateError(f"{where}: not a fedserver database (no schema version)")
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{where}: schema {version} is newer than this fedserver's ({SCHEMA_VERSION})"
+            )
+        return cls(where)
+
+    @classmethod
+    def create(cls, path: str | Path) -> ServerStore:
+        """A new, empty database at ``path``; `fedclient.StateError` if a file is there."""
+        where = Path(path)
+        if where.exists() and where.stat().st_size > 0:
+            raise StateError(f"{where}: a file is already there; not overwriting it")
+        return cls(where)
+
     def atomic(self) -> AbstractContextManager[None]:
         """One transaction (nested blocks become savepoints)."""
         return transaction(self.db, self._forget)

@@ -58,6 +58,21 @@ class FedServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if not self.db.exists():  # a database is made explicitly, once
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedserver_ref.cli",
+                    "init",
+                    "--plan",
+                    str(self.plan),
+                    "--db",
+                    str(self.db),
+                ],
+                check=True,
+                capture_output=True,
+            )
         self.proc = subprocess.Popen(
             [
                 sys.executable,
