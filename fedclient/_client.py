@@ -209,6 +209,10 @@ class Client:
     admission, before anything is trained or sent (`PrivacyPolicyViolation`), and
     the ledger is charged as the policy accounts.
 
+    ``eval_data`` is the device's held-out labelled set for federated evaluation
+    (`fedclient.protocol.EvaluateSettings`); without it a device asked to evaluate
+    measures the model on its training data, which flatters the model.
+
     ``seed`` fixes what training and compression draw (batch order, rounding), never
     privacy noise: that comes from a CSPRNG keyed by the OS. Only a simulation that
     wants reproducible reports sets ``simulation_seeded_noise``, which draws the noise
@@ -238,6 +242,7 @@ class Client:
     atrain: Callable[[TrainTask], Awaitable[tuple[Weights, TrainResult, float]]] | None = None
     simulation_seeded_noise: bool = False
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    eval_data: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -247,6 +252,12 @@ class Client:
         self._x, self._y = np.asarray(self.data[0]), np.asarray(self.data[1])
         if self._x.ndim != 2 or self._y.shape != (self._x.shape[0],) or len(self._y) == 0:
             raise InvalidInput("data must be (x, y) with x of shape (n, features), y of shape (n,)")
+        if self.eval_data is not None:
+            ex, ey = np.asarray(self.eval_data[0]), np.asarray(self.eval_data[1])
+            if ex.ndim != 2 or ey.shape != (ex.shape[0],) or len(ey) == 0:
+                raise InvalidInput(
+                    "eval_data must be (x, y) with x of shape (n, features), y of shape (n,)"
+                )
         if self.inline_model_max < 0:
             raise InvalidInput(f"inline_model_max must be 0 or more, got {self.inline_model_max}")
         self._sync: httpx.Client | _Direct | None = None
@@ -576,6 +587,19 @@ class Client:
         # The backend checks the data (shape, finite values, labels in range) as it
         # trains, before it changes anything: bad data fail this step, state untouched.
         x, y = self._x, self._y
+        evaluation = None
+        if plan.evaluate and not plan.privacy.secagg and (
+            privacy is None or self.policy.share_metadata
+        ):
+            # The received model, measured before training touches it.
+            backend.set_weights(base)
+            held_out = self.eval_data if self.eval_data is not None else (x, y)
+            measured = backend.evaluate(np.asarray(held_out[0]), np.asarray(held_out[1]))
+            evaluation = {
+                "eval_correct": str(round(measured.accuracy * measured.num_examples)),
+                "eval_loss_sum": repr(measured.loss * measured.num_examples),
+                "eval_examples": str(measured.num_examples),
+            }
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
         settings = plan.train
         weights, result, seconds = yield TrainTask(
@@ -598,6 +622,7 @@ class Client:
             # they stay on the device, and the server weights the update like any other.
             metadata["num_examples"] = str(result.num_examples)
             metadata["train_loss"] = repr(result.loss)
+        metadata.update(evaluation or {})
         if privacy is not None and not plan.privacy.distributed_dp:
             delta = privacy.mechanism.privatize(delta, self._noise_source(plan))
             # Not about the data: the count of releases and the plan fix it.

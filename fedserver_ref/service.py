@@ -213,7 +213,7 @@ class FederationService:
             if self.store.has_update(round_.round_id, device_id):
                 # The round may close by quota long before its deadline: ask again soon.
                 return RetryLater(min(wait, CONTRIBUTED_RETRY), "already contributed to this round")
-            return Admitted(self._plan(job, round_))
+            return Admitted(self._plan(job, round_, device_id))
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             return RetryLater(wait, "the round is full")
         if job.plan.privacy.secagg and self.store.device_identity(device_id) is None:
@@ -226,7 +226,7 @@ class FederationService:
             self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round
         ):
             self._open_secure(job, round_)
-        return Admitted(self._plan(job, round_))
+        return Admitted(self._plan(job, round_, device_id))
 
     def _open_secure(self, job: JobRow, round_: RoundRow) -> None:
         """The round is full: fix its cohort for secure aggregation."""
@@ -285,12 +285,12 @@ class FederationService:
         oldest = job.model_version - job.plan.job.max_staleness
         held = self.store.admission_of(job.name, device_id, oldest)
         if held is not None:
-            return Admitted(self._plan(job, held))
+            return Admitted(self._plan(job, held, device_id))
         if self.store.in_flight(job.name, oldest) >= job.plan.admit_per_round:
             return RetryLater(1.0, "enough devices are training")
         with self.store.atomic():
             self.store.admit(round_.round_id, device_id, now)
-        return Admitted(self._plan(job, round_))
+        return Admitted(self._plan(job, round_, device_id))
 
     def leave(self, token: str, round_id: int) -> bool:
         """A device gives its place in a round back (if it has not contributed)."""
@@ -457,7 +457,9 @@ class FederationService:
     ) -> UploadReceipt:
         if len(body) > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
-        num_examples, train_loss, body, spent, tensors = self._validate_update(job, round_, body)
+        num_examples, train_loss, body, spent, tensors, evaluation = self._validate_update(
+            job, round_, body
+        )
         now = self.clock()
         # Sync: the update belongs to its own round. Async: to the buffer open now, with
         # its staleness, and it uses up the admission it was trained under.
@@ -472,6 +474,8 @@ class FederationService:
                     self.store.record_privacy_spent(job.name, device_id, spent)
                 if job.plan.job.mode == "async":
                     self.store.withdraw(round_.round_id, device_id)
+                if evaluation is not None and self._evaluates(job, round_, device_id):
+                    self.store.add_evaluation(round_.round_id, device_id, *evaluation)
                 row = self.store.add_update(
                     target.round_id,
                     device_id,
@@ -522,6 +526,7 @@ class FederationService:
         return self._summary(round_)
 
     def _summary(self, round_: RoundRow) -> RoundSummary:
+        devices, correct, loss_sum, examples = self.store.evaluation(round_.round_id)
         return RoundSummary(
             round_.round_id,
             round_.number,
@@ -534,6 +539,9 @@ class FederationService:
             round_.closed_at,
             round_.reason,
             round_.train_loss,
+            devices,
+            correct / examples if examples else None,
+            loss_sum / examples if examples else None,
         )
 
     # -- helpers ---------------------------------------------------------------
@@ -543,7 +551,16 @@ class FederationService:
             raise NotFound(f"no job {name!r}")
         return job
 
-    def _plan(self, job: JobRow, round_: RoundRow) -> RoundPlan:
+    def _evaluates(self, job: JobRow, round_: RoundRow, device_id: str) -> bool:
+        """Whether ``device_id`` evaluates ``round_``'s model (`EvaluateSettings`)."""
+        settings = job.plan.evaluate
+        if not settings.every or round_.number % settings.every:
+            return False
+        if not settings.devices:
+            return True
+        return device_id in self.store.admitted_devices(round_.round_id)[: settings.devices]
+
+    def _plan(self, job: JobRow, round_: RoundRow, device_id: str = "") -> RoundPlan:
         # Async buffers have no deadline; a device gets deadline_seconds from now to finish.
         deadline = (
             round_.deadline
@@ -563,6 +580,7 @@ class FederationService:
             job.plan.privacy,
             job.plan.job.rounds,
             job.plan.job.min_devices,
+            bool(device_id) and self._evaluates(job, round_, device_id),
         )
 
     def _model_body(self, job: str, version: int) -> tuple[bytes, str]:
@@ -591,11 +609,12 @@ class FederationService:
 
     def _validate_update(
         self, job: JobRow, round_: RoundRow, body: bytes
-    ) -> tuple[int, float | None, bytes, float | None, Weights]:
+    ) -> tuple[int, float | None, bytes, float | None, Weights, Evaluation | None]:
         """Check an update; return its example count, training loss, the dense body to
         store (a compressed update is decoded here, so strategies see floats), with
-        local DP the epsilon its device reports having spent on the job, and the
-        update's tensors (the body, decoded)."""
+        local DP the epsilon its device reports having spent on the job, the
+        update's tensors (the body, decoded), and the device's evaluation of the
+        round's model if it sent one."""
         tensors, metadata = decode_tensors(body)
         reference = self._reference(job.name, round_.model_version)
         encoding = metadata.get("compression", "")
@@ -641,7 +660,29 @@ class FederationService:
                 epsilon = math.nan
             if not math.isfinite(epsilon) or epsilon < 0:
                 raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
-        return num_examples, train_loss, body, epsilon, tensors
+        evaluation = _evaluation(metadata, job.plan.job.max_examples)
+        return num_examples, train_loss, body, epsilon, tensors, evaluation
+
+
+#: A device's evaluation of a round's model: correct, loss sum, examples.
+Evaluation = tuple[int, float, int]
+
+
+def _evaluation(metadata: dict[str, str], max_examples: int) -> Evaluation | None:
+    """The evaluation counts an update's metadata carries, checked, or None."""
+    if "eval_examples" not in metadata:
+        return None
+    try:
+        correct = int(metadata["eval_correct"])
+        loss_sum = float(metadata["eval_loss_sum"])
+        examples = int(metadata["eval_examples"])
+    except (KeyError, ValueError) as exc:
+        raise InvalidRequest(f"bad evaluation metadata: {exc}") from exc
+    if not (1 <= examples <= max_examples and 0 <= correct <= examples):
+        raise InvalidRequest("evaluation counts must satisfy 0 <= correct <= examples")
+    if not (math.isfinite(loss_sum) and loss_sum >= 0):
+        raise InvalidRequest("an evaluation's loss sum must be finite and non-negative")
+    return correct, loss_sum, examples
 
 
 def _norm_bound(plan: JobPlan, dimension: int) -> float | None:

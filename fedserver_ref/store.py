@@ -33,6 +33,10 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE devices ADD COLUMN identity_key BLOB",
         "ALTER TABLE devices ADD COLUMN certificate BLOB",
     ],
+    3: [  # federated evaluation: what each device measured of a round's model
+        "CREATE TABLE evaluations (round_id INTEGER, device_id TEXT, correct INTEGER NOT NULL,"
+        " loss_sum REAL NOT NULL, examples INTEGER NOT NULL, PRIMARY KEY (round_id, device_id))",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -538,6 +542,24 @@ class ServerStore:
             now,
             staleness,
         )
+
+    def add_evaluation(
+        self, round_id: int, device_id: str, correct: int, loss_sum: float, examples: int
+    ) -> None:
+        """Record what a device measured of the round's model (once per device)."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?)",
+            [round_id, device_id, correct, loss_sum, examples],
+        )
+
+    def evaluation(self, round_id: int) -> tuple[int, int, float, int]:
+        """The round's federated evaluation: devices, correct, loss sum, examples."""
+        row = self.db.execute(
+            "SELECT count(*), sum(correct), sum(loss_sum), sum(examples) FROM evaluations"
+            " WHERE round_id=?",
+            [round_id],
+        ).fetchone()
+        return int(row[0]), int(row[1] or 0), float(row[2] or 0.0), int(row[3] or 0)
 
     def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
         """The update a device sent with an idempotency key."""

@@ -30,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a simulated federation")
     run.add_argument(
-        "--dataset", default="digits", help="digits (bundled), mnist or femnist (from --data-dir)"
+        "--dataset",
+        default="digits",
+        help="digits (bundled with scikit-learn); mnist, femnist or sms_spam (from "
+        "--data-dir); csv:PATH (with --text-column, --label-column, --user-column, "
+        "--no-header) or npz:PATH (arrays x, y and optionally user)",
     )
     run.add_argument(
         "--data-dir",
@@ -47,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         "--user-column", help="csv: a column naming each row's user (for --partition natural)"
     )
     run.add_argument("--no-header", action="store_true", help="csv: the file has no header row")
+    run.add_argument(
+        "--plan",
+        dest="plan_file",
+        metavar="PLAN.toml",
+        help="a job plan (the TOML fedserver --plan serves): it sets the job, model, "
+        "training, strategy, privacy and [evaluate]; the flags below set the fleet, data "
+        "and engine, and their job settings are ignored",
+    )
     run.add_argument("--devices", type=int, default=100)
     run.add_argument("--devices-per-round", type=int, default=20)
     run.add_argument("--rounds", type=int, default=40)
@@ -284,7 +296,12 @@ def _with_progress(config: Any, simulate: Any) -> dict[str, Any]:
         console=Console(stderr=True),
         transient=True,
     ) as progress:
-        task = progress.add_task("rounds", total=config.rounds)
+        rounds = config.rounds
+        if config.plan_file is not None:
+            from fedserver_ref import load_plan
+
+            rounds = load_plan(config.plan_file).job.rounds
+        task = progress.add_task("rounds", total=rounds)
 
         def on_round(r: dict[str, Any]) -> None:
             progress.console.print(

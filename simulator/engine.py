@@ -61,7 +61,7 @@ from fedclient.protocol import (
     decode_tensors,
 )
 from fedclient.runtime import EvalResult, create_backend
-from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
+from fedserver_ref import FederationService, ServerStore, create_app, load_plan, plan_from_dict
 from simulator.buffered import run_buffered
 from simulator.datasets import CsvColumns, Dataset, load_dataset, partition
 from simulator.devices import DeviceProfile, draw_profiles
@@ -125,6 +125,7 @@ class SimulationConfig:
     label_column: str = "label"
     user_column: str | None = None
     no_header: bool = False
+    plan_file: str | None = None  # a TOML plan (fedserver's): it sets the job, not the flags
     dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
     secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
     distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private
@@ -149,7 +150,16 @@ class SimulationConfig:
         return {"kind": self.model, "hidden": hidden}
 
     def plan(self, data: Dataset) -> JobPlan:
-        """The job plan this configuration describes."""
+        """The job plan this configuration describes: ``plan_file``'s, checked against the
+        data, or one built from the flags."""
+        if self.plan_file is not None:
+            plan = load_plan(self.plan_file)
+            if (plan.model.inputs, plan.model.classes) != (data.inputs, data.classes):
+                raise InvalidInput(
+                    f"the plan's model takes {plan.model.inputs} inputs and {plan.model.classes}"
+                    f" classes; {data.name} has {data.inputs} and {data.classes}"
+                )
+            return plan
         family = (
             "text"
             if data.texts is not None
@@ -218,6 +228,7 @@ class _Device:
     received: int = 0  # bytes down when it last checked in
     round_trips: int = 3  # of its last round's work: check-in, download (unless inline), upload
     certified: bool = False  # holds the simulation authority's certificate of its identity
+    held_out: np.ndarray | None = None  # its share of the test set, for federated evaluation
 
     async def step(self) -> StepOutcome | None:
         """One step; None when the network beat the retry policy (a network dropout)."""
@@ -295,6 +306,15 @@ class _Fleet:
             parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
             profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
             devices = [_Device(i, profiles[i], part) for i, part in enumerate(parts)]
+            if plan.evaluate.every:
+                # Federated evaluation: each device holds a share of the test set as its
+                # held-out data, split like the training set (natural splits: at random).
+                scheme = "iid" if config.partition == "natural" else config.partition
+                shares = partition(
+                    data.y_test, len(devices), scheme, np.random.default_rng([config.seed, 3])
+                )
+                for device, share in zip(devices, shares, strict=True):
+                    device.held_out = share
         self.devices = devices
         self.config, self.plan, self.data, self.server = config, plan, data, server
         self.faults = FaultPlan.parse(config.faults) if config.faults else None
@@ -358,6 +378,11 @@ class _Fleet:
             inline_model_max=self.config.inline_model_max,
             stats=d.stats,
             atrain=self.pool,
+            eval_data=(
+                None
+                if d.held_out is None
+                else (self.data.x_test[d.held_out], self.data.y_test[d.held_out])
+            ),
             # Reproducible reports: the privacy noise is drawn from the seed too. Not
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
@@ -605,6 +630,7 @@ async def simulate(
         },
         "devices": devices,
         **({"privacy": privacy} if privacy else {}),
+        **_federated_final(rounds),
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -628,6 +654,23 @@ def simulation_authority(config: SimulationConfig) -> IdentityAuthority:
     the same one (a simulation plays every party)."""
     seed = hashlib.sha256(f"fedsim/identity-authority/{config.seed}".encode()).digest()
     return IdentityAuthority(seed)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _federated_final(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last federated evaluation, and the model version it measured."""
+    measured = [r for r in rounds if r.get("federated_accuracy") is not None]
+    if not measured:
+        return {}
+    last = measured[-1]
+    return {
+        "federated_accuracy": last["federated_accuracy"],
+        "federated_loss": last["federated_loss"],
+        "federated_model_version": last["model_version"] - (last["status"] == "closed"),
+    }
 
 
 def _without_secure_delete(db: sqlite_utils.Database) -> None:
@@ -832,6 +875,11 @@ async def _run_rounds(
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
             }
+            if plan.evaluate.every:
+                # The devices' measure of the model this round started from.
+                record["federated_accuracy"] = _rounded(closed.federated_accuracy)
+                record["federated_loss"] = _rounded(closed.federated_loss)
+                record["evaluated"] = closed.evaluated
             unreported.append((record, evaluator.results[version]))
         await fleet.rest()
     await report_evaluated()

@@ -74,6 +74,21 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
         color="tab:blue",
         label="test accuracy",
     )
+    federated = [
+        (r["round"], r["federated_accuracy"])
+        for r in rounds
+        if r.get("federated_accuracy") is not None
+    ]
+    if federated:  # the devices' own measure, on their held-out data
+        acc_ax.plot(
+            [n for n, _ in federated],
+            [a for _, a in federated],
+            marker="s",
+            markersize=3,
+            linestyle="--",
+            color="tab:green",
+            label="federated accuracy",
+        )
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("accuracy (held-out test set)")
     acc_ax.set_ylim(0, 1)

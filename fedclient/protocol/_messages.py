@@ -19,6 +19,7 @@ __all__ = [
     "EnrolResponse",
     "ErrorBody",
     "ErrorDetail",
+    "EvaluateSettings",
     "JobFinished",
     "JobPlan",
     "JobSettings",
@@ -141,6 +142,20 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_examples: PositiveInt = 1_000_000
 
 
+class EvaluateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Federated evaluation: devices measure the global model on their own held-out data.
+
+    Every ``every`` rounds (0: never), the first ``devices`` devices admitted to the
+    round (0: all of them) evaluate the model they received, before they train on it,
+    and send the counts (correct, loss sum, examples) with their update; the server
+    sums them into the round's ``federated_accuracy``. Evaluation trains nothing and
+    spends no privacy budget: the counts are not noised, so a device whose privacy
+    policy keeps metadata on the device beside a DP release sends none."""
+
+    every: Annotated[int, msgspec.Meta(ge=0)] = 0
+    devices: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
 class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A whole job: the one plan file that runs in ``fedsim`` and in ``fedserver``."""
 
@@ -149,6 +164,7 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     train: TrainSettings = msgspec.field(default_factory=TrainSettings)
     strategy: StrategySettings = msgspec.field(default_factory=StrategySettings)
     privacy: PrivacySettings = msgspec.field(default_factory=PrivacySettings)
+    evaluate: EvaluateSettings = msgspec.field(default_factory=EvaluateSettings)
 
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:
@@ -247,6 +263,9 @@ class RoundPlan(msgspec.Struct, frozen=True):
     #: The fewest updates a round closes with (distributed DP calibrates each device's
     #: share of the noise for that many).
     min_devices: int = 1
+    #: Evaluate the received model on the device's held-out data, before training, and
+    #: send the counts with the update (`EvaluateSettings`).
+    evaluate: bool = False
 
     def rebased(self, now: float) -> RoundPlan:
         """The same plan with ``deadline`` moved onto a clock that reads ``now``."""
@@ -324,6 +343,11 @@ class RoundSummary(msgspec.Struct, frozen=True):
     closed_at: float | None = None
     reason: str = ""
     train_loss: float | None = None
+    #: Federated evaluation of the round's model (the one it started from): devices that
+    #: reported, and the accuracy and mean loss over their examples.
+    evaluated: int = 0
+    federated_accuracy: float | None = None
+    federated_loss: float | None = None
 
 
 class JobStatus(msgspec.Struct, frozen=True):

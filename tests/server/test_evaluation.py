@@ -1,0 +1,154 @@
+"""Federated evaluation: devices measure the round's model on their held-out data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fedclient
+from fedclient.protocol import TENSOR_MEDIA_TYPE, decode_tensors, encode_tensors
+from fedserver_ref import FederationService, ServerStore, plan_from_dict
+from simulator.cli import main as fedsim
+from tests.conftest import ManualClock, Server, enrol, step_until
+
+pytestmark = pytest.mark.anyio
+
+
+def _server(every: int = 1, devices: int = 2, **privacy: Any) -> Server:
+    plan = plan_from_dict(
+        {
+            "job": {"name": "digits", "rounds": 4, "devices_per_round": 3, "seed": 1},
+            "model": {"kind": "softmax", "inputs": 64, "hidden": [], "classes": 10},
+            "train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.1},
+            "evaluate": {"every": every, "devices": devices},
+            **({"privacy": privacy} if privacy else {}),
+        }
+    )
+    clock = ManualClock()
+    service = FederationService(ServerStore(), clock=clock)
+    service.add_job(plan)
+    return Server(service, clock)
+
+
+async def test_the_first_devices_evaluate_the_model_they_received(
+    make_devices: Any, digits: Any
+) -> None:
+    server = _server(devices=2)
+    held_out = (digits.x_test, digits.y_test)
+    devices = make_devices(3, server.transport(), eval_data=held_out)
+    for device in devices:
+        assert (await device.arun_once()).status == "uploaded"
+    summary = server.service.round_status("digits", 1)
+    # Two of three evaluated, on their held-out data, the model of version 0.
+    assert summary.evaluated == 2
+    backend = fedclient.create_backend(server.service.job_status("digits").plan.model)
+    body, _ = server.store.model("digits", 0) or (b"", "")
+    backend.set_weights(decode_tensors(body)[0])
+    expected = backend.evaluate(*held_out)
+    assert summary.federated_accuracy == pytest.approx(expected.accuracy)
+    assert summary.federated_loss == pytest.approx(expected.loss, rel=1e-5)
+    # The round's model is unchanged by evaluating: it trained on its training data only.
+    assert server.service.job_status("digits").model_version == 1
+
+
+async def test_evaluation_stays_off_unless_asked_and_every_k_rounds(make_devices: Any) -> None:
+    server = _server(every=2, devices=0)
+    devices = make_devices(3, server.transport())
+    for _ in range(2):
+        for device in devices:
+            assert (await device.arun_once()).status == "uploaded"
+    assert server.service.round_status("digits", 1).evaluated == 0  # round 1: not a 2nd
+    assert server.service.round_status("digits", 2).evaluated == 3  # devices=0: all
+
+
+async def test_a_dp_device_sends_no_evaluation(make_devices: Any) -> None:
+    # Unnoised counts about the data do not travel beside a DP release.
+    server = _server(dp_epsilon=8.0, clip=1.0)
+    (device,) = make_devices(1, server.transport())
+    await step_until(device, fedclient.Phase.TRAINED)
+    held = device.device_state.progress("digits").update
+    assert held is not None and "eval_examples" not in decode_tensors(held)[1]
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"eval_correct": "5", "eval_loss_sum": "1.0", "eval_examples": "4"},  # correct > n
+        {"eval_correct": "1", "eval_loss_sum": "nan", "eval_examples": "4"},
+        {"eval_correct": "1", "eval_loss_sum": "-1", "eval_examples": "4"},
+        {"eval_correct": "x", "eval_loss_sum": "1.0", "eval_examples": "4"},
+        {"eval_examples": "4"},
+    ],
+)
+async def test_bad_evaluation_counts_are_refused(counts: dict[str, str]) -> None:
+    server = _server()
+    async with server.http() as http:
+        auth = await enrol(http)
+        plan = (await http.post("/v1/jobs/digits/checkin", json={}, headers=auth)).json()["plan"]
+        body, _ = server.store.model("digits", 0) or (b"", "")
+        delta = {k: np.zeros_like(v) for k, v in decode_tensors(body)[0].items()}
+        meta = {"num_examples": "4", "model_version": "0", **counts}
+        before = server.store.fingerprint()
+        answer = await http.post(
+            f"/v1/rounds/{plan['round_id']}/updates",
+            content=encode_tensors(delta, meta),
+            headers={**auth, "Idempotency-Key": "k", "Content-Type": TENSOR_MEDIA_TYPE},
+        )
+        assert answer.status_code == 400
+        assert server.store.fingerprint() == before
+
+
+def test_fedsim_runs_a_plan_file_and_reports_federated_accuracy(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        "\n".join(
+            [
+                "[job]",
+                'name = "digits"',
+                "rounds = 3",
+                "devices_per_round = 5",
+                "min_devices = 3",
+                "seed = 1",
+                "[model]",
+                'kind = "mlp"',
+                "inputs = 64",
+                "hidden = [32]",
+                "classes = 10",
+                "[evaluate]",
+                "every = 1",
+                "devices = 4",
+            ]
+        )
+    )
+    report = tmp_path / "r.json"
+    assert (
+        fedsim(
+            [
+                "run",
+                "--plan",
+                str(plan),
+                "--devices",
+                "20",
+                "--seed",
+                "1",
+                "--quiet",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    data = json.loads(report.read_text())
+    assert data["plan"]["model"]["hidden"] == [32] and len(data["rounds"]) == 3
+    # The first 4 admitted evaluate; one that drops out (the phones fleet) reports nothing.
+    assert all(1 <= r["evaluated"] <= 4 for r in data["rounds"])
+    assert 0 <= data["final"]["federated_accuracy"] <= 1
+    assert data["final"]["federated_model_version"] == 2
+    assert (tmp_path / "r.png").exists()
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(plan.read_text().replace("inputs = 64", "inputs = 784"))
+    assert fedsim(["run", "--plan", str(wrong), "--quiet", "--report", str(report)]) != 0
