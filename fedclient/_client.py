@@ -35,6 +35,7 @@ import numpy as np
 from fedclient._exceptions import (
     Conflict,
     FedError,
+    IdentityRequired,
     InvalidInput,
     InvalidRequest,
     ModelMismatch,
@@ -264,6 +265,7 @@ class Client:
         self._async: httpx.AsyncClient | _AsyncDirect | None = None
         self._secure: dict[int, _SecureSession] = {}
         self._identity: Any = None  # fedclient.identity.SigningKey, loaded on first use
+        self._identity_asked = False  # a secure job asked for the identity key
         # The model just downloaded and checked, (version, etag, weights), handed to the
         # training step that follows so it need not read and decode the stored copy.
         self._downloaded: tuple[int, str, Weights] | None = None
@@ -503,16 +505,28 @@ class Client:
         held = self._store.held_version(self.job)
         inline = self.inline_model_max
         enrol = not identity.device_id
+        # The identity key goes with an enrolment when an authority certified it (a server
+        # with an authority enrols no one without), else when a secure job first asks.
+        certificate = self._store.identity_certificate() if enrol else None
+        send_identity = certificate is not None or self._identity_asked
         body = CheckinRequest(
             runtime=self.runtime,
             model_version=held[0] if held else None,
             inline_model_max=inline,
             enrol_label=self.label if enrol else None,
-            identity_key=self.identity_key if enrol else None,
-            identity_certificate=self._store.identity_certificate() if enrol else None,
+            identity_key=self.identity_key if send_identity else None,
+            identity_certificate=self._store.identity_certificate() if send_identity else None,
         )
         headers = {"Accept": f"{MSGPACK_MEDIA_TYPE}, application/json"} if inline else None
         response = yield self._request(CHECKIN, identity, json=body, headers=headers, job=self.job)
+        if (
+            response.status_code == 403
+            and not send_identity
+            and _error_code(response) == (IdentityRequired.code)
+        ):
+            # Ask again at once, with the key (an enrolment it made is idempotent by token).
+            self._identity_asked = True
+            return (yield from self._checkin(identity))
         answer: CheckinResponse = _decode(response, CheckinResponse)  # type: ignore[arg-type]
         if enrol:
             device_id = response.headers.get(DEVICE_ID_HEADER, "")
@@ -588,8 +602,10 @@ class Client:
         # trains, before it changes anything: bad data fail this step, state untouched.
         x, y = self._x, self._y
         evaluation = None
-        if plan.evaluate and not plan.privacy.secagg and (
-            privacy is None or self.policy.share_metadata
+        if (
+            plan.evaluate
+            and not plan.privacy.secagg
+            and (privacy is None or self.policy.share_metadata)
         ):
             # The received model, measured before training touches it.
             backend.set_weights(base)
@@ -1089,6 +1105,14 @@ def _decode(response: httpx.Response, type_: type[T]) -> T:
         return msgspec.json.decode(response.content, type=type_)
     except msgspec.DecodeError as exc:
         raise FedError(f"unexpected answer from the server: {exc}") from exc
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """The ``code`` of an error answer's JSON body, if it has one."""
+    try:
+        return msgspec.json.decode(response.content, type=ErrorBody).error.code
+    except msgspec.DecodeError:
+        return None
 
 
 def raise_for_error(response: httpx.Response) -> None:

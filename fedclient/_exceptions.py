@@ -12,6 +12,7 @@
         ├── InvalidRequest        400  malformed body, wrong tensors, NaN/Inf
         ├── Unauthorized          401  missing or wrong device token
         ├── Forbidden             403  device not admitted to the round
+        │   └── IdentityRequired  403  a secure job needs the device's identity key first
         ├── NotFound              404  unknown job, round or model version
         ├── Conflict              409  e.g. a second upload for the same round
         │   ├── OffsetMismatch    409  a chunk sent at another offset than the server holds
@@ -39,6 +40,7 @@ __all__ = [
     "DeadlinePassed",
     "FedError",
     "Forbidden",
+    "IdentityRequired",
     "InvalidInput",
     "InvalidRequest",
     "ModelMismatch",
@@ -169,6 +171,13 @@ class Forbidden(ApiError):
 
     status = 403
     code = "forbidden"
+
+
+class IdentityRequired(Forbidden):
+    """403: a secure-aggregation job admits only devices whose identity key the server
+    holds; the device sends it with its next check-in (`fedclient.Client` does)."""
+
+    code = "identity_required"
 
 
 class NotFound(ApiError):

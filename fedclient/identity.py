@@ -4,9 +4,11 @@ Secure aggregation against a malicious server needs to know that a public key
 in a roster belongs to a real, distinct device, not to the server (Bonawitz et
 al. 2017 assume a PKI). So:
 
-- Each device makes an **Ed25519 identity key** when it first enrols, keeps it
-  in its SQLite state and registers its public half with the server. It signs
-  its secure-aggregation keys and its view of who survived with it.
+- Each device makes an **Ed25519 identity key** when it first needs one, keeps it
+  in its SQLite state and registers its public half with the server: at
+  enrolment if an authority certified it, else when a secure-aggregation job
+  first asks (`fedclient.IdentityRequired`). It signs its secure-aggregation
+  keys and the contributor list it agrees to unmask with it.
 - An **identity authority** certifies identity keys: an Ed25519 key of the
   operator's that is *not* held by the aggregation server (the app's backend,
   an attestation service, a provisioning step in the factory). A certificate is

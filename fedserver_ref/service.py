@@ -22,6 +22,7 @@ from fedclient._exceptions import (
     Conflict,
     DeadlinePassed,
     Forbidden,
+    IdentityRequired,
     InvalidInput,
     InvalidRequest,
     NotFound,
@@ -144,22 +145,32 @@ class FederationService:
         hashed = hash_token(token)
         key, certificate = request.identity_key, request.identity_certificate
         if self.identity_authorities:
-            from fedclient.identity import verify_certificate
-
             if key is None or certificate is None:
                 raise Forbidden("this server enrols devices with a certified identity key only")
-            if not verify_certificate(self.identity_authorities, key, certificate):
-                raise Forbidden("the identity certificate is not from a trusted authority")
+            self._check_certificate(key, certificate)
         with self.store.atomic():
             existing = self.store.device_for_token(hashed)
             if existing is not None:
                 held = self.store.device_identity(existing)
-                if key is not None and (held is None or held[0] != key):
+                if key is not None and held is not None and held[0] != key:
                     raise Conflict("this device enrolled with another identity key")
+                if key is not None and held is None:  # its first key: registered now
+                    self.store.set_device_identity(existing, key, certificate)
                 return EnrolResponse(existing, token)
             self.store.add_device(device_id, hashed, request.label, key, certificate)
         self._remember(hashed, device_id)  # stored: its first check-in follows at once
         return EnrolResponse(device_id, token)
+
+    def _check_certificate(self, key: bytes, certificate: bytes | None) -> None:
+        """Forbidden unless a trusted authority certified ``key`` (if the server has any)."""
+        if not self.identity_authorities:
+            return
+        from fedclient.identity import verify_certificate
+
+        if certificate is None or not verify_certificate(
+            self.identity_authorities, key, certificate
+        ):
+            raise Forbidden("the identity certificate is not from a trusted authority")
 
     def authenticate(self, token: str) -> str:
         """The device id behind a bearer token."""
@@ -217,9 +228,16 @@ class FederationService:
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             return RetryLater(wait, "the round is full")
         if job.plan.privacy.secagg and self.store.device_identity(device_id) is None:
-            raise Forbidden(
-                "secure aggregation needs devices enrolled with an identity key; "
-                "this one enrolled without (enrol again with a current fedclient)"
+            # A device registers its identity key when it first needs one (a job without
+            # secure aggregation never asks for it: no key is made, no crypto loaded).
+            if request.identity_key is None:
+                raise IdentityRequired(
+                    "secure aggregation needs the device's identity key: send identity_key "
+                    "(and identity_certificate) with the check-in"
+                )
+            self._check_certificate(request.identity_key, request.identity_certificate)
+            self.store.set_device_identity(
+                device_id, request.identity_key, request.identity_certificate
             )
         self.store.admit(round_.round_id, device_id, now)  # one statement: atomic as it is
         if job.plan.privacy.secagg and (

@@ -213,9 +213,7 @@ class ServerStore:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
                 if not {"meta", "jobs", "rounds", "devices"} <= tables:
                     raise StateError(f"{where}: not a fedserver database (tables missing)")
-                row = conn.execute(
-                    "SELECT value FROM meta WHERE name='schema_version'"
-                ).fetchone()
+                row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
@@ -272,6 +270,16 @@ class ServerStore:
             "INSERT INTO devices (device_id, token_hash, label, created, identity_key,"
             " certificate) VALUES (?, ?, ?, ?, ?, ?)",
             [device_id, token_hash, label, time.time(), identity_key, certificate],
+        )
+
+    def set_device_identity(
+        self, device_id: str, identity_key: bytes, certificate: bytes | None
+    ) -> None:
+        """Register the identity key of a device that enrolled without one (never replaces)."""
+        self.db.execute(
+            "UPDATE devices SET identity_key=?, certificate=? WHERE device_id=?"
+            " AND identity_key IS NULL",
+            [identity_key, certificate, device_id],
         )
 
     def device_identity(self, device_id: str) -> tuple[bytes, bytes | None] | None:

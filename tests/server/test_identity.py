@@ -92,3 +92,34 @@ async def test_a_client_enrols_with_its_key_and_certificate(make_devices: Any) -
 def test_fedserver_refuses_a_malformed_authority_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert fedserver(["--plan", "x.toml", "--identity-authority", "abcd"]) == 2
     assert "64 hex digits" in capsys.readouterr().err
+
+
+async def test_a_device_registers_its_key_when_a_secure_job_first_asks(
+    make_devices: Any,
+) -> None:
+    # A job without secure aggregation never makes a device create a key; the first
+    # secure job asks (403 identity_required) and the device answers with its key.
+    from fedserver_ref import plan_from_dict
+
+    clock = ManualClock()
+    service = FederationService(ServerStore(), clock=clock)
+    service.add_job(make_plan(name="plain"))
+    secure = plan_from_dict(
+        {
+            "job": {"name": "secure", "devices_per_round": 3, "over_selection": 1.0},
+            "model": {"kind": "mlp", "inputs": 64, "hidden": [16], "classes": 10},
+            "privacy": {"secagg": "secagg"},
+        }
+    )
+    service.add_job(secure)
+    server = Server(service, clock)
+    state = fedclient.DeviceState.in_memory()
+    (plain,) = make_devices(1, server.transport(), job="plain", state=state)
+    assert (await plain.astep()).status == "admitted"
+    enrolled = state.identity(plain.server)
+    assert enrolled is not None and service.store.device_identity(enrolled.device_id) is None
+    assert state.db.execute("SELECT count(*) FROM signing_keys").fetchone()[0] == 0
+    (device,) = make_devices(1, server.transport(), job="secure", state=state)
+    assert (await device.astep()).status == "admitted"  # asked, answered, admitted
+    held = service.store.device_identity(enrolled.device_id)
+    assert held is not None and held[0] == device.identity_key
