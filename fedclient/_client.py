@@ -20,6 +20,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator
@@ -44,7 +45,6 @@ from fedclient._exceptions import (
     RequestTimeout,
     RoundClosed,
     TransportError,
-    error_from_status,
 )
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
@@ -68,7 +68,6 @@ from fedclient.protocol import (
     Admitted,
     CheckinRequest,
     CheckinResponse,
-    ErrorBody,
     JobFinished,
     RetryLater,
     RoundPlan,
@@ -81,7 +80,13 @@ from fedclient.protocol import (
     encode_tensors,
 )
 from fedclient.runtime import TrainingBackend, TrainResult, create_backend
-from fedclient.transport import RetryPolicy, is_retriable_status
+from fedclient.transport import (
+    RetryPolicy,
+    error_code,
+    is_retriable_status,
+    raise_for_error,
+    ssl_context,
+)
 
 __all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
 
@@ -210,6 +215,10 @@ class Client:
     admission, before anything is trained or sent (`PrivacyPolicyViolation`), and
     the ledger is charged as the policy accounts.
 
+    ``verify`` is how the server's TLS certificate is checked (without ``transport``):
+    True (the system's CA store), a CA bundle's path (a server whose certificate a
+    private CA signed, or a self-signed one), or an `ssl.SSLContext`.
+
     ``eval_data`` is the device's held-out labelled set for federated evaluation
     (`fedclient.protocol.EvaluateSettings`); without it a device asked to evaluate
     measures the model on its training data, which flatters the model.
@@ -244,6 +253,7 @@ class Client:
     simulation_seeded_noise: bool = False
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     eval_data: tuple[np.ndarray, np.ndarray] | None = None
+    verify: str | Path | bool | ssl.SSLContext = True
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -300,7 +310,7 @@ class Client:
             self._sync = (
                 _Direct(self.transport)
                 if isinstance(self.transport, httpx.BaseTransport)
-                else httpx.Client()
+                else httpx.Client(verify=ssl_context(self.verify))
             )
         flow = self._step_flow()
         try:
@@ -321,7 +331,7 @@ class Client:
             self._async = (
                 _AsyncDirect(self.transport)
                 if isinstance(self.transport, httpx.AsyncBaseTransport)
-                else httpx.AsyncClient()
+                else httpx.AsyncClient(verify=ssl_context(self.verify))
             )
         flow = self._step_flow()
         try:
@@ -522,7 +532,7 @@ class Client:
         if (
             response.status_code == 403
             and not send_identity
-            and _error_code(response) == (IdentityRequired.code)
+            and error_code(response) == (IdentityRequired.code)
         ):
             # Ask again at once, with the key (an enrolment it made is idempotent by token).
             self._identity_asked = True
@@ -1105,31 +1115,6 @@ def _decode(response: httpx.Response, type_: type[T]) -> T:
         return msgspec.json.decode(response.content, type=type_)
     except msgspec.DecodeError as exc:
         raise FedError(f"unexpected answer from the server: {exc}") from exc
-
-
-def _error_code(response: httpx.Response) -> str | None:
-    """The ``code`` of an error answer's JSON body, if it has one."""
-    try:
-        return msgspec.json.decode(response.content, type=ErrorBody).error.code
-    except msgspec.DecodeError:
-        return None
-
-
-def raise_for_error(response: httpx.Response) -> None:
-    """Turn an HTTP error answer into the `ApiError` subclass its JSON body names."""
-    if response.status_code < 400:
-        return
-    code, message = None, response.text[:200]
-    try:
-        body = msgspec.json.decode(response.content, type=ErrorBody)
-        code, message = body.error.code, body.error.message
-    except msgspec.DecodeError:
-        pass
-    error = error_from_status(response.status_code, code, message)
-    retry_after = response.headers.get("Retry-After", "")
-    if retry_after.replace(".", "", 1).isdigit():
-        error.retry_after = float(retry_after)
-    raise error
 
 
 def _describe(tensor: tuple[tuple[int, ...], str] | None) -> str:

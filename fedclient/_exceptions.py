@@ -22,6 +22,7 @@
         ├── RangeNotSatisfiable   416
         ├── TooEarly              425  a secure-aggregation stage has not closed yet
         └── ServerError           5xx
+            └── ServiceUnavailable 503  out of storage, or busy: retry after Retry-After
 
 The server raises the same `ApiError` classes; its one exception handler turns
 them into an HTTP status and a JSON body ``{"error": {"code", "message"}}``, and
@@ -53,6 +54,7 @@ __all__ = [
     "RequestTimeout",
     "RoundClosed",
     "ServerError",
+    "ServiceUnavailable",
     "StateError",
     "TooEarly",
     "TransportError",
@@ -239,6 +241,14 @@ class ServerError(ApiError):
 
     status = 500
     code = "server_error"
+
+
+class ServiceUnavailable(ServerError):
+    """503: the server cannot take the request now (its storage is full, say); nothing
+    was written, and the same request later will do (it says when: Retry-After)."""
+
+    status = 503
+    code = "unavailable"
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -10,12 +11,13 @@ import httpx
 import msgspec
 import numpy as np
 
-from fedclient._client import Client, raise_for_error
+from fedclient._client import Client
 from fedclient._exceptions import FedError, InvalidInput
 from fedclient._state import DeviceState
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import JOB_STATUS, MODEL, JobStatus, decode_tensors
 from fedclient.runtime import TrainingBackend, check_dataset
+from fedclient.transport import raise_for_error, ssl_context
 
 __all__ = ["FitResult", "fit"]
 
@@ -43,6 +45,7 @@ def fit(
     transport: httpx.BaseTransport | None = None,
     patience_seconds: float = 3600.0,
     policy: PrivacyPolicy | None = None,
+    verify: str | Path | bool | ssl.SSLContext = True,
 ) -> FitResult:
     """Train ``model`` on ``data``; ``federated=URL`` joins that job instead.
 
@@ -55,6 +58,7 @@ def fit(
     for each round (to be admitted, for the secure stages, for the close). ``policy``
     is the device's `PrivacyPolicy` (default: `PrivacyPolicy()`): plans outside it are
     refused. The URL may name the job as ``/jobs/NAME`` or ``/v1/jobs/NAME``.
+    ``verify`` checks the server's TLS certificate (`Client`'s).
     """
     x, y = check_dataset(data[0], data[1], inputs=model.inputs, classes=model.classes)
     if federated is None:
@@ -77,6 +81,7 @@ def fit(
         transport=transport,
         seed=seed,
         policy=policy or PrivacyPolicy(),
+        verify=verify,
     )
     history = []
     waited = 0.0  # since the last upload: patience is per round
@@ -99,6 +104,13 @@ def fit(
     return FitResult("federated", history, version)
 
 
+def _http(client: Client) -> httpx.Client:
+    """A connection like the client's own (its transport, or TLS as it verifies)."""
+    if client.transport is not None:
+        return httpx.Client(transport=client.transport, timeout=client.timeout)  # type: ignore[arg-type]
+    return httpx.Client(verify=ssl_context(client.verify), timeout=client.timeout)
+
+
 def _pause(client: Client, seconds: float, waited: float, patience: float) -> float:
     """Sleep ``seconds`` (no more than the patience left); the time waited after it."""
     pause = min(seconds, patience - waited)
@@ -112,7 +124,7 @@ def _await_close(client: Client, round_id: int, patience: float) -> None:
     """Wait until round ``round_id`` (the last one this device uploaded to) has closed, so
     the model loaded next is the one its update went into."""
     waited = 0.0
-    with httpx.Client(transport=client.transport, timeout=client.timeout) as http:  # type: ignore[arg-type]
+    with _http(client) as http:
         while True:
             response = http.get(client.server + JOB_STATUS.url(job=client.job))
             raise_for_error(response)
@@ -139,7 +151,7 @@ def _split_job_url(url: str) -> tuple[str, str]:
 
 def _load_latest(client: Client, model: TrainingBackend) -> int:
     """Load the job's newest global model into ``model``; return its version."""
-    with httpx.Client(transport=client.transport, timeout=client.timeout) as http:  # type: ignore[arg-type]
+    with _http(client) as http:
         response = http.get(client.server + JOB_STATUS.url(job=client.job))
         raise_for_error(response)
         status = msgspec.json.decode(response.content, type=JobStatus)

@@ -11,6 +11,10 @@ module, so a simulation could not be reproduced from its seed, and the
 simulator must *schedule* retries on its simulated clock rather than sleep.
 The policy itself is a dozen lines.
 
+`raise_for_error` turns an error answer into the typed `fedclient.ApiError` its body
+names (the one mapping of the SDK), and `ssl_context` what a device's ``verify``
+setting means to httpx.
+
 `FaultyTransport` wraps any httpx transport (sync or async) and, from a seed,
 injects the faults real phones see: requests dropped before or after the
 server handled them, 5xx answers, timeouts, connections reset part-way through
@@ -20,14 +24,27 @@ a body, and duplicated requests. Tests and ``fedsim --faults`` use it.
 from __future__ import annotations
 
 import random
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+import msgspec
 
-from fedclient._exceptions import InvalidInput
+from fedclient._exceptions import InvalidInput, error_from_status
+from fedclient.protocol import ErrorBody
 
-__all__ = ["FaultCounts", "FaultPlan", "FaultyTransport", "RetryPolicy", "is_retriable_status"]
+__all__ = [
+    "FaultCounts",
+    "FaultPlan",
+    "FaultyTransport",
+    "RetryPolicy",
+    "error_code",
+    "is_retriable_status",
+    "raise_for_error",
+    "ssl_context",
+]
 
 RETRIABLE_STATUS = frozenset({429, 502, 503, 504})
 
@@ -278,3 +295,41 @@ class _BrokenStream(httpx.SyncByteStream, httpx.AsyncByteStream):
         if self.prefix:
             yield self.prefix
         raise httpx.RemoteProtocolError("injected: connection reset while receiving")
+
+
+def ssl_context(verify: str | Path | bool | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """What httpx takes for ``verify``: a CA bundle's path (a file, or a folder of
+    hashed certificates) becomes a context trusting it."""
+    if isinstance(verify, (str, Path)):
+        where = Path(verify)
+        if where.is_dir():
+            return ssl.create_default_context(capath=str(where))
+        if not where.is_file():
+            raise InvalidInput(f"verify: no CA bundle at {where}")
+        return ssl.create_default_context(cafile=str(where))
+    return verify
+
+
+def error_code(response: httpx.Response) -> str | None:
+    """The ``code`` of an error answer's JSON body, if it has one."""
+    try:
+        return msgspec.json.decode(response.content, type=ErrorBody).error.code
+    except msgspec.DecodeError:
+        return None
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """Turn an HTTP error answer into the `ApiError` subclass its JSON body names."""
+    if response.status_code < 400:
+        return
+    code, message = None, response.text[:200]
+    try:
+        body = msgspec.json.decode(response.content, type=ErrorBody)
+        code, message = body.error.code, body.error.message
+    except msgspec.DecodeError:
+        pass
+    error = error_from_status(response.status_code, code, message)
+    retry_after = response.headers.get("Retry-After", "")
+    if retry_after.replace(".", "", 1).isdigit():
+        error.retry_after = float(retry_after)
+    raise error

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from fedclient._exceptions import (
     NotFound,
     PayloadTooLarge,
     RangeNotSatisfiable,
+    ServiceUnavailable,
 )
 from fedclient.protocol import (
     CHECKIN,
@@ -63,6 +66,7 @@ __all__ = ["JSON_LIMIT", "create_app"]
 JSON_LIMIT = 64 * 1024
 
 T = TypeVar("T")
+logger = logging.getLogger("fedserver")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -221,6 +225,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
+            sqlite3.OperationalError: _storage_error,
             Exception: _server_error,
         },
         lifespan=lifespan,
@@ -230,7 +235,10 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
 async def _tick_forever(service: FederationService, seconds: float) -> None:
     while True:
         await asyncio.sleep(seconds)
-        service.tick()
+        try:
+            service.tick()
+        except sqlite3.OperationalError as exc:  # full or busy: the next tick tries again
+            logger.warning("storage: %s (deadlines are checked again in %s s)", exc, seconds)
 
 
 def _decode(body: bytes, type_: type[T]) -> T:
@@ -309,6 +317,25 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
     )
+
+
+#: How long a device waits before retrying when the server's storage is full.
+STORAGE_RETRY_SECONDS = 30
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    """SQLite could not write: full disk (or database size limit), or busy. The request's
+    transaction rolled back, so nothing was written; the device retries after a while and
+    the server recovers by itself when space returns."""
+    text = str(exc)
+    if "full" in text or "locked" in text or "busy" in text:
+        logger.warning("storage: %s (answered 503)", text)
+        busy = ServiceUnavailable(
+            f"the server cannot store anything now ({text}); retry later",
+            retry_after=STORAGE_RETRY_SECONDS,
+        )
+        return await _api_error(request, busy)
+    return await _server_error(request, exc)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

@@ -34,10 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         "--tick-seconds", type=float, default=1.0, help="how often deadlines are checked"
     )
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", help="...and this private key (PEM)")
     _authority_option(parser)
     args = parser.parse_args(argv)
     authorities = _authorities(args.identity_authority)
     if authorities is None:
+        return 2
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("fedserver: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -60,12 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedserver: {exc}", file=sys.stderr)
         return exc.exit_code
     app = create_app(service, tick_seconds=args.tick_seconds)
+    scheme = "https" if args.ssl_certfile else "http"
     print(
         f"fedserver: serving {', '.join(j.name for j in service.store.jobs())} on "
-        f"http://{args.host}:{args.port} (db {args.db})",
+        f"{scheme}://{args.host}:{args.port} (db {args.db})",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
     return 0
 
 

@@ -45,7 +45,6 @@ from fedclient import (
     TransportError,
     __version__,
 )
-from fedclient._client import raise_for_error
 from fedclient.identity import IdentityAuthority
 from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.noise import SeededNoiseWarning
@@ -61,6 +60,7 @@ from fedclient.protocol import (
     decode_tensors,
 )
 from fedclient.runtime import EvalResult, create_backend
+from fedclient.transport import raise_for_error
 from fedserver_ref import FederationService, ServerStore, create_app, load_plan, plan_from_dict
 from simulator.buffered import run_buffered
 from simulator.datasets import CsvColumns, Dataset, load_dataset, partition

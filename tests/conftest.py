@@ -184,10 +184,17 @@ def live_server(make_server: Callable[..., Server]) -> Iterator[Callable[..., Li
 
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(**job: Any) -> LiveServer:
+    def start(*, tls: tuple[Path, Path] | None = None, **job: Any) -> LiveServer:
+        """``tls``: (certificate, key) PEM files: serve HTTPS."""
         server = make_server(**job)
         config = uvicorn.Config(
-            server.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+            server.app(),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            ssl_certfile=str(tls[0]) if tls else None,
+            ssl_keyfile=str(tls[1]) if tls else None,
         )
         uv = uvicorn.Server(config)
         thread = threading.Thread(target=uv.run, daemon=True)
@@ -198,7 +205,7 @@ def live_server(make_server: Callable[..., Server]) -> Iterator[Callable[..., Li
                 raise RuntimeError("uvicorn failed to start")
             threading.Event().wait(0.01)
         port = uv.servers[0].sockets[0].getsockname()[1]
-        return LiveServer(server, f"http://127.0.0.1:{port}")
+        return LiveServer(server, f"{'https' if tls else 'http'}://127.0.0.1:{port}")
 
     yield start
     for uv, thread in running:
