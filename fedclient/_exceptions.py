@@ -21,6 +21,7 @@
         ├── PayloadTooLarge       413
         ├── RangeNotSatisfiable   416
         ├── TooEarly              425  a secure-aggregation stage has not closed yet
+        ├── TooManyRequests       429  over a rate limit: retry after Retry-After
         └── ServerError           5xx
             └── ServiceUnavailable 503  out of storage, or busy: retry after Retry-After
 
@@ -57,6 +58,7 @@ __all__ = [
     "ServiceUnavailable",
     "StateError",
     "TooEarly",
+    "TooManyRequests",
     "TransportError",
     "Unauthorized",
     "error_from_status",
@@ -236,6 +238,13 @@ class TooEarly(ApiError):
     code = "too_early"
 
 
+class TooManyRequests(ApiError):
+    """429: over the server's rate limit; the device retries after Retry-After."""
+
+    status = 429
+    code = "too_many_requests"
+
+
 class ServerError(ApiError):
     """5xx: the server failed."""
 
@@ -260,6 +269,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     410: DeadlinePassed,
     413: PayloadTooLarge,
     416: RangeNotSatisfiable,
+    429: TooManyRequests,
 }
 
 

@@ -38,6 +38,7 @@ from fedclient.protocol import (
     JOB_STATUS,
     LEAVE,
     MAX_ID,
+    METRICS,
     MODEL,
     MSGPACK_MEDIA_TYPE,
     OPENAPI,
@@ -57,6 +58,7 @@ from fedclient.protocol import (
 )
 from fedclient.protocol import Route as ApiRoute
 from fedserver_ref.auth import bearer_token
+from fedserver_ref.limits import RateLimiter, RateLimits
 from fedserver_ref.service import FederationService
 
 __all__ = ["JSON_LIMIT", "create_app"]
@@ -70,20 +72,44 @@ logger = logging.getLogger("fedserver")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(service: FederationService, *, tick_seconds: float | None = None) -> Starlette:
+def create_app(
+    service: FederationService,
+    *,
+    tick_seconds: float | None = None,
+    metrics: bool = True,
+    rate_limits: RateLimits | None = None,
+) -> Starlette:
     """The server as an ASGI app. ``tick_seconds`` starts a timer that closes rounds at
     their deadlines; leave it None when something else calls ``service.tick()``
-    (the simulator, on its simulated clock)."""
+    (the simulator, on its simulated clock). ``metrics`` serves Prometheus text at
+    ``/metrics`` and counts every request (`fedserver_ref.metrics`); a simulation,
+    which measures itself, turns it off. ``rate_limits`` answers floods of
+    enrolments, check-ins and uploads with 429 (`fedserver_ref.limits`)."""
+    limiter = RateLimiter(rate_limits) if rate_limits is not None else None
+
+    def limit(request: Request, kind: str, token: str | None = None) -> None:
+        if limiter is None:
+            return
+        address = request.client.host if request.client else "unknown"
+        if kind == "enrol":
+            limiter.hit("enrol", address)
+            return
+        limiter.hit(f"{kind}_per_address", address)
+        if token is not None:
+            limiter.hit(f"{kind}_per_device", token)
 
     async def enrol(request: Request) -> Response:
+        limit(request, "enrol")
         body = _decode(await _read_limited(request, JSON_LIMIT), EnrolRequest)
         return _json(service.enrol(body))
 
     async def checkin(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
+        limit(request, "checkin", token)
         body = _decode(await _read_limited(request, JSON_LIMIT) or b"{}", CheckinRequest)
         headers = {}
         if body.enrol_label is not None:  # a first contact: enrol the proposed token
+            limit(request, "enrol")
             # Validated as a POST /v1/devices body is (label length, token form).
             request_ = _convert(
                 {
@@ -125,6 +151,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
 
     async def upload(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
+        limit(request, "upload", token)
         round_id = _int_param(request, "round_id")
         service.authenticate(token)  # reject strangers before reading their body
         body = await _read_limited(request, service.upload_limit(round_id))
@@ -133,6 +160,7 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
 
     async def upload_start(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
+        limit(request, "upload", token)
         round_id = _int_param(request, "round_id")
         body = _decode(await _read_limited(request, JSON_LIMIT), UploadStart)
         key = request.headers.get(IDEMPOTENCY_HEADER)
@@ -220,8 +248,24 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
             if timer is not None:
                 timer.cancel()
 
-    return Starlette(
-        routes=[Route(r.path, handlers[r], methods=[r.method]) for r in handlers],
+    routes = [Route(r.path, handlers[r], methods=[r.method]) for r in handlers]
+    middleware = []
+    if metrics:
+        from starlette.middleware import Middleware
+
+        from fedserver_ref.metrics import CONTENT_TYPE, Metrics, RequestMetrics
+
+        counters = service.metrics = Metrics()
+        service.rounds.on_close = lambda job, outcome: counters.rounds.labels(job, outcome).inc()
+
+        async def prometheus(request: Request) -> Response:
+            return Response(counters.text(), media_type=CONTENT_TYPE)
+
+        routes.append(Route(METRICS.path, prometheus, methods=[METRICS.method]))
+        middleware.append(Middleware(RequestMetrics, metrics=counters, routes=routes))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
@@ -230,6 +274,8 @@ def create_app(service: FederationService, *, tick_seconds: float | None = None)
         },
         lifespan=lifespan,
     )
+    app.state.metrics = service.metrics if metrics else None
+    return app
 
 
 async def _tick_forever(service: FederationService, seconds: float) -> None:
@@ -305,6 +351,9 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    counters = getattr(request.app.state, "metrics", None)
+    if counters is not None and exc.status < 500:
+        counters.refusals.labels(exc.code).inc()
     headers = dict(exc.headers)
     if exc.retry_after:
         headers["Retry-After"] = str(int(exc.retry_after))

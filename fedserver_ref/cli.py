@@ -34,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         "--tick-seconds", type=float, default=1.0, help="how often deadlines are checked"
     )
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--rate-limits",
+        default="",
+        metavar="NAME=N/PERIOD,...",
+        help="change rate limits (enrol, checkin_per_address, checkin_per_device, "
+        "upload_per_address, upload_per_device; defaults 60, 1200, 30, 1200, 30 a minute)",
+    )
+    parser.add_argument(
+        "--no-rate-limits", action="store_true", help="answer every request (a test bench)"
+    )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="...and this private key (PEM)")
     _authority_option(parser)
@@ -48,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from fedserver_ref import FederationService, ServerStore, create_app, load_plan
+        from fedserver_ref.limits import RateLimits
 
+        limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
         plans = [load_plan(path) for path in args.plan]
         service = FederationService(
             ServerStore.open_existing(args.db), identity_authorities=authorities
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedError as exc:
         print(f"fedserver: {exc}", file=sys.stderr)
         return exc.exit_code
-    app = create_app(service, tick_seconds=args.tick_seconds)
+    app = create_app(service, tick_seconds=args.tick_seconds, rate_limits=limits)
     scheme = "https" if args.ssl_certfile else "http"
     print(
         f"fedserver: serving {', '.join(j.name for j in service.store.jobs())} on "

@@ -17,6 +17,7 @@ simulator can run rounds on a simulated clock.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -47,6 +48,8 @@ class SyncRounds:
     def __init__(self, store: ServerStore, strategy: Strategy | None = None) -> None:
         self.store = store
         self.strategy = strategy  # overrides every plan's choice when given
+        #: Called with (job, "closed" | "failed") when a round ends (the server's metrics).
+        self.on_close: Callable[[str, str], None] | None = None
         # Updates as decoded when they were checked on arrival, by receipt id, until their
         # round closes (up to DECODED_MAX_BYTES): the close aggregates them without
         # decoding every body again. A restarted server decodes the stored bodies.
@@ -183,3 +186,5 @@ class SyncRounds:
                 self.store.open_round(
                     job.name, round_.number + 1, version, now, now + plan.job.deadline_seconds
                 )
+        if self.on_close is not None:
+            self.on_close(job.name, "closed" if completed > job.rounds_completed else "failed")

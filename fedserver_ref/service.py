@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -86,6 +86,9 @@ class FederationService:
         #: Identity authorities' public keys: when set, a device enrols only with an
         #: identity key one of them certified (`fedclient.IdentityAuthority`).
         self.identity_authorities = identity_authorities
+        #: The server's Prometheus counters (`fedserver_ref.metrics.Metrics`), when its app
+        #: serves them.
+        self.metrics: Any = None
         # Public randomness of secure aggregations (sessions, graphs, rotations): a
         # simulation seeds it to reproduce its report; it hides nothing either way.
         self.secure_random = secure_random
@@ -159,6 +162,8 @@ class FederationService:
                 return EnrolResponse(existing, token)
             self.store.add_device(device_id, hashed, request.label, key, certificate)
         self._remember(hashed, device_id)  # stored: its first check-in follows at once
+        if self.metrics is not None:
+            self.metrics.enrolments.inc()
         return EnrolResponse(device_id, token)
 
     def _check_certificate(self, key: bytes, certificate: bytes | None) -> None:
@@ -511,6 +516,8 @@ class FederationService:
         except BaseException:
             self.rounds.drop_decoded(receipt_id)  # the update was not stored after all
             raise
+        if self.metrics is not None:
+            self.metrics.updates.labels(job.name).inc()
         return _receipt(row)
 
     def job_status(self, job_name: str) -> JobStatus:

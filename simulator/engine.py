@@ -565,7 +565,7 @@ async def simulate(
         service.add_job(plan)
         server = _Server(
             "http://fedserver.local",
-            httpx.ASGITransport(app=create_app(service)),
+            httpx.ASGITransport(app=create_app(service, metrics=False)),
             clock,
             service.tick,
         )

@@ -87,6 +87,10 @@ class Server:
     def app(self) -> Any:
         return create_app(self.service)
 
+    def app_with(self, **options: Any) -> Any:
+        """The app with `create_app` options (rate limits, ...)."""
+        return create_app(self.service, **options)
+
     def http(self) -> httpx.AsyncClient:
         """An HTTP client on the real ASGI app, in-process."""
         return httpx.AsyncClient(transport=self.transport(), base_url="http://fedserver.local")

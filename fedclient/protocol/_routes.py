@@ -20,6 +20,7 @@ __all__ = [
     "JOB_STATUS",
     "LEAVE",
     "MAX_ID",
+    "METRICS",
     "MODEL",
     "OPENAPI",
     "ROUND_STATUS",
@@ -184,6 +185,15 @@ ROUND_STATUS = Route(
 HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
 OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
 
+METRICS = Route(
+    "metrics",
+    "GET",
+    "/metrics",
+    "Prometheus text: requests by route and status, latency, rounds, updates, enrolments "
+    "and refusals.",
+    auth=False,
+)
+
 ROUTES = (
     ENROL,
     CHECKIN,
@@ -199,6 +209,7 @@ ROUTES = (
     ROUND_STATUS,
     HEALTH,
     OPENAPI,
+    METRICS,
 )
 
 _REASONS = {

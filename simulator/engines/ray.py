@@ -75,7 +75,7 @@ async def ray_fleet(
         async with contextlib.AsyncExitStack() as stack:
             if service is not None:
                 base_url = await stack.enter_async_context(
-                    _serve(create_app(service), _host(config))
+                    _serve(create_app(service, metrics=False), _host(config))
                 )
             else:
                 assert config.server is not None
