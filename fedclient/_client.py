@@ -219,6 +219,9 @@ class Client:
     True (the system's CA store), a CA bundle's path (a server whose certificate a
     private CA signed, or a self-signed one), or an `ssl.SSLContext`.
 
+    ``enrolment_credential`` is what the server's enrolment policy asks of a new
+    device: the app's enrolment secret, a single-use code, or an attestation token.
+
     ``eval_data`` is the device's held-out labelled set for federated evaluation
     (`fedclient.protocol.EvaluateSettings`); without it a device asked to evaluate
     measures the model on its training data, which flatters the model.
@@ -254,6 +257,7 @@ class Client:
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     eval_data: tuple[np.ndarray, np.ndarray] | None = None
     verify: str | Path | bool | ssl.SSLContext = True
+    enrolment_credential: str | None = None
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -524,6 +528,7 @@ class Client:
             model_version=held[0] if held else None,
             inline_model_max=inline,
             enrol_label=self.label if enrol else None,
+            enrol_credential=self.enrolment_credential if enrol else None,
             identity_key=self.identity_key if send_identity else None,
             identity_certificate=self._store.identity_certificate() if send_identity else None,
         )

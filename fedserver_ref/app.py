@@ -30,6 +30,12 @@ from fedclient._exceptions import (
     ServiceUnavailable,
 )
 from fedclient.protocol import (
+    ADMIN_CODES,
+    ADMIN_CREATE_JOB,
+    ADMIN_DEVICES,
+    ADMIN_JOB_ACTION,
+    ADMIN_REVOKE,
+    ADMIN_ROUNDS,
     CHECKIN,
     DEVICE_ID_HEADER,
     ENROL,
@@ -51,7 +57,10 @@ from fedclient.protocol import (
     UPLOAD_START,
     UPLOAD_STATUS,
     CheckinRequest,
+    EnrolmentCodes,
     EnrolRequest,
+    IssueCodes,
+    JobPlan,
     UploadStart,
     openapi_document,
     parse_id,
@@ -115,6 +124,7 @@ def create_app(
                 {
                     "label": body.enrol_label,
                     "token": token,
+                    "credential": body.enrol_credential,
                     "identity_key": body.identity_key,
                     "identity_certificate": body.identity_certificate,
                 },
@@ -204,12 +214,49 @@ def create_app(
         body = service.secagg_fetch(token, round_id, request.path_params["stage"])
         return Response(body, media_type="application/msgpack")
 
+    def reader(request: Request) -> None:
+        header = request.headers.get("authorization")
+        service.authenticate_reader(bearer_token(header) if header else None)
+
     async def job_status(request: Request) -> Response:
+        reader(request)
         return _json(service.job_status(request.path_params["job"]))
 
     async def round_status(request: Request) -> Response:
+        reader(request)
         number = _int_param(request, "number")
         return _json(service.round_status(request.path_params["job"], number))
+
+    def admin(request: Request) -> None:
+        service.authenticate_admin(bearer_token(request.headers.get("authorization")))
+
+    async def admin_create_job(request: Request) -> Response:
+        admin(request)
+        plan = _decode(await _read_limited(request, JSON_LIMIT), JobPlan)
+        return _json(service.create_job(plan))
+
+    async def admin_job_action(request: Request) -> Response:
+        admin(request)
+        params = request.path_params
+        return _json(service.set_job_status(params["job"], params["action"]))
+
+    async def admin_rounds(request: Request) -> Response:
+        admin(request)
+        return _json(service.round_history(request.path_params["job"]))
+
+    async def admin_devices(request: Request) -> Response:
+        admin(request)
+        return _json(service.participation(request.path_params["job"]))
+
+    async def admin_revoke(request: Request) -> Response:
+        admin(request)
+        service.revoke(request.path_params["device"])
+        return JSONResponse({"revoked": request.path_params["device"]})
+
+    async def admin_codes(request: Request) -> Response:
+        admin(request)
+        body = _decode(await _read_limited(request, JSON_LIMIT) or b"{}", IssueCodes)
+        return _json(EnrolmentCodes(service.issue_codes(body.count)))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
@@ -237,6 +284,12 @@ def create_app(
         ROUND_STATUS: round_status,
         HEALTH: health,
         OPENAPI: openapi,
+        ADMIN_CREATE_JOB: admin_create_job,
+        ADMIN_JOB_ACTION: admin_job_action,
+        ADMIN_ROUNDS: admin_rounds,
+        ADMIN_DEVICES: admin_devices,
+        ADMIN_REVOKE: admin_revoke,
+        ADMIN_CODES: admin_codes,
     }
 
     @contextlib.asynccontextmanager
@@ -290,7 +343,7 @@ async def _tick_forever(service: FederationService, seconds: float) -> None:
 def _decode(body: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: a Struct's own checks
         raise InvalidRequest(f"invalid JSON body: {exc}") from exc
 
 
@@ -363,8 +416,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(
-        {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code
+    return JSONResponse(  # its headers too: a 405 says which methods are allowed (Allow)
+        {"error": {"code": code, "message": str(exc.detail)}},
+        status_code=exc.status_code,
+        headers=exc.headers,
     )
 
 

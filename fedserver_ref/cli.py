@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from fedclient._exceptions import FedError
+from fedclient._exceptions import FedError, InvalidInput
 
 __all__ = ["main"]
 
@@ -15,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:
         return _init(argv[1:])
+    if argv[:1] == ["admin"]:
+        from fedserver_ref.admin import main as admin
+
+        return admin(argv[1:])
     parser = argparse.ArgumentParser(
         prog="fedserver",
         description=__doc__,
@@ -44,6 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-rate-limits", action="store_true", help="answer every request (a test bench)"
     )
+    parser.add_argument(
+        "--admin-token-file",
+        help="a file holding the admin token: enables the admin API (fedserver admin ...)",
+    )
+    parser.add_argument(
+        "--public-status",
+        action="store_true",
+        help="serve job and round status without a token (default: a device's or the admin's)",
+    )
+    enrolment = parser.add_mutually_exclusive_group()
+    enrolment.add_argument(
+        "--enrolment-secret-file",
+        help="devices enrol only with this secret (Client(enrolment_credential=...))",
+    )
+    enrolment.add_argument(
+        "--enrolment-codes",
+        action="store_true",
+        help="devices enrol only with a single-use code (fedserver admin codes N)",
+    )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="...and this private key (PEM)")
     _authority_option(parser)
@@ -58,12 +82,25 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from fedserver_ref import FederationService, ServerStore, create_app, load_plan
+        from fedserver_ref.auth import EnrolmentPolicy
         from fedserver_ref.limits import RateLimits
 
         limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
         plans = [load_plan(path) for path in args.plan]
+        admin_token = _read_secret(args.admin_token_file, "admin token", 32)
+        policy = EnrolmentPolicy.open()
+        if args.enrolment_secret_file:
+            policy = EnrolmentPolicy.secret(
+                _read_secret(args.enrolment_secret_file, "enrolment secret", 16) or ""
+            )
+        elif args.enrolment_codes:
+            policy = EnrolmentPolicy.codes()
         service = FederationService(
-            ServerStore.open_existing(args.db), identity_authorities=authorities
+            ServerStore.open_existing(args.db),
+            identity_authorities=authorities,
+            enrolment=policy,
+            admin_token=admin_token,
+            public_status=args.public_status,
         )
         for plan in plans:
             service.add_job(plan)
@@ -77,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedserver: {exc}", file=sys.stderr)
         return exc.exit_code
     app = create_app(service, tick_seconds=args.tick_seconds, rate_limits=limits)
+    if policy.kind == "open":
+        print(
+            "fedserver: enrolment is open: anyone can enrol devices "
+            "(--enrolment-secret-file or --enrolment-codes to close it)",
+            file=sys.stderr,
+        )
     scheme = "https" if args.ssl_certfile else "http"
     print(
         f"fedserver: serving {', '.join(j.name for j in service.store.jobs())} on "
@@ -92,6 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         ssl_keyfile=args.ssl_keyfile,
     )
     return 0
+
+
+def _read_secret(path: str | None, what: str, least: int) -> str | None:
+    """The secret in file ``path`` (surrounding whitespace dropped), or None without one."""
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read the {what} file {path}: {exc}") from None
+    if len(secret) < least:
+        raise InvalidInput(f"the {what} in {path} has fewer than {least} characters")
+    return secret
 
 
 def _init(argv: list[str]) -> int:

@@ -175,14 +175,16 @@ class SyncRounds:
                 )
                 failed += 1
             finished = round_.number >= plan.job.rounds
+            stopped = job.status == "stopped"  # by the operator: no round follows
             self.store.update_job(
                 job.name,
-                status="finished" if finished else "running",
+                # A paused (or stopped) job stays so while its open round runs out.
+                status="finished" if finished and not stopped else job.status,
                 model_version=version,
                 rounds_completed=completed,
                 rounds_failed=failed,
             )
-            if not finished:
+            if not (finished or stopped):
                 self.store.open_round(
                     job.name, round_.number + 1, version, now, now + plan.job.deadline_seconds
                 )

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import math
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from fedclient.protocol import (
     Admitted,
     CheckinRequest,
     CheckinResponse,
+    DeviceParticipation,
     EnrolRequest,
     EnrolResponse,
     JobFinished,
@@ -54,7 +56,7 @@ from fedclient.protocol import (
     decode_tensors,
     encode_tensors,
 )
-from fedserver_ref.auth import hash_token, new_credentials
+from fedserver_ref.auth import EnrolmentPolicy, hash_token, matches, new_credentials
 from fedserver_ref.rounds import SyncRounds
 from fedserver_ref.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
 from fedserver_ref.strategies import ClientUpdate, Strategy
@@ -63,6 +65,9 @@ if TYPE_CHECKING:
     from fedserver_ref.secure_rounds import SecureRounds
 
 __all__ = ["CONTRIBUTED_RETRY", "FederationService"]
+
+#: Seconds a device is told to wait while its job is paused.
+PAUSED_RETRY = 300.0
 
 #: Seconds a device that already contributed to the open round waits before it asks
 #: again, at most (the round may close by quota any moment; its deadline may be far).
@@ -80,9 +85,18 @@ class FederationService:
         clock: Callable[[], float] = time.time,
         secure_random: Callable[[int], bytes] = os.urandom,
         identity_authorities: tuple[bytes, ...] = (),
+        enrolment: EnrolmentPolicy | None = None,
+        admin_token: str | None = None,
+        public_status: bool = True,
     ) -> None:
         self.store = store
         self.clock = clock
+        #: Who may enrol (`fedserver_ref.auth.EnrolmentPolicy`; default: anyone).
+        self.enrolment = enrolment or EnrolmentPolicy.open()
+        #: The admin token's hash (`admin_token`); None: no admin API.
+        self.admin_token_hash = hash_token(admin_token) if admin_token else None
+        #: Whether job and round status need no token.
+        self.public_status = public_status
         #: Identity authorities' public keys: when set, a device enrols only with an
         #: identity key one of them certified (`fedclient.IdentityAuthority`).
         self.identity_authorities = identity_authorities
@@ -152,7 +166,12 @@ class FederationService:
                 raise Forbidden("this server enrols devices with a certified identity key only")
             self._check_certificate(key, certificate)
         with self.store.atomic():
-            existing = self.store.device_for_token(hashed)
+            found = self.store.device_by_token(hashed)
+            if found is not None and found[1]:
+                raise Unauthorized("this device was revoked")
+            existing = found[0] if found else None
+            if existing is None:  # a new device: the enrolment policy decides
+                self.enrolment.admit(request.credential, device_id, self.store)
             if existing is not None:
                 held = self.store.device_identity(existing)
                 if key is not None and held is not None and held[0] != key:
@@ -218,8 +237,10 @@ class FederationService:
         now = self.clock()
         if self.rounds.advance(now):  # a round closed: the job moved on
             job = self._job(job_name)
-        if job.status == "finished":
+        if job.status in ("finished", "stopped"):
             return JobFinished(job.model_version)
+        if job.status == "paused":
+            return RetryLater(PAUSED_RETRY, "the job is paused")
         round_ = self.store.latest_rounds(job.name, 1)[0]
         assert round_.status == "open"
         if job.plan.job.mode == "async":
@@ -541,6 +562,79 @@ class FederationService:
             previous,
             self.store.privacy_spent(job.name),
         )
+
+    # -- the operator ----------------------------------------------------------
+    def authenticate_admin(self, token: str) -> None:
+        """`Unauthorized` unless ``token`` is the admin token (compared in constant time)."""
+        if self.admin_token_hash is None or not matches(token, self.admin_token_hash):
+            raise Unauthorized("admin token required")
+
+    def authenticate_reader(self, token: str | None) -> None:
+        """Job and round status: a device's token or the admin's (or none, if public)."""
+        if self.public_status:
+            return
+        if token is None:
+            raise Unauthorized("job status needs a device's or the admin's token")
+        if self.admin_token_hash is not None and matches(token, self.admin_token_hash):
+            return
+        self.authenticate(token)
+
+    def create_job(self, plan: JobPlan) -> JobStatus:
+        """Add a job (the admin API): the same plan again is a no-op, another a 409."""
+        existing = self.store.job(plan.job.name)
+        if existing is not None and existing.plan != plan:
+            raise Conflict(f"job {plan.job.name!r} exists with another plan")
+        if existing is None:
+            try:
+                self.add_job(plan)
+            except InvalidInput as exc:  # a model the plan cannot build: nothing was stored
+                raise InvalidRequest(f"invalid plan: {exc}") from exc
+        return self.job_status(plan.job.name)
+
+    def set_job_status(self, job_name: str, action: str) -> JobStatus:
+        """Pause, resume or stop a job. Stopping fails its open round (nothing more is
+        aggregated) and is for good; a finished or stopped job cannot be resumed."""
+        job = self._job(job_name)
+        now = self.clock()
+        target = {"pause": "paused", "resume": "running", "stop": "stopped"}.get(action)
+        if target is None:
+            raise NotFound(f"no job action {action!r}; use pause, resume or stop")
+        if job.status in ("finished", "stopped"):
+            raise Conflict(f"job {job_name!r} is {job.status}")
+        with self.store.atomic():
+            self.store.set_job_status(job.name, target)
+            if target == "stopped":
+                for round_ in self.store.open_rounds():
+                    if round_.job == job.name:
+                        stopped = self._job(job.name)
+                        self.rounds.close(stopped, round_, now, "stopped by the operator", [])
+        return self.job_status(job.name)
+
+    def round_history(self, job_name: str) -> list[RoundSummary]:
+        """Every round of a job, newest first."""
+        job = self._job(job_name)
+        return [self._summary(r) for r in self.store.latest_rounds(job.name, 1 << 30)]
+
+    def participation(self, job_name: str) -> list[DeviceParticipation]:
+        """Every device that took part in a job, and how."""
+        job = self._job(job_name)
+        return [DeviceParticipation(*row) for row in self.store.participation(job.name)]
+
+    def revoke(self, device_id: str) -> None:
+        """Revoke a device: its next request is a 401."""
+        with self.store.atomic():
+            if not self.store.revoke_device(device_id):
+                raise NotFound(f"no device {device_id!r}")
+        for hashed, known in list(self._devices.items()):  # forget its cached token
+            if known == device_id:
+                del self._devices[hashed]
+
+    def issue_codes(self, count: int) -> list[str]:
+        """``count`` single-use enrolment codes (kept hashed; shown only here)."""
+        codes = [secrets.token_urlsafe(18) for _ in range(count)]
+        with self.store.atomic():
+            self.store.add_enrolment_codes([hash_token(c) for c in codes], self.clock())
+        return codes
 
     def round_status(self, job_name: str, number: int) -> RoundSummary:
         """One round of a job."""

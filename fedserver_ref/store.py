@@ -37,6 +37,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE evaluations (round_id INTEGER, device_id TEXT, correct INTEGER NOT NULL,"
         " loss_sum REAL NOT NULL, examples INTEGER NOT NULL, PRIMARY KEY (round_id, device_id))",
     ],
+    4: [  # the operator's levers: revoked devices, single-use enrolment codes
+        "ALTER TABLE devices ADD COLUMN revoked INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE enrolment_codes (code_hash TEXT PRIMARY KEY, issued REAL NOT NULL,"
+        " used_by TEXT)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -291,12 +296,52 @@ class ServerStore:
             return None
         return bytes(row[0]), bytes(row[1]) if row[1] is not None else None
 
-    def device_for_token(self, token_hash: str) -> str | None:
-        """The device whose token hashes to ``token_hash``."""
+    def device_by_token(self, token_hash: str) -> tuple[str, bool] | None:
+        """The device whose token hashes to ``token_hash``, and whether it is revoked."""
         row = self.db.execute(
-            "SELECT device_id FROM devices WHERE token_hash=?", [token_hash]
+            "SELECT device_id, revoked FROM devices WHERE token_hash=?", [token_hash]
         ).fetchone()
-        return str(row[0]) if row else None
+        return (str(row[0]), bool(row[1])) if row else None
+
+    def device_for_token(self, token_hash: str) -> str | None:
+        """The (not revoked) device whose token hashes to ``token_hash``."""
+        found = self.device_by_token(token_hash)
+        return found[0] if found and not found[1] else None
+
+    def revoke_device(self, device_id: str) -> bool:
+        """Revoke a device: its token stops working. False if there is no such device."""
+        cursor = self.db.execute("UPDATE devices SET revoked=1 WHERE device_id=?", [device_id])
+        return cursor.rowcount > 0
+
+    def add_enrolment_codes(self, code_hashes: list[str], now: float) -> None:
+        """Store the hashes of newly issued single-use enrolment codes."""
+        self.db.conn.executemany(
+            "INSERT INTO enrolment_codes (code_hash, issued) VALUES (?, ?)",
+            [(h, now) for h in code_hashes],
+        )
+
+    def use_enrolment_code(self, code_hash: str, device_id: str) -> bool:
+        """Spend a code on ``device_id``; False if it was never issued or is spent."""
+        cursor = self.db.execute(
+            "UPDATE enrolment_codes SET used_by=? WHERE code_hash=? AND used_by IS NULL",
+            [device_id, code_hash],
+        )
+        return cursor.rowcount > 0
+
+    def participation(self, job: str) -> list[tuple[str, str, int, int, float | None, bool]]:
+        """Per device that took part in ``job``: id, label, rounds admitted to, updates
+        sent, when it last took part, and whether it is revoked."""
+        rows = self.db.execute(
+            "SELECT d.device_id, d.label, count(DISTINCT a.round_id),"
+            " (SELECT count(*) FROM updates u JOIN rounds r2 ON r2.round_id = u.round_id"
+            "  WHERE u.device_id = d.device_id AND r2.job = ?),"
+            " max(a.admitted_at), d.revoked"
+            " FROM devices d JOIN admissions a ON a.device_id = d.device_id"
+            " JOIN rounds r ON r.round_id = a.round_id WHERE r.job = ?"
+            " GROUP BY d.device_id ORDER BY d.device_id",
+            [job, job],
+        ).fetchall()
+        return [(str(r[0]), str(r[1] or ""), int(r[2]), int(r[3]), r[4], bool(r[5])) for r in rows]
 
     # -- jobs and models -------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:
@@ -325,6 +370,11 @@ class ServerStore:
         """Every job."""
         names = [r[0] for r in self.db.execute("SELECT name FROM jobs ORDER BY name").fetchall()]
         return [job for job in map(self.job, names) if job is not None]
+
+    def set_job_status(self, name: str, status: str) -> None:
+        """Pause, resume or stop a job (its progress stays)."""
+        self.db.execute("UPDATE jobs SET status=? WHERE name=?", [status, name])
+        self._jobs.pop(name, None)
 
     def update_job(
         self,

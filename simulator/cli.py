@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline-seconds", type=float, default=600.0)
     run.add_argument("--server", help="a running fedserver's base URL (default: in-process)")
     run.add_argument("--job", help="job name (default: the dataset's name)")
+    run.add_argument(
+        "--enrolment-credential",
+        help="with --server: the enrolment secret or code the server asks new devices for",
+    )
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
         "--strategy",

@@ -50,6 +50,7 @@ from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import (
+    ENROL,
     JOB_STATUS,
     MODEL,
     ROUND_STATUS,
@@ -126,6 +127,7 @@ class SimulationConfig:
     user_column: str | None = None
     no_header: bool = False
     plan_file: str | None = None  # a TOML plan (fedserver's): it sets the job, not the flags
+    enrolment_credential: str | None = None  # for a remote server whose enrolment is closed
     dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
     secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
     distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private
@@ -378,6 +380,7 @@ class _Fleet:
             inline_model_max=self.config.inline_model_max,
             stats=d.stats,
             atrain=self.pool,
+            enrolment_credential=self.config.enrolment_credential,
             eval_data=(
                 None
                 if d.held_out is None
@@ -496,12 +499,24 @@ class _Server:
     tick: Callable[[], None] | None = None  # the in-process server's deadline timer
 
     http: httpx.AsyncClient | None = None  # the driver's own connection, once it asked
+    credential: str | None = None  # what a remote server's enrolment policy asks for
+    observer: str = ""  # the driver's own device token, if a remote server wanted one
 
     async def _get(self, path: str, token: str = "") -> bytes:
         if self.http is None:
             self.http = httpx.AsyncClient(transport=self.transport, timeout=30)
+        token = token or self.observer
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = await self.http.get(self.base_url + path, headers=headers)
+        if response.status_code == 401 and not token:
+            # A server whose status is not public: the driver reads it as a device would.
+            enrolled = await self.http.post(
+                self.base_url + ENROL.url(),
+                json={"label": "fedsim-observer", "credential": self.credential},
+            )
+            raise_for_error(enrolled)
+            self.observer = str(enrolled.json()["token"])
+            return await self._get(path)
         raise_for_error(response)
         return response.content
 
@@ -572,7 +587,7 @@ async def simulate(
     else:
         if config.faults:
             raise InvalidInput("--faults needs the in-process server (drop --server)")
-        server = _Server(config.server.rstrip("/"), None)
+        server = _Server(config.server.rstrip("/"), None, credential=config.enrolment_credential)
     async with contextlib.AsyncExitStack() as stack:
         # The devices draw privacy noise from the seed, knowingly (the report says so):
         # one warning per device and round would bury the run's output.

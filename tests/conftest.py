@@ -106,9 +106,12 @@ def digits() -> Dataset:
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Callable[..., Server]:
-    def factory(db: str | Path = ":memory:", **job: Any) -> Server:
+    def factory(
+        db: str | Path = ":memory:", service_options: dict[str, Any] | None = None, **job: Any
+    ) -> Server:
+        """``service_options``: `FederationService` keyword arguments (admin token, ...)."""
         clock = ManualClock()
-        service = FederationService(ServerStore(db), clock=clock)
+        service = FederationService(ServerStore(db), clock=clock, **(service_options or {}))
         service.add_job(make_plan(**job))
         return Server(service, clock)
 

@@ -15,11 +15,14 @@ __all__ = [
     "Admitted",
     "CheckinRequest",
     "CheckinResponse",
+    "DeviceParticipation",
     "EnrolRequest",
     "EnrolResponse",
+    "EnrolmentCodes",
     "ErrorBody",
     "ErrorDetail",
     "EvaluateSettings",
+    "IssueCodes",
     "JobFinished",
     "JobPlan",
     "JobSettings",
@@ -126,7 +129,7 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_devices: PositiveInt = 1
     over_selection: Annotated[float, msgspec.Meta(ge=1.0)] = 1.3
     deadline_seconds: PositiveFloat = 600.0
-    seed: int = 0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     max_upload_bytes: PositiveInt = 64 * 1024 * 1024
     #: How devices compress their updates: "", "q8", "q4", "topk:F" or "topk:F,q8".
     compression: str = ""
@@ -206,6 +209,9 @@ class EnrolRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     label: Annotated[str, msgspec.Meta(max_length=200)] = ""
     token: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32,256}$")] | None = None
+    #: What the server's enrolment policy asks for: the app's enrolment secret, a
+    #: single-use enrolment code, or a token its verifier checks (an attestation).
+    credential: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     #: The device's Ed25519 identity public key (`fedclient.identity`), and an identity
     #: authority's certificate of it: secure aggregation relays both to its peers.
     identity_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)] | None = None
@@ -236,6 +242,8 @@ class CheckinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model_version: Annotated[int, msgspec.Meta(ge=0)] | None = None
     inline_model_max: Annotated[int, msgspec.Meta(ge=0)] = 0
     enrol_label: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    #: With ``enrol_label``: the enrolment credential (see `EnrolRequest`).
+    enrol_credential: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     #: With ``enrol_label``: the device's identity key and its certificate (see `EnrolRequest`).
     identity_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)] | None = None
     identity_certificate: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)] | None = None
@@ -354,7 +362,9 @@ class JobStatus(msgspec.Struct, frozen=True):
     """``GET /v1/jobs/{job}``: the job, its current round and model version."""
 
     job: str
-    status: Literal["running", "finished"]
+    #: "paused" (admits no device until resumed) and "stopped" (for good) are the
+    #: operator's (the admin API's); "finished": it ran all its rounds.
+    status: Literal["running", "paused", "stopped", "finished"]
     model_version: int
     rounds_completed: int
     rounds_failed: int
@@ -363,6 +373,29 @@ class JobStatus(msgspec.Struct, frozen=True):
     previous_round: RoundSummary | None = None
     #: With local DP: devices that reported spending, and the most and mean epsilon spent.
     privacy_spent: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class DeviceParticipation(msgspec.Struct, frozen=True):
+    """One device's part in a job, for the operator (``GET /v1/admin/jobs/{job}/devices``)."""
+
+    device_id: str
+    label: str
+    rounds: int  # rounds it was admitted to
+    updates: int  # updates it sent
+    last_admitted: float | None
+    revoked: bool
+
+
+class IssueCodes(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ask for ``count`` single-use enrolment codes."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+
+
+class EnrolmentCodes(msgspec.Struct, frozen=True):
+    """Single-use enrolment codes: shown once, kept hashed by the server."""
+
+    codes: list[str]
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):

@@ -14,6 +14,12 @@ import msgspec
 from fedclient.protocol import _messages as m
 
 __all__ = [
+    "ADMIN_CODES",
+    "ADMIN_CREATE_JOB",
+    "ADMIN_DEVICES",
+    "ADMIN_JOB_ACTION",
+    "ADMIN_REVOKE",
+    "ADMIN_ROUNDS",
     "CHECKIN",
     "ENROL",
     "HEALTH",
@@ -168,19 +174,67 @@ JOB_STATUS = Route(
     "job_status",
     "GET",
     "/v1/jobs/{job}",
-    "The job's status, plan and current round.",
+    "The job's status, plan and current round. Needs a device's or the admin's token, "
+    "unless the operator made status public.",
     response=m.JobStatus,
-    auth=False,
-    errors=(404,),
+    errors=(401, 404),
 )
 ROUND_STATUS = Route(
     "round_status",
     "GET",
     "/v1/jobs/{job}/rounds/{number}",
-    "One round of a job, by number.",
+    "One round of a job, by number (the same access as the job's status).",
     response=m.RoundSummary,
-    auth=False,
-    errors=(404,),
+    errors=(401, 404),
+)
+ADMIN_CREATE_JOB = Route(
+    "admin_create_job",
+    "POST",
+    "/v1/admin/jobs",
+    "Admin: create a job from a plan (JSON); the same plan again is a no-op.",
+    request=m.JobPlan,
+    response=m.JobStatus,
+    errors=(400, 401, 409, 413),
+)
+ADMIN_JOB_ACTION = Route(
+    "admin_job_action",
+    "POST",
+    "/v1/admin/jobs/{job}/{action}",
+    "Admin: pause (no admissions until resumed), resume, or stop (for good) a job.",
+    response=m.JobStatus,
+    errors=(401, 404, 409),
+)
+ADMIN_ROUNDS = Route(
+    "admin_rounds",
+    "GET",
+    "/v1/admin/jobs/{job}/rounds",
+    "Admin: every round of a job, newest first.",
+    response=list[m.RoundSummary],
+    errors=(401, 404),
+)
+ADMIN_DEVICES = Route(
+    "admin_devices",
+    "GET",
+    "/v1/admin/jobs/{job}/devices",
+    "Admin: every device that took part in a job, and how.",
+    response=list[m.DeviceParticipation],
+    errors=(401, 404),
+)
+ADMIN_REVOKE = Route(
+    "admin_revoke",
+    "POST",
+    "/v1/admin/devices/{device}/revoke",
+    "Admin: revoke a device; its token stops working at once (401).",
+    errors=(401, 404),
+)
+ADMIN_CODES = Route(
+    "admin_codes",
+    "POST",
+    "/v1/admin/enrolment-codes",
+    "Admin: issue single-use enrolment codes (shown once).",
+    request=m.IssueCodes,
+    response=m.EnrolmentCodes,
+    errors=(400, 401, 413),
 )
 HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
 OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
@@ -210,6 +264,12 @@ ROUTES = (
     HEALTH,
     OPENAPI,
     METRICS,
+    ADMIN_CREATE_JOB,
+    ADMIN_JOB_ACTION,
+    ADMIN_ROUNDS,
+    ADMIN_DEVICES,
+    ADMIN_REVOKE,
+    ADMIN_CODES,
 )
 
 _REASONS = {
@@ -265,11 +325,15 @@ def openapi_document(version: str) -> dict[str, Any]:
             op["requestBody"] = {"content": {TENSOR_MEDIA_TYPE: {"schema": {}}}, "required": True}
         elif route.request is not None:
             op["requestBody"] = {
-                "content": {"application/json": {"schema": by_type[route.request]}}
+                "content": {"application/json": {"schema": by_type[route.request]}},
+                # An empty body reads as {} on these two; every other JSON route needs one.
+                "required": route not in (CHECKIN, ADMIN_CODES),
             }
         if params:
             op["parameters"] = params
-        if route.auth:
+        if route.path.startswith("/v1/admin/"):
+            op["security"] = [{"admin_token": []}]
+        elif route.auth:
             op["security"] = [{"device_token": []}]
         if route.response == TENSOR_MEDIA_TYPE:
             ok: dict[str, Any] = {"description": "OK", "content": {TENSOR_MEDIA_TYPE: {}}}
@@ -293,7 +357,10 @@ def openapi_document(version: str) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"device_token": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "device_token": {"type": "http", "scheme": "bearer"},
+                "admin_token": {"type": "http", "scheme": "bearer"},
+            },
         },
     }
 

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -83,8 +82,7 @@ def test_a_device_killed_at_every_point_of_a_round_uploads_exactly_once(
             pytest.fail("the device never finished its round")
         status = server.status()
         round_id = 1
-        with httpx.Client(base_url=server.url) as http:
-            summary = http.get("/v1/jobs/digits/rounds/1").json()
+        summary = server.round(1)
         assert summary["status"] == "closed" and summary["updates"] == 1
         assert status["model_version"] == 1 and status["current_round"]["number"] == 2
         # The device holds exactly one receipt, for that round, and trained no more after
@@ -161,8 +159,7 @@ def test_a_server_killed_with_uploads_in_flight_loses_no_acknowledged_update(
     assert not errors, errors
     assert acknowledged_before_kill >= 1
     assert sum(retries) >= 1  # uploads really were cut off by the kill, then retried
-    with httpx.Client(base_url=server.url) as http:
-        summary = http.get("/v1/jobs/digits/rounds/1").json()
+    summary = server.round(1)
     assert summary["status"] == "closed" and summary["updates"] == 6
     assert server.status()["model_version"] == 1
     # Every receipt a device holds names an update the server counted.

@@ -40,6 +40,9 @@ learning_rate = 0.1
 """
 
 
+ADMIN_TOKEN = "admin-" + "x" * 40
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,6 +56,8 @@ class FedServerProcess:
         self.plan = tmp / "plan.toml"
         self.plan.write_text(PLAN.format(rounds=rounds, per_round=per_round))
         self.db = tmp / "server.sqlite"
+        self.admin_token = tmp / "admin.token"
+        self.admin_token.write_text(ADMIN_TOKEN)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -86,6 +91,10 @@ class FedServerProcess:
                 str(self.port),
                 "--tick-seconds",
                 "0.2",
+                # Status needs a token: fedsim reads it as a device (it enrols an observer),
+                # the test as the admin.
+                "--admin-token-file",
+                str(self.admin_token),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -108,7 +117,14 @@ class FedServerProcess:
         self.proc.stdout.close()  # type: ignore[union-attr]
 
     def status(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/v1/jobs/digits", timeout=5).json()  # type: ignore[no-any-return]
+        return self._get("/v1/jobs/digits")
+
+    def round(self, number: int) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/digits/rounds/{number}")
+
+    def _get(self, path: str) -> dict[str, Any]:
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        return httpx.get(self.url + path, headers=auth, timeout=5).json()  # type: ignore[no-any-return]
 
 
 @pytest.fixture

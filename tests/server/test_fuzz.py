@@ -1,0 +1,67 @@
+"""Schemathesis against the server's own OpenAPI document: no 5xx, no answer outside it.
+
+Bounded (a few dozen examples an operation), with a device's and the admin's tokens
+among the examples' headers so that the checks reach past authentication."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from fedclient.protocol import TENSOR_MEDIA_TYPE, CheckinRequest, EnrolRequest
+from fedserver_ref import FederationService, ServerStore, create_app
+from tests.conftest import make_plan
+
+ADMIN = "a" * 40
+
+
+@schemathesis.serializer(TENSOR_MEDIA_TYPE)
+def _tensors(context: Any, value: Any) -> bytes:
+    """Whatever the generator made, as bytes: a tensor body the server must refuse."""
+    return value if isinstance(value, bytes) else msgspec.json.encode(value)
+
+
+def _app() -> tuple[Any, str]:
+    """The app, and an enrolled device's token (admitted to round 1)."""
+    service = FederationService(ServerStore(), admin_token=ADMIN, public_status=False)
+    service.add_job(make_plan())
+    token = service.enrol(EnrolRequest()).token
+    service.checkin(token, "digits", CheckinRequest())
+    return create_app(service), token
+
+
+APP, DEVICE = _app()
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@schema.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,  # the same examples every run, none replayed from an earlier one
+    suppress_health_check=list(HealthCheck),
+)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_no_5xx_and_no_answer_outside_the_schema(case: Any) -> None:
+    for token in ("", DEVICE, ADMIN):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        case.call_and_validate(
+            headers=headers,
+            checks=[
+                not_a_server_error,
+                status_code_conformance,
+                content_type_conformance,
+                response_schema_conformance,
+            ],
+        )
