@@ -10,6 +10,7 @@ Importing this package loads no server, plotting or edge-runtime library.
 
 from fedclient import models, protocol, transport
 from fedclient._client import Client, StepOutcome, TrainTask, TransferStats
+from fedclient._examples import ExampleStore
 from fedclient._exceptions import (
     ApiError,
     Conflict,
@@ -35,7 +36,9 @@ from fedclient._exceptions import (
     Unauthorized,
 )
 from fedclient._fit import FitResult, fit
+from fedclient._personalize import Personalization
 from fedclient._state import DeviceState, Phase
+from fedclient.conditions import Conditions
 from fedclient.identity import IdentityAuthority
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.runtime import EvalResult, TrainingBackend, TrainResult, create_backend
@@ -46,10 +49,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ApiError",
     "Client",
+    "Conditions",
     "Conflict",
     "DeadlinePassed",
     "DeviceState",
     "EvalResult",
+    "ExampleStore",
     "FaultPlan",
     "FaultyTransport",
     "FedError",
@@ -62,6 +67,7 @@ __all__ = [
     "ModelMismatch",
     "NotFound",
     "PayloadTooLarge",
+    "Personalization",
     "Phase",
     "PrivacyBudgetExceeded",
     "PrivacyPolicy",

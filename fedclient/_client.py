@@ -17,10 +17,12 @@ state table:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator
@@ -33,6 +35,7 @@ import httpx
 import msgspec
 import numpy as np
 
+from fedclient._examples import ExampleStore
 from fedclient._exceptions import (
     Conflict,
     FedError,
@@ -44,10 +47,13 @@ from fedclient._exceptions import (
     PrivacyPolicyViolation,
     RequestTimeout,
     RoundClosed,
+    StateError,
     TransportError,
 )
+from fedclient._personalize import Personalization
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
+from fedclient.conditions import Conditions
 from fedclient.privacy.distributed import device_sigma
 from fedclient.privacy.dp import PrivacyLedger
 from fedclient.privacy.noise import NoiseSource, discrete_gaussian
@@ -92,6 +98,10 @@ __all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
 
 T = TypeVar("T")
 logger = logging.getLogger("fedclient")
+
+#: Seconds a device waits before looking again when its conditions are not met (or it
+#: has no examples yet).
+CONDITIONS_RETRY = 60.0
 
 #: A streamed download is stored in blocks of this many bytes (the most a break loses).
 DOWNLOAD_BLOCK = 256 * 1024
@@ -219,6 +229,12 @@ class Client:
     True (the system's CA store), a CA bundle's path (a server whose certificate a
     private CA signed, or a self-signed one), or an `ssl.SSLContext`.
 
+    ``conditions`` (`fedclient.Conditions`) say when the device may work: checked
+    before it checks in and before each step of a round; a device that stops
+    qualifying mid-round leaves it (the server gives the place to another).
+    ``personalize`` (`Personalization`) fine-tunes the global model on the device's
+    own data for `latest_model` and `predict` (never for what is uploaded).
+
     ``enrolment_credential`` is what the server's enrolment policy asks of a new
     device: the app's enrolment secret, a single-use code, or an attestation token.
 
@@ -235,7 +251,7 @@ class Client:
 
     server: str
     job: str
-    data: tuple[np.ndarray, np.ndarray]
+    data: tuple[np.ndarray, np.ndarray] | ExampleStore
     state: str | Path | DeviceState = field(default_factory=DeviceState.in_memory)
     model: TrainingBackend | None = None
     transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None
@@ -258,15 +274,24 @@ class Client:
     eval_data: tuple[np.ndarray, np.ndarray] | None = None
     verify: str | Path | bool | ssl.SSLContext = True
     enrolment_credential: str | None = None
+    conditions: Conditions | None = None
+    personalize: Personalization | None = None
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
         if not isinstance(self.state, DeviceState):
             self.state = DeviceState(self.state)
         self._store: DeviceState = self.state
-        self._x, self._y = np.asarray(self.data[0]), np.asarray(self.data[1])
-        if self._x.ndim != 2 or self._y.shape != (self._x.shape[0],) or len(self._y) == 0:
-            raise InvalidInput("data must be (x, y) with x of shape (n, features), y of shape (n,)")
+        if not isinstance(self.data, ExampleStore):
+            x, y = np.asarray(self.data[0]), np.asarray(self.data[1])
+            if x.ndim != 2 or y.shape != (x.shape[0],) or len(y) == 0:
+                raise InvalidInput(
+                    "data must be (x, y) with x of shape (n, features), y of shape (n,), "
+                    "or an ExampleStore"
+                )
+            self._arrays: tuple[np.ndarray, np.ndarray] | None = (x, y)
+        else:
+            self._arrays = None  # read from the store when a round trains
         if self.eval_data is not None:
             ex, ey = np.asarray(self.eval_data[0]), np.asarray(self.eval_data[1])
             if ex.ndim != 2 or ey.shape != (ex.shape[0],) or len(ey) == 0:
@@ -280,6 +305,7 @@ class Client:
         self._secure: dict[int, _SecureSession] = {}
         self._identity: Any = None  # fedclient.identity.SigningKey, loaded on first use
         self._identity_asked = False  # a secure job asked for the identity key
+        self._personal: tuple[int, TrainingBackend] | None = None  # (version, fine-tuned)
         # The model just downloaded and checked, (version, etag, weights), handed to the
         # training step that follows so it need not read and decode the stored copy.
         self._downloaded: tuple[int, str, Weights] | None = None
@@ -364,6 +390,67 @@ class Client:
             outcome = await self.astep()
             if outcome.status in ("uploaded", "waiting", "finished", "discarded"):
                 return outcome
+
+    def run_forever(self, *, rounds: int | None = None, stop: threading.Event | None = None) -> int:
+        """Take part until the job finishes (or ``rounds`` uploads, or ``stop`` is set),
+        waiting as the server and the `conditions` say between rounds. Returns how many
+        rounds it uploaded to. For apps that just want it to run (on a thread)."""
+        done = 0
+        stop = stop or threading.Event()
+        while not stop.is_set() and (rounds is None or done < rounds):
+            outcome = self.run_once()
+            if outcome.status == "finished":
+                break
+            done += outcome.status == "uploaded"
+            if outcome.status in ("waiting", "uploaded"):
+                stop.wait(_pause(outcome))
+        return done
+
+    async def arun_forever(
+        self, *, rounds: int | None = None, stop: asyncio.Event | None = None
+    ) -> int:
+        """Async twin of `run_forever`."""
+        done = 0
+        stop = stop or asyncio.Event()
+        while not stop.is_set() and (rounds is None or done < rounds):
+            outcome = await self.arun_once()
+            if outcome.status == "finished":
+                break
+            done += outcome.status == "uploaded"
+            if outcome.status in ("waiting", "uploaded"):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _pause(outcome))
+        return done
+
+    def latest_model(self, *, personalized: bool = False) -> TrainingBackend:
+        """The newest global model the device holds, ready for inference through the
+        device's runtime (no network call). ``personalized``: fine-tuned on the device's
+        own data first, as `personalize` says (cached until a newer model arrives)."""
+        held = self._store.held_model(self.job)
+        spec = self._store.held_spec(self.job)
+        if held is None:
+            raise StateError(f"the device holds no model of job {self.job!r} yet")
+        weights = decode_tensors(held[2])[0]
+        if spec is None and self.model is None:
+            raise StateError("the held model's architecture is unknown (an older state)")
+        if not personalized:
+            backend = create_backend(spec, self.runtime) if spec is not None else self.model
+            assert backend is not None
+            backend.set_weights(weights)
+            return backend
+        if self.personalize is None:
+            raise InvalidInput("personalized=True needs Client(personalize=...)")
+        if self._personal is None or self._personal[0] != held[0]:
+            assert spec is not None
+            tuned = create_backend(spec, self.runtime)
+            x, y = self._training_data()
+            self.personalize.apply(tuned, weights, x, y, seed=self.seed)
+            self._personal = (held[0], tuned)
+        return self._personal[1]
+
+    def predict(self, x: np.ndarray, *, personalized: bool = False) -> np.ndarray:
+        """Class probabilities of ``x`` under `latest_model` (shape (n, classes))."""
+        return self.latest_model(personalized=personalized).predict(np.asarray(x))
 
     def close(self) -> None:
         """Close the blocking connection pool."""
@@ -493,16 +580,24 @@ class Client:
     # -- the job loop, without I/O ---------------------------------------------
     def _step_flow(self) -> Flow:
         identity = self._store.identity(self.server)
+        progress = self._store.progress(self.job)
+        unmet = self.conditions.unmet() if self.conditions is not None else None
+        if progress.phase is Phase.IDLE and unmet is not None:
+            reason = f"conditions not met: {unmet}"
+            return StepOutcome("waiting", retry_after=CONDITIONS_RETRY, reason=reason)
         if identity is None:
             # Not enrolled: the first check-in enrols it. The device proposes its own
             # token and stores it first, so a retried or resumed enrolment names the
             # same device instead of creating another.
             token = self._store.enrolment_token(self.server)
             return (yield from self._checkin(Identity("", token)))
-        progress = self._store.progress(self.job)
         if progress.phase is Phase.IDLE:
             return (yield from self._checkin(identity))
         assert progress.plan is not None
+        if unmet is not None and progress.phase in (Phase.ADMITTED, Phase.DOWNLOADED):
+            # Stopped qualifying before the work: leave cleanly, the place goes to another.
+            yield self._request(LEAVE, identity, round_id=progress.plan.round_id)
+            return self._discard(progress.plan, f"conditions no longer met: {unmet}")
         if progress.phase is Phase.ADMITTED:
             return (yield from self._download(identity, progress.plan))
         if progress.phase is Phase.DOWNLOADED:
@@ -516,6 +611,8 @@ class Client:
 
     def _checkin(self, identity: Identity) -> Flow:
         """Check in (``identity`` without a device id: enrol with it first)."""
+        if self._example_count() == 0:  # an example store with nothing in it yet
+            return StepOutcome("waiting", retry_after=CONDITIONS_RETRY, reason="no examples yet")
         held = self._store.held_version(self.job)
         inline = self.inline_model_max
         enrol = not identity.device_id
@@ -615,7 +712,7 @@ class Client:
         backend = self._backend(plan)
         # The backend checks the data (shape, finite values, labels in range) as it
         # trains, before it changes anything: bad data fail this step, state untouched.
-        x, y = self._x, self._y
+        x, y = self._training_data()  # a snapshot: examples arriving now wait a round
         evaluation = None
         if (
             plan.evaluate
@@ -886,9 +983,22 @@ class Client:
         return session.receipt
 
     # -- helpers ---------------------------------------------------------------
+    def _training_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The examples to train on now: the arrays given, or a snapshot of the store."""
+        if self._arrays is not None:
+            return self._arrays
+        assert isinstance(self.data, ExampleStore)
+        x, y = self.data.arrays()
+        if len(y) == 0:
+            raise InvalidInput("the example store is empty: nothing to train on")
+        return x, y
+
+    def _example_count(self) -> int:
+        return len(self._arrays[1]) if self._arrays is not None else len(self.data)
+
     def _seconds_needed(self, plan: RoundPlan) -> float | None:
         """Seconds this device expects to need to train and upload, if it can tell."""
-        work = len(self._y) * plan.train.epochs
+        work = self._example_count() * plan.train.epochs
         if self.estimate_seconds is not None:
             return self.estimate_seconds(work)
         speed = self._store.speed()  # examples per second, learned from past rounds
@@ -1120,6 +1230,13 @@ def _decode(response: httpx.Response, type_: type[T]) -> T:
         return msgspec.json.decode(response.content, type=type_)
     except msgspec.DecodeError as exc:
         raise FedError(f"unexpected answer from the server: {exc}") from exc
+
+
+def _pause(outcome: StepOutcome) -> float:
+    """Seconds `Client.run_forever` waits after ``outcome``."""
+    if outcome.retry_after is not None:
+        return max(0.0, outcome.retry_after)
+    return 1.0 if outcome.status == "uploaded" else CONDITIONS_RETRY
 
 
 def _describe(tensor: tuple[tuple[int, ...], str] | None) -> str:

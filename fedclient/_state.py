@@ -22,7 +22,7 @@ import msgspec
 import sqlite_utils
 
 from fedclient._exceptions import StateError
-from fedclient.protocol import RoundPlan, UploadReceipt
+from fedclient.protocol import ModelSpec, RoundPlan, UploadReceipt
 
 __all__ = ["DeviceState", "Identity", "Phase", "RoundProgress"]
 
@@ -50,6 +50,9 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     5: [  # the device's identity key (Ed25519) and an authority's certificate of it
         "CREATE TABLE signing_keys (key TEXT PRIMARY KEY, private BLOB NOT NULL, certificate BLOB)",
+    ],
+    6: [  # the architecture of the held model: it predicts after a restart, with no plan
+        "ALTER TABLE models ADD COLUMN spec TEXT",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -315,8 +318,15 @@ class DeviceState:
         """`record_download`'s writes, for a caller already in a transaction."""
         if body is not None:
             self.db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
-                [self.key, job, plan.model_version, etag, body],
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    self.key,
+                    job,
+                    plan.model_version,
+                    etag,
+                    body,
+                    msgspec.json.encode(plan.model).decode(),
+                ],
             )
             self._held[job] = (plan.model_version, etag)
         self._set_progress(job, RoundProgress(Phase.DOWNLOADED, plan))
@@ -381,6 +391,13 @@ class DeviceState:
             "SELECT version, etag, body FROM models WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
+
+    def held_spec(self, job: str) -> ModelSpec | None:
+        """The architecture of the model held for ``job``, if one is held."""
+        row = self.db.execute(
+            "SELECT spec FROM models WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        return msgspec.json.decode(row[0], type=ModelSpec) if row and row[0] else None
 
     # -- partial downloads -----------------------------------------------------
     def partial_download(self, job: str, version: int) -> tuple[str, int]:

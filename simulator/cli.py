@@ -141,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         "release; budget per device over the job, default epsilon x rounds)",
     )
     run.add_argument(
+        "--personalize",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="hold out a fifth of each device's examples; report the final model's accuracy "
+        "on them beside that of the model each device fine-tunes for EPOCHS on the rest",
+    )
+    run.add_argument(
         "--distributed-dp",
         action="store_true",
         help="with --dp and --secagg/--secagg-plus: each device adds a share of discrete "

@@ -36,6 +36,7 @@ from fedclient import (
     FaultPlan,
     FaultyTransport,
     InvalidInput,
+    Personalization,
     Phase,
     PrivacyBudgetExceeded,
     RetryPolicy,
@@ -122,6 +123,7 @@ class SimulationConfig:
     model: str | None = None  # softmax | mlp | cnn; default: the data set's
     compress: str = ""  # update compression the job asks of devices (fedclient.compression)
     inline_model_max: int = 1024 * 1024  # a model up to this size comes with the admission
+    personalize: int = 0  # epochs of local fine-tuning whose accuracy the report measures
     text_column: str = "text"  # --dataset csv:PATH: which columns hold what
     label_column: str = "label"
     user_column: str | None = None
@@ -231,6 +233,7 @@ class _Device:
     round_trips: int = 3  # of its last round's work: check-in, download (unless inline), upload
     certified: bool = False  # holds the simulation authority's certificate of its identity
     held_out: np.ndarray | None = None  # its share of the test set, for federated evaluation
+    own_held_out: np.ndarray | None = None  # its own examples kept from training (personalize)
 
     async def step(self) -> StepOutcome | None:
         """One step; None when the network beat the retry policy (a network dropout)."""
@@ -308,6 +311,16 @@ class _Fleet:
             parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
             profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
             devices = [_Device(i, profiles[i], part) for i, part in enumerate(parts)]
+            if config.personalize:
+                # Personalisation is measured on each device's own held-out examples (a
+                # fifth of them; devices with fewer than 5 keep all for training).
+                for device in devices:
+                    mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
+                        device.examples
+                    )
+                    if len(mine) >= 5:
+                        cut = len(mine) - len(mine) // 5
+                        device.examples, device.own_held_out = mine[:cut], mine[cut:]
             if plan.evaluate.every:
                 # Federated evaluation: each device holds a share of the test set as its
                 # held-out data, split like the training set (natural splits: at random).
@@ -626,6 +639,7 @@ async def simulate(
                 config, plan, data, server, clock, fleet, evaluator, on_round, wall_start
             )
         privacy = _privacy_report(plan, fleet)
+        personal = _personalization_report(config, plan, data, fleet, evaluator)
     last = rounds[-1] if rounds else {}
     final = {
         "accuracy": last.get("accuracy"),
@@ -646,6 +660,7 @@ async def simulate(
         "devices": devices,
         **({"privacy": privacy} if privacy else {}),
         **_federated_final(rounds),
+        **personal,
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -669,6 +684,41 @@ def simulation_authority(config: SimulationConfig) -> IdentityAuthority:
     the same one (a simulation plays every party)."""
     seed = hashlib.sha256(f"fedsim/identity-authority/{config.seed}".encode()).digest()
     return IdentityAuthority(seed)
+
+
+def _personalization_report(
+    config: SimulationConfig, plan: JobPlan, data: Dataset, fleet: _Fleet, evaluator: _Evaluator
+) -> dict[str, Any]:
+    """With --personalize: the final global model's accuracy on each device's own held-out
+    examples, and that of the model each device fine-tunes from it on its training ones
+    (`fedclient.Personalization`), over every device's held-out examples together."""
+    if not config.personalize or evaluator.latest is None:
+        return {}
+    version, weights = evaluator.latest
+    tuning = Personalization(
+        epochs=config.personalize,
+        learning_rate=plan.train.learning_rate,
+        batch_size=plan.train.batch_size,
+    )
+    backend = create_backend(plan.model, config.runtime)
+    correct_global = correct_personal = examples = 0
+    for device in fleet.devices:
+        if device.own_held_out is None:
+            continue
+        x_held, y_held = data.device_data(device.own_held_out)
+        backend.set_weights(weights)
+        correct_global += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
+        x, y = data.device_data(device.examples)
+        tuning.apply(backend, weights, x, y, seed=config.seed * 100_003 + device.index)
+        correct_personal += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
+        examples += len(y_held)
+    if not examples:
+        return {}
+    return {
+        "personalized_accuracy": round(correct_personal / examples, 6),
+        "global_accuracy_on_devices": round(correct_global / examples, 6),
+        "personalization": {"epochs": config.personalize, "model_version": version},
+    }
 
 
 def _rounded(value: float | None) -> float | None:
@@ -711,10 +761,13 @@ class _Evaluator:
         self.backend = create_backend(plan.model, runtime)
         self.data = data
         self.results: dict[int, asyncio.Future[EvalResult]] = {}
+        self.latest: tuple[int, Weights] | None = None  # the newest model it was given
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="fedsim-evaluate")
 
     def start(self, version: int, weights: Weights) -> None:
         """Evaluate model ``version`` (its result lands in ``results[version]``)."""
+        if self.latest is None or version >= self.latest[0]:
+            self.latest = (version, weights)
         loop = asyncio.get_running_loop()
         self.results[version] = loop.run_in_executor(self._thread, self._evaluate, weights)
 
