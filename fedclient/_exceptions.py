@@ -18,6 +18,7 @@
         │   ├── OffsetMismatch    409  a chunk sent at another offset than the server holds
         │   └── RoundClosed       409  the round already closed
         │       └── DeadlinePassed 410 the round's deadline passed
+        ├── BodyTimeout           408  the request's body stalled: send it again
         ├── PayloadTooLarge       413
         ├── RangeNotSatisfiable   416
         ├── TooEarly              425  a secure-aggregation stage has not closed yet
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ApiError",
+    "BodyTimeout",
     "Conflict",
     "DeadlinePassed",
     "FedError",
@@ -217,6 +219,13 @@ class DeadlinePassed(RoundClosed):
     code = "deadline_passed"
 
 
+class BodyTimeout(ApiError):
+    """408: the request's body stopped arriving; nothing was taken, send it again."""
+
+    status = 408
+    code = "body_timeout"
+
+
 class PayloadTooLarge(ApiError):
     """413: the body is over the server's limit."""
 
@@ -263,6 +272,7 @@ class ServiceUnavailable(ServerError):
 _BY_STATUS: dict[int, type[ApiError]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    408: BodyTimeout,
     403: Forbidden,
     404: NotFound,
     409: Conflict,

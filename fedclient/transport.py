@@ -3,7 +3,7 @@
 `RetryPolicy` decides *whether* and *when* to retry; the client's drivers
 sleep (or, in the simulator, schedule) accordingly. Only failures that can
 succeed on a second try are retried: connect errors, read timeouts, a
-connection dropped mid-exchange, and HTTP 429, 502, 503, 504. Everything else
+connection dropped mid-exchange, and HTTP 408, 429, 502, 503, 504. Everything else
 is raised at once as a typed error.
 
 Why not tenacity or stamina: their jitter draws from the global `random`
@@ -46,7 +46,7 @@ __all__ = [
     "ssl_context",
 ]
 
-RETRIABLE_STATUS = frozenset({429, 502, 503, 504})
+RETRIABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 
 
 def is_retriable_status(status: int) -> bool:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from fedclient import __version__
 from fedclient._exceptions import (
     ApiError,
+    BodyTimeout,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -72,6 +73,9 @@ from fedserver_ref.service import FederationService
 
 __all__ = ["JSON_LIMIT", "create_app"]
 
+#: A request body that stalls this long (no byte arrives) is refused with 408.
+BODY_IDLE_SECONDS = 30.0
+
 #: The largest JSON body a route reads (enrolment, check-in, upload start): they are a
 #: few hundred bytes; anything larger is refused before it is held in memory.
 JSON_LIMIT = 64 * 1024
@@ -87,6 +91,7 @@ def create_app(
     tick_seconds: float | None = None,
     metrics: bool = True,
     rate_limits: RateLimits | None = None,
+    body_idle_seconds: float = BODY_IDLE_SECONDS,
 ) -> Starlette:
     """The server as an ASGI app. ``tick_seconds`` starts a timer that closes rounds at
     their deadlines; leave it None when something else calls ``service.tick()``
@@ -328,6 +333,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.metrics = service.metrics if metrics else None
+    app.state.body_idle_seconds = body_idle_seconds
     return app
 
 
@@ -390,11 +396,21 @@ def _int_param(request: Request, name: str) -> int:
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused past ``limit`` bytes (413) or when it stalls for `BODY_IDLE_SECONDS`
+    (408): a half-sent body must not hold a connection and its buffer for ever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    idle = request.app.state.body_idle_seconds
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BodyTimeout(f"no byte of the body for {idle:g} s; send it again") from None
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body is over the {limit}-byte limit")

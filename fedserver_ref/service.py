@@ -66,6 +66,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTRIBUTED_RETRY", "FederationService"]
 
+#: Chunked uploads one device may hold open in a round (each holds up to
+#: max_upload_bytes of parts on the server).
+MAX_OPEN_UPLOADS = 2
+
 #: Seconds a device is told to wait while its job is paused.
 PAUSED_RETRY = 300.0
 
@@ -400,6 +404,11 @@ class FederationService:
             return _session(session)
         if request.size > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
+        if self.store.open_sessions(device_id, round_id) >= MAX_OPEN_UPLOADS:
+            # One update a round: a second open body is a retry with a new key at most.
+            raise Conflict(
+                f"this device already has {MAX_OPEN_UPLOADS} uploads open in round {round_id}"
+            )
         session = SessionRow(device_id, key, round_id, request.size, request.sha256, 0)
         with self.store.atomic():
             self.store.add_session(session)

@@ -672,6 +672,14 @@ class ServerStore:
             ],
         )
 
+    def open_sessions(self, device_id: str, round_id: int) -> int:
+        """How many chunked uploads ``device_id`` has open in ``round_id``."""
+        row = self.db.execute(
+            "SELECT count(*) FROM upload_sessions WHERE device_id=? AND round_id=?",
+            [device_id, round_id],
+        ).fetchone()
+        return int(row[0])
+
     def session(self, device_id: str, upload_id: str) -> SessionRow | None:
         """A chunked upload by its id."""
         row = self.db.execute(

@@ -156,3 +156,49 @@ def test_fedserver_without_the_server_extra_says_so_in_one_line() -> None:
     assert done.returncode == 2
     assert "pip install 'fedclient[server]'" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+async def test_a_device_cannot_hold_many_chunked_uploads_open(server: Server) -> None:
+    # Found: unlimited chunked-upload sessions per device (40 x 1 MB in a second).
+    async with server.http() as http:
+        auth, round_id = await _admitted(http)
+        start = {"size": 1000, "sha256": "0" * 64}
+        for key in ("a", "b"):
+            opened = await http.post(
+                f"/v1/rounds/{round_id}/uploads",
+                json=start,
+                headers={**auth, "Idempotency-Key": key},
+            )
+            assert opened.status_code == 200
+        before = server.store.fingerprint()
+        third = await http.post(
+            f"/v1/rounds/{round_id}/uploads", json=start, headers={**auth, "Idempotency-Key": "c"}
+        )
+        assert third.status_code == 409 and "uploads open" in third.text
+        again = await http.post(  # finding an open one again is fine
+            f"/v1/rounds/{round_id}/uploads", json=start, headers={**auth, "Idempotency-Key": "a"}
+        )
+        assert again.status_code == 200
+        assert server.store.fingerprint() == before
+
+
+async def test_a_body_that_stops_arriving_is_refused_with_408(server: Server) -> None:
+    # Found: idle half-sent connections never timed out, holding their buffers.
+    import asyncio
+
+    import httpx
+
+    app = server.app_with(body_idle_seconds=0.2)
+    never = asyncio.Event()
+
+    async def half_a_body() -> Any:
+        yield b'{"label": "'
+        await never.wait()  # the rest never comes
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://fedserver.local"
+    ) as http:
+        before = server.store.fingerprint()
+        answer = await http.post("/v1/devices", content=half_a_body())
+        assert answer.status_code == 408 and answer.json()["error"]["code"] == "body_timeout"
+        assert server.store.fingerprint() == before
