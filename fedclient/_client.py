@@ -1037,7 +1037,14 @@ class Client:
         return self.model
 
     def _check_model(self, weights: Weights, plan: RoundPlan) -> None:
-        local = self._backend(plan).get_weights()
+        backend = self._backend(plan)
+        digest = getattr(backend, "digest", "")
+        if plan.model.digest and digest and digest != plan.model.digest:
+            raise ModelMismatch(
+                f"the job's model is bundle {plan.model.digest[:12]}; this device holds "
+                f"bundle {digest[:12]}"
+            )
+        local = backend.get_weights()
         theirs = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
         ours = {k: (tuple(v.shape), str(v.dtype)) for k, v in local.items()}
         if theirs != ours:

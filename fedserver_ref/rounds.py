@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
-from fedclient.runtime import create_backend
+from fedclient.runtime import bundle_weights, create_backend
 from fedserver_ref.store import JobRow, RoundRow, ServerStore
 from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
 
@@ -33,7 +33,9 @@ DECODED_MAX_BYTES = 256 * 1024 * 1024
 
 
 def initial_weights(plan: JobPlan) -> Weights:
-    """The job's version-0 model, drawn from the plan's seed."""
+    """The job's version-0 model: drawn from the plan's seed, or a bundle's own."""
+    if plan.model.kind == "bundle":
+        return bundle_weights(plan.model.bundle)
     return create_backend(plan.model, "numpy", seed=plan.job.seed).get_weights()
 
 

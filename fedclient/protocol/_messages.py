@@ -44,17 +44,22 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A built-in model architecture.
+    """A model architecture: built in, or your own as a ``fedconvert`` bundle.
 
-    ``softmax`` (no hidden layer), ``mlp`` (``hidden`` lists the layer widths) or
+    ``softmax`` (no hidden layer), ``mlp`` (``hidden`` lists the layer widths),
     ``cnn`` (square images of ``inputs`` = side² pixels; ``hidden`` lists the two
-    convolution channel counts, default 8 and 16).
+    convolution channel counts, default 8 and 16), or ``bundle``: the model of the
+    device bundle in directory ``bundle`` (a plan file's path is relative to the
+    plan). A bundle's plan takes ``inputs`` and ``classes`` from its manifest and
+    ``digest`` (the manifest's sha256), which devices check their own bundle against.
     """
 
-    kind: Literal["softmax", "mlp", "cnn"] = "mlp"
+    kind: Literal["softmax", "mlp", "cnn", "bundle"] = "mlp"
     inputs: PositiveInt = 64
     hidden: list[PositiveInt] = msgspec.field(default_factory=lambda: [64])
     classes: Annotated[int, msgspec.Meta(ge=2)] = 10
+    bundle: str = ""
+    digest: str = ""
 
 
 class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -11,7 +11,13 @@ from __future__ import annotations
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
 from fedclient.runtime._base import EvalResult, TrainingBackend, TrainResult, check_dataset
-from fedclient.runtime._bundle import BundleManifest, read_manifest, write_bundle
+from fedclient.runtime._bundle import (
+    BundleManifest,
+    bundle_weights,
+    manifest_digest,
+    read_manifest,
+    write_bundle,
+)
 from fedclient.runtime._cnn import CnnShape, NumpyCnn, cnn_initial_weights
 from fedclient.runtime._numpy import NumpyModel
 from fedclient.runtime._onnx import OnnxBackend
@@ -28,9 +34,11 @@ __all__ = [
     "TfliteManifest",
     "TrainResult",
     "TrainingBackend",
+    "bundle_weights",
     "check_dataset",
     "cnn_initial_weights",
     "create_backend",
+    "manifest_digest",
     "read_manifest",
     "read_tflite_manifest",
     "write_bundle",
@@ -40,7 +48,15 @@ RUNTIMES = ("numpy", "onnx", "tflite")
 
 
 def create_backend(spec: ModelSpec, runtime: str = "numpy", *, seed: int = 0) -> TrainingBackend:
-    """A fresh model of architecture ``spec`` on the named runtime."""
+    """A fresh model of architecture ``spec`` on the named runtime (a ``bundle`` spec:
+    its bundle, on ONNX Runtime)."""
+    if spec.kind == "bundle":
+        if runtime != "onnx":
+            raise InvalidInput(f"a bundle model trains on ONNX Runtime, not {runtime!r}")
+        backend = OnnxBackend(spec.bundle)
+        if spec.digest and backend.digest != spec.digest:
+            raise InvalidInput(f"the bundle in {spec.bundle} is not the plan's (digest differs)")
+        return backend
     if runtime == "numpy" and spec.kind == "cnn":
         return NumpyCnn(CnnShape.for_spec(spec), seed=seed)
     if runtime == "numpy":

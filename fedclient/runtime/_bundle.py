@@ -45,8 +45,10 @@ __all__ = [
     "FileInfo",
     "TensorInfo",
     "builtin_bundle",
+    "bundle_weights",
     "cache_root",
     "forget_checked",
+    "manifest_digest",
     "read_manifest",
     "write_bundle",
 ]
@@ -365,6 +367,30 @@ def _load_module(directory: Path) -> tuple[Any, Any]:
         session_options=_ort.session_options(),
     )
     return state, module
+
+
+def manifest_digest(directory: str | os.PathLike[str]) -> str:
+    """The sha256 of a bundle's manifest: it names every file's sha256, so it names the
+    bundle (what a plan that federates it carries)."""
+    return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
+
+
+def bundle_weights(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """A bundle's trainable parameters as initialised (from ``inference.onnx``, with the
+    ``onnx`` package: a server needs no ONNX Runtime to start a job from a bundle)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise InvalidInput(f"reading a bundle's weights needs onnx: {_ort.INSTALL_HINT}") from exc
+    path = Path(directory)
+    manifest = read_manifest(path)
+    model = onnx.load(str(path / BUNDLE_FILES["inference_model"]))
+    found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    missing = [p.name for p in manifest.parameters if p.name not in found]
+    if missing:
+        raise InvalidInput(f"the bundle's inference model lacks parameters {missing[:5]}")
+    return {p.name: found[p.name].astype("float32") for p in manifest.parameters}
 
 
 def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> BundleManifest:

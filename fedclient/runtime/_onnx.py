@@ -29,6 +29,7 @@ from fedclient.runtime._bundle import (
     BundleManifest,
     builtin_bundle,
     forget_checked,
+    manifest_digest,
     read_manifest,
 )
 
@@ -52,6 +53,8 @@ class OnnxBackend:
     ) -> None:
         self.bundle = Path(bundle)
         self.manifest: BundleManifest = read_manifest(self.bundle, verify=verify)
+        #: The manifest's sha256: what a plan that federates this bundle names.
+        self.digest = manifest_digest(self.bundle)
         api = _ort.training_api()
         files = {role: str(self.bundle / name) for role, name in BUNDLE_FILES.items()}
         try:
