@@ -21,9 +21,9 @@ import tracemalloc
 
 import numpy as np
 
-from simulator.datasets import partition
-from simulator.devices import draw_profiles
-from simulator.engine import _Device
+from fedclient.sim.datasets import partition
+from fedclient.sim.devices import draw_profiles
+from fedclient.sim.engine import _Device
 
 BUDGET_BYTES = 2 * 1024**3  # the issue's: 100,000 registered devices in 2 GB
 

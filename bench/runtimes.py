@@ -29,7 +29,7 @@ from fedclient.runtime import (
     write_bundle,
 )
 from fedclient.runtime._graphs import cnn_graph
-from simulator.datasets import Dataset, load_dataset
+from fedclient.sim.datasets import Dataset, load_dataset
 
 
 def _epoch_ms(

@@ -8,7 +8,7 @@ For each number of devices and dropout rate, two measurements:
 - **Cost** (one run, ``--params`` parameters, seed 1). Every device is real:
   the devices run the `SecAggClient` in ``--workers`` processes (the sans-io
   core needs no server in the same process), the server runs
-  `fedserver_ref.secagg.SecAggServer` in this process, and every message
+  `fedclient.server.secagg.SecAggServer` in this process, and every message
   crosses as MessagePack bytes, which are what the byte counts count. The
   dropped devices vanish after sharing their keys, before sending a masked
   input: the costliest point for the server, which must then rebuild their
@@ -63,7 +63,7 @@ from fedclient.privacy.secagg import (
     encode,
     quantize,
 )
-from fedserver_ref.secagg import SecAggServer
+from fedclient.server.secagg import SecAggServer
 
 STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 

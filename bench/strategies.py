@@ -14,7 +14,7 @@ import time
 
 from threadpoolctl import threadpool_limits
 
-from simulator.engine import SimulationConfig, simulate
+from fedclient.sim.engine import SimulationConfig, simulate
 
 STRATEGIES = [
     ("fedavg", {}),

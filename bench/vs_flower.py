@@ -31,7 +31,7 @@ descendants (Ray's raylet, GCS and workers for Flower) are sampled every 0.5 s f
 /proc: the peak of their summed PSS, and their CPU time (user + sys).
 Installing Flower, byte-compiling fedsim's packages and writing the shared input
 files happen before, untimed; so does decompressing MNIST: fedsim keeps the
-decompressed files in its cache (``simulator._prefetch``) and Flower's clients read
+decompressed files in its cache (``fedclient.sim._prefetch``) and Flower's clients read
 those same uncompressed bytes, so neither engine inflates gzip in a timed run.
 The load average is printed: on a shared machine use ``--repeats`` and read the
 times with it in mind.
@@ -58,10 +58,10 @@ from typing import Any
 
 import numpy as np
 
-from fedserver_ref.rounds import initial_weights
-from simulator import _prefetch
-from simulator.datasets import load_dataset, partition
-from simulator.engine import SimulationConfig
+from fedclient.server.rounds import initial_weights
+from fedclient.sim import _prefetch
+from fedclient.sim.datasets import load_dataset, partition
+from fedclient.sim.engine import SimulationConfig
 
 FLOWER_REQUIREMENT = "flwr[simulation]==1.42.0"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data"
@@ -354,8 +354,7 @@ def compile_project() -> None:
     PYTHONDONTWRITEBYTECODE set, an editable install would compile every module of
     the project from source on every run (Flower's come compiled from its wheels)."""
     root = Path(__file__).resolve().parents[1]
-    for package in ("fedclient", "fedserver_ref", "simulator"):
-        compileall.compile_dir(root / package, quiet=1)
+    compileall.compile_dir(root / "fedclient", quiet=1)
 
 
 def prepare(workload: Workload, data_dir: Path, scratch: Path) -> dict[str, Any]:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import fedclient
-from fedserver_ref import FederationService, ServerStore, create_app, plan_from_dict
-from simulator.datasets import Dataset, load_dataset
+from fedclient.server import FederationService, ServerStore, create_app, plan_from_dict
+from fedclient.sim.datasets import Dataset, load_dataset
 
 SHARED_DATA = Path(os.environ.get("FEDCLIENT_DATA", Path(__file__).parents[2] / "shared/data"))
 

@@ -8,11 +8,11 @@ import types
 
 import fedclient
 import fedclient.protocol
-import fedserver_ref
+import fedclient.server
 
 
 def test_all_matches_what_the_package_exports() -> None:
-    for module in (fedclient, fedclient.protocol, fedserver_ref):
+    for module in (fedclient, fedclient.protocol, fedclient.server):
         public = {
             name
             for name, value in vars(module).items()

@@ -4,7 +4,7 @@
   and the persisted `PrivacyLedger`.
 - `fedclient.privacy.secagg`: the device's role in secure aggregation
   (SecAgg, Bonawitz et al. 2017; SecAgg+, Bell et al. 2020) as a sans-io
-  state machine; the server's role is `fedserver_ref.secagg`.
+  state machine; the server's role is `fedclient.server.secagg`.
 """
 
 import importlib

@@ -73,7 +73,7 @@ class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How the server aggregates (see ``fedserver_ref.strategies`` for the names)."""
+    """How the server aggregates (see ``fedclient.server.strategies`` for the names)."""
 
     name: str = "fedavg"
     #: Step size on the aggregated update; None: the strategy's own default.

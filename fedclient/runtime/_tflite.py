@@ -1,7 +1,7 @@
 """The TFLite backend: on-device training and inference through the LiteRT interpreter.
 
 `TfliteBackend` runs a ``.tflite`` model with these signatures (what
-``fedconvert --tflite`` and ``tools/make_tflite_models.py`` write)::
+``fedconvert --tflite`` and ``fedclient/convert/make_tflite_models.py`` write)::
 
     infer(x[N, inputs]) -> logits[N, classes]          N free, or fixed (then padded)
     train(x[B, inputs], y[B] int32, mask[B], learning_rate) -> loss
@@ -62,7 +62,8 @@ __all__ = [
 
 TFLITE_FORMAT = "fedclient-tflite/1"
 INSTALL_HINT = "pip install 'fedclient[tflite]'  (ai-edge-litert>=2.3)"
-#: The converted built-in models shipped with fedclient (see tools/make_tflite_models.py).
+#: The converted built-in models shipped with fedclient
+#: (see fedclient/convert/make_tflite_models.py).
 MODELS_DIR = Path(__file__).parent / "models"
 #: Examples per inference call when the model's ``infer`` takes any batch size.
 EVAL_CHUNK = 2048
@@ -157,7 +158,7 @@ def builtin_model_path(spec: ModelSpec) -> Path:
     shipped = sorted(p.name for p in MODELS_DIR.glob("*.tflite"))
     raise InvalidInput(
         f"no TFLite model for {name}; shipped: {', '.join(shipped) or 'none'}. Convert one "
-        f"where TensorFlow is installed: python tools/make_tflite_models.py --out "
+        f"where TensorFlow is installed: python fedclient/convert/make_tflite_models.py --out "
         f"{candidates[1].parent} {name.removesuffix('.tflite')}"
     )
 

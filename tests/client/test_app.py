@@ -13,7 +13,7 @@ import pytest
 
 import fedclient
 from fedclient.protocol import decode_tensors
-from simulator.cli import main as fedsim
+from fedclient.sim.cli import main as fedsim
 from tests.conftest import Server, step_until
 
 pytestmark = pytest.mark.anyio

@@ -14,8 +14,8 @@ import pytest
 import fedclient
 from fedclient import Phase
 from fedclient.protocol import RoundPlan
-from fedserver_ref.auth import hash_token
-from simulator.datasets import Dataset
+from fedclient.server.auth import hash_token
+from fedclient.sim.datasets import Dataset
 from tests.conftest import LiveServer, Server, make_plan
 
 pytestmark = pytest.mark.anyio

@@ -12,7 +12,7 @@ import pytest
 import fedclient
 from fedclient.compression import CompressionSpec, compress, decompress
 from fedclient.protocol import decode_tensors, encode_tensors
-from simulator.cli import main as fedsim
+from fedclient.sim.cli import main as fedsim
 from tests.conftest import Server
 
 pytestmark = pytest.mark.anyio

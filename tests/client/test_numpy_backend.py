@@ -8,7 +8,7 @@ import pytest
 import fedclient
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import NumpyModel
-from simulator.datasets import Dataset
+from fedclient.sim.datasets import Dataset
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import fedclient
-from simulator.cli import main as fedsim
+from fedclient.sim.cli import main as fedsim
 
 PLAN = """
 [job]
@@ -68,7 +68,7 @@ class FedServerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "fedserver_ref.cli",
+                    "fedclient.server.cli",
                     "init",
                     "--plan",
                     str(self.plan),
@@ -82,7 +82,7 @@ class FedServerProcess:
             [
                 sys.executable,
                 "-m",
-                "fedserver_ref.cli",
+                "fedclient.server.cli",
                 "--plan",
                 str(self.plan),
                 "--db",

@@ -28,7 +28,7 @@ from fedclient.privacy.secagg import (
     UnmaskResponse,
     quantize,
 )
-from fedserver_ref.secagg import SecAggResult, SecAggServer
+from fedclient.server.secagg import SecAggResult, SecAggServer
 
 STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 

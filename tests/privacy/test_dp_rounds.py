@@ -13,8 +13,8 @@ import pytest
 import fedclient
 from fedclient.privacy.dp import PrivacyLedger
 from fedclient.protocol import decode_tensors
-from fedserver_ref import FederationService, ServerStore, plan_from_dict
-from simulator.cli import main as fedsim
+from fedclient.server import FederationService, ServerStore, plan_from_dict
+from fedclient.sim.cli import main as fedsim
 from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio

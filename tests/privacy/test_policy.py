@@ -17,7 +17,7 @@ import fedclient
 from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.protocol import decode_tensors
-from fedserver_ref import FederationService, ServerStore, plan_from_dict
+from fedclient.server import FederationService, ServerStore, plan_from_dict
 from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio

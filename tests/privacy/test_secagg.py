@@ -42,7 +42,7 @@ from fedclient.privacy.secagg import (
     safe_threshold,
     signature_quorum,
 )
-from fedserver_ref.secagg import ServerStage
+from fedclient.server.secagg import ServerStage
 from tests.privacy.harness import STAGES, Aggregation
 
 # (n, SecAgg+?, neighbours): SecAgg+ at n=3 is the complete graph; k=4 at n=10 makes

@@ -15,8 +15,8 @@ import fedclient
 from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.secagg import RotatedQuantization
 from fedclient.protocol import decode_tensors
-from fedserver_ref import FederationService, ServerStore, plan_from_dict
-from simulator.cli import main as fedsim
+from fedclient.server import FederationService, ServerStore, plan_from_dict
+from fedclient.sim.cli import main as fedsim
 from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio
@@ -290,8 +290,8 @@ def test_cryptography_loads_only_for_secure_aggregation(tmp_path: Path) -> None:
     # An app (or a server) that never aggregates securely runs without `cryptography`:
     # a whole plain fedsim run (enrolment included) loads none of it.
     code = (
-        "import sys, fedclient, simulator.engine\n"
-        "from simulator.cli import main\n"
+        "import sys, fedclient, fedclient.sim.engine\n"
+        "from fedclient.sim.cli import main\n"
         "main(['run', '--devices', '6', '--devices-per-round', '3', '--rounds', '1',\n"
         "      '--quiet', '--no-plot', '--report', sys.argv[1]])\n"
         "print('cryptography' in sys.modules)\n"

@@ -17,12 +17,12 @@ import onnx
 
 import fedclient
 from fedclient import InvalidInput
+from fedclient.convert.cli import main as fedconvert
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import OnnxBackend, bundle_weights, create_backend
 from fedclient.runtime._graphs import builtin_graph, builtin_weights
-from fedserver_ref import FederationService, ServerStore, create_app, load_plan
-from simulator.cli import main as fedsim
-from tools.cli import main as fedconvert
+from fedclient.server import FederationService, ServerStore, create_app, load_plan
+from fedclient.sim.cli import main as fedsim
 
 SPEC = ModelSpec("mlp", 64, [16], 10)
 JOB = """

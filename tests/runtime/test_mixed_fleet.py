@@ -17,9 +17,9 @@ pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed"
 import fedclient
 from fedclient.protocol import ModelSpec, decode_tensors
 from fedclient.runtime import NumpyModel
-from fedserver_ref import FederationService, ServerStore
-from simulator.cli import main as fedsim
-from simulator.datasets import Dataset
+from fedclient.server import FederationService, ServerStore
+from fedclient.sim.cli import main as fedsim
+from fedclient.sim.datasets import Dataset
 from tests.conftest import ManualClock, Server, make_plan
 
 pytestmark = pytest.mark.anyio

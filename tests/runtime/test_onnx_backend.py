@@ -25,7 +25,7 @@ from fedclient.runtime import (
     create_backend,
     read_manifest,
 )
-from simulator.datasets import Dataset
+from fedclient.sim.datasets import Dataset
 
 SPECS = [
     ModelSpec("softmax", 64, [], 10),

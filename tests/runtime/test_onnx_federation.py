@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 import fedclient
 from fedclient.protocol import decode_tensors
 from fedclient.runtime import NumpyModel
-from simulator.cli import main as fedsim
-from simulator.datasets import Dataset
+from fedclient.sim.cli import main as fedsim
+from fedclient.sim.datasets import Dataset
 from tests.conftest import Server
 
 pytestmark = pytest.mark.anyio

@@ -25,14 +25,14 @@ from fedclient.runtime import (
     read_tflite_manifest,
 )
 from fedclient.runtime._tflite import MODELS_DIR, interpreter_class, manifest_path, model_filename
-from simulator.datasets import Dataset
+from fedclient.sim.datasets import Dataset
 
 try:
     interpreter_class()
 except fedclient.InvalidInput:
     pytest.skip("the tflite extra is not installed (ai-edge-litert)", allow_module_level=True)
 
-#: The shipped models (tools/make_tflite_models.py SHIPPED).
+#: The shipped models (fedclient/convert/make_tflite_models.py SHIPPED).
 SPECS = [
     ModelSpec("softmax", 64, [], 10),
     ModelSpec("mlp", 64, [16], 10),
@@ -281,8 +281,8 @@ def test_specs_without_a_shipped_model_are_refused_with_the_command_that_makes_o
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_shipped_models_pass_fedconverts_verification(spec: ModelSpec) -> None:
-    from tools._references import NumpyReference
-    from tools._tflite import verify_tflite
+    from fedclient.convert._references import NumpyReference
+    from fedclient.convert._tflite import verify_tflite
 
     path = MODELS_DIR / model_filename(spec)
     verification = verify_tflite(path, NumpyReference(NumpyModel(spec, seed=0)))
@@ -305,9 +305,10 @@ def test_shipped_models_pass_fedconverts_verification(spec: ModelSpec) -> None:
 def test_tensorflow_converts_a_model_that_litert_trains_like_numpy(tmp_path: Path) -> None:
     pytest.importorskip(
         "tensorflow",
-        reason="TensorFlow is not installed (build time only; see tools/make_tflite_models.py)",
+        reason="TensorFlow is not installed (build time only; "
+        "see fedclient/convert/make_tflite_models.py)",
     )
-    from tools.make_tflite_models import main as make_models
+    from fedclient.convert.make_tflite_models import main as make_models
 
     started = time.perf_counter()
     assert make_models(["--out", str(tmp_path), "mlp-64-32-10", "softmax-64-10"]) == 0
@@ -322,7 +323,7 @@ def test_tensorflow_converts_a_model_that_litert_trains_like_numpy(tmp_path: Pat
             assert made.file == shipped.file, f"{name}: regenerate the shipped models"
     assert seconds < 120
     # A conversion with another training batch trains exactly like numpy all the same.
-    from tools._tflite import convert_tflite
+    from fedclient.convert._tflite import convert_tflite
 
     spec = SPECS[2]
     convert_tflite(spec, tmp_path / "b4.tflite", train_batch=4, seed=5)

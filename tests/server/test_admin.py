@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 import fedclient
-from fedserver_ref.admin import main as admin_cli
-from fedserver_ref.auth import EnrolmentPolicy
+from fedclient.server.admin import main as admin_cli
+from fedclient.server.auth import EnrolmentPolicy
 from tests.conftest import LiveServer, Server
 
 pytestmark = pytest.mark.anyio

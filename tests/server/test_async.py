@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fedclient
-from fedserver_ref.strategies import ClientUpdate, FedAvg
+from fedclient.server.strategies import ClientUpdate, FedAvg
 from tests.conftest import Server, step_until
 
 pytestmark = pytest.mark.anyio

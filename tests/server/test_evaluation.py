@@ -11,8 +11,8 @@ import pytest
 
 import fedclient
 from fedclient.protocol import TENSOR_MEDIA_TYPE, decode_tensors, encode_tensors
-from fedserver_ref import FederationService, ServerStore, plan_from_dict
-from simulator.cli import main as fedsim
+from fedclient.server import FederationService, ServerStore, plan_from_dict
+from fedclient.sim.cli import main as fedsim
 from tests.conftest import ManualClock, Server, enrol, step_until
 
 pytestmark = pytest.mark.anyio

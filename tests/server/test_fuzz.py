@@ -19,7 +19,7 @@ from schemathesis.checks import (
 )
 
 from fedclient.protocol import TENSOR_MEDIA_TYPE, CheckinRequest, EnrolRequest
-from fedserver_ref import FederationService, ServerStore, create_app
+from fedclient.server import FederationService, ServerStore, create_app
 from tests.conftest import make_plan
 
 ADMIN = "a" * 40

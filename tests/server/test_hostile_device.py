@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedclient.protocol import TENSOR_MEDIA_TYPE, decode_tensors, encode_tensors
-from fedserver_ref import FederationService, ServerStore
+from fedclient.server import FederationService, ServerStore
 from tests.conftest import ManualClock, Server, enrol, make_plan
 
 pytestmark = pytest.mark.anyio
@@ -149,7 +149,7 @@ def test_fedserver_without_the_server_extra_says_so_in_one_line() -> None:
 
     code = (
         "import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None\n"
-        "from fedserver_ref.cli import main\n"
+        "from fedclient.server.cli import main\n"
         "raise SystemExit(main(['--plan', 'x.toml']))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -9,8 +9,8 @@ import pytest
 
 import fedclient
 from fedclient.identity import SigningKey, verify_certificate
-from fedserver_ref import FederationService, ServerStore
-from fedserver_ref.cli import main as fedserver
+from fedclient.server import FederationService, ServerStore
+from fedclient.server.cli import main as fedserver
 from tests.conftest import ManualClock, Server, make_plan
 
 pytestmark = pytest.mark.anyio
@@ -99,7 +99,7 @@ async def test_a_device_registers_its_key_when_a_secure_job_first_asks(
 ) -> None:
     # A job without secure aggregation never makes a device create a key; the first
     # secure job asks (403 identity_required) and the device answers with its key.
-    from fedserver_ref import plan_from_dict
+    from fedclient.server import plan_from_dict
 
     clock = ManualClock()
     service = FederationService(ServerStore(), clock=clock)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 import fedclient
-from fedserver_ref.limits import RateLimits
+from fedclient.server.limits import RateLimits
 from tests.conftest import Server
 
 pytestmark = pytest.mark.anyio

@@ -12,9 +12,9 @@ import pytest
 
 import fedclient
 from fedclient.protocol import CheckinResponse, decode_tensors
-from fedserver_ref import ClientUpdate, FedAvg, FederationService, ServerStore, rounds
-from fedserver_ref import store as store_module
-from fedserver_ref.auth import hash_token
+from fedclient.server import ClientUpdate, FedAvg, FederationService, ServerStore, rounds
+from fedclient.server import store as store_module
+from fedclient.server.auth import hash_token
 from tests.conftest import ManualClock, Server, make_plan
 
 pytestmark = pytest.mark.anyio

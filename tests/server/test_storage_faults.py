@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fedclient import StateError
-from fedserver_ref import ServerStore
-from fedserver_ref.cli import main as fedserver
-from fedserver_ref.store import SCHEMA_VERSION
+from fedclient.server import ServerStore
+from fedclient.server.cli import main as fedserver
+from fedclient.server.store import SCHEMA_VERSION
 
 PLAN = """
 [job]

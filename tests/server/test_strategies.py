@@ -12,9 +12,9 @@ import pytest
 import fedclient
 from fedclient.protocol import StrategySettings, decode_tensors
 from fedclient.runtime import NumpyModel
-from fedserver_ref import FederationService, ServerStore, plan_from_dict
-from fedserver_ref.strategies import ClientUpdate, Strategy, strategy_for
-from simulator.datasets import Dataset, partition
+from fedclient.server import FederationService, ServerStore, plan_from_dict
+from fedclient.server.strategies import ClientUpdate, Strategy, strategy_for
+from fedclient.sim.datasets import Dataset, partition
 from tests.conftest import ManualClock, Server
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,8 @@ import pytest
 import sqlite_utils
 
 from fedclient import DeviceState, InvalidInput
-from simulator.cli import main as fedsim
-from simulator.datasets import _features, load_dataset, partition
+from fedclient.sim.cli import main as fedsim
+from fedclient.sim.datasets import _features, load_dataset, partition
 from tests.conftest import SHARED_DATA
 
 SMALL = [
@@ -209,7 +209,9 @@ def test_a_damaged_mnist_file_is_a_clear_error(tmp_path: Path, capsys: Any) -> N
     for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
         (folder / f"{name}-ubyte.gz").write_bytes(idx)
     damaged = folder / "train-images-idx3-ubyte.gz"
-    damaged.write_bytes(idx[:-6])  # cut short (fedsim reads it on a thread: simulator._prefetch)
+    damaged.write_bytes(
+        idx[:-6]
+    )  # cut short (fedsim reads it on a thread: fedclient.sim._prefetch)
     run = ["run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--devices", "2", "--quiet"]
     assert fedsim([*run, "--report", str(tmp_path / "r.json")]) == 2
     assert damaged.name in capsys.readouterr().err
@@ -482,13 +484,13 @@ def test_the_fedsim_process_runs_without_httpx_s_command_line_client() -> None:
     # and the in-process server still answers through httpx.
     code = (
         "import asyncio, sys\n"
-        "from simulator import cli\n"
+        "from fedclient.sim import cli\n"
         "if sys.argv[1] == 'skip':\n"
         "    cli._without_httpx_cli()\n"
         "import httpx\n"
-        "from fedserver_ref.app import create_app\n"
-        "from fedserver_ref.service import FederationService\n"
-        "from fedserver_ref.store import ServerStore\n"
+        "from fedclient.server.app import create_app\n"
+        "from fedclient.server.service import FederationService\n"
+        "from fedclient.server.store import ServerStore\n"
         "app = create_app(FederationService(ServerStore()))\n"
         "async def get():\n"
         "    async with httpx.AsyncClient(transport=httpx.ASGITransport(app)) as c:\n"
@@ -510,7 +512,7 @@ def test_the_fedsim_process_imports_without_collecting_and_runs_collecting(
     report = tmp_path / "r.json"
     code = (
         "import gc, sys\n"
-        "from simulator import cli\n"
+        "from fedclient.sim import cli\n"
         f"sys.argv = ['fedsim', *{[*SMALL, '--rounds', '1', '--report', str(report)]!r}]\n"
         "code = cli.console()\n"
         "print(code, gc.isenabled(), gc.get_freeze_count() > 0)\n"
@@ -527,7 +529,7 @@ def test_the_fedsim_process_loads_openblas_with_one_thread_unless_told_otherwise
 ) -> None:
     code = (
         "import os\n"
-        "from simulator import cli\n"
+        "from fedclient.sim import cli\n"
         "cli._one_blas_thread()\n"
         "import numpy\n"
         "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))\n"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from simulator.cli import main as fedsim
+from fedclient.sim.cli import main as fedsim
 from tests.integration.test_fedserver_process import FedServerProcess
 
 ray = pytest.importorskip(

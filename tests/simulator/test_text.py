@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import fedclient
+from fedclient.sim.cli import main as fedsim
+from fedclient.sim.datasets import CsvColumns, load_dataset
 from fedclient.text import hash_features, tokens
-from simulator.cli import main as fedsim
-from simulator.datasets import CsvColumns, load_dataset
 from tests.conftest import SHARED_DATA
 
 SPAM = [

@@ -14,11 +14,11 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from fedclient.convert._convert import builtin_source, convert  # noqa: E402
+from fedclient.convert._references import NumpyReference  # noqa: E402
+from fedclient.convert._verify import verify_bundle  # noqa: E402
+from fedclient.convert.cli import main as fedconvert  # noqa: E402
 from fedclient.runtime import NumpyModel, OnnxBackend, read_manifest  # noqa: E402
-from tools._convert import builtin_source, convert  # noqa: E402
-from tools._references import NumpyReference  # noqa: E402
-from tools._verify import verify_bundle  # noqa: E402
-from tools.cli import main as fedconvert  # noqa: E402
 
 HERE = Path(__file__).parent
 

@@ -11,7 +11,7 @@ can (a server that enrols devices of its own without an authority; inputs out
 of range), is in `SecAggClient` and in the README's threat model.
 
 It is a sans-io protocol core: `SecAggClient` here and
-`fedserver_ref.secagg.SecAggServer` turn the stage messages of
+`fedclient.server.secagg.SecAggServer` turn the stage messages of
 `fedclient.privacy.secagg` into one another over any transport.
 
     params = SecAggParams.create(range(1, n + 1), vector_length, plus=True)

@@ -7,7 +7,7 @@ decompressed bytes in a cache folder, as torchvision keeps its processed MNIST
 and Flower Datasets its Arrow files; later runs map those bytes instead of
 inflating them again. Without a cached copy, ``fedsim run`` starts the
 decompression first (zlib releases the GIL while it inflates, and this module
-needs only the standard library) and the loader in `simulator.datasets` takes the
+needs only the standard library) and the loader in `fedclient.sim.datasets` takes the
 bytes when it gets there, or reads the file itself when nothing was started.
 
 The cache folder is ``$FEDSIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedsim``, else

@@ -70,7 +70,7 @@ _BACKENDS: dict[tuple[str, bytes], TrainingBackend] = {}
 def _start_worker() -> None:
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=1)  # small models: BLAS threads only contend (simulator.cli)
+    threadpool_limits(limits=1)  # small models: BLAS threads only contend (fedclient.sim.cli)
 
 
 def _train(runtime: str, spec: bytes, task: dict[str, Any]) -> Any:

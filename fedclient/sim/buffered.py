@@ -23,8 +23,8 @@ from fedclient.runtime import EvalResult, TrainingBackend
 
 if TYPE_CHECKING:
     from fedclient.protocol import JobPlan
-    from simulator.datasets import Dataset
-    from simulator.engine import SimClock, SimulationConfig, _Fleet, _Server
+    from fedclient.sim.datasets import Dataset
+    from fedclient.sim.engine import SimClock, SimulationConfig, _Fleet, _Server
 
 __all__ = ["run_buffered"]
 
@@ -41,7 +41,7 @@ async def run_buffered(
     wall_start: float,
 ) -> list[dict[str, Any]]:
     """Run the async job to its last buffer; one report entry per aggregation."""
-    from simulator.engine import TOTALS, _token
+    from fedclient.sim.engine import TOTALS, _token
 
     job = plan.job.name
     idle = deque(

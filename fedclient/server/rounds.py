@@ -23,8 +23,8 @@ import numpy as np
 
 from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
 from fedclient.runtime import bundle_weights, create_backend
-from fedserver_ref.store import JobRow, RoundRow, ServerStore
-from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
+from fedclient.server.store import JobRow, RoundRow, ServerStore
+from fedclient.server.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
 
 __all__ = ["DECODED_MAX_BYTES", "SyncRounds", "initial_weights", "model_etag"]
 

@@ -7,13 +7,13 @@ app = create_app(service, tick_seconds=1.0)      # serve with uvicorn
 
 import typing as _typing
 
-from fedserver_ref.plan import load_plan, plan_from_dict
-from fedserver_ref.service import FederationService
-from fedserver_ref.store import ServerStore
-from fedserver_ref.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
+from fedclient.server.plan import load_plan, plan_from_dict
+from fedclient.server.service import FederationService
+from fedclient.server.store import ServerStore
+from fedclient.server.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
 
 if _typing.TYPE_CHECKING:
-    from fedserver_ref.app import create_app
+    from fedclient.server.app import create_app
 
 __all__ = [
     "ClientUpdate",
@@ -32,7 +32,7 @@ def __getattr__(name: str) -> _typing.Any:
     # The app needs starlette (the server extra): `fedserver` on a core install must be
     # able to say so in one line, which it cannot if importing this package fails first.
     if name == "create_app":
-        from fedserver_ref.app import create_app
+        from fedclient.server.app import create_app
 
         return create_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -100,7 +100,7 @@ def _run(http: httpx.Client, args: argparse.Namespace) -> Any:
         return _call(http, ADMIN_REVOKE, device=args.device)
     if command == "codes":
         return _call(http, ADMIN_CODES, body=IssueCodes(args.count))
-    from fedserver_ref.plan import load_plan
+    from fedclient.server.plan import load_plan
 
     return _call(http, ADMIN_CREATE_JOB, body=load_plan(args.plan))
 

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["init"]:
         return _init(argv[1:])
     if argv[:1] == ["admin"]:
-        from fedserver_ref.admin import main as admin
+        from fedclient.server.admin import main as admin
 
         return admin(argv[1:])
     parser = argparse.ArgumentParser(
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from fedserver_ref import FederationService, ServerStore, create_app, load_plan
-        from fedserver_ref.auth import EnrolmentPolicy
-        from fedserver_ref.limits import RateLimits
+        from fedclient.server import FederationService, ServerStore, create_app, load_plan
+        from fedclient.server.auth import EnrolmentPolicy
+        from fedclient.server.limits import RateLimits
 
         limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
         plans = [load_plan(path) for path in args.plan]
@@ -161,9 +161,9 @@ def _init(argv: list[str]) -> int:
     parser.add_argument("--db", default="fedserver.sqlite", help="where to create it")
     args = parser.parse_args(argv)
     try:
-        from fedserver_ref.plan import load_plan
-        from fedserver_ref.service import FederationService
-        from fedserver_ref.store import ServerStore
+        from fedclient.server.plan import load_plan
+        from fedclient.server.service import FederationService
+        from fedclient.server.store import ServerStore
 
         plans = [load_plan(path) for path in args.plan]
         store = ServerStore.create(args.db)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from fedclient._exceptions import InvalidInput
+from fedclient.convert._references import NumpyReference, OnnxReference, Reference, TorchReference
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import BundleManifest, CnnShape, NumpyCnn, NumpyModel, write_bundle
-from tools._references import NumpyReference, OnnxReference, Reference, TorchReference
 
 if TYPE_CHECKING:
     import onnx

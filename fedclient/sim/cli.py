@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 # Only the standard library up here: a run starts decompressing its data set (on
-# threads) before it imports the rest, so the two overlap (simulator._prefetch).
-from simulator import _prefetch
+# threads) before it imports the rest, so the two overlap (fedclient.sim._prefetch).
+from fedclient.sim import _prefetch
 
 __all__ = ["console", "main"]
 
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "--fleet",
         default="phones",
         help="device profiles: phones | uniform | slow-tail | diurnal | "
-        "trace:PATH.csv (see simulator/devices.py)",
+        "trace:PATH.csv (see fedclient/sim/devices.py)",
     )
     run.add_argument("--epochs", type=int)
     run.add_argument("--batch-size", type=int)
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedclient._exceptions import FedError
 
     try:
-        from simulator import report as reports
-        from simulator.engine import SimulationConfig
+        from fedclient.sim import report as reports
+        from fedclient.sim.engine import SimulationConfig
     except ImportError as exc:
         print(f"fedsim needs the sim extra: pip install 'fedclient[sim]' ({exc})", file=sys.stderr)
         return 2
@@ -286,7 +286,7 @@ def _simulate(config: Any, quiet: bool) -> dict[str, Any]:
     """Run one simulation with a progress bar and a line per round (``quiet``: neither)."""
     from threadpoolctl import threadpool_limits
 
-    from simulator.engine import simulate
+    from fedclient.sim.engine import simulate
 
     # Device models are small: BLAS threads only contend (a 10x784 @ 784x200
     # product takes 0.17 ms on one thread and up to 15 ms on two busy cores).
@@ -310,7 +310,7 @@ def _with_progress(config: Any, simulate: Any) -> dict[str, Any]:
     ) as progress:
         rounds = config.rounds
         if config.plan_file is not None:
-            from fedserver_ref import load_plan
+            from fedclient.server import load_plan
 
             rounds = load_plan(config.plan_file).job.rounds
         task = progress.add_task("rounds", total=rounds)

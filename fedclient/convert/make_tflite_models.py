@@ -7,8 +7,8 @@ repository root with a TensorFlow venv of its own::
     python -m venv /tmp/tfvenv
     /tmp/tfvenv/bin/pip install tensorflow-cpu==2.21.0 ai-edge-litert \\
         numpy msgspec httpx cryptography sqlite-utils safetensors
-    PYTHONPATH=. /tmp/tfvenv/bin/python tools/make_tflite_models.py            # the shipped set
-    PYTHONPATH=. /tmp/tfvenv/bin/python tools/make_tflite_models.py \\
+    PYTHONPATH=. /tmp/tfvenv/bin/python fedclient/convert/make_tflite_models.py  # the shipped set
+    PYTHONPATH=. /tmp/tfvenv/bin/python fedclient/convert/make_tflite_models.py \\
         --out ~/.cache/fedclient/tflite mlp-784-200-62                          # any mlp/softmax
 
 Every model is verified through LiteRT against the numpy reference after conversion;
@@ -59,7 +59,7 @@ def parse_model(text: str) -> ModelSpec:
 
 def main(argv: list[str] | None = None) -> int:
     """Convert and verify each model; print one summary per model."""
-    from tools._tflite import TRAIN_BATCH, convert_and_verify, render_tflite
+    from fedclient.convert._tflite import TRAIN_BATCH, convert_and_verify, render_tflite
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=list(SHIPPED), help="default: the shipped set")

@@ -56,13 +56,13 @@ from fedclient.protocol import (
     decode_tensors,
     encode_tensors,
 )
-from fedserver_ref.auth import EnrolmentPolicy, hash_token, matches, new_credentials
-from fedserver_ref.rounds import SyncRounds
-from fedserver_ref.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
-from fedserver_ref.strategies import ClientUpdate, Strategy
+from fedclient.server.auth import EnrolmentPolicy, hash_token, matches, new_credentials
+from fedclient.server.rounds import SyncRounds
+from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
+from fedclient.server.strategies import ClientUpdate, Strategy
 
 if TYPE_CHECKING:
-    from fedserver_ref.secure_rounds import SecureRounds
+    from fedclient.server.secure_rounds import SecureRounds
 
 __all__ = ["CONTRIBUTED_RETRY", "FederationService"]
 
@@ -95,7 +95,7 @@ class FederationService:
     ) -> None:
         self.store = store
         self.clock = clock
-        #: Who may enrol (`fedserver_ref.auth.EnrolmentPolicy`; default: anyone).
+        #: Who may enrol (`fedclient.server.auth.EnrolmentPolicy`; default: anyone).
         self.enrolment = enrolment or EnrolmentPolicy.open()
         #: The admin token's hash (`admin_token`); None: no admin API.
         self.admin_token_hash = hash_token(admin_token) if admin_token else None
@@ -104,7 +104,7 @@ class FederationService:
         #: Identity authorities' public keys: when set, a device enrols only with an
         #: identity key one of them certified (`fedclient.IdentityAuthority`).
         self.identity_authorities = identity_authorities
-        #: The server's Prometheus counters (`fedserver_ref.metrics.Metrics`), when its app
+        #: The server's Prometheus counters (`fedclient.server.metrics.Metrics`), when its app
         #: serves them.
         self.metrics: Any = None
         # Public randomness of secure aggregations (sessions, graphs, rotations): a
@@ -124,7 +124,7 @@ class FederationService:
         """The secure-aggregation rounds in flight (imported and made on first use: they
         bring in `cryptography`, which a server without secure jobs need not load)."""
         if self._secure is None:
-            from fedserver_ref.secure_rounds import SecureRounds
+            from fedclient.server.secure_rounds import SecureRounds
 
             self._secure = SecureRounds(self.secure_random)
         return self._secure

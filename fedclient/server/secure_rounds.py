@@ -56,8 +56,8 @@ from fedclient.privacy.secagg import (
     encode,
 )
 from fedclient.protocol import JobPlan, PrivacySettings, UploadReceipt, Weights
-from fedserver_ref.secagg import SecAggServer
-from fedserver_ref.strategies import ClientUpdate
+from fedclient.server.secagg import SecAggServer
+from fedclient.server.strategies import ClientUpdate
 
 __all__ = ["STAGES", "SecureRounds", "rotated_encoding", "secure_vector_length"]
 

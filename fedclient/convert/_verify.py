@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedclient.convert._references import Reference
 from fedclient.runtime import OnnxBackend, read_manifest
 from fedclient.runtime._ort import ort
-from tools._references import Reference
 
 __all__ = ["Check", "Verification", "verify_bundle"]
 

@@ -17,7 +17,7 @@ reference evaluator). Exit status: 0 verified, 1 verification failed,
 ``--tflite`` also writes ``model.tflite`` (built-in mlp and softmax only) with
 ``train``, ``infer``, ``get_weights`` and ``set_weights`` signatures and its
 manifest ``model.tflite.json``, and verifies it through LiteRT. It needs
-TensorFlow at conversion time only, in its own venv (see tools/make_tflite_models.py).
+TensorFlow at conversion time only, in its own venv (see fedclient/convert/make_tflite_models.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from fedclient._exceptions import FedError, InvalidInput
 
 if TYPE_CHECKING:
-    from tools._convert import Source
+    from fedclient.convert._convert import Source
 
 __all__ = ["main"]
 
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedconvert`` command."""
     args = _parser().parse_args(argv)
     try:
-        from tools._convert import convert, resolve
-        from tools._report import render, summary
-        from tools._verify import verify_bundle
+        from fedclient.convert._convert import convert, resolve
+        from fedclient.convert._report import render, summary
+        from fedclient.convert._verify import verify_bundle
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         print(
             f"fedconvert needs the convert extra: pip install 'fedclient[convert]' ({exc})",
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         lite = None
         if args.tflite and source.model_spec is not None:
-            from tools._tflite import TRAIN_BATCH, convert_and_verify
+            from fedclient.convert._tflite import TRAIN_BATCH, convert_and_verify
 
             lite = convert_and_verify(
                 source.model_spec,
@@ -157,14 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = summary(out, manifest, verification, seconds)
         if lite is not None:
-            from tools._tflite import tflite_summary
+            from fedclient.convert._tflite import tflite_summary
 
             data["tflite"] = tflite_summary(lite)
         print(json.dumps(data, indent=2))
     else:
         print(render(out, manifest, verification, seconds))
         if lite is not None:
-            from tools._tflite import render_tflite
+            from fedclient.convert._tflite import render_tflite
 
             print("\n" + render_tflite(lite))
     return 0 if all(v is None or v.passed for v in results) else 1
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_tflite_source(source: Source) -> None:
     """Fail before the ONNX conversion when the TFLite one cannot follow."""
-    from tools._tflite import tensorflow
+    from fedclient.convert._tflite import tensorflow
 
     spec = source.model_spec
     if spec is None or spec.kind not in ("mlp", "softmax"):

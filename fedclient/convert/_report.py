@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedclient.convert._verify import Verification
 from fedclient.runtime import BundleManifest
 from fedclient.runtime._bundle import BUNDLE_FILES
-from tools._verify import Verification
 
 __all__ = ["render", "summary"]
 

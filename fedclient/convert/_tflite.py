@@ -33,6 +33,9 @@ import msgspec
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
+from fedclient.convert._references import NumpyReference
+from fedclient.convert._report import _size, _table, verification_lines
+from fedclient.convert._verify import TOLERANCE, Check, Verification, _max_diff
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import NumpyModel
 from fedclient.runtime._bundle import FileInfo, TensorInfo, _sha256
@@ -44,9 +47,6 @@ from fedclient.runtime._tflite import (
     manifest_path,
     model_filename,
 )
-from tools._references import NumpyReference
-from tools._report import _size, _table, verification_lines
-from tools._verify import TOLERANCE, Check, Verification, _max_diff
 
 __all__ = [
     "TF_HINT",

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
+from fedclient.sim import _prefetch
 from fedclient.text import hash_features
-from simulator import _prefetch
 
 __all__ = ["CsvColumns", "Dataset", "load_dataset", "partition"]
 

@@ -67,9 +67,9 @@ from fedclient.protocol import (
     parse_id,
 )
 from fedclient.protocol import Route as ApiRoute
-from fedserver_ref.auth import bearer_token
-from fedserver_ref.limits import RateLimiter, RateLimits
-from fedserver_ref.service import FederationService
+from fedclient.server.auth import bearer_token
+from fedclient.server.limits import RateLimiter, RateLimits
+from fedclient.server.service import FederationService
 
 __all__ = ["JSON_LIMIT", "create_app"]
 
@@ -96,9 +96,9 @@ def create_app(
     """The server as an ASGI app. ``tick_seconds`` starts a timer that closes rounds at
     their deadlines; leave it None when something else calls ``service.tick()``
     (the simulator, on its simulated clock). ``metrics`` serves Prometheus text at
-    ``/metrics`` and counts every request (`fedserver_ref.metrics`); a simulation,
+    ``/metrics`` and counts every request (`fedclient.server.metrics`); a simulation,
     which measures itself, turns it off. ``rate_limits`` answers floods of
-    enrolments, check-ins and uploads with 429 (`fedserver_ref.limits`)."""
+    enrolments, check-ins and uploads with 429 (`fedclient.server.limits`)."""
     limiter = RateLimiter(rate_limits) if rate_limits is not None else None
 
     def limit(request: Request, kind: str, token: str | None = None) -> None:
@@ -311,7 +311,7 @@ def create_app(
     if metrics:
         from starlette.middleware import Middleware
 
-        from fedserver_ref.metrics import CONTENT_TYPE, Metrics, RequestMetrics
+        from fedclient.server.metrics import CONTENT_TYPE, Metrics, RequestMetrics
 
         counters = service.metrics = Metrics()
         service.rounds.on_close = lambda job, outcome: counters.rounds.labels(job, outcome).inc()

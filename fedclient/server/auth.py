@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from fedclient._exceptions import Forbidden, Unauthorized
 
 if TYPE_CHECKING:
-    from fedserver_ref.store import ServerStore
+    from fedclient.server.store import ServerStore
 
 __all__ = ["EnrolmentPolicy", "bearer_token", "hash_token", "matches", "new_credentials"]
 

@@ -2,7 +2,7 @@
 
     fedsim run --engine ray [--ray-address auto | ray://HEAD:10001] [--ray-actors N] ...
 
-The driver (the ``fedsim`` process) keeps `simulator.engine`'s round logic: the
+The driver (the ``fedsim`` process) keeps `fedclient.sim.engine`'s round logic: the
 seeded check-in order, the devices' simulated finish times, the uploads in that
 order, the evaluation. The devices live on actors: actor ``k`` of ``N`` owns the
 devices ``k, k + N, k + 2N, ...``, builds a real `fedclient.Client` for one when it
@@ -41,9 +41,9 @@ from threadpoolctl import threadpool_limits
 from fedclient import InvalidInput, StepOutcome
 from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.protocol import JobPlan
-from fedserver_ref import FederationService, create_app
-from simulator.datasets import Dataset
-from simulator.engine import (
+from fedclient.server import FederationService, create_app
+from fedclient.sim.datasets import Dataset
+from fedclient.sim.engine import (
     TOTALS,
     SimClock,
     SimulationConfig,
@@ -204,7 +204,7 @@ class _Shard:
         simulated: bool,
         number: int,
     ) -> None:
-        # Device models are small: BLAS threads only contend (see simulator.cli).
+        # Device models are small: BLAS threads only contend (see fedclient.sim.cli).
         threadpool_limits(limits=1)
         # This actor's devices draw their privacy noise from the seed, knowingly.
         warnings.filterwarnings("ignore", category=SeededNoiseWarning)

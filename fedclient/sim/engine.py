@@ -62,12 +62,12 @@ from fedclient.protocol import (
     decode_tensors,
 )
 from fedclient.runtime import EvalResult, create_backend
+from fedclient.server import FederationService, ServerStore, create_app, load_plan, plan_from_dict
+from fedclient.sim.buffered import run_buffered
+from fedclient.sim.datasets import CsvColumns, Dataset, load_dataset, partition
+from fedclient.sim.devices import DeviceProfile, draw_profiles
+from fedclient.sim.trainpool import TrainPool, resolve_workers
 from fedclient.transport import raise_for_error
-from fedserver_ref import FederationService, ServerStore, create_app, load_plan, plan_from_dict
-from simulator.buffered import run_buffered
-from simulator.datasets import CsvColumns, Dataset, load_dataset, partition
-from simulator.devices import DeviceProfile, draw_profiles
-from simulator.trainpool import TrainPool, resolve_workers
 
 __all__ = ["SimClock", "SimulationConfig", "simulate"]
 
@@ -135,11 +135,11 @@ class SimulationConfig:
     distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private
     mode: str = "sync"  # sync rounds, or async (FedBuff) buffers
     max_staleness: int = 10
-    strategy: str = "fedavg"  # the server's aggregation (fedserver_ref.strategies)
+    strategy: str = "fedavg"  # the server's aggregation (fedclient.server.strategies)
     server_learning_rate: float | None = None  # None: the strategy's default
     proximal_mu: float = 0.0  # FedProx
     runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
-    engine: str = "local"  # local | ray (simulator.engines.ray)
+    engine: str = "local"  # local | ray (fedclient.sim.engines.ray)
     workers: int = 1  # local engine: processes that train (1: in the loop; 0: one per CPU)
     ray_address: str | None = None  # None: a new local Ray instance; auto | ray://HOST:PORT
     ray_actors: int | None = None  # None: one per CPU of the Ray cluster
@@ -415,7 +415,7 @@ class _Fleet:
         self.active.append(d)
         return d
 
-    # -- what the rounds ask of the devices, a batch at a time (see simulator.engines.ray)
+    # -- what the rounds ask of the devices, a batch at a time (see fedclient.sim.engines.ray)
     def _at(self, now: float) -> None:
         """Set the devices' simulated clock (the server's own, or a Ray actor's copy)."""
         if isinstance(self.server.clock, SimClock):
@@ -562,7 +562,7 @@ class _Server:
 async def simulate(
     config: SimulationConfig, on_round: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run the federation ``config`` describes; return the report (see `simulator.report`)."""
+    """Run the federation ``config`` describes; return the report (see `fedclient.sim.report`)."""
     wall_start = time.perf_counter()
     columns = CsvColumns(
         config.text_column, config.label_column, config.user_column, header=not config.no_header
@@ -1018,7 +1018,7 @@ def _ray_fleet(
 ) -> contextlib.AbstractAsyncContextManager[_Fleet]:
     """The fleet on Ray actors (``--engine ray``), if the ray extra is installed."""
     try:
-        from simulator.engines.ray import ray_fleet
+        from fedclient.sim.engines.ray import ray_fleet
     except ImportError as exc:
         raise InvalidInput(
             f"--engine ray needs the ray extra: pip install 'fedclient[ray]' ({exc})"
