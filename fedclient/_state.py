@@ -90,6 +90,27 @@ class RoundProgress:
     update: bytes | None = None
 
 
+def apply_migrations(
+    db: sqlite_utils.Database,
+    migrations: dict[int, list[str]],
+    version: int,
+    what: str,
+    program: str,
+) -> None:
+    """Bring ``db`` from schema ``version`` to the newest of ``migrations`` (in the caller's
+    transaction), and record it in its ``meta`` table; `StateError` if the file is newer
+    than this ``program`` knows."""
+    newest = max(migrations)
+    if version > newest:
+        raise StateError(
+            f"{what} schema {version} is newer than this {program} ({newest}); upgrade fedclient"
+        )
+    for target in range(version + 1, newest + 1):
+        for statement in migrations.get(target, []):
+            db.execute(statement)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(newest)])
+
+
 @contextmanager
 def transaction(db: sqlite_utils.Database, forget: Callable[[], None]) -> Iterator[None]:
     """``db.atomic()`` for an object that keeps in memory what it last wrote: when the
@@ -160,18 +181,7 @@ class DeviceState:
             return  # the common case (and many devices may share a file): no write
         with self.db.atomic():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-            version = self._schema_version()
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"state schema {version} is newer than this fedclient "
-                    f"({SCHEMA_VERSION}); upgrade fedclient"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    self.db.execute(statement)
-            self.db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
-            )
+            apply_migrations(self.db, MIGRATIONS, self._schema_version(), "state", "fedclient")
         _CURRENT.add(self.db)
 
     # -- identity --------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 
 from fedclient._exceptions import InvalidInput
+from fedclient.privacy.dp import smallest_satisfying
 
 __all__ = ["device_sigma", "effective_noise_multiplier", "sum_divergence"]
 
@@ -76,16 +77,6 @@ def device_sigma(noise_multiplier: float, sensitivity: float, n: int, d: int) ->
     def enough(sigma: float) -> bool:
         return effective_noise_multiplier(sigma, sensitivity, n, d) >= noise_multiplier
 
-    hi = max(1.0, noise_multiplier * sensitivity / math.sqrt(n))
-    while not enough(hi):
-        hi *= 2.0
-    lo = hi / 2.0
-    while enough(lo) and lo > 1e-6:
-        hi, lo = lo, lo / 2.0
-    while hi - lo > 1e-9 * hi:
-        mid = 0.5 * (lo + hi)
-        if enough(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return smallest_satisfying(
+        enough, max(1.0, noise_multiplier * sensitivity / math.sqrt(n)), 1e-9
+    )

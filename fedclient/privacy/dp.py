@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,6 +65,7 @@ __all__ = [
     "gaussian_delta",
     "l2_norm",
     "noise_multiplier_for_budget",
+    "smallest_satisfying",
 ]
 
 Update = Mapping[str, npt.NDArray[np.floating]]
@@ -157,15 +158,24 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
         raise InvalidInput(f"delta must be in (0, 1), got {delta}")
     if not sensitivity > 0:
         raise InvalidInput(f"sensitivity must be positive, got {sensitivity}")
-    hi = sensitivity
-    while gaussian_delta(hi, epsilon, sensitivity) > delta:
+    return smallest_satisfying(
+        lambda sigma: gaussian_delta(sigma, epsilon, sensitivity) <= delta, sensitivity, 1e-12
+    )
+
+
+def smallest_satisfying(enough: Callable[[float], bool], start: float, width: float) -> float:
+    """The smallest positive x with ``enough(x)``, for a monotone ``enough`` (False below
+    some point, True above): doubled or halved from ``start`` until it brackets it, then
+    bisected to a relative ``width``; the upper end is returned, so ``enough`` holds."""
+    hi = start
+    while not enough(hi):
         hi *= 2.0
     lo = hi / 2.0
-    while gaussian_delta(lo, epsilon, sensitivity) <= delta:
+    while enough(lo) and lo > start * 1e-12:
         hi, lo = lo, lo / 2.0
-    while hi - lo > 1e-12 * hi:
+    while hi - lo > width * hi:
         mid = 0.5 * (lo + hi)
-        if gaussian_delta(mid, epsilon, sensitivity) <= delta:
+        if enough(mid):
             hi = mid
         else:
             lo = mid
@@ -329,19 +339,7 @@ def noise_multiplier_for_budget(budget: PrivacyBudget, releases: int) -> float:
     def fits(z: float) -> bool:
         return RdpAccountant().compose(z, releases).epsilon(budget.delta) <= budget.epsilon
 
-    hi = 1.0
-    while not fits(hi):
-        hi *= 2.0
-    lo = hi / 2.0
-    while fits(lo):
-        hi, lo = lo, lo / 2.0
-    while hi - lo > 1e-9 * hi:
-        mid = 0.5 * (lo + hi)
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return smallest_satisfying(fits, 1.0, 1e-9)
 
 
 # -- the ledger ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import msgspec
 import sqlite_utils
 
 from fedclient._exceptions import StateError
-from fedclient._state import transaction
+from fedclient._state import apply_migrations, transaction
 from fedclient.protocol import JobPlan
 
 __all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
@@ -179,17 +179,7 @@ class ServerStore:
                     self.db.execute(statement)
             row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             version = int(row[0]) if row else 1  # a new file holds version 1's tables
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"database schema {version} is newer than this fedserver "
-                    f"({SCHEMA_VERSION}); upgrade fedclient"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    self.db.execute(statement)
-            self.db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
-            )
+            apply_migrations(self.db, MIGRATIONS, version, "database", "fedserver")
 
     @classmethod
     def open_existing(cls, path: str | Path) -> ServerStore:
