@@ -67,7 +67,7 @@ from fedclient.protocol import (
     parse_id,
 )
 from fedclient.protocol import Route as ApiRoute
-from fedclient.server.auth import bearer_token
+from fedclient.server.auth import bearer_token, hash_token
 from fedclient.server.limits import RateLimiter, RateLimits
 from fedclient.server.service import FederationService
 
@@ -109,8 +109,8 @@ def create_app(
             limiter.hit("enrol", address)
             return
         limiter.hit(f"{kind}_per_address", address)
-        if token is not None:
-            limiter.hit(f"{kind}_per_device", token)
+        if token is not None:  # counted by the token's hash: no raw token kept around
+            limiter.hit(f"{kind}_per_device", hash_token(token))
 
     async def enrol(request: Request) -> Response:
         limit(request, "enrol")
