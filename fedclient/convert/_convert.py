@@ -143,6 +143,10 @@ def _load_object(target: str) -> Any:
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)
         else:
+            # As `python -m` and uvicorn do: the working folder's modules import, so
+            # `fedconvert mymodel:Net` works from the folder that holds mymodel.py.
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
             module = importlib.import_module(location)
         return getattr(module, attr)
     except InvalidInput:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,16 @@ def test_verification_catches_a_bundle_that_is_not_the_source(tmp_path: Path) ->
     assert not verification.passed
     failed = {c.name for c in verification.checks if not c.passed}
     assert {"initial weights", "inference", "training step"} <= failed
+
+
+def test_a_module_in_the_working_folder_loads_as_with_python_m(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found: `fedconvert mymodel:Net` run from the folder holding mymodel.py failed with
+    # ModuleNotFoundError (the working folder was not on the import path).
+    from fedclient.convert._convert import _load_object
+
+    (tmp_path / "mymodel_for_fedconvert.py").write_text("class Net:\n    kind = 'mine'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert _load_object("mymodel_for_fedconvert:Net").kind == "mine"
