@@ -580,9 +580,8 @@ class Client:
     # -- the job loop, without I/O ---------------------------------------------
     def _step_flow(self) -> Flow:
         identity = self._store.identity(self.server)
-        progress = self._store.progress(self.job)
         unmet = self.conditions.unmet() if self.conditions is not None else None
-        if progress.phase is Phase.IDLE and unmet is not None:
+        if unmet is not None and self._store.phase(self.job) is Phase.IDLE:
             reason = f"conditions not met: {unmet}"
             return StepOutcome("waiting", retry_after=CONDITIONS_RETRY, reason=reason)
         if identity is None:
@@ -591,6 +590,7 @@ class Client:
             # same device instead of creating another.
             token = self._store.enrolment_token(self.server)
             return (yield from self._checkin(Identity("", token)))
+        progress = self._store.progress(self.job)
         if progress.phase is Phase.IDLE:
             return (yield from self._checkin(identity))
         assert progress.plan is not None
@@ -1045,9 +1045,11 @@ class Client:
                 f"bundle {digest[:12]}"
             )
         local = backend.get_weights()
-        theirs = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
-        ours = {k: (tuple(v.shape), str(v.dtype)) for k, v in local.items()}
-        if theirs != ours:
+        if {k: (v.shape, v.dtype) for k, v in weights.items()} != {
+            k: (v.shape, v.dtype) for k, v in local.items()
+        }:  # the common case compares without formatting anything
+            theirs = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
+            ours = {k: (tuple(v.shape), str(v.dtype)) for k, v in local.items()}
             differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
             detail = "; ".join(
                 f"{k}: job {_describe(theirs.get(k))}, local {_describe(ours.get(k))}"

@@ -91,14 +91,16 @@ def create_app(
     tick_seconds: float | None = None,
     metrics: bool = True,
     rate_limits: RateLimits | None = None,
-    body_idle_seconds: float = BODY_IDLE_SECONDS,
+    body_idle_seconds: float | None = BODY_IDLE_SECONDS,
 ) -> Starlette:
     """The server as an ASGI app. ``tick_seconds`` starts a timer that closes rounds at
     their deadlines; leave it None when something else calls ``service.tick()``
     (the simulator, on its simulated clock). ``metrics`` serves Prometheus text at
     ``/metrics`` and counts every request (`fedclient.server.metrics`); a simulation,
     which measures itself, turns it off. ``rate_limits`` answers floods of
-    enrolments, check-ins and uploads with 429 (`fedclient.server.limits`)."""
+    enrolments, check-ins and uploads with 429 (`fedclient.server.limits`).
+    ``body_idle_seconds``: a body that stalls this long is a 408 (None: never, for an
+    in-process server, whose bodies cannot stall)."""
     limiter = RateLimiter(rate_limits) if rate_limits is not None else None
 
     def limit(request: Request, kind: str, token: str | None = None) -> None:
@@ -403,18 +405,24 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
     idle = request.app.state.body_idle_seconds
     chunks, size = [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), idle)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise BodyTimeout(f"no byte of the body for {idle:g} s; send it again") from None
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    if idle is None:  # an in-process server (a simulation): no socket to stall
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    try:
+        # One deadline, moved on as bytes arrive (no task per chunk, as wait_for makes).
+        async with asyncio.timeout(idle) as deadline:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+                chunks.append(chunk)
+                deadline.reschedule(asyncio.get_running_loop().time() + idle)
+    except TimeoutError:
+        raise BodyTimeout(f"no byte of the body for {idle:g} s; send it again") from None
     return b"".join(chunks)
 
 

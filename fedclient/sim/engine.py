@@ -343,6 +343,10 @@ class _Fleet:
         # Secure aggregation: the run's identity authority certifies every device's
         # identity key, and every device pins it (see `simulation_authority`).
         self.authority = simulation_authority(config) if plan.privacy.secagg else None
+        # The researcher owns the simulated devices: they accept the plan's privacy.
+        self.policy = PrivacyPolicy.accepting(
+            plan.privacy, (self.authority.public,) if self.authority else ()
+        )
 
     def train_on(self, pool: TrainPool) -> None:
         """Train on ``pool``'s workers; the download and training of several devices
@@ -402,10 +406,7 @@ class _Fleet:
             # Reproducible reports: the privacy noise is drawn from the seed too. Not
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
-            # The researcher owns the simulated devices: they accept the plan's privacy.
-            policy=PrivacyPolicy.accepting(
-                self.plan.privacy, (self.authority.public,) if self.authority else ()
-            ),
+            policy=self.policy,
         )
         if self.authority is not None and not d.certified:
             state = d.client.device_state
@@ -593,7 +594,7 @@ async def simulate(
         service.add_job(plan)
         server = _Server(
             "http://fedserver.local",
-            httpx.ASGITransport(app=create_app(service, metrics=False)),
+            httpx.ASGITransport(app=create_app(service, metrics=False, body_idle_seconds=None)),
             clock,
             service.tick,
         )
