@@ -23,6 +23,9 @@ pytestmark = pytest.mark.anyio
 
 #: These rounds have 6 devices; a device's default policy refuses cohorts under 10.
 SMALL_COHORTS = fedclient.PrivacyPolicy(min_secure_cohort=2)
+# 24 devices, 8 a round, 3 rounds of digits: the fedsim runs these tests compare.
+SMALL_RUN = ["run", "--dataset", "digits", "--devices", "24", "--devices-per-round", "8"]
+SMALL_RUN += ["--rounds", "3", "--seed", "1", "--quiet"]
 
 
 def _server(secagg: str, compression: str = "", **privacy: Any) -> Server:
@@ -182,20 +185,7 @@ async def test_secure_jobs_refuse_plain_uploads_and_bad_stage_messages(make_devi
 
 
 def test_fedsim_secagg_plus_matches_plaintext(tmp_path: Path) -> None:
-    common = [
-        "run",
-        "--dataset",
-        "digits",
-        "--devices",
-        "24",
-        "--devices-per-round",
-        "8",
-        "--rounds",
-        "3",
-        "--seed",
-        "1",
-        "--quiet",
-    ]
+    common = SMALL_RUN
     assert fedsim([*common, "--report", str(tmp_path / "plain.json")]) == 0
     assert fedsim([*common, "--secagg-plus", "--report", str(tmp_path / "secure.json")]) == 0
     plain = json.loads((tmp_path / "plain.json").read_text())
@@ -208,18 +198,7 @@ def test_fedsim_distributed_dp_reports_the_aggregate_s_privacy_and_reproduces(
     tmp_path: Path,
 ) -> None:
     common = [
-        "run",
-        "--dataset",
-        "digits",
-        "--devices",
-        "24",
-        "--devices-per-round",
-        "8",
-        "--rounds",
-        "3",
-        "--seed",
-        "1",
-        "--quiet",
+        *SMALL_RUN,
         "--no-plot",
         "--dp",
         "epsilon=8,delta=1e-5,clip=1.0",
