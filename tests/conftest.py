@@ -199,6 +199,9 @@ def live_server(make_server: Callable[..., Server]) -> Iterator[Callable[..., Li
             host="127.0.0.1",
             port=0,
             log_level="warning",
+            # uvicorn's dictConfig would close every handler logging knows, whoever
+            # made it (absl's, once dp_accounting is imported, holds pytest's capture).
+            log_config=None,
             lifespan="on",
             ssl_certfile=str(tls[0]) if tls else None,
             ssl_keyfile=str(tls[1]) if tls else None,

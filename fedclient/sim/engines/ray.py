@@ -153,6 +153,7 @@ async def _serve(app: Any, host: str) -> AsyncIterator[str]:
         uvicorn.Config(
             app,
             log_level="warning",
+            log_config=None,  # fedsim's process: its logging is the user's, not uvicorn's
             access_log=False,
             # Answer with the in-process app's headers: the devices count the same bytes.
             server_header=False,
