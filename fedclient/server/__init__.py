@@ -10,7 +10,13 @@ import typing as _typing
 from fedclient.server.plan import load_plan, plan_from_dict
 from fedclient.server.service import FederationService
 from fedclient.server.store import ServerStore
-from fedclient.server.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
+from fedclient.server.strategies import (
+    ClientUpdate,
+    FedAvg,
+    MeanStrategy,
+    Strategy,
+    strategy_for,
+)
 
 if _typing.TYPE_CHECKING:
     from fedclient.server.app import create_app
@@ -19,6 +25,7 @@ __all__ = [
     "ClientUpdate",
     "FedAvg",
     "FederationService",
+    "MeanStrategy",
     "ServerStore",
     "Strategy",
     "create_app",

@@ -12,6 +12,15 @@ its device checked in and weighted by 1/sqrt(1 + staleness).
 Closing a round writes the next model version and opens the next round (or
 finishes the job) in the same transaction. Time comes from the caller, so the
 simulator can run rounds on a simulated clock.
+
+Streaming aggregation: with a `MeanStrategy` (fedavg and the server optimisers), once
+`FOLD_EVERY` stored updates wait, `SyncRounds.fold` adds them to the round's running
+sum (`RunningSum`, stored in ``round_sums``) and drops their bodies, in one
+transaction: an update is in the sum or has its body, never both, never neither. A
+round then holds O(model) plus at most `FOLD_EVERY` bodies, whatever its number of
+updates, and its close folds the rest and steps from the mean. A robust strategy
+(median, trimmed mean) needs every update at once: its rounds keep every body until
+the close, and hold them in memory then.
 """
 
 from __future__ import annotations
@@ -23,13 +32,24 @@ import numpy as np
 
 from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
 from fedclient.runtime import bundle_weights, create_backend
-from fedclient.server.store import JobRow, RoundRow, ServerStore
-from fedclient.server.strategies import ClientUpdate, FedAvg, Strategy, strategy_for
+from fedclient.server.store import JobRow, RoundRow, ServerStore, UpdateRow
+from fedclient.server.strategies import (
+    ClientUpdate,
+    FedAvg,
+    MeanStrategy,
+    RunningSum,
+    Strategy,
+    strategy_for,
+)
 
-__all__ = ["DECODED_MAX_BYTES", "SyncRounds", "initial_weights", "model_etag"]
+__all__ = ["DECODED_MAX_BYTES", "FOLD_EVERY", "SyncRounds", "initial_weights", "model_etag"]
 
 #: At most this many bytes of accepted updates are held decoded for their round's close.
 DECODED_MAX_BYTES = 256 * 1024 * 1024
+
+#: A streaming round folds its waiting update bodies into its running sum once this many
+#: wait: each fold writes the sum (8 bytes a parameter) once for this many updates.
+FOLD_EVERY = 32
 
 
 def initial_weights(plan: JobPlan) -> Weights:
@@ -57,6 +77,10 @@ class SyncRounds:
         # decoding every body again. A restarted server decodes the stored bodies.
         self._decoded: dict[str, Weights] = {}
         self._decoded_bytes = 0
+        # Each streaming round's running sum as last folded, by round id: a cache of the
+        # stored one, used only while its count matches the store's (a fold whose
+        # transaction rolled back leaves it ahead; it is then read again).
+        self._sums: dict[int, RunningSum] = {}
 
     def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
         """Keep an accepted update's tensors (the decoded body) for its round's close."""
@@ -79,6 +103,57 @@ class SyncRounds:
     def strategy_for(self, plan: JobPlan) -> Strategy:
         """The strategy that aggregates this job's rounds."""
         return self.strategy or strategy_for(plan.strategy)
+
+    def _streaming(self, plan: JobPlan) -> MeanStrategy | None:
+        """The job's strategy if its rounds fold updates as they arrive, else None (a
+        secure round's server sees only the sum, handed in at the close)."""
+        strategy = self.strategy_for(plan)
+        if plan.privacy.secagg or not isinstance(strategy, MeanStrategy):
+            return None
+        return strategy
+
+    def accepted(self, job: JobRow, round_id: int) -> None:
+        """After an update is stored: fold the round's waiting bodies once `FOLD_EVERY`
+        wait (streaming strategies only). Call inside the accepting transaction."""
+        if self._streaming(job.plan) is None:
+            return
+        folded = self._sums.get(round_id)
+        waiting = self.store.update_count(round_id) - (folded.count if folded else 0)
+        if waiting >= FOLD_EVERY:
+            self.fold(job, round_id)
+
+    def fold(self, job: JobRow, round_id: int) -> RunningSum:
+        """Fold the round's waiting updates into its running sum, in arrival order, and
+        drop their bodies, in one transaction; return the sum."""
+        strategy = self._streaming(job.plan)
+        assert strategy is not None
+        with self.store.atomic():
+            running = self._sums.pop(round_id, None)
+            if running is None or running.count != self.store.round_sum_count(round_id):
+                stored = self.store.round_sum(round_id)
+                running = RunningSum()
+                if stored is not None:
+                    running = RunningSum(
+                        {k: v.copy() for k, v in decode_tensors(stored[0])[0].items()},
+                        stored[1],
+                        stored[2],
+                    )
+            rows = self.store.unfolded_updates(round_id)
+            for row in rows:
+                update = ClientUpdate(
+                    row.device_id, row.num_examples, self._tensors(row), row.staleness
+                )
+                running.add(update.weight, strategy.contribution(update))
+            if rows:
+                self.store.save_round_sum(
+                    round_id,
+                    encode_tensors(running.sums),
+                    running.weight,
+                    running.count,
+                    [r.seq for r in rows],
+                )
+        self._sums[round_id] = running
+        return running
 
     def create_job(self, plan: JobPlan, now: float) -> None:
         """Register a job with its version-0 model and open its first round."""
@@ -105,6 +180,38 @@ class SyncRounds:
                 closed = True
         return closed
 
+    def _aggregate(
+        self,
+        job: JobRow,
+        round_: RoundRow,
+        rows: list[UpdateRow],
+        updates: list[ClientUpdate] | None,
+    ) -> tuple[Weights, Weights]:
+        """The round's next weights and strategy state: from its running sum (a streaming
+        strategy), its stored updates, or ``updates`` (a secure round's sum)."""
+        plan = job.plan
+        current = self.store.model(job.name, round_.model_version)
+        assert current is not None
+        base, _ = decode_tensors(current[0])
+        held = self.store.strategy_state(job.name)
+        state = decode_tensors(held)[0] if held else {}
+        streaming = self._streaming(plan) if updates is None else None
+        with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the result
+            if streaming is not None:
+                return streaming.step(base, self.fold(job, round_.round_id).mean(), state)
+            if updates is None:
+                updates = [
+                    ClientUpdate(r.device_id, r.num_examples, self._tensors(r), r.staleness)
+                    for r in rows
+                ]
+            strategy = FedAvg() if plan.privacy.secagg else self.strategy_for(plan)
+            return strategy.aggregate(base, updates, state)
+
+    def _tensors(self, row: UpdateRow) -> Weights:
+        """An update's tensors: as held decoded since its upload, else from its body."""
+        held = self.drop_decoded(row.receipt_id)
+        return held if held is not None else self._decode_stored(row.seq)
+
     def close(
         self,
         job: JobRow,
@@ -120,34 +227,22 @@ class SyncRounds:
         with self.store.atomic():
             rows = self.store.updates(round_.round_id, bodies=False)
             completed, failed, version = job.rounds_completed, job.rounds_failed, job.model_version
-            decoded = [self.drop_decoded(r.receipt_id) for r in rows]  # whatever happens next
+            new_weights: Weights | None = None
             if updates or (updates is None and len(rows) >= plan.job.min_devices):
-                current = self.store.model(job.name, round_.model_version)
-                assert current is not None
-                base, _ = decode_tensors(current[0])
-                if updates is None:
-                    updates = [
-                        ClientUpdate(
-                            r.device_id,
-                            r.num_examples,
-                            tensors if tensors is not None else self._decode_stored(r.seq),
-                            r.staleness,
-                        )
-                        for r, tensors in zip(rows, decoded, strict=True)
-                    ]
-                held = self.store.strategy_state(job.name)
-                state = decode_tensors(held)[0] if held else {}
-                strategy = FedAvg() if job.plan.privacy.secagg else self.strategy_for(plan)
-                with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-                    new_weights, state = strategy.aggregate(base, updates, state)
-            if updates and not all(np.all(np.isfinite(w)) for w in new_weights.values()):
+                new_weights, state = self._aggregate(job, round_, rows, updates)
+            for row in rows:
+                self.drop_decoded(row.receipt_id)  # a failed round's (the others are used)
+            self._sums.pop(round_.round_id, None)
+            if new_weights is not None and not all(
+                np.all(np.isfinite(w)) for w in new_weights.values()
+            ):
                 # Every update was finite and bounded, yet their aggregate is not (an
                 # overflow): publishing it would stop every device. The model stays.
                 self.store.close_round(
                     round_.round_id, "failed", now, f"{why}: the aggregate is not finite", None
                 )
                 failed += 1
-            elif updates:
+            elif new_weights is not None:
                 body = encode_tensors(new_weights)
                 if state:
                     self.store.save_strategy_state(job.name, encode_tensors(state))

@@ -543,6 +543,8 @@ class FederationService:
                 self.rounds.hold_decoded(receipt_id, tensors)
                 if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
                     self.rounds.close(job, target, now, "quota")
+                else:
+                    self.rounds.accepted(job, target.round_id)
         except BaseException:
             self.rounds.drop_decoded(receipt_id)  # the update was not stored after all
             raise

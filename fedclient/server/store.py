@@ -42,6 +42,10 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE enrolment_codes (code_hash TEXT PRIMARY KEY, issued REAL NOT NULL,"
         " used_by TEXT)",
     ],
+    5: [  # streaming aggregation: a round's updates folded so far, and their number
+        "CREATE TABLE round_sums (round_id INTEGER PRIMARY KEY, body BLOB NOT NULL,"
+        " weight REAL NOT NULL, count INTEGER NOT NULL)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -483,6 +487,7 @@ class ServerStore:
             [status, now, reason, train_loss, round_id],
         )
         self.db.execute("UPDATE updates SET body=NULL WHERE round_id=?", [round_id])
+        self.db.execute("DELETE FROM round_sums WHERE round_id=?", [round_id])
         self.db.execute(
             "DELETE FROM upload_parts WHERE (device_id, upload_id) IN"
             " (SELECT device_id, upload_id FROM upload_sessions WHERE round_id=?)",
@@ -641,6 +646,42 @@ class ServerStore:
             [round_id],
         ).fetchall()
         return [UpdateRow(*row) for row in rows]
+
+    def unfolded_updates(self, round_id: int) -> list[UpdateRow]:
+        """The round's updates whose bodies are still stored (not yet folded into its
+        running sum), in the order received, with ``body`` None (see `update_body`)."""
+        rows = self.db.execute(
+            "SELECT seq, round_id, device_id, idempotency_key, receipt_id, num_examples,"
+            " train_loss, NULL, received_at, staleness"
+            " FROM updates WHERE round_id=? AND body IS NOT NULL ORDER BY seq",
+            [round_id],
+        ).fetchall()
+        return [UpdateRow(*row) for row in rows]
+
+    def round_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
+        """The round's running sum as stored: its body, total weight and update count."""
+        row = self.db.execute(
+            "SELECT body, weight, count FROM round_sums WHERE round_id=?", [round_id]
+        ).fetchone()
+        return (bytes(row[0]), float(row[1]), int(row[2])) if row else None
+
+    def round_sum_count(self, round_id: int) -> int:
+        """How many updates the round's running sum holds (0 before its first fold)."""
+        row = self.db.execute(
+            "SELECT count FROM round_sums WHERE round_id=?", [round_id]
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def save_round_sum(
+        self, round_id: int, body: bytes, weight: float, count: int, folded: list[int]
+    ) -> None:
+        """Store the round's running sum and drop the bodies of the updates (``folded``,
+        their seqs) it now holds: in the caller's transaction, so each is counted once."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO round_sums VALUES (?, ?, ?, ?)",
+            [round_id, body, weight, count],
+        )
+        self.db.conn.executemany("UPDATE updates SET body=NULL WHERE seq=?", [[q] for q in folded])
 
     def update_body(self, seq: int) -> bytes | None:
         """One update's body (None once its round closed)."""

@@ -13,7 +13,14 @@ A strategy is one class. Subclass `Strategy`, give it a ``name`` and an
 
 ``state`` is the strategy's memory between rounds (momentum, Adam moments) as
 named float arrays; the server keeps it in SQLite next to the model, so a
-restarted server resumes mid-optimisation. Strategies built in:
+restarted server resumes mid-optimisation.
+
+A strategy that needs only the weighted mean of the updates subclasses
+`MeanStrategy` and writes ``step`` (from that mean) instead: its rounds then
+*stream*, folding each update into a `RunningSum` soon after it arrives and
+dropping its body, so a round holds O(model) whatever its number of updates.
+Robust strategies (median, trimmed mean) need every update at once: their rounds
+keep every body until the close (``streams`` is False). Strategies built in:
 
     fedavg        example-weighted mean of the updates (McMahan et al. 2017)
     fedavgm       fedavg with server momentum (Hsu et al. 2019)
@@ -47,8 +54,10 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedYogi",
+    "MeanStrategy",
     "Median",
     "NormBound",
+    "RunningSum",
     "Strategy",
     "TrimmedMean",
     "strategy_for",
@@ -75,6 +84,9 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     default_learning_rate: ClassVar[float] = 1.0
+    #: Whether a round may fold its updates into a `RunningSum` as they arrive (and
+    #: keep no bodies): only a `MeanStrategy` may.
+    streams: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[Strategy]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -103,54 +115,95 @@ def strategy_for(settings: StrategySettings) -> Strategy:
     return cls(settings)
 
 
-def weighted_mean(updates: Sequence[ClientUpdate], name: str) -> np.ndarray:
-    """The weighted mean (`ClientUpdate.weight`) of one tensor over the updates, in float64,
-    summed in the order received (the same updates in the same order give bit-identical
-    sums)."""
-    total = sum(u.weight for u in updates)
-    if not updates or total <= 0:
-        raise ValueError("aggregation needs at least one update with examples")
-    acc = np.zeros(updates[0].delta[name].shape, dtype=np.float64)
-    for update in updates:
-        acc += update.delta[name].astype(np.float64) * (update.weight / total)
-    return acc
+class RunningSum:
+    """Updates folded one by one: the sums of ``weight * contribution`` per tensor, and
+    of the weights, in float64. O(model) memory however many updates it holds; the
+    same updates folded in the same order give bit-identical sums."""
+
+    def __init__(
+        self, sums: dict[str, np.ndarray] | None = None, weight: float = 0.0, count: int = 0
+    ) -> None:
+        self.sums = sums if sums is not None else {}
+        self.weight = weight
+        self.count = count
+
+    def add(self, weight: float, contribution: Weights) -> None:
+        """Fold in one update's contribution with its weight (`ClientUpdate.weight`)."""
+        for name, tensor in contribution.items():
+            term = tensor.astype(np.float64) * weight
+            if name in self.sums:
+                self.sums[name] += term
+            else:
+                self.sums[name] = term
+        self.weight += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean of what was folded in."""
+        if self.count == 0 or self.weight <= 0:
+            raise ValueError("aggregation needs at least one update with examples")
+        return {name: total / self.weight for name, total in self.sums.items()}
 
 
 def _apply(weights: Weights, step: dict[str, np.ndarray]) -> Weights:
     return {k: (v.astype(np.float64) + step[k]).astype(v.dtype) for k, v in weights.items()}
 
 
-class FedAvg(Strategy):
-    """Add the example-weighted mean of the updates."""
+class MeanStrategy(Strategy):
+    """A strategy that sees the updates only through the weighted mean of their
+    `contribution` s: its rounds stream (`RunningSum`)."""
 
-    name = "fedavg"
+    streams = True
+
+    def contribution(self, update: ClientUpdate) -> Weights:
+        """What of an update enters the mean (its delta; `NormBound` clips it first)."""
+        return update.delta
+
+    @abstractmethod
+    def step(
+        self, weights: Weights, mean: dict[str, np.ndarray], state: Weights
+    ) -> tuple[Weights, Weights]:
+        """The next global weights (and state) from the weighted mean of the updates."""
 
     def aggregate(
         self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
     ) -> tuple[Weights, Weights]:
-        mean = {k: weighted_mean(updates, k) for k in weights}
-        return _apply(weights, {k: self.learning_rate * v for k, v in mean.items()}), state
+        running = RunningSum()
+        for update in updates:
+            running.add(update.weight, self.contribution(update))
+        return self.step(weights, running.mean(), state)
 
 
-class FedAvgM(Strategy):
+class FedAvg(MeanStrategy):
+    """Add the example-weighted mean of the updates."""
+
+    name = "fedavg"
+
+    def step(
+        self, weights: Weights, mean: dict[str, np.ndarray], state: Weights
+    ) -> tuple[Weights, Weights]:
+        return _apply(weights, {k: self.learning_rate * mean[k] for k in weights}), state
+
+
+class FedAvgM(MeanStrategy):
     """FedAvg with server momentum: v = beta v + mean; w += lr v."""
 
     name = "fedavgm"
 
-    def aggregate(
-        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    def step(
+        self, weights: Weights, mean: dict[str, np.ndarray], state: Weights
     ) -> tuple[Weights, Weights]:
         beta, lr = self.settings.momentum, self.learning_rate
         velocity = {}
         for k in weights:
             previous = state.get(f"v.{k}", np.zeros(weights[k].shape, np.float64))
-            velocity[k] = beta * previous.astype(np.float64) + weighted_mean(updates, k)
+            velocity[k] = beta * previous.astype(np.float64) + mean[k]
         return _apply(weights, {k: lr * v for k, v in velocity.items()}), {
             f"v.{k}": v.astype(np.float32) for k, v in velocity.items()
         }
 
 
-class _ServerOptimizer(Strategy):
+class _ServerOptimizer(MeanStrategy):
     """Reddi et al. 2021: the mean update is a pseudo-gradient for an adaptive optimiser."""
 
     default_learning_rate = 0.03
@@ -158,13 +211,13 @@ class _ServerOptimizer(Strategy):
     def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def aggregate(
-        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
+    def step(
+        self, weights: Weights, mean: dict[str, np.ndarray], state: Weights
     ) -> tuple[Weights, Weights]:
         s = self.settings
         step, new_state = {}, {}
         for k in weights:
-            delta = weighted_mean(updates, k)
+            delta = mean[k]
             m = state.get(f"m.{k}", np.zeros(delta.shape, np.float32)).astype(np.float64)
             v = state.get(f"v.{k}", np.full(delta.shape, s.tau**2, np.float32)).astype(np.float64)
             m = s.beta1 * m + (1 - s.beta1) * delta
@@ -234,24 +287,14 @@ class TrimmedMean(Strategy):
         return _apply(weights, step), state
 
 
-class NormBound(Strategy):
+class NormBound(FedAvg):
     """FedAvg of the updates, each first scaled down to L2 norm ``norm_bound`` at most."""
 
     name = "norm_bound"
 
-    def aggregate(
-        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
-    ) -> tuple[Weights, Weights]:
-        bound = self.settings.norm_bound
-        clipped = []
-        for u in updates:
-            norm = float(
-                np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in u.delta.values()))
-            )
-            scale = min(1.0, bound / norm) if norm > 0 else 1.0
-            clipped.append(
-                ClientUpdate(
-                    u.device_id, u.num_examples, {k: v * scale for k, v in u.delta.items()}
-                )
-            )
-        return _apply(weights, {k: weighted_mean(clipped, k) for k in weights}), state
+    def contribution(self, update: ClientUpdate) -> Weights:
+        norm = float(
+            np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.delta.values()))
+        )
+        scale = min(1.0, self.settings.norm_bound / norm) if norm > 0 else 1.0
+        return {k: v * scale for k, v in update.delta.items()}
