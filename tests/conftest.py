@@ -15,6 +15,7 @@ import pytest
 import fedclient
 from fedclient.server import FederationService, ServerStore, create_app, plan_from_dict
 from fedclient.sim.datasets import Dataset, load_dataset
+from tests.postgres import PostgresCluster, find_binaries
 
 SHARED_DATA = Path(os.environ.get("FEDCLIENT_DATA", Path(__file__).parents[2] / "shared/data"))
 
@@ -104,14 +105,64 @@ def digits() -> Dataset:
     return load_dataset("digits", seed=0)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster | None]:
+    """A throwaway PostgreSQL server, or None where Debian's postgresql is not installed."""
+    bin_dir = find_binaries()
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        bin_dir = None
+    if bin_dir is None:
+        yield None
+        return
+    cluster = PostgresCluster(bin_dir, max_connections=300)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> Callable[..., Server]:
+def engine() -> str:
+    """The database engine a test's server stores in (tests/server runs both)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def db_url(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., str]]:
+    """``db_url(name=None)``: where a test's server stores, in the test's engine. The same
+    name is the same database (a restarted server); no name, a new one (SQLite: in
+    memory)."""
+    made: dict[str, str] = {}
+    cluster: PostgresCluster | None = None
+    if engine == "postgresql":
+        cluster = request.getfixturevalue("postgres")
+        if cluster is None:
+            pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+
+    def url(name: str | None = None) -> str:
+        if cluster is None:
+            return str(tmp_path / f"{name}.sqlite") if name else ":memory:"
+        key = name or f"anonymous-{len(made)}"
+        if key not in made:
+            made[key] = cluster.database()
+        return made[key]
+
+    yield url
+    if cluster is not None:
+        cluster.drop([made_url.rsplit("/", 1)[1].split("?")[0] for made_url in made.values()])
+
+
+@pytest.fixture
+def make_server(db_url: Callable[..., str]) -> Callable[..., Server]:
     def factory(
-        db: str | Path = ":memory:", service_options: dict[str, Any] | None = None, **job: Any
+        db: str | Path | None = None, service_options: dict[str, Any] | None = None, **job: Any
     ) -> Server:
         """``service_options``: `FederationService` keyword arguments (admin token, ...)."""
         clock = ManualClock()
-        service = FederationService(ServerStore(db), clock=clock, **(service_options or {}))
+        store = ServerStore(db_url() if db is None else db)
+        service = FederationService(store, clock=clock, **(service_options or {}))
         service.add_job(make_plan(**job))
         return Server(service, clock)
 

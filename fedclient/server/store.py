@@ -1,8 +1,11 @@
-"""The server's SQLite store: devices, jobs, model versions, rounds, admissions, updates.
+"""The server's store: devices, jobs, model versions, rounds, admissions, updates.
 
-Every mutation a handler makes runs inside one `ServerStore.atomic` block, so a
-crash or a rejected request leaves no half-written round. Update bodies are
-kept until their round closes; receipts (and idempotency keys) are kept for good.
+One schema, in SQLite (a file: the embedded default) or PostgreSQL (shared by several
+workers); `fedclient.server.database` says how the two are spoken to alike. Every
+mutation a handler makes runs inside one `ServerStore.atomic` block, so a crash or a
+rejected request leaves no half-written round. Update bodies are kept until they are
+folded into their round's sum or their round closes; receipts (and idempotency keys)
+are kept for good.
 """
 
 from __future__ import annotations
@@ -10,25 +13,26 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
-import sqlite_utils
 
 from fedclient._exceptions import StateError
-from fedclient._state import apply_migrations, transaction
 from fedclient.protocol import JobPlan
+from fedclient.server.database import Database, connect, is_postgres
 
 __all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
 
 T = TypeVar("T")
 
 #: Each schema version's statements after the first (`_SCHEMA`), applied in order to
-#: bring an older database up to date.
-MIGRATIONS: dict[int, list[str]] = {
+#: bring an older database up to date. A statement for one engine only is a dict
+#: from its kind (``"sqlite"``, ``"postgresql"``) to the statement.
+MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
     2: [  # a device's identity key (Ed25519) and an identity authority's certificate of it
         "ALTER TABLE devices ADD COLUMN identity_key BLOB",
         "ALTER TABLE devices ADD COLUMN certificate BLOB",
@@ -45,6 +49,13 @@ MIGRATIONS: dict[int, list[str]] = {
     5: [  # streaming aggregation: a round's updates folded so far, and their number
         "CREATE TABLE round_sums (round_id INTEGER PRIMARY KEY, body BLOB NOT NULL,"
         " weight REAL NOT NULL, count INTEGER NOT NULL)",
+    ],
+    6: [  # admission order without SQLite's rowid; update bodies stored as they are
+        "ALTER TABLE admissions ADD COLUMN seq INTEGER",
+        {"sqlite": "UPDATE admissions SET seq = rowid"},
+        # Float32 tensors do not compress: PostgreSQL need not try on every upload.
+        {"postgresql": "ALTER TABLE updates ALTER COLUMN body SET STORAGE EXTERNAL"},
+        {"postgresql": "ALTER TABLE models ALTER COLUMN body SET STORAGE EXTERNAL"},
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -86,10 +97,10 @@ CREATE TABLE IF NOT EXISTS privacy_spent (
     job TEXT, device_id TEXT, epsilon REAL NOT NULL, PRIMARY KEY (job, device_id));
 CREATE TABLE IF NOT EXISTS upload_sessions (
     device_id TEXT, upload_id TEXT, round_id INTEGER NOT NULL, size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, offset INTEGER NOT NULL, PRIMARY KEY (device_id, upload_id));
+    sha256 TEXT NOT NULL, "offset" INTEGER NOT NULL, PRIMARY KEY (device_id, upload_id));
 CREATE TABLE IF NOT EXISTS upload_parts (
-    device_id TEXT, upload_id TEXT, offset INTEGER, data BLOB NOT NULL,
-    PRIMARY KEY (device_id, upload_id, offset));
+    device_id TEXT, upload_id TEXT, "offset" INTEGER, data BLOB NOT NULL,
+    PRIMARY KEY (device_id, upload_id, "offset"));
 """
 
 
@@ -150,20 +161,20 @@ class UpdateRow:
 
 
 class ServerStore:
-    """All server state in one SQLite database (a file, or ``":memory:"``)."""
+    """All server state in one database: a SQLite file (or ``":memory:"``), or a
+    PostgreSQL database (``postgresql://...``) that several workers share."""
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
-        # The app calls the store from its event loop only, so requests never overlap;
-        # that loop may run in another thread than the one that opened the store.
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, url: str | Path = ":memory:") -> None:
+        self.db: Database = connect(url)
+        #: Where the database is (a path, ``":memory:"`` or a URL).
+        self.url = str(url)
         self._plans: dict[str, JobPlan] = {}  # stored plan text -> its decoded plan
         # What every request reads, kept in memory: jobs, rounds, and each round's
         # admitted devices, contributors and update count (for the last `KEPT_ROUNDS`
-        # rounds asked about). The store is its database's only writer (the server is
-        # one process: its secure-aggregation stages and the updates it holds decoded
-        # live in its memory too), so each write below updates or drops what it changes,
-        # and a transaction that rolls back drops all of it (`atomic`).
+        # rounds asked about). Between two `exclusive` blocks nobody else writes a SQLite
+        # file (one server process); a shared database drops all of it when a block
+        # begins. Inside one, this store is the only writer, so each write below updates
+        # or drops what it changes, and a transaction that rolls back drops all of it.
         self._jobs: dict[str, JobRow] = {}
         self._rounds: dict[int, RoundRow] = {}
         self._open: list[RoundRow] | None = None
@@ -171,29 +182,53 @@ class ServerStore:
         self._update_counts: dict[int, int] = {}
         self._updated: dict[int, set[str]] = {}  # round -> the devices with an update in it
         self._admitted: dict[int, set[str]] = {}  # round -> its admitted devices
-        conn = sqlite3.connect(str(path), check_same_thread=False)
-        # Our own schema and SQL: no sqlite-utils plugins, so no scan of every installed
-        # package's entry points for them (27 ms on the first open).
-        self.db = sqlite_utils.Database(conn, execute_plugins=False)
-        if str(path) != ":memory:":
-            self.db.enable_wal()
-        with self.atomic():
+        with self.exclusive(), self.atomic():  # workers starting together migrate once
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    self.db.execute(statement)
-            row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            version = int(row[0]) if row else 1  # a new file holds version 1's tables
-            apply_migrations(self.db, MIGRATIONS, version, "database", "fedserver")
+                    self.db.execute(self.db.ddl(statement))
+            version = self._schema_version()
+            self._migrate(1 if version is None else version)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other workers write the same database (PostgreSQL)."""
+        return self.db.shared
+
+    def _schema_version(self) -> int | None:
+        row = self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        return int(row[0]) if row and str(row[0]).isdigit() else None
+
+    def _migrate(self, version: int) -> None:
+        """Bring the schema from ``version`` to `SCHEMA_VERSION` (in the caller's
+        transaction) and record it."""
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"database schema {version} is newer than this fedserver ({SCHEMA_VERSION});"
+                " upgrade fedclient"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target]:
+                text = statement if isinstance(statement, str) else statement.get(self.db.kind)
+                if text:
+                    self.db.execute(self.db.ddl(text))
+        self.db.execute(
+            "INSERT INTO meta VALUES ('schema_version', ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [str(SCHEMA_VERSION)],
+        )
 
     @classmethod
-    def open_existing(cls, path: str | Path) -> ServerStore:
-        """The store in the database at ``path``, which must be one this server made.
+    def open_existing(cls, url: str | Path) -> ServerStore:
+        """The store in the database at ``url``, which must be one this server made.
 
-        A missing or empty file, a damaged one (header, pages: ``PRAGMA quick_check``)
-        or one of a newer schema raises `fedclient.StateError` with one line naming the
-        file and the problem, and nothing is written: a new database is made only by
-        `create` (``fedserver init``), never by mistake."""
-        where = Path(path)
+        A missing or empty file, a damaged one (header, pages: ``PRAGMA quick_check``),
+        a PostgreSQL database without the server's tables, or one of a newer schema
+        raises `fedclient.StateError` with one line naming the database and the problem,
+        and nothing is written: a new database is made only by `create` (``fedserver
+        init``), never by mistake."""
+        if is_postgres(url):
+            return cls._open_postgres(str(url))
+        where = Path(str(url).removeprefix("sqlite:///"))
         make = f"create one with: fedserver init --plan PLAN --db {where}"
         if not where.exists():
             raise StateError(f"{where}: no such database ({make})")
@@ -227,16 +262,64 @@ class ServerStore:
         return cls(where)
 
     @classmethod
-    def create(cls, path: str | Path) -> ServerStore:
-        """A new, empty database at ``path``; `fedclient.StateError` if a file is there."""
-        where = Path(path)
+    def _open_postgres(cls, url: str) -> ServerStore:
+        db = connect(url)
+        try:
+            version = None
+            if {"meta", "jobs", "rounds", "devices"} <= set(db.tables()):
+                row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+                version = int(row[0]) if row and str(row[0]).isdigit() else None
+        finally:
+            db.close()
+        if version is None:
+            raise StateError(
+                f"{url.split('@')[-1]}: not a fedserver database (create one with: fedserver"
+                " init --plan PLAN --db URL)"
+            )
+        if version > SCHEMA_VERSION:
+            raise StateError(f"schema {version} is newer than this fedserver's ({SCHEMA_VERSION})")
+        return cls(url)
+
+    @classmethod
+    def create(cls, url: str | Path) -> ServerStore:
+        """A new, empty database at ``url``; `fedclient.StateError` if a file (or, in
+        PostgreSQL, a fedserver schema) is there."""
+        if is_postgres(url):
+            db = connect(url)
+            try:
+                taken = "meta" in db.tables()
+            finally:
+                db.close()
+            if taken:
+                raise StateError(
+                    f"{str(url).split('@')[-1]}: already holds a fedserver database;"
+                    " not overwriting it"
+                )
+            return cls(url)
+        where = Path(str(url).removeprefix("sqlite:///"))
         if where.exists() and where.stat().st_size > 0:
             raise StateError(f"{where}: a file is already there; not overwriting it")
         return cls(where)
 
-    def atomic(self) -> AbstractContextManager[None]:
-        """One transaction (nested blocks become savepoints)."""
-        return transaction(self.db, self._forget)
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One transaction (nested blocks become savepoints). When it rolls back, what
+        the store kept in memory of it goes too: the next reads come from the database."""
+        try:
+            with self.db.atomic():
+                yield
+        except BaseException:
+            self._forget()
+            raise
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Serve one request: no other worker of a shared database serves one until the
+        block ends (re-entrant). Every handler runs inside one."""
+        with self.db.exclusive() as outermost:
+            if outermost and self.db.shared:
+                self._forget()  # another worker may have written since the last block
+            yield
 
     def _forget(self) -> None:
         """Drop every row kept in memory; the next reads come from the database."""
@@ -254,6 +337,12 @@ class ServerStore:
     def close(self) -> None:
         """Close the database."""
         self.db.close()
+
+    def __enter__(self) -> ServerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- devices ---------------------------------------------------------------
     def add_device(
@@ -309,7 +398,7 @@ class ServerStore:
 
     def add_enrolment_codes(self, code_hashes: list[str], now: float) -> None:
         """Store the hashes of newly issued single-use enrolment codes."""
-        self.db.conn.executemany(
+        self.db.executemany(
             "INSERT INTO enrolment_codes (code_hash, issued) VALUES (?, ?)",
             [(h, now) for h in code_hashes],
         )
@@ -407,13 +496,18 @@ class ServerStore:
 
     def save_strategy_state(self, job: str, body: bytes) -> None:
         """Keep the job's strategy memory."""
-        self.db.execute("INSERT OR REPLACE INTO strategy_state VALUES (?, ?)", [job, body])
+        self.db.execute(
+            "INSERT INTO strategy_state VALUES (?, ?)"
+            " ON CONFLICT (job) DO UPDATE SET body = excluded.body",
+            [job, body],
+        )
 
     def record_privacy_spent(self, job: str, device_id: str, epsilon: float) -> None:
         """What a device reports it has spent on the job (local DP)."""
         self.db.execute(
             "INSERT INTO privacy_spent VALUES (?, ?, ?) ON CONFLICT (job, device_id)"
-            " DO UPDATE SET epsilon=max(epsilon, excluded.epsilon)",
+            " DO UPDATE SET epsilon = CASE WHEN excluded.epsilon > privacy_spent.epsilon"
+            " THEN excluded.epsilon ELSE privacy_spent.epsilon END",
             [job, device_id, epsilon],
         )
 
@@ -435,13 +529,13 @@ class ServerStore:
         self, job: str, number: int, model_version: int, now: float, deadline: float
     ) -> int:
         """Open a round; returns its id."""
-        cursor = self.db.execute(
+        row = self.db.execute(
             "INSERT INTO rounds (job, number, status, model_version, opened_at, deadline)"
-            " VALUES (?, ?, 'open', ?, ?, ?)",
+            " VALUES (?, ?, 'open', ?, ?, ?) RETURNING round_id",
             [job, number, model_version, now, deadline],
-        )
+        ).fetchall()[0]  # all: a RETURNING statement stays active until read to its end
         self._forget_rounds()
-        return int(cursor.lastrowid or 0)
+        return int(row[0])
 
     def round(self, round_id: int) -> RoundRow | None:
         """A round by id."""
@@ -501,7 +595,11 @@ class ServerStore:
     # -- admissions and updates ------------------------------------------------
     def admit(self, round_id: int, device_id: str, now: float) -> None:
         """Admit a device to a round."""
-        self.db.execute("INSERT INTO admissions VALUES (?, ?, ?)", [round_id, device_id, now])
+        self.db.execute(
+            "INSERT INTO admissions (round_id, device_id, admitted_at, seq) VALUES (?, ?, ?,"
+            " (SELECT coalesce(max(seq), 0) + 1 FROM admissions WHERE round_id = ?))",
+            [round_id, device_id, now, round_id],
+        )
         if round_id in self._admitted:
             self._admitted[round_id].add(device_id)
 
@@ -551,7 +649,7 @@ class ServerStore:
     def admitted_devices(self, round_id: int) -> list[str]:
         """The round's admitted devices, in the order they were admitted."""
         rows = self.db.execute(
-            "SELECT device_id FROM admissions WHERE round_id=? ORDER BY rowid", [round_id]
+            "SELECT device_id FROM admissions WHERE round_id=? ORDER BY seq", [round_id]
         ).fetchall()
         return [str(r[0]) for r in rows]
 
@@ -572,19 +670,18 @@ class ServerStore:
         staleness: int = 0,
     ) -> UpdateRow:
         """Store an accepted update (the row as stored, without reading it back)."""
-        cursor = self.db.execute(
+        seq = self.db.execute(
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
             " num_examples, train_loss, body, received_at, staleness)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
             [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now, staleness],
-        )
-        assert cursor.lastrowid is not None
+        ).fetchall()[0][0]
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
         if round_id in self._updated:
             self._updated[round_id].add(device_id)
         return UpdateRow(
-            cursor.lastrowid,
+            int(seq),
             round_id,
             device_id,
             key,
@@ -601,7 +698,7 @@ class ServerStore:
     ) -> None:
         """Record what a device measured of the round's model (once per device)."""
         self.db.execute(
-            "INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO evaluations VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [round_id, device_id, correct, loss_sum, examples],
         )
 
@@ -678,10 +775,12 @@ class ServerStore:
         """Store the round's running sum and drop the bodies of the updates (``folded``,
         their seqs) it now holds: in the caller's transaction, so each is counted once."""
         self.db.execute(
-            "INSERT OR REPLACE INTO round_sums VALUES (?, ?, ?, ?)",
+            "INSERT INTO round_sums VALUES (?, ?, ?, ?) ON CONFLICT (round_id)"
+            " DO UPDATE SET body = excluded.body, weight = excluded.weight,"
+            " count = excluded.count",
             [round_id, body, weight, count],
         )
-        self.db.conn.executemany("UPDATE updates SET body=NULL WHERE seq=?", [[q] for q in folded])
+        self.db.executemany("UPDATE updates SET body=NULL WHERE seq=?", [[q] for q in folded])
 
     def update_body(self, seq: int) -> bytes | None:
         """One update's body (None once its round closed)."""
@@ -726,14 +825,14 @@ class ServerStore:
             [session.device_id, session.upload_id, session.offset, data],
         )
         self.db.execute(
-            "UPDATE upload_sessions SET offset=? WHERE device_id=? AND upload_id=?",
+            'UPDATE upload_sessions SET "offset"=? WHERE device_id=? AND upload_id=?',
             [session.offset + len(data), session.device_id, session.upload_id],
         )
 
     def assemble(self, session: SessionRow) -> bytes:
         """The bytes received so far, in order."""
         rows = self.db.execute(
-            "SELECT data FROM upload_parts WHERE device_id=? AND upload_id=? ORDER BY offset",
+            'SELECT data FROM upload_parts WHERE device_id=? AND upload_id=? ORDER BY "offset"',
             [session.device_id, session.upload_id],
         ).fetchall()
         return b"".join(bytes(r[0]) for r in rows)
@@ -749,9 +848,17 @@ class ServerStore:
     def fingerprint(self) -> str:
         """A digest of every stored row, to show that a request changed nothing."""
         digest = hashlib.sha256()
-        for line in self.db.conn.iterdump():
-            digest.update(line.encode())
+        for table in self.db.tables():
+            rows = self.db.execute(f"SELECT * FROM {table}").fetchall()
+            digest.update(f"{table}:{len(rows)}\n".encode())
+            for line in sorted(repr(tuple(_plain(v) for v in row)) for row in rows):
+                digest.update(line.encode())
         return digest.hexdigest()
+
+
+def _plain(value: object) -> object:
+    """A column value as bytes where an engine returns a buffer (memoryview)."""
+    return bytes(value) if isinstance(value, memoryview) else value
 
 
 def _keep(kept: dict[int, T], round_id: int, value: T) -> T:

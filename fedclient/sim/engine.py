@@ -63,6 +63,7 @@ from fedclient.protocol import (
 )
 from fedclient.runtime import EvalResult, create_backend
 from fedclient.server import FederationService, ServerStore, create_app, load_plan, plan_from_dict
+from fedclient.server.database import Database
 from fedclient.sim.buffered import run_buffered
 from fedclient.sim.datasets import CsvColumns, Dataset, load_dataset, partition
 from fedclient.sim.devices import DeviceProfile, draw_profiles
@@ -739,7 +740,7 @@ def _federated_final(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _without_secure_delete(db: sqlite_utils.Database) -> None:
+def _without_secure_delete(db: sqlite_utils.Database | Database) -> None:
     """No zeroing of freed pages in a simulation's databases.
 
     Builds of SQLite that default to ``secure_delete`` (Debian's among them) overwrite

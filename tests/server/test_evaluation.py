@@ -18,7 +18,7 @@ from tests.conftest import ManualClock, Server, enrol, step_until
 pytestmark = pytest.mark.anyio
 
 
-def _server(every: int = 1, devices: int = 2, **privacy: Any) -> Server:
+def _server(db: str, every: int = 1, devices: int = 2, **privacy: Any) -> Server:
     plan = plan_from_dict(
         {
             "job": {"name": "digits", "rounds": 4, "devices_per_round": 3, "seed": 1},
@@ -29,15 +29,15 @@ def _server(every: int = 1, devices: int = 2, **privacy: Any) -> Server:
         }
     )
     clock = ManualClock()
-    service = FederationService(ServerStore(), clock=clock)
+    service = FederationService(ServerStore(db), clock=clock)
     service.add_job(plan)
     return Server(service, clock)
 
 
 async def test_the_first_devices_evaluate_the_model_they_received(
-    make_devices: Any, digits: Any
+    db_url: Any, make_devices: Any, digits: Any
 ) -> None:
-    server = _server(devices=2)
+    server = _server(db_url(), devices=2)
     held_out = (digits.x_test, digits.y_test)
     devices = make_devices(3, server.transport(), eval_data=held_out)
     for device in devices:
@@ -55,8 +55,10 @@ async def test_the_first_devices_evaluate_the_model_they_received(
     assert server.service.job_status("digits").model_version == 1
 
 
-async def test_evaluation_stays_off_unless_asked_and_every_k_rounds(make_devices: Any) -> None:
-    server = _server(every=2, devices=0)
+async def test_evaluation_stays_off_unless_asked_and_every_k_rounds(
+    db_url: Any, make_devices: Any
+) -> None:
+    server = _server(db_url(), every=2, devices=0)
     devices = make_devices(3, server.transport())
     for _ in range(2):
         for device in devices:
@@ -65,9 +67,9 @@ async def test_evaluation_stays_off_unless_asked_and_every_k_rounds(make_devices
     assert server.service.round_status("digits", 2).evaluated == 3  # devices=0: all
 
 
-async def test_a_dp_device_sends_no_evaluation(make_devices: Any) -> None:
+async def test_a_dp_device_sends_no_evaluation(db_url: Any, make_devices: Any) -> None:
     # Unnoised counts about the data do not travel beside a DP release.
-    server = _server(dp_epsilon=8.0, clip=1.0)
+    server = _server(db_url(), dp_epsilon=8.0, clip=1.0)
     (device,) = make_devices(1, server.transport())
     await step_until(device, fedclient.Phase.TRAINED)
     held = device.device_state.progress("digits").update
@@ -84,8 +86,8 @@ async def test_a_dp_device_sends_no_evaluation(make_devices: Any) -> None:
         {"eval_examples": "4"},
     ],
 )
-async def test_bad_evaluation_counts_are_refused(counts: dict[str, str]) -> None:
-    server = _server()
+async def test_bad_evaluation_counts_are_refused(db_url: Any, counts: dict[str, str]) -> None:
+    server = _server(db_url())
     async with server.http() as http:
         auth = await enrol(http)
         plan = (await http.post("/v1/jobs/digits/checkin", json={}, headers=auth)).json()["plan"]

@@ -38,7 +38,7 @@ async def _upload(http: httpx.AsyncClient, auth: dict[str, str], round_id: int, 
     )
 
 
-async def test_an_aggregate_that_overflows_is_never_published() -> None:
+async def test_an_aggregate_that_overflows_is_never_published(db_url: Any) -> None:
     # Without a norm bound (a plan may lift it), finite updates of 3e38 under a server
     # learning rate of 4 overflow. The round fails, the model stays, and the next round
     # works: a non-finite model would stop every later round (devices discard it).
@@ -47,7 +47,7 @@ async def test_an_aggregate_that_overflows_is_never_published() -> None:
         plan, strategy=msgspec.structs.replace(plan.strategy, server_learning_rate=4.0)
     )
     clock = ManualClock()
-    service = FederationService(ServerStore(), clock=clock)
+    service = FederationService(ServerStore(db_url()), clock=clock)
     service.add_job(plan)
     server = Server(service, clock)
     async with server.http() as http:

@@ -20,16 +20,16 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _server(authorities: tuple[bytes, ...] = ()) -> Server:
+def _server(db: str, authorities: tuple[bytes, ...] = ()) -> Server:
     clock = ManualClock()
-    service = FederationService(ServerStore(), clock=clock, identity_authorities=authorities)
+    service = FederationService(ServerStore(db), clock=clock, identity_authorities=authorities)
     service.add_job(make_plan())
     return Server(service, clock)
 
 
-async def test_a_server_with_an_authority_enrols_certified_devices_only() -> None:
+async def test_a_server_with_an_authority_enrols_certified_devices_only(db_url: Any) -> None:
     authority = fedclient.IdentityAuthority()
-    server = _server((authority.public,))
+    server = _server(db_url(), (authority.public,))
     key = SigningKey().public
     before = server.store.fingerprint()
     async with server.http() as http:
@@ -53,8 +53,8 @@ async def test_a_server_with_an_authority_enrols_certified_devices_only() -> Non
     assert held[1] is not None and verify_certificate([authority.public], key, held[1])
 
 
-async def test_an_identity_key_cannot_be_changed_by_enrolling_again() -> None:
-    server = _server()
+async def test_an_identity_key_cannot_be_changed_by_enrolling_again(db_url: Any) -> None:
+    server = _server(db_url())
     token = "t" * 40
     async with server.http() as http:
         first = await http.post(
@@ -72,9 +72,9 @@ async def test_an_identity_key_cannot_be_changed_by_enrolling_again() -> None:
         assert bad.status_code == 400
 
 
-async def test_a_client_enrols_with_its_key_and_certificate(make_devices: Any) -> None:
+async def test_a_client_enrols_with_its_key_and_certificate(db_url: Any, make_devices: Any) -> None:
     authority = fedclient.IdentityAuthority()
-    server = _server((authority.public,))
+    server = _server(db_url(), (authority.public,))
     (device,) = make_devices(1, server.transport())
     with pytest.raises(fedclient.Forbidden):
         await device.astep()  # no certificate yet: the server refuses it
@@ -95,6 +95,7 @@ def test_fedserver_refuses_a_malformed_authority_key(capsys: pytest.CaptureFixtu
 
 
 async def test_a_device_registers_its_key_when_a_secure_job_first_asks(
+    db_url: Any,
     make_devices: Any,
 ) -> None:
     # A job without secure aggregation never makes a device create a key; the first
@@ -102,7 +103,7 @@ async def test_a_device_registers_its_key_when_a_secure_job_first_asks(
     from fedclient.server import plan_from_dict
 
     clock = ManualClock()
-    service = FederationService(ServerStore(), clock=clock)
+    service = FederationService(ServerStore(db_url()), clock=clock)
     service.add_job(make_plan(name="plain"))
     secure = plan_from_dict(
         {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -126,9 +125,9 @@ async def test_the_job_finishes_after_its_rounds(server: Server, make_devices: A
 
 
 async def test_a_restarted_server_resumes_at_the_stored_round_and_version(
-    tmp_path: Path, make_devices: Any
+    db_url: Any, make_devices: Any
 ) -> None:
-    db = tmp_path / "server.sqlite"
+    db = db_url("server")
     clock = ManualClock()
     first = FederationService(ServerStore(db), clock=clock)
     first.add_job(make_plan())
@@ -224,9 +223,9 @@ async def test_a_first_check_in_enrols_the_proposed_token_once(server: Server) -
 
 
 def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
-    tmp_path: Path,
+    db_url: Any,
 ) -> None:
-    store = ServerStore(tmp_path / "server.sqlite")
+    store = ServerStore(db_url("server"))
     rounds.SyncRounds(store).create_job(make_plan(), now=0.0)
     (first,) = store.open_rounds()
     rid = first.round_id
@@ -243,6 +242,10 @@ def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
             s.has_update(rid, "a"),
         )
 
+    def reopened() -> tuple[object, ...]:
+        with ServerStore(db_url("server")) as again:
+            return view(again)
+
     view(store)  # every read now comes from memory
     store.admit(rid, "a", 1.0)
     store.add_update(rid, "a", "k", "r", 5, 0.5, b"x", 1.0)
@@ -255,7 +258,7 @@ def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
         )
         store.close_round(rid, "closed", 2.0, "quota", 0.5)
         store.open_round("digits", 2, 1, 2.0, 62.0)
-    assert view(store) == view(ServerStore(tmp_path / "server.sqlite"))
+    assert view(store) == reopened()
     assert store.update_count(rid) == store.admitted_count(rid) == 1
     assert store.job("digits").model_version == 1 and len(store.latest_rounds("digits", 2)) == 2
 
@@ -273,7 +276,7 @@ def test_the_rows_kept_in_memory_follow_each_write_and_drop_a_rolled_back_one(
         assert store.update_count(second.round_id) == store.admitted_count(second.round_id) == 1
         assert store.is_admitted(second.round_id, "b") and store.has_update(second.round_id, "b")
         raise RuntimeError("the aggregation failed")
-    assert view(store) == before == view(ServerStore(tmp_path / "server.sqlite"))
+    assert view(store) == before == reopened()
     assert store.open_rounds() == [second] and store.update_count(second.round_id) == 0
     assert not store.is_admitted(second.round_id, "b")
     assert not store.has_update(second.round_id, "b")

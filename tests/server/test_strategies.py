@@ -3,7 +3,6 @@ poisoned updates."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,7 +75,7 @@ def test_a_strategy_is_one_class() -> None:
 
 
 async def test_optimiser_state_survives_a_server_restart(
-    tmp_path: Path, make_devices: Any, digits: Dataset
+    db_url: Any, make_devices: Any, digits: Dataset
 ) -> None:
     plan = plan_from_dict(
         {
@@ -86,14 +85,14 @@ async def test_optimiser_state_survives_a_server_restart(
         }
     )
     clock = ManualClock()
-    first = FederationService(ServerStore(tmp_path / "s.sqlite"), clock=clock)
+    first = FederationService(ServerStore(db_url("s")), clock=clock)
     first.add_job(plan)
     (device,) = make_devices(1, Server(first, clock).transport())
     await device.arun_once()
     state = first.store.strategy_state("digits")
     assert state is not None and "m.fc1.weight" in decode_tensors(state)[0]
     first.store.close()
-    again = FederationService(ServerStore(tmp_path / "s.sqlite"), clock=clock)
+    again = FederationService(ServerStore(db_url("s")), clock=clock)
     again.add_job(plan)
     assert again.store.strategy_state("digits") == state
 

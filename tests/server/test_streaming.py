@@ -5,7 +5,6 @@ one every body held to the close would make, across restarts and rolled-back fol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,12 +86,12 @@ async def test_a_streaming_round_holds_few_bodies_and_makes_the_held_rounds_mode
 
 
 async def test_a_restarted_server_folds_on_from_the_stored_sum(
-    tmp_path: Path, make_server: Any, make_devices: Any
+    db_url: Any, make_server: Any, make_devices: Any
 ) -> None:
     job = {"devices_per_round": DEVICES, "rounds": 1}
     reference = make_server(**job)
     await _one_round(reference, make_devices)
-    db, clock = tmp_path / "server.sqlite", ManualClock()
+    db, clock = db_url("server"), ManualClock()
     first = Server(FederationService(ServerStore(db), clock=clock), clock)
     first.service.add_job(make_plan(**job))
     for device in make_devices(DEVICES, first.transport())[:7]:  # two folds, one waiting

@@ -1,0 +1,242 @@
+"""The server's two SQL engines: SQLite (embedded, the default) and PostgreSQL (workers).
+
+`ServerStore` writes its SQL once, in the subset both engines run alike: ``?``
+placeholders, ``INSERT ... ON CONFLICT``, ``RETURNING``, row values, and SQLite's
+type names in its DDL, which `PostgresDatabase` maps to PostgreSQL's (``BLOB`` to
+``BYTEA``, ``REAL`` to ``DOUBLE PRECISION``, ``INTEGER`` to ``BIGINT``, an
+``AUTOINCREMENT`` key to an identity column). Tests run the server suite on both.
+
+Who else writes. An SQLite file has one server process (its caches hold between
+requests). A PostgreSQL database may have many: every worker runs each request
+inside `Database.exclusive`, a session advisory lock, so requests are serialised
+across workers as they are inside one event loop, and a worker's caches live for one
+lock hold only (`Database.shared`). A killed worker's connection closes, and
+PostgreSQL rolls back its open transaction and frees its lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import sqlite_utils
+
+from fedclient._exceptions import StateError
+
+__all__ = ["Cursor", "Database", "PostgresDatabase", "SqliteDatabase", "connect", "is_postgres"]
+
+#: The advisory lock every worker holds while it serves one request.
+REQUEST_LOCK = 0x66656473  # "feds"
+
+
+class Cursor(Protocol):
+    """What `Database.execute` returns: DB-API's cursor, as far as the store uses it."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+def is_postgres(url: str | Path) -> bool:
+    """Whether ``url`` names a PostgreSQL database (``postgresql://...``)."""
+    return str(url).startswith(("postgresql://", "postgres://"))
+
+
+def connect(url: str | Path) -> Database:
+    """The database at ``url``: ``postgresql://...``, ``sqlite:///path``, a path, or
+    ``":memory:"``."""
+    if is_postgres(url):
+        return PostgresDatabase(str(url))
+    text = str(url)
+    if text.startswith("sqlite:///"):
+        text = text.removeprefix("sqlite:///")
+    return SqliteDatabase(text)
+
+
+class Database:
+    """One connection to the server's database."""
+
+    #: ``"sqlite"`` or ``"postgresql"``.
+    kind: ClassVar[str]
+    #: Whether other processes may write between this one's requests: then what a
+    #: store keeps in memory holds only inside `exclusive`.
+    shared: bool = False
+
+    def __init__(self) -> None:
+        self._depth = 0  # `exclusive` blocks entered and not left
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run one statement (``?`` placeholders)."""
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each row of parameters."""
+        raise NotImplementedError
+
+    def atomic(self) -> AbstractContextManager[None]:
+        """One transaction; nested blocks become savepoints."""
+        raise NotImplementedError
+
+    def ddl(self, statement: str) -> str:
+        """A schema statement (written with SQLite's types) in this engine's dialect."""
+        return statement
+
+    def tables(self) -> list[str]:
+        """The names of the tables in the database, sorted."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection."""
+        raise NotImplementedError
+
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Serve one request alone: no other worker serves one until the block ends.
+        Re-entrant; yields whether this is the outermost block (where a store drops
+        what it keeps in memory, if the database is `shared`)."""
+        outermost = self._depth == 0
+        if outermost:
+            self._lock()
+        self._depth += 1
+        try:
+            yield outermost
+        finally:
+            self._depth -= 1
+            if outermost:
+                self._unlock()
+
+    def _lock(self) -> None:
+        pass
+
+    def _unlock(self) -> None:
+        pass
+
+
+class SqliteDatabase(Database):
+    """A SQLite file (or ``":memory:"``), written by one server process."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # The app calls the store from its event loop only, so requests never overlap;
+        # that loop may run in another thread than the one that opened the store.
+        # Autocommit outside `atomic` blocks (which BEGIN and COMMIT), as in PostgreSQL.
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # Our own schema and SQL: no sqlite-utils plugins, so no scan of every installed
+        # package's entry points for them (27 ms on the first open).
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        if path != ":memory:":
+            self.db.enable_wal()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self.db.execute(sql, list(params))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.db.conn.executemany(sql, rows)
+
+    def atomic(self) -> AbstractContextManager[None]:
+        return self.db.atomic()  # type: ignore[return-value]
+
+    def tables(self) -> list[str]:
+        return sorted(self.db.table_names())
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PostgresDatabase(Database):
+    """A PostgreSQL database (psycopg 3), shared by every worker of a server."""
+
+    kind = "postgresql"
+    shared = True
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise StateError(
+                f"PostgreSQL needs psycopg: pip install 'fedclient[postgresql]' ({exc})"
+            ) from None
+        self.url = url
+        try:
+            # Autocommit outside `atomic` blocks, as the store's SQLite connection.
+            self.conn = psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StateError(f"cannot connect to {_redacted(url)}: {first}") from None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self.conn.execute(_placeholders(sql), list(params) or None)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cursor:
+            cursor.executemany(_placeholders(sql), rows)
+
+    def atomic(self) -> AbstractContextManager[None]:
+        return self.conn.transaction()  # type: ignore[return-value]
+
+    def ddl(self, statement: str) -> str:
+        return _postgres_ddl(statement)
+
+    def tables(self) -> list[str]:
+        rows = self.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _lock(self) -> None:
+        self.execute("SELECT pg_advisory_lock(?)", [REQUEST_LOCK])
+
+    def _unlock(self) -> None:
+        if not self.conn.closed:
+            self.execute("SELECT pg_advisory_unlock(?)", [REQUEST_LOCK])
+
+
+@functools.lru_cache(maxsize=512)
+def _placeholders(sql: str) -> str:
+    """SQLite's ``?`` placeholders as psycopg's ``%s`` (the store's SQL has no ``%``,
+    and no ``?`` but placeholders)."""
+    assert "%" not in sql, sql
+    return sql.replace("?", "%s")
+
+
+_TYPES = [
+    (
+        re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"),
+        "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    ),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+]
+
+
+def _postgres_ddl(statement: str) -> str:
+    for pattern, replacement in _TYPES:
+        statement = pattern.sub(replacement, statement)
+    return statement
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
