@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedclient._exceptions import FedError, InvalidInput
+from fedclient.server.database import redacted
 
-__all__ = ["main"]
+__all__ = ["main", "worker_app"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +24,124 @@ def main(argv: list[str] | None = None) -> int:
         from fedclient.server.admin import main as admin
 
         return admin(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    authorities = _authorities(args.identity_authority)
+    if authorities is None:
+        return 2
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("fedserver: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("fedserver: --workers takes a number >= 1", file=sys.stderr)
+        return 2
+    built = _build(args, authorities)
+    if isinstance(built, int):
+        return built
+    app, service, policy = built
+    if policy.kind == "open":
+        print(
+            "fedserver: enrolment is open: anyone can enrol devices "
+            "(--enrolment-secret-file or --enrolment-codes to close it)",
+            file=sys.stderr,
+        )
+    scheme = "https" if args.ssl_certfile else "http"
+    where = redacted(service.store.url)
+    jobs = ", ".join(j.name for j in service.store.jobs())
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
+    print(f"fedserver: serving {jobs} on {scheme}://{args.host}:{args.port} (db {where}{workers})")
+    sys.stdout.flush()
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_keyfile": args.ssl_keyfile,
+    }
+    if args.workers == 1:
+        uvicorn.run(app, **options)
+        return 0
+    # Each worker process builds its own app (and database connection) from the same
+    # command line: checked once here, so a worker cannot fail where this did not.
+    service.store.close()
+    os.environ[_WORKER_ARGV] = json.dumps(argv)
+    uvicorn.run("fedclient.server.cli:worker_app", factory=True, workers=args.workers, **options)
+    return 0
+
+
+#: The environment variable that hands a worker process the server's command line.
+_WORKER_ARGV = "FEDSERVER_WORKER_ARGV"
+
+
+def worker_app() -> Any:
+    """The app of one worker process of ``fedserver --workers N`` (a uvicorn factory)."""
+    argv = json.loads(os.environ[_WORKER_ARGV])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    built = _build(args, _authorities(args.identity_authority) or ())
+    if isinstance(built, int):
+        raise SystemExit(built)
+    return built[0]
+
+
+def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[Any, Any, Any] | int:
+    """The app, its service and its enrolment policy, or an exit code (after saying why)."""
+    try:
+        from fedclient.server import FederationService, ServerStore, create_app, load_plan
+        from fedclient.server.auth import EnrolmentPolicy
+        from fedclient.server.limits import RateLimits
+
+        limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
+        plans = [load_plan(path) for path in args.plan]
+        admin_token = _read_secret(args.admin_token_file, "admin token", 32)
+        policy = EnrolmentPolicy.open()
+        if args.enrolment_secret_file:
+            policy = EnrolmentPolicy.secret(
+                _read_secret(args.enrolment_secret_file, "enrolment secret", 16) or ""
+            )
+        elif args.enrolment_codes:
+            policy = EnrolmentPolicy.codes()
+        service = FederationService(
+            ServerStore.open_existing(args.db),
+            identity_authorities=authorities,
+            enrolment=policy,
+            admin_token=admin_token,
+            public_status=args.public_status,
+        )
+        for plan in plans:
+            service.add_job(plan)
+    except ImportError as exc:
+        print(
+            f"fedserver needs the server extra: pip install 'fedclient[server]' ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    except FedError as exc:
+        print(f"fedserver: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.workers > 1 and not service.store.shared:
+        print(
+            "fedserver: several workers share a PostgreSQL database only: "
+            "--db postgresql://... (a SQLite file has one writer)",
+            file=sys.stderr,
+        )
+        return 2
+    secure = [p.job.name for p in plans if p.privacy.secagg]
+    if args.workers > 1 and secure:
+        print(
+            f"fedserver: secure aggregation ({', '.join(secure)}) keeps its stages in one "
+            "worker's memory: serve it with --workers 1",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(service, tick_seconds=args.tick_seconds, rate_limits=limits)
+    return app, service, policy
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``fedserver``'s options."""
     parser = argparse.ArgumentParser(
         prog="fedserver",
         description=__doc__,
@@ -31,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--db",
         default="fedserver.sqlite",
-        help="SQLite database made by `fedserver init`; a restarted server resumes from it",
+        help="the database made by `fedserver init`: a SQLite file (or sqlite:///PATH), or "
+        "postgresql://USER@HOST/NAME; a restarted server resumes from it",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes serving the port (more than one needs a PostgreSQL --db)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -71,70 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="...and this private key (PEM)")
     _authority_option(parser)
-    args = parser.parse_args(argv)
-    authorities = _authorities(args.identity_authority)
-    if authorities is None:
-        return 2
-    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        print("fedserver: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
-        return 2
-    try:
-        import uvicorn
-
-        from fedclient.server import FederationService, ServerStore, create_app, load_plan
-        from fedclient.server.auth import EnrolmentPolicy
-        from fedclient.server.limits import RateLimits
-
-        limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
-        plans = [load_plan(path) for path in args.plan]
-        admin_token = _read_secret(args.admin_token_file, "admin token", 32)
-        policy = EnrolmentPolicy.open()
-        if args.enrolment_secret_file:
-            policy = EnrolmentPolicy.secret(
-                _read_secret(args.enrolment_secret_file, "enrolment secret", 16) or ""
-            )
-        elif args.enrolment_codes:
-            policy = EnrolmentPolicy.codes()
-        service = FederationService(
-            ServerStore.open_existing(args.db),
-            identity_authorities=authorities,
-            enrolment=policy,
-            admin_token=admin_token,
-            public_status=args.public_status,
-        )
-        for plan in plans:
-            service.add_job(plan)
-    except ImportError as exc:
-        print(
-            f"fedserver needs the server extra: pip install 'fedclient[server]' ({exc})",
-            file=sys.stderr,
-        )
-        return 2
-    except FedError as exc:
-        print(f"fedserver: {exc}", file=sys.stderr)
-        return exc.exit_code
-    app = create_app(service, tick_seconds=args.tick_seconds, rate_limits=limits)
-    if policy.kind == "open":
-        print(
-            "fedserver: enrolment is open: anyone can enrol devices "
-            "(--enrolment-secret-file or --enrolment-codes to close it)",
-            file=sys.stderr,
-        )
-    scheme = "https" if args.ssl_certfile else "http"
-    print(
-        f"fedserver: serving {', '.join(j.name for j in service.store.jobs())} on "
-        f"{scheme}://{args.host}:{args.port} (db {args.db})",
-        flush=True,
-    )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-    )
-    return 0
+    return parser
 
 
 def _read_secret(path: str | None, what: str, least: int) -> str | None:
@@ -174,7 +240,8 @@ def _init(argv: list[str]) -> int:
     except FedError as exc:
         print(f"fedserver init: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"fedserver init: created {args.db} with {', '.join(p.job.name for p in plans)}")
+    names = ", ".join(p.job.name for p in plans)
+    print(f"fedserver init: created {redacted(args.db)} with {names}")
     return 0
 
 

@@ -28,7 +28,15 @@ import sqlite_utils
 
 from fedclient._exceptions import StateError
 
-__all__ = ["Cursor", "Database", "PostgresDatabase", "SqliteDatabase", "connect", "is_postgres"]
+__all__ = [
+    "Cursor",
+    "Database",
+    "PostgresDatabase",
+    "SqliteDatabase",
+    "connect",
+    "is_postgres",
+    "redacted",
+]
 
 #: The advisory lock every worker holds while it serves one request.
 REQUEST_LOCK = 0x66656473  # "feds"
@@ -180,7 +188,7 @@ class PostgresDatabase(Database):
             self.conn = psycopg.connect(url, autocommit=True)
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StateError(f"cannot connect to {_redacted(url)}: {first}") from None
+            raise StateError(f"cannot connect to {redacted(url)}: {first}") from None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         return self.conn.execute(_placeholders(sql), list(params) or None)
@@ -237,6 +245,6 @@ def _postgres_ddl(statement: str) -> str:
     return statement
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """``url`` without its password."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

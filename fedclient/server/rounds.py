@@ -83,7 +83,10 @@ class SyncRounds:
         self._sums: dict[int, RunningSum] = {}
 
     def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
-        """Keep an accepted update's tensors (the decoded body) for its round's close."""
+        """Keep an accepted update's tensors (the decoded body) for its round's close
+        (not when workers share the database: another may fold or close the round)."""
+        if self.store.shared:
+            return
         size = sum(t.nbytes for t in tensors.values())
         if self._decoded_bytes + size <= DECODED_MAX_BYTES:
             self._decoded[receipt_id] = tensors

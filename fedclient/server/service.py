@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTRIBUTED_RETRY", "FederationService"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 #: Chunked uploads one device may hold open in a round (each holds up to
 #: max_upload_bytes of parts on the server).
 MAX_OPEN_UPLOADS = 2
@@ -78,8 +81,27 @@ PAUSED_RETRY = 300.0
 CONTRIBUTED_RETRY = 30.0
 
 
+def _serialised(method: Callable[P, R]) -> Callable[P, R]:
+    """A handler that runs alone among every worker of the server's database
+    (`ServerStore.exclusive`): what it reads stays true until it has written."""
+
+    @functools.wraps(method)
+    def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        service = args[0]
+        assert isinstance(service, FederationService)
+        with service.store.exclusive():
+            return method(*args, **kwargs)
+
+    return handler
+
+
 class FederationService:
-    """Every job of one server: enrolment, check-in, models, uploads, status."""
+    """Every job of one server: enrolment, check-in, models, uploads, status.
+
+    Each handler runs inside one `ServerStore.exclusive` block, so several workers may
+    serve one PostgreSQL database: everything a request needs to be correct is in the
+    database, and what a worker keeps in memory is a cache (of immutable model
+    versions; of the rest only within one block, when the database is shared)."""
 
     def __init__(
         self,
@@ -130,6 +152,7 @@ class FederationService:
         return self._secure
 
     # -- setup -----------------------------------------------------------------
+    @_serialised
     def add_job(self, plan: JobPlan) -> None:
         """Create the job, or resume it if the store already has it with the same plan."""
         existing = self.store.job(plan.job.name)
@@ -141,6 +164,7 @@ class FederationService:
                 "different plan; use a new job name or a new database"
             )
 
+    @_serialised
     def tick(self) -> None:
         """Close the rounds whose quota is met or whose deadline passed, and the secure
         stages whose time is up."""
@@ -157,6 +181,7 @@ class FederationService:
         self.rounds.advance(now)
 
     # -- handlers --------------------------------------------------------------
+    @_serialised
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         """Give a device an id and a bearer token (its own proposal, if it made one).
 
@@ -200,10 +225,12 @@ class FederationService:
         ):
             raise Forbidden("the identity certificate is not from a trusted authority")
 
+    @_serialised
     def authenticate(self, token: str) -> str:
         """The device id behind a bearer token."""
         hashed = hash_token(token)
-        device_id = self._devices.get(hashed)
+        # Another worker may revoke a device: a shared database is asked every time.
+        device_id = None if self.store.shared else self._devices.get(hashed)
         if device_id is None:
             device_id = self.store.device_for_token(hashed)
             if device_id is None:
@@ -216,6 +243,7 @@ class FederationService:
             self._devices.clear()
         self._devices[hashed] = device_id
 
+    @_serialised
     def checkin(
         self, token: str, job_name: str, request: CheckinRequest, *, inline: bool = False
     ) -> CheckinResponse:
@@ -287,12 +315,14 @@ class FederationService:
             identities[device] = identity
         self.secure.open(round_.round_id, job.plan, identities, decode_tensors(current[0])[0])
 
+    @_serialised
     def secagg_fetch(self, token: str, round_id: int, stage: str) -> bytes:
         """A secure-aggregation stage's message for this device (msgpack)."""
         device_id = self.authenticate(token)
         self.rounds.advance(self.clock())
         return self.secure.fetch(round_id, device_id, stage)
 
+    @_serialised
     def secagg_post(
         self, token: str, round_id: int, stage: str, body: bytes
     ) -> UploadReceipt | None:
@@ -340,6 +370,7 @@ class FederationService:
             self.store.admit(round_.round_id, device_id, now)
         return Admitted(self._plan(job, round_, device_id))
 
+    @_serialised
     def leave(self, token: str, round_id: int) -> bool:
         """A device gives its place in a round back (if it has not contributed)."""
         device_id = self.authenticate(token)
@@ -356,6 +387,7 @@ class FederationService:
             self.store.withdraw(round_id, device_id)
         return True
 
+    @_serialised
     def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:
         """A model version's body and ETag."""
         self.authenticate(token)
@@ -365,12 +397,14 @@ class FederationService:
         except KeyError:
             raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
+    @_serialised
     def upload_limit(self, round_id: int) -> int:
         """The largest upload body the round accepts."""
         round_ = self.store.round(round_id)
         job = self.store.job(round_.job) if round_ else None
         return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
 
+    @_serialised
     def upload(
         self, token: str, round_id: int, idempotency_key: str | None, body: bytes
     ) -> UploadReceipt:
@@ -384,6 +418,7 @@ class FederationService:
             raise InvalidRequest("this job aggregates securely: use the secagg stages")
         return self._accept(device_id, job, round_, key, body)
 
+    @_serialised
     def start_upload(
         self, token: str, round_id: int, idempotency_key: str | None, request: UploadStart
     ) -> UploadSession:
@@ -414,6 +449,7 @@ class FederationService:
             self.store.add_session(session)
         return _session(session)
 
+    @_serialised
     def upload_status(self, token: str, round_id: int, upload_id: str) -> UploadSession:
         """Where a chunked upload stands (complete ones carry their receipt)."""
         device_id = self.authenticate(token)
@@ -425,6 +461,7 @@ class FederationService:
             raise NotFound(f"no upload {upload_id!r} in round {round_id}")
         return _session(session)
 
+    @_serialised
     def upload_chunk(
         self, token: str, round_id: int, upload_id: str, offset: str | None, chunk: bytes
     ) -> UploadSession:
@@ -552,6 +589,7 @@ class FederationService:
             self.metrics.updates.labels(job.name).inc()
         return _receipt(row)
 
+    @_serialised
     def job_status(self, job_name: str) -> JobStatus:
         """The job's progress and current round."""
         self.rounds.advance(self.clock())
@@ -580,6 +618,7 @@ class FederationService:
         if self.admin_token_hash is None or not matches(token, self.admin_token_hash):
             raise Unauthorized("admin token required")
 
+    @_serialised
     def authenticate_reader(self, token: str | None) -> None:
         """Job and round status: a device's token or the admin's (or none, if public)."""
         if self.public_status:
@@ -590,6 +629,7 @@ class FederationService:
             return
         self.authenticate(token)
 
+    @_serialised
     def create_job(self, plan: JobPlan) -> JobStatus:
         """Add a job (the admin API): the same plan again is a no-op, another a 409."""
         existing = self.store.job(plan.job.name)
@@ -602,6 +642,7 @@ class FederationService:
                 raise InvalidRequest(f"invalid plan: {exc}") from exc
         return self.job_status(plan.job.name)
 
+    @_serialised
     def set_job_status(self, job_name: str, action: str) -> JobStatus:
         """Pause, resume or stop a job. Stopping fails its open round (nothing more is
         aggregated) and is for good; a finished or stopped job cannot be resumed."""
@@ -621,16 +662,19 @@ class FederationService:
                         self.rounds.close(stopped, round_, now, "stopped by the operator", [])
         return self.job_status(job.name)
 
+    @_serialised
     def round_history(self, job_name: str) -> list[RoundSummary]:
         """Every round of a job, newest first."""
         job = self._job(job_name)
         return [self._summary(r) for r in self.store.latest_rounds(job.name, 1 << 30)]
 
+    @_serialised
     def participation(self, job_name: str) -> list[DeviceParticipation]:
         """Every device that took part in a job, and how."""
         job = self._job(job_name)
         return [DeviceParticipation(*row) for row in self.store.participation(job.name)]
 
+    @_serialised
     def revoke(self, device_id: str) -> None:
         """Revoke a device: its next request is a 401."""
         with self.store.atomic():
@@ -640,6 +684,7 @@ class FederationService:
             if known == device_id:
                 del self._devices[hashed]
 
+    @_serialised
     def issue_codes(self, count: int) -> list[str]:
         """``count`` single-use enrolment codes (kept hashed; shown only here)."""
         codes = [secrets.token_urlsafe(18) for _ in range(count)]
@@ -647,6 +692,7 @@ class FederationService:
             self.store.add_enrolment_codes([hash_token(c) for c in codes], self.clock())
         return codes
 
+    @_serialised
     def round_status(self, job_name: str, number: int) -> RoundSummary:
         """One round of a job."""
         self.rounds.advance(self.clock())

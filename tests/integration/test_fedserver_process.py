@@ -52,10 +52,14 @@ def _free_port() -> int:
 class FedServerProcess:
     """Start, kill and restart ``fedserver`` on one port and one database."""
 
-    def __init__(self, tmp: Path, rounds: int, per_round: int) -> None:
+    def __init__(
+        self, tmp: Path, rounds: int, per_round: int, db: str | None = None, workers: int = 1
+    ) -> None:
         self.plan = tmp / "plan.toml"
         self.plan.write_text(PLAN.format(rounds=rounds, per_round=per_round))
-        self.db = tmp / "server.sqlite"
+        self.db = db or str(tmp / "server.sqlite")
+        self.workers = workers
+        self.made = False
         self.admin_token = tmp / "admin.token"
         self.admin_token.write_text(ADMIN_TOKEN)
         self.port = _free_port()
@@ -63,7 +67,7 @@ class FedServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        if not self.db.exists():  # a database is made explicitly, once
+        if not self.made:  # a database is made explicitly, once
             subprocess.run(
                 [
                     sys.executable,
@@ -78,6 +82,7 @@ class FedServerProcess:
                 check=True,
                 capture_output=True,
             )
+            self.made = True
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -91,6 +96,8 @@ class FedServerProcess:
                 str(self.port),
                 "--tick-seconds",
                 "0.2",
+                "--workers",
+                str(self.workers),
                 # Status needs a token: fedsim reads it as a device (it enrols an observer),
                 # the test as the admin.
                 "--admin-token-file",
@@ -109,6 +116,16 @@ class FedServerProcess:
             except httpx.TransportError:
                 time.sleep(0.05)
         raise RuntimeError("fedserver did not become healthy in 30 s")
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of ``--workers N`` (children of the server process)."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [
+            int(pid)
+            for pid in children.split()
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()  # not the tracker
+        ]
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -131,8 +148,10 @@ class FedServerProcess:
 def fedserver(tmp_path: Path) -> Iterator[Any]:
     servers: list[FedServerProcess] = []
 
-    def start(rounds: int = 3, per_round: int = 2) -> FedServerProcess:
-        server = FedServerProcess(tmp_path, rounds, per_round)
+    def start(
+        rounds: int = 3, per_round: int = 2, db: str | None = None, workers: int = 1
+    ) -> FedServerProcess:
+        server = FedServerProcess(tmp_path, rounds, per_round, db, workers)
         server.start()
         servers.append(server)
         return server

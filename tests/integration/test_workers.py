@@ -1,0 +1,140 @@
+"""Several ``fedserver`` workers on one PostgreSQL database (issue 15): a federation
+through them matches the in-process one, and a worker killed mid-round loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import fedclient
+from fedclient.protocol import Admitted, CheckinRequest, EnrolRequest
+from fedclient.server import FederationService, ServerStore
+from fedclient.server.cli import main as fedserver_main
+from fedclient.sim.cli import main as fedsim
+from tests.conftest import make_plan
+from tests.integration.test_fedserver_process import fedserver  # noqa: F401  (the fixture)
+from tests.postgres import PostgresCluster
+
+
+@pytest.fixture
+def database(postgres: PostgresCluster | None) -> Any:
+    if postgres is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    url = postgres.database()
+    yield url
+    postgres.drop([url.rsplit("/", 1)[1].split("?")[0]])
+
+
+def _fedsim(tmp_path: Path, name: str, *where: str) -> dict[str, Any]:
+    report = tmp_path / f"{name}.json"
+    common = ["--devices", "30", "--partition", "iid", "--seed", "2", "--quiet"]
+    assert fedsim(["run", *where, *common, "--report", str(report)]) == 0
+    return json.loads(report.read_text())  # type: ignore[no-any-return]
+
+
+def test_fedsim_through_two_workers_on_postgresql_matches_the_in_process_run(
+    fedserver: Any,  # noqa: F811
+    database: str,
+    tmp_path: Path,
+) -> None:
+    server = fedserver(rounds=6, per_round=10, db=database, workers=2)
+    assert len(server.worker_pids()) == 2
+    remote = _fedsim(tmp_path, "remote", "--server", server.url, "--job", "digits")
+    local = _fedsim(tmp_path, "local", "--plan", str(server.plan), "--dataset", "digits")
+    assert [r["updates"] for r in remote["rounds"]] == [10] * 6
+    assert remote["final"]["model_version"] == local["final"]["model_version"] == 6
+    assert abs(remote["final"]["accuracy"] - local["final"]["accuracy"]) <= 0.01
+
+
+def test_a_worker_killed_mid_round_loses_no_acknowledged_update(
+    fedserver: Any,  # noqa: F811
+    database: str,
+    digits: Any,
+) -> None:
+    per_round = 24
+    server = fedserver(rounds=2, per_round=per_round, db=database, workers=2)
+    victim = server.worker_pids()[0]
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def device(i: int) -> None:
+        part = slice(i * 50, (i + 1) * 50)
+        client = fedclient.Client(
+            server.url, "digits", (digits.x_train[part], digits.y_train[part]), seed=i
+        )
+        try:
+            for _ in range(20):  # an app keeps stepping through a lost connection
+                try:
+                    outcome = client.run_once()
+                except fedclient.TransportError:
+                    continue
+                if outcome.status == "uploaded":
+                    assert outcome.receipt is not None
+                    with lock:
+                        acknowledged.append(outcome.receipt.device_id)
+                        if len(acknowledged) == per_round // 3 and not killed.is_set():
+                            os.kill(victim, signal.SIGKILL)  # mid-round, others in flight
+                            killed.set()
+                    return
+        finally:
+            client.close()
+        raise AssertionError(f"device {i} never got its update acknowledged")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(device, range(per_round)))
+    assert killed.is_set() and len(set(acknowledged)) == per_round
+
+    with psycopg.connect(database) as conn:
+        rounds = conn.execute("SELECT number, status FROM rounds ORDER BY number").fetchall()
+        counted = conn.execute(
+            "SELECT device_id, count(*) FROM updates u JOIN rounds r USING (round_id)"
+            " WHERE r.number = 1 GROUP BY device_id"
+        ).fetchall()
+        versions = conn.execute("SELECT version FROM models ORDER BY version").fetchall()
+    assert rounds == [(1, "closed"), (2, "open")]  # closed once, one next round
+    assert sorted(d for d, _ in counted) == sorted(acknowledged)  # every one counted...
+    assert all(n == 1 for _, n in counted)  # ...once
+    assert versions == [(0,), (1,)]
+    assert server.round(1)["updates"] == per_round
+
+
+def test_two_workers_admit_no_more_devices_than_the_round_holds(database: str) -> None:
+    # Two services on one database, each on a thread of its own, as two worker
+    # processes: the check "is the round full?" and the admission happen under one lock.
+    plan = make_plan(devices_per_round=5, over_selection=1.0)
+    workers = [FederationService(ServerStore(database)) for _ in range(2)]
+    for worker in workers:
+        worker.add_job(plan)
+    tokens = [workers[0].enrol(EnrolRequest()).token for _ in range(40)]
+    answers: list[Any] = []
+
+    def serve(worker: FederationService, mine: list[str]) -> None:
+        for token in mine:
+            answers.append(worker.checkin(token, "digits", CheckinRequest()))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(serve, workers, [tokens[0::2], tokens[1::2]]))
+    assert sum(isinstance(a, Admitted) for a in answers) == 5
+    assert workers[1].job_status("digits").current_round.admitted == 5  # type: ignore[union-attr]
+    for worker in workers:
+        worker.store.close()
+
+
+def test_several_workers_need_postgresql_and_no_secure_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[job]\nname = "digits"\n')
+    db = tmp_path / "s.sqlite"
+    assert fedserver_main(["init", "--plan", str(plan), "--db", str(db)]) == 0
+    assert fedserver_main(["--plan", str(plan), "--db", str(db), "--workers", "2"]) == 2
+    assert "PostgreSQL database only" in capsys.readouterr().err
