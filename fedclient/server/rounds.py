@@ -141,11 +141,12 @@ class SyncRounds:
                         stored[1],
                         stored[2],
                     )
-            rows = self.store.unfolded_updates(round_id)
+            # Workers that share the database hold nothing decoded: read the bodies with
+            # the rows, in one query.
+            rows = self.store.unfolded_updates(round_id, bodies=self.store.shared)
             for row in rows:
-                update = ClientUpdate(
-                    row.device_id, row.num_examples, self._tensors(row), row.staleness
-                )
+                tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
+                update = ClientUpdate(row.device_id, row.num_examples, tensors, row.staleness)
                 running.add(update.weight, strategy.contribution(update))
             if rows:
                 self.store.save_round_sum(

@@ -57,6 +57,13 @@ MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
         {"postgresql": "ALTER TABLE updates ALTER COLUMN body SET STORAGE EXTERNAL"},
         {"postgresql": "ALTER TABLE models ALTER COLUMN body SET STORAGE EXTERNAL"},
     ],
+    7: [  # each round's admissions and updates, counted as they are written
+        "CREATE TABLE round_counts (round_id INTEGER PRIMARY KEY,"
+        " admitted INTEGER NOT NULL DEFAULT 0, updates INTEGER NOT NULL DEFAULT 0)",
+        "INSERT INTO round_counts (round_id, admitted, updates) SELECT r.round_id,"
+        " (SELECT count(*) FROM admissions a WHERE a.round_id = r.round_id),"
+        " (SELECT count(*) FROM updates u WHERE u.round_id = r.round_id) FROM rounds r",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -600,19 +607,46 @@ class ServerStore:
             " (SELECT coalesce(max(seq), 0) + 1 FROM admissions WHERE round_id = ?))",
             [round_id, device_id, now, round_id],
         )
+        self._count(round_id, "admitted", 1)
         if round_id in self._admitted:
             self._admitted[round_id].add(device_id)
 
     def withdraw(self, round_id: int, device_id: str) -> None:
         """Free a device's place in a round."""
-        self.db.execute(
+        cursor = self.db.execute(
             "DELETE FROM admissions WHERE round_id=? AND device_id=?", [round_id, device_id]
         )
+        if cursor.rowcount:
+            self._count(round_id, "admitted", -1)
         if round_id in self._admitted:
             self._admitted[round_id].discard(device_id)
 
+    def _count(self, round_id: int, what: str, change: int) -> None:
+        """Move one of the round's counters (``admitted``, ``updates``)."""
+        self.db.execute(
+            f"INSERT INTO round_counts (round_id, {what}) VALUES (?, ?) ON CONFLICT (round_id)"
+            f" DO UPDATE SET {what} = round_counts.{what} + excluded.{what}",
+            [round_id, change],
+        )
+
+    def _counted(self, round_id: int, what: str) -> int:
+        row = self.db.execute(
+            f"SELECT {what} FROM round_counts WHERE round_id=?", [round_id]
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _has_row(self, table: str, round_id: int, device_id: str) -> bool:
+        """One indexed lookup, for a shared database (no round's devices kept)."""
+        row = self.db.execute(
+            f"SELECT 1 FROM {table} WHERE round_id=? AND device_id=? LIMIT 1",
+            [round_id, device_id],
+        ).fetchone()
+        return row is not None
+
     def is_admitted(self, round_id: int, device_id: str) -> bool:
         """Whether the device holds a place in the round."""
+        if self.db.shared:
+            return self._has_row("admissions", round_id, device_id)
         return device_id in self._devices_in(self._admitted, "admissions", round_id)
 
     def _devices_in(self, kept: dict[int, set[str]], table: str, round_id: int) -> set[str]:
@@ -655,6 +689,8 @@ class ServerStore:
 
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
+        if self.db.shared:
+            return self._counted(round_id, "admitted")
         return len(self._devices_in(self._admitted, "admissions", round_id))
 
     def add_update(
@@ -676,6 +712,7 @@ class ServerStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
             [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now, staleness],
         ).fetchall()[0][0]
+        self._count(round_id, "updates", 1)
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
         if round_id in self._updated:
@@ -720,10 +757,14 @@ class ServerStore:
 
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
+        if self.db.shared:
+            return self._has_row("updates", round_id, device_id)
         return device_id in self._devices_in(self._updated, "updates", round_id)
 
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""
+        if self.db.shared:
+            return self._counted(round_id, "updates")
         count = self._update_counts.get(round_id)
         if count is None:
             row = self.db.execute(
@@ -744,12 +785,14 @@ class ServerStore:
         ).fetchall()
         return [UpdateRow(*row) for row in rows]
 
-    def unfolded_updates(self, round_id: int) -> list[UpdateRow]:
+    def unfolded_updates(self, round_id: int, *, bodies: bool = False) -> list[UpdateRow]:
         """The round's updates whose bodies are still stored (not yet folded into its
-        running sum), in the order received, with ``body`` None (see `update_body`)."""
+        running sum), in the order received (``bodies=False``: with ``body`` None, for a
+        caller that holds them decoded; see `update_body`)."""
+        body = "body" if bodies else "NULL"
         rows = self.db.execute(
             "SELECT seq, round_id, device_id, idempotency_key, receipt_id, num_examples,"
-            " train_loss, NULL, received_at, staleness"
+            f" train_loss, {body}, received_at, staleness"
             " FROM updates WHERE round_id=? AND body IS NOT NULL ORDER BY seq",
             [round_id],
         ).fetchall()

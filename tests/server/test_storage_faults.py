@@ -51,7 +51,8 @@ def _damage(db: Path, kind: str) -> Path:
         elif kind == "header":
             f.write(b"X" * 100)
         elif kind == "pages":  # random bytes over the second page's b-tree header
-            f.seek(4096)
+            page_size = int.from_bytes(f.read(18)[16:18], "big")
+            f.seek(65536 if page_size == 1 else page_size)  # 1 stands for 64 KiB
             f.write(os.urandom(64))
     return bad
 
