@@ -68,6 +68,7 @@ from fedclient.protocol import (
 )
 from fedclient.protocol import Route as ApiRoute
 from fedclient.server.auth import bearer_token, hash_token
+from fedclient.server.database import SqliteDatabase
 from fedclient.server.limits import RateLimiter, RateLimits
 from fedclient.server.service import FederationService
 
@@ -307,8 +308,24 @@ def create_app(
         finally:
             if timer is not None:
                 timer.cancel()
+            await database.flush()
 
-    routes = [Route(r.path, handlers[r], methods=[r.method]) for r in handlers]
+    # A SQLite file commits many requests' writes at once; a request is answered only
+    # once what it wrote is on disk (`SqliteDatabase.group_commits`).
+    database = service.store.db
+    if isinstance(database, SqliteDatabase):
+        database.group_commits()
+
+    def durable(endpoint: Endpoint) -> Endpoint:
+        async def answer(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            finally:
+                await database.flush()
+
+        return answer
+
+    routes = [Route(r.path, durable(handlers[r]), methods=[r.method]) for r in handlers]
     middleware = []
     if metrics:
         from starlette.middleware import Middleware
@@ -344,6 +361,7 @@ async def _tick_forever(service: FederationService, seconds: float) -> None:
         await asyncio.sleep(seconds)
         try:
             service.tick()
+            await service.store.db.flush()
         except sqlite3.OperationalError as exc:  # full or busy: the next tick tries again
             logger.warning("storage: %s (deadlines are checked again in %s s)", exc, seconds)
 

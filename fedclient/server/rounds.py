@@ -82,6 +82,13 @@ class SyncRounds:
         # transaction rolled back leaves it ahead; it is then read again).
         self._sums: dict[int, RunningSum] = {}
 
+    def forget(self) -> None:
+        """Drop every update held decoded and every running sum kept (writes were lost:
+        what is left is read from the store again)."""
+        self._decoded.clear()
+        self._decoded_bytes = 0
+        self._sums.clear()
+
     def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
         """Keep an accepted update's tensors (the decoded body) for its round's close
         (not when workers share the database: another may fold or close the round)."""

@@ -140,6 +140,13 @@ class FederationService:
         # Token hash -> device id. Devices are only ever added, so a hit stays true; every
         # request authenticates (an upload twice: before and after reading its body).
         self._devices: dict[str, str] = {}
+        store.db.on_rollback.append(self._forget_written)
+
+    def _forget_written(self) -> None:
+        """Writes not yet committed were lost (a failed group commit): forget what this
+        service kept of them (devices enrolled, updates held decoded, running sums)."""
+        self._devices.clear()
+        self.rounds.forget()
 
     @property
     def secure(self) -> SecureRounds:

@@ -189,6 +189,7 @@ class ServerStore:
         self._update_counts: dict[int, int] = {}
         self._updated: dict[int, set[str]] = {}  # round -> the devices with an update in it
         self._admitted: dict[int, set[str]] = {}  # round -> its admitted devices
+        self.db.on_rollback.append(self._forget)  # a group commit failed
         with self.exclusive(), self.atomic():  # workers starting together migrate once
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
