@@ -5,7 +5,8 @@ one and two workers (issue 15).
     python bench/ingest.py --uploads 2000 --configs sqlite:1
 
 For each configuration (``ENGINE:WORKERS``) a fresh database is made (``fedserver
-init``; PostgreSQL: a throwaway server from Debian's package, as the tests use),
+init``; PostgreSQL: a throwaway server from Debian's package as the tests use, but
+with fsync on, as deployed),
 ``fedserver --workers W --no-rate-limits`` starts as a real process, and
 ``--uploads`` devices enrol and check in to one round that holds them all
 (``devices_per_round`` = uploads). Then each sends one update of 100,000 float32
@@ -278,7 +279,7 @@ def main() -> int:
             print("PostgreSQL is not installed (apt-get install postgresql): skipping it")
             configs = [c for c in configs if c[0] != "postgresql"]
         else:
-            cluster = PostgresCluster(bin_dir)
+            cluster = PostgresCluster(bin_dir, fsync=True)  # durable, as deployed
     results = []
     try:
         print(

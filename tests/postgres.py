@@ -31,7 +31,8 @@ def find_binaries() -> Path | None:
 class PostgresCluster:
     """One PostgreSQL server on a Unix socket; `database` makes empty databases on it."""
 
-    def __init__(self, bin_dir: Path, *, max_connections: int = 100) -> None:
+    def __init__(self, bin_dir: Path, *, max_connections: int = 100, fsync: bool = False) -> None:
+        """``fsync``: durable commits, as a deployment has (tests go without)."""
         self.bin_dir = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="fedserver-pg-"))
         self.data = self.root / "data"
@@ -50,7 +51,7 @@ class PostgresCluster:
             str(self.root / "log"),
             "-w",
             "-o",
-            f"-k {self.socket} -c listen_addresses='' -c fsync=off"
+            f"-k {self.socket} -c listen_addresses='' -c fsync={'on' if fsync else 'off'}"
             f" -c max_connections={max_connections}",
             "start",
         )

@@ -150,7 +150,7 @@ class SyncRounds:
                     )
             # Workers that share the database hold nothing decoded: read the bodies with
             # the rows, in one query.
-            rows = self.store.unfolded_updates(round_id, bodies=self.store.shared)
+            rows = self.store.updates(round_id, bodies=self.store.shared, unfolded=True)
             for row in rows:
                 tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
                 update = ClientUpdate(row.device_id, row.num_examples, tensors, row.staleness)

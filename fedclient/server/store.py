@@ -774,27 +774,19 @@ class ServerStore:
             count = _keep(self._update_counts, round_id, int(row[0]))
         return count
 
-    def updates(self, round_id: int, *, bodies: bool = True) -> list[UpdateRow]:
+    def updates(
+        self, round_id: int, *, bodies: bool = True, unfolded: bool = False
+    ) -> list[UpdateRow]:
         """The round's updates, in the order they were received (``bodies=False``: with
-        ``body`` None, for a caller that holds them decoded; see `update_body`)."""
+        ``body`` None, for a caller that holds them decoded; see `update_body`).
+        ``unfolded``: only those whose bodies are still stored (not yet folded into the
+        round's running sum)."""
         body = "body" if bodies else "NULL"
+        where = " AND body IS NOT NULL" if unfolded else ""
         rows = self.db.execute(
             "SELECT seq, round_id, device_id, idempotency_key, receipt_id, num_examples,"
             f" train_loss, {body}, received_at, staleness"
-            " FROM updates WHERE round_id=? ORDER BY seq",
-            [round_id],
-        ).fetchall()
-        return [UpdateRow(*row) for row in rows]
-
-    def unfolded_updates(self, round_id: int, *, bodies: bool = False) -> list[UpdateRow]:
-        """The round's updates whose bodies are still stored (not yet folded into its
-        running sum), in the order received (``bodies=False``: with ``body`` None, for a
-        caller that holds them decoded; see `update_body`)."""
-        body = "body" if bodies else "NULL"
-        rows = self.db.execute(
-            "SELECT seq, round_id, device_id, idempotency_key, receipt_id, num_examples,"
-            f" train_loss, {body}, received_at, staleness"
-            " FROM updates WHERE round_id=? AND body IS NOT NULL ORDER BY seq",
+            f" FROM updates WHERE round_id=?{where} ORDER BY seq",
             [round_id],
         ).fetchall()
         return [UpdateRow(*row) for row in rows]
