@@ -128,14 +128,6 @@ def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[An
             file=sys.stderr,
         )
         return 2
-    secure = [p.job.name for p in plans if p.privacy.secagg]
-    if args.workers > 1 and secure:
-        print(
-            f"fedserver: secure aggregation ({', '.join(secure)}) keeps its stages in one "
-            "worker's memory: serve it with --workers 1",
-            file=sys.stderr,
-        )
-        return 2
     app = create_app(service, tick_seconds=args.tick_seconds, rate_limits=limits)
     return app, service, policy
 

@@ -18,9 +18,15 @@ closes, the exact ring sum becomes the round's aggregate: devices send
 its last coordinate is FedAvg's weighted mean (or, on a rotated grid, weight x
 delta and the weight); the server never sees one device's update. Every device
 in the cohort must have enrolled with an identity key: the roster carries it
-(and its certificate) to its peers. Secure rounds live in memory: a restarted
-server fails the round at its deadline, as the protocol allows (devices' key
-material is ephemeral too).
+(and its certificate) to its peers.
+
+A secure round's state is a log in the store (``secure_events``): its opening
+(parameters and cohort), every message a device posted, and every stage the
+clock closed. `SecAggServer` is deterministic, so a worker rebuilds a round by
+replaying the log and keeps the result as a cache, brought up to date from the
+log's end at each request (under the store's lock, `ServerStore.exclusive`): any
+worker of a shared database serves any stage, and a restarted server resumes the
+round where it was. The log goes when the round closes.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from fedclient.privacy.secagg import (
 )
 from fedclient.protocol import JobPlan, PrivacySettings, UploadReceipt, Weights
 from fedclient.server.secagg import SecAggServer
+from fedclient.server.store import ServerStore
 from fedclient.server.strategies import ClientUpdate
 
 __all__ = ["STAGES", "SecureRounds", "rotated_encoding", "secure_vector_length"]
@@ -114,12 +121,23 @@ class _SecureRound:
     receipts: dict[str, UploadReceipt] = field(default_factory=dict)
     stage_seconds: float = 60.0
     stage_deadline: float | None = None  # set when the stage's first message arrives
+    applied: int = 0  # the log's events folded in (the last one's seq)
+
+
+class _Opened(msgspec.Struct, frozen=True):
+    """The log's first event: what `SecureRounds.open` fixed."""
+
+    params: bytes  # SecAggParams, encoded
+    members: list[str]  # device ids, in their protocol numbers' order
+    stage_seconds: float
 
 
 class SecureRounds:
-    """The secure rounds in progress, by round id."""
+    """The secure rounds in progress, as their logs in ``store`` say (by round id)."""
 
-    def __init__(self, random: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, store: ServerStore, random: Callable[[int], bytes] = os.urandom) -> None:
+        self.store = store
+        #: Each round as replayed from its log so far (a cache: `_sync` brings it up to date).
         self.rounds: dict[int, _SecureRound] = {}
         #: Where sessions and graphs come from: the OS, except in a simulation that wants
         #: the same report from the same seed (a session is public, so nothing hides).
@@ -137,11 +155,11 @@ class SecureRounds:
         (devices that did not post by then are dropouts the protocol tolerates up to
         its threshold). ``admitted`` maps each device to its identity key and certificate."""
         p = plan.privacy
-        members = {device: i for i, device in enumerate(admitted, start=1)}
+        members = list(admitted)
         session = self.random(32)
         rotation = rotated_encoding(plan, len(members), weights, session)
         params = SecAggParams.create(
-            list(members.values()),
+            list(range(1, len(members) + 1)),
             rotation.vector_length if rotation else secure_vector_length(weights),
             plus=p.secagg == "secagg+",
             quantization=Quantization(p.secagg_clip, max_devices=max(2, len(members))),
@@ -149,16 +167,41 @@ class SecureRounds:
             rotation=rotation,
             tolerance=Tolerance(p.secagg_colluding, p.secagg_dropout),
         )
-        identities = {number: admitted[device] for device, number in members.items()}
-        self.rounds[round_id] = _SecureRound(
-            params,
-            SecAggServer(params, identities),
-            members,
-            stage_seconds=p.secagg_stage_seconds,
+        opened = _Opened(encode(params), members, p.secagg_stage_seconds)
+        self.store.add_secure_event(round_id, "open", "", "", msgspec.msgpack.encode(opened), "", 0)
+        self._sync(round_id)
+
+    def _sync(self, round_id: int) -> _SecureRound | None:
+        """The round as its log says now (None before its cohort is fixed)."""
+        secure = self.rounds.get(round_id)
+        for event in self.store.secure_events(round_id, after=secure.applied if secure else 0):
+            seq, kind, device, stage, body, receipt, at = event
+            if kind == "open":
+                secure = self._opened(msgspec.msgpack.decode(body, type=_Opened))
+            else:
+                assert secure is not None, "a secure round's log starts with its opening"
+                if kind == "post":
+                    self._receive(round_id, secure, device, stage, body, receipt, at)
+                else:  # "close": the clock closed a stage
+                    self._close_stage(secure)
+            secure.applied = seq
+            self.rounds[round_id] = secure
+        return secure
+
+    def _opened(self, opened: _Opened) -> _SecureRound:
+        params = decode(opened.params, SecAggParams)
+        members = {device: i for i, device in enumerate(opened.members, start=1)}
+        identities = {}
+        for device, number in members.items():
+            identity = self.store.device_identity(device)
+            assert identity is not None  # checked at admission, never changed after
+            identities[number] = identity
+        return _SecureRound(
+            params, SecAggServer(params, identities), members, stage_seconds=opened.stage_seconds
         )
 
     def _round(self, round_id: int, device_id: str) -> tuple[_SecureRound, int]:
-        secure = self.rounds.get(round_id)
+        secure = self._sync(round_id)
         if secure is None:
             raise TooEarly("the round's cohort is not complete yet", retry_after=1.0)
         if device_id not in secure.members:
@@ -183,9 +226,35 @@ class SecureRounds:
         body: bytes,
         now: float,
     ) -> tuple[UploadReceipt | None, ClientUpdate | None]:
-        """Take a device's message; when the last stage closes, return the aggregate."""
-        secure, number = self._round(round_id, device_id)
-        server = secure.server
+        """Take a device's message; when the last stage closes, return the aggregate.
+        Run it in the caller's transaction, with the round's close."""
+        secure, _ = self._round(round_id, device_id)
+        receipt = secure.receipts.get(device_id)
+        receipt_id = receipt.receipt_id if receipt else uuid.uuid4().hex
+        try:
+            aggregate = self._receive(round_id, secure, device_id, stage, body, receipt_id, now)
+            secure.applied = self.store.add_secure_event(
+                round_id, "post", device_id, stage, body, receipt_id, now
+            )
+        except BaseException:
+            self.rounds.pop(round_id, None)  # maybe half-applied: replayed from the log
+            raise
+        if aggregate is not None:
+            self.rounds.pop(round_id, None)  # the round closes; its log goes with it
+        return secure.receipts.get(device_id), aggregate
+
+    def _receive(
+        self,
+        round_id: int,
+        secure: _SecureRound,
+        device_id: str,
+        stage: str,
+        body: bytes,
+        receipt_id: str,
+        now: float,
+    ) -> ClientUpdate | None:
+        """Apply one device's message (its receipt id, if the stage gives one)."""
+        server, number = secure.server, secure.members[device_id]
         if stage == "keys":
             server.receive_keys(number, decode(body, KeyAdvertisement))
         elif stage == "shares":
@@ -198,34 +267,40 @@ class SecureRounds:
             server.receive_unmask(number, decode(body, UnmaskResponse))
         else:
             raise NotFound(f"no secure-aggregation stage {stage!r} to post to")
-        receipt = secure.receipts.get(device_id)
-        if stage == "masked" and receipt is None:
-            receipt = UploadReceipt(uuid.uuid4().hex, round_id, device_id, 0, now)
-            secure.receipts[device_id] = receipt
+        if stage == "masked" and device_id not in secure.receipts:
+            secure.receipts[device_id] = UploadReceipt(receipt_id, round_id, device_id, 0, now)
         if secure.stage_deadline is None:
             secure.stage_deadline = now + secure.stage_seconds
         if server.waiting_for:
-            return receipt, None
-        return receipt, self._close_stage(round_id, secure)
+            return None
+        return self._close_stage(secure)
 
     def tick(self, now: float) -> dict[int, ClientUpdate | None]:
         """Close the stages whose time is up. Returns the rounds that ended: their aggregate,
-        or None where too many devices dropped out (the round fails, nothing revealed)."""
+        or None where too many devices dropped out (the round fails, nothing revealed).
+        Run it in the caller's transaction, with the rounds' close."""
         ended: dict[int, ClientUpdate | None] = {}
-        for round_id, secure in list(self.rounds.items()):
-            if secure.stage_deadline is None or now < secure.stage_deadline:
+        for round_id in self.store.secure_rounds():
+            secure = self._sync(round_id)
+            if secure is None or secure.stage_deadline is None or now < secure.stage_deadline:
                 continue
             try:
-                aggregate = self._close_stage(round_id, secure)
+                aggregate = self._close_stage(secure)
+                closed = self.store.add_secure_event(round_id, "close", "", "", b"", "", now)
+                secure.applied = closed
             except AggregationFailed:
-                del self.rounds[round_id]
+                self.rounds.pop(round_id, None)
                 ended[round_id] = None
                 continue
+            except BaseException:
+                self.rounds.pop(round_id, None)
+                raise
             if aggregate is not None:
+                self.rounds.pop(round_id, None)
                 ended[round_id] = aggregate
         return ended
 
-    def _close_stage(self, round_id: int, secure: _SecureRound) -> ClientUpdate | None:
+    def _close_stage(self, secure: _SecureRound) -> ClientUpdate | None:
         server = secure.server
         secure.stage_deadline = None  # the next stage's clock starts with its first message
         if "keys" not in secure.answers:
@@ -237,10 +312,10 @@ class SecureRounds:
         elif "consistency" not in secure.answers:
             secure.answers["consistency"] = server.close_consistency()
         else:
-            return self._aggregate(round_id, secure)
+            return self._aggregate(secure)
         return None
 
-    def _aggregate(self, round_id: int, secure: _SecureRound) -> ClientUpdate:
+    def _aggregate(self, secure: _SecureRound) -> ClientUpdate:
         result = secure.server.finish()
         rotation = secure.params.rotation
         if rotation is None:
@@ -250,6 +325,5 @@ class SecureRounds:
             flat, examples = rotation.decode(result.ring_sum)
         if examples <= 0:
             raise Conflict("the secure sum holds no examples")
-        del self.rounds[round_id]
         # The weighted mean update, flat in sorted-name order; the caller gives it shape.
         return ClientUpdate("secagg", max(1, round(examples)), {"flat": flat / examples})

@@ -155,7 +155,7 @@ class FederationService:
         if self._secure is None:
             from fedclient.server.secure_rounds import SecureRounds
 
-            self._secure = SecureRounds(self.secure_random)
+            self._secure = SecureRounds(self.store, self.secure_random)
         return self._secure
 
     # -- setup -----------------------------------------------------------------
@@ -176,15 +176,18 @@ class FederationService:
         """Close the rounds whose quota is met or whose deadline passed, and the secure
         stages whose time is up."""
         now = self.clock()
-        due = self._secure.tick(now) if self._secure is not None else {}
-        for round_id, aggregate in due.items():
-            round_ = self.store.round(round_id)
-            if round_ is not None and round_.status == "open":
-                job = self._job(round_.job)
-                if aggregate is None:  # too many dropouts: fail now, reveal nothing
-                    self.rounds.close(job, round_, now, "secure aggregation failed", updates=[])
-                else:
-                    self._close_secure(job, round_, now, aggregate)
+        if any(job.plan.privacy.secagg for job in self.store.jobs()):
+            with self.store.atomic():  # a stage's close and the round's, together
+                for round_id, aggregate in self.secure.tick(now).items():
+                    round_ = self.store.round(round_id)
+                    if round_ is None or round_.status != "open":
+                        continue
+                    job = self._job(round_.job)
+                    if aggregate is None:  # too many dropouts: fail now, reveal nothing
+                        reason = "secure aggregation failed"
+                        self.rounds.close(job, round_, now, reason, updates=[])
+                    else:
+                        self._close_secure(job, round_, now, aggregate)
         self.rounds.advance(now)
 
     # -- handlers --------------------------------------------------------------
@@ -342,9 +345,10 @@ class FederationService:
             raise NotFound(f"no round {round_id}")
         if round_.status != "open":
             raise RoundClosed(f"round {round_id} is closed ({round_.reason})")
-        receipt, aggregate = self.secure.post(round_id, device_id, stage, body, now)
-        if aggregate is not None:
-            self._close_secure(self._job(round_.job), round_, now, aggregate)
+        with self.store.atomic():  # the message and the close it brings, together
+            receipt, aggregate = self.secure.post(round_id, device_id, stage, body, now)
+            if aggregate is not None:
+                self._close_secure(self._job(round_.job), round_, now, aggregate)
         return receipt
 
     def _close_secure(

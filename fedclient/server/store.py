@@ -64,6 +64,11 @@ MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
         " (SELECT count(*) FROM admissions a WHERE a.round_id = r.round_id),"
         " (SELECT count(*) FROM updates u WHERE u.round_id = r.round_id) FROM rounds r",
     ],
+    8: [  # each open secure round's log: its opening, devices' messages, stages closed
+        "CREATE TABLE secure_events (round_id INTEGER, seq INTEGER, kind TEXT NOT NULL,"
+        " device TEXT NOT NULL, stage TEXT NOT NULL, body BLOB NOT NULL,"
+        " receipt TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round_id, seq))",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -590,6 +595,7 @@ class ServerStore:
         )
         self.db.execute("UPDATE updates SET body=NULL WHERE round_id=?", [round_id])
         self.db.execute("DELETE FROM round_sums WHERE round_id=?", [round_id])
+        self.db.execute("DELETE FROM secure_events WHERE round_id=?", [round_id])
         self.db.execute(
             "DELETE FROM upload_parts WHERE (device_id, upload_id) IN"
             " (SELECT device_id, upload_id FROM upload_sessions WHERE round_id=?)",
@@ -822,6 +828,45 @@ class ServerStore:
         """One update's body (None once its round closed)."""
         row = self.db.execute("SELECT body FROM updates WHERE seq=?", [seq]).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
+
+    # -- secure aggregation ----------------------------------------------------
+    def add_secure_event(
+        self,
+        round_id: int,
+        kind: str,
+        device: str,
+        stage: str,
+        body: bytes,
+        receipt: str,
+        at: float,
+    ) -> int:
+        """Append to a secure round's log (`fedclient.server.secure_rounds`); its seq."""
+        row = self.db.execute(
+            "INSERT INTO secure_events VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM"
+            " secure_events WHERE round_id = ?), ?, ?, ?, ?, ?, ?) RETURNING seq",
+            [round_id, round_id, kind, device, stage, body, receipt, at],
+        ).fetchall()[0]
+        return int(row[0])
+
+    def secure_events(
+        self, round_id: int, *, after: int = 0
+    ) -> list[tuple[int, str, str, str, bytes, str, float]]:
+        """A secure round's log after event ``after``: (seq, kind, device, stage, body,
+        receipt, at) each, in order."""
+        rows = self.db.execute(
+            "SELECT seq, kind, device, stage, body, receipt, at FROM secure_events"
+            " WHERE round_id=? AND seq > ? ORDER BY seq",
+            [round_id, after],
+        ).fetchall()
+        return [(int(r[0]), r[1], r[2], r[3], bytes(r[4]), r[5], float(r[6])) for r in rows]
+
+    def secure_rounds(self) -> list[int]:
+        """The open rounds that have a secure-aggregation log."""
+        rows = self.db.execute(
+            "SELECT DISTINCT e.round_id FROM secure_events e JOIN rounds r"
+            " ON r.round_id = e.round_id WHERE r.status = 'open' ORDER BY e.round_id"
+        ).fetchall()
+        return [int(r[0]) for r in rows]
 
     # -- chunked uploads -------------------------------------------------------
     def add_session(self, session: SessionRow) -> None:

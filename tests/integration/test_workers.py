@@ -11,17 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import psycopg
 import pytest
 
 import fedclient
 from fedclient.protocol import Admitted, CheckinRequest, EnrolRequest
-from fedclient.server import FederationService, ServerStore
+from fedclient.server import FederationService, ServerStore, create_app
 from fedclient.server.cli import main as fedserver_main
 from fedclient.sim.cli import main as fedsim
-from tests.conftest import make_plan
+from tests.conftest import ManualClock, make_plan
 from tests.integration.test_fedserver_process import fedserver  # noqa: F401  (the fixture)
 from tests.postgres import PostgresCluster
+from tests.privacy.test_secagg_rounds import _one_round as one_secure_round
+from tests.privacy.test_secagg_rounds import _server as secure_server
 
 
 @pytest.fixture
@@ -129,7 +133,7 @@ def test_two_workers_admit_no_more_devices_than_the_round_holds(database: str) -
         worker.store.close()
 
 
-def test_several_workers_need_postgresql_and_no_secure_job(
+def test_several_workers_need_postgresql(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plan = tmp_path / "plan.toml"
@@ -138,3 +142,48 @@ def test_several_workers_need_postgresql_and_no_secure_job(
     assert fedserver_main(["init", "--plan", str(plan), "--db", str(db)]) == 0
     assert fedserver_main(["--plan", str(plan), "--db", str(db), "--workers", "2"]) == 2
     assert "PostgreSQL database only" in capsys.readouterr().err
+
+
+class _TakeTurns(httpx.AsyncBaseTransport):
+    """Requests go to each worker in turn, as behind a round-robin load balancer."""
+
+    def __init__(self, apps: list[Any]) -> None:
+        self.transports = [httpx.ASGITransport(app=app) for app in apps]
+        self.served = [0] * len(apps)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        turn = sum(self.served) % len(self.transports)
+        self.served[turn] += 1
+        return await self.transports[turn].handle_async_request(request)
+
+
+class _Workers:
+    """Two workers (services with their own connections) on one database."""
+
+    def __init__(self, database: str, plan: Any) -> None:
+        clock = ManualClock()
+        self.services = [FederationService(ServerStore(database), clock=clock) for _ in range(2)]
+        for service in self.services:
+            service.add_job(plan)
+        self.store = self.services[0].store
+        self.turns = _TakeTurns([create_app(s, metrics=False) for s in self.services])
+
+    def transport(self) -> _TakeTurns:
+        return self.turns
+
+
+@pytest.mark.anyio
+async def test_a_secure_round_runs_through_two_workers_taking_turns(
+    database: str, make_devices: Any
+) -> None:
+    # Every request, secure-aggregation stages included, may land on either worker: each
+    # rebuilds the round from its log in the database. The sum is the single worker's.
+    alone = await one_secure_round(secure_server("secagg+"), make_devices)
+    workers = _Workers(database, secure_server("secagg+").service.store.job("digits").plan)
+    together = await one_secure_round(workers, make_devices)
+    assert all(n > 20 for n in workers.turns.served)
+    for name in alone:
+        np.testing.assert_array_equal(together[name], alone[name])
+    assert not workers.store.secure_events(1)  # the closed round's log is gone
+    for service in workers.services:
+        service.store.close()
