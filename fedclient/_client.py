@@ -462,6 +462,18 @@ class Client:
         if self._async is not None:
             await self._async.aclose()
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     def _send(
         self, request: httpx.Request, download: ResumableDownload | None = None
     ) -> httpx.Response:

@@ -375,3 +375,16 @@ async def test_bad_training_data_fail_the_training_step_and_change_nothing(
     again = fedclient.DeviceState(device.device_state.db)  # what the file holds
     assert again.progress("digits") == before and again.update_size("digits") == 0
     assert server.store.update_count(1) == 0
+
+
+async def test_a_client_closes_its_connections_when_its_block_ends(
+    live_server: Any, digits: Any, tmp_path: Path
+) -> None:
+    live: LiveServer = live_server()
+    data = (digits.x_train[:200], digits.y_train[:200])
+    async with fedclient.Client(live.url, "digits", data, state=tmp_path / "a.sqlite") as device:
+        assert (await device.arun_once()).status == "uploaded"
+    assert isinstance(device._async, httpx.AsyncClient) and device._async.is_closed
+    with fedclient.Client(live.url, "digits", data, state=tmp_path / "b.sqlite") as other:
+        assert other.run_once().status == "uploaded"
+    assert isinstance(other._sync, httpx.Client) and other._sync.is_closed

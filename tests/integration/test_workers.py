@@ -72,10 +72,9 @@ def test_a_worker_killed_mid_round_loses_no_acknowledged_update(
 
     def device(i: int) -> None:
         part = slice(i * 50, (i + 1) * 50)
-        client = fedclient.Client(
+        with fedclient.Client(
             server.url, "digits", (digits.x_train[part], digits.y_train[part]), seed=i
-        )
-        try:
+        ) as client:
             for _ in range(20):  # an app keeps stepping through a lost connection
                 try:
                     outcome = client.run_once()
@@ -89,8 +88,6 @@ def test_a_worker_killed_mid_round_loses_no_acknowledged_update(
                             os.kill(victim, signal.SIGKILL)  # mid-round, others in flight
                             killed.set()
                     return
-        finally:
-            client.close()
         raise AssertionError(f"device {i} never got its update acknowledged")
 
     with ThreadPoolExecutor(8) as pool:
