@@ -167,6 +167,76 @@ def test_an_onnx_file_is_verified_against_the_reference_evaluator(
     assert result.steps == 3  # the fixed batch of 1 was made symbolic
 
 
+def _relu_conv_net(path: Path, seed: int = 0) -> Path:
+    """A small correct conv net with kinks: conv, ReLU, a depthwise conv, ReLU, max-pool."""
+    rng = np.random.default_rng(seed)
+    return _onnx_file(
+        path,
+        helper.make_node("Conv", ["pixels", "k", "kb"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node(
+            "Conv", ["r", "dw", "dwb"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, group=8
+        ),
+        helper.make_node("Relu", ["d"], ["s"]),
+        helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "b"], ["scores"], transB=1),
+        weights={
+            "k": rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32),
+            "kb": rng.normal(0, 0.1, 8).astype(np.float32),
+            "dw": rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32),
+            "dwb": rng.normal(0, 0.1, 8).astype(np.float32),
+            "w": rng.normal(0, 0.1, (5, 8 * 14 * 14)).astype(np.float32),
+            "b": np.zeros(5, np.float32),
+        },
+        x_shape=[1, 1, 28, 28],
+    )
+
+
+def _scale_gradient(bundle: Path, parameter: str, factor: float) -> None:
+    """Make the training graph's gradient of ``parameter`` ``factor`` times too large, and
+    reseal the manifest: a bundle whose forward pass is right and whose training is not."""
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(bundle / "training_model.onnx")
+    grad = f"{parameter}_grad"
+    (producer,) = [n for n in model.graph.node if grad in n.output]
+    producer.output[list(producer.output).index(grad)] = grad + ".right"
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.array(factor, np.float32), "gradient_factor")
+    )
+    model.graph.node.append(helper.make_node("Mul", [grad + ".right", "gradient_factor"], [grad]))
+    onnx.save(model, bundle / "training_model.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    body = (bundle / "training_model.onnx").read_bytes()
+    manifest["files"]["training_model"] = {
+        "bytes": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_conv_net_with_relu_kinks_passes_and_a_wrong_gradient_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+
+    from fedclient.convert._references import OnnxReference
+
+    net = _relu_conv_net(tmp_path / "net.onnx")
+    code, out, err = _run(capsys, str(net), "-o", str(tmp_path / "bundle"))
+    assert code == 0, err
+    assert set(_checks(out).values()) == {"ok"}
+    names = [p.name for p in read_manifest(tmp_path / "bundle").parameters]
+    _scale_gradient(tmp_path / "bundle", "dw", 1.02)  # 2% off, on the depthwise kernel
+    verification = verify_bundle(tmp_path / "bundle", OnnxReference(onnx.load(net), names))
+    failed = [c for c in verification.checks if not c.passed]
+    assert [c.name for c in failed] == ["training step"]  # the forward pass is still right
+    assert 0.015 < failed[0].error < 0.025
+
+
 def test_a_pytorch_module_is_verified_against_torch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
