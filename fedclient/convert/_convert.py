@@ -22,6 +22,11 @@ import msgspec
 
 from fedclient._exceptions import InvalidInput
 from fedclient.convert._references import NumpyReference, OnnxReference, Reference, TorchReference
+from fedclient.convert._rewrite import (
+    decompose_activations,
+    inference_batchnorm,
+    untie_initialisers,
+)
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import BundleManifest, CnnShape, NumpyCnn, NumpyModel, write_bundle
 
@@ -117,6 +122,10 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
         model = onnx.load(os.fspath(path))
     except Exception as exc:  # protobuf and file errors alike
         raise InvalidInput(f"cannot read the ONNX model {os.fspath(path)!r}: {exc}") from exc
+    # BatchNormalization trains in inference mode: its running statistics stay frozen.
+    decomposed, rewritten = decompose_activations(model)
+    trained, statistics = inference_batchnorm(decomposed)
+    frozen = [*frozen, *(name for name in statistics if name not in frozen)]
     parameters = [
         t.name
         for t in model.graph.initializer
@@ -125,10 +134,19 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
     if not parameters:
         raise InvalidInput(f"{path} has no float32 initialisers to train")
     try:
-        reference = OnnxReference(model, parameters)
+        reference = OnnxReference(model, parameters)  # the file as written, not the rewrite
     except Exception as exc:
         raise InvalidInput(f"onnx's reference evaluator cannot run {path}: {exc}") from exc
-    return Source(Path(path).stem, f"onnx:{path}", model, reference, frozen=list(frozen))
+    description = f"onnx:{path}{_rewritten(rewritten)}"
+    return Source(Path(path).stem, description, trained, reference, frozen=frozen)
+
+
+def _rewritten(ops: list[str]) -> str:
+    """What the description says of the ops rewritten for training, if any."""
+    if not ops:
+        return ""
+    counts = ", ".join(f"{op} x{ops.count(op)}" for op in sorted(set(ops)))
+    return f" (rewritten to train: {counts})"
 
 
 def _load_object(target: str) -> Any:
@@ -199,8 +217,13 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
             )
     except Exception as exc:  # the exporter raises many types for unsupported modules
         raise InvalidInput(f"torch.onnx.export cannot export {target}: {exc}") from exc
-    model = onnx.load_from_string(buffer.getvalue())
+    # BatchNormalization trains in inference mode: its running statistics stay frozen
+    # (the reference module is in eval mode too: torch leaves them alone in its step).
     state = module.state_dict()
+    exported = untie_initialisers(onnx.load_from_string(buffer.getvalue()), set(state))
+    decomposed, rewritten = decompose_activations(exported)
+    model, statistics = inference_batchnorm(decomposed)
+    frozen = [*frozen, *(name for name in statistics if name not in frozen)]
     float_initialisers = [
         t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims
     ]
@@ -213,10 +236,10 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
     names = {n: n for n in float_initialisers if n not in frozen}
     return Source(
         target.rpartition(":")[2].lower(),
-        f"torch:{target} input {tuple(input_shape)}",
+        f"torch:{target} input {tuple(input_shape)}{_rewritten(rewritten)}",
         model,
         TorchReference(module, names),
-        frozen=list(frozen),
+        frozen=frozen,
     )
 
 
