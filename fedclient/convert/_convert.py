@@ -125,7 +125,7 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
     # BatchNormalization trains in inference mode: its running statistics stay frozen.
     decomposed, rewritten = decompose_activations(model)
     trained, statistics = inference_batchnorm(decomposed)
-    frozen = [*frozen, *(name for name in statistics if name not in frozen)]
+    frozen = _frozen([t.name for t in model.graph.initializer], frozen, statistics)
     parameters = [
         t.name
         for t in model.graph.initializer
@@ -139,6 +139,17 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
         raise InvalidInput(f"onnx's reference evaluator cannot run {path}: {exc}") from exc
     description = f"onnx:{path}{_rewritten(rewritten)}"
     return Source(Path(path).stem, description, trained, reference, frozen=frozen)
+
+
+def _frozen(names: Sequence[str], patterns: Sequence[str], statistics: Sequence[str]) -> list[str]:
+    """The initialisers not to train: those named in ``patterns`` or under a module prefix
+    there (one ending in ``.``: ``features.`` freezes a backbone), and the statistics."""
+    prefixes = tuple(p for p in patterns if p.endswith("."))
+    chosen = [n for n in names if n in patterns or (prefixes and n.startswith(prefixes))]
+    unmatched = [p for p in patterns if p not in names and not any(n.startswith(p) for n in names)]
+    if unmatched:
+        raise InvalidInput(f"--freeze {unmatched[0]!r} names no initialiser of the model")
+    return [*chosen, *(n for n in statistics if n not in chosen)]
 
 
 def _rewritten(ops: list[str]) -> str:
@@ -206,7 +217,7 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
             torch.onnx.export(
                 module,
                 (dummy,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # a file object, as torch documents
                 dynamo=False,  # the TorchScript exporter: inline weights, no onnxscript needed
                 opset_version=17,
                 input_names=["input"],
@@ -223,7 +234,7 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
     exported = untie_initialisers(onnx.load_from_string(buffer.getvalue()), set(state))
     decomposed, rewritten = decompose_activations(exported)
     model, statistics = inference_batchnorm(decomposed)
-    frozen = [*frozen, *(name for name in statistics if name not in frozen)]
+    frozen = _frozen([t.name for t in model.graph.initializer], frozen, statistics)
     float_initialisers = [
         t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims
     ]

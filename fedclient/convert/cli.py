@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="do not train this initialiser",
+        help="do not train this initialiser, or those under a module prefix ending in '.' "
+        "(--freeze features. : transfer learning, the backbone frozen, only the head trains "
+        "and travels)",
     )
     lite = parser.add_argument_group("TFLite (needs TensorFlow)")
     lite.add_argument(

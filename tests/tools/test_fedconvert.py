@@ -361,6 +361,38 @@ def test_a_mobilenet_style_module_converts_from_its_own_folder_and_matches_torch
     }
 
 
+def test_a_frozen_backbone_trains_and_uploads_only_the_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip(
+        "torch", reason="torch is not installed (fedconvert's PyTorch source is optional)"
+    )
+    (tmp_path / "mobilenet_for_fedconvert.py").write_text(MOBILENET)
+    monkeypatch.chdir(tmp_path)
+    argv = ["mobilenet_for_fedconvert:Net", "--input-shape", "1,28,28", "-o", "bundle"]
+    code, out, err = _run(capsys, *argv, "--freeze", "features.")
+    assert code == 0, err
+    assert set(_checks(out).values()) == {"ok"}
+    manifest = read_manifest(tmp_path / "bundle")
+    assert [p.name for p in manifest.parameters] == ["head.weight", "head.bias"]
+    backend = OnnxBackend(tmp_path / "bundle")
+    before = backend.get_weights()
+    backend.train(
+        np.random.default_rng(0).random((16, 784)).astype(np.float32),
+        np.arange(16) % 10,
+        epochs=1,
+        batch_size=8,
+        learning_rate=0.1,
+        rng=np.random.default_rng(0),
+    )
+    after = backend.get_weights()
+    # What a device uploads: the head's 16 x 10 weights and 10 biases, nothing else.
+    assert sum(v.nbytes for v in after.values()) == (16 * 10 + 10) * 4
+    assert not np.array_equal(after["head.weight"], before["head.weight"])
+    code, _, err = _run(capsys, *argv, "--freeze", "backbone.")
+    assert code != 0 and "names no initialiser" in err
+
+
 def test_a_pytorch_source_without_torch_is_a_clear_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
