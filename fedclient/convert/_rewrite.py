@@ -1,4 +1,9 @@
-"""Graph rewrites before the training graph is built.
+"""Graph rewrites before the training graph is built, so a mobile model trains as its
+source does:
+
+    untie_initialisers     parameters torch's exporter tied get their own tensors back
+    decompose_activations  HardSwish, HardSigmoid in ops ONNX Runtime differentiates
+    inference_batchnorm    BatchNorm on its running statistics, which stay frozen
 
 BatchNormalization in inference mode. ONNX Runtime's training graph runs every
 ``BatchNormalization`` node in training mode (batch statistics), while the model
