@@ -9,7 +9,7 @@ from fedclient.convert._verify import Verification
 from fedclient.runtime import BundleManifest
 from fedclient.runtime._bundle import BUNDLE_FILES
 
-__all__ = ["render", "summary"]
+__all__ = ["render", "summary", "verification_data", "verification_lines"]
 
 
 def _size(n: int) -> str:
@@ -92,6 +92,28 @@ def render(
     return "\n".join(lines)
 
 
+def verification_data(verification: Verification | None) -> dict[str, Any] | None:
+    """A verification as data (the ``verification`` of a ``--json`` summary)."""
+    if verification is None:
+        return None
+    return {
+        "runtime": verification.runtime,
+        "reference": verification.reference,
+        "passed": verification.passed,
+        "checks": [
+            {
+                "name": c.name,
+                "detail": c.detail,
+                "measure": c.measure,
+                "error": c.error,
+                "tolerance": c.tolerance,
+                "passed": c.passed,
+            }
+            for c in verification.checks
+        ],
+    }
+
+
 def summary(
     out: Path, manifest: BundleManifest, verification: Verification | None, seconds: float
 ) -> dict[str, Any]:
@@ -101,23 +123,6 @@ def summary(
     return {
         "bundle": str(out),
         "manifest": msgspec.to_builtins(manifest),
-        "verification": None
-        if verification is None
-        else {
-            "runtime": verification.runtime,
-            "reference": verification.reference,
-            "passed": verification.passed,
-            "checks": [
-                {
-                    "name": c.name,
-                    "detail": c.detail,
-                    "measure": c.measure,
-                    "error": c.error,
-                    "tolerance": c.tolerance,
-                    "passed": c.passed,
-                }
-                for c in verification.checks
-            ],
-        },
+        "verification": verification_data(verification),
         "seconds": round(seconds, 3),
     }

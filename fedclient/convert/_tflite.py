@@ -34,7 +34,7 @@ import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.convert._references import NumpyReference
-from fedclient.convert._report import _size, _table, verification_lines
+from fedclient.convert._report import _size, _table, verification_data, verification_lines
 from fedclient.convert._verify import TOLERANCE, Check, Verification, _max_diff
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import NumpyModel
@@ -376,23 +376,6 @@ def tflite_summary(conversion: TfliteConversion) -> dict[str, Any]:
     return {
         "model": str(conversion.path),
         "manifest": msgspec.to_builtins(conversion.manifest),
-        "verification": None
-        if verification is None
-        else {
-            "runtime": verification.runtime,
-            "reference": verification.reference,
-            "passed": verification.passed,
-            "checks": [
-                {
-                    "name": c.name,
-                    "detail": c.detail,
-                    "measure": c.measure,
-                    "error": c.error,
-                    "tolerance": c.tolerance,
-                    "passed": c.passed,
-                }
-                for c in verification.checks
-            ],
-        },
+        "verification": verification_data(verification),
         "seconds": round(conversion.seconds, 3),
     }
