@@ -12,6 +12,13 @@ from fedclient.runtime._bundle import BUNDLE_FILES
 __all__ = ["render", "summary", "verification_data", "verification_lines"]
 
 
+#: How the summary names each engine a bundle holds files for.
+ENGINE_NAMES = {
+    "training": "with ONNX Runtime's training API (onnxruntime-training)",
+    "plain": "with its step graph (any onnxruntime build)",
+}
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB"):
         if n < 1024 or unit == "MB":
@@ -74,6 +81,7 @@ def render(
         + ", ".join(f"{op} x{count}" for op, count in manifest.ops.items())
         + f"   (opset {manifest.opset}, IR {manifest.ir_version})"
     )
+    lines.append("  trains " + ", ".join(ENGINE_NAMES[e] for e in manifest.engines))
     lines.append("")
     files = [
         [BUNDLE_FILES.get(role, role), _size(info.bytes), info.sha256[:16]]

@@ -11,10 +11,14 @@ Checks (tolerances are absolute unless named otherwise):
     training step     weights after one SGD step vs the reference's step; where the reference
                       cannot train (ONNX files), each parameter's gradient is checked by a
                       central finite difference of the reference loss in float64 (relative error)
+
+The loss and the step are checked once per engine the bundle holds and this machine
+runs: ONNX Runtime's training API, and the step graph (rows marked "[step graph]").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ import numpy as np
 
 from fedclient.convert._references import Reference
 from fedclient.runtime import OnnxBackend, read_manifest
-from fedclient.runtime._ort import ort
+from fedclient.runtime._ort import has_training_api, ort
 
 __all__ = ["Check", "Verification", "verify_bundle"]
 
@@ -89,7 +93,8 @@ def verify_bundle(
     x = rng.random((examples, *manifest.input_shape), dtype=np.float32)
     y = rng.permutation(np.arange(examples) % manifest.classes).astype(np.int64)
 
-    backend = OnnxBackend(path, verify=False)
+    engines = [e for e in manifest.engines if e != "training" or has_training_api()]
+    backend = OnnxBackend(path, verify=False, engine=engines[0])
     initial = backend.get_weights()
     expected = reference.initial_weights()
     checks.append(
@@ -103,35 +108,43 @@ def verify_bundle(
     error = float(np.abs(logits - reference.logits(x)).max())
     checks.append(Check("inference", f"{examples} examples, logits", error, tolerance))
 
-    result = backend.train(
-        x,
-        y,
-        epochs=1,
-        batch_size=examples,
-        learning_rate=learning_rate,
-        rng=np.random.default_rng(0),
-    )
     ref_loss = reference.loss(initial, x, y)
-    checks.append(
-        Check(
-            "loss", "cross-entropy at the initial weights", abs(result.loss - ref_loss), tolerance
-        )
-    )
-    stepped = backend.get_weights()
     ref_step = reference.sgd_step(x, y, learning_rate)
-    if ref_step is not None:
+    for engine in engines:
+        tag = "" if engine == "training" else " [step graph]"
+        if engine != backend.engine:
+            backend = OnnxBackend(path, verify=False, engine=engine)
+        result = backend.train(
+            x,
+            y,
+            epochs=1,
+            batch_size=examples,
+            learning_rate=learning_rate,
+            rng=np.random.default_rng(0),
+        )
         checks.append(
             Check(
-                "training step",
-                f"SGD lr {learning_rate:g}, weights",
-                _max_diff(stepped, ref_step),
+                f"loss{tag}",
+                "cross-entropy at the initial weights",
+                abs(result.loss - ref_loss),
                 tolerance,
             )
         )
-    else:
-        checks.append(
-            _gradient_check(reference, initial, stepped, x, y, learning_rate, gradient_tolerance)
-        )
+        stepped = backend.get_weights()
+        if ref_step is not None:
+            checks.append(
+                Check(
+                    f"training step{tag}",
+                    f"SGD lr {learning_rate:g}, weights",
+                    _max_diff(stepped, ref_step),
+                    tolerance,
+                )
+            )
+        else:
+            check = _gradient_check(
+                reference, initial, stepped, x, y, learning_rate, gradient_tolerance
+            )
+            checks.append(dataclasses.replace(check, name=f"training step{tag}"))
     return Verification(reference.label, f"onnxruntime {manifest.onnxruntime}", checks)
 
 

@@ -2,13 +2,22 @@
 
 A bundle is a directory::
 
-    checkpoint            the parameters (ONNX Runtime training checkpoint)
-    training_model.onnx   forward + cross-entropy loss + gradients
-    eval_model.onnx       forward + loss, also returning the logits
-    optimizer_model.onnx  SGD (learning rate set per call)
+    checkpoint            the parameters (ONNX Runtime training checkpoint)    } the training
+    training_model.onnx   forward + cross-entropy loss + gradients             } API's files
+    eval_model.onnx       forward + loss, also returning the logits            } (onnxruntime-
+    optimizer_model.onnx  SGD (learning rate set per call)                     }  training)
+    step.onnx             one SGD step in standard ONNX ops                    } any ONNX
+    forward.onnx          forward, the parameters as inputs (initial values)   } Runtime build
     inference.onnx        forward only; plain ``onnxruntime.InferenceSession`` runs it
     manifest.json         `BundleManifest`: parameter names, shapes and dtypes, the
                           input spec, ops, and every file's size and sha256
+
+A device trains with whichever set its ONNX Runtime runs (see `OnnxBackend`):
+the training API where ``onnxruntime-training`` is installed, the step graph
+(`fedclient.runtime._stepgraph`) everywhere else (aarch64, Python 3.13, mobile
+builds). A bundle holds both sets when it can: built where the training
+package is absent, it holds only the second; for a model with an op the step
+graph cannot differentiate, only the first.
 
 `write_bundle` turns a forward ONNX model (one float32 input whose first
 dimension is the batch, one logits output) into a bundle; `read_manifest`
@@ -25,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +44,7 @@ import msgspec
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import _ort
+from fedclient.runtime._stepgraph import STEP_GRAPH
 
 if TYPE_CHECKING:
     import onnx
@@ -41,7 +52,11 @@ if TYPE_CHECKING:
 __all__ = [
     "BUNDLE_FILES",
     "BUNDLE_FORMAT",
+    "ENGINES",
+    "PLAIN_FILES",
+    "TRAINING_FILES",
     "BundleManifest",
+    "BundleWarning",
     "FileInfo",
     "TensorInfo",
     "builtin_bundle",
@@ -55,14 +70,19 @@ __all__ = [
 
 BUNDLE_FORMAT = "fedclient-bundle/1"
 MANIFEST = "manifest.json"
-#: Role -> file name of every file a bundle holds besides its manifest.
-BUNDLE_FILES = {
+#: Role -> file name of the files ONNX Runtime's training API trains from.
+TRAINING_FILES = {
     "checkpoint": "checkpoint",
     "training_model": "training_model.onnx",
     "eval_model": "eval_model.onnx",
     "optimizer_model": "optimizer_model.onnx",
-    "inference_model": "inference.onnx",
 }
+#: Role -> file name of the files any ONNX Runtime build trains from.
+PLAIN_FILES = {"step_model": "step.onnx", "forward_model": "forward.onnx"}
+#: Role -> file name of every file a bundle may hold besides its manifest.
+BUNDLE_FILES = {**TRAINING_FILES, **PLAIN_FILES, "inference_model": "inference.onnx"}
+#: The engines that train a bundle, by the files each needs.
+ENGINES = {"training": TRAINING_FILES, "plain": PLAIN_FILES}
 LABELS = "labels"
 #: The newest ONNX IR version and default-domain opset ONNX Runtime 1.19 loads.
 MAX_IR_VERSION = 10
@@ -123,6 +143,12 @@ class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise InvalidInput(
                 f"this fedclient cannot read the bundle's model spec: {exc}"
             ) from exc
+
+    @property
+    def engines(self) -> list[str]:
+        """The engines whose files the bundle holds: ``training`` (ONNX Runtime's training
+        API) and ``plain`` (the step graph, on any ONNX Runtime build)."""
+        return [engine for engine, files in ENGINES.items() if set(files) <= set(self.files)]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -282,38 +308,21 @@ def write_bundle(
         raise InvalidInput("every parameter is frozen: nothing to train")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = _ort.artifacts_api()
-    try:
-        with _ort.quiet_native_stderr():
-            artifacts.generate_artifacts(
-                model,
-                requires_grad=trainable,
-                frozen_params=constants,
-                loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=artifacts.OptimType.SGD,
-                artifact_directory=out,
-                additional_output_names=[logits.name],
-            )
-    except Exception as exc:  # ORT raises bare RuntimeErrors; name the cause when known
-        missing = _NO_GRADIENT.search(str(exc))
-        if missing:
-            raise InvalidInput(
-                f"unsupported op {missing.group(1)!r}: ONNX Runtime training has no gradient for "
-                "it, so it cannot sit between a trainable parameter and the loss (freeze the "
-                "parameters before it, or replace the op)"
-            ) from exc
-        raise InvalidInput(
-            f"ONNX Runtime cannot build training artifacts: {_first_line(exc)}"
-        ) from exc
-    state, module = _load_module(out)
-    try:
-        module.export_model_for_inferencing(
-            str(out / BUNDLE_FILES["inference_model"]), [logits.name]
-        )
-    except Exception as exc:
-        raise InvalidInput(
-            f"ONNX Runtime cannot export the inference model: {_first_line(exc)}"
-        ) from exc
+    plain = _plain_graphs(model, trainable)
+    training = _ort.has_training_api()
+    if not training and isinstance(plain, str):
+        raise InvalidInput(f"{plain}; onnxruntime-training could train it: {_ort.INSTALL_HINT}")
+    for stale in BUNDLE_FILES.values():  # a bundle written here before must not leak files in
+        (out / stale).unlink(missing_ok=True)
+    if training:
+        _write_training_files(model, trainable, constants, logits.name, out)
+    else:  # the forward model as prepared is what ONNX Runtime would export
+        onnx.save(model, str(out / BUNDLE_FILES["inference_model"]))
+    if isinstance(plain, str):
+        warnings.warn(f"no step graph for plain onnxruntime: {plain}", BundleWarning, stacklevel=2)
+    else:
+        for role, graph in zip(PLAIN_FILES, plain, strict=True):
+            onnx.save(graph, str(out / PLAIN_FILES[role]))
     initialisers = {t.name: t for t in model.graph.initializer}
 
     def info(tensor_name: str) -> TensorInfo:
@@ -335,17 +344,70 @@ def write_bundle(
         files={
             role: FileInfo((out / f).stat().st_size, _sha256(out / f))
             for role, f in BUNDLE_FILES.items()
+            if (out / f).is_file()
         },
         opset=opset,
         ir_version=int(model.ir_version),
         onnxruntime=str(_ort.ort().__version__),
         model_spec=None if model_spec is None else msgspec.to_builtins(model_spec),
     )
-    del module, state
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
     tmp.replace(out / MANIFEST)
     return manifest
+
+
+class BundleWarning(UserWarning):
+    """A bundle was written without something it could have held (e.g. the step graph)."""
+
+
+def _plain_graphs(
+    model: onnx.ModelProto, trainable: list[str]
+) -> tuple[onnx.ModelProto, onnx.ModelProto] | str:
+    """The step and forward graphs for plain ONNX Runtime, or why there is no step graph."""
+    from fedclient.runtime._stepgraph import forward_graph, step_graph
+
+    try:
+        return step_graph(model, trainable, labels=LABELS), forward_graph(model, trainable)
+    except InvalidInput as exc:
+        return str(exc)
+
+
+def _write_training_files(
+    model: onnx.ModelProto, trainable: list[str], constants: list[str], logits: str, out: Path
+) -> None:
+    """ONNX Runtime's training artifacts and the inference model it exports, into ``out``."""
+    artifacts = _ort.artifacts_api()
+    try:
+        with _ort.quiet_native_stderr():
+            artifacts.generate_artifacts(
+                model,
+                requires_grad=trainable,
+                frozen_params=constants,
+                loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=artifacts.OptimType.SGD,
+                artifact_directory=out,
+                additional_output_names=[logits],
+            )
+    except Exception as exc:  # ORT raises bare RuntimeErrors; name the cause when known
+        missing = _NO_GRADIENT.search(str(exc))
+        if missing:
+            raise InvalidInput(
+                f"unsupported op {missing.group(1)!r}: ONNX Runtime training has no gradient for "
+                "it, so it cannot sit between a trainable parameter and the loss (freeze the "
+                "parameters before it, or replace the op)"
+            ) from exc
+        raise InvalidInput(
+            f"ONNX Runtime cannot build training artifacts: {_first_line(exc)}"
+        ) from exc
+    state, module = _load_module(out)
+    try:
+        module.export_model_for_inferencing(str(out / BUNDLE_FILES["inference_model"]), [logits])
+    except Exception as exc:
+        raise InvalidInput(
+            f"ONNX Runtime cannot export the inference model: {_first_line(exc)}"
+        ) from exc
+    del module, state
 
 
 def _first_line(exc: BaseException) -> str:
@@ -407,9 +469,12 @@ def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> 
         raise InvalidInput(
             f"unsupported bundle format {manifest.format!r}; expected {BUNDLE_FORMAT}"
         )
-    missing = sorted(set(BUNDLE_FILES) - set(manifest.files))
-    if missing:
-        raise InvalidInput(f"the bundle manifest lists no {', '.join(missing)}")
+    if "inference_model" not in manifest.files or not manifest.engines:
+        raise InvalidInput(
+            "the bundle manifest lists neither the training API's files "
+            f"({', '.join(TRAINING_FILES.values())}) nor the step graph's "
+            f"({', '.join(PLAIN_FILES.values())}), or no inference model"
+        )
     if verify:
         for role, expected in manifest.files.items():
             file = path / BUNDLE_FILES.get(role, role)
@@ -442,7 +507,9 @@ def builtin_bundle(
     digest = hashlib.sha256()
     for name, value in weights.items():
         digest.update(name.encode() + str(value.shape).encode() + value.tobytes())
-    key = msgspec.json.encode([BUNDLE_FORMAT, *_versions(), spec, seed, digest.hexdigest()])
+    key = msgspec.json.encode(
+        [BUNDLE_FORMAT, STEP_GRAPH, *_versions(), spec, seed, digest.hexdigest()]
+    )
     target = root / "onnx" / f"{spec.kind}-{hashlib.sha256(key).hexdigest()[:20]}"
     if target in _checked and (target / MANIFEST).is_file():
         return target  # checked earlier in this process (a simulator builds many devices)

@@ -1,11 +1,13 @@
 """The ONNX Runtime backend: on-device training from a device bundle.
 
-`OnnxBackend` trains with ``onnxruntime.training.api`` (``CheckpointState``,
-``Module``, ``Optimizer`` with SGD) and never imports torch. Weights are read
-and written by parameter name as float32 numpy arrays, with the same names and
-shapes as the numpy reference for the same model, so numpy and ONNX devices
-train one model in one federation. Training visits minibatches in the same
-order as the numpy backend for the same ``rng``: each epoch draws
+`OnnxBackend` trains with one of two engines (`fedclient.runtime._engines`):
+ONNX Runtime's training API where ``onnxruntime-training`` is installed, or the
+bundle's step graph in any plain ``onnxruntime`` build (aarch64 boards, Python
+3.13, mobile builds). Neither imports torch. Both take the same SGD step, so
+devices on either train one model in one federation. Weights are read and
+written by parameter name as float32 numpy arrays, with the same names and
+shapes as the numpy reference for the same model. Training visits minibatches
+in the same order as the numpy backend for the same ``rng``: each epoch draws
 ``rng.permutation(n)``, and the last batch of an epoch is smaller.
 
 Importing this module loads no runtime; ONNX Runtime loads when a backend is built.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,18 +26,43 @@ from fedclient.protocol import ModelSpec, Weights
 from fedclient.runtime import _ort
 from fedclient.runtime._base import EvalResult, TrainResult, check_labels
 from fedclient.runtime._bundle import (
-    BUNDLE_FILES,
+    ENGINES,
     BundleManifest,
     builtin_bundle,
     forget_checked,
     manifest_digest,
     read_manifest,
 )
+from fedclient.runtime._engines import Engine, PlainEngine, TrainingApiEngine
 
-__all__ = ["OnnxBackend"]
+__all__ = ["ENGINE_VARIABLE", "OnnxBackend"]
 
 #: Examples per evaluation / prediction call, to bound memory on large sets.
 EVAL_CHUNK = 2048
+#: The environment variable that names the engine ``engine="auto"`` picks.
+ENGINE_VARIABLE = "FEDCLIENT_ONNX_ENGINE"
+
+
+def _choose_engine(engine: str, manifest: BundleManifest, bundle: Path) -> str:
+    """``training`` or ``plain``: the one asked for, else what the bundle and the installed
+    ONNX Runtime allow (the training API first: it is the faster where it exists)."""
+    if engine == "auto":
+        engine = os.environ.get(ENGINE_VARIABLE, "") or "auto"
+    if engine not in ("auto", *ENGINES):
+        raise InvalidInput(f"unknown ONNX engine {engine!r}; choose auto, training or plain")
+    held = manifest.engines
+    if engine == "auto":
+        if "training" in held and _ort.has_training_api():
+            return "training"
+        if "plain" in held:
+            return "plain"
+        raise InvalidInput(
+            f"the bundle {bundle} has no step graph for plain onnxruntime (convert it again with "
+            f"this fedclient), and the training API is not installed: {_ort.INSTALL_HINT}"
+        )
+    if engine not in held:
+        raise InvalidInput(f"the bundle {bundle} holds no files for the {engine!r} engine")
+    return engine
 
 
 class OnnxBackend:
@@ -44,42 +70,37 @@ class OnnxBackend:
 
     ``bundle`` is a directory written by `write_bundle` or ``fedconvert``;
     ``verify`` checks its files against the manifest's checksums first.
+    ``engine`` is ``training`` (ONNX Runtime's training API), ``plain`` (the
+    step graph, any ONNX Runtime build) or ``auto``: ``$FEDCLIENT_ONNX_ENGINE``
+    if set, else the training API where it is installed and the bundle holds
+    its files, else the step graph.
     """
 
     runtime = "onnx"
 
     def __init__(
-        self, bundle: str | os.PathLike[str], *, verify: bool = True, threads: int = 1
+        self,
+        bundle: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        threads: int = 1,
+        engine: str = "auto",
     ) -> None:
         self.bundle = Path(bundle)
         self.manifest: BundleManifest = read_manifest(self.bundle, verify=verify)
         #: The manifest's sha256: what a plan that federates this bundle names.
         self.digest = manifest_digest(self.bundle)
-        api = _ort.training_api()
-        files = {role: str(self.bundle / name) for role, name in BUNDLE_FILES.items()}
-        try:
-            self._state: Any = api.CheckpointState.load_checkpoint(files["checkpoint"])
-            self._module: Any = api.Module(
-                files["training_model"],
-                self._state,
-                files["eval_model"],
-                session_options=_ort.session_options(threads=threads),
-            )
-            self._optimizer: Any = api.Optimizer(files["optimizer_model"], self._module)
-        except RuntimeError as exc:
-            raise InvalidInput(f"ONNX Runtime cannot load the bundle {self.bundle}: {exc}") from exc
+        chosen = _choose_engine(engine, self.manifest, self.bundle)
+        kind = TrainingApiEngine if chosen == "training" else PlainEngine
+        self._engine: Engine = kind(self.bundle, self.manifest, threads=threads)
+        #: The engine that trains: ``training`` or ``plain``.
+        self.engine = chosen
         self.input_shape: tuple[int, ...] = self.manifest.input_shape
         self.inputs = int(np.prod(self.input_shape))
         self.classes = self.manifest.classes
         self._shapes = {
             p.name: tuple(int(d or 0) for d in p.shape) for p in self.manifest.parameters
         }
-        stored = {name for name, _ in self._state.parameters}
-        if not set(self._shapes) <= stored:
-            raise InvalidInput(
-                f"the bundle's checkpoint lacks parameters {sorted(set(self._shapes) - stored)}"
-            )
-        self._learning_rate: float | None = None
 
     @classmethod
     def for_spec(
@@ -97,10 +118,7 @@ class OnnxBackend:
     # -- weights ---------------------------------------------------------------
     def get_weights(self) -> Weights:
         """A copy of the trainable parameters, by name, as float32 arrays."""
-        return {
-            name: np.array(self._state.parameters[name].data, dtype=np.float32)
-            for name in self._shapes
-        }
+        return {name: np.array(self._engine.get(name), dtype=np.float32) for name in self._shapes}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Replace all trainable parameters; names, shapes and dtypes must match exactly."""
@@ -115,7 +133,7 @@ class OnnxBackend:
                     f"got {value.dtype}{list(value.shape)}"
                 )
         for name in self._shapes:
-            self._state.parameters[name] = np.ascontiguousarray(weights[name])
+            self._engine.set(name, np.ascontiguousarray(weights[name]))
 
     # -- data ------------------------------------------------------------------
     def _features(self, x: np.ndarray) -> np.ndarray:
@@ -155,11 +173,6 @@ class OnnxBackend:
             raise InvalidInput("epochs and batch_size must be >= 1 and learning_rate > 0")
         x = self._features(x)
         y = self._labels(y, x.shape[0])
-        if learning_rate != self._learning_rate:
-            self._optimizer.set_learning_rate(float(learning_rate))
-            self._learning_rate = learning_rate
-        module, optimizer = self._module, self._optimizer
-        module.train()
         n = x.shape[0]
         steps = 0
         epoch_loss = 0.0
@@ -168,32 +181,20 @@ class OnnxBackend:
             total = 0.0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                loss = module(x[idx], y[idx])[0]
-                optimizer.step()
-                module.lazy_reset_grad()
-                total += float(loss) * len(idx)
+                total += self._engine.step(x[idx], y[idx], learning_rate) * len(idx)
                 steps += 1
             epoch_loss = total / n
         return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
 
     # -- inference ---------------------------------------------------------------
-    def _logits(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, float]:
-        """Logits, and the summed loss (0 without labels) over ``x``, in chunks."""
-        self._module.eval()
-        outputs = []
-        total = 0.0
-        for start in range(0, x.shape[0], EVAL_CHUNK):
-            xs = x[start : start + EVAL_CHUNK]
-            # The eval graph takes labels; without them any valid class will do.
-            ys = np.zeros(xs.shape[0], np.int64) if y is None else y[start : start + EVAL_CHUNK]
-            loss, logits = self._module(xs, ys)
-            total += float(loss) * xs.shape[0]
-            outputs.append(logits)
-        return np.concatenate(outputs), total
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits over ``x``, in chunks."""
+        chunks = range(0, x.shape[0], EVAL_CHUNK)
+        return np.concatenate([self._engine.logits(x[i : i + EVAL_CHUNK]) for i in chunks])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes)."""
-        logits, _ = self._logits(self._features(x), None)
+        logits = self._logits(self._features(x))
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
@@ -201,18 +202,23 @@ class OnnxBackend:
         """Mean cross-entropy and accuracy on (x, y)."""
         x = self._features(x)
         y = self._labels(y, x.shape[0])
-        logits, total = self._logits(x, y)
-        n = x.shape[0]
+        logits = self._logits(x).astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss = float(-log_probs[np.arange(len(y)), y].mean())
         accuracy = float((logits.argmax(axis=1) == y).mean())
-        return EvalResult(loss=total / n, accuracy=accuracy, num_examples=n)
+        return EvalResult(loss=loss, accuracy=accuracy, num_examples=x.shape[0])
 
     def export_inference_model(self, path: str | os.PathLike[str]) -> Path:
         """Write the forward graph with the current weights as a plain ONNX model
         (``onnxruntime.InferenceSession`` runs it); return its path."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._module.export_model_for_inferencing(str(target), [self.manifest.output.name])
+        self._engine.export_inference_model(target)
         return target
 
     def __repr__(self) -> str:
-        return f"OnnxBackend({str(self.bundle)!r}, name={self.manifest.name!r})"
+        return (
+            f"OnnxBackend({str(self.bundle)!r}, name={self.manifest.name!r}, "
+            f"engine={self.engine!r})"
+        )

@@ -25,23 +25,36 @@ from fedclient._exceptions import InvalidInput
 __all__ = [
     "INSTALL_HINT",
     "artifacts_api",
+    "has_training_api",
     "quiet_native_stderr",
     "ort",
     "session_options",
     "training_api",
 ]
 
-INSTALL_HINT = "pip install 'fedclient[onnx]'  (onnxruntime-training-cpu==1.19.2, onnx==1.17.0)"
+INSTALL_HINT = (
+    "pip install 'fedclient[onnx]'  (onnxruntime-training-cpu==1.19.2, onnx==1.17.0; x86_64), "
+    "or 'fedclient[onnxruntime]'  (plain onnxruntime: any platform, trains with step graphs)"
+)
 
 _lock = threading.Lock()
 
 
 def ort() -> ModuleType:
-    """The ``onnxruntime`` module (the training build)."""
+    """The ``onnxruntime`` module (the training build or a plain one)."""
     try:
         return importlib.import_module("onnxruntime")
     except ImportError as exc:
         raise InvalidInput(f"the onnx runtime is not installed: {INSTALL_HINT}") from exc
+
+
+def has_training_api() -> bool:
+    """Whether the installed ONNX Runtime is the training build (a plain build, or none,
+    trains bundles through their step graphs instead)."""
+    try:
+        return importlib.util.find_spec("onnxruntime.training") is not None
+    except ImportError:  # no onnxruntime at all
+        return False
 
 
 def _register_bare_training_package() -> None:

@@ -198,8 +198,11 @@ def test_manifest_describes_the_bundle() -> None:
         "training_model",
         "eval_model",
         "optimizer_model",
+        "step_model",
+        "forward_model",
         "inference_model",
     }
+    assert manifest.engines == ["training", "plain"]
 
 
 def test_unknown_runtime_is_refused() -> None:

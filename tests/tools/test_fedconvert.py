@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from fedclient.convert._references import NumpyReference  # noqa: E402
 from fedclient.convert._verify import verify_bundle  # noqa: E402
 from fedclient.convert.cli import main as fedconvert  # noqa: E402
 from fedclient.runtime import NumpyModel, OnnxBackend, read_manifest  # noqa: E402
+from fedclient.runtime._bundle import BUNDLE_FILES  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -37,7 +39,7 @@ def _checks(out: str) -> dict[str, str]:
     for line in table:
         if not line.startswith("  ") or not line.strip():
             break
-        rows[line[2:17].strip()] = line.split()[-1]
+        rows[re.split(r"\s{2,}", line.strip())[0]] = line.split()[-1]
     return rows
 
 
@@ -60,7 +62,16 @@ def test_builtin_mlp_becomes_a_verified_bundle(
     ):
         assert needle in out, needle
     assert _checks(out) == {
-        name: "ok" for name in ("files", "initial weights", "inference", "loss", "training step")
+        name: "ok"
+        for name in (
+            "files",
+            "initial weights",
+            "inference",
+            "loss",
+            "training step",
+            "loss [step graph]",
+            "training step [step graph]",
+        )
     }
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]] == [
@@ -69,13 +80,7 @@ def test_builtin_mlp_becomes_a_verified_bundle(
     ]
     assert manifest["input"] == {"name": "input", "shape": [None, 64], "dtype": "float32"}
     for role, info in manifest["files"].items():
-        name = {
-            "training_model": "training_model.onnx",
-            "eval_model": "eval_model.onnx",
-            "optimizer_model": "optimizer_model.onnx",
-            "inference_model": "inference.onnx",
-        }.get(role, role)
-        assert (out_dir / name).stat().st_size == info["bytes"]
+        assert (out_dir / BUNDLE_FILES[role]).stat().st_size == info["bytes"]
         assert len(info["sha256"]) == 64
     # The bundle is what a device trains from.
     weights = OnnxBackend(out_dir).get_weights()
@@ -109,6 +114,8 @@ def test_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         "inference",
         "loss",
         "training step",
+        "loss [step graph]",
+        "training step [step graph]",
     ]
     assert summary["manifest"]["ops"] == {"Gemm": 1}
     assert summary["manifest"]["parameters"][0] == {
@@ -233,7 +240,8 @@ def test_a_conv_net_with_relu_kinks_passes_and_a_wrong_gradient_fails(
     _scale_gradient(tmp_path / "bundle", "dw", 1.02)  # 2% off, on the depthwise kernel
     verification = verify_bundle(tmp_path / "bundle", OnnxReference(onnx.load(net), names))
     failed = [c for c in verification.checks if not c.passed]
-    assert [c.name for c in failed] == ["training step"]  # the forward pass is still right
+    # The forward pass is still right, and so is the step graph (a gradient of its own).
+    assert [c.name for c in failed] == ["training step"]
     assert 0.015 < failed[0].error < 0.025
 
 

@@ -1,0 +1,178 @@
+"""The two ways ONNX Runtime trains a bundle, behind one small interface (`Engine`).
+
+    TrainingApiEngine   ``onnxruntime.training.api``: CheckpointState, Module and an SGD
+                        Optimizer over the bundle's training artifacts (the
+                        ``onnxruntime-training`` build: x86_64, Python <= 3.12)
+    PlainEngine         ``step.onnx`` and ``forward.onnx`` in ``InferenceSession``s of any
+                        ONNX Runtime build (aarch64, Python 3.13, mobile); the weights
+                        live here as numpy arrays and go in and out of each step
+
+Both hold float32 parameters by name and take one SGD step on the mean
+cross-entropy of a minibatch; `OnnxBackend` picks one and adds the data handling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedclient._exceptions import InvalidInput
+from fedclient.runtime import _ort
+from fedclient.runtime._bundle import BUNDLE_FILES, BundleManifest
+from fedclient.runtime._stepgraph import LEARNING_RATE, LOSS, next_name
+
+__all__ = ["Engine", "PlainEngine", "TrainingApiEngine"]
+
+
+class Engine(Protocol):
+    """Parameters by name, one SGD step, logits."""
+
+    name: str
+
+    def get(self, name: str) -> np.ndarray:
+        """A parameter's current value (float32; the caller copies it if it keeps it)."""
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        """Replace a parameter (float32, the right shape: checked by the caller)."""
+
+    def step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> float:
+        """One SGD step on the minibatch's mean cross-entropy; the loss before the step."""
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits of a batch at the current parameters."""
+
+    def export_inference_model(self, target: Path) -> None:
+        """The forward graph with the current parameters, for ``InferenceSession``."""
+
+
+class TrainingApiEngine:
+    """ONNX Runtime's on-device training API over the bundle's training artifacts."""
+
+    name = "training"
+
+    def __init__(self, bundle: Path, manifest: BundleManifest, *, threads: int) -> None:
+        api = _ort.training_api()
+        files = {role: str(bundle / name) for role, name in BUNDLE_FILES.items()}
+        try:
+            self._state: Any = api.CheckpointState.load_checkpoint(files["checkpoint"])
+            self._module: Any = api.Module(
+                files["training_model"],
+                self._state,
+                files["eval_model"],
+                session_options=_ort.session_options(threads=threads),
+            )
+            self._optimizer: Any = api.Optimizer(files["optimizer_model"], self._module)
+        except RuntimeError as exc:
+            raise InvalidInput(f"ONNX Runtime cannot load the bundle {bundle}: {exc}") from exc
+        self._output = manifest.output.name
+        self._classes = manifest.classes
+        self._learning_rate: float | None = None
+        stored = {name for name, _ in self._state.parameters}
+        missing = sorted({p.name for p in manifest.parameters} - stored)
+        if missing:
+            raise InvalidInput(f"the bundle's checkpoint lacks parameters {missing}")
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self._state.parameters[name].data)
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self._state.parameters[name] = value
+
+    def step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> float:
+        if learning_rate != self._learning_rate:
+            self._optimizer.set_learning_rate(float(learning_rate))
+            self._learning_rate = learning_rate
+        self._module.train()
+        loss = self._module(x, y)[0]
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+        return float(loss)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        self._module.eval()
+        # The eval graph takes labels too; any valid class will do.
+        _, logits = self._module(x, np.zeros(x.shape[0], np.int64))
+        return np.asarray(logits)
+
+    def export_inference_model(self, target: Path) -> None:
+        self._module.export_model_for_inferencing(str(target), [self._output])
+
+
+class PlainEngine:
+    """The bundle's step graph in plain ``onnxruntime.InferenceSession``s."""
+
+    name = "plain"
+
+    def __init__(self, bundle: Path, manifest: BundleManifest, *, threads: int) -> None:
+        ort = _ort.ort()
+        self._bundle = bundle
+        self._manifest = manifest
+        options = _ort.session_options(threads=threads)
+        try:
+            self._step: Any = ort.InferenceSession(
+                str(bundle / BUNDLE_FILES["step_model"]),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            self._forward: Any = ort.InferenceSession(
+                str(bundle / BUNDLE_FILES["forward_model"]),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise InvalidInput(f"ONNX Runtime cannot load the bundle {bundle}: {exc}") from exc
+        self._names = [p.name for p in manifest.parameters]
+        self._weights = _initialisers(bundle / BUNDLE_FILES["forward_model"], self._names)
+        self._outputs = [LOSS, *(next_name(n) for n in self._names)]
+
+    def get(self, name: str) -> np.ndarray:
+        return self._weights[name]
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self._weights[name] = value
+
+    def step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> float:
+        feeds = {
+            self._manifest.input.name: x,
+            self._manifest.labels.name: y,
+            LEARNING_RATE: np.asarray(learning_rate, dtype=np.float32),
+            **self._weights,
+        }
+        loss, *updated = self._step.run(self._outputs, feeds)
+        self._weights = dict(zip(self._names, updated, strict=True))
+        return float(loss)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        (logits,) = self._forward.run(
+            [self._manifest.output.name], {self._manifest.input.name: x, **self._weights}
+        )
+        return np.asarray(logits)
+
+    def export_inference_model(self, target: Path) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(self._bundle / BUNDLE_FILES["inference_model"]))
+        for tensor in model.graph.initializer:
+            if tensor.name in self._weights:
+                tensor.CopyFrom(numpy_helper.from_array(self._weights[tensor.name], tensor.name))
+        onnx.save(model, str(target))
+
+
+def _initialisers(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The named float32 initialisers of an ONNX file (needs the ``onnx`` package)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise InvalidInput(f"training with the step graph needs onnx: {_ort.INSTALL_HINT}") from exc
+    found: Mapping[str, Any] = {
+        t.name: t for t in onnx.load(str(path)).graph.initializer if t.name in names
+    }
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise InvalidInput(f"{path.name} lacks the parameters {missing[:5]}")
+    return {n: np.ascontiguousarray(numpy_helper.to_array(found[n]), np.float32) for n in names}
