@@ -20,7 +20,7 @@ from fedclient.runtime import NumpyCnn, NumpyModel
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["NumpyReference", "OnnxReference", "Reference", "TorchReference"]
+__all__ = ["NumpyReference", "OnnxReference", "Reference", "TorchReference", "cross_entropy"]
 
 
 class Reference(Protocol):
@@ -42,7 +42,8 @@ class Reference(Protocol):
         """Mean cross-entropy at ``weights``, as precisely as the reference can."""
 
 
-def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of integer labels ``y`` under ``logits``, in the logits' dtype."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return float(-log_probs[np.arange(len(y)), y].mean())
@@ -92,7 +93,7 @@ class NumpyReference:
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy in float64."""
         model = self._fresh(weights, np.float64)
-        return _cross_entropy(model._forward(x.reshape(len(x), -1).astype(np.float64))[0], y)
+        return cross_entropy(model._forward(x.reshape(len(x), -1).astype(np.float64))[0], y)
 
 
 class OnnxReference:
@@ -150,7 +151,7 @@ class OnnxReference:
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy, evaluated in float64."""
         wide = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-        return _cross_entropy(self._run(wide, x.astype(np.float64)).astype(np.float64), y)
+        return cross_entropy(self._run(wide, x.astype(np.float64)).astype(np.float64), y)
 
 
 class TorchReference:
@@ -215,4 +216,4 @@ class TorchReference:
         torch = self._torch
         with torch.no_grad():
             out = self._load(weights, torch.float64)(torch.from_numpy(x.astype(np.float64)))
-        return _cross_entropy(out.numpy(), y)
+        return cross_entropy(out.numpy(), y)

@@ -5,19 +5,24 @@
     fedconvert model.onnx -o bundles/model
     fedconvert mypkg.models:Net --input-shape 1,28,28 -o bundles/net     (needs torch)
     fedconvert mlp --hidden 32 --tflite -o bundles/mlp    (+ model.tflite; needs TensorFlow)
+    fedconvert model.keras --tflite -o bundles/net       (model.tflite only; needs TensorFlow)
 
 A bundle holds ONNX Runtime training artifacts (checkpoint, training, eval and
-optimizer models), an inference model and ``manifest.json`` (parameter names,
-shapes and dtypes, the input spec, ops, file sizes and sha256 checksums).
-Verification runs one inference and one training step through ONNX Runtime and
-compares them with the source model (numpy reference, PyTorch, or onnx's
-reference evaluator). Exit status: 0 verified, 1 verification failed,
+optimizer models), a step graph in standard ONNX ops with its forward graph (for
+devices with plain onnxruntime: aarch64, Python 3.13, mobile builds), an
+inference model and ``manifest.json`` (parameter names, shapes and dtypes, the
+input spec, ops, file sizes and sha256 checksums). Verification runs one
+inference and one training step through ONNX Runtime (each engine the bundle
+holds) and compares them with the source model (numpy reference, PyTorch, or
+onnx's reference evaluator). Exit status: 0 verified, 1 verification failed,
 2 the model cannot be converted.
 
 ``--tflite`` also writes ``model.tflite`` (built-in mlp and softmax only) with
 ``train``, ``infer``, ``get_weights`` and ``set_weights`` signatures and its
 manifest ``model.tflite.json``, and verifies it through LiteRT. It needs
 TensorFlow at conversion time only, in its own venv (see fedclient/convert/make_tflite_models.py).
+A Keras model (``.keras``, ``.h5``; Sequential or functional) becomes ``model.tflite``
+alone, verified against TensorFlow's own step (see fedclient/convert/_keras.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="fedconvert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "source", help="mlp | softmax | cnn | FILE.onnx | module:Class | file.py:Class"
+        "source",
+        help="mlp | softmax | cnn | FILE.onnx | module:Class | file.py:Class | "
+        "FILE.keras | FILE.h5 (Keras: with --tflite)",
     )
     parser.add_argument("-o", "--out", help="bundle directory (default: bundles/NAME)")
     model = parser.add_argument_group("built-in models")
@@ -83,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     lite.add_argument(
         "--tflite",
         action="store_true",
-        help="also write model.tflite with training signatures (built-in mlp/softmax)",
+        help="also write model.tflite with training signatures (built-in mlp/softmax); "
+        "a Keras model: only model.tflite",
     )
     lite.add_argument(
         "--train-batch",
@@ -106,10 +115,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedconvert`` command."""
     args = _parser().parse_args(argv)
+    if args.source.lower().endswith((".keras", ".h5", ".hdf5")):
+        return _convert_keras(args)
     try:
         from fedclient.convert._convert import convert, resolve
         from fedclient.convert._report import render, summary
         from fedclient.convert._verify import verify_bundle
+        from fedclient.runtime._bundle import BundleWarning
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         print(
             f"fedconvert needs the convert extra: pip install 'fedclient[convert]' ({exc})",
@@ -132,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.tflite:
             _check_tflite_source(source)  # fail before the ONNX conversion, not after it
             started = time.perf_counter()  # the bundle's time, without TensorFlow's import
-        manifest = convert(source, out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BundleWarning)
+            manifest = convert(source, out)
+        for note in caught:
+            print(f"fedconvert: note: {note.message}", file=sys.stderr)
         verification = None
         if not args.no_verify:
             verification = verify_bundle(
@@ -172,14 +188,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(v is None or v.passed for v in results) else 1
 
 
-def _check_tflite_source(source: Source) -> None:
-    """Fail before the ONNX conversion when the TFLite one cannot follow."""
+def _convert_keras(args: argparse.Namespace) -> int:
+    """``fedconvert model.keras --tflite``: a Keras model becomes ``model.tflite`` alone."""
+    from fedclient.convert._tflite import TRAIN_BATCH, render_tflite, tflite_summary
+
+    out = Path(args.out or Path("bundles") / Path(args.source).stem)
+    try:
+        _check_tflite_source(args.source, tflite=args.tflite, frozen=args.freeze)
+        from fedclient.convert._keras import keras_convert_and_verify
+
+        lite = keras_convert_and_verify(
+            args.source,
+            out / "model.tflite",
+            train_batch=args.train_batch or TRAIN_BATCH,
+            verify=not args.no_verify,
+            tolerance=args.tolerance,
+            learning_rate=args.learning_rate,
+        )
+    except FedError as exc:  # InvalidInput (exit 2) for models that cannot be converted
+        print(f"fedconvert: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"tflite": tflite_summary(lite)}, indent=2))
+    else:
+        print(render_tflite(lite))
+    return 0 if lite.verification is None or lite.verification.passed else 1
+
+
+def _check_tflite_source(
+    source: Source | str, *, tflite: bool = True, frozen: list[str] | None = None
+) -> None:
+    """Fail before any conversion when the TFLite one cannot follow: ``source`` is a built-in
+    mlp or softmax model, or the path of a Keras model (which converts to TFLite only)."""
     from fedclient.convert._tflite import tensorflow
 
-    spec = source.model_spec
-    if spec is None or spec.kind not in ("mlp", "softmax"):
+    if isinstance(source, str):
+        if not tflite:
+            raise InvalidInput(
+                f"{source} is a Keras model, which converts to TFLite only: add --tflite "
+                "(ONNX Runtime bundles come from .onnx files and PyTorch modules)"
+            )
+        if frozen:
+            raise InvalidInput(
+                "--freeze does not apply to Keras models: set layer.trainable = False before "
+                "saving (frozen layers stay constants on the device)"
+            )
+        if not Path(source).is_file():
+            raise InvalidInput(f"no such file: {source}")
+    elif source.model_spec is None or source.model_spec.kind not in ("mlp", "softmax"):
         raise InvalidInput(
-            f"--tflite converts the built-in mlp and softmax models only, not {source.name!r}"
+            "--tflite converts the built-in mlp and softmax models and Keras models "
+            f"(.keras, .h5) only, not {source.name!r}"
         )
     tensorflow()  # InvalidInput with how to install it
 

@@ -62,6 +62,7 @@ __all__ = [
     "builtin_bundle",
     "bundle_weights",
     "cache_root",
+    "file_sha256",
     "forget_checked",
     "manifest_digest",
     "read_manifest",
@@ -167,7 +168,8 @@ class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return total
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -342,7 +344,7 @@ def write_bundle(
         frozen=[info(n) for n in constants],
         ops=dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
         files={
-            role: FileInfo((out / f).stat().st_size, _sha256(out / f))
+            role: FileInfo((out / f).stat().st_size, file_sha256(out / f))
             for role, f in BUNDLE_FILES.items()
             if (out / f).is_file()
         },
@@ -480,7 +482,7 @@ def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> 
             file = path / BUNDLE_FILES.get(role, role)
             if not file.is_file():
                 raise InvalidInput(f"the bundle lacks {file.name}")
-            if file.stat().st_size != expected.bytes or _sha256(file) != expected.sha256:
+            if file.stat().st_size != expected.bytes or file_sha256(file) != expected.sha256:
                 raise InvalidInput(f"{file} does not match its checksum in the manifest")
     return manifest
 

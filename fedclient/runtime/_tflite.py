@@ -45,7 +45,7 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
 from fedclient.runtime._base import EvalResult, TrainResult, check_labels
-from fedclient.runtime._bundle import FileInfo, TensorInfo, _sha256, cache_root
+from fedclient.runtime._bundle import FileInfo, TensorInfo, cache_root, file_sha256
 
 __all__ = [
     "INSTALL_HINT",
@@ -131,7 +131,7 @@ def read_tflite_manifest(
     if verify and (
         not path.is_file()
         or path.stat().st_size != manifest.file.bytes
-        or _sha256(path) != manifest.file.sha256
+        or file_sha256(path) != manifest.file.sha256
     ):
         raise InvalidInput(f"{path} does not match its checksum in {sidecar.name}")
     return manifest
