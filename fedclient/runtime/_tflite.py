@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 TFLITE_FORMAT = "fedclient-tflite/1"
-INSTALL_HINT = "pip install 'fedclient[tflite]'  (ai-edge-litert>=2.3)"
+INSTALL_HINT = "pip install 'fedclient[tflite]'  (ai-edge-litert>=1.4)"
 #: The converted built-in models shipped with fedclient
 #: (see fedclient/convert/make_tflite_models.py).
 MODELS_DIR = Path(__file__).parent / "models"
