@@ -173,6 +173,7 @@ def create_app(
         round_id = _int_param(request, "round_id")
         service.authenticate(token)  # reject strangers before reading their body
         body = await _read_limited(request, service.upload_limit(round_id))
+        await database.settled()  # a commit may have begun while it arrived
         receipt = service.upload(token, round_id, request.headers.get(IDEMPOTENCY_HEADER), body)
         return _json(receipt)
 
@@ -189,6 +190,7 @@ def create_app(
         round_id = _int_param(request, "round_id")
         service.authenticate(token)  # reject strangers before reading their body
         chunk = await _read_limited(request, service.upload_limit(round_id))
+        await database.settled()  # a commit may have begun while it arrived
         session = service.upload_chunk(
             token,
             round_id,
@@ -213,6 +215,7 @@ def create_app(
         round_id = _int_param(request, "round_id")
         service.authenticate(token)
         body = await _read_limited(request, service.upload_limit(round_id))
+        await database.settled()  # a commit may have begun while it arrived
         receipt = service.secagg_post(token, round_id, request.path_params["stage"], body)
         return _json(receipt) if receipt is not None else JSONResponse({"accepted": True})
 
@@ -315,9 +318,11 @@ def create_app(
     database = service.store.db
     if isinstance(database, SqliteDatabase):
         database.group_commits()
+        service.store.spool_bodies()  # bodies in files beside it, synced with each group
 
     def durable(endpoint: Endpoint) -> Endpoint:
         async def answer(request: Request) -> Response:
+            await database.settled()  # not while a group commit is in flight
             try:
                 return await endpoint(request)
             finally:

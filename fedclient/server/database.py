@@ -17,6 +17,7 @@ PostgreSQL rolls back its open transaction and frees its lock.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import re
@@ -96,6 +97,10 @@ class Database:
         """Return once every write made so far is committed (see `SqliteDatabase.
         group_commits`); at once where each block commits by itself."""
 
+    async def settled(self) -> None:
+        """Return once the database may be used without waiting (no commit of
+        `SqliteDatabase.group_commits` in flight); at once elsewhere."""
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         """Run one statement (``?`` placeholders)."""
         raise NotImplementedError
@@ -154,7 +159,12 @@ class SqliteDatabase(Database):
     `COMMIT_WINDOW` later on the event loop, and every request that wrote before it
     runs shares it. Nothing
     is acknowledged before it is on disk; a commit that fails (full disk) fails every
-    request in it (503), and `on_rollback` tells the caches."""
+    request in it (503), and `on_rollback` tells the caches.
+
+    The COMMIT (its fsync, and the spool's: `before_commit`) runs on a thread of its
+    own, so the event loop goes on reading and parsing other requests meanwhile; nothing
+    uses the connection until it is done: `settled` waits for it, and every statement
+    (`_begin`) and request (`exclusive`) that comes first waits for it in place."""
 
     kind = "sqlite"
 
@@ -179,6 +189,14 @@ class SqliteDatabase(Database):
         self._grouped = False
         self._wrote = False  # statements ran in the open group transaction
         self._commit: asyncio.Future[None] | None = None
+        #: Called before a group's COMMIT (what must be durable before the rows that name
+        #: it: `fedclient.server.spool`), and after it succeeded.
+        self.before_commit: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
+        # The group commit in flight on `_committer`, and the requests that wait for it.
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._flight: concurrent.futures.Future[BaseException | None] | None = None
+        self._flight_waiters: asyncio.Future[None] | None = None
         if path != ":memory:":
             # 64 KiB pages: an update body (400 kB for 100,000 parameters) spans 7 pages,
             # not 100, and an upload costs a third less (bench/ingest.py). Takes effect
@@ -199,6 +217,8 @@ class SqliteDatabase(Database):
         self._grouped = self.path != ":memory:"
 
     def _begin(self) -> None:
+        if self._flight is not None:
+            self._settle()  # a statement before the commit in flight ended: wait for it
         if self._grouped:
             if not self.conn.in_transaction:
                 self.conn.execute("BEGIN")
@@ -218,46 +238,98 @@ class SqliteDatabase(Database):
 
     async def flush(self) -> None:
         if not self._wrote:
+            if self._flight_waiters is not None:
+                # It may have written into the group now in flight (before an await).
+                await asyncio.shield(self._flight_waiters)
             return
         if self._commit is None:
             self._commit = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_later(COMMIT_WINDOW, self._commit_group)
         await asyncio.shield(self._commit)
 
-    def _commit_group(self) -> None:
-        """Commit the open transaction for every request that wrote in it."""
-        done, self._commit = self._commit, None
-        assert done is not None
-        try:
-            self.commit()
-        except sqlite3.Error as exc:
-            done.set_exception(exc)
-            done.exception()  # retrieved: a batch nobody waits for any more is no error
-        else:
-            done.set_result(None)
+    async def settled(self) -> None:
+        flight = self._flight
+        if flight is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(flight)
+            self._settle()
 
-    def commit(self) -> None:
-        """Commit the open group transaction now (`sqlite3.Error` if it is lost)."""
+    def _commit_group(self) -> None:
+        """Start committing the open transaction, on the committer thread, for every
+        request that wrote in it; `_settle` ends it."""
+        waiters, self._commit = self._commit, None
+        assert waiters is not None
+        if self._flight is not None:
+            self._settle()
         wrote, self._wrote = self._wrote, False
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="sqlite-commit"
+            )
+        self._flight_waiters = waiters
+        self._flight = self._committer.submit(self._commit_transaction, wrote)
+        loop, flight = asyncio.get_running_loop(), self._flight
+        flight.add_done_callback(lambda _: loop.call_soon_threadsafe(self._settle, flight))
+
+    def _settle(self, only: concurrent.futures.Future[BaseException | None] | None = None) -> None:
+        """End the commit in flight (waiting for its thread if need be): tell the caches
+        and the requests that wait for it. Runs on the event loop; once per commit
+        (``only``: if that commit is still the one in flight)."""
+        flight, waiters = self._flight, self._flight_waiters
+        if flight is None or (only is not None and flight is not only):
+            return
+        self._flight = self._flight_waiters = None
+        error = flight.result()
+        self._after(error)
+        if waiters is not None and not waiters.done():
+            if error is None:
+                waiters.set_result(None)
+            else:
+                waiters.set_exception(error)
+                waiters.exception()  # retrieved: a batch nobody waits for any more is no error
+
+    def _commit_transaction(self, wrote: bool) -> BaseException | None:
+        """COMMIT (after `before_commit`), or ROLLBACK when that fails; the error, if any.
+        Touches the connection only: the caches are told by `_after`, on the loop."""
         try:
             if self.conn.in_transaction:
+                for prepare in self.before_commit:
+                    prepare()
                 self.conn.execute("COMMIT")
             elif wrote and self._grouped:
                 # SQLite rolls a transaction back by itself on some errors (a full disk).
                 raise sqlite3.OperationalError("database or disk is full: writes rolled back")
-        except sqlite3.Error:
+        except Exception as exc:  # sqlite3.Error, or the spool's OSError: nothing is kept
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            for forget in self.on_rollback:
-                forget()
-            raise
+            return exc
+        return None
+
+    def _after(self, error: BaseException | None) -> None:
+        for hook in self.on_rollback if error is not None else self.after_commit:
+            hook()
+
+    def commit(self) -> None:
+        """Commit the open group transaction now (`sqlite3.Error` if it is lost)."""
+        self._settle()
+        wrote, self._wrote = self._wrote, False
+        error = self._commit_transaction(wrote)
+        self._after(error)
+        if error is not None:
+            raise error
+
+    def _lock(self) -> None:
+        self._settle()  # a request never starts while a commit is in flight
 
     def tables(self) -> list[str]:
         return sorted(self.db.table_names())
 
     def close(self) -> None:
+        self._settle()
         if self._wrote:
             self.commit()
+        if self._committer is not None:
+            self._committer.shutdown()
         if self._checkpoints is not None:
             self._checkpoints.stop()
         self.db.close()

@@ -13,17 +13,18 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from fedclient._exceptions import StateError
 from fedclient.protocol import JobPlan
-from fedclient.server.database import Database, connect, is_postgres
+from fedclient.server.database import Database, SqliteDatabase, connect, is_postgres
+from fedclient.server.spool import BodySpool, spool_directory
 
 __all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
 
@@ -69,7 +70,16 @@ MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
         " device TEXT NOT NULL, stage TEXT NOT NULL, body BLOB NOT NULL,"
         " receipt TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round_id, seq))",
     ],
+    9: [  # an update body kept in its round's file beside a served SQLite file (spool.py)
+        "ALTER TABLE updates ADD COLUMN spool_offset INTEGER",
+        "ALTER TABLE updates ADD COLUMN spool_length INTEGER",
+    ],
 }
+#: The columns of `UpdateRow`, then where a spooled body is (`fedclient.server.spool`).
+_UPDATE_COLUMNS = (
+    "seq, round_id, device_id, idempotency_key, receipt_id, num_examples, train_loss, body,"
+    " received_at, staleness, spool_offset, spool_length"
+)
 SCHEMA_VERSION = max(MIGRATIONS)
 
 #: Rounds whose admitted devices, contributors and update count the store keeps in
@@ -194,6 +204,9 @@ class ServerStore:
         self._update_counts: dict[int, int] = {}
         self._updated: dict[int, set[str]] = {}  # round -> the devices with an update in it
         self._admitted: dict[int, set[str]] = {}  # round -> its admitted devices
+        #: Where update bodies are appended (`spool_bodies`), or None: in the database.
+        self._spool: BodySpool | None = None
+        self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
         self.db.on_rollback.append(self._forget)  # a group commit failed
         with self.exclusive(), self.atomic():  # workers starting together migrate once
             for statement in _SCHEMA.split(";"):
@@ -350,6 +363,51 @@ class ServerStore:
     def close(self) -> None:
         """Close the database."""
         self.db.close()
+        for spool in {id(s): s for s in (self._spool, self._reader) if s is not None}.values():
+            spool.close()
+
+    def spool_bodies(self) -> None:
+        """Keep update bodies in a file per round beside a served SQLite file, written
+        once and synced with its group commit (`fedclient.server.spool`). Other databases
+        keep them in their ``updates`` rows."""
+        db = self.db
+        if self._spool is not None or not isinstance(db, SqliteDatabase) or db.path == ":memory:":
+            return
+        spool = BodySpool(spool_directory(db.path))
+        with self.exclusive():
+            spool.keep_only({r.round_id for r in self.open_rounds()})
+        db.before_commit.append(spool.sync)
+        db.after_commit.append(self._remove_closed_spools)
+        db.on_rollback.append(spool.rolled_back)
+        self._spool = self._reader = spool
+
+    def _remove_closed_spools(self) -> None:
+        """After a COMMIT: delete the spool files of the rounds it closed."""
+        assert self._spool is not None and isinstance(self.db, SqliteDatabase)
+        doomed = sorted(self._spool.doomed())
+        if doomed:
+            # On the bare connection: outside any transaction, it reads what is committed.
+            marks = ", ".join("?" * len(doomed))
+            rows = self.db.conn.execute(
+                f"SELECT round_id FROM rounds WHERE status != 'open' AND round_id IN ({marks})",
+                doomed,
+            ).fetchall()
+            self._spool.remove({int(r[0]) for r in rows})
+
+    def _spooled(self) -> BodySpool:
+        """The spool to read bodies from (rows that a serving process wrote)."""
+        if self._reader is None:
+            assert isinstance(self.db, SqliteDatabase)
+            self._reader = BodySpool(spool_directory(self.db.path))
+        return self._reader
+
+    def _update_row(self, row: Sequence[Any]) -> UpdateRow:
+        """An `UpdateRow` from `_UPDATE_COLUMNS`, its body read from the spool if there."""
+        values = list(row[:10])
+        offset, length = row[10], row[11]
+        if values[7] is None and offset is not None and length is not None:
+            values[7] = self._spooled().read(int(values[1]), int(offset), int(length))
+        return UpdateRow(*values)
 
     def __enter__(self) -> ServerStore:
         return self
@@ -593,7 +651,12 @@ class ServerStore:
             "UPDATE rounds SET status=?, closed_at=?, reason=?, train_loss=? WHERE round_id=?",
             [status, now, reason, train_loss, round_id],
         )
-        self.db.execute("UPDATE updates SET body=NULL WHERE round_id=?", [round_id])
+        self.db.execute(
+            "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE round_id=?",
+            [round_id],
+        )
+        if self._spool is not None:
+            self._spool.discard(round_id)
         self.db.execute("DELETE FROM round_sums WHERE round_id=?", [round_id])
         self.db.execute("DELETE FROM secure_events WHERE round_id=?", [round_id])
         self.db.execute(
@@ -713,11 +776,27 @@ class ServerStore:
         staleness: int = 0,
     ) -> UpdateRow:
         """Store an accepted update (the row as stored, without reading it back)."""
+        stored: bytes | None = body
+        offset = None
+        if self._spool is not None:
+            offset, stored = self._spool.append(round_id, body), None
         seq = self.db.execute(
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
-            " num_examples, train_loss, body, received_at, staleness)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-            [round_id, device_id, key, receipt_id, num_examples, train_loss, body, now, staleness],
+            " num_examples, train_loss, body, received_at, staleness, spool_offset,"
+            " spool_length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            [
+                round_id,
+                device_id,
+                key,
+                receipt_id,
+                num_examples,
+                train_loss,
+                stored,
+                now,
+                staleness,
+                offset,
+                None if offset is None else len(body),
+            ],
         ).fetchall()[0][0]
         self._count(round_id, "updates", 1)
         if round_id in self._update_counts:
@@ -758,9 +837,10 @@ class ServerStore:
     def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
         """The update a device sent with an idempotency key."""
         row = self.db.execute(
-            "SELECT * FROM updates WHERE device_id=? AND idempotency_key=?", [device_id, key]
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE device_id=? AND idempotency_key=?",
+            [device_id, key],
         ).fetchone()
-        return UpdateRow(*row) if row else None
+        return self._update_row(row) if row else None
 
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
@@ -787,15 +867,16 @@ class ServerStore:
         ``body`` None, for a caller that holds them decoded; see `update_body`).
         ``unfolded``: only those whose bodies are still stored (not yet folded into the
         round's running sum)."""
-        body = "body" if bodies else "NULL"
-        where = " AND body IS NOT NULL" if unfolded else ""
+        columns = _UPDATE_COLUMNS
+        if not bodies:
+            columns = columns.replace("body,", "NULL,").replace(
+                "spool_offset, spool_length", "NULL, NULL"
+            )
+        where = " AND (body IS NOT NULL OR spool_offset IS NOT NULL)" if unfolded else ""
         rows = self.db.execute(
-            "SELECT seq, round_id, device_id, idempotency_key, receipt_id, num_examples,"
-            f" train_loss, {body}, received_at, staleness"
-            f" FROM updates WHERE round_id=?{where} ORDER BY seq",
-            [round_id],
+            f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", [round_id]
         ).fetchall()
-        return [UpdateRow(*row) for row in rows]
+        return [self._update_row(row) for row in rows]
 
     def round_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
         """The round's running sum as stored: its body, total weight and update count."""
@@ -822,12 +903,18 @@ class ServerStore:
             " count = excluded.count",
             [round_id, body, weight, count],
         )
-        self.db.executemany("UPDATE updates SET body=NULL WHERE seq=?", [[q] for q in folded])
+        self.db.executemany(
+            "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE seq=?",
+            [[q] for q in folded],
+        )
 
     def update_body(self, seq: int) -> bytes | None:
         """One update's body (None once its round closed)."""
-        row = self.db.execute("SELECT body FROM updates WHERE seq=?", [seq]).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else None
+        row = self.db.execute(
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE seq=?", [seq]
+        ).fetchone()
+        body = self._update_row(row).body if row else None
+        return bytes(body) if body is not None else None
 
     # -- secure aggregation ----------------------------------------------------
     def add_secure_event(

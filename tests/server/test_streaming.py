@@ -32,10 +32,8 @@ class HeldFedAvg(Strategy):
 
 
 def _stored_bodies(server: Server, round_id: int = 1) -> int:
-    row = server.store.db.execute(
-        "SELECT count(*) FROM updates WHERE round_id=? AND body IS NOT NULL", [round_id]
-    ).fetchone()
-    return int(row[0])
+    # In the row or in the round's spool file beside a served SQLite file.
+    return len(server.store.updates(round_id, bodies=False, unfolded=True))
 
 
 def _model(server: Server, version: int = 1) -> Weights:
