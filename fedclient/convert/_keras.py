@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import math
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
@@ -53,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
@@ -63,14 +60,13 @@ from fedclient.convert._references import cross_entropy
 from fedclient.convert._tflite import (
     TRAIN_BATCH,
     TfliteConversion,
-    signature_key,
     tensorflow,
     verify_tflite,
+    write_tflite,
 )
 from fedclient.convert._verify import TOLERANCE
 from fedclient.protocol import Weights
-from fedclient.runtime._bundle import FileInfo, TensorInfo, file_sha256
-from fedclient.runtime._tflite import SIGNATURES, TFLITE_FORMAT, TfliteManifest, manifest_path
+from fedclient.runtime._tflite import TfliteManifest
 
 __all__ = [
     "KERAS_SUFFIXES",
@@ -410,98 +406,6 @@ def _activation(tf: Any, name: Any, label: str, *, final: bool) -> Callable[[Any
 # -- the TFLite model --------------------------------------------------------------------------
 
 
-def _module(tf: Any, graph: _Graph, train_batch: int) -> tuple[Any, dict[str, Any]]:
-    """The tf.Module of ``graph`` and its concrete signature functions (`SIGNATURES`)."""
-    names = list(graph.trainable)
-    keys = [signature_key(n) for n in names]
-    f32 = tf.float32
-
-    class KerasModel(tf.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__(name="fedclient_keras")
-            self.params = [
-                tf.Variable(graph.trainable[n], name=k) for n, k in zip(names, keys, strict=True)
-            ]
-            self.grads = [
-                tf.Variable(tf.zeros(p.shape, f32), name=f"{k}_grad")
-                for p, k in zip(self.params, keys, strict=True)
-            ]
-
-        def logits(self, x: Any) -> Any:
-            params = {n: tf.constant(v) for n, v in graph.frozen.items()}
-            params.update(zip(names, self.params, strict=True))
-            return graph.logits(tf, x, params)
-
-        def summed_loss(self, x: Any, y: Any, mask: Any) -> Any:
-            log_probs = tf.nn.log_softmax(self.logits(x))
-            per_example = -tf.reduce_sum(tf.one_hot(y, graph.classes) * log_probs, axis=1)
-            return tf.reduce_sum(per_example * mask)
-
-        def gradients(self, tape: Any, loss: Any) -> Any:
-            zero = tf.UnconnectedGradients.ZERO  # a parameter the loss does not reach
-            return tape.gradient(loss, self.params, unconnected_gradients=zero)
-
-    module = KerasModel()
-
-    def infer(x: Any) -> Any:
-        return {"logits": module.logits(x)}
-
-    def train(x: Any, y: Any, mask: Any, learning_rate: Any) -> Any:
-        with tf.GradientTape() as tape:
-            loss = module.summed_loss(x, y, mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-        for param, grad in zip(module.params, module.gradients(tape, loss), strict=True):
-            param.assign_sub(learning_rate * grad)
-        return {"loss": loss}
-
-    def accumulate(x: Any, y: Any, mask: Any) -> Any:
-        with tf.GradientTape() as tape:
-            total = module.summed_loss(x, y, mask)
-        for acc, grad in zip(module.grads, module.gradients(tape, total), strict=True):
-            acc.assign_add(grad)
-        return {"loss_sum": total}
-
-    def apply_gradients(learning_rate: Any, count: Any) -> Any:
-        for param, acc in zip(module.params, module.grads, strict=True):
-            param.assign_sub(learning_rate / count * acc)
-            acc.assign(tf.zeros_like(acc))
-        return {"count": count}
-
-    def get_weights() -> Any:
-        return {k: tf.identity(p) for k, p in zip(keys, module.params, strict=True)}
-
-    def set_weights(*values: Any) -> Any:
-        for param, value in zip(module.params, values, strict=True):
-            param.assign(value)
-        return {"count": tf.constant(len(values))}
-
-    def spec_of(shape: list[int | None], name: str, dtype: Any = f32) -> Any:
-        return tf.TensorSpec(shape, dtype, name=name)
-
-    batch = [
-        spec_of([train_batch, graph.inputs], "x"),
-        spec_of([train_batch], "y", tf.int32),
-        spec_of([train_batch], "mask"),
-    ]
-    learning_rate = spec_of([], "learning_rate")
-    signatures: dict[str, tuple[Any, list[Any]]] = {
-        "infer": (infer, [spec_of([None, graph.inputs], "x")]),
-        "train": (train, [*batch, learning_rate]),
-        "accumulate": (accumulate, batch),
-        "apply_gradients": (apply_gradients, [learning_rate, spec_of([], "count")]),
-        "get_weights": (get_weights, []),
-        "set_weights": (
-            set_weights,
-            [spec_of(list(graph.trainable[n].shape), k) for n, k in zip(names, keys, strict=True)],
-        ),
-    }
-    functions = {
-        name: tf.function(fn, input_signature=specs, autograph=False)
-        for name, (fn, specs) in signatures.items()
-    }
-    assert tuple(functions) == SIGNATURES
-    return module, {name: f.get_concrete_function() for name, f in functions.items()}
-
-
 @dataclass
 class _KerasSource:
     """A loaded Keras model, its package, its graph, and how the manifest names it."""
@@ -542,60 +446,23 @@ def convert_keras_tflite(
 def _convert(
     source: _KerasSource, path: str | os.PathLike[str], train_batch: int
 ) -> TfliteManifest:
-    if train_batch < 1:
-        raise InvalidInput(f"the training batch must be >= 1, got {train_batch}")
     graph = source.graph
-    keys = {name: signature_key(name) for name in graph.trainable}
-    if len(set(keys.values())) != len(keys):
-        raise InvalidInput(f"weight names collide as signature keys: {sorted(keys)}")
-    tf = tensorflow()
-    module, signatures = _module(tf, graph, train_batch)
-    with tempfile.TemporaryDirectory(prefix="fedconvert-keras-") as saved:
-        # The custom gradients are already part of the training signatures; saving them
-        # apart would trace them on infer's free batch size, which they do not take.
-        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-        tf.saved_model.save(module, saved, signatures=signatures, options=options)
-        # Loading the saved model warns, once per signature, of those unsaved gradients.
-        absl = logging.getLogger("absl")
-        level = absl.level
-        absl.setLevel(logging.ERROR)
-        try:
-            converter = tf.lite.TFLiteConverter.from_saved_model(
-                saved, signature_keys=list(signatures)
-            )
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-            converter.experimental_enable_resource_variables = True
-            flatbuffer = converter.convert()
-        except Exception as exc:  # the converter raises ConverterError and friends
-            raise InvalidInput(f"TensorFlow cannot convert {source.name}: {exc}") from exc
-        finally:
-            absl.setLevel(level)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".tmp")
-    partial.write_bytes(flatbuffer)
-    partial.replace(target)
-    manifest = TfliteManifest(
-        format=TFLITE_FORMAT,
+
+    def logits(tf: Any, x: Any, params: list[Any]) -> Any:
+        values = {n: tf.constant(v) for n, v in graph.frozen.items()}
+        values.update(zip(graph.trainable, params, strict=True))
+        return graph.logits(tf, x, values)
+
+    return write_tflite(
+        path,
+        graph.trainable,
+        logits,
         name=source.name,
         source=source.description,
-        input=TensorInfo("x", [None, graph.inputs], "float32"),
-        output=TensorInfo("logits", [None, graph.classes], "float32"),
+        inputs=graph.inputs,
         classes=graph.classes,
         train_batch=train_batch,
-        parameters=[
-            TensorInfo(n, [int(d) for d in v.shape], "float32") for n, v in graph.trainable.items()
-        ],
-        signature_keys=keys,
-        signatures=list(signatures),
-        file=FileInfo(target.stat().st_size, file_sha256(target)),
-        tensorflow=str(tf.__version__),
     )
-    sidecar = manifest_path(target)
-    partial = sidecar.with_name(sidecar.name + ".tmp")
-    partial.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
-    partial.replace(sidecar)
-    return manifest
 
 
 # -- verification -------------------------------------------------------------------------------

@@ -15,16 +15,19 @@ training recipe emits TensorFlow-only ops no device runs):
   ``set_weights`` signatures instead of checkpoint save/restore;
 - the converter restricted to ``TFLITE_BUILTINS`` with resource variables on.
 
-The signatures are documented in `fedclient.runtime._tflite`.
+The signatures are documented in `fedclient.runtime._tflite`; `training_signatures` and
+`write_tflite` build and write them for any forward pass, a Keras model's too
+(`fedclient.convert._keras`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,9 @@ __all__ = [
     "signature_key",
     "tensorflow",
     "tflite_summary",
+    "training_signatures",
     "verify_tflite",
+    "write_tflite",
 ]
 
 #: The fixed training batch of converted models. Smaller minibatches are padded and
@@ -90,56 +95,61 @@ def signature_key(name: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
 
 
-def _module(
-    tf: Any, spec: ModelSpec, weights: Mapping[str, np.ndarray], train_batch: int
+def training_signatures(
+    tf: Any,
+    weights: Mapping[str, np.ndarray],
+    logits: Callable[[Any, Any, list[Any]], Any],
+    *,
+    inputs: int,
+    classes: int,
+    train_batch: int,
 ) -> tuple[Any, dict[str, Any]]:
-    """The tf.Module of a dense ReLU network and its concrete signature functions."""
-    names = list(weights)
-    keys = [signature_key(n) for n in names]
-    layers = len(names) // 2
-    inputs, classes = spec.inputs, spec.classes
+    """A tf.Module whose variables hold a model's trainable parameters, and the concrete
+    functions of its signatures: `SIGNATURES`, with the inputs, outputs and contract that
+    `fedclient.runtime._tflite` documents.
+
+    ``weights`` are the initial parameters by signature key (`signature_key`), in the order of
+    the variables; ``logits(tf, x, params)`` computes the logits ``[N, classes]`` of flat
+    examples ``x[N, inputs]`` from those variables, in ops that convert to TFLite builtins.
+    ``train`` and ``accumulate`` take batches of exactly ``train_batch`` rows, ``infer`` any
+    number; a parameter the loss does not reach gets a zero gradient.
+    """
+    keys = list(weights)
     f32 = tf.float32
 
-    class Dense(tf.Module):  # type: ignore[misc]
+    class TrainableModel(tf.Module):  # type: ignore[misc]
         def __init__(self) -> None:
-            super().__init__(name="fedclient_dense")
-            self.params = [
-                tf.Variable(weights[n], name=k) for n, k in zip(names, keys, strict=True)
-            ]
+            super().__init__(name="fedclient_model")
+            self.params = [tf.Variable(weights[k], name=k) for k in keys]
             self.grads = [
-                tf.Variable(tf.zeros(weights[n].shape, f32), name=f"{k}_grad")
-                for n, k in zip(names, keys, strict=True)
+                tf.Variable(tf.zeros(weights[k].shape, f32), name=f"{k}_grad") for k in keys
             ]
 
-        def logits(self, x: Any) -> Any:
-            a = x
-            for i in range(layers):
-                # Weights are (out, in) like nn.Linear: TFLite's FULLY_CONNECTED layout.
-                z = tf.matmul(a, self.params[2 * i], transpose_b=True) + self.params[2 * i + 1]
-                a = tf.maximum(z, 0.0) if i < layers - 1 else z
-            return a
+    module = TrainableModel()
 
-        def summed_loss(self, x: Any, y: Any, mask: Any) -> Any:
-            log_probs = tf.nn.log_softmax(self.logits(x))
-            per_example = -tf.reduce_sum(tf.one_hot(y, classes) * log_probs, axis=1)
-            return tf.reduce_sum(per_example * mask)
+    def summed_loss(x: Any, y: Any, mask: Any) -> Any:
+        log_probs = tf.nn.log_softmax(logits(tf, x, module.params))
+        per_example = -tf.reduce_sum(tf.one_hot(y, classes) * log_probs, axis=1)
+        return tf.reduce_sum(per_example * mask)
 
-    module = Dense()
+    def gradients(tape: Any, loss: Any) -> Any:
+        zero = tf.UnconnectedGradients.ZERO  # a parameter the loss does not reach
+        return tape.gradient(loss, module.params, unconnected_gradients=zero)
 
     def infer(x: Any) -> Any:
-        return {"logits": module.logits(x)}
+        return {"logits": logits(tf, x, module.params)}
 
     def train(x: Any, y: Any, mask: Any, learning_rate: Any) -> Any:
         with tf.GradientTape() as tape:
-            loss = module.summed_loss(x, y, mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-        for param, grad in zip(module.params, tape.gradient(loss, module.params), strict=True):
+            loss = summed_loss(x, y, mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+        for param, grad in zip(module.params, gradients(tape, loss), strict=True):
             param.assign_sub(learning_rate * grad)
         return {"loss": loss}
 
     def accumulate(x: Any, y: Any, mask: Any) -> Any:
         with tf.GradientTape() as tape:
-            total = module.summed_loss(x, y, mask)
-        for acc, grad in zip(module.grads, tape.gradient(total, module.params), strict=True):
+            total = summed_loss(x, y, mask)
+        for acc, grad in zip(module.grads, gradients(tape, total), strict=True):
             acc.assign_add(grad)
         return {"loss_sum": total}
 
@@ -172,16 +182,95 @@ def _module(
         "accumulate": (accumulate, batch),
         "apply_gradients": (apply_gradients, [learning_rate, spec_of([], "count")]),
         "get_weights": (get_weights, []),
-        "set_weights": (
-            set_weights,
-            [spec_of(list(weights[n].shape), k) for n, k in zip(names, keys, strict=True)],
-        ),
+        "set_weights": (set_weights, [spec_of(list(weights[k].shape), k) for k in keys]),
     }
     functions = {
-        name: tf.function(fn, input_signature=specs) for name, (fn, specs) in signatures.items()
+        name: tf.function(fn, input_signature=specs, autograph=False)
+        for name, (fn, specs) in signatures.items()
     }
     assert tuple(functions) == SIGNATURES
     return module, {name: f.get_concrete_function() for name, f in functions.items()}
+
+
+def write_tflite(
+    path: str | os.PathLike[str],
+    weights: Mapping[str, np.ndarray],
+    logits: Callable[[Any, Any, list[Any]], Any],
+    *,
+    name: str,
+    source: str,
+    inputs: int,
+    classes: int,
+    train_batch: int,
+    model_spec: ModelSpec | None = None,
+) -> TfliteManifest:
+    """Write a model as a ``.tflite`` file at ``path`` with the signatures of
+    `training_signatures`, and its manifest beside it (``path`` + ``.json``). ``weights`` are
+    its float32 trainable parameters by name, in order, and ``logits`` its forward pass, as
+    `training_signatures` takes them; ``name``, ``source`` and ``model_spec`` (a built-in
+    model's) are the manifest's. Needs TensorFlow."""
+    if train_batch < 1:
+        raise InvalidInput(f"the training batch must be >= 1, got {train_batch}")
+    keys = {n: signature_key(n) for n in weights}
+    if len(set(keys.values())) != len(keys):
+        raise InvalidInput(f"weight names collide as signature keys: {sorted(keys)}")
+    tf = tensorflow()
+    module, signatures = training_signatures(
+        tf,
+        {keys[n]: v for n, v in weights.items()},
+        logits,
+        inputs=inputs,
+        classes=classes,
+        train_batch=train_batch,
+    )
+    with tempfile.TemporaryDirectory(prefix="fedconvert-tf-") as saved:
+        # Custom gradients (a Keras model's layers carry them) are already part of the
+        # training signatures; saving them apart would trace them on infer's free batch
+        # size, which they do not take.
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        tf.saved_model.save(module, saved, signatures=signatures, options=options)
+        # Loading the saved model warns, once per signature, of those unsaved gradients.
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            converter = tf.lite.TFLiteConverter.from_saved_model(
+                saved, signature_keys=list(signatures)
+            )
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            converter.experimental_enable_resource_variables = True
+            flatbuffer = converter.convert()
+        except Exception as exc:  # the converter raises ConverterError and friends
+            raise InvalidInput(f"TensorFlow cannot convert {name}: {exc}") from exc
+        finally:
+            absl.setLevel(level)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_bytes(flatbuffer)
+    partial.replace(target)
+    manifest = TfliteManifest(
+        format=TFLITE_FORMAT,
+        name=name,
+        source=source,
+        input=TensorInfo("x", [None, inputs], "float32"),
+        output=TensorInfo("logits", [None, classes], "float32"),
+        classes=classes,
+        train_batch=train_batch,
+        parameters=[
+            TensorInfo(n, [int(d) for d in v.shape], "float32") for n, v in weights.items()
+        ],
+        signature_keys=keys,
+        signatures=list(signatures),
+        file=FileInfo(target.stat().st_size, file_sha256(target)),
+        tensorflow=str(tf.__version__),
+        model_spec=None if model_spec is None else msgspec.to_builtins(model_spec),
+    )
+    sidecar = manifest_path(target)
+    partial = sidecar.with_name(sidecar.name + ".tmp")
+    partial.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+    partial.replace(sidecar)
+    return manifest
 
 
 def convert_tflite(
@@ -199,55 +288,34 @@ def convert_tflite(
         raise InvalidInput(
             f"TFLite conversion supports the built-in mlp and softmax models, not {spec.kind!r}"
         )
-    if train_batch < 1:
-        raise InvalidInput(f"the training batch must be >= 1, got {train_batch}")
     reference = NumpyModel(spec, seed=seed).get_weights()
     if weights is None:
         weights = reference
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in reference.items()}:
         raise InvalidInput(f"weights for {model_filename(spec)} must be {sorted(reference)}")
     weights = {name: np.asarray(weights[name], dtype=np.float32) for name in reference}
-    keys = {name: signature_key(name) for name in weights}
-    tf = tensorflow()
-    module, signatures = _module(tf, spec, weights, train_batch)
-    with tempfile.TemporaryDirectory(prefix="fedconvert-tf-") as saved:
-        tf.saved_model.save(module, saved, signatures=signatures)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(signatures))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        converter.experimental_enable_resource_variables = True
-        try:
-            flatbuffer = converter.convert()
-        except Exception as exc:  # the converter raises ConverterError and friends
-            raise InvalidInput(f"TensorFlow cannot convert {model_filename(spec)}: {exc}") from exc
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".tmp")
-    partial.write_bytes(flatbuffer)
-    partial.replace(target)
+    layers = len(weights) // 2
+
+    def logits(tf: Any, x: Any, params: list[Any]) -> Any:
+        a = x
+        for i in range(layers):
+            # Weights are (out, in) like nn.Linear: TFLite's FULLY_CONNECTED layout.
+            z = tf.matmul(a, params[2 * i], transpose_b=True) + params[2 * i + 1]
+            a = tf.maximum(z, 0.0) if i < layers - 1 else z
+        return a
+
     name = model_filename(spec).removesuffix(".tflite")
-    manifest = TfliteManifest(
-        format=TFLITE_FORMAT,
+    return write_tflite(
+        path,
+        weights,
+        logits,
         name=name,
         source=f"builtin:{spec.kind} {name} seed {seed}",
-        input=TensorInfo("x", [None, spec.inputs], "float32"),
-        output=TensorInfo("logits", [None, spec.classes], "float32"),
+        inputs=spec.inputs,
         classes=spec.classes,
         train_batch=train_batch,
-        parameters=[
-            TensorInfo(n, [int(d) for d in v.shape], "float32") for n, v in weights.items()
-        ],
-        signature_keys=keys,
-        signatures=list(signatures),
-        file=FileInfo(target.stat().st_size, file_sha256(target)),
-        tensorflow=str(tf.__version__),
-        model_spec=msgspec.to_builtins(spec),
+        model_spec=spec,
     )
-    sidecar = manifest_path(target)
-    sidecar.with_name(sidecar.name + ".tmp").write_bytes(
-        msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n"
-    )
-    sidecar.with_name(sidecar.name + ".tmp").replace(sidecar)
-    return manifest
 
 
 def _litert_version() -> str:
