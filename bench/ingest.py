@@ -17,6 +17,8 @@ the first upload sent to the last receipt; p99 is the client-side latency of one
 upload. Server memory is the resident set of the server's processes (all its
 workers; PostgreSQL's own not counted) after the first 1,000 uploads and after the
 last: with streaming aggregation the round holds O(model), so the two should match.
+Server CPU is the CPU time of those processes over the upload phase, per upload: it
+hardly depends on what else the machine runs, where uploads per second do.
 
 The last line names the configuration with the most uploads per second:
 
@@ -84,6 +86,7 @@ class Result:
     p99_ms: float
     rss_first_mb: float
     rss_last_mb: float
+    cpu_ms: float = 0.0  # the server's CPU time (all its processes) per upload
 
     @property
     def per_second(self) -> float:
@@ -94,6 +97,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (the workers)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        found.append(p)
+        todo.extend(int(c) for c in children)
+    return found
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its descendants so far, in seconds:
+    unlike uploads per second, it does not depend on what else the machine runs."""
+    ticks = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -151,6 +181,7 @@ def _load(url: str, uploads: int, concurrency: int, server_pid: int, tmp: Path) 
     listing.write_text("".join(f"{token} {round_id}\n" for token, round_id in devices))
     body.write_bytes(_update_body(0, seed=1))
     threads = 2
+    cpu_before = _tree_cpu_seconds(server_pid)
     wrk = subprocess.Popen(
         [
             "wrk",
@@ -193,6 +224,7 @@ def _load(url: str, uploads: int, concurrency: int, server_pid: int, tmp: Path) 
     status = _status(url)
     assert status["model_version"] == 1, status  # the round closed on the last upload
     rss_first = rss_first or _tree_rss_mb(server_pid)  # fewer than 1,000 uploads
+    cpu_ms = (_tree_cpu_seconds(server_pid) - cpu_before) * 1000 / uploads
     assert status["previous_round"]["updates"] == uploads, status["previous_round"]
     return Result(
         "",
@@ -203,6 +235,7 @@ def _load(url: str, uploads: int, concurrency: int, server_pid: int, tmp: Path) 
         float(found[4]),
         rss_first,
         _tree_rss_mb(server_pid),
+        cpu_ms,
     )
 
 
@@ -286,14 +319,17 @@ def main() -> int:
             f"{args.uploads} uploads of 100,000 float32, {args.concurrency} at a time,"
             f" {os.cpu_count()} cores"
         )
-        print("| db | workers | uploads/s | p50 ms | p99 ms | server RSS after 1k / all (MB) |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| db | workers | uploads/s | p50 ms | p99 ms | server RSS after 1k / all (MB)"
+            " | server CPU ms / upload |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for engine, workers in configs:
             r = run(engine, workers, args.uploads, args.concurrency, cluster)
             results.append(r)
             print(
                 f"| {r.engine} | {r.workers} | {r.per_second:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f}"
-                f" | {r.rss_first_mb:.0f} / {r.rss_last_mb:.0f} |",
+                f" | {r.rss_first_mb:.0f} / {r.rss_last_mb:.0f} | {r.cpu_ms:.2f} |",
                 flush=True,
             )
     finally:
