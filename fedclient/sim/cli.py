@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N training examples (drawn with the seed; Dataset.holdout) off the "
+        "devices: the server's own data, e.g. the public data a model was pre-trained on",
+    )
+    run.add_argument(
         "--fleet",
         default="phones",
         help="device profiles: phones | uniform | slow-tail | diurnal | "

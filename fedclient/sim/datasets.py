@@ -8,6 +8,7 @@ in a package (scikit-learn's digits). Partitions are drawn from a seeded
 from __future__ import annotations
 
 import csv
+import dataclasses
 import heapq
 import importlib.util
 import zlib
@@ -58,6 +59,29 @@ class Dataset:
         """Features per example."""
         return int(self.x_train.shape[1])
 
+    def holdout(self, count: int, seed: int) -> np.ndarray:
+        """The indices of ``count`` training examples drawn with ``seed``, in order: data the
+        server keeps for itself (``fedsim --holdout``), e.g. public data it pre-trains on."""
+        if not 0 <= count < len(self.y_train):
+            raise InvalidInput(
+                f"--holdout must leave the devices some of the {len(self.y_train)} training "
+                f"examples, got {count}"
+            )
+        drawn = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(len(self.y_train))
+        return np.sort(drawn[:count])
+
+    def without(self, examples: np.ndarray) -> Dataset:
+        """This data set with those training examples removed (the test set unchanged)."""
+        keep = np.ones(len(self.y_train), dtype=bool)
+        keep[examples] = False
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train[keep],
+            y_train=self.y_train[keep],
+            users=None if self.users is None else self.users[keep],
+            texts=None if self.texts is None else self.texts[keep],
+        )
+
 
 def _features(x: np.ndarray) -> np.ndarray:
     """Float32 features: uint8 pixels scaled to [0, 1], anything else as it is.
@@ -72,6 +96,8 @@ def _features(x: np.ndarray) -> np.ndarray:
 
 
 DATASETS = ("digits", "mnist", "femnist", "sms_spam", "csv:PATH", "npz:PATH")
+#: The random stream (with the run's seed) that draws `Dataset.holdout`.
+HOLDOUT_STREAM = 0x401D
 
 #: Hashed text features per message (fedclient.text.hash_features).
 TEXT_DIMS = 4096

@@ -110,6 +110,7 @@ class SimulationConfig:
     rounds: int = 40
     partition: str = "iid"
     seed: int = 0
+    holdout: int = 0  # training examples (drawn with the seed) the devices never get
     fleet: str = "phones"
     epochs: int | None = None
     batch_size: int | None = None
@@ -570,6 +571,8 @@ async def simulate(
         config.text_column, config.label_column, config.user_column, header=not config.no_header
     )
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, columns=columns)
+    if config.holdout:  # the server's own data (e.g. public data it pre-trained on)
+        data = data.without(data.holdout(config.holdout, config.seed))
     plan = config.plan(data)
     if config.engine not in ("local", "ray"):
         raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")

@@ -96,6 +96,26 @@ def test_the_same_seed_gives_the_same_report(tmp_path: Path) -> None:
     assert [r["accuracy"] for r in a["rounds"]] != [r["accuracy"] for r in c["rounds"]]
 
 
+def test_a_holdout_is_kept_off_every_device(tmp_path: Path) -> None:
+    data = load_dataset("digits", seed=0)
+    held = data.holdout(300, seed=1)
+    assert len(held) == len(set(held.tolist())) == 300
+    np.testing.assert_array_equal(held, data.holdout(300, seed=1))  # the seed draws it
+    assert not np.array_equal(held, data.holdout(300, seed=2))
+    rest = data.without(held)
+    kept = np.setdiff1d(np.arange(len(data.y_train)), held)
+    np.testing.assert_array_equal(rest.x_train, data.x_train[kept])  # the others, in order
+    np.testing.assert_array_equal(rest.y_train, data.y_train[kept])
+    assert rest.x_test is data.x_test  # the test set is the test set
+    with pytest.raises(InvalidInput, match="--holdout"):
+        data.holdout(len(data.y_train), seed=1)
+    held_run = _run(tmp_path, "held", "--seed", "1", "--holdout", "300")
+    full_run = _run(tmp_path, "full", "--seed", "1")
+    assert held_run["config"]["holdout"] == 300 and full_run["config"]["holdout"] == 0
+    accuracies = [[r["accuracy"] for r in run["rounds"]] for run in (held_run, full_run)]
+    assert accuracies[0] != accuracies[1]
+
+
 def test_a_short_deadline_fails_rounds_cleanly(tmp_path: Path) -> None:
     report = _run(tmp_path, "d", "--seed", "1", "--deadline-seconds", "0.01", "--rounds", "3")
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
