@@ -38,7 +38,13 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.convert._references import NumpyReference, Reference
 from fedclient.convert._report import _size, _table, verification_data, verification_lines
-from fedclient.convert._verify import TOLERANCE, Check, Verification, _max_diff
+from fedclient.convert._verify import (
+    TOLERANCE,
+    Check,
+    Verification,
+    difference,
+    max_difference,
+)
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import NumpyModel
 from fedclient.runtime._bundle import FileInfo, TensorInfo, file_sha256
@@ -345,7 +351,7 @@ def verify_tflite(
         Check(
             "initial weights",
             f"{len(initial)} tensors",
-            _max_diff(backend.get_weights(), initial),
+            max_difference(backend.get_weights(), initial),
             0.0,
         )
     )
@@ -353,7 +359,7 @@ def verify_tflite(
     rng = np.random.default_rng(seed)
     x = rng.random((2 * width + 3, backend.inputs), dtype=np.float32)
     y = rng.integers(0, backend.classes, len(x))
-    error = float(np.abs(backend.logits(x) - reference.logits(x)).max())
+    error = difference(backend.logits(x), reference.logits(x))
     checks.append(Check("inference", f"{len(x)} examples, logits", error, tolerance))
     if backend.train_batch is None:
         return Verification(reference.label, _litert_version(), checks)
@@ -364,7 +370,7 @@ def verify_tflite(
             xs, ys, epochs=1, batch_size=count, learning_rate=learning_rate, rng=rng
         )
         if label == "padded":
-            loss_error = abs(result.loss - reference.loss(initial, xs, ys))
+            loss_error = difference(result.loss, reference.loss(initial, xs, ys))
             checks.append(
                 Check("loss", "cross-entropy at the initial weights", loss_error, tolerance)
             )
@@ -375,7 +381,7 @@ def verify_tflite(
             Check(
                 f"training step ({label})",
                 f"SGD lr {learning_rate:g}, batch {count} (fixed {width}), weights",
-                _max_diff(backend.get_weights(), expected),
+                max_difference(backend.get_weights(), expected),
                 tolerance,
             )
         )

@@ -102,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = parser.add_argument_group("verification")
     check.add_argument(
-        "--tolerance", type=float, default=1e-5, help="absolute tolerance (default 1e-5)"
+        "--tolerance",
+        type=float,
+        default=1e-5,
+        help="of |diff|/(1+|ref|): absolute below 1, relative above (default 1e-5)",
     )
     check.add_argument(
         "--learning-rate", type=float, default=0.1, help="of the verified training step"

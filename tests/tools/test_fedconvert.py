@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from fedclient.convert._convert import builtin_source, convert  # noqa: E402
 from fedclient.convert._references import NumpyReference  # noqa: E402
-from fedclient.convert._verify import verify_bundle  # noqa: E402
+from fedclient.convert._verify import difference, max_difference, verify_bundle  # noqa: E402
 from fedclient.convert.cli import main as fedconvert  # noqa: E402
 from fedclient.runtime import NumpyModel, OnnxBackend, read_manifest  # noqa: E402
 from fedclient.runtime._bundle import BUNDLE_FILES  # noqa: E402
@@ -466,3 +466,12 @@ def test_a_module_in_the_working_folder_loads_as_with_python_m(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert _load_object("mymodel_for_fedconvert:Net").kind == "mine"
+
+
+def test_differences_are_absolute_for_small_values_and_relative_for_large_ones() -> None:
+    # Found: a trained model's logits reach 77 on noise images, where float32 rounding
+    # alone (3e-5) failed an absolute 1e-5, while a wrong small value must still fail.
+    assert difference(np.float32(77.00003), 77.0) < 1e-6
+    assert difference(3e-5, 0.0) == pytest.approx(3e-5)
+    assert difference(np.array([0.5, 77.0]), np.array([0.5, 77.0])) == 0.0
+    assert max_difference({"w": np.ones(3)}, {"w": np.ones(2)}) == float("inf")
