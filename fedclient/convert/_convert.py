@@ -25,6 +25,7 @@ from fedclient.convert._references import NumpyReference, OnnxReference, Referen
 from fedclient.convert._rewrite import (
     decompose_activations,
     inference_batchnorm,
+    relu_clips,
     untie_initialisers,
 )
 from fedclient.protocol import ModelSpec
@@ -123,7 +124,8 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
     except Exception as exc:  # protobuf and file errors alike
         raise InvalidInput(f"cannot read the ONNX model {os.fspath(path)!r}: {exc}") from exc
     # BatchNormalization trains in inference mode: its running statistics stay frozen.
-    decomposed, rewritten = decompose_activations(model)
+    # ReLU6 first: the Clip inside a decomposed HardSwish keeps its own gradient.
+    decomposed, rewritten = decompose_activations(relu_clips(model))
     trained, statistics = inference_batchnorm(decomposed)
     frozen = _frozen([t.name for t in model.graph.initializer], frozen, statistics)
     parameters = [
@@ -232,7 +234,7 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
     # (the reference module is in eval mode too: torch leaves them alone in its step).
     state = module.state_dict()
     exported = untie_initialisers(onnx.load_from_string(buffer.getvalue()), set(state))
-    decomposed, rewritten = decompose_activations(exported)
+    decomposed, rewritten = decompose_activations(relu_clips(exported))
     model, statistics = inference_batchnorm(decomposed)
     frozen = _frozen([t.name for t in model.graph.initializer], frozen, statistics)
     float_initialisers = [

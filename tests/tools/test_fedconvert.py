@@ -20,7 +20,7 @@ from fedclient.convert._convert import builtin_source, convert  # noqa: E402
 from fedclient.convert._references import NumpyReference  # noqa: E402
 from fedclient.convert._verify import difference, max_difference, verify_bundle  # noqa: E402
 from fedclient.convert.cli import main as fedconvert  # noqa: E402
-from fedclient.runtime import NumpyModel, OnnxBackend, read_manifest  # noqa: E402
+from fedclient.runtime import NumpyModel, OnnxBackend, read_manifest, write_bundle  # noqa: E402
 from fedclient.runtime._bundle import BUNDLE_FILES  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -475,3 +475,56 @@ def test_differences_are_absolute_for_small_values_and_relative_for_large_ones()
     assert difference(3e-5, 0.0) == pytest.approx(3e-5)
     assert difference(np.array([0.5, 77.0]), np.array([0.5, 77.0])) == 0.0
     assert max_difference({"w": np.ones(3)}, {"w": np.ones(2)}) == float("inf")
+
+
+def test_relu6_at_exactly_zero_trains_as_in_pytorch_on_every_engine(tmp_path: Path) -> None:
+    # Found: ONNX Runtime's training graph passed a Clip's gradient at its lower bound,
+    # PyTorch and the step graph do not. A unit whose weights start at zero (zero-init
+    # layers) is exactly 0 there. Rewritten as Relu then Clip(max), both engines agree.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fedclient.convert._rewrite import relu_clips
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 4)).astype(np.float32)
+    w[0] = 0.0  # hidden unit 0 is exactly 0 for every input
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w"], ["h"], transB=1),
+            helper.make_node("Clip", ["h", "zero", "six"], ["a"]),
+            helper.make_node("Gemm", ["a", "v", "b"], ["logits"], transB=1),
+        ],
+        "relu6",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(rng.normal(size=(3, 5)).astype(np.float32), "v"),
+            numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    x = rng.random((4, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 0])
+
+    def steps(onnx_model: Any, out: Path) -> dict[str, dict[str, np.ndarray]]:
+        write_bundle(onnx_model, out, name="relu6")
+        found = {}
+        for engine in ("training", "plain"):
+            backend = OnnxBackend(out, engine=engine)
+            backend.train(
+                x, y, epochs=1, batch_size=4, learning_rate=0.5, rng=np.random.default_rng(0)
+            )
+            found[engine] = backend.get_weights()
+        return found
+
+    before = steps(model, tmp_path / "as-exported")
+    assert np.abs(before["training"]["w"][0]).max() > 1e-3  # it moved: the old disagreement
+    assert np.abs(before["plain"]["w"][0]).max() == 0.0  # PyTorch's: no gradient at 0
+    rewritten = relu_clips(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["Gemm", "Relu", "Clip", "Gemm"]
+    after = steps(rewritten, tmp_path / "rewritten")
+    assert max_difference(after["training"], after["plain"]) < 1e-6
+    np.testing.assert_allclose(after["plain"]["w"], before["plain"]["w"], atol=1e-7)
