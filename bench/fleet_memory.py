@@ -4,7 +4,7 @@
     python bench/fleet_memory.py --devices 1000000 --fleet diurnal
 
 Builds the fleet as ``fedsim run`` does (a partition of the training set, the
-profiles drawn from the preset, one `_Device` record per device) and prints what
+profiles drawn from the preset, one `Device` record per device) and prints what
 tracemalloc saw it allocate, in total and per device, next to the issue's budget
 (100,000 devices in 2 GB). Random labels stand in for the data set, which is
 shared by the fleet, not held per device: six examples a device by default (MNIST
@@ -23,7 +23,7 @@ import numpy as np
 
 from fedclient.sim.datasets import partition
 from fedclient.sim.devices import draw_profiles
-from fedclient.sim.engine import _Device
+from fedclient.sim.fleet import Device
 
 BUDGET_BYTES = 2 * 1024**3  # the issue's: 100,000 registered devices in 2 GB
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     parts = partition(y, args.devices, args.partition, rng)
     profiles = draw_profiles(len(parts), rng, args.fleet)
-    devices = [_Device(i, profiles[i], part) for i, part in enumerate(parts)]
+    devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
     seconds = time.perf_counter() - started
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

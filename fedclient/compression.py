@@ -1,7 +1,8 @@
 """Update compression: stochastic quantisation and top-k sparsification with error feedback.
 
 A job's plan names a compression spec, e.g. ``"q8"``, ``"q4"``, ``"topk:0.1"`` or
-``"topk:0.1,q8"``. The device encodes its update with `compress`; the server
+``"topk:0.1,q8"`` (a `CompressionSpec`, which `fedclient.protocol` parses and this
+module re-exports). The device encodes its update with `compress`; the server
 turns it back into dense float32 tensors with `decompress` before validating and
 aggregating it, so strategies never see the wire format.
 
@@ -29,52 +30,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from fedclient._exceptions import InvalidInput, InvalidRequest
-from fedclient.protocol import Weights
+from fedclient._exceptions import InvalidRequest
+from fedclient.protocol import CompressionSpec, Weights
 
 __all__ = ["CompressionSpec", "compress", "decompress"]
-
-
-@dataclass(frozen=True)
-class CompressionSpec:
-    """What a device does to its update before upload."""
-
-    topk: float | None = None  # fraction of entries kept
-    bits: int | None = None  # 8 or 4: stochastic quantisation of the kept values
-
-    @classmethod
-    def parse(cls, text: str) -> CompressionSpec:
-        """``""`` (none), ``"q8"``, ``"q4"``, ``"topk:F"`` or ``"topk:F,q8"``."""
-        topk: float | None = None
-        bits: int | None = None
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if part in ("q8", "q4"):
-                bits = int(part[1:])
-            elif part.startswith("topk:"):
-                try:
-                    topk = float(part.removeprefix("topk:"))
-                except ValueError:
-                    topk = -1.0
-                if not 0 < topk <= 1:
-                    raise InvalidInput(f"topk needs a fraction in (0, 1], got {part!r}")
-            else:
-                raise InvalidInput(f"unknown compression {part!r}; use q8, q4 or topk:FRACTION")
-        return cls(topk, bits)
-
-    def __str__(self) -> str:
-        parts = ([f"topk:{self.topk:g}"] if self.topk else []) + (
-            [f"q{self.bits}"] if self.bits else []
-        )
-        return ",".join(parts)
-
-    @property
-    def active(self) -> bool:
-        """Whether this spec changes anything."""
-        return bool(self.topk or self.bits)
 
 
 def compress(

@@ -1,8 +1,10 @@
 """The wire protocol, shared by the device SDK, the reference server and the simulator.
 
-No I/O lives here: routes, message types, tensor encoding and error mapping.
+No I/O lives here: routes, message types, tensor encoding, the compression spec a
+plan names, and error mapping.
 """
 
+from fedclient.protocol._compression import CompressionSpec
 from fedclient.protocol._messages import (
     Admitted,
     CheckinRequest,
@@ -99,6 +101,7 @@ __all__ = [
     "Admitted",
     "CheckinRequest",
     "CheckinResponse",
+    "CompressionSpec",
     "DeviceParticipation",
     "EnrolRequest",
     "EnrolResponse",

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from fedclient.protocol._compression import CompressionSpec
+
 __all__ = [
     "Admitted",
     "CheckinRequest",
@@ -177,8 +179,6 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:
             raise ValueError("job.min_devices must not exceed job.devices_per_round")
-        from fedclient.compression import CompressionSpec
-
         # Refuse a plan devices could not follow, when it is loaded, never with a hang.
         spec = CompressionSpec.parse(self.job.compression)
         p = self.privacy

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from fedclient.protocol import _messages as m
+import fedclient.protocol._messages as m
 
 __all__ = [
     "ADMIN_CODES",

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedclient.runtime import EvalResult, TrainingBackend
+from fedclient.sim.fleet import TOTALS, Fleet, SimClock, SimServer, device_token
 
 if TYPE_CHECKING:
     from fedclient.protocol import JobPlan
+    from fedclient.sim.config import SimulationConfig
     from fedclient.sim.datasets import Dataset
-    from fedclient.sim.engine import SimClock, SimulationConfig, _Fleet, _Server
 
 __all__ = ["run_buffered"]
 
@@ -33,16 +34,14 @@ async def run_buffered(
     config: SimulationConfig,
     plan: JobPlan,
     data: Dataset,
-    server: _Server,
+    server: SimServer,
     clock: SimClock,
-    fleet: _Fleet,
+    fleet: Fleet,
     evaluator: TrainingBackend,
     on_round: Callable[[dict[str, Any]], None] | None,
     wall_start: float,
 ) -> list[dict[str, Any]]:
     """Run the async job to its last buffer; one report entry per aggregation."""
-    from fedclient.sim.engine import TOTALS, _token
-
     job = plan.job.name
     idle = deque(
         int(i) for i in np.random.default_rng([config.seed, 0]).permutation(len(fleet.devices))
@@ -72,7 +71,7 @@ async def run_buffered(
                 if outcome is not None and outcome.status == "finished":
                     return
                 continue
-            token = token or _token(d)
+            token = token or device_token(d)
             trained = await d.download_and_train()
             if trained is None or trained.status != "trained":
                 counts["network" if trained is None else "left"] += 1
@@ -143,7 +142,7 @@ async def run_buffered(
     return rounds
 
 
-async def _release(fleet: _Fleet, index: int) -> None:
+async def _release(fleet: Fleet, index: int) -> None:
     """A device goes idle: its client closes; its state stays in SQLite."""
     d = fleet.devices[index]
     if d.client is not None:

@@ -42,17 +42,9 @@ from fedclient import InvalidInput, StepOutcome
 from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.protocol import JobPlan
 from fedclient.server import FederationService, create_app
+from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset
-from fedclient.sim.engine import (
-    TOTALS,
-    SimClock,
-    SimulationConfig,
-    _Checkin,
-    _Device,
-    _Fleet,
-    _Server,
-    _Work,
-)
+from fedclient.sim.fleet import TOTALS, Checkin, Device, Fleet, SimClock, SimServer, Work
 
 __all__ = ["ray_fleet"]
 
@@ -64,7 +56,7 @@ READY_SECONDS = 120.0
 @contextlib.asynccontextmanager
 async def ray_fleet(
     config: SimulationConfig, plan: JobPlan, data: Dataset, service: FederationService | None
-) -> AsyncIterator[_Fleet]:
+) -> AsyncIterator[Fleet]:
     """The fleet on Ray actors, for the duration of a run.
 
     ``service`` is the simulation's own server, served here over HTTP for the actors;
@@ -80,7 +72,7 @@ async def ray_fleet(
             else:
                 assert config.server is not None
                 base_url = config.server.rstrip("/")
-            fleet = _RayFleet(config, plan, data, _Server(base_url, None), None)
+            fleet = _RayFleet(config, plan, data, SimServer(base_url, None), None)
             stack.push_async_callback(fleet.stop)
             await fleet.start(simulated=service is not None)
             yield fleet
@@ -200,7 +192,7 @@ class _Shard:
         config: SimulationConfig,
         plan: JobPlan,
         data: Dataset,
-        devices: list[_Device],
+        devices: list[Device],
         base_url: str,
         simulated: bool,
         number: int,
@@ -215,17 +207,17 @@ class _Shard:
             state_dir.mkdir(parents=True, exist_ok=True)
         # On the simulated clock the driver says what time it is with every call.
         self.pool = _Pool()
-        server = _Server(base_url, self.pool, SimClock() if simulated else time.time)
-        self.fleet = _Fleet(config, plan, data, server, state_dir, devices=devices)
+        server = SimServer(base_url, self.pool, SimClock() if simulated else time.time)
+        self.fleet = Fleet(config, plan, data, server, state_dir, devices=devices)
 
     async def ready(self) -> str:
         """Answer once placed and built: the IP of the node this actor runs on."""
         return str(ray.util.get_node_ip_address())
 
-    async def checkin(self, indices: list[int], round_number: int, now: float) -> list[_Checkin]:
+    async def checkin(self, indices: list[int], round_number: int, now: float) -> list[Checkin]:
         return await self.fleet.checkin(indices, round_number, now)
 
-    async def work(self, indices: list[int], now: float) -> list[_Work]:
+    async def work(self, indices: list[int], now: float) -> list[Work]:
         return await self.fleet.work(indices, now)
 
     async def upload(self, index: int, now: float) -> tuple[StepOutcome | None, float]:
@@ -246,9 +238,9 @@ class _Shard:
         await self.pool.http.aclose()
 
 
-class _RayFleet(_Fleet):
+class _RayFleet(Fleet):
     """The driver's view of the fleet: the device records (profiles, data sizes) and
-    the evaluator come from `_Fleet`; the devices' steps run on the actors."""
+    the evaluator come from `Fleet`; the devices' steps run on the actors."""
 
     actors: list[Any]  # handles of the `_Shard` actors
     ready = False  # every actor answered
@@ -294,9 +286,7 @@ class _RayFleet(_Fleet):
             groups.setdefault(i % len(self.actors), []).append(i)
         return groups
 
-    async def checkin(
-        self, indices: Sequence[int], round_number: int, now: float
-    ) -> list[_Checkin]:
+    async def checkin(self, indices: Sequence[int], round_number: int, now: float) -> list[Checkin]:
         # The driver sends a wave no larger than the places left, so checking in on
         # every actor at once admits the same devices as one by one.
         groups = self._by_shard(indices)
@@ -306,7 +296,7 @@ class _RayFleet(_Fleet):
         rank = {i: k for k, i in enumerate(indices)}
         return sorted((c for batch in batches for c in batch), key=lambda c: rank[c.device])
 
-    async def work(self, indices: Sequence[int], now: float) -> list[_Work]:
+    async def work(self, indices: Sequence[int], now: float) -> list[Work]:
         groups = self._by_shard(indices)
         batches = await asyncio.gather(
             *(self.actors[s].work.remote(g, now) for s, g in groups.items())

@@ -1,0 +1,183 @@
+"""What a simulation run depends on: `SimulationConfig`, and the job plan it describes.
+
+The configuration is plain data (the ``fedsim run`` flags, or a plan file and the
+flags that set the fleet); it is embedded in the report, so a report says how to
+run it again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedclient import InvalidInput
+from fedclient.protocol import JobPlan
+from fedclient.server import load_plan, plan_from_dict
+from fedclient.sim.datasets import Dataset
+
+__all__ = ["DATASET_DEFAULTS", "SimulationConfig"]
+
+#: Model and training defaults per data set (the flags override them).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "model": {"kind": "mlp", "hidden": [64]},
+        "train": {"epochs": 5, "batch_size": 8, "learning_rate": 0.1},
+    },
+    "mnist": {
+        "model": {"kind": "softmax", "hidden": []},
+        "train": {"epochs": 1, "batch_size": 10, "learning_rate": 0.1},
+    },
+    "femnist": {
+        "model": {"kind": "mlp", "hidden": [200]},
+        "train": {"epochs": 5, "batch_size": 10, "learning_rate": 0.05},
+    },
+    "text": {  # sms_spam and csv: hashed n-grams into softmax regression
+        "model": {"kind": "softmax", "hidden": []},
+        "train": {"epochs": 5, "batch_size": 8, "learning_rate": 4.0},  # rows are L2-normed
+    },
+    "arrays": {  # npz: an MLP over whatever features the arrays hold
+        "model": {"kind": "mlp", "hidden": [64]},
+        "train": {"epochs": 5, "batch_size": 8, "learning_rate": 0.1},
+    },
+}
+
+
+@dataclass
+class SimulationConfig:
+    """Everything a run depends on; it is embedded in the report."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    devices: int = 100
+    devices_per_round: int = 20
+    rounds: int = 40
+    partition: str = "iid"
+    seed: int = 0
+    holdout: int = 0  # training examples (drawn with the seed) the devices never get
+    fleet: str = "phones"
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    min_devices: int | None = None
+    over_selection: float = 1.0
+    deadline_seconds: float = 600.0
+    server: str | None = None
+    job: str | None = None
+    state_dir: str | None = None
+    faults: str | None = None
+    model: str | None = None  # softmax | mlp | cnn; default: the data set's
+    compress: str = ""  # update compression the job asks of devices (fedclient.compression)
+    inline_model_max: int = 1024 * 1024  # a model up to this size comes with the admission
+    personalize: int = 0  # epochs of local fine-tuning whose accuracy the report measures
+    text_column: str = "text"  # --dataset csv:PATH: which columns hold what
+    label_column: str = "label"
+    user_column: str | None = None
+    no_header: bool = False
+    plan_file: str | None = None  # a TOML plan (fedserver's): it sets the job, not the flags
+    enrolment_credential: str | None = None  # for a remote server whose enrolment is closed
+    dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
+    secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
+    distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private
+    mode: str = "sync"  # sync rounds, or async (FedBuff) buffers
+    max_staleness: int = 10
+    strategy: str = "fedavg"  # the server's aggregation (fedclient.server.strategies)
+    server_learning_rate: float | None = None  # None: the strategy's default
+    proximal_mu: float = 0.0  # FedProx
+    runtime: str = "numpy"  # every device's training backend (fedclient.runtime.RUNTIMES)
+    engine: str = "local"  # local | ray (fedclient.sim.engines.ray)
+    workers: int = 1  # local engine: processes that train (1: in the loop; 0: one per CPU)
+    ray_address: str | None = None  # None: a new local Ray instance; auto | ray://HOST:PORT
+    ray_actors: int | None = None  # None: one per CPU of the Ray cluster
+    ray_host_ip: str | None = None  # where the actors reach the server; None: detected
+
+    def _model(self, default: dict[str, Any]) -> dict[str, Any]:
+        if self.model is None or self.model == default["kind"]:
+            return default
+        hidden = {"softmax": [], "mlp": [64], "cnn": [8, 16]}.get(self.model)
+        if hidden is None:
+            raise InvalidInput(f"unknown model {self.model!r}; use softmax, mlp or cnn")
+        return {"kind": self.model, "hidden": hidden}
+
+    def plan(self, data: Dataset) -> JobPlan:
+        """The job plan this configuration describes: ``plan_file``'s, checked against the
+        data, or one built from the flags."""
+        if self.plan_file is not None:
+            plan = load_plan(self.plan_file)
+            if (plan.model.inputs, plan.model.classes) != (data.inputs, data.classes):
+                raise InvalidInput(
+                    f"the plan's model takes {plan.model.inputs} inputs and {plan.model.classes}"
+                    f" classes; {data.name} has {data.inputs} and {data.classes}"
+                )
+            return plan
+        family = (
+            "text"
+            if data.texts is not None
+            else "arrays"
+            if data.name.startswith("npz:")
+            else data.name
+        )
+        defaults = DATASET_DEFAULTS[family]
+        train = dict(defaults["train"])
+        for key in ("epochs", "batch_size", "learning_rate"):
+            if getattr(self, key) is not None:
+                train[key] = getattr(self, key)
+        return plan_from_dict(
+            {
+                "job": {
+                    "name": self.job or _job_name(data.name),
+                    "rounds": self.rounds,
+                    "devices_per_round": self.devices_per_round,
+                    "min_devices": self.min_devices or max(1, self.devices_per_round // 2),
+                    "over_selection": self.over_selection,
+                    "deadline_seconds": self.deadline_seconds,
+                    "compression": self.compress,
+                    "mode": self.mode,
+                    "max_staleness": self.max_staleness,
+                    "seed": self.seed,
+                },
+                "model": {
+                    **self._model(defaults["model"]),
+                    "inputs": data.inputs,
+                    "classes": data.classes,
+                },
+                "train": {**train, "proximal_mu": self.proximal_mu},
+                "privacy": {
+                    **_privacy(self.dp),
+                    **({"secagg": self.secagg} if self.secagg else {}),
+                    **({"distributed_dp": True} if self.distributed_dp else {}),
+                },
+                "strategy": {
+                    "name": self.strategy,
+                    "server_learning_rate": self.server_learning_rate,
+                },
+            }
+        )
+
+
+def _privacy(text: str) -> dict[str, Any]:
+    """``epsilon=8,delta=1e-5,clip=1.0,budget=40`` -> the plan's [privacy] table."""
+    names = {
+        "epsilon": "dp_epsilon",
+        "delta": "dp_delta",
+        "clip": "clip",
+        "budget": "budget_epsilon",
+    }
+    table: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in names:
+            raise InvalidInput(f"unknown --dp setting {key!r}; use {', '.join(names)}")
+        try:
+            table[names[key]] = float(value)
+        except ValueError:
+            raise InvalidInput(f"--dp {key} needs a number, got {value!r}") from None
+    if table and "dp_epsilon" not in table:
+        raise InvalidInput("--dp needs epsilon=...")
+    return table
+
+
+def _job_name(dataset: str) -> str:
+    """A valid job name for a data set (``csv:my data.csv`` -> ``csv-my-data``)."""
+    stem = dataset.split(":")[-1].rsplit(".", 1)[0] if ":" in dataset else dataset
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.")
+    return (name or "job")[:64]

@@ -1,0 +1,469 @@
+"""The simulated fleet: virtual devices, the few that work in a round, and their server.
+
+A `Fleet` holds every virtual `Device` as a small record (its profile, its example
+indices and its transfer statistics); a device that wakes up gets a real
+`fedclient.Client` over its own SQLite state, and goes idle again when the round is
+over. The fleet does what the rounds ask of the devices, a batch at a time
+(`Fleet.checkin`, `Fleet.work`, `Fleet.upload`): `fedclient.sim.engine` drives it in
+this process, `fedclient.sim.engines.ray` on Ray actors. `SimServer` is the server it
+talks to over HTTP, and `SimClock` the simulated time they both read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import operator
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import msgspec
+import numpy as np
+import sqlite_utils
+
+from fedclient import (
+    Client,
+    DeviceState,
+    FaultPlan,
+    FaultyTransport,
+    Phase,
+    PrivacyBudgetExceeded,
+    RetryPolicy,
+    ServerError,
+    StepOutcome,
+    TransferStats,
+    TransportError,
+)
+from fedclient.identity import IdentityAuthority
+from fedclient.privacy.dp import PrivacyLedger
+from fedclient.privacy.policy import PrivacyPolicy
+from fedclient.protocol import (
+    ENROL,
+    JOB_STATUS,
+    MODEL,
+    ROUND_STATUS,
+    JobPlan,
+    JobStatus,
+    RoundSummary,
+    Weights,
+    decode_tensors,
+)
+from fedclient.runtime import create_backend
+from fedclient.server.database import Database
+from fedclient.sim.config import SimulationConfig
+from fedclient.sim.datasets import Dataset, partition
+from fedclient.sim.devices import DeviceProfile, draw_profiles
+from fedclient.sim.trainpool import TrainPool
+from fedclient.transport import raise_for_error
+
+__all__ = [
+    "DEVICES_PER_STATE_FILE",
+    "TOTALS",
+    "Checkin",
+    "Device",
+    "Fleet",
+    "SimClock",
+    "SimServer",
+    "Work",
+    "device_token",
+    "disable_secure_delete",
+    "is_round_full",
+    "simulation_authority",
+]
+
+#: Devices whose SQLite state shares one database (in memory, or a file under --state-dir).
+DEVICES_PER_STATE_FILE = 1024
+
+
+class SimClock:
+    """Simulated seconds; the server and every device read time from it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        """The simulated time now (a clock is any callable that returns seconds)."""
+        return self.now
+
+
+@dataclass(slots=True)
+class Device:
+    """A virtual device. Idle devices hold only this; a `Client` exists while one works."""
+
+    index: int
+    profile: DeviceProfile
+    examples: np.ndarray  # indices of its training examples
+    stats: TransferStats = field(default_factory=TransferStats)
+    backoff: float = 0.0  # simulated seconds spent waiting to retry this round
+    client: Client | None = None
+    received: int = 0  # bytes down when it last checked in
+    round_trips: int = 3  # of its last round's work: check-in, download (unless inline), upload
+    certified: bool = False  # holds the simulation authority's certificate of its identity
+    held_out: np.ndarray | None = None  # its share of the test set, for federated evaluation
+    own_held_out: np.ndarray | None = None  # its own examples kept from training (personalize)
+
+    async def step(self) -> StepOutcome | None:
+        """One step; None when the network beat the retry policy (a network dropout)."""
+        assert self.client is not None
+        try:
+            return await self.client.astep()
+        except (TransportError, ServerError):
+            return None
+        except PrivacyBudgetExceeded as exc:
+            return StepOutcome("discarded", reason=f"budget: {exc}")
+
+    async def checkin(self) -> StepOutcome | None:
+        """Check in (the bytes it receives from here on are its round's download)."""
+        self.received = self.stats.bytes_down
+        return await self.step()
+
+    async def download_and_train(self) -> StepOutcome | None:
+        """After its admission: download the model, unless it came along, and train."""
+        assert self.client is not None
+        inline = self.client.device_state.phase(self.client.job) is Phase.DOWNLOADED
+        self.round_trips = 2 if inline else 3
+        if not inline and await self.step() is None:
+            return None
+        return await self.step()
+
+    def round_seconds(self, epochs: int, update_bytes: int) -> float:
+        """Simulated seconds from its check-in to the end of its upload."""
+        return self.profile.round_seconds(
+            len(self.examples),
+            epochs,
+            self.stats.bytes_down - self.received,
+            update_bytes,
+            round_trips=self.round_trips,
+        )
+
+
+#: The transfer statistics a round reports, summed over the fleet.
+TOTALS = ("bytes_up", "bytes_down", "retries", "wasted_bytes", "resumed_transfers")
+
+
+class Checkin(NamedTuple):
+    """A device's check-in: its outcome (None: a network dropout) and, once admitted,
+    its bearer token (the driver fetches the models it evaluates with one)."""
+
+    device: int
+    outcome: StepOutcome | None
+    token: str = ""
+
+
+class Work(NamedTuple):
+    """A device's download and training: the outcome (None: a network dropout), the
+    simulated seconds from its check-in to the end of its upload, and the seconds it
+    waited to retry."""
+
+    device: int
+    outcome: StepOutcome | None
+    seconds: float
+    backoff: float
+
+
+class Fleet:
+    """Every virtual device, and the few that are working this round.
+
+    ``devices``: the records to hold (a Ray actor's copy of the driver's); by default
+    they are drawn from ``config``'s seed. (`fedclient.sim.engines.ray` subclasses it:
+    the driver keeps the records, and the steps run on the actors.)"""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        plan: JobPlan,
+        data: Dataset,
+        server: SimServer,
+        state_dir: Path | None,
+        devices: list[Device] | None = None,
+    ) -> None:
+        if devices is None:  # else a copy of the driver's (on a Ray actor)
+            rng = np.random.default_rng(config.seed)
+            parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
+            profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
+            devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
+            if config.personalize:
+                # Personalisation is measured on each device's own held-out examples (a
+                # fifth of them; devices with fewer than 5 keep all for training).
+                for device in devices:
+                    mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
+                        device.examples
+                    )
+                    if len(mine) >= 5:
+                        cut = len(mine) - len(mine) // 5
+                        device.examples, device.own_held_out = mine[:cut], mine[cut:]
+            if plan.evaluate.every:
+                # Federated evaluation: each device holds a share of the test set as its
+                # held-out data, split like the training set (natural splits: at random).
+                scheme = "iid" if config.partition == "natural" else config.partition
+                shares = partition(
+                    data.y_test, len(devices), scheme, np.random.default_rng([config.seed, 3])
+                )
+                for device, share in zip(devices, shares, strict=True):
+                    device.held_out = share
+        self.devices = devices
+        self.config, self.plan, self.data, self.server = config, plan, data, server
+        self.faults = FaultPlan.parse(config.faults) if config.faults else None
+        self.state_dir = state_dir
+        self.shards: dict[int, sqlite_utils.Database] = {}
+        self.active: list[Device] = []
+        # One model object serves every simulated device: a device's training step sets
+        # its weights, trains and reads them back with no await in between.
+        self.backend = create_backend(plan.model, config.runtime)
+        self.pool: TrainPool | None = None  # or the devices train on worker processes
+        # Secure aggregation: the run's identity authority certifies every device's
+        # identity key, and every device pins it (see `simulation_authority`).
+        self.authority = simulation_authority(config) if plan.privacy.secagg else None
+        # The researcher owns the simulated devices: they accept the plan's privacy.
+        self.policy = PrivacyPolicy.accepting(
+            plan.privacy, (self.authority.public,) if self.authority else ()
+        )
+
+    def train_on(self, pool: TrainPool) -> None:
+        """Train on ``pool``'s workers; the download and training of several devices
+        then overlap (their protocol steps still run on the loop, one at a time)."""
+        self.pool = pool
+
+    def activate(self, i: int, round_number: int) -> Device:
+        """Device ``i`` wakes up: a real `Client` over its own SQLite state."""
+        d = self.devices[i]
+        if d.client is not None:
+            return d
+        shard = i // DEVICES_PER_STATE_FILE
+        if shard not in self.shards:
+            if self.state_dir is None:
+                db = sqlite_utils.Database(memory=True, execute_plugins=False)
+            else:
+                db = sqlite_utils.Database(
+                    self.state_dir / f"devices-{shard:04d}.sqlite", execute_plugins=False
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=OFF")
+            disable_secure_delete(db)
+            self.shards[shard] = db
+        seed = self.config.seed * 100_003 + i
+        transport = self.server.transport
+        if self.faults is not None and transport is not None:
+            transport = FaultyTransport(transport, self.faults, seed=seed * 1009 + round_number)
+
+        async def wait(seconds: float) -> None:  # retries wait on the simulated clock
+            d.backoff += seconds
+
+        d.backoff = 0.0
+        d.client = Client(
+            self.server.base_url,
+            self.plan.job.name,
+            self.data.device_data(d.examples),
+            state=DeviceState(self.shards[shard], key=f"device-{i}"),
+            transport=transport,
+            seed=seed,
+            label=f"fedsim-{i}",
+            clock=self.server.clock,
+            retry=RetryPolicy(seed=seed * 1009 + round_number),
+            asleep=wait,
+            runtime=self.config.runtime,
+            model=self.backend,
+            # The device's own estimate of its training time, from its profile.
+            estimate_seconds=d.profile.training_seconds,
+            inline_model_max=self.config.inline_model_max,
+            stats=d.stats,
+            atrain=self.pool,
+            enrolment_credential=self.config.enrolment_credential,
+            eval_data=(
+                None
+                if d.held_out is None
+                else (self.data.x_test[d.held_out], self.data.y_test[d.held_out])
+            ),
+            # Reproducible reports: the privacy noise is drawn from the seed too. Not
+            # private, and said so: `simulate` and the report both note it.
+            simulation_seeded_noise=True,
+            policy=self.policy,
+        )
+        if self.authority is not None and not d.certified:
+            state = d.client.device_state
+            if state.identity_certificate() is None:  # a new device, or one from --state-dir
+                state.set_identity_certificate(self.authority.certify(d.client.identity_key))
+            d.certified = True
+        self.active.append(d)
+        return d
+
+    # -- what the rounds ask of the devices, a batch at a time (see fedclient.sim.engines.ray)
+    def _at(self, now: float) -> None:
+        """Set the devices' simulated clock (the server's own, or a Ray actor's copy)."""
+        if isinstance(self.server.clock, SimClock):
+            self.server.clock.now = now
+
+    async def checkin(self, indices: Sequence[int], round_number: int, now: float) -> list[Checkin]:
+        """Devices ``indices`` wake up and check in, in that order, until the round is full."""
+        self._at(now)
+        answers: list[Checkin] = []
+        for i in indices:
+            d = self.activate(i, round_number)
+            outcome = await d.checkin()
+            admitted = outcome is not None and outcome.status == "admitted"
+            answers.append(Checkin(i, outcome, device_token(d) if admitted else ""))
+            if outcome is not None and is_round_full(outcome):
+                break
+        return answers
+
+    async def work(self, indices: Sequence[int], now: float) -> list[Work]:
+        """Admitted devices ``indices`` download the model and train: one after another,
+        or, training on a pool, a few at a time (each device's outcome is the same)."""
+        self._at(now)
+
+        async def one(i: int) -> Work:
+            d = self.devices[i]
+            trained = await d.download_and_train()
+            seconds = 0.0
+            if trained is not None and trained.status == "trained":
+                assert d.client is not None
+                size = d.client.device_state.update_size(self.plan.job.name)
+                seconds = d.round_seconds(self.plan.train.epochs, size)
+            return Work(i, trained, seconds, d.backoff)
+
+        if self.pool is None:
+            return [await one(i) for i in indices]
+        # Enough devices in flight to keep every worker busy while the loop downloads.
+        slots = asyncio.Semaphore(2 * self.pool.workers + 2)
+
+        async def in_slot(i: int) -> Work:
+            async with slots:
+                return await one(i)
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(in_slot(i)) for i in indices]
+        return [t.result() for t in tasks]
+
+    async def upload(self, index: int, now: float) -> tuple[StepOutcome | None, float]:
+        """Device ``index`` uploads its update: the outcome, and the seconds spent retrying."""
+        self._at(now)
+        d = self.devices[index]
+        before = d.backoff
+        uploaded = await d.step()
+        return uploaded, d.backoff - before
+
+    async def totals(self) -> dict[str, int]:
+        """The transfer statistics (`TOTALS`) summed over the fleet."""
+        read = operator.attrgetter(*TOTALS)  # one call per device, not one per figure
+        rows = [read(d.stats) for d in self.devices] or [(0,) * len(TOTALS)]
+        columns = zip(*rows, strict=True)
+        return {name: sum(column) for name, column in zip(TOTALS, columns, strict=True)}
+
+    async def rest(self) -> None:
+        """The round is over: working devices go idle again (their state stays in SQLite)."""
+        for d in self.active:
+            if d.client is not None:
+                await d.client.aclose()
+                d.client = None
+        self.active.clear()
+
+    def epsilon_spent(self, job: str, delta: float) -> list[float]:
+        """Each device's privacy spend on ``job``, from its own ledger (0: never released)."""
+        spent = []
+        for d in self.devices:
+            db = self.shards.get(d.index // DEVICES_PER_STATE_FILE)
+            ledger = PrivacyLedger(db, f"device-{d.index}") if db is not None else None
+            released = ledger is not None and ledger.releases(job) > 0
+            spent.append(round(ledger.spent(job, delta), 4) if released and ledger else 0.0)
+        return spent
+
+    def close(self) -> None:
+        """Close the devices' SQLite databases (after `rest`: no device is working)."""
+        for db in self.shards.values():
+            db.close()
+
+
+@dataclass
+class SimServer:
+    """The server the fleet talks to, over HTTP: in-process (ASGI) or remote."""
+
+    base_url: str
+    transport: httpx.AsyncBaseTransport | None
+    clock: Callable[[], float] = time.time
+    tick: Callable[[], None] | None = None  # the in-process server's deadline timer
+
+    http: httpx.AsyncClient | None = None  # the driver's own connection, once it asked
+    credential: str | None = None  # what a remote server's enrolment policy asks for
+    observer: str = ""  # the driver's own device token, if a remote server wanted one
+
+    async def _get(self, path: str, token: str = "") -> bytes:
+        if self.http is None:
+            self.http = httpx.AsyncClient(transport=self.transport, timeout=30)
+        token = token or self.observer
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = await self.http.get(self.base_url + path, headers=headers)
+        if response.status_code == 401 and not token:
+            # A server whose status is not public: the driver reads it as a device would.
+            enrolled = await self.http.post(
+                self.base_url + ENROL.url(),
+                json={"label": "fedsim-observer", "credential": self.credential},
+            )
+            raise_for_error(enrolled)
+            self.observer = str(enrolled.json()["token"])
+            return await self._get(path)
+        raise_for_error(response)
+        return response.content
+
+    async def aclose(self) -> None:
+        """Close the driver's own connection, if it opened one."""
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+    async def status(self, job: str) -> JobStatus:
+        """The job's status: its current round, or that it finished."""
+        return msgspec.json.decode(await self._get(JOB_STATUS.url(job=job)), type=JobStatus)
+
+    async def round(self, job: str, number: int) -> RoundSummary:
+        """Round ``number`` of ``job``, open or closed."""
+        body = await self._get(ROUND_STATUS.url(job=job, number=number))
+        return msgspec.json.decode(body, type=RoundSummary)
+
+    async def model(self, job: str, version: int, token: str) -> Weights:
+        """Model ``version`` of ``job``, fetched with a device's bearer ``token``."""
+        return decode_tensors(await self._get(MODEL.url(job=job, version=version), token))[0]
+
+    async def wait_closed(self, job: str, number: int, deadline: float) -> None:
+        """Return once round ``number`` closed: at once if it did, else at its deadline
+        (instantly on the simulated clock; for real against a remote server)."""
+        while (await self.round(job, number)).status == "open":
+            if isinstance(self.clock, SimClock) and self.tick is not None:
+                self.clock.now = max(self.clock.now, deadline)
+                self.tick()
+            else:
+                await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
+
+
+def simulation_authority(config: SimulationConfig) -> IdentityAuthority:
+    """The run's identity authority: in a deployment the operator's, kept away from the
+    server; here drawn from the seed, so every Ray actor and the in-process server hold
+    the same one (a simulation plays every party)."""
+    seed = hashlib.sha256(f"fedsim/identity-authority/{config.seed}".encode()).digest()
+    return IdentityAuthority(seed)
+
+
+def disable_secure_delete(db: sqlite_utils.Database | Database) -> None:
+    """No zeroing of freed pages in a simulation's databases.
+
+    Builds of SQLite that default to ``secure_delete`` (Debian's among them) overwrite
+    every page a deleted row frees: each replaced model and each dropped update is
+    eight 4 KiB pages zeroed, a seventh of a W2 run's instructions (callgrind). That
+    protects data at rest on a device; a simulation's throwaway databases hold
+    nothing to protect. (`fedclient.DeviceState` keeps the platform's setting.)"""
+    db.execute("PRAGMA secure_delete=OFF")
+
+
+def is_round_full(outcome: StepOutcome) -> bool:
+    """Whether a check-in was turned away because the round has all the devices it admits."""
+    return outcome.status == "waiting" and outcome.reason == "the round is full"
+
+
+def device_token(device: Device) -> str:
+    """The bearer token of a working device's identity ("" before it enrolled)."""
+    assert device.client is not None
+    identity = device.client.device_state.identity(device.client.server)
+    return identity.token if identity else ""
