@@ -32,6 +32,18 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
+#: Every check of a bundle that holds both engines' files, in order.
+CHECKS = (
+    "files",
+    "initial weights",
+    "inference",
+    "loss",
+    "training step",
+    "loss [step graph]",
+    "training step [step graph]",
+)
+
+
 def _checks(out: str) -> dict[str, str]:
     """check name -> result column of the printed verification table."""
     rows = {}
@@ -61,18 +73,7 @@ def test_builtin_mlp_becomes_a_verified_bundle(
         "bundle verified",
     ):
         assert needle in out, needle
-    assert _checks(out) == {
-        name: "ok"
-        for name in (
-            "files",
-            "initial weights",
-            "inference",
-            "loss",
-            "training step",
-            "loss [step graph]",
-            "training step [step graph]",
-        )
-    }
+    assert _checks(out) == dict.fromkeys(CHECKS, "ok")
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]] == [
         (name, list(v.shape), "float32")
@@ -108,15 +109,7 @@ def test_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0
     summary = json.loads(out)
     assert summary["verification"]["passed"] is True
-    assert [c["name"] for c in summary["verification"]["checks"]] == [
-        "files",
-        "initial weights",
-        "inference",
-        "loss",
-        "training step",
-        "loss [step graph]",
-        "training step [step graph]",
-    ]
+    assert [c["name"] for c in summary["verification"]["checks"]] == list(CHECKS)
     assert summary["manifest"]["ops"] == {"Gemm": 1}
     assert summary["manifest"]["parameters"][0] == {
         "name": "fc1.weight",
