@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,10 @@ __all__ = [
 #: masked, larger ones accumulated in chunks (exact either way), so this only trades
 #: padding work against calls: digits trains in batches of 8, MNIST and FEMNIST of 10.
 TRAIN_BATCH = 16
+#: The shape of the scalar inputs (``learning_rate``, ``count``): [1], not 0-d, as the
+#: signature runner resizes every input before each call, and under qemu-aarch64 its
+#: resize to empty dims crashes LiteRT (SIGSEGV). Models converted before take them 0-d.
+_SCALAR_SHAPE = [1]
 TF_HINT = (
     "converting to TFLite needs TensorFlow at build time, in its own venv (1.6 GB): "
     "python -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu==2.21.0 "
@@ -145,11 +149,14 @@ def training_signatures(
     def infer(x: Any) -> Any:
         return {"logits": logits(tf, x, module.params)}
 
+    def scalar(value: Any) -> Any:
+        return tf.reshape(value, [])
+
     def train(x: Any, y: Any, mask: Any, learning_rate: Any) -> Any:
         with tf.GradientTape() as tape:
             loss = summed_loss(x, y, mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
         for param, grad in zip(module.params, gradients(tape, loss), strict=True):
-            param.assign_sub(learning_rate * grad)
+            param.assign_sub(scalar(learning_rate) * grad)
         return {"loss": loss}
 
     def accumulate(x: Any, y: Any, mask: Any) -> Any:
@@ -160,10 +167,11 @@ def training_signatures(
         return {"loss_sum": total}
 
     def apply_gradients(learning_rate: Any, count: Any) -> Any:
+        step = scalar(learning_rate) / scalar(count)
         for param, acc in zip(module.params, module.grads, strict=True):
-            param.assign_sub(learning_rate / count * acc)
+            param.assign_sub(step * acc)
             acc.assign(tf.zeros_like(acc))
-        return {"count": count}
+        return {"count": scalar(count)}
 
     def get_weights() -> Any:
         return {k: tf.identity(p) for k, p in zip(keys, module.params, strict=True)}
@@ -173,7 +181,7 @@ def training_signatures(
             param.assign(value)
         return {"count": tf.constant(len(values))}
 
-    def spec_of(shape: list[int | None], name: str, dtype: Any = f32) -> Any:
+    def spec_of(shape: Sequence[int | None], name: str, dtype: Any = f32) -> Any:
         return tf.TensorSpec(shape, dtype, name=name)
 
     batch = [
@@ -181,12 +189,12 @@ def training_signatures(
         spec_of([train_batch], "y", tf.int32),
         spec_of([train_batch], "mask"),
     ]
-    learning_rate = spec_of([], "learning_rate")
+    learning_rate = spec_of(_SCALAR_SHAPE, "learning_rate")
     signatures: dict[str, tuple[Any, list[Any]]] = {
         "infer": (infer, [spec_of([None, inputs], "x")]),
         "train": (train, [*batch, learning_rate]),
         "accumulate": (accumulate, batch),
-        "apply_gradients": (apply_gradients, [learning_rate, spec_of([], "count")]),
+        "apply_gradients": (apply_gradients, [learning_rate, spec_of(_SCALAR_SHAPE, "count")]),
         "get_weights": (get_weights, []),
         "set_weights": (set_weights, [spec_of(list(weights[k].shape), k) for k in keys]),
     }

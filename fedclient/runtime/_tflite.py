@@ -4,13 +4,18 @@
 ``fedconvert --tflite`` and ``fedclient/convert/make_tflite_models.py`` write)::
 
     infer(x[N, inputs]) -> logits[N, classes]          N free, or fixed (then padded)
-    train(x[B, inputs], y[B] int32, mask[B], learning_rate) -> loss
+    train(x[B, inputs], y[B] int32, mask[B], learning_rate[1]) -> loss
                         one SGD step on the mean cross-entropy of the rows whose mask is 1
     accumulate(x[B, inputs], y[B] int32, mask[B]) -> loss_sum
                         adds the summed gradient of the masked rows to an accumulator
-    apply_gradients(learning_rate, count) -> count
+    apply_gradients(learning_rate[1], count[1]) -> count
                         params -= learning_rate * accumulator / count; accumulator = 0
     get_weights() -> {key: tensor}     set_weights({key: tensor}) -> count
+
+The scalar inputs ``learning_rate`` and ``count`` are float32 of shape ``[1]``: the
+signature runner resizes every input before each call, and its resize of a 0-d input
+crashes LiteRT under qemu-aarch64. Models converted before take them 0-d; the
+backend feeds each in the shape its model declares, so those still train.
 
 The training batch B is fixed in the model. A minibatch smaller than B (the last of
 an epoch, or a job whose batch size is below B) is padded with zero rows whose mask
@@ -229,6 +234,7 @@ class TfliteBackend:
             self._train_batch = int(train_inputs["x"]["shape"][0])
         # Minibatches above the training batch need both halves of gradient accumulation.
         self._accumulates = {"accumulate", "apply_gradients"} <= set(self._runners)
+        self._scalar_shapes = self._read_scalar_shapes()
         current = self._runners["get_weights"]()
         if self.manifest is not None:
             keys = self.manifest.signature_keys
@@ -244,6 +250,33 @@ class TfliteBackend:
                 f"the manifest names {sorted(self._keys.values())}"
             )
         self._shapes = {name: tuple(current[key].shape) for name, key in self._keys.items()}
+
+    def _read_scalar_shapes(self) -> dict[tuple[str, str], tuple[int, ...]]:
+        """The declared shape of each scalar input, ``[1]`` or (models converted before) 0-d,
+        by (signature, input): a scalar goes in exactly that shape, as the runner resizes
+        each input to the array it is given."""
+        wanted = {"train": ["learning_rate"], "apply_gradients": ["learning_rate", "count"]}
+        shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        for signature, names in wanted.items():
+            if signature not in self._runners or (
+                signature == "apply_gradients" and not self._accumulates
+            ):
+                continue
+            details = self._runners[signature].get_input_details()
+            for name in names:
+                if name not in details:
+                    raise InvalidInput(f"{self.path}: the {signature!r} signature lacks {name!r}")
+                shape = tuple(int(d) for d in details[name]["shape"])
+                if shape not in ((), (1,)):
+                    raise InvalidInput(
+                        f"{self.path}: {signature!r} must take {name} as a scalar or of "
+                        f"shape [1], not {list(shape)}"
+                    )
+                shapes[signature, name] = shape
+        return shapes
+
+    def _scalar(self, signature: str, name: str, value: float) -> np.ndarray:
+        return np.full(self._scalar_shapes[signature, name], value, np.float32)
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, *, seed: int = 0) -> TfliteBackend:
@@ -327,7 +360,10 @@ class TfliteBackend:
             )
         x = self._features(x)
         y = self._labels(y, x.shape[0])
-        lr = np.float32(learning_rate)
+        lr = self._scalar("train", "learning_rate", learning_rate)
+        lr_step = lr
+        if self._accumulates:
+            lr_step = self._scalar("apply_gradients", "learning_rate", learning_rate)
         # Reused buffers for the padded chunks: rows past the chunk stay zero, mask 0.
         xb = np.zeros((width, self.inputs), np.float32)
         yb = np.zeros(width, np.int32)
@@ -351,7 +387,8 @@ class TfliteBackend:
                         self._fill(xb, yb, mb, x, y, idx[chunk : chunk + width])
                         out = self._runners["accumulate"](x=xb, y=yb, mask=mb)
                         total += float(out["loss_sum"])
-                    self._runners["apply_gradients"](learning_rate=lr, count=np.float32(len(idx)))
+                    count = self._scalar("apply_gradients", "count", len(idx))
+                    self._runners["apply_gradients"](learning_rate=lr_step, count=count)
                 steps += 1
             epoch_loss = total / n
         return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)

@@ -337,6 +337,54 @@ def test_tensorflow_converts_a_model_that_litert_trains_like_numpy(tmp_path: Pat
         np.testing.assert_allclose(model.get_weights()[name], value, atol=1e-5, err_msg=name)
 
 
+def test_a_model_converted_with_0d_scalar_inputs_still_trains_like_numpy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Models converted before the scalar inputs became shape [1] take them 0-d; the
+    # backend feeds each scalar in the shape the model declares.
+    pytest.importorskip(
+        "tensorflow",
+        reason="TensorFlow is not installed (build time only; "
+        "see fedclient/convert/make_tflite_models.py)",
+    )
+    from fedclient.convert import _tflite as convert
+
+    monkeypatch.setattr(convert, "_SCALAR_SHAPE", [])
+    spec = SPECS[0]
+    convert.convert_tflite(spec, tmp_path / "old.tflite", train_batch=4, seed=3)
+    model, reference = TfliteBackend(tmp_path / "old.tflite"), NumpyModel(spec, seed=3)
+    interpreter = interpreter_class()(model_path=str(tmp_path / "old.tflite"))
+    for signature, name in [
+        ("train", "learning_rate"),
+        ("apply_gradients", "learning_rate"),
+        ("apply_gradients", "count"),
+    ]:
+        details = interpreter.get_signature_runner(signature).get_input_details()
+        assert list(details[name]["shape"]) == [], (signature, name)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 64), dtype=np.float32), rng.integers(0, 10, 30)
+    for batch_size in (3, 7):  # train, then accumulate + apply_gradients
+        for m in (model, reference):
+            m.train(
+                x,
+                y,
+                epochs=1,
+                batch_size=batch_size,
+                learning_rate=0.1,
+                rng=np.random.default_rng(1),
+            )
+        for name, value in reference.get_weights().items():
+            np.testing.assert_allclose(model.get_weights()[name], value, atol=1e-5, err_msg=name)
+
+
+def test_shipped_models_take_scalar_inputs_of_shape_1() -> None:
+    interpreter = interpreter_class()(model_path=str(MODELS_DIR / model_filename(SPECS[0])))
+    train = interpreter.get_signature_runner("train").get_input_details()
+    apply = interpreter.get_signature_runner("apply_gradients").get_input_details()
+    shapes = [train["learning_rate"], apply["learning_rate"], apply["count"]]
+    assert [list(d["shape"]) for d in shapes] == [[1], [1], [1]]
+
+
 def test_environment_keeps_the_onnx_training_build() -> None:
     # ai-edge-litert must not pull in plain onnxruntime, which overwrites the training build.
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
