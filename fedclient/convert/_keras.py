@@ -56,7 +56,6 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.convert import _keras_layers as layers
 from fedclient.convert._keras_layers import Op
-from fedclient.convert._references import cross_entropy
 from fedclient.convert._tflite import (
     TRAIN_BATCH,
     TfliteConversion,
@@ -66,6 +65,7 @@ from fedclient.convert._tflite import (
 )
 from fedclient.convert._verify import TOLERANCE
 from fedclient.protocol import Weights
+from fedclient.runtime._base import cross_entropy
 from fedclient.runtime._tflite import TfliteManifest
 
 __all__ = [

@@ -16,11 +16,12 @@ import numpy as np
 
 from fedclient.protocol import Weights
 from fedclient.runtime import NumpyCnn, NumpyModel
+from fedclient.runtime._base import cross_entropy
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["NumpyReference", "OnnxReference", "Reference", "TorchReference", "cross_entropy"]
+__all__ = ["NumpyReference", "OnnxReference", "Reference", "TorchReference"]
 
 
 class Reference(Protocol):
@@ -40,13 +41,6 @@ class Reference(Protocol):
 
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy at ``weights``, as precisely as the reference can."""
-
-
-def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean cross-entropy of integer labels ``y`` under ``logits``, in the logits' dtype."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(y)), y].mean())
 
 
 class NumpyReference:

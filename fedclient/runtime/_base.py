@@ -18,6 +18,7 @@ __all__ = [
     "TrainingBackend",
     "check_dataset",
     "check_labels",
+    "cross_entropy",
 ]
 
 
@@ -160,6 +161,13 @@ def check_dataset(
     if not np.isfinite(x).all():
         raise InvalidInput("x contains NaN or Inf")
     return x.astype(np.float32, copy=False), y
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of integer labels ``y`` under ``logits``, in the logits' dtype."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(y)), y].mean())
 
 
 def check_labels(y: np.ndarray, n: int, classes: int) -> np.ndarray:

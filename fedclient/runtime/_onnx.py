@@ -24,7 +24,7 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
 from fedclient.runtime import _ort
-from fedclient.runtime._base import EvalResult, TrainResult, check_labels
+from fedclient.runtime._base import EvalResult, TrainResult, check_labels, cross_entropy
 from fedclient.runtime._bundle import (
     ENGINES,
     BundleManifest,
@@ -203,9 +203,7 @@ class OnnxBackend:
         x = self._features(x)
         y = self._labels(y, x.shape[0])
         logits = self._logits(x).astype(np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss = float(-log_probs[np.arange(len(y)), y].mean())
+        loss = cross_entropy(logits, y)
         accuracy = float((logits.argmax(axis=1) == y).mean())
         return EvalResult(loss=loss, accuracy=accuracy, num_examples=x.shape[0])
 
