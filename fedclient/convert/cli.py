@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedclient._exceptions import FedError, InvalidInput
 
@@ -160,16 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         lite = None
         if args.tflite and source.model_spec is not None:
-            from fedclient.convert._tflite import TRAIN_BATCH, convert_and_verify
+            from fedclient.convert._tflite import convert_and_verify
 
             lite = convert_and_verify(
-                source.model_spec,
-                out / "model.tflite",
-                seed=args.seed,
-                train_batch=args.train_batch or TRAIN_BATCH,
-                verify=not args.no_verify,
-                tolerance=args.tolerance,
-                learning_rate=args.learning_rate,
+                source.model_spec, out / "model.tflite", seed=args.seed, **_tflite_options(args)
             )
     except FedError as exc:  # InvalidInput (exit 2) for models that cannot be converted
         print(f"fedconvert: {exc}", file=sys.stderr)
@@ -193,21 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert_keras(args: argparse.Namespace) -> int:
     """``fedconvert model.keras --tflite``: a Keras model becomes ``model.tflite`` alone."""
-    from fedclient.convert._tflite import TRAIN_BATCH, render_tflite, tflite_summary
+    from fedclient.convert._tflite import render_tflite, tflite_summary
 
     out = Path(args.out or Path("bundles") / Path(args.source).stem)
     try:
         _check_tflite_source(args.source, tflite=args.tflite, frozen=args.freeze)
         from fedclient.convert._keras import keras_convert_and_verify
 
-        lite = keras_convert_and_verify(
-            args.source,
-            out / "model.tflite",
-            train_batch=args.train_batch or TRAIN_BATCH,
-            verify=not args.no_verify,
-            tolerance=args.tolerance,
-            learning_rate=args.learning_rate,
-        )
+        lite = keras_convert_and_verify(args.source, out / "model.tflite", **_tflite_options(args))
     except FedError as exc:  # InvalidInput (exit 2) for models that cannot be converted
         print(f"fedconvert: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -216,6 +203,18 @@ def _convert_keras(args: argparse.Namespace) -> int:
     else:
         print(render_tflite(lite))
     return 0 if lite.verification is None or lite.verification.passed else 1
+
+
+def _tflite_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TFLite conversion's settings from the command line (built-in and Keras alike)."""
+    from fedclient.convert._tflite import TRAIN_BATCH
+
+    return {
+        "train_batch": args.train_batch or TRAIN_BATCH,
+        "verify": not args.no_verify,
+        "tolerance": args.tolerance,
+        "learning_rate": args.learning_rate,
+    }
 
 
 def _check_tflite_source(

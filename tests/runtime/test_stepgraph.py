@@ -95,7 +95,7 @@ def test_the_engine_is_chosen_by_argument_or_environment(
         OnnxBackend(bundle, engine="gpu")
 
 
-def _tiny(op: str, tmp_path: Path) -> onnx.ModelProto:
+def _tiny(op: str) -> onnx.ModelProto:
     """input (batch, 4) -> Gemm(w) -> op -> Gemm(v) -> logits."""
     rng = np.random.default_rng(0)
     nodes = [
@@ -119,7 +119,7 @@ def _tiny(op: str, tmp_path: Path) -> onnx.ModelProto:
 def test_an_op_without_a_rule_is_named_and_the_bundle_keeps_the_training_api(
     tmp_path: Path,
 ) -> None:
-    model = _tiny("Sin", tmp_path)  # ONNX Runtime's training build has its gradient
+    model = _tiny("Sin")  # ONNX Runtime's training build has its gradient
     with pytest.raises(NoGradientRule, match="'Sin'"):
         step_graph(model, ["w", "v"])
     with pytest.warns(BundleWarning, match="no step graph for plain onnxruntime.*'Sin'"):

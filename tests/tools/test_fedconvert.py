@@ -336,17 +336,24 @@ class Net(nn.Module):
 """
 
 
-def test_a_mobilenet_style_module_converts_from_its_own_folder_and_matches_torch(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Found: BatchNorm trained on batch statistics (one SGD step 0.257 off PyTorch's),
-    # equal BatchNorm scales tied into one tensor by the exporter, and no gradient for
-    # HardSwish. Now: statistics frozen, each layer its own tensor, HardSwish rewritten.
+@pytest.fixture
+def mobilenet_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working folder, holding mobilenet_for_fedconvert.py (skips without torch)."""
     pytest.importorskip(
         "torch", reason="torch is not installed (fedconvert's PyTorch source is optional)"
     )
     (tmp_path / "mobilenet_for_fedconvert.py").write_text(MOBILENET)
     monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_mobilenet_style_module_converts_from_its_own_folder_and_matches_torch(
+    mobilenet_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found: BatchNorm trained on batch statistics (one SGD step 0.257 off PyTorch's),
+    # equal BatchNorm scales tied into one tensor by the exporter, and no gradient for
+    # HardSwish. Now: statistics frozen, each layer its own tensor, HardSwish rewritten.
+    tmp_path = mobilenet_folder
     code, out, err = _run(
         capsys, "mobilenet_for_fedconvert:Net", "--input-shape", "1,28,28", "-o", "bundle"
     )
@@ -363,13 +370,9 @@ def test_a_mobilenet_style_module_converts_from_its_own_folder_and_matches_torch
 
 
 def test_a_frozen_backbone_trains_and_uploads_only_the_head(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    mobilenet_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip(
-        "torch", reason="torch is not installed (fedconvert's PyTorch source is optional)"
-    )
-    (tmp_path / "mobilenet_for_fedconvert.py").write_text(MOBILENET)
-    monkeypatch.chdir(tmp_path)
+    tmp_path = mobilenet_folder
     argv = ["mobilenet_for_fedconvert:Net", "--input-shape", "1,28,28", "-o", "bundle"]
     code, out, err = _run(capsys, *argv, "--freeze", "features.")
     assert code == 0, err
