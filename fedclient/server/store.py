@@ -80,6 +80,10 @@ _UPDATE_COLUMNS = (
     "seq, round_id, device_id, idempotency_key, receipt_id, num_examples, train_loss, body,"
     " received_at, staleness, spool_offset, spool_length"
 )
+#: The same without the body (`UpdateRow.body` None), for callers that need the receipt.
+_UPDATE_COLUMNS_NO_BODY = _UPDATE_COLUMNS.replace("body,", "NULL,").replace(
+    "spool_offset, spool_length", "NULL, NULL"
+)
 SCHEMA_VERSION = max(MIGRATIONS)
 
 #: Rounds whose admitted devices, contributors and update count the store keeps in
@@ -363,8 +367,8 @@ class ServerStore:
     def close(self) -> None:
         """Close the database."""
         self.db.close()
-        for spool in {id(s): s for s in (self._spool, self._reader) if s is not None}.values():
-            spool.close()
+        if self._reader is not None:  # the spool too, when it spools (the same object)
+            self._reader.close()
 
     def spool_bodies(self) -> None:
         """Keep update bodies in a file per round beside a served SQLite file, written
@@ -835,9 +839,10 @@ class ServerStore:
         return int(row[0]), int(row[1] or 0), float(row[2] or 0.0), int(row[3] or 0)
 
     def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
-        """The update a device sent with an idempotency key."""
+        """The update a device sent with an idempotency key (its receipt: ``body`` None)."""
         row = self.db.execute(
-            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE device_id=? AND idempotency_key=?",
+            f"SELECT {_UPDATE_COLUMNS_NO_BODY} FROM updates"
+            " WHERE device_id=? AND idempotency_key=?",
             [device_id, key],
         ).fetchone()
         return self._update_row(row) if row else None
@@ -867,11 +872,7 @@ class ServerStore:
         ``body`` None, for a caller that holds them decoded; see `update_body`).
         ``unfolded``: only those whose bodies are still stored (not yet folded into the
         round's running sum)."""
-        columns = _UPDATE_COLUMNS
-        if not bodies:
-            columns = columns.replace("body,", "NULL,").replace(
-                "spool_offset, spool_length", "NULL, NULL"
-            )
+        columns = _UPDATE_COLUMNS if bodies else _UPDATE_COLUMNS_NO_BODY
         where = " AND (body IS NOT NULL OR spool_offset IS NOT NULL)" if unfolded else ""
         rows = self.db.execute(
             f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", [round_id]
