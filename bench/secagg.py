@@ -21,11 +21,12 @@ For each number of devices and dropout rate, two measurements:
 - **Aborts** (``--seeds`` runs of the whole protocol, 8 parameters, seeds 1..N):
   the fraction of aggregations that end without a sum when that share of the
   devices, drawn at random, drops after sharing keys. Every device checks
-  everything as in a deployment (signed roster, threshold against 20%
-  colluding, signature quorum); a device that aborts drops out.
+  everything as in a deployment (signed roster, cohort bounds and threshold
+  against 20% colluding, the roster agreed by a quorum of signatures before it
+  shares, the contributor list's quorum); a device that aborts drops out.
 
 k and t are `SecAggParams.create`'s defaults (`fedclient.privacy.secagg.choose`:
-20% colluding, 30% dropout, 2^-40 both ways).
+20% colluding, 30% dropout, 2^-40 both ways); the floor is 2 beyond the 20%.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from fedclient.privacy.secagg import (
     KeyAdvertisement,
     KeyRoster,
     MaskedInput,
+    RosterAgreement,
+    RosterSignature,
     SecAggClient,
     SecAggError,
     SecAggParams,
@@ -59,13 +62,16 @@ from fedclient.privacy.secagg import (
     SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
+    assumed_colluders,
     decode,
     encode,
     quantize,
 )
 from fedclient.server.secagg import SecAggServer
 
-STAGES = ("advertise", "share", "mask", "consistency", "unmask")
+STAGES = ("advertise", "agree", "share", "mask", "consistency", "unmask")
+#: The fleet's devices assume 20% colluding and want 2 devices beyond them in a sum.
+COLLUDING, MIN_HONEST = 0.2, 2
 
 
 def signer(seed: int, device: int) -> SigningKey:
@@ -73,10 +79,23 @@ def signer(seed: int, device: int) -> SigningKey:
     return SigningKey(hashlib.sha256(f"bench/{seed}/{device}".encode()).digest())
 
 
+def create_params(devices: int, length: int) -> SecAggParams:
+    """SecAgg+ at the defaults, with the floor the fleet's devices accept."""
+    floor = MIN_HONEST + assumed_colluders(devices, COLLUDING)
+    return SecAggParams.create(range(1, devices + 1), length, plus=True, min_contributors=floor)
+
+
 def client_for(params: SecAggParams, device: int, seed: int) -> SecAggClient:
     """A device that trusts the identity keys the server relays (no authority pinned:
     certificates would add one signature check per peer and change nothing else)."""
-    return SecAggClient(params, device, signer(seed, device), min_contributors=2)
+    return SecAggClient(
+        params,
+        device,
+        signer(seed, device),
+        trust_server_identities=True,
+        min_honest=MIN_HONEST,
+        colluding_fraction=COLLUDING,
+    )
 
 
 def device_input(params: SecAggParams, seed: int, device: int) -> np.ndarray:
@@ -94,8 +113,10 @@ def answer(
     message: Any
     if stage == "advertise":
         message = client.advertise_keys()
+    elif stage == "agree":
+        message = client.agree(decode(data or b"", KeyRoster))
     elif stage == "share":
-        message = client.share_keys(decode(data or b"", KeyRoster))
+        message = client.share_keys(decode(data or b"", RosterAgreement))
     elif stage == "mask":
         assert x is not None
         message = client.masked_input(decode(data or b"", ShareBundle), x)
@@ -186,7 +207,7 @@ class Fleet:
 def run(
     mode: str, devices: int, length: int, dropout: float, workers: int, seed: int
 ) -> dict[str, Any]:
-    params = SecAggParams.create(range(1, devices + 1), length, plus=(mode == "plus"))
+    params = create_params(devices, length)
     groups = params.group_sizes
     label = "SecAgg+" if mode == "plus" else "SecAgg"
     print(
@@ -213,6 +234,7 @@ def run(
             ledger.device(d, "params", 0.0, 0, announce)
         kinds: dict[str, tuple[type[Any], Callable[[int, Any], None], Callable[[], Any]]] = {
             "advertise": (KeyAdvertisement, server.receive_keys, server.close_advertise),
+            "agree": (RosterSignature, server.receive_agreement, server.close_agreement),
             "share": (ShareKeys, server.receive_shares, server.close_sharing),
             "mask": (MaskedInput, server.receive_masked_input, server.close_masking),
             "consistency": (
@@ -301,18 +323,19 @@ def run(
 def trial(args: tuple[int, int, float, int]) -> bool:
     """One whole aggregation in this process; True if it aborted."""
     devices, length, dropout, seed = args
-    params = SecAggParams.create(range(1, devices + 1), length, plus=True)
+    params = create_params(devices, length)
     server = SecAggServer(params, {d: (signer(seed, d).public, None) for d in params.participants})
-    clients = {
-        d: SecAggClient(params, d, signer(seed, d), min_contributors=2) for d in params.participants
-    }
+    clients = {d: client_for(params, d, seed) for d in params.participants}
     dropped = set(random.Random(seed).sample(params.participants, int(dropout * devices)))
     try:
         for d, c in clients.items():
             server.receive_keys(d, c.advertise_keys())
         rosters = server.close_advertise()
         for d, roster in rosters.items():
-            server.receive_shares(d, clients[d].share_keys(roster))
+            server.receive_agreement(d, clients[d].agree(roster))
+        agreements = server.close_agreement()
+        for d, agreement in agreements.items():
+            server.receive_shares(d, clients[d].share_keys(agreement))
         bundles = server.close_sharing()
         for d, bundle in bundles.items():
             if d not in dropped:

@@ -54,7 +54,7 @@ from fedclient._personalize import Personalization
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
 from fedclient.conditions import Conditions
-from fedclient.privacy.distributed import device_sigma
+from fedclient.privacy.distributed import device_sigma, honest_shares, ring_holds_noise
 from fedclient.privacy.dp import PrivacyLedger
 from fedclient.privacy.noise import NoiseSource, discrete_gaussian
 from fedclient.privacy.policy import PrivacyPolicy
@@ -763,7 +763,7 @@ class Client:
             metadata["num_examples"] = str(result.num_examples)
             metadata["train_loss"] = repr(result.loss)
         metadata.update(evaluation or {})
-        if privacy is not None and not plan.privacy.distributed_dp:
+        if privacy is not None and not (plan.privacy.distributed_dp and plan.privacy.secagg):
             delta = privacy.mechanism.privatize(delta, self._noise_source(plan))
             # Not about the data: the count of releases and the plan fix it.
             metadata["epsilon_spent"] = repr(epsilon_after)
@@ -844,22 +844,23 @@ class Client:
             raise_for_error(response)
             offer = msgspec.msgpack.decode(response.content)
             params = secagg.decode(offer["params"], secagg.SecAggParams)
-            cohort = len(params.participants)
-            if cohort < self.policy.min_secure_cohort:
-                # A small sum says too much about each input: send nothing masked.
-                raise secagg.AggregationFailed(
-                    f"a secure aggregation of {cohort} devices is under the device's "
-                    f"minimum of {self.policy.min_secure_cohort} (PrivacyPolicy)"
+            if plan.privacy.distributed_dp and params.rotation is None:
+                # No common grid: the device's share of the noise could not go in.
+                raise secagg.ProtocolViolation(
+                    "distributed DP without a rotated grid in the aggregation's parameters"
                 )
-            # Distributed DP's noise is made for min_devices shares: no fewer may be unmasked.
-            shares = plan.min_devices if plan.privacy.distributed_dp else 0
+            # The cohort bounds are the device's own (PrivacyPolicy), checked against the
+            # parameters here and against the roster it is shown (`SecAggClient`).
+            policy = self.policy
             client = secagg.SecAggClient(
                 params,
                 int(offer["device"]),
                 self._signer(),
-                trusted_authorities=self.policy.trusted_authorities,
-                min_contributors=max(self.policy.min_secure_cohort, shares),
-                colluding_fraction=self.policy.max_colluding_fraction,
+                trusted_authorities=policy.trusted_authorities,
+                trust_server_identities=policy.trust_server_identities,
+                min_honest=policy.min_secure_cohort,
+                colluding_fraction=policy.max_colluding_fraction,
+                colluding_devices=policy.max_colluding_devices,
             )
             session = _SecureSession(client)
             yield from self._secure_post(
@@ -876,11 +877,15 @@ class Client:
         client = session.client
         if session.stage == "keys":
             roster = secagg.decode(response.content, secagg.KeyRoster)
-            message, session.stage = client.share_keys(roster), "shares"
+            signed, session.stage = client.agree(roster), "agree"
+            yield from self._secure_post(identity, plan, "agree", secagg.encode(signed))
+        elif session.stage == "agree":
+            agreement = secagg.decode(response.content, secagg.RosterAgreement)
+            message, session.stage = client.share_keys(agreement), "shares"
             yield from self._secure_post(identity, plan, "shares", secagg.encode(message))
         elif session.stage == "shares":
             bundle = secagg.decode(response.content, secagg.ShareBundle)
-            vector = self._secure_vector(plan, body, client.params)
+            vector = self._secure_vector(plan, body, client)
             masked = client.masked_input(bundle, vector)
             answer = yield from self._secure_post(identity, plan, "masked", secagg.encode(masked))
             session.receipt, session.stage = _decode(answer, UploadReceipt), "masked"
@@ -912,18 +917,21 @@ class Client:
         raise_for_error(response)
         return response
 
-    def _secure_vector(self, plan: RoundPlan, body: bytes, params: Any) -> np.ndarray:
-        """The update as ring elements, flat in name order.
+    def _secure_vector(self, plan: RoundPlan, body: bytes, client: Any) -> np.ndarray:
+        """The update as ring elements, flat in name order, for ``client``'s aggregation.
 
         Fixed point (``params.rotation`` None): num_examples x delta, then num_examples,
         so the secure sum divided by its last element is FedAvg's mean. On a rotated
         grid (compressed, or distributed DP): weight x delta, then the weight, with this
         device's share of the noise when the plan asks for distributed DP."""
+        params = client.params
         tensors, metadata = decode_tensors(body)
         flat = np.concatenate([tensors[n].ravel() for n in sorted(tensors)])
         # The rounding hides nothing (the masks do): its generator need not be secret.
         rng = np.random.default_rng(None if self.seed is None else [self.seed, plan.round_id, 11])
         rotation = params.rotation
+        if plan.privacy.distributed_dp and rotation is None:
+            raise _secagg().ProtocolViolation("distributed DP needs the aggregation's grid")
         if rotation is None:
             # Without the count (a DP release keeps it on the device) every update weighs 1.
             examples = float(metadata.get("num_examples", "1"))
@@ -932,7 +940,7 @@ class Client:
             return fixed
         noise = None
         if plan.privacy.distributed_dp:
-            noise = self._distributed_noise(plan, rotation)
+            noise = self._distributed_noise(plan, client)
         # A few bits cannot carry a count exactly: capped weights (McMahan et al. 2018).
         # With DP every update weighs 1: a weight would put the count, unnoised, in the sum.
         count = metadata.get("num_examples")
@@ -942,17 +950,27 @@ class Client:
         ring: np.ndarray = rotation.encode(flat * weight, weight, rng, noise)
         return ring
 
-    def _distributed_noise(self, plan: RoundPlan, rotation: Any) -> np.ndarray:
+    def _distributed_noise(self, plan: RoundPlan, client: Any) -> np.ndarray:
         """This device's share of the sum's noise (distributed DP, `fedclient.privacy.
-        distributed`): enough that ``plan.min_devices`` shares give the sum the noise
-        multiplier the device charged its ledger for."""
+        distributed`): enough that the devices of the aggregation's floor beyond the
+        colluders it assumes (who may add none) give the sum the noise multiplier the
+        device charged its ledger for. The floor is what every honest device enforces
+        before it unmasks (`SecAggClient`), never the plan's word alone."""
         privacy = self.policy.check(plan)
-        assert privacy is not None  # distributed_dp needs dp_epsilon (the plan checks it)
-        mechanism = privacy.mechanism
+        if privacy is None:
+            raise _secagg().ProtocolViolation("distributed DP without a DP release to charge")
+        mechanism, params = privacy.mechanism, client.params
+        rotation = params.rotation
         sensitivity = rotation.sensitivity() * (2.0 if mechanism.neighbouring == "replace" else 1.0)
-        sigma = device_sigma(
-            mechanism.noise_multiplier, sensitivity, max(1, plan.min_devices), rotation.padded
-        )
+        shares = honest_shares(params.min_contributors, client.colluders)
+        sigma = device_sigma(mechanism.noise_multiplier, sensitivity, shares, rotation.padded)
+        if not ring_holds_noise(
+            rotation.modulus_bits, rotation.levels, len(params.participants), sigma
+        ):
+            raise _secagg().ProtocolViolation(
+                f"the aggregation's ring is too narrow for this device's noise (sigma {sigma:.3g} "
+                f"grid steps for {shares} honest shares): the sum would wrap"
+            )
         noise: np.ndarray = discrete_gaussian(sigma, rotation.padded, self._noise_source(plan))
         return noise
 

@@ -26,10 +26,12 @@ replace) and ``d`` the number of coordinates. zCDP ``rho`` is Renyi DP
 (`effective_noise_multiplier`), composing with everything else it spent.
 
 The guarantee holds against a server that sees only the sum of at least ``n``
-devices' noise: ``n`` is the round's ``min_devices``; a device refuses to help
-unmask a sum of fewer contributors (`fedclient.privacy.secagg.SecAggClient`).
-Colluding devices that add no noise leave less than the sum needs: a device that
-fears ``c`` of them calibrates for ``n - c``.
+honest devices' noise. A device takes ``n`` from what it enforces itself, never
+from the plan: the aggregation's floor (the fewest contributors any honest
+device unmasks, `fedclient.privacy.secagg.SecAggClient`, at least the device's
+``min_secure_cohort`` beyond its colluders) minus the ``c`` colluders it assumes,
+who may add no noise (`honest_shares`). A server that inflates the floor makes
+each share smaller but can then unmask only sums of that many.
 """
 
 from __future__ import annotations
@@ -39,7 +41,33 @@ import math
 from fedclient._exceptions import InvalidInput
 from fedclient.privacy.dp import smallest_satisfying
 
-__all__ = ["device_sigma", "effective_noise_multiplier", "sum_divergence"]
+__all__ = [
+    "device_sigma",
+    "effective_noise_multiplier",
+    "honest_shares",
+    "ring_holds_noise",
+    "sum_divergence",
+]
+
+#: How far (in standard deviations of the sum's noise) a device wants the ring to reach
+#: before it adds its share (the server sizes it for 8: `secagg.NOISE_TAIL`).
+RING_TAIL = 6.0
+
+
+def honest_shares(floor: int, colluders: int) -> int:
+    """How many devices' noise shares a device counts on: the ``floor`` of contributors
+    every honest device enforces, less the ``colluders`` it assumes (they may add none)."""
+    if floor - colluders < 1:
+        raise InvalidInput(f"a floor of {floor} leaves no device beyond {colluders} colluders")
+    return floor - colluders
+
+
+def ring_holds_noise(modulus_bits: int, levels: int, devices: int, sigma: float) -> bool:
+    """Whether ``devices`` values of at most ``levels`` grid steps each, with noise shares
+    of ``sigma`` steps each, fit Z_{2^modulus_bits} without wrapping (to `RING_TAIL`
+    standard deviations): a wrapped sum would be silently wrong."""
+    reach = devices * levels + RING_TAIL * math.sqrt(devices) * sigma
+    return bool(reach < float(2 ** (modulus_bits - 1)))
 
 
 def sum_divergence(sigma: float, n: int) -> float:

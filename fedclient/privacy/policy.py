@@ -17,17 +17,30 @@ refuses one outside it with `fedclient.PrivacyPolicyViolation`:
   (sensitivity 2C), as it claims: the device charges its ledger for what the
   noise really gives under its own relation, so a server cannot under-count by
   switching relations mid-job.
-- ``require_dp``: refuse a job without differential privacy.
-- ``min_secure_cohort``: the fewest devices a secure aggregation may have, and
-  the fewest it may unmask with; below it the sum says too much about each.
+- ``require_dp``: refuse a job without differential privacy. A plan's
+  distributed DP counts only inside secure aggregation: a plan asking for it
+  without secure aggregation is refused (it would send the update unnoised).
+- ``min_secure_cohort``: the fewest devices a secure sum may hold *beyond the
+  colluders the device assumes*; below it the sum says too much about each.
+  The aggregation's floor (which every device enforces) must be at least this
+  plus the colluders, and so must the roster the device is shown.
 - ``trusted_authorities``: identity authorities' public keys
   (`fedclient.IdentityAuthority`). With one, the device takes part in a secure
   aggregation only with peers whose identity keys it certified, so the server
-  can neither invent devices nor swap a device's keys. Without, it trusts the
-  identity keys the server relays (see the README's threat model).
-- ``max_colluding_fraction``: the share of a secure aggregation's devices the
-  device assumes may collude with the server; it unmasks only a contributor
-  list signed by more devices than such a coalition could get to sign two.
+  can neither invent devices nor swap a device's keys.
+- ``trust_server_identities``: without an authority, the identity keys of a
+  secure aggregation's peers come from the server, which could make up every
+  one of them: the device refuses secure aggregation unless this says it takes
+  the server at its word (an honest-but-curious server; see the README).
+- ``max_colluding_fraction`` and ``max_colluding_devices``: the devices of a
+  secure aggregation assumed to collude with the server: that fraction of the
+  participants the server announces, or that many if more (an absolute bound
+  holds however small a cohort the server announces). The threshold must be
+  out of their reach in the roster the device is shown; it shares its secrets
+  only once more than half of that roster beyond them signed the same roster,
+  and unmasks only a contributor list they could not get signed twice; with
+  distributed DP it sizes its noise so the floor's devices beyond them carry
+  all the sum needs.
 - ``share_metadata``: whether ``num_examples`` and ``train_loss`` may travel in
   the clear beside a DP release. They are not noised, so by default they do not
   (the server then weights every update alike).
@@ -62,8 +75,9 @@ class PrivacyPolicy:
 
     The defaults hold for an app that set nothing: delta at most 1e-5, epsilon at
     most 10 per release and per job and 100 over the device's life, accounted for
-    replacing the device's whole data set; secure aggregations of at least 10
-    devices; no clear metadata beside a DP release. ``None`` lifts a limit.
+    replacing the device's whole data set; secure sums of at least 10 devices
+    beyond 20% colluding, among peers an identity authority it pins certified; no
+    clear metadata beside a DP release. ``None`` lifts a limit.
     """
 
     max_delta: float = 1e-5
@@ -75,7 +89,9 @@ class PrivacyPolicy:
     min_secure_cohort: int = 10
     share_metadata: bool = False
     trusted_authorities: tuple[bytes, ...] = ()
+    trust_server_identities: bool = False
     max_colluding_fraction: float = 0.2
+    max_colluding_devices: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.max_delta < 1:
@@ -90,6 +106,8 @@ class PrivacyPolicy:
             raise InvalidInput("min_secure_cohort must be at least 2")
         if not 0 <= self.max_colluding_fraction < 1:
             raise InvalidInput("max_colluding_fraction must be in [0, 1)")
+        if self.max_colluding_devices < 0:
+            raise InvalidInput("max_colluding_devices must be at least 0")
         if any(len(key) != 32 for key in self.trusted_authorities):
             raise InvalidInput("an identity authority's public key is 32 bytes")
 
@@ -98,10 +116,14 @@ class PrivacyPolicy:
         cls, settings: PrivacySettings, trusted_authorities: tuple[bytes, ...] = ()
     ) -> PrivacyPolicy:
         """A policy that accepts whatever a plan's privacy ``settings`` ask: for
-        simulations, whose researcher is also the devices' owner. Metadata stay on the
-        device beside a DP release, as by default."""
+        simulations, whose researcher is also the devices' owner (and so its server's:
+        without ``trusted_authorities`` it trusts the server's identities). Devices
+        assume the plan's colluders. Metadata stay on the device beside a DP release,
+        as by default."""
         return cls(
             trusted_authorities=trusted_authorities,
+            trust_server_identities=not trusted_authorities,
+            max_colluding_fraction=settings.secagg_colluding,
             max_delta=max(settings.dp_delta, 1e-5),
             max_epsilon_per_release=None,
             max_epsilon_per_job=None,
@@ -116,6 +138,20 @@ class PrivacyPolicy:
         Raises `PrivacyPolicyViolation` if the plan asks for anything outside the
         policy; nothing is trained, charged or sent before this passes."""
         p = plan.privacy
+        if p.secagg and not self.trusted_authorities and not self.trust_server_identities:
+            raise PrivacyPolicyViolation(
+                plan.job,
+                "secure aggregation without a pinned identity authority takes every peer's "
+                "identity from the server, which could make them all up: pin one "
+                "(PrivacyPolicy.trusted_authorities) or accept that "
+                "(trust_server_identities=True)",
+            )
+        if p.distributed_dp and not p.secagg:
+            raise PrivacyPolicyViolation(
+                plan.job,
+                "distributed DP without secure aggregation would send the update unnoised "
+                "to the server",
+            )
         if p.dp_epsilon is None:
             if self.require_dp:
                 raise PrivacyPolicyViolation(

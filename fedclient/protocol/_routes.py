@@ -158,8 +158,9 @@ SECAGG_POST = Route(
     "secagg_post",
     "POST",
     "/v1/rounds/{round_id}/secagg/{stage}",
-    "Secure aggregation: a device's message of a stage (keys, shares, masked, unmask), "
-    "msgpack-encoded. The masked input's answer is the device's receipt.",
+    "Secure aggregation: a device's message of a stage (keys, agree, shares, masked, "
+    "consistency, unmask), msgpack-encoded. The masked input's answer is the device's "
+    "receipt.",
     errors=(400, 401, 403, 404, 409, 425),
 )
 SECAGG_FETCH = Route(
@@ -167,7 +168,7 @@ SECAGG_FETCH = Route(
     "GET",
     "/v1/rounds/{round_id}/secagg/{stage}",
     "Secure aggregation: the server's message of a stage for this device (params, keys, "
-    "shares, masked), msgpack-encoded; 425 until the stage closed.",
+    "agree, shares, masked, consistency), msgpack-encoded; 425 until the stage closed.",
     errors=(401, 403, 404, 425),
 )
 JOB_STATUS = Route(

@@ -8,28 +8,32 @@ the stage and sends each device its answer::
     server = SecAggServer(params, identities)
     server.receive_keys(device, KeyAdvertisement)        # stage 0, any order
     rosters = server.close_advertise()                   # {device: KeyRoster}
-    server.receive_shares(device, ShareKeys)             # stage 1
+    server.receive_agreement(device, RosterSignature)    # stage 1
+    agreements = server.close_agreement()                # {device: RosterAgreement}
+    server.receive_shares(device, ShareKeys)             # stage 2
     bundles = server.close_sharing()                     # {device: ShareBundle}
-    server.receive_masked_input(device, MaskedInput)     # stage 2
+    server.receive_masked_input(device, MaskedInput)     # stage 3
     lists = server.close_masking()                       # {device: SurvivorList}
-    server.receive_consistency(device, SurvivorSignature)  # stage 3
+    server.receive_consistency(device, SurvivorSignature)  # stage 4
     requests = server.close_consistency()                # {device: UnmaskRequest}
-    server.receive_unmask(device, UnmaskResponse)        # stage 4
+    server.receive_unmask(device, UnmaskResponse)        # stage 5
     result = server.finish()                             # SecAggResult
 
 ``device`` is the participant number the transport authenticated, and
 ``identities`` maps each participant to the identity key (and certificate) it
-enrolled with: a key advertisement or a signed contributor list must verify
-under it. A rejected message raises `fedclient.InvalidRequest` (malformed,
-wrong length, bad key or signature, unknown device, share that does not match
-its commitment) or `fedclient.Conflict` (its stage is not open, its device
-dropped out earlier, or it differs from what the device already sent) and
-changes nothing, so it cannot poison the round; an identical resend is
-accepted as a no-op. When too few devices remain, the closing call or `finish`
-raises `AggregationFailed` *before* anything is reconstructed: no device's
-input is revealed. The reconstructed secrets are checked against the devices'
-commitments (the self-mask seed's digest, the mask key's public key), so the
-sum is exact or the aggregation fails; it is never silently wrong.
+enrolled with: a key advertisement, a roster signature or a signed contributor
+list must verify under it. Everything after the roster is bound to its digest
+(`roster_context`), as the devices bind it. A rejected message raises
+`fedclient.InvalidRequest` (malformed, wrong length, bad key or signature,
+unknown device, share that does not match its commitment) or
+`fedclient.Conflict` (its stage is not open, its device dropped out earlier, or
+it differs from what the device already sent) and changes nothing, so it cannot
+poison the round; an identical resend is accepted as a no-op. When too few
+devices remain, the closing call or `finish` raises `AggregationFailed`
+*before* anything is reconstructed: no device's input is revealed. The
+reconstructed secrets are checked against the devices' commitments (the self-
+mask seed's digest, the mask key's public key), so the sum is exact or the
+aggregation fails; it is never silently wrong.
 
 This role is what an honest server does; the devices (`SecAggClient`) check
 everything it relays, so a server that deviates from it makes the round abort
@@ -59,6 +63,8 @@ from fedclient.privacy.secagg import (
     PeerKeys,
     RelayedShare,
     RevealedShare,
+    RosterAgreement,
+    RosterSignature,
     SecAggParams,
     ShareBundle,
     ShareKeys,
@@ -70,6 +76,7 @@ from fedclient.privacy.secagg import (
     _crypto,
     _shamir,
     dequantize,
+    roster_context,
     unpack,
 )
 
@@ -80,6 +87,7 @@ class ServerStage(StrEnum):
     """The stage a `SecAggServer` is collecting messages for."""
 
     ADVERTISE = "advertise"
+    AGREE = "agree"
     SHARE = "share"
     MASK = "mask"
     CONSISTENCY = "consistency"
@@ -121,12 +129,14 @@ class SecAggServer:
         self.params = params
         self.identities = dict(identities)
         self.graph: Mapping[int, frozenset[int]] = {}  # fixed by the roster (close_advertise)
+        self.context = b""  # the roster's digest (close_advertise)
         self.stage = ServerStage.ADVERTISE
         self._participants = frozenset(params.participants)
         self._digests: dict[ServerStage, dict[int, bytes]] = {
             stage: {}
             for stage in (
                 ServerStage.ADVERTISE,
+                ServerStage.AGREE,
                 ServerStage.SHARE,
                 ServerStage.MASK,
                 ServerStage.CONSISTENCY,
@@ -136,6 +146,8 @@ class SecAggServer:
         self._keys: dict[int, KeyAdvertisement] = {}
         self._key_owner: dict[bytes, int] = {}
         self._u1: frozenset[int] = frozenset()
+        self._agreements: dict[int, bytes] = {}
+        self._agreed: frozenset[int] = frozenset()
         self._shares: dict[int, ShareKeys] = {}
         self._share_index: dict[int, dict[int, EncryptedShare]] = {}
         self._u2: frozenset[int] = frozenset()
@@ -159,7 +171,8 @@ class SecAggServer:
     def _expected(self, stage: ServerStage) -> frozenset[int]:
         return {
             ServerStage.ADVERTISE: self._participants,
-            ServerStage.SHARE: self._u1,
+            ServerStage.AGREE: self._u1,
+            ServerStage.SHARE: self._agreed,
             ServerStage.MASK: self._u2,
             ServerStage.CONSISTENCY: self._u3,
             ServerStage.UNMASK: self._u4,
@@ -226,16 +239,18 @@ class SecAggServer:
     def close_advertise(self) -> dict[int, KeyRoster]:
         """End stage 0: every advertiser gets the same roster of every advertisement.
 
-        The neighbour graph is laid over the advertisers from the roster's hash, as
+        The neighbour graph is laid over the advertisers from the roster's digest, as
         each device will lay it. Raises `AggregationFailed` if fewer than the
-        threshold advertised.
+        threshold, or the floor, advertised.
         """
         self._expect_open(ServerStage.ADVERTISE)
         advertisers = sorted(self._keys)
-        if len(advertisers) < self.params.threshold:
+        needed = max(self.params.threshold, self.params.min_contributors)
+        if len(advertisers) < needed:
             raise self._fail(
-                f"{len(advertisers)} devices advertised keys; too few for threshold "
-                f"{self.params.threshold}"
+                f"{len(advertisers)} devices advertised keys; the threshold "
+                f"{self.params.threshold} and the floor {self.params.min_contributors} "
+                f"need {needed}"
             )
         peers = []
         for device in advertisers:
@@ -251,14 +266,11 @@ class SecAggServer:
                     certificate or b"",
                 )
             )
-        seed = _crypto.roster_seed(
-            self.params.session,
-            [(p.device, p.c_public, p.s_public, p.identity_key) for p in peers],
-        )
-        self.graph = self.params.graph_for(advertisers, seed)
+        self.context = roster_context(self.params, peers)
+        self.graph = self.params.graph_for(advertisers, self.context)
         self._u1 = frozenset(advertisers)
         roster = KeyRoster(peers)
-        self.stage = ServerStage.SHARE
+        self.stage = ServerStage.AGREE
         return {device: roster for device in advertisers}
 
     def _expect_open(self, stage: ServerStage) -> None:
@@ -267,7 +279,34 @@ class SecAggServer:
         if self.stage != stage:
             raise Conflict(f"the {stage.value} stage is not open ({self.stage.value})")
 
-    # -- stage 1: share keys ---------------------------------------------------------------
+    # -- stage 1: agree on the roster -------------------------------------------------------
+    def receive_agreement(self, device: int, message: RosterSignature) -> None:
+        """Accept a device's signature of the roster's digest."""
+        digest = hashlib.sha256(message.signature).digest()
+        if not self._admit(device, ServerStage.AGREE, digest):
+            return
+        statement = _crypto.roster_message(self.context)
+        if not verify_signature(self.identities[device][0], message.signature, statement):
+            raise InvalidRequest("the roster signature does not verify under the device's identity")
+        self._agreements[device] = message.signature
+        self._digests[ServerStage.AGREE][device] = digest
+
+    def close_agreement(self) -> dict[int, RosterAgreement]:
+        """End stage 1: every signer gets every signature of the roster.
+
+        Each device decides for itself whether they are enough (`SecAggClient.share_keys`);
+        raises `AggregationFailed` if fewer than the threshold, or the floor, signed."""
+        self._expect_open(ServerStage.AGREE)
+        signers = sorted(self._agreements)
+        needed = max(self.params.threshold, self.params.min_contributors)
+        if len(signers) < needed:
+            raise self._fail(f"{len(signers)} devices agreed on the roster; {needed} needed")
+        self._agreed = frozenset(signers)
+        agreement = RosterAgreement([Vouch(d, self._agreements[d]) for d in signers])
+        self.stage = ServerStage.SHARE
+        return {device: agreement for device in signers}
+
+    # -- stage 2: share keys ---------------------------------------------------------------
     def receive_shares(self, device: int, message: ShareKeys) -> None:
         """Accept a device's encrypted shares: one per live neighbour, each well-formed."""
         digest = _digest(message)
@@ -301,7 +340,7 @@ class SecAggServer:
         self._digests[ServerStage.SHARE][device] = digest
 
     def close_sharing(self) -> dict[int, ShareBundle]:
-        """End stage 1: each device's bundle of the shares addressed to it.
+        """End stage 2: each device's bundle of the shares addressed to it.
 
         A device whose live share-holders fell under the threshold is dropped,
         and its neighbours will not mask with it. Raises `AggregationFailed` if
@@ -324,7 +363,7 @@ class SecAggServer:
         self.stage = ServerStage.MASK
         return bundles
 
-    # -- stage 2: masked input -------------------------------------------------------------
+    # -- stage 3: masked input -------------------------------------------------------------
     def receive_masked_input(self, device: int, message: MaskedInput) -> None:
         """Accept a masked input of exactly ``vector_length`` values of ``modulus_bits`` bits
         and add it to the sum."""
@@ -342,7 +381,7 @@ class SecAggServer:
         self._digests[ServerStage.MASK][device] = digest
 
     def close_masking(self) -> dict[int, SurvivorList]:
-        """End stage 2: show each contributor the contributor list, to sign.
+        """End stage 3: show each contributor the contributor list, to sign.
 
         Raises `AggregationFailed` (and shows nothing) if some contributor's
         self-mask or some dropped device's mask key could not reach the
@@ -375,20 +414,20 @@ class SecAggServer:
                 f"{short[:10]} cannot reach the threshold {t} of surviving share-holders"
             )
 
-    # -- stage 3: consistency --------------------------------------------------------------
+    # -- stage 4: consistency --------------------------------------------------------------
     def receive_consistency(self, device: int, message: SurvivorSignature) -> None:
         """Accept a contributor's signature of the contributor list."""
         digest = hashlib.sha256(message.signature).digest()
         if not self._admit(device, ServerStage.CONSISTENCY, digest):
             return
-        statement = _crypto.survivors_message(self.params.session, sorted(self._u3))
+        statement = _crypto.survivors_message(self.context, sorted(self._u3))
         if not verify_signature(self.identities[device][0], message.signature, statement):
             raise InvalidRequest("the contributor list is not signed by the device's identity")
         self._vouches[device] = message.signature
         self._digests[ServerStage.CONSISTENCY][device] = digest
 
     def close_consistency(self) -> dict[int, UnmaskRequest]:
-        """End stage 3: every signer gets the list and all the signatures of it.
+        """End stage 4: every signer gets the list and all the signatures of it.
 
         Raises `AggregationFailed` if the signers could not unmask the sum."""
         self._expect_open(ServerStage.CONSISTENCY)
@@ -399,7 +438,7 @@ class SecAggServer:
         self.stage = ServerStage.UNMASK
         return {device: request for device in sorted(u4)}
 
-    # -- stage 4: unmask -------------------------------------------------------------------
+    # -- stage 5: unmask -------------------------------------------------------------------
     def receive_unmask(self, device: int, message: UnmaskResponse) -> None:
         """Accept a device's revealed shares; each must match its owner's commitment."""
         digest = _digest(message)
@@ -419,7 +458,7 @@ class SecAggServer:
     def _check_revealed(
         self, holder: int, revealed: Iterable[RevealedShare], allowed: list[int], kind: bytes
     ) -> dict[int, int]:
-        session = self.params.session
+        context = self.context
         allowed_set = set(allowed)
         values: dict[int, int] = {}
         for item in revealed:
@@ -435,13 +474,13 @@ class SecAggServer:
             else:
                 dealt = self._share_index[owner][holder]
                 expected = dealt.self_mask_digest if kind == b"b" else dealt.key_digest
-            if _crypto.share_digest(session, kind, owner, holder, item.value) != expected:
+            if _crypto.share_digest(context, kind, owner, holder, item.value) != expected:
                 raise InvalidRequest(f"share of device {owner} does not match its commitment")
             values[owner] = value
         return values
 
     def finish(self) -> SecAggResult:
-        """End stage 3: reconstruct, remove every mask, and return the exact sum.
+        """End stage 5: reconstruct, remove every mask, and return the exact sum.
 
         Raises `AggregationFailed` if a contributor's self-mask seed or a
         dropped device's mask key has fewer than ``threshold`` shares, checked
@@ -460,14 +499,14 @@ class SecAggServer:
                 f"{len(self._digests[ServerStage.UNMASK])} of {len(self._u4)} signers "
                 f"answered the unmask request; devices {short[:10]} have fewer than {t} shares"
             )
-        session = params.session
+        context = self.context
         seeds: dict[int, bytes] = {}
         for device in sorted(self._u3):
             secret = _shamir.reconstruct(self._b_shares[device], t)
             seed = secret.to_bytes(_shamir.ELEMENT_BYTES, "big")[-32:]
             if (
                 secret >= 2**256
-                or _crypto.secret_digest(session, device, seed)
+                or _crypto.secret_digest(context, device, seed)
                 != self._shares[device].seed_commitment
             ):
                 raise self._fail(f"device {device}'s self-mask seed does not match its commitment")
@@ -484,11 +523,11 @@ class SecAggServer:
         expander = _crypto.MaskExpander(params.vector_length)
         total = self._sum.copy()
         for device, seed in seeds.items():
-            expander.add(total, _crypto.self_mask_key(seed, session, device), -1)
+            expander.add(total, _crypto.self_mask_key(seed, context, device), -1)
         for device, key in mask_keys.items():
             for survivor in sorted(self.graph[device] & self._u3):
                 agreed = _crypto.agree(key, self._keys[survivor].s_public)
-                pair_key = _crypto.pairwise_mask_key(agreed, session, survivor, device)
+                pair_key = _crypto.pairwise_mask_key(agreed, context, survivor, device)
                 # The survivor added +mask if its number is the smaller one.
                 expander.add(total, pair_key, -1 if survivor < device else +1)
         ring_sum = (total & np.uint32(params.modulus_mask)).astype(np.uint32)

@@ -6,6 +6,7 @@ and, instead of uploading their update, walk the stages:
 
     GET  .../secagg/params       the round's SecAggParams and the device's number
     POST .../secagg/keys         KeyAdvertisement    GET .../secagg/keys         KeyRoster
+    POST .../secagg/agree        RosterSignature     GET .../secagg/agree        RosterAgreement
     POST .../secagg/shares       ShareKeys           GET .../secagg/shares       ShareBundle
     POST .../secagg/masked       MaskedInput         GET .../secagg/masked       SurvivorList
     POST .../secagg/consistency  SurvivorSignature   GET .../secagg/consistency  UnmaskRequest
@@ -18,7 +19,9 @@ closes, the exact ring sum becomes the round's aggregate: devices send
 its last coordinate is FedAvg's weighted mean (or, on a rotated grid, weight x
 delta and the weight); the server never sees one device's update. Every device
 in the cohort must have enrolled with an identity key: the roster carries it
-(and its certificate) to its peers.
+(and its certificate) to its peers. The aggregation's floor is the plan's
+``min_devices``, or more: two beyond the colluders the plan assumes
+(`secure_floor`).
 
 A secure round's state is a log in the store (``secure_events``): its opening
 (parameters and cohort), every message a device posted, and every stage the
@@ -51,12 +54,14 @@ from fedclient.privacy.secagg import (
     KeyAdvertisement,
     MaskedInput,
     Quantization,
+    RosterSignature,
     RotatedQuantization,
     SecAggParams,
     ShareKeys,
     SurvivorSignature,
     Tolerance,
     UnmaskResponse,
+    assumed_colluders,
     decode,
     dequantize,
     encode,
@@ -66,9 +71,15 @@ from fedclient.server.secagg import SecAggServer
 from fedclient.server.store import ServerStore
 from fedclient.server.strategies import ClientUpdate
 
-__all__ = ["STAGES", "SecureRounds", "rotated_encoding", "secure_vector_length"]
+__all__ = [
+    "STAGES",
+    "SecureRounds",
+    "rotated_encoding",
+    "secure_floor",
+    "secure_vector_length",
+]
 
-STAGES = ("params", "keys", "shares", "masked", "consistency", "unmask")
+STAGES = ("params", "keys", "agree", "shares", "masked", "consistency", "unmask")
 
 
 def secure_vector_length(weights: Weights) -> int:
@@ -76,16 +87,27 @@ def secure_vector_length(weights: Weights) -> int:
     return sum(int(v.size) for v in weights.values()) + 1
 
 
-def distributed_noise_ratio(privacy: PrivacySettings, min_devices: int, dimension: int) -> float:
+def secure_floor(plan: JobPlan, cohort: int) -> int:
+    """The fewest contributors a secure round of ``cohort`` devices unmasks: the plan's
+    ``min_devices``, and at least two beyond the colluders it assumes. Devices refuse a
+    floor under their own (`fedclient.PrivacyPolicy`: ``min_secure_cohort`` beyond the
+    colluders they assume), so a plan for devices with default policies sets
+    ``min_devices`` to 10 beyond its colluders."""
+    colluders = assumed_colluders(cohort, plan.privacy.secagg_colluding)
+    return min(cohort, max(plan.job.min_devices, colluders + 2, 2))
+
+
+def distributed_noise_ratio(privacy: PrivacySettings, shares: int, dimension: int) -> float:
     """About how many grid steps of noise each device adds per level of its values, with
-    distributed DP: what the ring must be wide enough for. Sized for the replace relation
-    (twice add_remove's sensitivity), whatever the plan says, since a device may account
-    that way (`fedclient.PrivacyPolicy`)."""
+    distributed DP, when ``shares`` honest devices' noise must make the sum's: what the
+    ring must be wide enough for. Sized for the replace relation (twice add_remove's
+    sensitivity), whatever the plan says, since a device may account that way
+    (`fedclient.PrivacyPolicy`)."""
     assert privacy.dp_epsilon is not None
     z = GaussianMechanism.for_release(privacy.dp_epsilon, privacy.dp_delta, 1.0).noise_multiplier
     padded = -(-dimension // BLOCK) * BLOCK
     steps_per_level = math.sqrt(padded) / BOUND_SIGMAS  # clip in grid steps, per level
-    return z * 2.0 * steps_per_level / math.sqrt(max(1, min_devices))
+    return z * 2.0 * steps_per_level / math.sqrt(max(1, shares))
 
 
 def rotated_encoding(
@@ -101,7 +123,11 @@ def rotated_encoding(
     dimension = sum(int(v.size) for v in weights.values())
     noise_ratio = 0.0
     if p.distributed_dp:
-        noise_ratio = distributed_noise_ratio(p, plan.job.min_devices, dimension)
+        # Each device sizes its share for the floor's honest devices (the colluders
+        # assumed add none): more noise each than min_devices shares would need.
+        colluders = assumed_colluders(cohort, p.secagg_colluding)
+        shares = secure_floor(plan, cohort) - colluders
+        noise_ratio = distributed_noise_ratio(p, shares, dimension)
     return RotatedQuantization.create(
         dimension,
         clip=p.clip,
@@ -166,6 +192,7 @@ class SecureRounds:
             session=session,
             rotation=rotation,
             tolerance=Tolerance(p.secagg_colluding, p.secagg_dropout),
+            min_contributors=secure_floor(plan, len(members)),
         )
         opened = _Opened(encode(params), members, p.secagg_stage_seconds)
         self.store.add_secure_event(round_id, "open", "", "", msgspec.msgpack.encode(opened), "", 0)
@@ -257,6 +284,8 @@ class SecureRounds:
         server, number = secure.server, secure.members[device_id]
         if stage == "keys":
             server.receive_keys(number, decode(body, KeyAdvertisement))
+        elif stage == "agree":
+            server.receive_agreement(number, decode(body, RosterSignature))
         elif stage == "shares":
             server.receive_shares(number, decode(body, ShareKeys))
         elif stage == "masked":
@@ -305,6 +334,8 @@ class SecureRounds:
         secure.stage_deadline = None  # the next stage's clock starts with its first message
         if "keys" not in secure.answers:
             secure.answers["keys"] = server.close_advertise()
+        elif "agree" not in secure.answers:
+            secure.answers["agree"] = server.close_agreement()
         elif "shares" not in secure.answers:
             secure.answers["shares"] = server.close_sharing()
         elif "masked" not in secure.answers:

@@ -341,7 +341,7 @@ async def _run_rounds(
             if simulated and finish:
                 clock.now = max(clock.now, max(at for at, _ in finish))
             pending = [i for _, i in sorted(finish)]
-            for _ in range(8):
+            for _ in range(9):  # six stages, and room for retries
                 waiting = []
                 for i in pending:
                     outcome, waited = await fleet.upload(i, clock.now)

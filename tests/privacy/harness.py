@@ -2,7 +2,9 @@
 
 Each device has an identity key certified by one identity authority, which every
 device pins (`authority`). Devices assume no colluders unless a test says
-(``colluding_fraction``): the dropout tests need only a majority of signers."""
+(``colluding_fraction``, ``colluding_devices``): the dropout tests need only a
+majority of signers. The aggregation's floor is the least the devices accept
+(``min_honest`` beyond the colluders) unless a test sets ``min_contributors``."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from fedclient.privacy.secagg import (
     KeyAdvertisement,
     KeyRoster,
     MaskedInput,
+    RosterAgreement,
+    RosterSignature,
     SecAggClient,
     SecAggParams,
     ShareBundle,
@@ -26,11 +30,12 @@ from fedclient.privacy.secagg import (
     SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
+    assumed_colluders,
     quantize,
 )
 from fedclient.server.secagg import SecAggResult, SecAggServer
 
-STAGES = ("advertise", "share", "mask", "consistency", "unmask")
+STAGES = ("advertise", "agree", "share", "mask", "consistency", "unmask")
 
 
 @dataclass
@@ -59,8 +64,20 @@ class Aggregation:
     ) -> Aggregation:
         client_options = {"colluding_fraction": 0.0}
         client_options |= {
-            k: kwargs.pop(k) for k in ("min_contributors", "colluding_fraction") if k in kwargs
+            k: kwargs.pop(k)
+            for k in ("min_honest", "colluding_fraction", "colluding_devices")
+            if k in kwargs
         }
+        if "min_contributors" not in kwargs:  # the floor these devices accept
+            kwargs["min_contributors"] = min(
+                n,
+                client_options.get("min_honest", 2)
+                + assumed_colluders(
+                    n,
+                    client_options["colluding_fraction"],
+                    client_options.get("colluding_devices", 0),
+                ),
+            )
         params = SecAggParams.create(range(1, n + 1), length, plus=plus, **kwargs)
         rng = np.random.default_rng(seed)
         if inputs is None:
@@ -89,11 +106,24 @@ class Aggregation:
         self.received["advertise"] = dict(rosters)
         return rosters
 
-    def share(self, drop: Iterable[int] = ()) -> dict[int, ShareBundle]:
+    def agree(self, drop: Iterable[int] = ()) -> dict[int, RosterAgreement]:
         rosters = self.received["advertise"]
-        out: dict[int, ShareKeys] = {}
+        out: dict[int, RosterSignature] = {}
         for d in sorted(set(rosters) - set(drop)):
-            out[d] = self.clients[d].share_keys(rosters[d])
+            out[d] = self.clients[d].agree(rosters[d])
+            self.server.receive_agreement(d, out[d])
+        self.sent["agree"] = dict(out)
+        agreements = self.server.close_agreement()
+        self.received["agree"] = dict(agreements)
+        return agreements
+
+    def share(self, drop: Iterable[int] = ()) -> dict[int, ShareBundle]:
+        if "agree" not in self.received:
+            self.agree()
+        agreements = self.received["agree"]
+        out: dict[int, ShareKeys] = {}
+        for d in sorted(set(agreements) - set(drop)):
+            out[d] = self.clients[d].share_keys(agreements[d])
             self.server.receive_shares(d, out[d])
         self.sent["share"] = dict(out)
         bundles = self.server.close_sharing()
@@ -134,6 +164,7 @@ class Aggregation:
     def run(self, drops: Mapping[str, Iterable[int]] | None = None) -> SecAggResult:
         drops = drops or {}
         self.advertise(drops.get("advertise", ()))
+        self.agree(drops.get("agree", ()))
         self.share(drops.get("share", ()))
         self.mask(drops.get("mask", ()))
         self.consistency(drops.get("consistency", ()))

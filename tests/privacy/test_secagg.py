@@ -56,7 +56,7 @@ def tolerance(agg: Aggregation) -> int:
     """How many devices of one share group may drop: smallest group minus threshold, and
     no more than leave enough signers of the contributor list (a majority, here)."""
     n = len(agg.params.participants)
-    signers = n - signature_quorum(n, 0.0)
+    signers = n - signature_quorum(n, 0)
     return min(agg.params.group_sizes[0] - agg.params.threshold, signers)
 
 
@@ -303,7 +303,7 @@ def test_no_single_stage_reveals_an_update() -> None:
     with pytest.raises(InvalidShare):  # device 3 cannot open device 1's share for device 2
         third._open(target, to_2.ciphertext)
     with pytest.raises(ValueError):  # nor can anyone holding only public values
-        _crypto.decrypt_share(adv.c_public, agg.params.session, target, 2, to_2.ciphertext)
+        _crypto.decrypt_share(adv.c_public, agg.server.context, target, 2, to_2.ciphertext)
 
     # Stage 2: the masked vector of an all-zero update is uniform (see above) and not zero.
     masked = np.frombuffer(agg.sent["mask"][target].vector, dtype="<u4")
@@ -325,7 +325,7 @@ def test_no_single_stage_reveals_an_update() -> None:
     seed = _shamir.reconstruct(b_shares, agg.params.threshold).to_bytes(33, "big")[-32:]
     expander = _crypto.MaskExpander(length)
     residue = masked.copy()
-    expander.add(residue, _crypto.self_mask_key(seed, agg.params.session, target), -1)
+    expander.add(residue, _crypto.self_mask_key(seed, agg.server.context, target), -1)
     assert np.count_nonzero(residue) > length - 5
     assert uniformity_p(residue) > 1e-6
 
@@ -367,9 +367,10 @@ def test_bad_keys_are_rejected_and_the_device_can_retry() -> None:
 
 def test_bad_shares_are_rejected_and_a_tampered_one_stops_its_recipient() -> None:
     agg = Aggregation.start(6, 8)
-    rosters = agg.advertise()
+    agg.advertise()
+    agreements = agg.agree()
     server = agg.server
-    good = agg.clients[1].share_keys(rosters[1])
+    good = agg.clients[1].share_keys(agreements[1])
     first = good.shares[0]
     bad = [
         msgspec.structs.replace(good, shares=good.shares[1:]),  # a recipient missing
@@ -402,10 +403,10 @@ def test_bad_shares_are_rejected_and_a_tampered_one_stops_its_recipient() -> Non
     with pytest.raises(Conflict, match="different"):
         server.receive_shares(1, good)
     for d in range(2, 6):
-        server.receive_shares(d, agg.clients[d].share_keys(rosters[d]))
+        server.receive_shares(d, agg.clients[d].share_keys(agreements[d]))
     agg.received["share"] = server.close_sharing()
     with pytest.raises(Conflict, match="not open"):  # device 6, after the stage closed
-        server.receive_shares(6, agg.clients[6].share_keys(rosters[6]))
+        server.receive_shares(6, agg.clients[6].share_keys(agreements[6]))
     # Device 2 cannot open device 1's share: its keys were signed, so only tampering
     # explains it. It masks nothing and drops out; the others go on without it.
     with pytest.raises(InvalidShare, match="authentication failed"):
@@ -514,8 +515,8 @@ def test_the_device_checks_the_roster_and_bundle() -> None:
     }
     for reason, peers in bad.items():
         with pytest.raises(ProtocolViolation, match=reason):
-            me.share_keys(KeyRoster(peers))
-    assert me.stage == "share"  # nothing encrypted to anyone
+            me.agree(KeyRoster(peers))
+    assert me.stage == "agree"  # nothing signed, nothing encrypted to anyone
     bundles = agg.share()
     stranger_id = next(d for d in range(2, 13) if d not in me.neighbours)
     with pytest.raises(ProtocolViolation, match="sender twice"):
@@ -574,10 +575,16 @@ def test_parameters_refuse_an_unsafe_threshold() -> None:
 def test_a_device_refuses_a_threshold_its_colluders_could_reach() -> None:
     # A server announcing a threshold of 2 for 10 devices: two colluders would rebuild
     # any device's secrets. A device that assumes 20% colluding wants 3.
-    params = SecAggParams.create(range(1, 11), 8, threshold=2)
+    params = SecAggParams.create(range(1, 11), 8, threshold=2, min_contributors=5)
+    trusting = {"trust_server_identities": True}
     with pytest.raises(ProtocolViolation, match="wants at least 3"):
-        SecAggClient(params, 1, SigningKey(), colluding_fraction=0.2)
-    SecAggClient(params, 1, SigningKey(), colluding_fraction=0.1)  # one colluder: fine
+        SecAggClient(params, 1, SigningKey(), colluding_fraction=0.2, **trusting)
+    SecAggClient(params, 1, SigningKey(), colluding_fraction=0.1, **trusting)  # one: fine
+    # An absolute bound holds however small the cohort: 2 colluders of 10 reach 2.
+    with pytest.raises(ProtocolViolation, match="wants at least 3"):
+        SecAggClient(
+            params, 1, SigningKey(), colluding_fraction=0.1, colluding_devices=2, **trusting
+        )
 
 
 @pytest.mark.parametrize(("n", "expected"), [(100, (None, 21)), (1000, (218, 96))])

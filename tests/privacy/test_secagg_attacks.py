@@ -68,9 +68,9 @@ def test_key_substitution_aborts_before_anything_is_encrypted_to_the_server() ->
     for reason, forge in attempts.items():
         forged = [honest[1], *(forge(d) for d in (2, 3, 4, 5))]
         with pytest.raises(ProtocolViolation, match=reason.strip()):
-            target.share_keys(KeyRoster(forged))
-        assert target.stage == "share"  # no share was encrypted, to anyone
-        assert "share" not in target._sent
+            target.agree(KeyRoster(forged))
+        assert target.stage == "agree"  # nothing signed, no share encrypted, to anyone
+        assert "agree" not in target._sent and "share" not in target._sent
 
 
 def test_undecryptable_shares_make_the_target_abort_before_masking() -> None:
@@ -104,13 +104,13 @@ def _inconsistent_views(
         if d == victim and victim not in listed:
             continue
         signed[d] = agg.clients[d].consistency(SurvivorList(listed)).signature
-    session = agg.params.session
+    context = agg.server.context
     colluder_key = agg.signers[colluder]
     answers: dict[int, Exception | object] = {}
     for d, listed in shown.items():
         vouches = [Vouch(e, signed[e]) for e in sorted(signed) if shown[e] == listed]
         vouches.append(
-            Vouch(colluder, colluder_key.sign(_crypto.survivors_message(session, listed)))
+            Vouch(colluder, colluder_key.sign(_crypto.survivors_message(context, listed)))
         )
         try:
             answers[d] = agg.clients[d].unmask(
@@ -167,6 +167,7 @@ def test_a_small_or_short_sum_is_refused_on_the_device() -> None:
     lists = agg.mask(drop=[2, 3])
     with pytest.raises(AggregationFailed, match="unmasks sums of 5"):
         agg.clients[1].consistency(lists[1])
-    params = SecAggParams.create(range(1, 4), 8)
-    client = SecAggClient(params, 1, SigningKey(), min_contributors=10)
-    assert client.min_contributors == 10
+    # A floor the server announces under what the device wants is refused up front.
+    params = SecAggParams.create(range(1, 13), 8, min_contributors=11)
+    with pytest.raises(ProtocolViolation, match="floor of at least 13"):
+        SecAggClient(params, 1, SigningKey(), min_honest=10, trust_server_identities=True)

@@ -16,13 +16,16 @@ from fedclient.privacy.dp import GaussianMechanism, PrivacyLedger
 from fedclient.privacy.secagg import RotatedQuantization
 from fedclient.protocol import decode_tensors
 from fedclient.server import FederationService, ServerStore, plan_from_dict
+from fedclient.server.secure_rounds import secure_floor
 from fedclient.sim.cli import main as fedsim
 from tests.conftest import ManualClock, Server, step_until
 
 pytestmark = pytest.mark.anyio
 
-#: These rounds have 6 devices; a device's default policy refuses cohorts under 10.
-SMALL_COHORTS = fedclient.PrivacyPolicy(min_secure_cohort=2)
+#: These rounds have 6 devices; a device's default policy refuses cohorts under 10 beyond
+#: its colluders, and secure aggregation without an identity authority it pins. These
+#: tests play an honest server (tests/privacy/test_secagg_attacks.py plays the other).
+SMALL_COHORTS = fedclient.PrivacyPolicy(min_secure_cohort=2, trust_server_identities=True)
 # 24 devices, 8 a round, 3 rounds of digits: the fedsim runs these tests compare.
 SMALL_RUN = ["run", "--dataset", "digits", "--devices", "24", "--devices-per-round", "8"]
 SMALL_RUN += ["--rounds", "3", "--seed", "1", "--quiet"]
@@ -111,12 +114,15 @@ async def test_a_distributed_dp_round_adds_each_device_s_share_of_the_noise(
     devices = make_devices(6, server.transport(), policy=SMALL_COHORTS)
     secure = await _one_round(server, make_devices, devices)
     noise = np.concatenate([(secure[n] - plain[n]).ravel() for n in plain])
-    # The job's min_devices is 1, so each device adds all the noise one (8, 1e-5)
-    # release needs at the replace sensitivity 2 * clip (a malicious server could
-    # otherwise close the round on one device's share). Six devices: the mean carries
-    # sqrt(6) / 6 of it, rotated into the model's coordinates unchanged in size.
+    # The aggregation's floor is 4 (two beyond the 2 colluders of 6 the plan and the
+    # devices assume), so each device adds half the noise one (8, 1e-5) release needs at
+    # the replace sensitivity 2 * clip: the two honest devices the floor guarantees carry
+    # all of it. Six devices: the mean carries sqrt(6 / 2) / 6 of it, rotated into the
+    # model's coordinates unchanged in size.
+    job = server.store.job("digits")
+    assert job is not None and secure_floor(job.plan, 6) == 4
     z = GaussianMechanism.for_release(8.0, 1e-5, 1.0).noise_multiplier
-    assert np.std(noise) == pytest.approx(z * 2.0 / np.sqrt(6), rel=0.1)
+    assert np.std(noise) == pytest.approx(z * 2.0 * np.sqrt(6 / 2) / 6, rel=0.1)
     for device in devices:  # each device charged its ledger, once, before sending
         ledger = PrivacyLedger(device.device_state.db, device.device_state.key)
         assert ledger.releases("digits") == 1
@@ -143,15 +149,17 @@ async def test_plans_that_cannot_work_are_refused_when_loaded() -> None:
 async def test_a_device_sends_nothing_masked_into_a_cohort_under_its_minimum(
     make_devices: Any,
 ) -> None:
-    # Six devices; the default policy wants at least ten in a secure sum: each device
-    # reads the cohort, sends no key and no masked input, and drops its update.
+    # Six devices; the default policy wants ten in a secure sum beyond the colluders it
+    # assumes (20%: 2 of 6): each device reads the floor the parameters announce (4),
+    # sends no key and no masked input, and drops its update.
     server = _server("secagg+")
-    devices = make_devices(6, server.transport())
+    trusting = fedclient.PrivacyPolicy(trust_server_identities=True)
+    devices = make_devices(6, server.transport(), policy=trusting)
     for device in devices:
         await step_until(device, fedclient.Phase.TRAINED)
     for device in devices:
         outcome = await device.astep()
-        assert outcome.status == "discarded" and "under the device's minimum of 10" in (
+        assert outcome.status == "discarded" and "wants 10 beyond the 2 colluders" in (
             outcome.reason
         )
     assert server.service.secure.rounds[1].server.waiting_for == frozenset(range(1, 7))
@@ -237,7 +245,7 @@ async def test_a_stage_closes_at_its_deadline_without_the_dropouts(make_devices:
     assert (await quitter.astep()).status == "waiting"  # it posts its keys, then vanishes
     await _walk(stayers, passes=2)  # the others post keys (the stage closes), then share
     assert server.store.model("digits", 1) is None
-    server.clock.now += 61  # the sharing stage's time is up: it closes without the quitter
+    server.clock.now += 61  # the agreement's time is up: it closes without the quitter
     server.service.tick()
     assert await _walk(stayers) == []
     status = server.service.job_status("digits")
@@ -252,7 +260,8 @@ async def test_too_many_dropouts_fail_the_round_and_keep_the_model(make_devices:
         await step_until(device, fedclient.Phase.TRAINED)
     for device in devices:
         await device.astep()  # everyone advertises keys: the last one's closes the stage
-    await _walk(devices[:1], passes=1)  # the first shares keys too (so did the last)
+    await _walk(devices, passes=1)  # everyone agrees on the roster
+    await _walk([devices[0], devices[-1]], passes=1)  # two share their keys
     # Two of six shared: under the threshold (3 for six devices, 20% colluding).
     assert server.service.secure.rounds[1].params.threshold == 3
     server.clock.now += 61

@@ -120,7 +120,8 @@ async def test_a_device_registers_its_key_when_a_secure_job_first_asks(
     enrolled = state.identity(plain.server)
     assert enrolled is not None and service.store.device_identity(enrolled.device_id) is None
     assert state.db.execute("SELECT count(*) FROM signing_keys").fetchone()[0] == 0
-    (device,) = make_devices(1, server.transport(), job="secure", state=state)
+    trusting = fedclient.PrivacyPolicy(trust_server_identities=True)
+    (device,) = make_devices(1, server.transport(), job="secure", state=state, policy=trusting)
     assert (await device.astep()).status == "admitted"  # asked, answered, admitted
     held = service.store.device_identity(enrolled.device_id)
     assert held is not None and held[0] == device.identity_key

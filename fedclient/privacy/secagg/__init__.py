@@ -2,13 +2,15 @@
 
 The server learns the sum, in Z_{2^b}, of the encoded updates of the devices
 that sent a masked input, and nothing else about any one of them, against a
-*malicious* server colluding with up to the tolerated share of devices: every
-key is signed with an enrolled identity key (certified by an identity authority
-the device pins, if it pins one), the SecAgg+ graph comes from the signed
-roster, and a consistency round (signed contributor lists) stops the server
-from showing devices different dropouts. What each check stops, and what none
-can (a server that enrols devices of its own without an authority; inputs out
-of range), is in `SecAggClient` and in the README's threat model.
+*malicious* server colluding with up to the colluders each device assumes:
+every key is signed with an identity key an authority the device pins
+certified, the devices agree on one roster (signatures of its digest) before
+any share leaves, each checks the cohort that roster makes against its own
+policy, the SecAgg+ graph comes from the agreed roster, and a consistency round
+(signed contributor lists) stops the server from showing devices different
+dropouts. What each check stops, and what none can (inputs out of range, a
+server that controls more devices than assumed), is in `SecAggClient` and in
+the README's threat model.
 
 It is a sans-io protocol core: `SecAggClient` here and
 `fedclient.server.secagg.SecAggServer` turn the stage messages of
@@ -16,11 +18,16 @@ It is a sans-io protocol core: `SecAggClient` here and
 
     params = SecAggParams.create(range(1, n + 1), vector_length, plus=True)
     q = quantize(update, params.quantization, rng)          # float -> Z_{2^32}
-    client = SecAggClient(params, device, signer)           # see SecAggClient
+    client = SecAggClient(params, device, signer, trusted_authorities=[authority])
 """
 
 from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
-from fedclient.privacy.secagg._client import ClientStage, SecAggClient, signature_quorum
+from fedclient.privacy.secagg._client import (
+    ClientStage,
+    SecAggClient,
+    assumed_colluders,
+    signature_quorum,
+)
 from fedclient.privacy.secagg._encoding import (
     BLOCK,
     BOUND_SIGMAS,
@@ -42,6 +49,8 @@ from fedclient.privacy.secagg._messages import (
     PeerKeys,
     RelayedShare,
     RevealedShare,
+    RosterAgreement,
+    RosterSignature,
     SecAggMessage,
     ShareBundle,
     ShareKeys,
@@ -53,7 +62,7 @@ from fedclient.privacy.secagg._messages import (
     decode,
     encode,
 )
-from fedclient.privacy.secagg._params import MAX_VECTOR_LENGTH, SecAggParams
+from fedclient.privacy.secagg._params import MAX_VECTOR_LENGTH, SecAggParams, roster_context
 from fedclient.privacy.secagg._quantize import MODULUS_BITS, Quantization, dequantize, quantize
 
 __all__ = [
@@ -73,6 +82,8 @@ __all__ = [
     "Quantization",
     "RelayedShare",
     "RevealedShare",
+    "RosterAgreement",
+    "RosterSignature",
     "RotatedQuantization",
     "SecAggClient",
     "SecAggError",
@@ -86,12 +97,14 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
     "Vouch",
+    "assumed_colluders",
     "decode",
     "choose",
     "dequantize",
     "encode",
     "pack",
     "quantize",
+    "roster_context",
     "safe_threshold",
     "signature_quorum",
     "unpack",

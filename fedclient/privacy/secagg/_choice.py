@@ -8,7 +8,7 @@ threshold ``t``. Two things must hold for every device, except with probability
 - **Security**: fewer than ``t`` of a device's neighbours collude with the
   server, or they could rebuild both of its secrets between them. With at most
   a fraction ``colluding`` of the devices colluding and neighbours drawn at
-  random (the graph comes from the signed roster, `roster_seed`), the colluders
+  random (the graph comes from the agreed roster, `roster_digest`), the colluders
   among ``k`` neighbours are Binomial(k, colluding) or fewer. With every pair
   connected (SecAgg) the count is fixed: ``t > ceil(colluding * n)``.
 - **Correctness**: at least ``t`` of a device's neighbours survive to unmask,

@@ -2,12 +2,14 @@
 
 - Key agreement: X25519. Raw 32-byte public keys; an agreement that yields the
   all-zero secret (a low-order point) is refused.
-- Key derivation: HKDF-SHA256, salted with the aggregation's ``session`` and
-  domain-separated by purpose and device ids, so no derived key is ever used
-  for two purposes, two directions or two rounds.
+- Key derivation: HKDF-SHA256, salted with the aggregation's context (the
+  agreed roster's digest, which holds the session) and domain-separated by
+  purpose and device ids, so no derived key is ever used for two purposes, two
+  directions, two rounds or two views of one round.
 - Share encryption: AES-256-GCM with a random 96-bit nonce (OS CSPRNG) and
-  associated data binding the protocol, the session, the sender and the
-  recipient; a share replayed to another device, direction or round fails.
+  associated data binding the protocol, the context, the sender and the
+  recipient; a share replayed to another device, direction or round, or opened
+  by a device shown another roster, fails.
 - Mask expansion: the ChaCha20 keystream (counter and nonce zero; each key is
   used for exactly one stream) read as little-endian uint32 words.
 - Commitments: truncated SHA-256 digests of each share, and of the self-mask
@@ -15,7 +17,12 @@
   reconstructs. The committed values are uniform 256-bit field elements, so
   the digests reveal nothing useful.
 - Signed statements (Ed25519, with the device's identity key): its advertised
-  keys, and the contributor list it agrees to unmask, each bound to the session.
+  keys (bound to the session), the roster it agrees to, and the contributor list
+  it agrees to unmask (both bound to the roster's digest).
+- The roster's digest (`roster_digest`: the parameters and every signed key
+  advertisement) is the *context* of everything after the roster: it keys and
+  authenticates the shares, the masks, the commitments and the contributor list,
+  so material made for one view of the roster is useless to a device shown another.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ __all__ = [
     "pairwise_mask_key",
     "private_bytes",
     "public_bytes",
-    "roster_seed",
+    "roster_digest",
+    "roster_message",
     "secret_digest",
     "self_mask_key",
     "share_digest",
@@ -94,58 +102,58 @@ def check_public_key(public: bytes) -> None:
     agree(X25519PrivateKey.generate(), public)
 
 
-def _hkdf(secret: bytes, session: bytes, info: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), KEY_BYTES, salt=session, info=DOMAIN + info).derive(secret)
+def _hkdf(secret: bytes, context: bytes, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=context, info=DOMAIN + info).derive(secret)
 
 
-def _share_aad(session: bytes, sender: int, recipient: int) -> bytes:
-    return DOMAIN + b"/share-aad" + session + _id(sender) + _id(recipient)
+def _share_aad(context: bytes, sender: int, recipient: int) -> bytes:
+    return DOMAIN + b"/share-aad" + context + _id(sender) + _id(recipient)
 
 
 def encrypt_share(
-    shared_secret: bytes, session: bytes, sender: int, recipient: int, plaintext: bytes
+    shared_secret: bytes, context: bytes, sender: int, recipient: int, plaintext: bytes
 ) -> bytes:
     """Nonce, ciphertext and tag of ``plaintext`` from ``sender`` to ``recipient``."""
-    key = _hkdf(shared_secret, session, b"/share-key" + _id(sender) + _id(recipient))
+    key = _hkdf(shared_secret, context, b"/share-key" + _id(sender) + _id(recipient))
     nonce = os.urandom(NONCE_BYTES)
-    aad = _share_aad(session, sender, recipient)
+    aad = _share_aad(context, sender, recipient)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
 def decrypt_share(
-    shared_secret: bytes, session: bytes, sender: int, recipient: int, blob: bytes
+    shared_secret: bytes, context: bytes, sender: int, recipient: int, blob: bytes
 ) -> bytes:
     """The plaintext of a share; ValueError if it is malformed or does not authenticate."""
     if len(blob) != SHARE_CIPHERTEXT_BYTES:
         raise ValueError(f"ciphertext is {len(blob)} bytes, not {SHARE_CIPHERTEXT_BYTES}")
-    key = _hkdf(shared_secret, session, b"/share-key" + _id(sender) + _id(recipient))
-    aad = _share_aad(session, sender, recipient)
+    key = _hkdf(shared_secret, context, b"/share-key" + _id(sender) + _id(recipient))
+    aad = _share_aad(context, sender, recipient)
     try:
         return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
     except InvalidTag:
         raise ValueError("AES-GCM authentication failed") from None
 
 
-def pairwise_mask_key(shared_secret: bytes, session: bytes, a: int, b: int) -> bytes:
+def pairwise_mask_key(shared_secret: bytes, context: bytes, a: int, b: int) -> bytes:
     """The PRG key of the mask between devices ``a`` and ``b`` (symmetric in a, b)."""
     lo, hi = min(a, b), max(a, b)
-    return _hkdf(shared_secret, session, b"/pairwise-mask" + _id(lo) + _id(hi))
+    return _hkdf(shared_secret, context, b"/pairwise-mask" + _id(lo) + _id(hi))
 
 
-def self_mask_key(seed: bytes, session: bytes, device: int) -> bytes:
+def self_mask_key(seed: bytes, context: bytes, device: int) -> bytes:
     """The PRG key of ``device``'s self-mask, from its secret seed ``b``."""
-    return _hkdf(seed, session, b"/self-mask" + _id(device))
+    return _hkdf(seed, context, b"/self-mask" + _id(device))
 
 
-def share_digest(session: bytes, kind: bytes, owner: int, holder: int, share: bytes) -> bytes:
+def share_digest(context: bytes, kind: bytes, owner: int, holder: int, share: bytes) -> bytes:
     """The commitment to one share: ``kind`` is ``b"b"`` (self-mask seed) or ``b"s"`` (key)."""
-    data = DOMAIN + b"/share-commit/" + kind + session + _id(owner) + _id(holder) + share
+    data = DOMAIN + b"/share-commit/" + kind + context + _id(owner) + _id(holder) + share
     return hashlib.sha256(data).digest()[:DIGEST_BYTES]
 
 
-def secret_digest(session: bytes, owner: int, seed: bytes) -> bytes:
+def secret_digest(context: bytes, owner: int, seed: bytes) -> bytes:
     """The commitment to a self-mask seed, checked after it is reconstructed."""
-    return hashlib.sha256(DOMAIN + b"/seed-commit" + session + _id(owner) + seed).digest()
+    return hashlib.sha256(DOMAIN + b"/seed-commit" + context + _id(owner) + seed).digest()
 
 
 def advertisement_message(session: bytes, device: int, c_public: bytes, s_public: bytes) -> bytes:
@@ -153,19 +161,32 @@ def advertisement_message(session: bytes, device: int, c_public: bytes, s_public
     return DOMAIN + b"/advertise" + session + _id(device) + c_public + s_public
 
 
-def survivors_message(session: bytes, contributors: list[int]) -> bytes:
-    """What a device signs to agree to unmask the sum of ``contributors`` (sorted)."""
+def survivors_message(context: bytes, contributors: list[int]) -> bytes:
+    """What a device signs to agree to unmask the sum of ``contributors`` (sorted), in the
+    aggregation whose agreed roster has the digest ``context``."""
     listed = hashlib.sha256(b"".join(_id(d) for d in contributors)).digest()
-    return DOMAIN + b"/survivors" + session + listed
+    return DOMAIN + b"/survivors" + context + listed
 
 
-def roster_seed(session: bytes, entries: list[tuple[int, bytes, bytes, bytes]]) -> bytes:
-    """The SecAgg+ graph's seed: a hash of every (device, c key, s key, identity key) of
-    the roster, sorted by device. The devices' fresh keys are in it, so the server
-    cannot pick the graph (it could only retry with other subsets of devices)."""
-    digest = hashlib.sha256(DOMAIN + b"/graph-seed" + session)
-    for device, c_public, s_public, identity in sorted(entries):
+def roster_message(context: bytes) -> bytes:
+    """What a device signs to say it was shown the roster whose digest is ``context``."""
+    return DOMAIN + b"/roster" + context
+
+
+def roster_digest(params: bytes, entries: list[tuple[int, bytes, bytes, bytes, bytes]]) -> bytes:
+    """The digest of one view of an aggregation: its encoded parameters (session,
+    participants, threshold, floor, encoding) and every roster entry (device, c key,
+    s key, identity key, certificate), sorted by device.
+
+    Devices sign it before any share leaves (`roster_message`), and it is the context
+    of every key, commitment and signature after that. It is also the SecAgg+ graph's
+    seed: the devices' fresh keys are in it, so the server cannot pick the graph (it
+    could only retry with other subsets of devices)."""
+    digest = hashlib.sha256(DOMAIN + b"/roster-digest")
+    digest.update(len(params).to_bytes(4, "big") + params)
+    for device, c_public, s_public, identity, certificate in sorted(entries):
         digest.update(_id(device) + c_public + s_public + identity)
+        digest.update(len(certificate).to_bytes(2, "big") + certificate)
     return digest.digest()
 
 

@@ -3,18 +3,19 @@
 Device -> server messages do not name their sender: the transport
 authenticates the device and passes its number to the server role. Server ->
 device messages name the peers they concern. What a device signs, it signs
-with its identity key (`fedclient.identity`): its advertised keys, and the
-list of contributors it agrees to unmask.
+with its identity key (`fedclient.identity`): its advertised keys, the digest
+of the roster it was shown, and the list of contributors it agrees to unmask.
 
-====================  =======================  ====================================
+====================  =======================  =========================================
 stage                 device -> server         server -> device
-====================  =======================  ====================================
+====================  =======================  =========================================
 0 advertise keys      `KeyAdvertisement`       `KeyRoster` (everyone's signed keys)
-1 share keys          `ShareKeys`              `ShareBundle` (shares addressed to it)
-2 masked input        `MaskedInput`            `SurvivorList` (who sent a masked input)
-3 consistency         `SurvivorSignature`      `UnmaskRequest` (the list, signed by many)
-4 unmask              `UnmaskResponse`         (the server computes the sum)
-====================  =======================  ====================================
+1 agree on roster     `RosterSignature`        `RosterAgreement` (the roster's signers)
+2 share keys          `ShareKeys`              `ShareBundle` (shares addressed to it)
+3 masked input        `MaskedInput`            `SurvivorList` (who sent a masked input)
+4 consistency         `SurvivorSignature`      `UnmaskRequest` (the list, signed by many)
+5 unmask              `UnmaskResponse`         (the server computes the sum)
+====================  =======================  =========================================
 
 `encode` / `decode` give the compact MessagePack form used for byte counts: each
 Struct travels as an array of its fields in order (no field names: a device
@@ -37,6 +38,8 @@ __all__ = [
     "PeerKeys",
     "RelayedShare",
     "RevealedShare",
+    "RosterAgreement",
+    "RosterSignature",
     "SecAggMessage",
     "ShareBundle",
     "ShareKeys",
@@ -75,10 +78,34 @@ class KeyRoster(msgspec.Struct, frozen=True, array_like=True):
     """Stage 0, server -> device: every device that advertised in time (itself included).
 
     The same for every device: each checks every entry, and derives the SecAgg+
-    neighbour graph from the whole roster (`roster_seed`), so the server cannot
+    neighbour graph from the whole roster (`roster_digest`), so the server cannot
     choose the graph alone."""
 
     peers: list[PeerKeys]
+
+
+class Vouch(msgspec.Struct, frozen=True, array_like=True):
+    """One device's signature of a roster or a contributor list."""
+
+    device: int
+    signature: bytes
+
+
+class RosterSignature(msgspec.Struct, frozen=True, array_like=True):
+    """Stage 1, device -> server: its signature of the digest of the roster it was shown
+    (`fedclient.privacy.secagg._crypto.roster_message`)."""
+
+    signature: bytes
+
+
+class RosterAgreement(msgspec.Struct, frozen=True, array_like=True):
+    """Stage 1, server -> device: the signatures of the roster's digest.
+
+    A device shares its secrets only once enough devices of its roster signed the
+    very roster it signed (`SecAggClient.share_keys`): a server that shows devices
+    different rosters gets no shares from a device it cannot show a quorum."""
+
+    signatures: list[Vouch]
 
 
 class EncryptedShare(msgspec.Struct, frozen=True, array_like=True):
@@ -95,7 +122,7 @@ class EncryptedShare(msgspec.Struct, frozen=True, array_like=True):
 
 
 class ShareKeys(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 1, device -> server: one encrypted share pair per roster peer.
+    """Stage 2, device -> server: one encrypted share pair per roster peer.
 
     ``seed_commitment`` commits to the self-mask seed and ``own_share_digest``
     to the share of it the device keeps for itself.
@@ -114,7 +141,7 @@ class RelayedShare(msgspec.Struct, frozen=True, array_like=True):
 
 
 class ShareBundle(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 1, server -> device: the shares its neighbours that shared in time sent it.
+    """Stage 2, server -> device: the shares its neighbours that shared in time sent it.
 
     The device masks its input with exactly these senders.
     """
@@ -123,32 +150,25 @@ class ShareBundle(msgspec.Struct, frozen=True, array_like=True):
 
 
 class MaskedInput(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 2, device -> server: the masked input, little-endian uint32 words."""
+    """Stage 3, device -> server: the masked input, little-endian uint32 words."""
 
     vector: bytes
 
 
 class SurvivorList(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 2, server -> device: every device whose masked input is in the sum."""
+    """Stage 3, server -> device: every device whose masked input is in the sum."""
 
     contributors: list[int]
 
 
 class SurvivorSignature(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 3, device -> server: its signature of the contributor list it was shown."""
+    """Stage 4, device -> server: its signature of the contributor list it was shown."""
 
-    signature: bytes
-
-
-class Vouch(msgspec.Struct, frozen=True, array_like=True):
-    """One device's signature of the contributor list."""
-
-    device: int
     signature: bytes
 
 
 class UnmaskRequest(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 3, server -> device: the contributor list and the signatures of it.
+    """Stage 4, server -> device: the contributor list and the signatures of it.
 
     A device unmasks only for the list it signed itself, vouched for by more
     devices than could be shown a different list (Bonawitz et al. 2017's
@@ -167,7 +187,7 @@ class RevealedShare(msgspec.Struct, frozen=True, array_like=True):
 
 
 class UnmaskResponse(msgspec.Struct, frozen=True, array_like=True):
-    """Stage 3, device -> server: self-mask shares of survivors, key shares of dropped devices."""
+    """Stage 5, device -> server: self-mask shares of survivors, key shares of dropped devices."""
 
     self_mask_shares: list[RevealedShare]
     key_shares: list[RevealedShare]
@@ -176,6 +196,8 @@ class UnmaskResponse(msgspec.Struct, frozen=True, array_like=True):
 SecAggMessage = (
     KeyAdvertisement
     | KeyRoster
+    | RosterSignature
+    | RosterAgreement
     | ShareKeys
     | ShareBundle
     | MaskedInput

@@ -6,17 +6,18 @@ import functools
 import hashlib
 import itertools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
 from fedclient._exceptions import InvalidInput
 from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
-from fedclient.privacy.secagg._crypto import DOMAIN
+from fedclient.privacy.secagg._crypto import DOMAIN, roster_digest
 from fedclient.privacy.secagg._encoding import RotatedQuantization
+from fedclient.privacy.secagg._messages import PeerKeys
 from fedclient.privacy.secagg._quantize import Quantization
 
-__all__ = ["MAX_VECTOR_LENGTH", "SecAggParams"]
+__all__ = ["MAX_VECTOR_LENGTH", "SecAggParams", "roster_context"]
 
 #: Keeps a mask under ChaCha20's 2^32-block stream limit with room to spare.
 MAX_VECTOR_LENGTH = 2**28
@@ -33,7 +34,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       and every device holds shares of every other); an integer ``k`` for
       SecAgg+: each device talks only to its ``k`` neighbours in a Harary graph
       H(k, n) laid over a random permutation of the devices that advertised
-      keys, derived from the whole signed roster (`graph_for`, `roster_seed`):
+      keys, derived from the agreed roster's digest (`graph_for`, `roster_digest`):
       public randomness no single party picks. If k is odd and n odd, one device
       has k + 1 neighbours.
     - ``threshold``: shares needed to recover a secret. A secret is shared among
@@ -43,6 +44,12 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       it against the share of colluders it assumes); it need not be a majority,
       since the consistency round keeps honest devices from revealing both
       secrets of any device.
+    - ``min_contributors``: the floor of the aggregation: no contributor list
+      shorter than this is unmasked. It is part of what devices agree on (the
+      roster's digest), so every honest device enforces the same floor; each
+      refuses a floor under what its own policy wants (its minimum beyond the
+      colluders it assumes), so no device's input is unmasked in a smaller sum
+      than it asked for, and distributed DP sizes each device's noise for it.
     - ``modulus_bits``: the sum is taken in Z_{2^modulus_bits}; a masked input
       travels as ``modulus_bits`` bits a value (`pack`).
     - ``rotation``: for a compressed or noised sum, the common grid every device
@@ -57,6 +64,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     neighbours: int | None = None
     modulus_bits: int = 32
     rotation: RotatedQuantization | None = None
+    min_contributors: int = 2
 
     def __post_init__(self) -> None:
         if not 2 <= self.modulus_bits <= 32:
@@ -82,6 +90,11 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise InvalidInput(f"vector_length must be in [1, {MAX_VECTOR_LENGTH}]")
         if self.neighbours is not None and self.neighbours < 2:
             raise InvalidInput("neighbours must be at least 2")
+        if not 2 <= self.min_contributors <= len(ids):
+            raise InvalidInput(
+                f"min_contributors must be in [2, {len(ids)}] (the participants), "
+                f"got {self.min_contributors}"
+            )
         smallest, _ = self.group_sizes
         if not 2 <= self.threshold <= smallest:
             raise InvalidInput(
@@ -102,6 +115,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         session: bytes | None = None,
         rotation: RotatedQuantization | None = None,
         tolerance: Tolerance | None = None,
+        min_contributors: int = 2,
     ) -> SecAggParams:
         """Parameters for one aggregation over ``participants``.
 
@@ -112,7 +126,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ``session`` (32 bytes, public) defaults to fresh bytes from the OS CSPRNG;
         a session must never be reused for a second aggregation. With
         ``rotation`` the ring is its ``modulus_bits`` (``vector_length`` must be
-        its ``vector_length``).
+        its ``vector_length``). ``min_contributors`` is the aggregation's floor.
         """
         ids = sorted(participants)
         tol = tolerance or Tolerance()
@@ -132,6 +146,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             neighbours=k,
             modulus_bits=rotation.modulus_bits if rotation else 32,
             rotation=rotation,
+            min_contributors=min_contributors,
         )
 
     @property
@@ -147,8 +162,18 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def graph_for(self, members: Sequence[int], seed: bytes) -> Mapping[int, frozenset[int]]:
         """Every member's neighbours among ``members`` (the devices that advertised keys),
-        laid out by ``seed`` (`roster_seed`); complete for SecAgg. Cached."""
+        laid out by ``seed`` (`roster_digest`); complete for SecAgg. Cached."""
         return _graph(tuple(sorted(members)), self.neighbours, seed)
+
+
+def roster_context(params: SecAggParams, peers: Iterable[PeerKeys]) -> bytes:
+    """The digest of one view of an aggregation, ``params`` and a roster's ``peers``
+    (`fedclient.privacy.secagg._crypto.roster_digest`): what devices agree on, and the
+    context of every key, commitment and signature after the roster."""
+    return roster_digest(
+        msgspec.msgpack.encode(params),
+        [(p.device, p.c_public, p.s_public, p.identity_key, p.certificate) for p in peers],
+    )
 
 
 def _degree_range(n: int, k: int | None) -> tuple[int, int]:
