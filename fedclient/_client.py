@@ -862,6 +862,8 @@ class Client:
                 colluding_fraction=policy.max_colluding_fraction,
                 colluding_devices=policy.max_colluding_devices,
             )
+            if plan.privacy.distributed_dp:
+                self._distributed_sigma(plan, client)  # a ring too narrow: refused now
             session = _SecureSession(client)
             yield from self._secure_post(
                 identity, plan, "keys", secagg.encode(session.client.advertise_keys())
@@ -950,12 +952,14 @@ class Client:
         ring: np.ndarray = rotation.encode(flat * weight, weight, rng, noise)
         return ring
 
-    def _distributed_noise(self, plan: RoundPlan, client: Any) -> np.ndarray:
+    def _distributed_sigma(self, plan: RoundPlan, client: Any) -> float:
         """This device's share of the sum's noise (distributed DP, `fedclient.privacy.
-        distributed`): enough that the devices of the aggregation's floor beyond the
-        colluders it assumes (who may add none) give the sum the noise multiplier the
-        device charged its ledger for. The floor is what every honest device enforces
-        before it unmasks (`SecAggClient`), never the plan's word alone."""
+        distributed`), in grid steps: enough that the devices of the aggregation's floor
+        beyond the colluders it assumes (who may add none) give the sum the noise
+        multiplier the device charged its ledger for. The floor is what every honest
+        device enforces before it unmasks (`SecAggClient`), never the plan's word alone.
+        Raises `ProtocolViolation` if the aggregation's ring cannot hold that noise (the
+        sum would wrap: silently wrong)."""
         privacy = self.policy.check(plan)
         if privacy is None:
             raise _secagg().ProtocolViolation("distributed DP without a DP release to charge")
@@ -971,6 +975,12 @@ class Client:
                 f"the aggregation's ring is too narrow for this device's noise (sigma {sigma:.3g} "
                 f"grid steps for {shares} honest shares): the sum would wrap"
             )
+        return sigma
+
+    def _distributed_noise(self, plan: RoundPlan, client: Any) -> np.ndarray:
+        """This device's share of the sum's noise (`_distributed_sigma`), from its CSPRNG."""
+        rotation = client.params.rotation
+        sigma = self._distributed_sigma(plan, client)
         noise: np.ndarray = discrete_gaussian(sigma, rotation.padded, self._noise_source(plan))
         return noise
 

@@ -300,6 +300,31 @@ async def test_distributed_dp_without_a_grid_is_refused_before_any_key(
     assert not lying.posted("/secagg/keys") and not lying.posted("/secagg/masked")
 
 
+async def test_a_ring_too_narrow_for_the_noise_is_refused_before_any_key(
+    make_devices: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server (malicious, or just misconfigured) announces a grid whose ring leaves no
+    # room for the devices' noise: the sum would wrap, and the model be silently wrong.
+    from fedclient.server import secure_rounds
+
+    honest = secure_rounds.rotated_encoding
+
+    def narrow(*args: Any) -> Any:
+        grid = honest(*args)
+        return msgspec.structs.replace(grid, levels=(2**31 - 1) // 7)
+
+    monkeypatch.setattr(secure_rounds, "rotated_encoding", narrow)
+    server = _secure_server(DDP)
+    lying = LyingServer(server.app())
+    devices = make_devices(6, lying, policy=SMALL)
+    for device in devices:
+        await step_until(device, fedclient.Phase.TRAINED)
+    for device in devices:
+        outcome = await device.astep()
+        assert outcome.status == "discarded" and "too narrow" in outcome.reason
+    assert not lying.posted("/secagg/keys")
+
+
 @pytest.mark.filterwarnings("ignore::fedclient.privacy.noise.SeededNoiseWarning")
 async def test_an_inflated_min_devices_does_not_shrink_a_device_s_noise(
     make_devices: Any,
