@@ -73,10 +73,10 @@ from fedclient.privacy.secagg import (
     UnmaskRequest,
     UnmaskResponse,
     Vouch,
-    _crypto,
-    _shamir,
+    crypto,
     dequantize,
     roster_context,
+    shamir,
     unpack,
 )
 
@@ -219,14 +219,14 @@ class SecAggServer:
         keys = (message.c_public, message.s_public)
         if keys[0] == keys[1]:
             raise InvalidRequest("the encryption and mask keys must differ")
-        statement = _crypto.advertisement_message(
+        statement = crypto.advertisement_message(
             self.params.session, device, message.c_public, message.s_public
         )
         if not verify_signature(self.identities[device][0], message.signature, statement):
             raise InvalidRequest("the key advertisement is not signed by the device's identity")
         for key in keys:
             try:
-                _crypto.check_public_key(key)
+                crypto.check_public_key(key)
             except ValueError as exc:
                 raise InvalidRequest(f"unusable X25519 public key: {exc}") from exc
             if key in self._key_owner:
@@ -285,7 +285,7 @@ class SecAggServer:
         digest = hashlib.sha256(message.signature).digest()
         if not self._admit(device, ServerStage.AGREE, digest):
             return
-        statement = _crypto.roster_message(self.context)
+        statement = crypto.roster_message(self.context)
         if not verify_signature(self.identities[device][0], message.signature, statement):
             raise InvalidRequest("the roster signature does not verify under the device's identity")
         self._agreements[device] = message.signature
@@ -314,23 +314,23 @@ class SecAggServer:
             return
         if len(message.seed_commitment) != 32:
             raise InvalidRequest("seed_commitment must be 32 bytes")
-        if len(message.own_share_digest) != _crypto.DIGEST_BYTES:
-            raise InvalidRequest(f"own_share_digest must be {_crypto.DIGEST_BYTES} bytes")
+        if len(message.own_share_digest) != crypto.DIGEST_BYTES:
+            raise InvalidRequest(f"own_share_digest must be {crypto.DIGEST_BYTES} bytes")
         expected = self.graph[device] & self._u1
         index: dict[int, EncryptedShare] = {}
         for share in message.shares:
             if share.recipient not in expected or share.recipient in index:
                 raise InvalidRequest(f"unexpected or repeated share recipient {share.recipient}")
-            if len(share.ciphertext) != _crypto.SHARE_CIPHERTEXT_BYTES:
+            if len(share.ciphertext) != crypto.SHARE_CIPHERTEXT_BYTES:
                 raise InvalidRequest(
                     f"share ciphertext for {share.recipient} is {len(share.ciphertext)} bytes, "
-                    f"not {_crypto.SHARE_CIPHERTEXT_BYTES}"
+                    f"not {crypto.SHARE_CIPHERTEXT_BYTES}"
                 )
             if (
-                len(share.self_mask_digest) != _crypto.DIGEST_BYTES
-                or len(share.key_digest) != _crypto.DIGEST_BYTES
+                len(share.self_mask_digest) != crypto.DIGEST_BYTES
+                or len(share.key_digest) != crypto.DIGEST_BYTES
             ):
-                raise InvalidRequest(f"share digests must be {_crypto.DIGEST_BYTES} bytes")
+                raise InvalidRequest(f"share digests must be {crypto.DIGEST_BYTES} bytes")
             index[share.recipient] = share
         if index.keys() != expected:
             missing = sorted(expected - index.keys())
@@ -420,7 +420,7 @@ class SecAggServer:
         digest = hashlib.sha256(message.signature).digest()
         if not self._admit(device, ServerStage.CONSISTENCY, digest):
             return
-        statement = _crypto.survivors_message(self.context, sorted(self._u3))
+        statement = crypto.survivors_message(self.context, sorted(self._u3))
         if not verify_signature(self.identities[device][0], message.signature, statement):
             raise InvalidRequest("the contributor list is not signed by the device's identity")
         self._vouches[device] = message.signature
@@ -466,7 +466,7 @@ class SecAggServer:
             if owner not in allowed_set or owner in values:
                 raise InvalidRequest(f"unexpected or repeated share of device {owner}")
             try:
-                value = _shamir.decode_element(item.value)
+                value = shamir.decode_element(item.value)
             except ValueError as exc:
                 raise InvalidRequest(f"share of device {owner}: {exc}") from exc
             if kind == b"b" and owner == holder:
@@ -474,7 +474,7 @@ class SecAggServer:
             else:
                 dealt = self._share_index[owner][holder]
                 expected = dealt.self_mask_digest if kind == b"b" else dealt.key_digest
-            if _crypto.share_digest(context, kind, owner, holder, item.value) != expected:
+            if crypto.share_digest(context, kind, owner, holder, item.value) != expected:
                 raise InvalidRequest(f"share of device {owner} does not match its commitment")
             values[owner] = value
         return values
@@ -502,32 +502,32 @@ class SecAggServer:
         context = self.context
         seeds: dict[int, bytes] = {}
         for device in sorted(self._u3):
-            secret = _shamir.reconstruct(self._b_shares[device], t)
-            seed = secret.to_bytes(_shamir.ELEMENT_BYTES, "big")[-32:]
+            secret = shamir.reconstruct(self._b_shares[device], t)
+            seed = secret.to_bytes(shamir.ELEMENT_BYTES, "big")[-32:]
             if (
                 secret >= 2**256
-                or _crypto.secret_digest(context, device, seed)
+                or crypto.secret_digest(context, device, seed)
                 != self._shares[device].seed_commitment
             ):
                 raise self._fail(f"device {device}'s self-mask seed does not match its commitment")
             seeds[device] = seed
         mask_keys: dict[int, X25519PrivateKey] = {}
         for device in dropped:
-            secret = _shamir.reconstruct(self._s_shares[device], t)
+            secret = shamir.reconstruct(self._s_shares[device], t)
             key = X25519PrivateKey.from_private_bytes(
-                secret.to_bytes(_shamir.ELEMENT_BYTES, "big")[-32:]
+                secret.to_bytes(shamir.ELEMENT_BYTES, "big")[-32:]
             )
-            if secret >= 2**256 or _crypto.public_bytes(key) != self._keys[device].s_public:
+            if secret >= 2**256 or crypto.public_bytes(key) != self._keys[device].s_public:
                 raise self._fail(f"device {device}'s mask key does not match its public key")
             mask_keys[device] = key
-        expander = _crypto.MaskExpander(params.vector_length)
+        expander = crypto.MaskExpander(params.vector_length)
         total = self._sum.copy()
         for device, seed in seeds.items():
-            expander.add(total, _crypto.self_mask_key(seed, context, device), -1)
+            expander.add(total, crypto.self_mask_key(seed, context, device), -1)
         for device, key in mask_keys.items():
             for survivor in sorted(self.graph[device] & self._u3):
-                agreed = _crypto.agree(key, self._keys[survivor].s_public)
-                pair_key = _crypto.pairwise_mask_key(agreed, context, survivor, device)
+                agreed = crypto.agree(key, self._keys[survivor].s_public)
+                pair_key = crypto.pairwise_mask_key(agreed, context, survivor, device)
                 # The survivor added +mask if its number is the smaller one.
                 expander.add(total, pair_key, -1 if survivor < device else +1)
         ring_sum = (total & np.uint32(params.modulus_mask)).astype(np.uint32)

@@ -33,7 +33,7 @@ from fedclient.privacy.secagg import (
     SecAggClient,
     SecAggParams,
     Vouch,
-    _crypto,
+    crypto,
     roster_context,
 )
 from fedclient.protocol import Admitted, CheckinResponse, RoundPlan
@@ -88,7 +88,7 @@ class Coalition:
     def sign_roster(self, devices: Iterable[int], roster: KeyRoster) -> list[Vouch]:
         """``devices``' signatures of ``roster``'s digest: what the colluders sign of any
         roster, and what honest devices shown that roster sign (`SecAggClient.agree`)."""
-        statement = _crypto.roster_message(roster_context(self.params, roster.peers))
+        statement = crypto.roster_message(roster_context(self.params, roster.peers))
         return [Vouch(d, self.signers[d].sign(statement)) for d in sorted(devices)]
 
     @staticmethod

@@ -32,14 +32,14 @@ from fedclient.privacy.secagg import (
     UnmaskRequest,
     UnmaskResponse,
     Vouch,
-    _crypto,
-    _shamir,
     choose,
+    crypto,
     decode,
     dequantize,
     encode,
     quantize,
     safe_threshold,
+    shamir,
     signature_quorum,
 )
 from fedclient.server.secagg import ServerStage
@@ -303,7 +303,7 @@ def test_no_single_stage_reveals_an_update() -> None:
     with pytest.raises(InvalidShare):  # device 3 cannot open device 1's share for device 2
         third._open(target, to_2.ciphertext)
     with pytest.raises(ValueError):  # nor can anyone holding only public values
-        _crypto.decrypt_share(adv.c_public, agg.server.context, target, 2, to_2.ciphertext)
+        crypto.decrypt_share(adv.c_public, agg.server.context, target, 2, to_2.ciphertext)
 
     # Stage 2: the masked vector of an all-zero update is uniform (see above) and not zero.
     masked = np.frombuffer(agg.sent["mask"][target].vector, dtype="<u4")
@@ -317,15 +317,15 @@ def test_no_single_stage_reveals_an_update() -> None:
     # ...and with the self-mask seed in hand the server still holds the update under the
     # pairwise masks of its surviving peers: uniform, not the (zero) update.
     b_shares = {
-        holder: _shamir.decode_element(s.value)
+        holder: shamir.decode_element(s.value)
         for holder, r in agg.sent["unmask"].items()
         for s in r.self_mask_shares
         if s.owner == target
     }
-    seed = _shamir.reconstruct(b_shares, agg.params.threshold).to_bytes(33, "big")[-32:]
-    expander = _crypto.MaskExpander(length)
+    seed = shamir.reconstruct(b_shares, agg.params.threshold).to_bytes(33, "big")[-32:]
+    expander = crypto.MaskExpander(length)
     residue = masked.copy()
-    expander.add(residue, _crypto.self_mask_key(seed, agg.server.context, target), -1)
+    expander.add(residue, crypto.self_mask_key(seed, agg.server.context, target), -1)
     assert np.count_nonzero(residue) > length - 5
     assert uniformity_p(residue) > 1e-6
 
@@ -452,7 +452,7 @@ def test_bad_revealed_shares_are_rejected_whole() -> None:
     requests = agg.consistency()
     server = agg.server
     honest = agg.clients[1].unmask(requests[1])
-    wrong = msgspec.structs.replace(honest.self_mask_shares[1], value=_shamir.encode_element(12345))
+    wrong = msgspec.structs.replace(honest.self_mask_shares[1], value=shamir.encode_element(12345))
     bad = [
         msgspec.structs.replace(honest, self_mask_shares=[honest.self_mask_shares[0], wrong]),
         msgspec.structs.replace(honest, key_shares=[RevealedShare(2, honest.key_shares[0].value)]),
@@ -643,16 +643,16 @@ def test_the_graph_comes_from_the_whole_signed_roster() -> None:
 
 
 def test_shamir_recovers_from_any_threshold_shares_and_uses_a_prime_field() -> None:
-    assert _shamir.PRIME > 2**256 and all(
-        pow(a, _shamir.PRIME - 1, _shamir.PRIME) == 1 for a in (2, 3, 5, 7, 11, 13, 17, 19, 23)
+    assert shamir.PRIME > 2**256 and all(
+        pow(a, shamir.PRIME - 1, shamir.PRIME) == 1 for a in (2, 3, 5, 7, 11, 13, 17, 19, 23)
     )
     rng = random.Random(2)
     for t in (2, 3, 8, 9, 17):
         secret = rng.getrandbits(256)
-        shares = _shamir.split(secret, t, range(1, 3 * t))
+        shares = shamir.split(secret, t, range(1, 3 * t))
         for _ in range(5):
             subset = dict(rng.sample(sorted(shares.items()), t))
-            assert _shamir.reconstruct(subset, t) == secret
+            assert shamir.reconstruct(subset, t) == secret
         fewer = dict(list(shares.items())[: t - 1])
         with pytest.raises(ValueError):
-            _shamir.reconstruct(fewer, t)
+            shamir.reconstruct(fewer, t)

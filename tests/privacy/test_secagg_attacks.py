@@ -27,7 +27,7 @@ from fedclient.privacy.secagg import (
     SurvivorList,
     UnmaskRequest,
     Vouch,
-    _crypto,
+    crypto,
 )
 from tests.privacy.harness import Aggregation
 
@@ -38,7 +38,7 @@ def _server_entry(device: int, session: bytes, signer: SigningKey, cert: bytes) 
 
     c = X25519PrivateKey.generate().public_key().public_bytes_raw()
     s = X25519PrivateKey.generate().public_key().public_bytes_raw()
-    signature = signer.sign(_crypto.advertisement_message(session, device, c, s))
+    signature = signer.sign(crypto.advertisement_message(session, device, c, s))
     return PeerKeys(device, c, s, signature, signer.public, cert)
 
 
@@ -110,7 +110,7 @@ def _inconsistent_views(
     for d, listed in shown.items():
         vouches = [Vouch(e, signed[e]) for e in sorted(signed) if shown[e] == listed]
         vouches.append(
-            Vouch(colluder, colluder_key.sign(_crypto.survivors_message(context, listed)))
+            Vouch(colluder, colluder_key.sign(crypto.survivors_message(context, listed)))
         )
         try:
             answers[d] = agg.clients[d].unmask(

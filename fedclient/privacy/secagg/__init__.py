@@ -14,7 +14,9 @@ the README's threat model.
 
 It is a sans-io protocol core: `SecAggClient` here and
 `fedclient.server.secagg.SecAggServer` turn the stage messages of
-`fedclient.privacy.secagg` into one another over any transport.
+`fedclient.privacy.secagg` into one another over any transport; both take their
+primitives from `fedclient.privacy.secagg.crypto` (keys, shares, masks, signed
+statements) and `fedclient.privacy.secagg.shamir` (secret sharing).
 
     params = SecAggParams.create(range(1, n + 1), vector_length, plus=True)
     q = quantize(update, params.quantization, rng)          # float -> Z_{2^32}

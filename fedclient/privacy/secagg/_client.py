@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedclient._exceptions import InvalidInput
 from fedclient.identity import SigningKey, verify_certificate, verify_signature
-from fedclient.privacy.secagg import _crypto, _shamir
+from fedclient.privacy.secagg import crypto, shamir
 from fedclient.privacy.secagg._choice import safe_threshold
 from fedclient.privacy.secagg._encoding import pack
 from fedclient.privacy.secagg._errors import AggregationFailed, InvalidShare, ProtocolViolation
@@ -236,7 +236,7 @@ class SecAggClient:
         return message
 
     def _public_keys(self) -> tuple[bytes, bytes]:
-        return _crypto.public_bytes(self._c_key), _crypto.public_bytes(self._s_key)
+        return crypto.public_bytes(self._c_key), crypto.public_bytes(self._s_key)
 
     def _count_signatures(
         self, vouches: Iterable[Vouch], statement: bytes, allowed: Iterable[int], what: str
@@ -262,7 +262,7 @@ class SecAggClient:
     def advertise_keys(self) -> KeyAdvertisement:
         """Stage 0: the two fresh public keys, signed with the identity key."""
         c_public, s_public = self._public_keys()
-        statement = _crypto.advertisement_message(
+        statement = crypto.advertisement_message(
             self.params.session, self.device, c_public, s_public
         )
         message = KeyAdvertisement(c_public, s_public, self.signer.sign(statement))
@@ -295,7 +295,7 @@ class SecAggClient:
                 raise ProtocolViolation(
                     f"device {who}'s identity is not certified by a trusted authority"
                 )
-            statement = _crypto.advertisement_message(session, who, entry.c_public, entry.s_public)
+            statement = crypto.advertisement_message(session, who, entry.c_public, entry.s_public)
             if not verify_signature(entry.identity_key, entry.signature, statement):
                 raise ProtocolViolation(f"device {who}'s keys are not signed by its identity")
             if who == self.device and (
@@ -350,7 +350,7 @@ class SecAggClient:
         self._check_cohort(len(roster.peers))
         entries = {e.device: e for e in roster.peers}
         context = roster_context(self.params, roster.peers)
-        message = RosterSignature(self.signer.sign(_crypto.roster_message(context)))
+        message = RosterSignature(self.signer.sign(crypto.roster_message(context)))
         self._identities = {d: e.identity_key for d, e in entries.items()}
         self._entries = entries
         self.context = context
@@ -373,7 +373,7 @@ class SecAggClient:
         params, context = self.params, self.context
         self._count_signatures(
             agreement.signatures,
-            _crypto.roster_message(context),
+            crypto.roster_message(context),
             self._identities,
             "the roster this device was shown",
         )
@@ -386,38 +386,36 @@ class SecAggClient:
                 f"{params.threshold} needs {params.threshold - 1}"
             )
         holders = [self.device, *sorted(peers)]
-        seed_shares = _shamir.split(int.from_bytes(self._seed, "big"), params.threshold, holders)
-        s_secret = int.from_bytes(_crypto.private_bytes(self._s_key), "big")
-        key_shares = _shamir.split(s_secret, params.threshold, holders)
+        seed_shares = shamir.split(int.from_bytes(self._seed, "big"), params.threshold, holders)
+        s_secret = int.from_bytes(crypto.private_bytes(self._s_key), "big")
+        key_shares = shamir.split(s_secret, params.threshold, holders)
         encrypted = []
         c_secrets: dict[int, bytes] = {}
         for peer, (c_public, _) in sorted(peers.items()):
-            b_share = _shamir.encode_element(seed_shares[peer])
-            s_share = _shamir.encode_element(key_shares[peer])
+            b_share = shamir.encode_element(seed_shares[peer])
+            s_share = shamir.encode_element(key_shares[peer])
             try:
-                secret = _crypto.agree(self._c_key, c_public)
+                secret = crypto.agree(self._c_key, c_public)
             except ValueError as exc:
                 raise ProtocolViolation(f"unusable key for device {peer}: {exc}") from exc
             c_secrets[peer] = secret
             encrypted.append(
                 EncryptedShare(
                     recipient=peer,
-                    ciphertext=_crypto.encrypt_share(
+                    ciphertext=crypto.encrypt_share(
                         secret, context, self.device, peer, b_share + s_share
                     ),
-                    self_mask_digest=_crypto.share_digest(
-                        context, b"b", self.device, peer, b_share
-                    ),
-                    key_digest=_crypto.share_digest(context, b"s", self.device, peer, s_share),
+                    self_mask_digest=crypto.share_digest(context, b"b", self.device, peer, b_share),
+                    key_digest=crypto.share_digest(context, b"s", self.device, peer, s_share),
                 )
             )
         self._peers = peers
         self._c_secrets = c_secrets
         self._own_share = seed_shares[self.device]
-        own = _shamir.encode_element(self._own_share)
+        own = shamir.encode_element(self._own_share)
         message = ShareKeys(
-            seed_commitment=_crypto.secret_digest(context, self.device, self._seed),
-            own_share_digest=_crypto.share_digest(context, b"b", self.device, self.device, own),
+            seed_commitment=crypto.secret_digest(context, self.device, self._seed),
+            own_share_digest=crypto.share_digest(context, b"b", self.device, self.device, own),
             shares=encrypted,
         )
         self._sent[ClientStage.SHARE] = (agreement, message)
@@ -427,13 +425,13 @@ class SecAggClient:
     # -- stage 3 ---------------------------------------------------------------------------
     def _open(self, sender: int, ciphertext: bytes) -> tuple[int, int]:
         try:
-            plaintext = _crypto.decrypt_share(
+            plaintext = crypto.decrypt_share(
                 self._c_secrets[sender], self.context, sender, self.device, ciphertext
             )
-            half = _shamir.ELEMENT_BYTES
+            half = shamir.ELEMENT_BYTES
             return (
-                _shamir.decode_element(plaintext[:half]),
-                _shamir.decode_element(plaintext[half:]),
+                shamir.decode_element(plaintext[:half]),
+                shamir.decode_element(plaintext[half:]),
             )
         except ValueError as exc:
             raise InvalidShare(sender, str(exc)) from exc
@@ -469,15 +467,15 @@ class SecAggClient:
         received = {
             share.sender: self._open(share.sender, share.ciphertext) for share in bundle.shares
         }
-        expander = _crypto.MaskExpander(params.vector_length)
+        expander = crypto.MaskExpander(params.vector_length)
         masked = values.astype("<u4", copy=True)
-        expander.add(masked, _crypto.self_mask_key(self._seed, self.context, self.device), +1)
+        expander.add(masked, crypto.self_mask_key(self._seed, self.context, self.device), +1)
         for peer in sorted(senders):
             try:
-                secret = _crypto.agree(self._s_key, self._peers[peer][1])
+                secret = crypto.agree(self._s_key, self._peers[peer][1])
             except ValueError as exc:
                 raise ProtocolViolation(f"unusable mask key for device {peer}: {exc}") from exc
-            key = _crypto.pairwise_mask_key(secret, self.context, self.device, peer)
+            key = crypto.pairwise_mask_key(secret, self.context, self.device, peer)
             expander.add(masked, key, +1 if self.device < peer else -1)
         if params.modulus_bits < 32:  # the masks mod 2^b are the 32-bit masks' low bits
             np.bitwise_and(masked, np.uint32(params.modulus_mask), out=masked)
@@ -516,7 +514,7 @@ class SecAggClient:
             raise AggregationFailed(
                 f"{len(listed)} contributors; device {self.device} unmasks sums of {needed} or more"
             )
-        statement = _crypto.survivors_message(self.context, listed)
+        statement = crypto.survivors_message(self.context, listed)
         message = SurvivorSignature(self.signer.sign(statement))
         self._contributors = list(listed)
         self._sent[ClientStage.CONSISTENCY] = (survivors, message)
@@ -542,7 +540,7 @@ class SecAggClient:
             raise ProtocolViolation("the unmask request is for another contributor list")
         self._count_signatures(
             request.signatures,
-            _crypto.survivors_message(self.context, listed),
+            crypto.survivors_message(self.context, listed),
             listed,
             "the contributor list",
         )
@@ -554,13 +552,13 @@ class SecAggClient:
                 f"{len(survivors)} survivors around device {self.device}; threshold "
                 f"{self.params.threshold}"
             )
-        b_shares = [RevealedShare(self.device, _shamir.encode_element(self._own_share))]
+        b_shares = [RevealedShare(self.device, shamir.encode_element(self._own_share))]
         b_shares += [
-            RevealedShare(v, _shamir.encode_element(self._received[v][0]))
+            RevealedShare(v, shamir.encode_element(self._received[v][0]))
             for v in sorted(survivors - {self.device})
         ]
         s_shares = [
-            RevealedShare(v, _shamir.encode_element(self._received[v][1])) for v in sorted(dropped)
+            RevealedShare(v, shamir.encode_element(self._received[v][1])) for v in sorted(dropped)
         ]
         message = UnmaskResponse(self_mask_shares=b_shares, key_shares=s_shares)
         self._sent[ClientStage.UNMASK] = (request, message)

@@ -93,7 +93,7 @@ class Vouch(msgspec.Struct, frozen=True, array_like=True):
 
 class RosterSignature(msgspec.Struct, frozen=True, array_like=True):
     """Stage 1, device -> server: its signature of the digest of the roster it was shown
-    (`fedclient.privacy.secagg._crypto.roster_message`)."""
+    (`fedclient.privacy.secagg.crypto.roster_message`)."""
 
     signature: bytes
 

@@ -12,10 +12,10 @@ import msgspec
 
 from fedclient._exceptions import InvalidInput
 from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
-from fedclient.privacy.secagg._crypto import DOMAIN, roster_digest
 from fedclient.privacy.secagg._encoding import RotatedQuantization
 from fedclient.privacy.secagg._messages import PeerKeys
 from fedclient.privacy.secagg._quantize import Quantization
+from fedclient.privacy.secagg.crypto import DOMAIN, roster_digest
 
 __all__ = ["MAX_VECTOR_LENGTH", "SecAggParams", "roster_context"]
 
@@ -168,7 +168,7 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def roster_context(params: SecAggParams, peers: Iterable[PeerKeys]) -> bytes:
     """The digest of one view of an aggregation, ``params`` and a roster's ``peers``
-    (`fedclient.privacy.secagg._crypto.roster_digest`): what devices agree on, and the
+    (`fedclient.privacy.secagg.crypto.roster_digest`): what devices agree on, and the
     context of every key, commitment and signature after the roster."""
     return roster_digest(
         msgspec.msgpack.encode(params),
