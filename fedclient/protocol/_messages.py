@@ -117,6 +117,10 @@ class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: al. 2020); each device checks the threshold against its own PrivacyPolicy.
     secagg_colluding: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.2
     secagg_dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3
+    #: The share of a secure round's cohort that may never advertise keys (failed to
+    #: train, went offline) with the rounds going on: the colluders are then a larger
+    #: share of the roster, which each device checks; SecAgg+ sizes its threshold for it.
+    secagg_roster_dropout: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.1
     #: Distributed DP (with secure aggregation and dp_epsilon): each device adds a share
     #: of discrete Gaussian noise so that the *sum* is (dp_epsilon, dp_delta)-DP per round
     #: (Kairouz et al. 2021), instead of noising its own update for the server to see.

@@ -191,7 +191,9 @@ class SecureRounds:
             quantization=Quantization(p.secagg_clip, max_devices=max(2, len(members))),
             session=session,
             rotation=rotation,
-            tolerance=Tolerance(p.secagg_colluding, p.secagg_dropout),
+            tolerance=Tolerance(
+                p.secagg_colluding, p.secagg_dropout, roster_dropout=p.secagg_roster_dropout
+            ),
             min_contributors=secure_floor(plan, len(members)),
         )
         opened = _Opened(encode(params), members, p.secagg_stage_seconds)

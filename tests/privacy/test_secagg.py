@@ -38,9 +38,9 @@ from fedclient.privacy.secagg import (
     dequantize,
     encode,
     quantize,
-    safe_threshold,
     shamir,
     signature_quorum,
+    sparse_threshold,
 )
 from fedclient.server.secagg import ServerStage
 from tests.privacy.harness import STAGES, Aggregation
@@ -587,26 +587,48 @@ def test_a_device_refuses_a_threshold_its_colluders_could_reach() -> None:
         )
 
 
-@pytest.mark.parametrize(("n", "expected"), [(100, (None, 21)), (1000, (218, 96))])
+@pytest.mark.parametrize(("n", "expected"), [(100, (None, 21)), (1000, (244, 111))])
 def test_neighbours_and_threshold_follow_the_tolerances(
     n: int, expected: tuple[int | None, int]
 ) -> None:
-    # Bell et al. 2020's conditions at 20% colluding, 30% dropout, 2^-40 both ways.
+    # Bell et al. 2020's conditions at 20% colluding, 30% dropout, 2^-40 both ways, in a
+    # roster that may lose 10% of the devices before it forms (the colluders stay).
     assert choose(n) == expected
     k, t = expected
     if k is not None:
-        # Security: n * P[Bin(k, 0.2) >= t] <= 2^-40; correctness: n * P[Bin(k, 0.7) < t].
-        tail = stats.binom.sf(t - 1, k, 0.2) * n
+        roster, share = int(0.9 * n), 0.2 * n / int(0.9 * n)
+        # Security in that roster: roster * P[Bin(k, share) >= t] <= 2^-40 (and in the
+        # whole one, where the colluders' share is smaller); correctness: P[Bin(k, 0.7) < t].
+        tail = stats.binom.sf(t - 1, k, share) * roster
         short = stats.binom.cdf(t - 1, k, 0.7) * n
         assert tail <= 2**-40 and short <= 2**-40
-        assert stats.binom.sf(t - 2, k, 0.2) * n > 2**-40  # one lower would not be safe
-        assert choose(n)[0] == k and safe_threshold(n, k - 1, 0.2) > t - 5
+        assert stats.binom.sf(t - 2, k, share) * roster > 2**-40  # one lower: not safe
+        # k is the fewest: one neighbour fewer, its safe threshold fails correctness.
+        fewer = sparse_threshold(n, k - 1, Tolerance())
+        assert stats.binom.cdf(fewer - 1, k - 1, 0.7) * n > 2**-40
+        # Without the roster's shrinking, Bell et al.'s figures at exactly 20%.
+        assert choose(n, Tolerance(roster_dropout=0.0)) == (218, 96)
     else:
         assert t == 21 and int(0.7 * n) >= t
     params = SecAggParams.create(range(1, n + 1), 8, plus=True)
     assert (params.neighbours, params.threshold) == expected
     with pytest.raises(InvalidInput, match="cannot tolerate"):
         choose(20, Tolerance(colluding=0.4, dropout=0.6))
+
+
+def test_a_sparse_threshold_holds_in_every_roster_the_tolerance_allows() -> None:
+    # Devices check the threshold against the roster they are shown: a SecAgg+ round
+    # whose roster lost up to 10% of its devices goes on, and one that lost more is
+    # refused by the devices (the colluders would be too large a share of it).
+    n = 1000
+    params = SecAggParams.create(range(1, n + 1), 8, plus=True, min_contributors=210)
+    coalition = Aggregation.start(n, 8, plus=True, min_contributors=210)
+    assert coalition.params.threshold == params.threshold == 111
+    client = SecAggClient(params, 1, SigningKey(), trust_server_identities=True, min_honest=10)
+    for roster in (1000, 950, 900):
+        client._check_cohort(roster)
+    with pytest.raises(ProtocolViolation, match="within their reach"):
+        client._check_cohort(890)
 
 
 def test_the_neighbour_graph_is_a_k_connected_regular_graph_fixed_by_the_seed() -> None:

@@ -23,7 +23,7 @@ statements) and `fedclient.privacy.secagg.shamir` (secret sharing).
     client = SecAggClient(params, device, signer, trusted_authorities=[authority])
 """
 
-from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
+from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold, sparse_threshold
 from fedclient.privacy.secagg._client import (
     ClientStage,
     SecAggClient,
@@ -109,5 +109,6 @@ __all__ = [
     "roster_context",
     "safe_threshold",
     "signature_quorum",
+    "sparse_threshold",
     "unpack",
 ]

@@ -15,6 +15,14 @@ threshold ``t``. Two things must hold for every device, except with probability
   with at most a fraction ``dropout`` dropping after they advertised keys:
   Binomial(k, 1 - dropout) >= t. (Colluders that refuse to unmask can always
   make a round fail; that is a denial of service, not a leak.)
+- **A roster that shrinks.** Devices that never advertise keys (they failed to
+  train, or went offline) leave the roster smaller, and the colluders, who never
+  drop, a larger share of it. A device checks the threshold against the roster
+  it was shown (`fedclient.privacy.secagg.SecAggClient`): so the sparse graph's
+  threshold is chosen for a roster of ``1 - roster_dropout`` of the devices with
+  all the colluders in it, and rounds go on when up to that share never
+  advertised. (The complete graph's threshold counts colluders, not shares: any
+  roster that reaches the floor keeps it.)
 
 The consistency round (signed contributor lists, `signature_quorum`) makes
 honest devices agree on who dropped, so the server cannot collect both secrets
@@ -32,7 +40,7 @@ import math
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = ["Tolerance", "choose", "safe_threshold"]
+__all__ = ["Tolerance", "choose", "safe_threshold", "sparse_threshold"]
 
 
 class Tolerance:
@@ -44,20 +52,27 @@ class Tolerance:
         dropout: float = 0.3,
         security_bits: float = 40.0,
         correctness_bits: float = 40.0,
+        roster_dropout: float = 0.1,
     ) -> None:
         if not 0 <= colluding < 1 or not 0 <= dropout < 1:
             raise InvalidInput("colluding and dropout fractions must be in [0, 1)")
+        if not 0 <= roster_dropout < 1 or colluding / (1 - roster_dropout) >= 1:
+            raise InvalidInput(
+                "roster_dropout must be in [0, 1) and leave the colluders a minority"
+            )
         if security_bits <= 0 or correctness_bits <= 0:
             raise InvalidInput("security and correctness bits must be positive")
         self.colluding = colluding
         self.dropout = dropout
         self.security_bits = security_bits
         self.correctness_bits = correctness_bits
+        self.roster_dropout = roster_dropout
 
     def __repr__(self) -> str:
         return (
             f"Tolerance(colluding={self.colluding}, dropout={self.dropout}, "
-            f"security_bits={self.security_bits}, correctness_bits={self.correctness_bits})"
+            f"security_bits={self.security_bits}, correctness_bits={self.correctness_bits}, "
+            f"roster_dropout={self.roster_dropout})"
         )
 
 
@@ -113,21 +128,40 @@ def choose(n: int, tolerance: Tolerance | None = None) -> tuple[int | None, int]
     Raises `fedclient.InvalidInput` if even the complete graph cannot: too many
     dropouts for that many colluders."""
     tol = tolerance or Tolerance()
-    return _choose(n, tol.colluding, tol.dropout, tol.security_bits, tol.correctness_bits)
+    return _choose(
+        n, tol.colluding, tol.dropout, tol.security_bits, tol.correctness_bits, tol.roster_dropout
+    )
+
+
+def sparse_threshold(n: int, k: int, tolerance: Tolerance) -> int:
+    """The threshold a SecAgg+ graph of ``k`` neighbours needs for ``n`` announced devices:
+    safe in every roster the tolerance lets them shrink to (`Tolerance`), where all the
+    colluders may remain. Their share peaks in the smallest roster that is still sparse;
+    a roster of ``k + 1`` or fewer is complete, and needs more than the colluders."""
+    colluders = tolerance.colluding * n
+    smallest = max(2, math.floor((1 - tolerance.roster_dropout) * n))
+    need = 2
+    if smallest <= k + 1:  # some rosters are complete: every colluder a neighbour
+        need = max(need, math.ceil(colluders) + 1)
+    sparse = max(smallest, k + 2)
+    if sparse <= n:
+        share = colluders / sparse
+        need = max(need, safe_threshold(sparse, k, share, tolerance.security_bits))
+    return need
 
 
 @functools.lru_cache(maxsize=256)
 def _choose(
-    n: int, colluding: float, dropout: float, security_bits: float, correctness_bits: float
+    n: int,
+    colluding: float,
+    dropout: float,
+    security_bits: float,
+    correctness_bits: float,
+    roster_dropout: float,
 ) -> tuple[int | None, int]:
-    """``(k, t)`` for ``n`` devices: the fewest neighbours (None: everyone, SecAgg) and
-    the threshold that meet ``tolerance`` (default `Tolerance()`).
-
-    Raises `fedclient.InvalidInput` if even the complete graph cannot: too many
-    dropouts for that many colluders."""
-    tol = Tolerance(colluding, dropout, security_bits, correctness_bits)
+    tol = Tolerance(colluding, dropout, security_bits, correctness_bits, roster_dropout)
     for k in range(2, n - 1):
-        t = safe_threshold(n, k, tol.colluding, tol.security_bits)
+        t = sparse_threshold(n, k, tol)
         if t <= k + 1 and not _fails_correctness(n, k, t, tol):
             return k, t
     t = safe_threshold(n, None, tol.colluding, tol.security_bits)

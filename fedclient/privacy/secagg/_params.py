@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import msgspec
 
 from fedclient._exceptions import InvalidInput
-from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold
+from fedclient.privacy.secagg._choice import Tolerance, choose, safe_threshold, sparse_threshold
 from fedclient.privacy.secagg._encoding import RotatedQuantization
 from fedclient.privacy.secagg._messages import PeerKeys
 from fedclient.privacy.secagg._quantize import Quantization
@@ -136,7 +136,11 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if k is not None and k >= len(ids) - 1:
             k = None  # the graph is complete: plain SecAgg
         if threshold is None:
-            threshold = safe_threshold(len(ids), k, tol.colluding, tol.security_bits)
+            threshold = (
+                safe_threshold(len(ids), k, tol.colluding, tol.security_bits)
+                if k is None
+                else sparse_threshold(len(ids), k, tol)
+            )
         return cls(
             session=session or os.urandom(32),
             participants=ids,
