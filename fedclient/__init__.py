@@ -40,7 +40,7 @@ from fedclient._exceptions import (
 if typing.TYPE_CHECKING:  # what the names below are, for type checkers and readers
     from fedclient import models, protocol, transport
     from fedclient._client import Client, StepOutcome, TrainTask, TransferStats
-    from fedclient._examples import ExampleStore
+    from fedclient._examples import ExampleStore, Forgotten
     from fedclient._fit import FitResult, fit
     from fedclient._personalize import Personalization
     from fedclient._state import DeviceState, Phase
@@ -64,6 +64,7 @@ _LAZY: dict[str, str] = {
     "FaultyTransport": "fedclient.transport",
     "fit": "fedclient._fit",
     "FitResult": "fedclient._fit",
+    "Forgotten": "fedclient._examples",
     "IdentityAuthority": "fedclient.identity",
     "models": "fedclient.models",
     "Personalization": "fedclient._personalize",
@@ -96,6 +97,7 @@ __all__ = [
     "FedError",
     "FitResult",
     "Forbidden",
+    "Forgotten",
     "IdentityAuthority",
     "IdentityRequired",
     "InvalidInput",

@@ -22,6 +22,7 @@ import msgspec
 import sqlite_utils
 
 from fedclient._exceptions import StateError
+from fedclient._sqlite import SharedDatabase, lock_of
 from fedclient.protocol import ModelSpec, RoundPlan, UploadReceipt
 
 __all__ = ["DeviceState", "Identity", "Phase", "RoundProgress"]
@@ -127,22 +128,25 @@ class DeviceState:
     """SQLite state of one device (``key``) in a database file it may share with others.
 
     One DeviceState at a time drives a key (a process opens it when the app starts):
-    it keeps what it last wrote of the round's progress in memory."""
+    it keeps what it last wrote of the round's progress in memory. Opened from a path
+    (or `in_memory`), it may be used from any thread (`fedclient._sqlite`); given an
+    open `sqlite_utils.Database`, from the thread that database belongs to."""
 
     def __init__(self, db: str | Path | sqlite_utils.Database, key: str = "device") -> None:
         if isinstance(db, sqlite_utils.Database):
             self.db = db
         else:
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-            # No sqlite-utils plugins: an app starts without scanning every installed
-            # package's entry points for them (27 ms here, more on a phone).
-            self.db = sqlite_utils.Database(db, execute_plugins=False)
+            self.db = SharedDatabase(db)
             self.db.enable_wal()
             # FULL: each step's commit reaches the disk before the step's effect (an upload,
             # a privacy charge) can leave the device, so even a power cut cannot roll back
             # a charge for an update that was sent. A few fsyncs per round.
             self.db.execute("PRAGMA synchronous=FULL")
         self.key = key
+        # Held while a read fills the caches below, so a reader on another thread cannot
+        # put back a value a writer just replaced.
+        self._lock = lock_of(self.db)
         # An enrolment never changes once stored, and every step needs it: read it once.
         self._identities: dict[str, Identity] = {}
         # The round progress and held model version last written or read, per job. One
@@ -156,7 +160,7 @@ class DeviceState:
     @classmethod
     def in_memory(cls, key: str = "device") -> DeviceState:
         """A state that lives only as long as the process (tests, throwaway runs)."""
-        return cls(sqlite_utils.Database(memory=True, execute_plugins=False), key)
+        return cls(SharedDatabase(None), key)
 
     def atomic(self) -> AbstractContextManager[None]:
         """One transaction: all of the block's writes or none (nested: a savepoint)."""
@@ -190,13 +194,15 @@ class DeviceState:
         known = self._identities.get(server)
         if known is not None:
             return known
-        row = self.db.execute(
-            "SELECT device_id, token FROM identities WHERE key=? AND server=?", [self.key, server]
-        ).fetchone()
-        if not row or not row[0]:
-            return None
-        identity = self._identities[server] = Identity(row[0], row[1])
-        return identity
+        with self._lock:
+            row = self.db.execute(
+                "SELECT device_id, token FROM identities WHERE key=? AND server=?",
+                [self.key, server],
+            ).fetchone()
+            if not row or not row[0]:
+                return None
+            identity = self._identities[server] = Identity(row[0], row[1])
+            return identity
 
     def enrolment_token(self, server: str) -> str:
         """The token this device proposes to ``server``: made once, stored before use."""
@@ -219,7 +225,7 @@ class DeviceState:
                 "INSERT OR REPLACE INTO identities VALUES (?, ?, ?, ?)",
                 [self.key, server, identity.device_id, identity.token],
             )
-        self._identities[server] = identity
+            self._identities[server] = identity
 
     def signing_key(self) -> bytes:
         """The device's Ed25519 identity key (raw private bytes): made once, from the OS
@@ -258,17 +264,19 @@ class DeviceState:
         known = self._progress.get(job)
         if known is not None:
             return known
-        row = self.db.execute(
-            "SELECT phase, plan, idempotency_key, update_body FROM progress WHERE key=? AND job=?",
-            [self.key, job],
-        ).fetchone()
-        if row is None:
-            progress = RoundProgress(Phase.IDLE)
-        else:
-            plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
-            progress = RoundProgress(Phase(row[0]), plan, row[2], row[3])
-        self._progress[job] = progress
-        return progress
+        with self._lock:
+            row = self.db.execute(
+                "SELECT phase, plan, idempotency_key, update_body FROM progress"
+                " WHERE key=? AND job=?",
+                [self.key, job],
+            ).fetchone()
+            if row is None:
+                progress = RoundProgress(Phase.IDLE)
+            else:
+                plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
+                progress = RoundProgress(Phase(row[0]), plan, row[2], row[3])
+            self._progress[job] = progress
+            return progress
 
     def phase(self, job: str) -> Phase:
         """Where the device stands in ``job``, without reading the plan or the update."""
@@ -389,11 +397,12 @@ class DeviceState:
         """The model version held for ``job`` and its etag, without reading the body."""
         if job in self._held:
             return self._held[job]
-        row = self.db.execute(
-            "SELECT version, etag FROM models WHERE key=? AND job=?", [self.key, job]
-        ).fetchone()
-        held = self._held[job] = (int(row[0]), str(row[1])) if row else None
-        return held
+        with self._lock:
+            row = self.db.execute(
+                "SELECT version, etag FROM models WHERE key=? AND job=?", [self.key, job]
+            ).fetchone()
+            held = self._held[job] = (int(row[0]), str(row[1])) if row else None
+            return held
 
     def held_model(self, job: str) -> tuple[int, str, bytes] | None:
         """The model version held for ``job``: (version, etag, body)."""

@@ -36,11 +36,11 @@ def test_forgetting_removes_the_rows_and_their_bytes(tmp_path: Path, digits: Any
 
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert scan()  # the bytes are on disk...
-    assert store.forget(source="bob") == 3
+    assert store.forget(source="bob") == fedclient.Forgotten(3, complete=True)
     assert not scan()  # ...and now nowhere in the database or its log
     assert len(store) == 50
-    assert store.forget(ids) == 0  # gone already
-    assert store.forget(before=1e18) == 50 and len(store) == 0
+    assert store.forget(ids).count == 0  # gone already
+    assert store.forget(before=1e18).count == 50 and len(store) == 0
 
 
 def test_retention_limits_hold_across_restarts(tmp_path: Path) -> None:
