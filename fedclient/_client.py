@@ -47,9 +47,9 @@ from fedclient._exceptions import (
     PrivacyPolicyViolation,
     RequestTimeout,
     RoundClosed,
-    StateError,
     TransportError,
 )
+from fedclient._inference import HeldModels
 from fedclient._personalize import Personalization
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
@@ -305,7 +305,15 @@ class Client:
         self._secure: dict[int, _SecureSession] = {}
         self._identity: Any = None  # fedclient.identity.SigningKey, loaded on first use
         self._identity_asked = False  # a secure job asked for the identity key
-        self._personal: tuple[int, TrainingBackend] | None = None  # (version, fine-tuned)
+        self._held_models = HeldModels(
+            self._store,
+            self.job,
+            self.runtime,
+            training_model=lambda: self.model,
+            personalize=self.personalize,
+            examples=self._examples_now,
+            seed=self.seed,
+        )
         # The model just downloaded and checked, (version, etag, weights), handed to the
         # training step that follows so it need not read and decode the stored copy.
         self._downloaded: tuple[int, str, Weights] | None = None
@@ -424,33 +432,16 @@ class Client:
 
     def latest_model(self, *, personalized: bool = False) -> TrainingBackend:
         """The newest global model the device holds, ready for inference through the
-        device's runtime (no network call). ``personalized``: fine-tuned on the device's
-        own data first, as `personalize` says (cached until a newer model arrives)."""
-        held = self._store.held_model(self.job)
-        spec = self._store.held_spec(self.job)
-        if held is None:
-            raise StateError(f"the device holds no model of job {self.job!r} yet")
-        weights = decode_tensors(held[2])[0]
-        if spec is None and self.model is None:
-            raise StateError("the held model's architecture is unknown (an older state)")
-        if not personalized:
-            backend = create_backend(spec, self.runtime) if spec is not None else self.model
-            assert backend is not None
-            backend.set_weights(weights)
-            return backend
-        if self.personalize is None:
-            raise InvalidInput("personalized=True needs Client(personalize=...)")
-        if self._personal is None or self._personal[0] != held[0]:
-            assert spec is not None
-            tuned = create_backend(spec, self.runtime)
-            x, y = self._training_data()
-            self.personalize.apply(tuned, weights, x, y, seed=self.seed)
-            self._personal = (held[0], tuned)
-        return self._personal[1]
+        device's runtime (no network call; any thread, while another trains).
+        ``personalized``: fine-tuned on the device's own data first, as `personalize`
+        says (cached until a newer model arrives or the example store forgets)."""
+        return self._held_models.latest(personalized=personalized)
 
     def predict(self, x: np.ndarray, *, personalized: bool = False) -> np.ndarray:
-        """Class probabilities of ``x`` under `latest_model` (shape (n, classes))."""
-        return self.latest_model(personalized=personalized).predict(np.asarray(x))
+        """Class probabilities of ``x`` under `latest_model`: shape (n, classes). ``x``
+        has shape (n, features); another shape is an `InvalidInput` naming the one the
+        model takes."""
+        return self._held_models.predict(x, personalized=personalized)
 
     def close(self) -> None:
         """Close the blocking connection pool."""
@@ -1032,6 +1023,13 @@ class Client:
         if len(y) == 0:
             raise InvalidInput("the example store is empty: nothing to train on")
         return x, y
+
+    def _examples_now(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The examples now and the store's generation (0 for arrays), read together."""
+        if self._arrays is not None:
+            return (*self._arrays, 0)
+        assert isinstance(self.data, ExampleStore)
+        return self.data.snapshot()
 
     def _example_count(self) -> int:
         return len(self._arrays[1]) if self._arrays is not None else len(self.data)

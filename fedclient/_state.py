@@ -411,6 +411,28 @@ class DeviceState:
         ).fetchone()
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
+    def held(self, job: str) -> tuple[int, bytes, ModelSpec | None] | None:
+        """The model held for ``job`` with its architecture, read together: (version,
+        body, spec); the spec is None in a state older than schema 6."""
+        row = self.db.execute(
+            "SELECT version, body, spec FROM models WHERE key=? AND job=?", [self.key, job]
+        ).fetchone()
+        if not row:
+            return None
+        spec = msgspec.json.decode(row[2], type=ModelSpec) if row[2] else None
+        return int(row[0]), bytes(row[1]), spec
+
+    def hold_final_model(
+        self, job: str, version: int, etag: str, body: bytes, spec: ModelSpec
+    ) -> None:
+        """Hold a finished job's final model (no round: the progress stays idle)."""
+        with self.atomic():
+            self.db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                [self.key, job, version, etag, body, msgspec.json.encode(spec).decode()],
+            )
+            self._held[job] = (version, etag)
+
     def held_spec(self, job: str) -> ModelSpec | None:
         """The architecture of the model held for ``job``, if one is held."""
         row = self.db.execute(
