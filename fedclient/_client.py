@@ -62,6 +62,7 @@ from fedclient.protocol import (
     CHECKIN,
     DEVICE_ID_HEADER,
     IDEMPOTENCY_HEADER,
+    JOB_STATUS,
     LEAVE,
     MODEL,
     MSGPACK_MEDIA_TYPE,
@@ -75,6 +76,8 @@ from fedclient.protocol import (
     CheckinRequest,
     CheckinResponse,
     JobFinished,
+    JobStatus,
+    ModelSpec,
     RetryLater,
     RoundPlan,
     Route,
@@ -122,6 +125,9 @@ class StepOutcome:
     receipt: UploadReceipt | None = None
     reason: str = ""
     train_loss: float | None = None
+    #: The model version the step left the device holding, where it changed or matters
+    #: (a finished job's final model).
+    model_version: int | None = None
 
 
 @dataclass
@@ -651,7 +657,7 @@ class Client:
         if isinstance(answer, RetryLater):
             return StepOutcome("waiting", retry_after=answer.retry_after, reason=answer.reason)
         if isinstance(answer, JobFinished):
-            return StepOutcome("finished", reason="the job ran all its rounds")
+            return (yield from self._finished(identity, answer.model_version))
         assert isinstance(answer, Admitted)
         plan = answer.plan.rebased(self.clock())
         try:
@@ -668,6 +674,23 @@ class Client:
             self._store.record_admission(self.job, plan, (answer.model_etag, answer.model))
             self._downloaded = (plan.model_version, answer.model_etag, weights)
         return StepOutcome("admitted", round_id=answer.plan.round_id)
+
+    def _finished(self, identity: Identity, version: int) -> Flow:
+        """The job is over: hold its final model (fetched once), so `predict` and
+        `latest_model` serve the last aggregate, not the one before it."""
+        held = self._store.held_version(self.job)
+        if held is None or held[0] != version:
+            spec = self._store.held_spec(self.job)
+            if spec is None:  # never admitted: the job's status names the architecture
+                response = yield self._request(JOB_STATUS, identity, job=self.job)
+                spec = _decode(response, JobStatus).plan.model
+            request = self._request(MODEL, identity, job=self.job, version=version)
+            response = yield ResumableDownload(request, self.job, version)
+            raise_for_error(response)
+            self._check_weights(decode_tensors(response.content)[0], spec)
+            etag = response.headers.get("ETag", "")
+            self._store.hold_final_model(self.job, version, etag, response.content, spec)
+        return StepOutcome("finished", reason="the job is over", model_version=version)
 
     def _download(self, identity: Identity, plan: RoundPlan) -> Flow:
         held = self._store.held_version(self.job)
@@ -1070,16 +1093,23 @@ class Client:
         return decode_tensors(stored[2])[0]
 
     def _backend(self, plan: RoundPlan) -> TrainingBackend:
+        return self._backend_for(plan.model)
+
+    def _backend_for(self, spec: ModelSpec) -> TrainingBackend:
         if self.model is None:
-            self.model = create_backend(plan.model, self.runtime)
+            self.model = create_backend(spec, self.runtime)
         return self.model
 
     def _check_model(self, weights: Weights, plan: RoundPlan) -> None:
-        backend = self._backend(plan)
+        self._check_weights(weights, plan.model)
+
+    def _check_weights(self, weights: Weights, spec: ModelSpec) -> None:
+        """`ModelMismatch` unless ``weights`` fit the local model of architecture ``spec``."""
+        backend = self._backend_for(spec)
         digest = getattr(backend, "digest", "")
-        if plan.model.digest and digest and digest != plan.model.digest:
+        if spec.digest and digest and digest != spec.digest:
             raise ModelMismatch(
-                f"the job's model is bundle {plan.model.digest[:12]}; this device holds "
+                f"the job's model is bundle {spec.digest[:12]}; this device holds "
                 f"bundle {digest[:12]}"
             )
         local = backend.get_weights()

@@ -82,8 +82,31 @@ def test_predict_on_the_app_thread_while_run_forever_trains_on_another(
         gate.release.set()
     worker.join(timeout=60)
     assert not worker.is_alive()
-    assert live.server.service.job_status("digits").status == "finished"
+    status = live.server.service.job_status("digits")
+    assert status.status == "finished" and status.model_version == 2
+    # The device holds the job's final aggregate, not the model of its last round.
+    np.testing.assert_allclose(client.predict(x), served_predictions(live, 2, x), atol=1e-6)
     client.close()
+
+
+def test_a_finished_job_hands_its_final_model_once_even_to_a_late_device(
+    live_server: Any, digits: Any
+) -> None:
+    live: LiveServer = live_server(devices_per_round=1, rounds=1)
+    early = fedclient.Client(live.url, "digits", (digits.x_train[:80], digits.y_train[:80]))
+    assert early.run_once().status == "uploaded"  # the job's one round closes with it
+    late = fedclient.Client(live.url, "digits", (digits.x_train[80:160], digits.y_train[80:160]))
+    outcome = late.run_once()  # enrols, hears the job is over, fetches its final model
+    assert (outcome.status, outcome.model_version) == ("finished", 1)
+    x = digits.x_test[:8]
+    for device in (early, late):
+        if device is early:
+            assert device.run_once().status == "finished"
+        np.testing.assert_allclose(device.predict(x), served_predictions(live, 1, x), atol=1e-6)
+        requests = device.stats.requests
+        assert device.run_once().status == "finished"
+        assert device.stats.requests == requests + 1  # a check-in, no second download
+        device.close()
 
 
 def test_a_personalised_model_tuned_on_forgotten_examples_is_dropped(
