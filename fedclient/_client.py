@@ -37,6 +37,7 @@ import numpy as np
 
 from fedclient._examples import ExampleStore
 from fedclient._exceptions import (
+    ApiError,
     Conflict,
     FedError,
     IdentityRequired,
@@ -88,7 +89,7 @@ from fedclient.protocol import (
     decode_tensors,
     encode_tensors,
 )
-from fedclient.runtime import TrainingBackend, TrainResult, create_backend
+from fedclient.runtime import TrainingBackend, TrainResult, check_dataset, create_backend
 from fedclient.transport import (
     RetryPolicy,
     error_code,
@@ -311,6 +312,8 @@ class Client:
         self._secure: dict[int, _SecureSession] = {}
         self._identity: Any = None  # fedclient.identity.SigningKey, loaded on first use
         self._identity_asked = False  # a secure job asked for the identity key
+        self._data_fits: tuple[int, int] | None = None  # (inputs, classes) the arrays passed
+        self._job_shape: tuple[int, int] | None = None  # the plan's, once admitted
         self._held_models = HeldModels(
             self._store,
             self.job,
@@ -346,6 +349,15 @@ class Client:
     # -- drivers ---------------------------------------------------------------
     def step(self) -> StepOutcome:
         """Do the next step of the job loop over a blocking connection."""
+        return self._drive(self._step_flow())
+
+    async def astep(self) -> StepOutcome:
+        """Do the next step of the job loop over an asyncio connection."""
+        return await self._adrive(self._step_flow())
+
+    def _drive(self, flow: Generator[Effect, Any, T]) -> T:
+        """Perform ``flow``'s effects over a blocking connection until it returns. An
+        effect that fails is thrown into the flow, which may act on it (leave the round)."""
         if isinstance(self.transport, httpx.AsyncBaseTransport) and not isinstance(
             self.transport, httpx.BaseTransport
         ):
@@ -356,38 +368,45 @@ class Client:
                 if isinstance(self.transport, httpx.BaseTransport)
                 else httpx.Client(verify=ssl_context(self.verify))
             )
-        flow = self._step_flow()
         try:
             effect: Effect = next(flow)
             while True:
-                if isinstance(effect, TrainTask):
-                    effect = flow.send(effect.run())
-                elif isinstance(effect, ResumableDownload):
-                    effect = flow.send(self._send(effect.request, download=effect))
+                try:
+                    if isinstance(effect, TrainTask):
+                        result: Any = effect.run()
+                    elif isinstance(effect, ResumableDownload):
+                        result = self._send(effect.request, download=effect)
+                    else:
+                        result = self._send(effect)
+                except Exception as exc:
+                    effect = flow.throw(exc)
                 else:
-                    effect = flow.send(self._send(effect))
+                    effect = flow.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
-    async def astep(self) -> StepOutcome:
-        """Do the next step of the job loop over an asyncio connection."""
+    async def _adrive(self, flow: Generator[Effect, Any, T]) -> T:
+        """The async twin of `_drive`."""
         if self._async is None:
             self._async = (
                 _AsyncDirect(self.transport)
                 if isinstance(self.transport, httpx.AsyncBaseTransport)
                 else httpx.AsyncClient(verify=ssl_context(self.verify))
             )
-        flow = self._step_flow()
         try:
             effect: Effect = next(flow)
             while True:
-                if isinstance(effect, TrainTask):
-                    trained = await self.atrain(effect) if self.atrain else effect.run()
-                    effect = flow.send(trained)
-                elif isinstance(effect, ResumableDownload):
-                    effect = flow.send(await self._asend(effect.request, download=effect))
+                try:
+                    if isinstance(effect, TrainTask):
+                        result: Any = await self.atrain(effect) if self.atrain else effect.run()
+                    elif isinstance(effect, ResumableDownload):
+                        result = await self._asend(effect.request, download=effect)
+                    else:
+                        result = await self._asend(effect)
+                except Exception as exc:
+                    effect = flow.throw(exc)
                 else:
-                    effect = flow.send(await self._asend(effect))
+                    effect = flow.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
@@ -608,9 +627,11 @@ class Client:
             yield self._request(LEAVE, identity, round_id=progress.plan.round_id)
             return self._discard(progress.plan, f"conditions no longer met: {unmet}")
         if progress.phase is Phase.ADMITTED:
-            return (yield from self._download(identity, progress.plan))
+            download = self._download(identity, progress.plan)
+            return (yield from self._leaving_on_failure(identity, progress.plan, download))
         if progress.phase is Phase.DOWNLOADED:
-            return (yield from self._train(identity, progress.plan))
+            train = self._train(identity, progress.plan)
+            return (yield from self._leaving_on_failure(identity, progress.plan, train))
         assert progress.update is not None and progress.idempotency_key is not None
         return (
             yield from self._upload(
@@ -622,6 +643,9 @@ class Client:
         """Check in (``identity`` without a device id: enrol with it first)."""
         if self._example_count() == 0:  # an example store with nothing in it yet
             return StepOutcome("waiting", retry_after=CONDITIONS_RETRY, reason="no examples yet")
+        known = self._model_shape()
+        if known is not None:  # bad data never takes a place in a round
+            self._check_data(*known)
         held = self._store.held_version(self.job)
         inline = self.inline_model_max
         enrol = not identity.device_id
@@ -666,6 +690,12 @@ class Client:
             # Refused before anything is stored or trained; the place goes to another device.
             yield self._request(LEAVE, identity, round_id=plan.round_id)
             raise
+        return (yield from self._leaving_on_failure(identity, plan, self._admit(answer, plan)))
+
+    def _admit(self, answer: Admitted, plan: RoundPlan) -> Flow:
+        """Hold the admission, once the device's data and model fit the plan's."""
+        self._job_shape = (plan.model.inputs, plan.model.classes)  # checked before, next time
+        self._check_data(*self._job_shape)
         if answer.model is None:
             self._store.record_admission(self.job, plan)
         else:  # the model came along: admitted and downloaded in one transaction
@@ -674,6 +704,23 @@ class Client:
             self._store.record_admission(self.job, plan, (answer.model_etag, answer.model))
             self._downloaded = (plan.model_version, answer.model_etag, weights)
         return StepOutcome("admitted", round_id=answer.plan.round_id)
+        yield  # unreachable: it makes this a step of the flow, whose failures are caught
+
+    def _leaving_on_failure(self, identity: Identity, plan: RoundPlan, work: Flow) -> Flow:
+        """Do ``work`` for the round of ``plan``. A failure of the device's own (data that
+        do not fit, a model that does not match, a backend's error) leaves the round at
+        once, so the server gives the place to another device, and is raised. The
+        network's failures keep the round: the next step resumes it."""
+        try:
+            return (yield from work)
+        except (TransportError, ApiError, PrivacyBudgetExceeded, PrivacyPolicyViolation):
+            raise  # the network's, or a refusal that left the round already
+        except Exception as exc:
+            if self._store.phase(self.job) is not Phase.IDLE:
+                self._discard(plan, f"left after a failure on the device: {exc}")
+            with contextlib.suppress(FedError):  # unheard, the place frees at the deadline
+                yield self._request(LEAVE, identity, round_id=plan.round_id)
+            raise
 
     def _finished(self, identity: Identity, version: int) -> Flow:
         """The job is over: hold its final model (fetched once), so `predict` and
@@ -1046,6 +1093,43 @@ class Client:
         if len(y) == 0:
             raise InvalidInput("the example store is empty: nothing to train on")
         return x, y
+
+    def _model_shape(self) -> tuple[int, int] | None:
+        """(inputs, classes) of the job's model, if the device knows it before a check-in
+        (its own model, or the architecture of the model it holds)."""
+        if self.model is not None:
+            return self.model.inputs, self.model.classes
+        if self._job_shape is not None:
+            return self._job_shape
+        spec = self._store.held_spec(self.job)
+        return None if spec is None else (spec.inputs, spec.classes)
+
+    def _check_data(self, inputs: int, classes: int) -> None:
+        """`InvalidInput` unless the device's examples (and held-out examples) fit a model
+        of ``inputs`` features and ``classes`` classes."""
+        if self._data_fits == (inputs, classes):
+            return  # arrays do not change: checked once
+        try:
+            if self._arrays is not None:
+                check_dataset(*self._arrays, inputs=inputs, classes=classes)
+            else:
+                assert isinstance(self.data, ExampleStore)
+                held_inputs, bounds = self.data.inputs, self.data.label_bounds()
+                if held_inputs is not None and held_inputs != inputs:
+                    raise InvalidInput(f"examples have {held_inputs} features, not {inputs}")
+                if bounds is not None and bounds[1] >= classes:
+                    raise InvalidInput(
+                        f"labels must lie in [0, {classes}), got [{bounds[0]}, {bounds[1]}]"
+                    )
+            if self.eval_data is not None:
+                check_dataset(*self.eval_data, inputs=inputs, classes=classes)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"the device's data do not fit job {self.job!r}'s model ({inputs} features, "
+                f"{classes} classes): {exc}"
+            ) from None
+        if self._arrays is not None:
+            self._data_fits = (inputs, classes)
 
     def _examples_now(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The examples now and the store's generation (0 for arrays), read together."""

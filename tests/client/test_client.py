@@ -358,7 +358,7 @@ def test_the_progress_a_state_keeps_in_memory_follows_its_writes_and_drops_a_rol
         (lambda x, y: y.__setitem__(0, 10), "labels must lie"),
     ],
 )
-async def test_bad_training_data_fail_the_training_step_and_change_nothing(
+async def test_bad_training_data_are_refused_at_admission_and_change_nothing(
     server: Server, digits: Dataset, corrupt: Any, message: str
 ) -> None:
     x, y = digits.x_train[:40].copy(), digits.y_train[:40].copy()
@@ -366,14 +366,12 @@ async def test_bad_training_data_fail_the_training_step_and_change_nothing(
     device = fedclient.Client(
         "http://fedserver.local", "digits", (x, y), transport=server.transport(), seed=0
     )
-    while device.device_state.phase("digits") is not Phase.DOWNLOADED:
-        await device.astep()  # enrol, check in, download (or have the model come along)
-    before = device.device_state.progress("digits")
     with pytest.raises(fedclient.InvalidInput, match=message):
-        await device.astep()
-    assert device.device_state.phase("digits") is Phase.DOWNLOADED
+        await device.astep()  # enrols and is admitted, then sees its data do not fit
+    assert device.device_state.phase("digits") is Phase.IDLE
     again = fedclient.DeviceState(device.device_state.db)  # what the file holds
-    assert again.progress("digits") == before and again.update_size("digits") == 0
+    assert again.progress("digits").plan is None and again.held_version("digits") is None
+    assert server.store.admitted_count(1) == 0  # the place went back (tests/client/test_leaving.py)
     assert server.store.update_count(1) == 0
 
 
