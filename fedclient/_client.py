@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import inspect
 import logging
 import ssl
 import threading
@@ -54,7 +55,7 @@ from fedclient._inference import HeldModels
 from fedclient._personalize import Personalization
 from fedclient._state import DeviceState, Identity, Phase
 from fedclient.compression import CompressionSpec, compress
-from fedclient.conditions import Conditions
+from fedclient.conditions import Conditions, ConditionsUnmet
 from fedclient.privacy.distributed import device_sigma, honest_shares, ring_holds_noise
 from fedclient.privacy.dp import PrivacyLedger
 from fedclient.privacy.noise import NoiseSource, discrete_gaussian
@@ -157,13 +158,17 @@ class TrainTask:
     learning_rate: float
     seed: int | None
     proximal_mu: float = 0.0
+    #: Called before each minibatch; what it raises ends training (`fedclient.Conditions`).
+    interrupt: Callable[[], None] | None = None
 
     def run(self) -> tuple[Weights, TrainResult, float]:
         """Train from ``weights``; return the new weights, what training did, and the
         seconds it took."""
         started = time.perf_counter()
         self.backend.set_weights(self.weights)
-        extra = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
+        extra: dict[str, Any] = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
+        if self.interrupt is not None and _takes(self.backend.train, "interrupt"):
+            extra["interrupt"] = self.interrupt  # (a backend without it: checked after)
         try:
             result = self.backend.train(
                 self.x,
@@ -175,7 +180,7 @@ class TrainTask:
                 **extra,
             )
         except TypeError as exc:
-            if not extra:
+            if not self.proximal_mu:
                 raise
             raise InvalidInput(
                 f"the {self.backend.runtime} backend cannot train FedProx (proximal_mu)"
@@ -622,8 +627,12 @@ class Client:
         if progress.phase is Phase.IDLE:
             return (yield from self._checkin(identity))
         assert progress.plan is not None
-        if unmet is not None and progress.phase in (Phase.ADMITTED, Phase.DOWNLOADED):
-            # Stopped qualifying before the work: leave cleanly, the place goes to another.
+        if unmet is not None and (
+            progress.phase in (Phase.ADMITTED, Phase.DOWNLOADED)
+            or (progress.phase is Phase.TRAINED and progress.plan.round_id not in self._secure)
+        ):
+            # Stopped qualifying before the work or before its upload: leave cleanly, the
+            # place goes to another (once a secure aggregation started, it is a dropout).
             yield self._request(LEAVE, identity, round_id=progress.plan.round_id)
             return self._discard(progress.plan, f"conditions no longer met: {unmet}")
         if progress.phase is Phase.ADMITTED:
@@ -803,17 +812,22 @@ class Client:
             }
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
         settings = plan.train
-        weights, result, seconds = yield TrainTask(
-            backend,
-            base,
-            x,
-            y,
-            settings.epochs,
-            settings.batch_size,
-            settings.learning_rate,
-            seed,
-            settings.proximal_mu,
-        )
+        try:
+            weights, result, seconds = yield TrainTask(
+                backend,
+                base,
+                x,
+                y,
+                settings.epochs,
+                settings.batch_size,
+                settings.learning_rate,
+                seed,
+                settings.proximal_mu,
+                self.conditions.interrupt() if self.conditions is not None else None,
+            )
+        except ConditionsUnmet as stopped:  # unplugged mid-training: leave, drop the work
+            yield self._request(LEAVE, identity, round_id=plan.round_id)
+            return self._discard(plan, str(stopped))
         delta = {
             name: (weights[name] - base[name]).astype(base[name].dtype, copy=False) for name in base
         }
@@ -1398,6 +1412,22 @@ def _pause(outcome: StepOutcome) -> float:
     if outcome.retry_after is not None:
         return max(0.0, outcome.retry_after)
     return 1.0 if outcome.status == "uploaded" else CONDITIONS_RETRY
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_parameter(function: Callable[..., Any], name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return name in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def _takes(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` accepts the keyword ``name`` (asked once per function)."""
+    return _takes_parameter(getattr(method, "__func__", method), name)
 
 
 def _describe(tensor: tuple[tuple[int, ...], str] | None) -> str:

@@ -4,9 +4,10 @@ Production federated learning trains only on devices that are charging, idle
 and on an unmetered network (Bonawitz et al. 2019), so the user never notices.
 A `Conditions` is a list of checks, each a callable returning True (met), False
 (not met) or None (the platform cannot tell). A `fedclient.Client` given one
-checks it before it checks in and before each step of a round: a device that
-stops qualifying mid-round tells the server it is leaving (its place goes to
-another device) and drops the round's work.
+checks it before it checks in, before each step of a round, between minibatches
+while it trains (at most every ``check_every`` seconds) and before it uploads: a
+device that stops qualifying mid-round tells the server it is leaving (its place
+goes to another device) and drops the round's work.
 
 The ready-made checks read Linux's sysfs and ``/proc`` (single-board computers,
 gateways, Linux phones); elsewhere they answer None, and the app passes its
@@ -21,10 +22,13 @@ own (e.g. from Android's BatteryManager via a bridge)::
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Condition", "Conditions"]
+from fedclient._exceptions import InvalidInput
+
+__all__ = ["Condition", "Conditions", "ConditionsUnmet"]
 
 #: A check: True (met), False (not met), None (cannot tell here).
 Condition = Callable[[], bool | None]
@@ -40,12 +44,44 @@ def _read(path: Path) -> str | None:
         return None
 
 
-class Conditions:
-    """Every check must be met; a check that cannot tell counts as met unless ``strict``."""
+class ConditionsUnmet(Exception):
+    """Raised between minibatches when a check stopped holding: training ends there."""
 
-    def __init__(self, *checks: Condition, strict: bool = False) -> None:
+    def __init__(self, check: str) -> None:
+        super().__init__(f"conditions no longer met: {check}")
+        self.check = check
+
+
+class Conditions:
+    """Every check must be met; a check that cannot tell counts as met unless ``strict``.
+
+    While a round trains, the checks run between minibatches, at most every
+    ``check_every`` seconds (0: before every minibatch; keep the checks cheap then)."""
+
+    def __init__(self, *checks: Condition, strict: bool = False, check_every: float = 1.0) -> None:
+        if not check_every >= 0:
+            raise InvalidInput(f"check_every must be 0 or more seconds, got {check_every}")
         self.checks = checks
         self.strict = strict
+        self.check_every = check_every
+
+    def interrupt(self) -> Callable[[], None]:
+        """What a training backend calls before each minibatch: it raises
+        `ConditionsUnmet` once a check no longer holds (looking at most every
+        ``check_every`` seconds, the first time after that long)."""
+        last = time.monotonic()
+
+        def interrupt() -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < self.check_every:
+                return
+            last = now
+            unmet = self.unmet()
+            if unmet is not None:
+                raise ConditionsUnmet(unmet)
+
+        return interrupt
 
     def unmet(self) -> str | None:
         """The first check that is not met (its name), or None when all are."""

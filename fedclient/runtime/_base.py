@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -63,8 +63,11 @@ class TrainingBackend(Protocol):
         batch_size: int,
         learning_rate: float,
         rng: np.random.Generator,
+        interrupt: Callable[[], None] | None = None,
     ) -> TrainResult:
-        """Minibatch SGD over (x, y), shuffled by ``rng``."""
+        """Minibatch SGD over (x, y), shuffled by ``rng``. ``interrupt`` is called before
+        each minibatch; what it raises ends training there (the device stopped
+        qualifying mid-round: `fedclient.Conditions`)."""
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
         """Mean cross-entropy and accuracy."""
@@ -97,10 +100,12 @@ class NumpyWeights:
         learning_rate: float,
         rng: np.random.Generator,
         proximal_mu: float = 0.0,
+        interrupt: Callable[[], None] | None = None,
     ) -> TrainResult:
         """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
 
-        ``proximal_mu`` > 0 adds FedProx's term mu/2 |w - w_start|^2 to the loss."""
+        ``proximal_mu`` > 0 adds FedProx's term mu/2 |w - w_start|^2 to the loss.
+        ``interrupt`` is called before each minibatch (what it raises ends training)."""
         anchor = self.get_weights() if proximal_mu else None
         x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
         x = x.astype(self._dtype, copy=False)
@@ -111,6 +116,8 @@ class NumpyWeights:
             order = rng.permutation(n)
             total = 0.0
             for start in range(0, n, batch_size):
+                if interrupt is not None:
+                    interrupt()
                 idx = order[start : start + batch_size]
                 loss, grads = self.loss_and_grads(x[idx], y[idx])
                 for name, grad in grads.items():

@@ -16,7 +16,7 @@ Importing this module loads no runtime; ONNX Runtime loads when a backend is bui
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +167,10 @@ class OnnxBackend:
         batch_size: int,
         learning_rate: float,
         rng: np.random.Generator,
+        interrupt: Callable[[], None] | None = None,
     ) -> TrainResult:
-        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``."""
+        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
+        ``interrupt`` is called before each minibatch (what it raises ends training)."""
         if epochs < 1 or batch_size < 1 or not learning_rate > 0:
             raise InvalidInput("epochs and batch_size must be >= 1 and learning_rate > 0")
         x = self._features(x)
@@ -180,6 +182,8 @@ class OnnxBackend:
             order = rng.permutation(n)
             total = 0.0
             for start in range(0, n, batch_size):
+                if interrupt is not None:
+                    interrupt()
                 idx = order[start : start + batch_size]
                 total += self._engine.step(x[idx], y[idx], learning_rate) * len(idx)
                 steps += 1

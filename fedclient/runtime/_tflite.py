@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -346,8 +346,10 @@ class TfliteBackend:
         batch_size: int,
         learning_rate: float,
         rng: np.random.Generator,
+        interrupt: Callable[[], None] | None = None,
     ) -> TrainResult:
-        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``."""
+        """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
+        ``interrupt`` is called before each minibatch (what it raises ends training)."""
         if epochs < 1 or batch_size < 1 or not learning_rate > 0:
             raise InvalidInput("epochs and batch_size must be >= 1 and learning_rate > 0")
         if self._train_batch is None:
@@ -375,6 +377,8 @@ class TfliteBackend:
             order = rng.permutation(n)
             total = 0.0
             for start in range(0, n, batch_size):
+                if interrupt is not None:
+                    interrupt()
                 idx = order[start : start + batch_size]
                 if len(idx) <= width:
                     self._fill(xb, yb, mb, x, y, idx)
