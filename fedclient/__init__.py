@@ -39,6 +39,7 @@ from fedclient._exceptions import (
 
 if typing.TYPE_CHECKING:  # what the names below are, for type checkers and readers
     from fedclient import models, protocol, transport
+    from fedclient._app import Backoff, RoundEvent, RunResult
     from fedclient._client import Client, StepOutcome, TrainTask, TransferStats
     from fedclient._examples import ExampleStore, Forgotten
     from fedclient._fit import FitResult, fit
@@ -54,6 +55,7 @@ if typing.TYPE_CHECKING:  # what the names below are, for type checkers and read
 #: fedclient at start-up pays for numpy, httpx and SQLite only when it federates
 #: (python -X importtime -c "import fedclient": bench/import_time.py).
 _LAZY: dict[str, str] = {
+    "Backoff": "fedclient._app",
     "Client": "fedclient._client",
     "Conditions": "fedclient.conditions",
     "create_backend": "fedclient.runtime",
@@ -72,6 +74,8 @@ _LAZY: dict[str, str] = {
     "PrivacyPolicy": "fedclient.privacy.policy",
     "protocol": "fedclient.protocol",
     "RetryPolicy": "fedclient.transport",
+    "RoundEvent": "fedclient._app",
+    "RunResult": "fedclient._app",
     "StepOutcome": "fedclient._client",
     "TrainingBackend": "fedclient.runtime",
     "TrainResult": "fedclient.runtime",
@@ -85,6 +89,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApiError",
+    "Backoff",
     "Client",
     "Conditions",
     "Conflict",
@@ -113,6 +118,8 @@ __all__ = [
     "RequestTimeout",
     "RetryPolicy",
     "RoundClosed",
+    "RoundEvent",
+    "RunResult",
     "ServerError",
     "ServiceUnavailable",
     "StateError",

@@ -36,6 +36,7 @@ import httpx
 import msgspec
 import numpy as np
 
+from fedclient._app import Backoff, RoundEvent, RunResult, arun_forever, run_forever, with_training
 from fedclient._examples import ExampleStore
 from fedclient._exceptions import (
     ApiError,
@@ -127,6 +128,7 @@ class StepOutcome:
     receipt: UploadReceipt | None = None
     reason: str = ""
     train_loss: float | None = None
+    examples: int | None = None  # trained on (None: another process trained the round)
     #: The model version the step left the device holding, where it changed or matters
     #: (a finished job's final model).
     model_version: int | None = None
@@ -416,49 +418,56 @@ class Client:
             return stop.value  # type: ignore[no-any-return]
 
     def run_once(self) -> StepOutcome:
-        """Step until this round's work is uploaded, or there is nothing to do now."""
+        """Step until this round's work is uploaded, or there is nothing to do now. The
+        outcome carries the round's training loss and example count when this call
+        trained it."""
+        trained = None
         while True:
             outcome = self.step()
+            if outcome.status == "trained":
+                trained = outcome
             if outcome.status in ("uploaded", "waiting", "finished", "discarded"):
-                return outcome
+                return with_training(outcome, trained)
 
     async def arun_once(self) -> StepOutcome:
         """Async twin of `run_once`."""
+        trained = None
         while True:
             outcome = await self.astep()
+            if outcome.status == "trained":
+                trained = outcome
             if outcome.status in ("uploaded", "waiting", "finished", "discarded"):
-                return outcome
+                return with_training(outcome, trained)
 
-    def run_forever(self, *, rounds: int | None = None, stop: threading.Event | None = None) -> int:
+    def run_forever(
+        self,
+        *,
+        rounds: int | None = None,
+        stop: threading.Event | None = None,
+        on_round: Callable[[RoundEvent], None] | None = None,
+        backoff: Backoff | None = None,
+    ) -> RunResult:
         """Take part until the job finishes (or ``rounds`` uploads, or ``stop`` is set),
-        waiting as the server and the `conditions` say between rounds. Returns how many
-        rounds it uploaded to. For apps that just want it to run (on a thread)."""
-        done = 0
-        stop = stop or threading.Event()
-        while not stop.is_set() and (rounds is None or done < rounds):
-            outcome = self.run_once()
-            if outcome.status == "finished":
-                break
-            done += outcome.status == "uploaded"
-            if outcome.status in ("waiting", "uploaded"):
-                stop.wait(_pause(outcome))
-        return done
+        waiting as the server and the `conditions` say, and waiting out what can pass
+        (network errors, 5xx, 429, a round it had to leave) with ``backoff``. Stops on
+        what cannot pass (revoked, privacy refusal, ...) and says why in the
+        `RunResult`; ``on_round`` hears of every round, wait and failure
+        (`RoundEvent`). For apps that just want it to run, on a thread of its own; the
+        table is in `fedclient._app`."""
+        return run_forever(self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff)
 
     async def arun_forever(
-        self, *, rounds: int | None = None, stop: asyncio.Event | None = None
-    ) -> int:
+        self,
+        *,
+        rounds: int | None = None,
+        stop: asyncio.Event | None = None,
+        on_round: Callable[[RoundEvent], None] | None = None,
+        backoff: Backoff | None = None,
+    ) -> RunResult:
         """Async twin of `run_forever`."""
-        done = 0
-        stop = stop or asyncio.Event()
-        while not stop.is_set() and (rounds is None or done < rounds):
-            outcome = await self.arun_once()
-            if outcome.status == "finished":
-                break
-            done += outcome.status == "uploaded"
-            if outcome.status in ("waiting", "uploaded"):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), _pause(outcome))
-        return done
+        return await arun_forever(
+            self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff
+        )
 
     def latest_model(self, *, personalized: bool = False) -> TrainingBackend:
         """The newest global model the device holds, ready for inference through the
@@ -868,7 +877,9 @@ class Client:
                     lifetime=privacy.lifetime,
                 )
             self._store._hold_update(self.job, plan, body, key, residual_body)
-        return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
+        return StepOutcome(
+            "trained", round_id=plan.round_id, train_loss=result.loss, examples=len(y)
+        )
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}
@@ -1405,13 +1416,6 @@ def _decode(response: httpx.Response, type_: type[T]) -> T:
         return msgspec.json.decode(response.content, type=type_)
     except msgspec.DecodeError as exc:
         raise FedError(f"unexpected answer from the server: {exc}") from exc
-
-
-def _pause(outcome: StepOutcome) -> float:
-    """Seconds `Client.run_forever` waits after ``outcome``."""
-    if outcome.retry_after is not None:
-        return max(0.0, outcome.retry_after)
-    return 1.0 if outcome.status == "uploaded" else CONDITIONS_RETRY
 
 
 @functools.lru_cache(maxsize=64)

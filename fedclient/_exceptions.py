@@ -280,12 +280,13 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     413: PayloadTooLarge,
     416: RangeNotSatisfiable,
     429: TooManyRequests,
+    503: ServiceUnavailable,  # a proxy's, or a load balancer's, without our body
 }
 
 
 def error_from_status(status: int, code: str | None, message: str) -> ApiError:
     """Rebuild the typed error for an HTTP error answer (code first, then status)."""
-    cls = ApiError._by_code.get(code or "")
+    cls = ApiError._by_code.get(code or "") or _BY_STATUS.get(status)
     if cls is None:
-        cls = ServerError if status >= 500 else _BY_STATUS.get(status, ApiError)
+        cls = ServerError if status >= 500 else ApiError
     return cls(message or f"HTTP {status}")

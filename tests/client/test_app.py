@@ -166,7 +166,8 @@ async def test_a_personalized_model_is_tuned_on_the_device_and_never_uploaded(
 def test_run_forever_takes_part_until_the_job_finishes(live_server: Any, digits: Any) -> None:
     live = live_server(devices_per_round=1, rounds=3)
     device = fedclient.Client(live.url, "digits", (digits.x_train[:100], digits.y_train[:100]))
-    assert device.run_forever(stop=threading.Event()) == 3
+    result = device.run_forever(stop=threading.Event())
+    assert (result.reason, result.rounds, result.model_version) == ("finished", 3, 3)
     assert live.server.service.job_status("digits").status == "finished"
     device.close()
 
