@@ -50,6 +50,7 @@ from fedclient._exceptions import (
     PrivacyPolicyViolation,
     RequestTimeout,
     RoundClosed,
+    StateError,
     TransportError,
 )
 from fedclient._inference import HeldModels
@@ -90,6 +91,7 @@ from fedclient.protocol import (
     Weights,
     decode_tensors,
     encode_tensors,
+    split_job_url,
 )
 from fedclient.runtime import TrainingBackend, TrainResult, check_dataset, create_backend
 from fedclient.transport import (
@@ -217,7 +219,10 @@ Flow = Generator[Effect, Any, StepOutcome]
 class Client:
     """A device taking part in one federated job.
 
-    ``server`` is the server's base URL; ``transport`` any httpx transport (e.g.
+    ``server`` is the server's root URL (``https://host[:port]``) and ``job`` the job's
+    name, or ``server`` is the job's URL (``https://host[:port]/v1/jobs/NAME``, or
+    ``.../jobs/NAME``; `fedclient.protocol.split_job_url`) and ``job`` empty or the same
+    name. ``transport`` is any httpx transport (e.g.
     ``httpx.ASGITransport(app)`` for an in-process server, which needs the
     async methods). ``state`` is a SQLite path or a `DeviceState`; the device
     resumes from it after a crash or restart. ``data`` is the device's local
@@ -292,7 +297,19 @@ class Client:
     personalize: Personalization | None = None
 
     def __post_init__(self) -> None:
-        self.server = self.server.rstrip("/")
+        root, named = split_job_url(self.server)
+        if named is not None:  # the job's own URL, as the server's status route has it
+            if self.job and self.job != named:
+                raise InvalidInput(
+                    f"the URL {self.server!r} names job {named!r}, but job is {self.job!r}"
+                )
+            self.job = named
+        if not self.job:
+            raise InvalidInput(
+                "which job? give its name (Client(server, job, ...)) or its URL "
+                "(https://host[:port]/v1/jobs/NAME) as the server"
+            )
+        self.server = root
         if not isinstance(self.state, DeviceState):
             self.state = DeviceState(self.state)
         self._store: DeviceState = self.state
@@ -468,6 +485,23 @@ class Client:
         return await arun_forever(
             self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff
         )
+
+    def job_status(self) -> JobStatus:
+        """The job's status, as the server reports it to this (enrolled) device."""
+        return self._drive(self._status_flow())
+
+    async def ajob_status(self) -> JobStatus:
+        """Async twin of `job_status`."""
+        return await self._adrive(self._status_flow())
+
+    def refresh_model(self) -> int:
+        """Hold the job's newest global model now (downloaded unless held already), so
+        `predict` serves it; its version. Outside rounds: it trains nothing."""
+        return self._drive(self._refresh_flow())
+
+    async def arefresh_model(self) -> int:
+        """Async twin of `refresh_model`."""
+        return await self._adrive(self._refresh_flow())
 
     def latest_model(self, *, personalized: bool = False) -> TrainingBackend:
         """The newest global model the device holds, ready for inference through the
@@ -743,19 +777,39 @@ class Client:
     def _finished(self, identity: Identity, version: int) -> Flow:
         """The job is over: hold its final model (fetched once), so `predict` and
         `latest_model` serve the last aggregate, not the one before it."""
+        yield from self._hold_version(identity, version, None)
+        return StepOutcome("finished", reason="the job is over", model_version=version)
+
+    def _hold_version(
+        self, identity: Identity, version: int, spec: ModelSpec | None
+    ) -> Generator[Effect, Any, int]:
+        """Hold model ``version`` of the job outside a round (downloaded unless held)."""
         held = self._store.held_version(self.job)
         if held is None or held[0] != version:
-            spec = self._store.held_spec(self.job)
+            spec = spec or self._store.held_spec(self.job)
             if spec is None:  # never admitted: the job's status names the architecture
-                response = yield self._request(JOB_STATUS, identity, job=self.job)
-                spec = _decode(response, JobStatus).plan.model
+                spec = (yield from self._status_flow()).plan.model
             request = self._request(MODEL, identity, job=self.job, version=version)
             response = yield ResumableDownload(request, self.job, version)
             raise_for_error(response)
             self._check_weights(decode_tensors(response.content)[0], spec)
             etag = response.headers.get("ETag", "")
-            self._store.hold_final_model(self.job, version, etag, response.content, spec)
-        return StepOutcome("finished", reason="the job is over", model_version=version)
+            self._store.hold_model(self.job, version, etag, response.content, spec)
+        return version
+
+    def _status_flow(self) -> Generator[Effect, Any, JobStatus]:
+        identity = self._store.identity(self.server)
+        if identity is None:
+            raise StateError("the device is not enrolled yet (its first check-in enrols it)")
+        response = yield self._request(JOB_STATUS, identity, job=self.job)
+        status: JobStatus = _decode(response, JobStatus)
+        return status
+
+    def _refresh_flow(self) -> Generator[Effect, Any, int]:
+        status = yield from self._status_flow()
+        identity = self._store.identity(self.server)
+        assert identity is not None  # the status flow needs it
+        return (yield from self._hold_version(identity, status.model_version, status.plan.model))
 
     def _download(self, identity: Identity, plan: RoundPlan) -> Flow:
         held = self._store.held_version(self.job)

@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import ssl
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
-import msgspec
 import numpy as np
 
+from fedclient._app import Backoff, RoundEvent, StopReason
 from fedclient._client import Client
 from fedclient._exceptions import FedError, InvalidInput
 from fedclient._state import DeviceState
+from fedclient.conditions import Conditions
 from fedclient.privacy.policy import PrivacyPolicy
-from fedclient.protocol import JOB_STATUS, MODEL, JobStatus, decode_tensors
+from fedclient.protocol import split_job_url
 from fedclient.runtime import TrainingBackend, check_dataset
-from fedclient.transport import raise_for_error, ssl_context
+from fedclient.transport import RetryPolicy
 
 __all__ = ["FitResult", "fit"]
 
 
 @dataclass(frozen=True)
 class FitResult:
-    """What `fit` did: per-epoch (standalone) or per-round (federated) history."""
+    """What `fit` did.
+
+    Standalone: one ``history`` entry per epoch (``epoch``, ``loss``: the mean training
+    loss over the epoch, ``accuracy``: on the training data after it). Federated: one
+    per round the device uploaded to (``round_id``, ``train_loss``, ``examples``,
+    ``bytes_up``, ``bytes_down``: what the round moved), the ``model_version`` loaded
+    into the model at the end, and why the run ended (``reason``: "rounds" or
+    "finished")."""
 
     mode: str  # "standalone" | "federated"
     history: list[dict[str, float]] = field(default_factory=list)
     model_version: int | None = None
+    reason: StopReason | None = None
 
 
 def fit(
@@ -41,24 +52,38 @@ def fit(
     seed: int | None = None,
     federated: str | None = None,
     state: str | Path | DeviceState | None = None,
-    rounds: int = 1,
+    rounds: int | None = 1,
     transport: httpx.BaseTransport | None = None,
     patience_seconds: float = 3600.0,
     policy: PrivacyPolicy | None = None,
     verify: str | Path | bool | ssl.SSLContext = True,
+    enrolment_credential: str | None = None,
+    label: str = "",
+    timeout: float = 30.0,
+    retry: RetryPolicy | None = None,
+    conditions: Conditions | None = None,
+    eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+    on_round: Callable[[RoundEvent], None] | None = None,
+    backoff: Backoff | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data``; ``federated=URL`` joins that job instead.
 
     Standalone (``federated=None``) runs ``epochs`` of minibatch SGD here. With
-    ``federated="https://host/jobs/NAME"`` the device takes part in ``rounds``
-    rounds of job NAME (the server's plan sets epochs, batch size and learning
-    rate), keeping its progress in ``state`` (a SQLite path), and ends with the
-    job's newest global model loaded into ``model``: once the round of its last
-    update has closed, so that update is in it. ``patience_seconds`` bounds the wait
-    for each round (to be admitted, for the secure stages, for the close). ``policy``
-    is the device's `PrivacyPolicy` (default: `PrivacyPolicy()`): plans outside it are
-    refused. The URL may name the job as ``/jobs/NAME`` or ``/v1/jobs/NAME``.
-    ``verify`` checks the server's TLS certificate (`Client`'s).
+    ``federated`` a job's URL (``https://host[:port]/v1/jobs/NAME`` or ``.../jobs/NAME``,
+    `fedclient.protocol.split_job_url`) the device takes part in ``rounds`` rounds of
+    the job (None: until the job ends; the server's plan sets epochs, batch size and
+    learning rate), keeping its progress in ``state`` (a SQLite path), and ends with
+    a global model loaded into ``model``: once the round of its last update has
+    closed, the model that update went into; when the job ended, its final model.
+
+    It waits out what can pass (network errors, 5xx, 429, a round it lost) as
+    `Client.run_forever` does, and raises what cannot (`Unauthorized` for a revoked
+    device, `PrivacyPolicyViolation`, ...). ``patience_seconds`` bounds the time from
+    one upload to the next (to be admitted, for the secure stages, for the close):
+    past it, a `FedError`. The other arguments are `Client`'s: ``enrolment_credential``
+    for a server that enrols only with one, ``policy`` (default `PrivacyPolicy()`),
+    ``verify`` (TLS), ``transport``, ``timeout``, ``retry``, ``conditions``,
+    ``eval_data``, ``label``; ``on_round`` and ``backoff`` are `run_forever`'s.
     """
     x, y = check_dataset(data[0], data[1], inputs=model.inputs, classes=model.classes)
     if federated is None:
@@ -68,10 +93,16 @@ def fit(
             result = model.train(
                 x, y, epochs=1, batch_size=batch_size, learning_rate=learning_rate, rng=rng
             )
-            history.append({"epoch": float(epoch), "loss": result.loss})
+            accuracy = model.evaluate(x, y).accuracy
+            history.append({"epoch": float(epoch), "loss": result.loss, "accuracy": accuracy})
         return FitResult("standalone", history)
 
-    server, job = _split_job_url(federated)
+    server, job = split_job_url(federated)
+    if job is None:
+        raise InvalidInput(
+            f"federated takes a job's URL, https://host[:port]/v1/jobs/NAME or "
+            f".../jobs/NAME; got {federated!r}"
+        )
     client = Client(
         server,
         job,
@@ -80,87 +111,87 @@ def fit(
         model=model,
         transport=transport,
         seed=seed,
+        timeout=timeout,
+        label=label,
+        retry=retry or RetryPolicy(),
         policy=policy or PrivacyPolicy(),
+        eval_data=eval_data,
         verify=verify,
+        enrolment_credential=enrolment_credential,
+        conditions=conditions,
     )
-    history = []
-    waited = 0.0  # since the last upload: patience is per round
-    last_round: int | None = None
     try:
-        while len(history) < rounds:
-            outcome = client.run_once()
-            if outcome.status == "finished":
-                break
-            if outcome.status == "uploaded":
-                history.append({"round_id": float(outcome.round_id or 0)})
-                last_round, waited = outcome.round_id, 0.0
-            elif outcome.status == "waiting":
-                waited = _pause(client, outcome.retry_after or 1.0, waited, patience_seconds)
-        if last_round is not None:
-            _await_close(client, last_round, patience_seconds)
-        version = _load_latest(client, model)
+        return _federate(client, model, rounds, patience_seconds, on_round, backoff)
     finally:
         client.close()
-    return FitResult("federated", history, version)
 
 
-def _http(client: Client) -> httpx.Client:
-    """A connection like the client's own (its transport, or TLS as it verifies)."""
-    if client.transport is not None:
-        return httpx.Client(transport=client.transport, timeout=client.timeout)  # type: ignore[arg-type]
-    return httpx.Client(verify=ssl_context(client.verify), timeout=client.timeout)
+def _federate(
+    client: Client,
+    model: TrainingBackend,
+    rounds: int | None,
+    patience: float,
+    on_round: Callable[[RoundEvent], None] | None,
+    backoff: Backoff | None,
+) -> FitResult:
+    history: list[dict[str, float]] = []
+    progress = [time.monotonic()]  # when the device last uploaded (or started)
+    impatient = _Impatience(patience)
 
+    def record(event: RoundEvent) -> None:
+        if event.status == "uploaded":
+            progress[0] = time.monotonic()
+            history.append(
+                {
+                    "round_id": float(event.round_id or 0),
+                    "train_loss": float("nan") if event.train_loss is None else event.train_loss,
+                    "examples": float(event.examples or 0),
+                    "bytes_up": float(event.bytes_up),
+                    "bytes_down": float(event.bytes_down),
+                }
+            )
+        elif event.wait_seconds is not None:
+            impatient.check(time.monotonic() - progress[0] + event.wait_seconds)
+        if on_round is not None:
+            on_round(event)
 
-def _pause(client: Client, seconds: float, waited: float, patience: float) -> float:
-    """Sleep ``seconds`` (no more than the patience left); the time waited after it."""
-    pause = min(seconds, patience - waited)
-    if pause <= 0:
+    run = client.run_forever(rounds=rounds, stop=impatient.stop, on_round=record, backoff=backoff)
+    if run.reason == "stopped":
         raise FedError(f"no progress in job {client.job!r} within {patience} s")
-    client.sleep(pause)
-    return waited + pause
+    if run.reason not in ("rounds", "finished"):
+        assert run.error is not None  # every other ending is an error's
+        raise run.error
+    if run.reason == "rounds" and history:
+        _await_close(client, int(history[-1]["round_id"]), patience)
+        client.refresh_model()  # the model the last update went into (or a later one)
+    model.set_weights(client.latest_model().get_weights())
+    held = client.device_state.held_version(client.job)
+    return FitResult("federated", history, held[0] if held else None, run.reason)
+
+
+class _Impatience:
+    """Stops the run once the next wait would take it past ``patience`` seconds since
+    the last upload (so it never sleeps past it first)."""
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self.stop = threading.Event()
+
+    def check(self, seconds: float) -> None:
+        if seconds > self.patience:
+            self.stop.set()
 
 
 def _await_close(client: Client, round_id: int, patience: float) -> None:
     """Wait until round ``round_id`` (the last one this device uploaded to) has closed, so
     the model loaded next is the one its update went into."""
     waited = 0.0
-    with _http(client) as http:
-        while True:
-            response = http.get(client.server + JOB_STATUS.url(job=client.job))
-            raise_for_error(response)
-            status = msgspec.json.decode(response.content, type=JobStatus)
-            current = status.current_round
-            if current is None or current.round_id != round_id:
-                return
-            waited = _pause(
-                client, min(5.0, max(0.5, current.deadline - current.opened_at)), waited, patience
-            )
-
-
-def _split_job_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    segments = [s for s in parts.path.split("/") if s]
-    if parts.scheme not in ("http", "https") or len(segments) < 2 or segments[-2] != "jobs":
-        raise InvalidInput(f"federated must look like https://host[:port]/jobs/NAME, got {url!r}")
-    if segments[-3:-2] == ["v1"]:  # the API's own path (/v1/jobs/NAME) names the job too
-        segments = segments[:-3] + segments[-2:]
-    base_path = "/".join(segments[:-2])
-    server = f"{parts.scheme}://{parts.netloc}" + (f"/{base_path}" if base_path else "")
-    return server, segments[-1]
-
-
-def _load_latest(client: Client, model: TrainingBackend) -> int:
-    """Load the job's newest global model into ``model``; return its version."""
-    with _http(client) as http:
-        response = http.get(client.server + JOB_STATUS.url(job=client.job))
-        raise_for_error(response)
-        status = msgspec.json.decode(response.content, type=JobStatus)
-        identity = client.device_state.identity(client.server)
-        headers = {"Authorization": f"Bearer {identity.token}"} if identity else {}
-        response = http.get(
-            client.server + MODEL.url(job=client.job, version=status.model_version), headers=headers
-        )
-        raise_for_error(response)
-    weights, _ = decode_tensors(response.content)
-    model.set_weights(weights)
-    return status.model_version
+    while True:
+        current = client.job_status().current_round
+        if current is None or current.round_id != round_id:
+            return
+        pause = min(1.0, max(0.1, current.deadline - current.opened_at), patience - waited)
+        if pause <= 0:
+            raise FedError(f"round {round_id} of job {client.job!r} did not close in {patience} s")
+        client.sleep(pause)
+        waited += pause

@@ -422,10 +422,9 @@ class DeviceState:
         spec = msgspec.json.decode(row[2], type=ModelSpec) if row[2] else None
         return int(row[0]), bytes(row[1]), spec
 
-    def hold_final_model(
-        self, job: str, version: int, etag: str, body: bytes, spec: ModelSpec
-    ) -> None:
-        """Hold a finished job's final model (no round: the progress stays idle)."""
+    def hold_model(self, job: str, version: int, etag: str, body: bytes, spec: ModelSpec) -> None:
+        """Hold a model outside a round (a finished job's final model, a refresh): the
+        progress stays as it is."""
         with self.atomic():
             self.db.execute(
                 "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",

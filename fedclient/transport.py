@@ -328,6 +328,17 @@ def raise_for_error(response: httpx.Response) -> None:
         code, message = body.error.code, body.error.message
     except msgspec.DecodeError:
         pass
+    if response.status_code == 404 and (code is None or message.startswith("no route")):
+        # No route at that path (a proxy's 404, or fedserver's): the URL is wrong.
+        try:
+            where = f"{response.request.method} {response.request.url}: "
+        except RuntimeError:  # a response made by hand, without its request
+            where = ""
+        message = (
+            f"{where}{message or 'Not Found'}; give fedclient the server's root URL "
+            "(https://host[:port]) and the job's name, or the job's URL "
+            "(https://host[:port]/v1/jobs/NAME)"
+        )
     error = error_from_status(response.status_code, code, message)
     retry_after = response.headers.get("Retry-After", "")
     if retry_after.replace(".", "", 1).isdigit():

@@ -61,6 +61,7 @@ from fedclient.protocol._routes import (
     Route,
     openapi_document,
     parse_id,
+    split_job_url,
 )
 from fedclient.protocol._tensors import Weights, check_weights, decode_tensors, encode_tensors
 
@@ -131,4 +132,5 @@ __all__ = [
     "encode_tensors",
     "openapi_document",
     "parse_id",
+    "split_job_url",
 ]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
 import fedclient.protocol._messages as m
+from fedclient._exceptions import InvalidInput
 
 __all__ = [
     "ADMIN_CODES",
@@ -42,6 +44,7 @@ __all__ = [
     "Route",
     "openapi_document",
     "parse_id",
+    "split_job_url",
 ]
 
 #: Media type of a tensor body (safetensors: a JSON header, then raw little-endian data).
@@ -368,3 +371,26 @@ def openapi_document(version: str) -> dict[str, Any]:
 
 def _path_params(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def split_job_url(url: str) -> tuple[str, str | None]:
+    """The one convention for where a device finds a job: ``(server root, job)`` of a
+    job's URL (``https://host[:port][/prefix]/v1/jobs/NAME``, as `JOB_STATUS` serves
+    it, or ``.../jobs/NAME``), or ``(url, None)`` for a server's root URL. Anything
+    but an http(s) URL is an `InvalidInput` saying what is expected."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise InvalidInput(
+            f"expected the server's URL (https://host[:port]) or a job's URL "
+            f"(https://host[:port]/v1/jobs/NAME or .../jobs/NAME), got {url!r}"
+        )
+    segments = [s for s in parts.path.split("/") if s]
+    job = None
+    if len(segments) >= 2 and segments[-2] == "jobs":
+        job, segments = segments[-1], segments[:-2]
+        if segments[-1:] == ["v1"]:  # the API's own path names the job too
+            segments = segments[:-1]
+    elif segments[-1:] == ["jobs"] or segments[-2:-1] == ["jobs"]:
+        raise InvalidInput(f"a job's URL ends in /jobs/NAME, got {url!r}")
+    root = f"{parts.scheme}://{parts.netloc}" + "".join(f"/{s}" for s in segments)
+    return root, job

@@ -463,8 +463,14 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = str(exc.detail)
+    if exc.status_code == 404:  # a path no route has: most often a wrong base URL
+        message = (
+            f"no route {request.method} {request.url.path} here: the API's routes start "
+            "with /v1 at the server's root (GET /openapi.json lists them)"
+        )
     return JSONResponse(  # its headers too: a 405 says which methods are allowed (Allow)
-        {"error": {"code": code, "message": str(exc.detail)}},
+        {"error": {"code": code, "message": message}},
         status_code=exc.status_code,
         headers=exc.headers,
     )

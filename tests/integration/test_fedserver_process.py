@@ -53,12 +53,23 @@ class FedServerProcess:
     """Start, kill and restart ``fedserver`` on one port and one database."""
 
     def __init__(
-        self, tmp: Path, rounds: int, per_round: int, db: str | None = None, workers: int = 1
+        self,
+        tmp: Path,
+        rounds: int,
+        per_round: int,
+        db: str | None = None,
+        workers: int = 1,
+        *,
+        plan: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
+        """``plan``: the whole TOML plan (default: PLAN with ``rounds`` and ``per_round``);
+        ``args``: more of fedserver's options (an enrolment secret, ...)."""
         self.plan = tmp / "plan.toml"
-        self.plan.write_text(PLAN.format(rounds=rounds, per_round=per_round))
+        self.plan.write_text(plan or PLAN.format(rounds=rounds, per_round=per_round))
         self.db = db or str(tmp / "server.sqlite")
         self.workers = workers
+        self.args = args
         self.made = False
         self.admin_token = tmp / "admin.token"
         self.admin_token.write_text(ADMIN_TOKEN)
@@ -102,6 +113,7 @@ class FedServerProcess:
                 # the test as the admin.
                 "--admin-token-file",
                 str(self.admin_token),
+                *self.args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -131,6 +143,13 @@ class FedServerProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         assert self.proc.wait(timeout=10) == -signal.SIGKILL
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        """Stop the process as an operator does (SIGTERM), and wait until it is gone."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
         self.proc.stdout.close()  # type: ignore[union-attr]
 
     def status(self) -> dict[str, Any]:
