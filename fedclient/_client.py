@@ -55,7 +55,7 @@ from fedclient._exceptions import (
 )
 from fedclient._inference import HeldModels
 from fedclient._personalize import Personalization
-from fedclient._state import DeviceState, Identity, Phase
+from fedclient._state import DeviceState, Identity, Phase, RoundProgress
 from fedclient.compression import CompressionSpec, compress
 from fedclient.conditions import Conditions, ConditionsUnmet
 from fedclient.privacy.distributed import device_sigma, honest_shares, ring_holds_noise
@@ -678,6 +678,15 @@ class Client:
             # place goes to another (once a secure aggregation started, it is a dropout).
             yield self._request(LEAVE, identity, round_id=progress.plan.round_id)
             return self._discard(progress.plan, f"conditions no longer met: {unmet}")
+        if (
+            progress.phase is Phase.TRAINED
+            and progress.plan.round_id not in self._secure
+            and self._forgotten_since(progress)
+        ):
+            # Trained on examples the user has since had forgotten: it must not leave.
+            self._store.drop_residual(self.job)
+            yield self._request(LEAVE, identity, round_id=progress.plan.round_id)
+            return self._discard(progress.plan, "examples it was trained on were forgotten")
         if progress.phase is Phase.ADMITTED:
             download = self._download(identity, progress.plan)
             return (yield from self._leaving_on_failure(identity, progress.plan, download))
@@ -857,7 +866,7 @@ class Client:
         backend = self._backend(plan)
         # The backend checks the data (shape, finite values, labels in range) as it
         # trains, before it changes anything: bad data fail this step, state untouched.
-        x, y = self._training_data()  # a snapshot: examples arriving now wait a round
+        x, y, generation = self._training_data()  # a snapshot: later examples wait a round
         evaluation = None
         if (
             plan.evaluate
@@ -910,7 +919,7 @@ class Client:
         spec = CompressionSpec.parse(plan.compression)
         residual_body = None
         if spec.active and not plan.privacy.secagg:  # secure sums quantise on their grid
-            held_residual = self._store.residual(self.job)
+            held_residual = self._store.residual(self.job, generation)
             residual = decode_tensors(held_residual)[0] if held_residual else None
             tensors, left_out = compress(delta, spec, np.random.default_rng(seed), residual)
             metadata["compression"] = str(spec)
@@ -930,7 +939,7 @@ class Client:
                     privacy.budget,
                     lifetime=privacy.lifetime,
                 )
-            self._store._hold_update(self.job, plan, body, key, residual_body)
+            self._store._hold_update(self.job, plan, body, key, residual_body, generation)
         return StepOutcome(
             "trained", round_id=plan.round_id, train_loss=result.loss, examples=len(y)
         )
@@ -1163,15 +1172,20 @@ class Client:
         return session.receipt
 
     # -- helpers ---------------------------------------------------------------
-    def _training_data(self) -> tuple[np.ndarray, np.ndarray]:
-        """The examples to train on now: the arrays given, or a snapshot of the store."""
-        if self._arrays is not None:
-            return self._arrays
-        assert isinstance(self.data, ExampleStore)
-        x, y = self.data.arrays()
+    def _training_data(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The examples to train on now (the arrays given, or a snapshot of the store)
+        and the store's generation."""
+        x, y, generation = self._examples_now()
         if len(y) == 0:
             raise InvalidInput("the example store is empty: nothing to train on")
-        return x, y
+        return x, y, generation
+
+    def _forgotten_since(self, progress: RoundProgress) -> bool:
+        """Whether the example store forgot examples since ``progress``'s update was
+        trained (so the update may hold them)."""
+        if not isinstance(self.data, ExampleStore) or progress.data_generation is None:
+            return False
+        return progress.data_generation != self.data.generation
 
     def _model_shape(self) -> tuple[int, int] | None:
         """(inputs, classes) of the job's model, if the device knows it before a check-in

@@ -55,6 +55,11 @@ MIGRATIONS: dict[int, list[str]] = {
     6: [  # the architecture of the held model: it predicts after a restart, with no plan
         "ALTER TABLE models ADD COLUMN spec TEXT",
     ],
+    7: [  # the example store's generation an update or residual was computed at: a forget
+        # since then makes them models of forgotten examples (`ExampleStore.generation`)
+        "ALTER TABLE progress ADD COLUMN data_generation INTEGER",
+        "ALTER TABLE residuals ADD COLUMN data_generation INTEGER",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -89,6 +94,9 @@ class RoundProgress:
     plan: RoundPlan | None = None
     idempotency_key: str | None = None
     update: bytes | None = None
+    #: The example store's generation the update was trained at (None: arrays, or a
+    #: state older than schema 7).
+    data_generation: int | None = None
 
 
 def apply_migrations(
@@ -266,7 +274,7 @@ class DeviceState:
             return known
         with self._lock:
             row = self.db.execute(
-                "SELECT phase, plan, idempotency_key, update_body FROM progress"
+                "SELECT phase, plan, idempotency_key, update_body, data_generation FROM progress"
                 " WHERE key=? AND job=?",
                 [self.key, job],
             ).fetchone()
@@ -274,7 +282,7 @@ class DeviceState:
                 progress = RoundProgress(Phase.IDLE)
             else:
                 plan = msgspec.json.decode(row[1], type=RoundPlan) if row[1] else None
-                progress = RoundProgress(Phase(row[0]), plan, row[2], row[3])
+                progress = RoundProgress(Phase(row[0]), plan, row[2], row[3], row[4])
             self._progress[job] = progress
             return progress
 
@@ -301,7 +309,8 @@ class DeviceState:
     def _set_progress(self, job: str, progress: RoundProgress) -> None:
         plan = msgspec.json.encode(progress.plan).decode() if progress.plan else None
         self.db.execute(
-            "INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO progress (key, job, phase, plan, idempotency_key,"
+            " update_body, updated_at, data_generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 self.key,
                 job,
@@ -310,6 +319,7 @@ class DeviceState:
                 progress.idempotency_key,
                 progress.update,
                 time.time(),
+                progress.data_generation,
             ],
         )
         self._progress[job] = progress
@@ -369,14 +379,19 @@ class DeviceState:
         update: bytes,
         idempotency_key: str,
         residual: bytes | None = None,
+        data_generation: int | None = None,
     ) -> None:
         """`record_update`'s writes, for a caller already in a transaction (the client's
-        training step, which charges the privacy ledger in the same one)."""
+        training step, which charges the privacy ledger in the same one).
+        ``data_generation``: the example store's, when the examples were read."""
         if residual is not None:
             self.db.execute(
-                "INSERT OR REPLACE INTO residuals VALUES (?, ?, ?)", [self.key, job, residual]
+                "INSERT OR REPLACE INTO residuals (key, job, body, data_generation)"
+                " VALUES (?, ?, ?, ?)",
+                [self.key, job, residual, data_generation],
             )
-        self._set_progress(job, RoundProgress(Phase.TRAINED, plan, idempotency_key, update))
+        progress = RoundProgress(Phase.TRAINED, plan, idempotency_key, update, data_generation)
+        self._set_progress(job, progress)
 
     def record_receipt(self, job: str, receipt: UploadReceipt) -> None:
         """Acknowledged: keep the receipt, drop the update, and go idle."""
@@ -478,12 +493,23 @@ class DeviceState:
         newest = rows[0][0] if rows else None
         return b"".join(bytes(r[1]) for r in rows if r[0] == newest)
 
-    def residual(self, job: str) -> bytes | None:
-        """The compression residual carried into the next update, if any."""
+    def residual(self, job: str, data_generation: int | None = None) -> bytes | None:
+        """The compression residual carried into the next update, if any. Given the
+        examples' ``data_generation``: none if it was computed at another one (some of
+        them were forgotten since, and what it carries of them goes with them)."""
         row = self.db.execute(
-            "SELECT body FROM residuals WHERE key=? AND job=?", [self.key, job]
+            "SELECT body, data_generation FROM residuals WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
-        return bytes(row[0]) if row else None
+        if not row:
+            return None
+        if data_generation is not None and row[1] is not None and row[1] != data_generation:
+            return None
+        return bytes(row[0])
+
+    def drop_residual(self, job: str) -> None:
+        """Forget the compression residual (its examples were forgotten)."""
+        with self.atomic():
+            self.db.execute("DELETE FROM residuals WHERE key=? AND job=?", [self.key, job])
 
     # -- own speed -------------------------------------------------------------
     def speed(self) -> float | None:

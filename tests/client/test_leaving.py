@@ -131,3 +131,24 @@ async def test_a_backend_failing_mid_round_gives_the_place_back(
     assert server.store.admitted_count(1) == 0
     assert device.device_state.phase("digits") is fedclient.Phase.IDLE
     assert device.stats.discarded_rounds == 1
+
+
+async def test_an_update_trained_on_forgotten_examples_never_leaves_the_device(
+    make_server: Any, digits: Any, tmp_path: Path
+) -> None:
+    server = _one_place(make_server)
+    store = fedclient.ExampleStore(tmp_path / "examples.sqlite")
+    store.add(digits.x_train[:40], digits.y_train[:40], source="alice")
+    store.add(digits.x_train[40:80], digits.y_train[40:80], source="bob")
+    device = fedclient.Client(
+        "http://fedserver.local", "digits", store, transport=server.transport(), seed=0
+    )
+    while device.device_state.phase("digits") is not fedclient.Phase.TRAINED:
+        await device.astep()  # trained on alice's and bob's examples, not uploaded yet
+    assert store.forget(source="bob").complete  # bob asks to be forgotten
+    left = await device.astep()
+    assert left.status == "discarded" and "forgotten" in left.reason
+    assert server.store.update_count(1) == 0 and server.store.admitted_count(1) == 0
+    again = await device.arun_once()  # the place is free: it trains on what is left
+    assert again.status == "uploaded" and again.receipt is not None
+    assert again.receipt.num_examples == 40
