@@ -65,6 +65,7 @@ from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import (
     CHECKIN,
     DEVICE_ID_HEADER,
+    EVALUATION,
     IDEMPOTENCY_HEADER,
     JOB_STATUS,
     LEAVE,
@@ -79,6 +80,7 @@ from fedclient.protocol import (
     Admitted,
     CheckinRequest,
     CheckinResponse,
+    EvaluationReport,
     JobFinished,
     JobStatus,
     ModelSpec,
@@ -965,9 +967,28 @@ class Client:
         except rejected as exc:
             # Stale or rejected work must never be sent again, nor into another round.
             self._secure.pop(plan.round_id, None)
+            if isinstance(exc, RoundClosed) and not plan.privacy.secagg:
+                yield from self._report_evaluation(identity, plan, body)
             return self._discard(plan, str(exc))
         self._store.record_receipt(self.job, receipt)
         return StepOutcome("uploaded", round_id=plan.round_id, receipt=receipt)
+
+    def _report_evaluation(
+        self, identity: Identity, plan: RoundPlan, body: bytes
+    ) -> Generator[Effect, Any, None]:
+        """The update came too late to count: send the evaluation it carries (if the
+        round asked this device for one) on its own, so the round's federated accuracy
+        hears from every device asked, not only from those whose updates counted."""
+        metadata = decode_tensors(body)[1]
+        if "eval_examples" not in metadata:
+            return
+        report = EvaluationReport(
+            int(metadata["eval_correct"]),
+            float(metadata["eval_loss_sum"]),
+            int(metadata["eval_examples"]),
+        )
+        with contextlib.suppress(FedError):  # lost, it costs one device's measure, no more
+            yield self._request(EVALUATION, identity, json=report, round_id=plan.round_id)
 
     def _secure_upload(
         self, identity: Identity, plan: RoundPlan, body: bytes

@@ -24,6 +24,7 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "EvaluateSettings",
+    "EvaluationReport",
     "IssueCodes",
     "JobFinished",
     "JobPlan",
@@ -327,6 +328,16 @@ class UploadReceipt(msgspec.Struct, frozen=True):
     device_id: str
     num_examples: int
     received_at: float
+
+
+class EvaluationReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device's evaluation of a round's model (the one it received) on its held-out
+    data, sent on its own when its update could not count (the round closed first), so
+    the round's federated accuracy hears from every device asked, not only the counted."""
+
+    correct: Annotated[int, msgspec.Meta(ge=0)]
+    loss_sum: Annotated[float, msgspec.Meta(ge=0)]
+    examples: Annotated[int, msgspec.Meta(ge=1)]
 
 
 class UploadStart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -24,6 +24,7 @@ __all__ = [
     "ADMIN_ROUNDS",
     "CHECKIN",
     "ENROL",
+    "EVALUATION",
     "HEALTH",
     "JOB_STATUS",
     "LEAVE",
@@ -150,6 +151,15 @@ UPLOAD_STATUS = Route(
     response=m.UploadSession,
     errors=(401, 404),
 )
+EVALUATION = Route(
+    "evaluation",
+    "POST",
+    "/v1/rounds/{round_id}/evaluation",
+    "A device asked to evaluate the round's model, whose update did not count (the round "
+    "closed first), reports its evaluation on its own; once per device and round.",
+    request=m.EvaluationReport,
+    errors=(400, 401, 403, 404, 413),
+)
 LEAVE = Route(
     "leave",
     "POST",
@@ -261,6 +271,7 @@ ROUTES = (
     UPLOAD_CHUNK,
     UPLOAD_STATUS,
     LEAVE,
+    EVALUATION,
     SECAGG_POST,
     SECAGG_FETCH,
     JOB_STATUS,

@@ -40,6 +40,7 @@ from fedclient.protocol import (
     CHECKIN,
     DEVICE_ID_HEADER,
     ENROL,
+    EVALUATION,
     HEALTH,
     IDEMPOTENCY_HEADER,
     JOB_STATUS,
@@ -60,6 +61,7 @@ from fedclient.protocol import (
     CheckinRequest,
     EnrolmentCodes,
     EnrolRequest,
+    EvaluationReport,
     IssueCodes,
     JobPlan,
     UploadStart,
@@ -210,6 +212,13 @@ def create_app(
         left = service.leave(token, _int_param(request, "round_id"))
         return JSONResponse({"left": left})
 
+    async def evaluation(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        limit(request, "upload", token)
+        report = _decode(await _read_limited(request, JSON_LIMIT), EvaluationReport)
+        service.report_evaluation(token, _int_param(request, "round_id"), report)
+        return JSONResponse({"accepted": True})
+
     async def secagg_post(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         round_id = _int_param(request, "round_id")
@@ -289,6 +298,7 @@ def create_app(
         UPLOAD_CHUNK: upload_chunk,
         UPLOAD_STATUS: upload_status,
         LEAVE: leave,
+        EVALUATION: evaluation,
         SECAGG_POST: secagg_post,
         SECAGG_FETCH: secagg_fetch,
         JOB_STATUS: job_status,

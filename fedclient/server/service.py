@@ -41,6 +41,7 @@ from fedclient.protocol import (
     DeviceParticipation,
     EnrolRequest,
     EnrolResponse,
+    EvaluationReport,
     JobFinished,
     JobPlan,
     JobStatus,
@@ -397,6 +398,30 @@ class FederationService:
         with self.store.atomic():
             self.store.withdraw(round_id, device_id)
         return True
+
+    @_serialised
+    def report_evaluation(self, token: str, round_id: int, report: EvaluationReport) -> None:
+        """A device's evaluation of ``round_id``'s model, on its own (its update did not
+        count): kept once per device and round (a repeat changes nothing), from a device
+        asked to evaluate."""
+        device_id = self.authenticate(token)
+        round_ = self.store.round(round_id)
+        if round_ is None:
+            raise NotFound(f"no round {round_id}")
+        job = self._job(round_.job)
+        if not (
+            self.store.is_admitted(round_id, device_id) and self._evaluates(job, round_, device_id)
+        ):
+            raise Forbidden(f"this device was not asked to evaluate round {round_id}'s model")
+        counts = {
+            "eval_correct": str(report.correct),
+            "eval_loss_sum": repr(report.loss_sum),
+            "eval_examples": str(report.examples),
+        }
+        evaluation = _evaluation(counts, job.plan.job.max_examples)
+        assert evaluation is not None
+        with self.store.atomic():
+            self.store.add_evaluation(round_id, device_id, *evaluation)
 
     @_serialised
     def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:

@@ -214,7 +214,8 @@ def _rounded(value: float | None) -> float | None:
 
 
 def _federated_final(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last federated evaluation, and the model version it measured."""
+    """The last federated evaluation: the model version it measured, and the central test
+    accuracy of that same version (``accuracy`` beside it is the final model's)."""
     measured = [r for r in rounds if r.get("federated_accuracy") is not None]
     if not measured:
         return {}
@@ -222,7 +223,9 @@ def _federated_final(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "federated_accuracy": last["federated_accuracy"],
         "federated_loss": last["federated_loss"],
-        "federated_model_version": last["model_version"] - (last["status"] == "closed"),
+        "federated_model_version": last["federated_model_version"],
+        "federated_central_accuracy": last["federated_central_accuracy"],
+        "federated_evaluated": last["evaluated"],
     }
 
 
@@ -270,13 +273,18 @@ async def _run_rounds(
     job = plan.job.name
     simulated = isinstance(server.clock, SimClock)
     rounds: list[dict[str, Any]] = []
-    # Rounds whose model is still being evaluated: reported, in order, once it is.
-    unreported: list[tuple[dict[str, Any], asyncio.Future[EvalResult]]] = []
+    # Rounds whose model is still being evaluated: reported, in order, once it is (with
+    # the model the devices evaluated, when they did: the round's starting model).
+    unreported: list[
+        tuple[dict[str, Any], asyncio.Future[EvalResult], asyncio.Future[EvalResult] | None]
+    ] = []
 
     async def report_evaluated() -> None:
-        for record, evaluated in unreported:
+        for record, evaluated, federated in unreported:
             result = await evaluated
             record["accuracy"], record["loss"] = round(result.accuracy, 6), round(result.loss, 6)
+            if federated is not None:  # the central figure of the model the devices measured
+                record["federated_central_accuracy"] = round((await federated).accuracy, 6)
             rounds.append(record)
             if on_round is not None:
                 on_round(record)
@@ -420,12 +428,20 @@ async def _run_rounds(
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
             }
+            federated = None
             if plan.evaluate.every:
-                # The devices' measure of the model this round started from.
+                # The devices' measure of the model this round started from, beside the
+                # test set's measure of that same model (not of the round's new one).
+                measured = closed.model_version
+                if measured not in evaluator.results:
+                    evaluator.start(measured, await server.model(job, measured, token))
+                record["federated_model_version"] = measured
                 record["federated_accuracy"] = _rounded(closed.federated_accuracy)
                 record["federated_loss"] = _rounded(closed.federated_loss)
                 record["evaluated"] = closed.evaluated
-            unreported.append((record, evaluator.results[version]))
+                record["federated_central_accuracy"] = None  # filled in by report_evaluated
+                federated = evaluator.results[measured] if closed.evaluated else None
+            unreported.append((record, evaluator.results[version], federated))
         await fleet.rest()
     await report_evaluated()
     return rounds

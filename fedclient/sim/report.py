@@ -74,8 +74,11 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
         color="tab:blue",
         label="test accuracy",
     )
+    # The devices measure the model a round started from: drawn at the round that made
+    # that model (0: the initial one), beside the test set's measure of the same model.
+    made_in = {r["model_version"]: r["round"] for r in rounds if r["status"] == "closed"}
     federated = [
-        (r["round"], r["federated_accuracy"])
+        (made_in.get(r.get("federated_model_version", -1), 0), r["federated_accuracy"])
         for r in rounds
         if r.get("federated_accuracy") is not None
     ]

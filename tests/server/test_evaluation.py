@@ -55,6 +55,65 @@ async def test_the_first_devices_evaluate_the_model_they_received(
     assert server.service.job_status("digits").model_version == 1
 
 
+async def test_a_device_whose_update_came_too_late_still_reports_its_evaluation(
+    db_url: Any, make_devices: Any, digits: Any
+) -> None:
+    server = _server(db_url(), devices=0)  # every admitted device evaluates
+    # The plan closes a round at 3 updates and admits 3 x 1.3 = 4.
+    halves = [
+        (digits.x_test[:180], digits.y_test[:180]),
+        (digits.x_test[180:], digits.y_test[180:]),
+    ]
+    first, second, third, late = make_devices(
+        4, server.transport(), per_device={"eval_data": lambda i: halves[i % 2]}
+    )
+    await step_until(late, fedclient.Phase.TRAINED)  # admitted, evaluated, trained...
+    for device in (first, second, third):
+        assert (await device.arun_once()).status == "uploaded"  # ...and the quota of 3 closes it
+    outcome = await late.astep()
+    assert outcome.status == "discarded" and server.store.update_count(1) == 3
+    summary = server.service.round_status("digits", 1)
+    assert summary.evaluated == 4  # the late device's measure counts too
+    backend = fedclient.create_backend(server.service.job_status("digits").plan.model)
+    body, _ = server.store.model("digits", 0) or (b"", "")
+    backend.set_weights(decode_tensors(body)[0])
+    correct = examples = 0
+    for x, y in (halves[0], halves[1], halves[0], halves[1]):
+        measured = backend.evaluate(x, y)
+        correct += round(measured.accuracy * len(y))
+        examples += len(y)
+    assert summary.federated_accuracy == pytest.approx(correct / examples)
+
+
+async def test_an_evaluation_on_its_own_comes_only_from_a_device_asked_and_counts_once(
+    db_url: Any,
+) -> None:
+    server = _server(db_url(), devices=1)
+    async with server.http() as http:
+        asked, other, stranger = [await enrol(http) for _ in range(3)]
+        for auth in (asked, other):
+            await http.post("/v1/jobs/digits/checkin", json={}, headers=auth)
+        report = {"correct": 3, "loss_sum": 2.5, "examples": 4}
+        url = "/v1/rounds/1/evaluation"
+        assert (await http.post(url, json=report, headers=asked)).status_code == 200
+        assert (await http.post(url, json=report, headers=asked)).status_code == 200
+        summary = server.service.round_status("digits", 1)
+        assert (summary.evaluated, summary.federated_accuracy) == (1, 0.75)
+        before = server.store.fingerprint()
+        for auth, body, status in [
+            (other, report, 403),  # admitted, but not among the first 1 asked
+            (stranger, report, 403),  # not admitted
+            (asked, {**report, "correct": 5}, 400),  # more correct than examples
+            (asked, {**report, "loss_sum": -1.0}, 400),
+            (asked, {"correct": 1}, 400),
+        ]:
+            assert (await http.post(url, json=body, headers=auth)).status_code == status
+        assert (
+            await http.post("/v1/rounds/99/evaluation", json=report, headers=asked)
+        ).status_code == 404
+        assert server.store.fingerprint() == before
+
+
 async def test_evaluation_stays_off_unless_asked_and_every_k_rounds(
     db_url: Any, make_devices: Any
 ) -> None:
@@ -148,8 +207,13 @@ def test_fedsim_runs_a_plan_file_and_reports_federated_accuracy(tmp_path: Path) 
     assert data["plan"]["model"]["hidden"] == [32] and len(data["rounds"]) == 3
     # The first 4 admitted evaluate; one that drops out (the phones fleet) reports nothing.
     assert all(1 <= r["evaluated"] <= 4 for r in data["rounds"])
-    assert 0 <= data["final"]["federated_accuracy"] <= 1
-    assert data["final"]["federated_model_version"] == 2
+    final = data["final"]
+    assert 0 <= final["federated_accuracy"] <= 1
+    # Both figures are of one model: version 2, which round 2 made (not round 3's version 3).
+    assert final["federated_model_version"] == 2 and final["model_version"] == 3
+    made = next(r for r in data["rounds"] if r["model_version"] == 2)
+    assert final["federated_central_accuracy"] == made["accuracy"]
+    assert [r["federated_model_version"] for r in data["rounds"]] == [0, 1, 2]
     assert (tmp_path / "r.png").exists()
     wrong = tmp_path / "wrong.toml"
     wrong.write_text(plan.read_text().replace("inputs = 64", "inputs = 784"))
