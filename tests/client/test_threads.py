@@ -139,9 +139,7 @@ def test_a_personalised_model_tuned_on_forgotten_examples_is_dropped(
     client.close()
 
 
-def test_predict_with_a_wrong_shape_names_the_shape_it_takes(
-    live_server: Any, digits: Any
-) -> None:
+def test_predict_with_a_wrong_shape_names_the_shape_it_takes(live_server: Any, digits: Any) -> None:
     live: LiveServer = live_server(devices_per_round=1, rounds=1)
     client = fedclient.Client(live.url, "digits", (digits.x_train[:50], digits.y_train[:50]))
     assert client.run_once().status == "uploaded"

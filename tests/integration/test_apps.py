@@ -3,6 +3,13 @@ with the app's secret and serves status only to its devices (issue 25)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +22,21 @@ from fedclient.protocol import MODEL, decode_tensors
 from tests.integration.test_fedserver_process import FedServerProcess
 
 SECRET = "app-enrolment-secret-" + "e" * 24
+APP = Path(__file__).parents[2] / "examples" / "app" / "app.py"
+# The Done-when's outage is 20 s; CI stops the server for 8 s by default. The apps live
+# through the same things either way: their requests' own retries run out (they try twice
+# here), their loops back off, the round open at the stop passes its 10 s deadline while
+# the server is away, and the restarted server fails or closes it. To see 20 s:
+# FEDCLIENT_OUTAGE_SECONDS=20.
+OUTAGE_SECONDS = float(os.environ.get("FEDCLIENT_OUTAGE_SECONDS", "8"))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        threading.Event().wait(0.05)
 
 
 def secret_server(tmp_path: Path, **options: Any) -> FedServerProcess:
@@ -63,3 +85,78 @@ def test_fit_against_a_server_with_an_enrolment_secret_returns_the_final_aggrega
             np.testing.assert_array_equal(value, final[name])  # the final aggregate itself
     finally:
         server.stop()
+
+
+def test_app_processes_ride_out_a_server_outage_and_end_holding_the_final_model(
+    tmp_path: Path, digits: Any
+) -> None:
+    server = secret_server(
+        tmp_path, rounds=0, per_round=0, plan=APP.with_name("plan.toml").read_text()
+    )
+    server.start()
+    secret = tmp_path / "enrolment.secret"
+    logs = [tmp_path / f"app-{i}.log" for i in range(4)]
+    apps = []
+    for i, log in enumerate(logs):
+        with log.open("wb") as out:  # each app: the README's pattern, a process of its own
+            apps.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(APP),
+                        "--server",
+                        server.url,
+                        "--secret-file",
+                        str(secret),
+                        "--device",
+                        str(i),
+                        "--devices",
+                        str(len(logs)),
+                        "--state-dir",
+                        str(tmp_path / f"device-{i}"),
+                        "--retry-attempts",
+                        "2",
+                        "--backoff-cap",
+                        "4",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    try:
+        wait_until(lambda: server.status()["model_version"] >= 3, 120, "three rounds")
+        server.kill()  # the server process goes away mid-job, a round open
+        felt = [log.read_text().count("trying again") for log in logs]
+        threading.Event().wait(OUTAGE_SECONDS)  # the outage itself, not a synchronisation
+        during = [
+            log.read_text().count("trying again") - n for log, n in zip(logs, felt, strict=True)
+        ]
+        server.start()  # the same database, the same port
+        for app in apps:
+            app.wait(timeout=180)
+    finally:
+        for app in apps:
+            if app.poll() is None:
+                app.kill()
+                app.wait()
+    outputs = [log.read_text() for log in logs]
+    assert [app.returncode for app in apps] == [0, 0, 0, 0], outputs
+    assert sum(during) > 0, outputs  # the apps' loops met the outage (not only their retries)
+
+    status = server.status()
+    assert status["status"] == "finished"
+    final_version = status["model_version"]
+    spec = fedclient.protocol.ModelSpec(**status["plan"]["model"])
+    reference = fedclient.create_backend(spec)
+    identity = fedclient.DeviceState(tmp_path / "device-0" / "fl.sqlite").identity(server.url)
+    assert identity is not None
+    reference.set_weights(served_model(server, identity.token, final_version))
+    expected = reference.predict(digits.x_test[:100])
+    for output in outputs:
+        summary = json.loads(output.strip().splitlines()[-1])
+        assert (summary["reason"], summary["model_version"]) == ("finished", final_version)
+        assert summary["predictions_served_while_training"] > 0  # the UI thread predicted on
+        np.testing.assert_allclose(np.load(summary["predictions"]), expected, atol=1e-6)
+    uploaded_after = sum(o.split("trying again")[-1].count("uploaded") for o in outputs)
+    assert uploaded_after > 0  # rounds went on after the restart
+    server.stop()

@@ -1,0 +1,173 @@
+"""The README's examples, run as they stand (issue 25): every ```python block, in order,
+in one namespace (as a reader follows the tour), against real ``fedserver`` processes;
+and the reference server's commands, with the README's own plan, read as ``curl`` does.
+
+What the blocks assume, the README says: ``x``, ``y`` (the digits data), ``app`` (the
+platform's answers), ``APP_ENROLMENT_SECRET``, ``user_id``. Their URLs
+(``https://fl.example.com``, ``http://127.0.0.1:8080``) are pointed at a server on a
+free port serving ``examples/app/plan.toml`` with one device a round, so each block
+runs alone: the app's block (it enrols with the secret) at one that requires the
+secret, the others at one with open enrolment, as the README's quickstart server is.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import fedclient
+from tests.integration.test_apps import SECRET, served_model
+from tests.integration.test_fedserver_process import FedServerProcess, _free_port
+
+README = Path(__file__).parents[1] / "README.md"
+APP_PLAN = Path(__file__).parents[1] / "examples" / "app" / "plan.toml"
+URLS = ("https://fl.example.com", "http://127.0.0.1:8080")
+
+
+def fenced(language: str) -> list[tuple[int, str]]:
+    """The README's ```language blocks: (line of the fence, code)."""
+    text = README.read_text()
+    return [
+        (text[: m.start()].count("\n") + 1, m.group(1))
+        for m in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+    ]
+
+
+class Platform:
+    """The ``app`` the README's app block asks: plugged in and on Wi-Fi."""
+
+    def is_charging(self) -> bool:
+        return True
+
+    def on_wifi(self) -> bool:
+        return True
+
+
+def _server(folder: Path, *, secret: bool) -> FedServerProcess:
+    folder.mkdir()
+    plan = APP_PLAN.read_text().replace("rounds = 10", "rounds = 3")
+    plan = plan.replace("devices_per_round = 2", "devices_per_round = 1")
+    args: tuple[str, ...] = ()
+    if secret:
+        (folder / "enrolment.secret").write_text(SECRET)
+        args = ("--enrolment-secret-file", str(folder / "enrolment.secret"))
+    server = FedServerProcess(folder, rounds=3, per_round=1, plan=plan, args=args)
+    server.start()
+    return server
+
+
+def test_every_python_block_runs_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: Any
+) -> None:
+    blocks = fenced("python")
+    assert len(blocks) == 4, "a new block: say below what it should leave behind"
+    monkeypatch.chdir(tmp_path)  # the blocks' app_data/ and fl.sqlite land here
+    open_server = _server(tmp_path / "open", secret=False)
+    secret_server = _server(tmp_path / "secret", secret=True)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    # The app has collected examples in earlier sessions.
+    earlier = fedclient.ExampleStore(tmp_path / "app_data" / "examples.sqlite")
+    earlier.add(x[:100], y[:100], source="user-1")
+    earlier.add(x[100:200], y[100:200], source="user-2")
+    earlier.db.close()
+    namespace: dict[str, Any] = {
+        "x": x,
+        "y": y,
+        "app": Platform(),
+        "APP_ENROLMENT_SECRET": SECRET,
+        "user_id": "user-1",
+    }
+    try:
+        for line, code in blocks:
+            server = secret_server if "enrolment_credential" in code else open_server
+            for url in URLS:
+                code = code.replace(url, server.url)
+            exec(compile(code, f"README.md:{line}", "exec"), namespace)
+            if "fedclient.fit(" in code:
+                # fit's federated call ends holding the model its update went into.
+                state = fedclient.DeviceState(tmp_path / "app_data" / "fl.sqlite")
+                identity = state.identity(server.url)
+                assert identity is not None
+                served = served_model(server, identity.token, 1)
+                for name, value in namespace["model"].get_weights().items():
+                    np.testing.assert_array_equal(value, served[name])
+            elif "run_once()" in code:
+                assert namespace["outcome"].status == "uploaded"
+                namespace["client"].close()  # the next block makes the app's client
+            elif "run_forever" in code:
+                _play_the_app(namespace, server, digits)
+            elif "IdentityAuthority" in code:
+                authority = namespace["authority"]
+                assert namespace["policy"].trusted_authorities == (authority.public,)
+                held = namespace["client"].device_state.identity_certificate()
+                assert held == namespace["cert"]
+    finally:
+        if "stop" in namespace:
+            namespace["stop"].set()
+            namespace["worker"].join(timeout=30)
+            namespace["client"].close()
+        for server in (open_server, secret_server):
+            server.stop()
+
+
+def _play_the_app(namespace: dict[str, Any], server: FedServerProcess, digits: Any) -> None:
+    """Use the README's app as its UI would while its worker takes part."""
+    namespace["on_labelled"](digits.x_train[300], int(digits.y_train[300]))  # any thread
+    worker = namespace["worker"]
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the app's run_forever did not end with the job"
+    client = namespace["client"]
+    held = client.device_state.held_version("digits")
+    assert held is not None and held[0] == server.status()["model_version"] == 3
+    label = namespace["classify"](digits.x_test[0])
+    assert label.shape == (1,) and 0 <= int(label[0]) < 10
+    tuned = client.latest_model(personalized=True)
+    forgotten = namespace["on_forget_me"]()
+    assert forgotten == fedclient.Forgotten(101, complete=True)  # 100 earlier, 1 just now
+    assert client.latest_model(personalized=True) is not tuned  # tuned on user-2's alone
+
+
+def test_the_servers_commands_serve_status_as_curl_reads_it(tmp_path: Path) -> None:
+    (plan,) = [code for _, code in fenced("toml") if code.startswith("# plan.toml")]
+    (tmp_path / "plan.toml").write_text(plan)
+    commands = [
+        shlex.split(line.split("#")[0])
+        for _, code in fenced("bash")
+        for line in code.splitlines()
+        if line.startswith(".venv/bin/fedserver ") and "plan.toml --db server.sqlite" in line
+    ]
+    assert [c[1] for c in commands] == ["init", "--plan"]  # init, then serve
+    fedserver = [sys.executable, "-m", "fedclient.server.cli"]
+    subprocess.run([*fedserver, *commands[0][1:]], cwd=tmp_path, check=True, capture_output=True)
+    serve = commands[1][1:]
+    port = _free_port()
+    serve[serve.index("--port") + 1] = str(port)
+    process = subprocess.Popen(
+        [*fedserver, *serve], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        status = None
+        for _ in range(600):  # its readiness: up to 30 s
+            try:
+                status = httpx.get(url + "/v1/jobs/digits", timeout=1)  # as curl: no token
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, "fedserver exited"
+                threading.Event().wait(0.05)
+        assert status is not None and status.status_code == 200, status
+        assert status.json()["job"] == "digits" and status.json()["status"] == "running"
+        openapi = httpx.get(url + "/openapi.json", timeout=5)
+        assert "/v1/rounds/{round_id}/evaluation" in openapi.json()["paths"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
