@@ -40,7 +40,8 @@ from fedclient._exceptions import (
 if typing.TYPE_CHECKING:  # what the names below are, for type checkers and readers
     from fedclient import models, protocol, transport
     from fedclient._app import Backoff, RoundEvent, RunResult
-    from fedclient._client import Client, StepOutcome, TrainTask, TransferStats
+    from fedclient._client import Client
+    from fedclient._effects import StepOutcome, TrainTask, TransferStats
     from fedclient._examples import ExampleStore, Forgotten
     from fedclient._fit import FitResult, fit
     from fedclient._personalize import Personalization
@@ -76,11 +77,11 @@ _LAZY: dict[str, str] = {
     "RetryPolicy": "fedclient.transport",
     "RoundEvent": "fedclient._app",
     "RunResult": "fedclient._app",
-    "StepOutcome": "fedclient._client",
+    "StepOutcome": "fedclient._effects",
     "TrainingBackend": "fedclient.runtime",
     "TrainResult": "fedclient.runtime",
-    "TrainTask": "fedclient._client",
-    "TransferStats": "fedclient._client",
+    "TrainTask": "fedclient._effects",
+    "TransferStats": "fedclient._effects",
     "transport": "fedclient.transport",
 }
 

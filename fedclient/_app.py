@@ -57,7 +57,8 @@ from fedclient._exceptions import (
 from fedclient._state import Phase
 
 if TYPE_CHECKING:
-    from fedclient._client import Client, StepOutcome
+    from fedclient._client import Client
+    from fedclient._effects import StepOutcome
 
 __all__ = ["Backoff", "RoundEvent", "RunLoop", "RunResult", "StopReason"]
 
