@@ -6,6 +6,7 @@ message types, so the documentation cannot drift from the code.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -384,6 +385,7 @@ def _path_params(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
 
+@functools.lru_cache(maxsize=256)  # a simulator makes a client per device and round
 def split_job_url(url: str) -> tuple[str, str | None]:
     """The one convention for where a device finds a job: ``(server root, job)`` of a
     job's URL (``https://host[:port][/prefix]/v1/jobs/NAME``, as `JOB_STATUS` serves

@@ -212,3 +212,32 @@ def test_backoff_is_seeded_bounded_and_honours_retry_after() -> None:
     with pytest.raises(fedclient.InvalidInput):
         fedclient.Backoff(base_seconds=0)
     assert np.isfinite(fedclient.Backoff(seed=0).delay(10_000))
+
+
+@pytest.mark.anyio
+async def test_an_epsilon_8_plan_spends_a_default_policys_budget_in_one_round(digits: Any) -> None:
+    # What the README's fedsim --dp figure does not show: its simulated devices accept
+    # the plan's budget, but a device on the default PrivacyPolicy (a job budget of 10)
+    # has spent 8 after one release and stops, saying why.
+    from fedclient.server import FederationService, ServerStore, create_app, plan_from_dict
+    from tests.conftest import ManualClock
+
+    plan = plan_from_dict(
+        {
+            "job": {"name": "digits", "rounds": 40, "devices_per_round": 1, "seed": 1},
+            "model": {"kind": "mlp", "inputs": 64, "hidden": [16], "classes": 10},
+            "privacy": {"dp_epsilon": 8.0, "dp_delta": 1e-5, "clip": 1.0},
+        }
+    )
+    service = FederationService(ServerStore(":memory:"), clock=ManualClock())
+    service.add_job(plan)
+    device = fedclient.Client(
+        "http://fedserver.local",
+        "digits",
+        (digits.x_train[:80], digits.y_train[:80]),
+        transport=httpx.ASGITransport(app=create_app(service)),
+    )
+    result = await device.arun_forever(backoff=QUICK)
+    assert (result.reason, result.rounds) == ("privacy", 1)
+    assert isinstance(result.error, fedclient.PrivacyBudgetExceeded)
+    assert result.error.budget == pytest.approx(10.0)
