@@ -53,6 +53,7 @@ __all__ = [
 T = TypeVar("T")
 logger = logging.getLogger("fedclient")
 
+#: What a step did.
 StepStatus = Literal[
     "admitted", "downloaded", "trained", "uploaded", "waiting", "finished", "discarded"
 ]

@@ -1,17 +1,25 @@
 """The device's job loop: check in, download, train, upload — one stored step at a time.
 
 The loop is written once, without I/O, as a generator (`JobLoop._step_flow`)
-that yields *effects* — an `httpx.Request` to send or a `TrainTask` to run —
-and receives their results, the way httpx's auth flows do. The sync driver
-(`fedclient.Client.step`) and the async driver (`fedclient.Client.astep`) only perform effects, so
-an app on a phone, the simulator and the crash-recovery code all drive the same
-state table:
+that yields *effects* (`fedclient._effects`: an `httpx.Request` to send, a download,
+a `TrainTask` to run) and receives their results, the way httpx's auth flows do. The
+drivers (`fedclient._drivers`, behind `fedclient.Client.step` and ``astep``) only
+perform effects, and throw a failed one back in; so an app on a phone, the simulator
+and the crash-recovery code all drive the same state table:
 
     phase       next action  ->  phase after it
-    IDLE        check in         ADMITTED (or stays IDLE: retry later / finished)
+    IDLE        check in         ADMITTED (or stays IDLE: retry later; finished:
+                                 the job's final model held)
     ADMITTED    download         DOWNLOADED
     DOWNLOADED  train            TRAINED
     TRAINED     upload           IDLE (receipt kept; or work discarded: round closed)
+
+and from ADMITTED, DOWNLOADED or TRAINED (before a secure aggregation starts), back
+to IDLE, telling the server it leaves: when the conditions stop holding (checked
+before each step and between minibatches), when the examples an update was trained
+on were forgotten, or on any failure of the device's own (data that do not fit the
+plan's model, a model that does not match, a backend's error), which is raised after.
+A failure of the network leaves the phase as it was: the next step resumes it.
 """
 
 from __future__ import annotations
