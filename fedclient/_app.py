@@ -182,6 +182,8 @@ class RunLoop:
 
     def before(self, stop_set: bool) -> RunResult | None:
         """Whether to stop before the next round."""
+        if self.client.closed:
+            return self.closed()
         if stop_set:
             return self._end("stopped", None, "the app stopped the loop")
         if self.rounds is not None and self.uploaded >= self.rounds:
@@ -253,6 +255,10 @@ class RunLoop:
             return "job_not_found"
         return None
 
+    def closed(self) -> RunResult:
+        """The run ends because the app closed the client."""
+        return self._end("stopped", None, "the app closed the client")
+
     def _end(self, reason: StopReason, error: FedError | None, why: str) -> RunResult:
         up, down = self._bytes()
         self._tell(
@@ -310,6 +316,8 @@ def run_forever(
         try:
             decision = loop.after(client.run_once())
         except Exception as exc:
+            if client.closed:  # closed from another thread mid-request
+                return loop.closed()
             decision = loop.failed(exc)
         if isinstance(decision, RunResult):
             return decision
@@ -334,6 +342,8 @@ async def arun_forever(
         try:
             decision = loop.after(await client.arun_once())
         except Exception as exc:
+            if client.closed:  # closed by another task mid-request
+                return loop.closed()
             decision = loop.failed(exc)
         if isinstance(decision, RunResult):
             return decision

@@ -27,7 +27,7 @@ from fedclient._app import Backoff, RoundEvent, RunResult, arun_forever, run_for
 from fedclient._drivers import AsyncDirect, Direct, Drivers
 from fedclient._effects import SecureSession, StepOutcome, TrainTask, TransferStats
 from fedclient._examples import ExampleStore
-from fedclient._exceptions import InvalidInput
+from fedclient._exceptions import FedError, InvalidInput
 from fedclient._flow import JobLoop
 from fedclient._inference import HeldModels
 from fedclient._personalize import Personalization
@@ -160,6 +160,12 @@ class Client(JobLoop, Drivers):
             raise InvalidInput(f"inline_model_max must be 0 or more, got {self.inline_model_max}")
         self._sync: httpx.Client | Direct | None = None
         self._async: httpx.AsyncClient | AsyncDirect | None = None
+        self._closed = False
+        #: The stop events of the `run_forever` (`arun_forever`) loops running now:
+        #: `close` (`aclose`) sets them.
+        self._loops: set[threading.Event] = set()
+        self._aloops: set[asyncio.Event] = set()
+        self._lifecycle = threading.Lock()
         self._secure: dict[int, SecureSession] = {}
         self._identity: Any = None  # fedclient.identity.SigningKey, loaded on first use
         self._identity_asked = False  # a secure job asked for the identity key
@@ -179,12 +185,19 @@ class Client(JobLoop, Drivers):
         self._downloaded: tuple[int, str, Weights] | None = None
 
     def step(self) -> StepOutcome:
-        """Do the next step of the job loop over a blocking connection."""
+        """Do the next step of the job loop over a blocking connection (`FedError` once
+        the client is closed)."""
+        self._check_open()
         return self._drive(self._step_flow())
 
     async def astep(self) -> StepOutcome:
         """Do the next step of the job loop over an asyncio connection."""
+        self._check_open()
         return await self._adrive(self._step_flow())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FedError("the client is closed: make a new one to take part again")
 
     def run_once(self) -> StepOutcome:
         """Step until this round's work is uploaded, or there is nothing to do now. The
@@ -222,8 +235,17 @@ class Client(JobLoop, Drivers):
         what cannot pass (revoked, privacy refusal, ...) and says why in the
         `RunResult`; ``on_round`` hears of every round, wait and failure
         (`RoundEvent`). For apps that just want it to run, on a thread of its own; the
-        table is in `fedclient._app`."""
-        return run_forever(self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff)
+        table is in `fedclient._app`. `close` from another thread ends it ("stopped")."""
+        stop = stop or threading.Event()
+        with self._lifecycle:
+            self._loops.add(stop)
+        try:
+            return run_forever(self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff)
+        finally:
+            with self._lifecycle:
+                self._loops.discard(stop)
+                if self._closed and not self._loops:  # `close` left the pool to the loop
+                    self._close_pool()
 
     async def arun_forever(
         self,
@@ -233,10 +255,15 @@ class Client(JobLoop, Drivers):
         on_round: Callable[[RoundEvent], None] | None = None,
         backoff: Backoff | None = None,
     ) -> RunResult:
-        """Async twin of `run_forever`."""
-        return await arun_forever(
-            self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff
-        )
+        """Async twin of `run_forever` (`aclose` ends it)."""
+        stop = stop or asyncio.Event()
+        self._aloops.add(stop)
+        try:
+            return await arun_forever(
+                self, rounds=rounds, stop=stop, on_round=on_round, backoff=backoff
+            )
+        finally:
+            self._aloops.discard(stop)
 
     def job_status(self) -> JobStatus:
         """The job's status, as the server reports it to this (enrolled) device."""
@@ -268,13 +295,32 @@ class Client(JobLoop, Drivers):
         model takes."""
         return self._held_models.predict(x, personalized=personalized)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: the client sends nothing more."""
+        return self._closed
+
     def close(self) -> None:
-        """Close the blocking connection pool."""
+        """Close the blocking connection pool, from any thread. A `run_forever` running
+        on another thread ends ("stopped": its ``stop`` event is set) instead of failing
+        on closed connections: the pool closes once its request in flight is done."""
+        with self._lifecycle:
+            self._closed = True
+            for stop in self._loops:
+                stop.set()
+            if not self._loops:  # else the last loop closes it once its request is done
+                self._close_pool()
+
+    def _close_pool(self) -> None:
         if self._sync is not None:
             self._sync.close()
 
     async def aclose(self) -> None:
-        """Close the asyncio connection pool."""
+        """Close the asyncio connection pool. An `arun_forever` running in another task
+        ends ("stopped") instead of failing on the closed connections."""
+        self._closed = True
+        for stop in list(self._aloops):
+            stop.set()
         if self._async is not None:
             await self._async.aclose()
 

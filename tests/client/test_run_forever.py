@@ -201,6 +201,57 @@ def test_stop_ends_a_wait_at_once(live_server: Any, digits: Any) -> None:
     device.close()
 
 
+class Gate(httpx.BaseTransport):
+    """The real server behind a transport that holds the ``hold``-th request until
+    ``release`` is set, saying (``held``) that it holds it."""
+
+    def __init__(self, hold: int) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.hold, self.sent = hold, 0
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent == self.hold:
+            self.held.set()
+            assert self.release.wait(timeout=30)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("when", ["waiting", "mid-request"])
+def test_close_from_another_thread_ends_the_loop(live_server: Any, digits: Any, when: str) -> None:
+    # The app shuts down: the UI thread closes the client while run_forever runs on a
+    # worker, waiting (its own stop event, not the app's) or inside a request.
+    live: LiveServer = live_server(devices_per_round=1, rounds=3)
+    never: Callable[[], bool] = lambda: False  # noqa: E731
+    gate = Gate(hold=1 if when == "mid-request" else 0)
+    options: dict[str, Any] = {"transport": gate, "retry": ONE_TRY}
+    if when == "waiting":
+        options["conditions"] = fedclient.Conditions(never)  # told to wait a minute
+    device = _device(live, digits, **options)
+    results: list[fedclient.RunResult] = []
+    errors: list[BaseException] = []
+    told = threading.Event()
+
+    def work() -> None:
+        try:
+            results.append(device.run_forever(on_round=lambda e: told.set(), backoff=QUICK))
+        except BaseException as exc:  # the test fails on it below
+            errors.append(exc)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    assert (told if when == "waiting" else gate.held).wait(timeout=30)
+    device.close()
+    gate.release.set()  # the request in flight meets the closed connections
+    worker.join(timeout=10)
+    assert not worker.is_alive() and errors == []
+    assert results[0].reason == "stopped" and device.closed
+
+
 def test_backoff_is_seeded_bounded_and_honours_retry_after() -> None:
     delays = [fedclient.Backoff(seed=7).delay(n) for n in range(1, 12)]
     assert delays == [fedclient.Backoff(seed=7).delay(n) for n in range(1, 12)]
