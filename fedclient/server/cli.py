@@ -89,8 +89,9 @@ def worker_app() -> Any:
 def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[Any, Any, Any] | int:
     """The app, its service and its enrolment policy, or an exit code (after saying why)."""
     try:
-        from fedclient.server import FederationService, ServerStore, create_app, load_plan
+        from fedclient.server import FederationService, create_app, load_plan
         from fedclient.server.auth import EnrolmentPolicy
+        from fedclient.server.integrity import open_served
         from fedclient.server.limits import RateLimits
 
         limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
@@ -104,7 +105,7 @@ def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[An
         elif args.enrolment_codes:
             policy = EnrolmentPolicy.codes()
         service = FederationService(
-            ServerStore.open_existing(args.db),
+            open_served(args.db),
             identity_authorities=authorities,
             enrolment=policy,
             admin_token=admin_token,

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import os
 import re
 import sqlite3
 import threading
@@ -36,6 +37,7 @@ __all__ = [
     "Cursor",
     "Database",
     "PostgresDatabase",
+    "ServeLock",
     "SqliteDatabase",
     "connect",
     "is_postgres",
@@ -67,15 +69,50 @@ def is_postgres(url: str | Path) -> bool:
     return str(url).startswith(("postgresql://", "postgres://"))
 
 
-def connect(url: str | Path) -> Database:
+def connect(url: str | Path, *, lock_file: bool = False) -> Database:
     """The database at ``url``: ``postgresql://...``, ``sqlite:///path``, a path, or
-    ``":memory:"``."""
+    ``":memory:"``. ``lock_file``: a SQLite file is this process's alone while it is
+    open (`ServeLock`); PostgreSQL is shared by design and takes no such lock."""
     if is_postgres(url):
         return PostgresDatabase(str(url))
     text = str(url)
     if text.startswith("sqlite:///"):
         text = text.removeprefix("sqlite:///")
-    return SqliteDatabase(text)
+    return SqliteDatabase(text, lock_file=lock_file)
+
+
+class ServeLock:
+    """An exclusive lock on ``<db>.lock`` beside a SQLite file, held while one process
+    serves it: a second ``fedserver`` on the same file is refused in one line instead of
+    serving beside the first (each would keep rows in memory that the other changes).
+
+    The lock is the kernel's (``flock``): it goes with the process, however that ends,
+    so a killed server leaves nothing to clean up. The file holds the owner's pid, for
+    the message; it is never deleted (deleting it would let two processes lock two
+    different files of one name)."""
+
+    def __init__(self, database: str) -> None:
+        import fcntl
+
+        path = Path(database).with_name(Path(database).name + ".lock")
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise StateError(
+                f"{database}: another fedserver (pid {owner}) serves this file; one process"
+                " serves a SQLite file (several workers share a PostgreSQL database)"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Let another process serve the file."""
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = -1
 
 
 class Database:
@@ -168,11 +205,12 @@ class SqliteDatabase(Database):
 
     kind = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, lock_file: bool = False) -> None:
         super().__init__()
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._lock_held = ServeLock(path) if lock_file and path != ":memory:" else None
         # The app calls the store from its event loop only, so requests never overlap;
         # that loop may run in another thread than the one that opened the store.
         # Autocommit outside `atomic` blocks (which BEGIN and COMMIT), as in PostgreSQL.
@@ -333,6 +371,8 @@ class SqliteDatabase(Database):
         if self._checkpoints is not None:
             self._checkpoints.stop()
         self.db.close()
+        if self._lock_held is not None:
+            self._lock_held.release()
 
 
 class _Checkpointer:
