@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:
         return _init(argv[1:])
+    if argv[:1] == ["backup"]:
+        return _backup(argv[1:])
     if argv[:1] == ["admin"]:
         from fedclient.server.admin import main as admin
 
@@ -138,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedserver",
         description=__doc__,
-        epilog="fedserver init --plan PLAN --db PATH creates the database first.",
+        epilog="fedserver init --plan PLAN --db PATH creates the database first; "
+        "fedserver backup --db PATH DEST copies it while it serves; "
+        "fedserver admin ... runs the operator's commands.",
     )
     parser.add_argument(
         "--plan", action="append", required=True, help="a TOML job plan (repeat for several jobs)"
@@ -235,6 +239,41 @@ def _init(argv: list[str]) -> int:
         return exc.exit_code
     names = ", ".join(p.job.name for p in plans)
     print(f"fedserver init: created {redacted(args.db)} with {names}")
+    return 0
+
+
+def _backup(argv: list[str]) -> int:
+    """``fedserver backup``: a consistent copy of a served database (`fedclient.server.
+    backup`)."""
+    parser = argparse.ArgumentParser(
+        prog="fedserver backup",
+        description="Copy a server database while it serves: a SQLite file with its open "
+        "rounds' update bodies (DEST and DEST.bodies), or a PostgreSQL database (pg_dump's "
+        "custom format). Restore by serving the copy: fedserver --db DEST (SQLite), or "
+        "pg_restore into an empty database (PostgreSQL).",
+    )
+    parser.add_argument("--db", required=True, help="the database the server serves")
+    parser.add_argument("dest", help="the new copy (never written over)")
+    args = parser.parse_args(argv)
+    from fedclient.server.backup import backup
+
+    try:
+        copied = backup(args.db, args.dest)
+    except FedError as exc:
+        print(f"fedserver backup: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"fedserver backup: cannot write {args.dest}: {exc}", file=sys.stderr)
+        return 1
+    bodies = (
+        f" and the update bodies of {copied.rounds} open rounds ({copied.body_bytes:,} bytes)"
+        if copied.rounds
+        else ""
+    )
+    print(
+        f"fedserver backup: copied {redacted(str(args.db))} ({copied.database_bytes:,} bytes)"
+        f"{bodies} to {copied.dest}"
+    )
     return 0
 
 
