@@ -30,6 +30,7 @@ __all__ = [
     "MODEL",
     "OPENAPI",
     "ROUND_STATUS",
+    "READY",
     "ROUTES",
     "SECAGG_FETCH",
     "SECAGG_POST",
@@ -237,7 +238,22 @@ ADMIN_CODES = Route(
     response=m.EnrolmentCodes,
     errors=(400, 401, 413),
 )
-HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
+HEALTH = Route(
+    "health",
+    "GET",
+    "/healthz",
+    "Liveness: the process answers (restarting it helps nothing else).",
+    auth=False,
+)
+READY = Route(
+    "ready",
+    "GET",
+    "/readyz",
+    "Readiness: 200 while the server can serve (its database answers), else 503 with "
+    "Retry-After; the server recovers by itself.",
+    auth=False,
+    errors=(503,),
+)
 OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
 
 METRICS = Route(
@@ -263,6 +279,7 @@ ROUTES = (
     JOB_STATUS,
     ROUND_STATUS,
     HEALTH,
+    READY,
     OPENAPI,
     METRICS,
     ADMIN_CREATE_JOB,
@@ -283,6 +300,7 @@ _REASONS = {
     409: "Conflicts with stored state (e.g. round closed)",
     410: "Deadline passed",
     413: "Body over the limit",
+    503: "Unavailable now (storage full, database away): retry after Retry-After",
 }
 
 

@@ -49,6 +49,7 @@ from fedclient.protocol import (
     MODEL,
     MSGPACK_MEDIA_TYPE,
     OPENAPI,
+    READY,
     ROUND_STATUS,
     SECAGG_FETCH,
     SECAGG_POST,
@@ -272,6 +273,14 @@ def create_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
 
+    async def ready(request: Request) -> Response:
+        if not service.store.db.ready():
+            raise ServiceUnavailable(
+                "the database does not answer; the server reconnects by itself",
+                retry_after=READY_RETRY_SECONDS,
+            )
+        return JSONResponse({"status": "ready"})
+
     document: dict[str, Any] = {}  # built by the first request for it (~4 ms of schemas)
 
     async def openapi(request: Request) -> Response:
@@ -294,6 +303,7 @@ def create_app(
         JOB_STATUS: job_status,
         ROUND_STATUS: round_status,
         HEALTH: health,
+        READY: ready,
         OPENAPI: openapi,
         ADMIN_CREATE_JOB: admin_create_job,
         ADMIN_JOB_ACTION: admin_job_action,
@@ -367,7 +377,8 @@ async def _tick_forever(service: FederationService, seconds: float) -> None:
         try:
             service.tick()
             await service.store.db.flush()
-        except sqlite3.OperationalError as exc:  # full or busy: the next tick tries again
+        except (sqlite3.OperationalError, ServiceUnavailable) as exc:
+            # Full, busy or away (PostgreSQL restarting): the next tick tries again.
             logger.warning("storage: %s (deadlines are checked again in %s s)", exc, seconds)
 
 
@@ -469,6 +480,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         headers=exc.headers,
     )
 
+
+#: Retry-After of a readiness probe while the database does not answer.
+READY_RETRY_SECONDS = 5
 
 #: How long a device waits before retrying when the server's storage is full.
 STORAGE_RETRY_SECONDS = 30

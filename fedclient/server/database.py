@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Protocol
 
 import sqlite_utils
 
-from fedclient._exceptions import StateError
+from fedclient._exceptions import ServiceUnavailable, StateError
 
 __all__ = [
     "Cursor",
@@ -52,6 +52,16 @@ COMMIT_WINDOW = 0.003
 #: Bytes of write-ahead log past which a served SQLite file is checkpointed and its WAL
 #: emptied (`_Checkpointer`).
 WAL_LIMIT = 8 * 1024 * 1024
+
+#: Seconds to connect to PostgreSQL before giving up (at start: one line; later: 503).
+CONNECT_SECONDS = 5
+#: Seconds a request waits for the pool's connection before it is answered 503.
+AWAY_WAIT_SECONDS = 1.0
+#: Retry-After of a 503 while the database is away.
+AWAY_RETRY_SECONDS = 5
+#: Seconds the pool keeps trying to reconnect by itself (backing off) before it waits
+#: for the next request to try again.
+RECONNECT_SECONDS = 5.0
 
 #: The advisory lock every worker holds while it serves one request.
 REQUEST_LOCK = 0x66656473  # "feds"
@@ -161,6 +171,10 @@ class Database:
     def tables(self) -> list[str]:
         """The names of the tables in the database, sorted."""
         raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether the database answers now (a server's readiness)."""
+        return True
 
     def close(self) -> None:
         """Close the connection."""
@@ -428,7 +442,17 @@ class _Checkpointer:
 
 
 class PostgresDatabase(Database):
-    """A PostgreSQL database (psycopg 3), shared by every worker of a server."""
+    """A PostgreSQL database (psycopg 3), shared by every worker of a server.
+
+    The database may go away and come back (``pg_ctl restart``, a failover): each worker
+    takes its connection from a pool of one (psycopg_pool), which checks it before every
+    request and, when it is broken, connects again in the background. While there is
+    none to be had, every statement raises `ServiceUnavailable` (503 with Retry-After:
+    nothing was written, the same request later will do), and `ready` says so. A
+    request holds its connection for its whole `exclusive` block (its advisory lock
+    is the session's), and gives it back at the end; a connection that broke inside a
+    block is never swapped for another before the block ends, so no statement of a
+    request runs outside its lock."""
 
     kind = "postgresql"
     shared = True
@@ -437,28 +461,89 @@ class PostgresDatabase(Database):
         super().__init__()
         try:
             import psycopg
+            from psycopg_pool import ConnectionPool
         except ImportError as exc:
             raise StateError(
-                f"PostgreSQL needs psycopg: pip install 'fedclient[postgresql]' ({exc})"
+                f"PostgreSQL needs psycopg and psycopg_pool: pip install"
+                f" 'fedclient[postgresql]' ({exc})"
             ) from None
         self.url = url
-        try:
-            # Autocommit outside `atomic` blocks, as the store's SQLite connection.
-            self.conn = psycopg.connect(url, autocommit=True)
+        self._errors: tuple[type[Exception], ...] = (psycopg.OperationalError,)
+        try:  # once directly: a server that cannot connect at all says why, in one line
+            psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_SECONDS).close()
         except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StateError(f"cannot connect to {redacted(url)}: {first}") from None
+            raise StateError(f"cannot connect to {redacted(url)}: {_first_line(exc)}") from None
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=1,
+            open=False,
+            # Autocommit outside `atomic` blocks, as the store's SQLite connection.
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_SECONDS},
+            check=ConnectionPool.check_connection,
+            # Reconnect attempts back off (1, 2, 4 s...); past this, the pool stops and
+            # the next request starts again at once, so recovery follows within seconds.
+            reconnect_timeout=RECONNECT_SECONDS,
+            name="fedserver",
+        )
+        self.pool.open(wait=True, timeout=CONNECT_SECONDS)
+        self._held: Any = None  # the connection of the current block (or statement)
+        self._broken = False  # it failed inside the current block
+
+    @property
+    def conn(self) -> Any:
+        """The connection statements run on now (taken from the pool if none is held)."""
+        if self._broken:
+            raise self._away("the connection to the database broke during this request")
+        if self._held is None:
+            from psycopg_pool import PoolTimeout
+
+            try:
+                self._held = self.pool.getconn(timeout=AWAY_WAIT_SECONDS)
+            except PoolTimeout:
+                raise self._away("no connection to the database") from None
+        return self._held
+
+    def _away(self, why: str) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"{why} ({redacted(self.url)}); retry later", retry_after=AWAY_RETRY_SECONDS
+        )
+
+    def _failed(self, exc: Exception) -> ServiceUnavailable:
+        """A statement failed for want of the database: give the connection back (at the
+        end of the block, if one is open) and say 503."""
+        if self._depth:
+            self._broken = True
+        else:
+            self._release()
+        return self._away(f"the database is unreachable: {_first_line(exc)}")
+
+    def _release(self) -> None:
+        held, self._held, self._broken = self._held, None, False
+        if held is not None:
+            self.pool.putconn(held)  # a broken one is discarded, and replaced in the background
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        # Binary results: a bytea body comes as its bytes, not as hex text to decode.
-        return self.conn.execute(_placeholders(sql), list(params) or None, binary=True)
+        try:
+            # Binary results: a bytea body comes as its bytes, not as hex text to decode.
+            return self.conn.execute(_placeholders(sql), list(params) or None, binary=True)  # type: ignore[no-any-return]
+        except self._errors as exc:
+            raise self._failed(exc) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cursor:
-            cursor.executemany(_placeholders(sql), rows)
+        try:
+            with self.conn.cursor() as cursor:
+                cursor.executemany(_placeholders(sql), rows)
+        except self._errors as exc:
+            raise self._failed(exc) from exc
 
-    def atomic(self) -> AbstractContextManager[None]:
-        return self.conn.transaction()  # type: ignore[return-value]
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        try:
+            with self.conn.transaction():
+                yield
+        except self._errors as exc:
+            raise self._failed(exc) from exc
 
     def ddl(self, statement: str) -> str:
         return _postgres_ddl(statement)
@@ -469,15 +554,36 @@ class PostgresDatabase(Database):
         ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def ready(self) -> bool:
+        try:
+            self.execute("SELECT 1").fetchall()
+        except ServiceUnavailable:
+            return False
+        finally:
+            if not self._depth:
+                self._release()
+        return True
+
     def close(self) -> None:
-        self.conn.close()
+        self._release()
+        self.pool.close()
 
     def _lock(self) -> None:
         self.execute("SELECT pg_advisory_lock(?)", [REQUEST_LOCK])
 
     def _unlock(self) -> None:
-        if not self.conn.closed:
-            self.execute("SELECT pg_advisory_unlock(?)", [REQUEST_LOCK])
+        try:
+            if not self._broken and self._held is not None and not self._held.closed:
+                self.execute("SELECT pg_advisory_unlock(?)", [REQUEST_LOCK])
+        except ServiceUnavailable:
+            pass  # the session is gone, and its lock with it
+        finally:
+            self._release()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @functools.lru_cache(maxsize=512)
