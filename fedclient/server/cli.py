@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -47,13 +48,26 @@ def main(argv: list[str] | None = None) -> int:
             "(--enrolment-secret-file or --enrolment-codes to close it)",
             file=sys.stderr,
         )
+    if args.header_timeout <= 0 or args.max_connections < 0:
+        print(
+            "fedserver: --header-timeout takes seconds > 0, --max-connections N >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    _more_descriptors()
+    limits = _connection_limits(args)
     scheme = "https" if args.ssl_certfile else "http"
     where = redacted(service.store.url)
     jobs = ", ".join(j.name for j in service.store.jobs())
     workers = f", {args.workers} workers" if args.workers > 1 else ""
-    print(f"fedserver: serving {jobs} on {scheme}://{args.host}:{args.port} (db {where}{workers})")
+    print(
+        f"fedserver: serving {jobs} on {scheme}://{args.host}:{args.port} (db {where}{workers};"
+        f" at most {limits.cap()} connections, headers within {limits.header_seconds:g} s)"
+    )
     sys.stdout.flush()
     import uvicorn
+
+    from fedclient.server.connections import protocol
 
     options: dict[str, Any] = {
         "host": args.host,
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": args.log_level,
         "ssl_certfile": args.ssl_certfile,
         "ssl_keyfile": args.ssl_keyfile,
+        "http": protocol(),
     }
     if args.workers == 1:
         uvicorn.run(app, **options)
@@ -82,10 +97,31 @@ def worker_app() -> Any:
     argv = json.loads(os.environ[_WORKER_ARGV])
     parser = _parser()
     args = parser.parse_args(argv)
+    _connection_limits(args)  # this process accepts its own connections
     built = _build(args, _authorities(args.identity_authority) or ())
     if isinstance(built, int):
         raise SystemExit(built)
     return built[0]
+
+
+def _connection_limits(args: argparse.Namespace) -> Any:
+    """Set the header deadline and the connection cap of this process's connections."""
+    from fedclient.server.connections import ConnectionLimits, configure
+
+    limits = ConnectionLimits(args.header_timeout, args.max_connections)
+    configure(limits)
+    return limits
+
+
+def _more_descriptors() -> None:
+    """Raise the soft limit of open files to the hard one (as Go's runtime does): each
+    connection takes one, and the cap on connections is half of them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[Any, Any, Any] | int:
@@ -193,6 +229,22 @@ def _parser() -> argparse.ArgumentParser:
         "--enrolment-codes",
         action="store_true",
         help="devices enrol only with a single-use code (fedserver admin codes N)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete this long after it "
+        "opened or its last answer (a stalled client cannot hold it; default 30)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N open connections; one more closes the one that waited longest for "
+        "its headers (default: half the open-file limit beyond 64)",
     )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="...and this private key (PEM)")

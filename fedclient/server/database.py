@@ -241,6 +241,9 @@ class SqliteDatabase(Database):
         # than being zeroed at once (Debian's SQLite zeroes every freed page: 2.5 ms an
         # upload of 100,000 floats).
         self.db.execute("PRAGMA secure_delete = FAST")
+        # Sorts and statement journals in memory: no temporary file to open (descriptors
+        # belong to connections; `fedclient.server.connections`).
+        self.db.execute("PRAGMA temp_store = MEMORY")
         self._checkpoints: _Checkpointer | None = None
         self._grouped = False
         self._wrote = False  # statements ran in the open group transaction

@@ -140,7 +140,6 @@ def test_a_backup_taken_mid_round_restores_and_the_job_completes(
     finally:
         restored.proc.terminate()  # type: ignore[union-attr]
         restored.proc.wait(timeout=10)  # type: ignore[union-attr]
-        restored.proc.stdout.close()  # type: ignore[union-attr]
     _no_update_twice(engine, restored_db)
 
 

@@ -122,7 +122,6 @@ def test_postgresql_restarted_mid_job_the_workers_answer_503_and_recover(
         if server.proc is not None and server.proc.poll() is None:
             server.proc.terminate()
             server.proc.wait(timeout=10)
-    output = server.proc.stdout.read().decode()  # type: ignore[union-attr]
-    server.proc.stdout.close()  # type: ignore[union-attr]
+    output = server.output()
     assert "Traceback" not in output, output[-3000:]
     print(f"workers serving again {back:.1f} s after PostgreSQL came back (bound 15 s)")
