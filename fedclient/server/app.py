@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -42,6 +43,7 @@ from fedclient.protocol import (
     ENROL,
     HEALTH,
     IDEMPOTENCY_HEADER,
+    JOB_ACTIONS,
     JOB_STATUS,
     LEAVE,
     MAX_ID,
@@ -340,7 +342,7 @@ def create_app(
 
         return answer
 
-    routes = [Route(r.path, durable(handlers[r]), methods=[r.method]) for r in handlers]
+    routes = [Route(_starlette_path(r), durable(handlers[r]), methods=[r.method]) for r in handlers]
     middleware = []
     if metrics:
         from starlette.middleware import Middleware
@@ -351,6 +353,8 @@ def create_app(
         service.rounds.on_close = lambda job, outcome: counters.rounds.labels(job, outcome).inc()
 
         async def prometheus(request: Request) -> Response:
+            header = request.headers.get("authorization")
+            service.authenticate_metrics(bearer_token(header) if header else None)
             return Response(counters.text(), media_type=CONTENT_TYPE)
 
         routes.append(Route(METRICS.path, prometheus, methods=[METRICS.method]))
@@ -369,6 +373,26 @@ def create_app(
     app.state.metrics = service.metrics if metrics else None
     app.state.body_idle_seconds = body_idle_seconds
     return app
+
+
+class _JobAction(Convertor[str]):
+    """A job action in a path: only those that exist, so that ``/v1/admin/jobs/{job}/rounds``
+    (GET) is not also ``/v1/admin/jobs/{job}/{action}`` (POST) to the router."""
+
+    regex = "|".join(JOB_ACTIONS)
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_action", _JobAction())
+
+
+def _starlette_path(route: ApiRoute) -> str:
+    return route.path.replace("{action}", "{action:job_action}")
 
 
 async def _tick_forever(service: FederationService, seconds: float) -> None:
@@ -474,11 +498,25 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(  # its headers too: a 405 says which methods are allowed (Allow)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Allow: every route of the path, not only the first one
+        headers["Allow"] = ", ".join(_allowed(request))
+    return JSONResponse(
         {"error": {"code": code, "message": str(exc.detail)}},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (Starlette's 405 names
+    only the first route's: one path served by two routes, GET and PATCH, said PATCH)."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 #: Retry-After of a readiness probe while the database does not answer.

@@ -148,6 +148,8 @@ def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[An
             enrolment=policy,
             admin_token=admin_token,
             public_status=args.public_status,
+            metrics_token=_read_secret(args.metrics_token_file, "metrics token", 16),
+            public_metrics=args.public_metrics,
         )
         for plan in plans:
             service.add_job(plan)
@@ -219,6 +221,17 @@ def _parser() -> argparse.ArgumentParser:
         "--public-status",
         action="store_true",
         help="serve job and round status without a token (default: a device's or the admin's)",
+    )
+    metrics = parser.add_mutually_exclusive_group()
+    metrics.add_argument(
+        "--metrics-token-file",
+        help="a file holding a token that reads /metrics only (Prometheus: authorization "
+        "credentials_file); the admin token reads it too",
+    )
+    metrics.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without a token (default: the metrics or the admin token)",
     )
     enrolment = parser.add_mutually_exclusive_group()
     enrolment.add_argument(

@@ -114,6 +114,8 @@ class FederationService:
         enrolment: EnrolmentPolicy | None = None,
         admin_token: str | None = None,
         public_status: bool = True,
+        metrics_token: str | None = None,
+        public_metrics: bool = True,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -123,6 +125,10 @@ class FederationService:
         self.admin_token_hash = hash_token(admin_token) if admin_token else None
         #: Whether job and round status need no token.
         self.public_status = public_status
+        #: The hash of a token that reads /metrics only (the admin token reads it too).
+        self.metrics_token_hash = hash_token(metrics_token) if metrics_token else None
+        #: Whether /metrics needs no token (``fedserver`` asks for one unless told).
+        self.public_metrics = public_metrics
         #: Identity authorities' public keys: when set, a device enrols only with an
         #: identity key one of them certified (`fedclient.IdentityAuthority`).
         self.identity_authorities = identity_authorities
@@ -628,6 +634,15 @@ class FederationService:
         """`Unauthorized` unless ``token`` is the admin token (compared in constant time)."""
         if self.admin_token_hash is None or not matches(token, self.admin_token_hash):
             raise Unauthorized("admin token required")
+
+    def authenticate_metrics(self, token: str | None) -> None:
+        """/metrics: the metrics token or the admin token (or none, if public)."""
+        if self.public_metrics:
+            return
+        for allowed in (self.metrics_token_hash, self.admin_token_hash):
+            if token is not None and allowed is not None and matches(token, allowed):
+                return
+        raise Unauthorized("metrics need the metrics token or the admin token")
 
     @_serialised
     def authenticate_reader(self, token: str | None) -> None:
