@@ -150,6 +150,11 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_update_norm: PositiveFloat | None = 1000.0
     #: An update may claim at most this many examples (its FedAvg weight).
     max_examples: PositiveInt = 1_000_000
+    #: In the weighted mean, a device counts for at most this many times the round's
+    #: median device (the median example count of its first 32 updates, in arrival
+    #: order): one device claiming max_examples cannot out-weigh all the others. Secure
+    #: rounds are not capped (the server sees only their sum). None: no cap.
+    max_weight_ratio: PositiveFloat | None = 4.0
 
 
 class EvaluateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

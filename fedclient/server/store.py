@@ -683,6 +683,14 @@ class ServerStore:
         ).fetchall()
         return [self._update_row(row) for row in rows]
 
+    def first_examples(self, round_id: int, count: int) -> list[int]:
+        """The example counts the round's first ``count`` updates claimed, in order."""
+        rows = self.db.execute(
+            "SELECT num_examples FROM updates WHERE round_id=? ORDER BY seq LIMIT ?",
+            [round_id, count],
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
     def round_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
         """The round's running sum as stored: its body, total weight and update count."""
         row = self.db.execute(
