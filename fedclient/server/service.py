@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import secrets
@@ -30,6 +31,7 @@ from fedclient._exceptions import (
     OffsetMismatch,
     PayloadTooLarge,
     RoundClosed,
+    ServiceUnavailable,
     Unauthorized,
 )
 from fedclient.compression import CompressionSpec, decompress
@@ -57,7 +59,7 @@ from fedclient.protocol import (
     encode_tensors,
 )
 from fedclient.server.auth import EnrolmentPolicy, hash_token, matches, new_credentials
-from fedclient.server.rounds import SyncRounds
+from fedclient.server.rounds import SyncRounds, model_etag
 from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
 from fedclient.server.strategies import ClientUpdate, Strategy
 
@@ -72,6 +74,11 @@ R = TypeVar("R")
 #: Chunked uploads one device may hold open in a round (each holds up to
 #: max_upload_bytes of parts on the server).
 MAX_OPEN_UPLOADS = 2
+
+#: Seconds a device waits before asking again for a model damaged in storage.
+DAMAGED_RETRY = 300.0
+
+logger = logging.getLogger("fedserver")
 
 #: Seconds a device is told to wait while its job is paused.
 PAUSED_RETRY = 300.0
@@ -788,13 +795,22 @@ class FederationService:
     def _model_body(self, job: str, version: int) -> tuple[bytes, str]:
         """Model ``version`` of ``job``: (body, ETag), KeyError if there is none. The
         newest few are kept (immutable once stored): a round's check-ins and downloads
-        all serve the same one."""
+        all serve the same one. Each is checked against its digest as it is read (once
+        per version, a hash of the body): a model damaged on disk since the start-up
+        checks is never served, and every request that needs it answers 503."""
         key = (job, version)
         held = self._bodies.get(key)
         if held is None:
             found = self.store.model(job, version)
             if found is None:
                 raise KeyError(key)
+            if model_etag(found[0]) != found[1]:
+                logger.error("job %r's model version %d does not match its digest", job, version)
+                raise ServiceUnavailable(
+                    f"job {job!r}'s stored model version {version} is damaged; the operator"
+                    " must restore the database",
+                    retry_after=DAMAGED_RETRY,
+                )
             held = self._bodies[key] = found
             if len(self._bodies) > 4:
                 del self._bodies[next(iter(self._bodies))]

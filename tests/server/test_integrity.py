@@ -221,3 +221,27 @@ def test_a_damaged_model_in_postgresql_is_refused_in_one_line(
     assert code != 0 and len(lines) == 1 and "does not match its digest" in lines[0], err
     assert "Traceback" not in err
     postgres.drop([url.rsplit("/", 1)[1].split("?")[0]])
+
+
+@pytest.mark.anyio
+async def test_a_model_damaged_while_serving_is_never_served(make_server: Any) -> None:
+    # Damaged after the start-up checks (a disk going bad): the digest, checked as a
+    # version is first read, refuses it; every request for it is a 503, none a 200.
+    from tests.conftest import enrol
+
+    server = make_server()
+    body, _ = server.store.model("digits", 0)
+    damaged = body[:-8] + b"\xff" * 8
+    with server.store.atomic():
+        server.store.db.execute("UPDATE models SET body = ? WHERE version = 0", [damaged])
+    async with server.http() as http:
+        device = await enrol(http)
+        answer = await http.get("/v1/models/digits/0", headers=device)
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0
+        assert "damaged" in answer.json()["error"]["message"]
+        inline = await http.post(
+            "/v1/jobs/digits/checkin",
+            json={"inline_model_max": 1 << 20},
+            headers={**device, "Accept": "application/msgpack"},
+        )
+        assert inline.status_code == 503
