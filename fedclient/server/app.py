@@ -230,7 +230,7 @@ def create_app(
 
     def reader(request: Request) -> None:
         header = request.headers.get("authorization")
-        service.authenticate_reader(bearer_token(header) if header else None)
+        service.operator.authenticate_reader(bearer_token(header) if header else None)
 
     async def job_status(request: Request) -> Response:
         reader(request)
@@ -242,35 +242,35 @@ def create_app(
         return _json(service.round_status(request.path_params["job"], number))
 
     def admin(request: Request) -> None:
-        service.authenticate_admin(bearer_token(request.headers.get("authorization")))
+        service.operator.authenticate_admin(bearer_token(request.headers.get("authorization")))
 
     async def admin_create_job(request: Request) -> Response:
         admin(request)
         plan = _decode(await _read_limited(request, JSON_LIMIT), JobPlan)
-        return _json(service.create_job(plan))
+        return _json(service.operator.create_job(plan))
 
     async def admin_job_action(request: Request) -> Response:
         admin(request)
         params = request.path_params
-        return _json(service.set_job_status(params["job"], params["action"]))
+        return _json(service.operator.set_job_status(params["job"], params["action"]))
 
     async def admin_rounds(request: Request) -> Response:
         admin(request)
-        return _json(service.round_history(request.path_params["job"]))
+        return _json(service.operator.round_history(request.path_params["job"]))
 
     async def admin_devices(request: Request) -> Response:
         admin(request)
-        return _json(service.participation(request.path_params["job"]))
+        return _json(service.operator.participation(request.path_params["job"]))
 
     async def admin_revoke(request: Request) -> Response:
         admin(request)
-        service.revoke(request.path_params["device"])
+        service.operator.revoke(request.path_params["device"])
         return JSONResponse({"revoked": request.path_params["device"]})
 
     async def admin_codes(request: Request) -> Response:
         admin(request)
         body = _decode(await _read_limited(request, JSON_LIMIT) or b"{}", IssueCodes)
-        return _json(EnrolmentCodes(service.issue_codes(body.count)))
+        return _json(EnrolmentCodes(service.operator.issue_codes(body.count)))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
@@ -354,7 +354,7 @@ def create_app(
 
         async def prometheus(request: Request) -> Response:
             header = request.headers.get("authorization")
-            service.authenticate_metrics(bearer_token(header) if header else None)
+            service.operator.authenticate_metrics(bearer_token(header) if header else None)
             return Response(counters.text(), media_type=CONTENT_TYPE)
 
         routes.append(Route(METRICS.path, prometheus, methods=[METRICS.method]))

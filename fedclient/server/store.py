@@ -10,12 +10,13 @@ are kept for good.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
@@ -33,9 +34,19 @@ from fedclient.server.schema import (
 )
 from fedclient.server.spool import BodySpool, spool_directory
 
-__all__ = ["SCHEMA_VERSION", "JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "JobRow",
+    "RoundRow",
+    "ServerStore",
+    "SessionRow",
+    "UpdateRow",
+    "serialised",
+]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: The columns of `UpdateRow`, then where a spooled body is (`fedclient.server.spool`).
 _UPDATE_COLUMNS = (
@@ -835,6 +846,21 @@ class ServerStore:
             for line in sorted(repr(tuple(_plain(v) for v in row)) for row in rows):
                 digest.update(line.encode())
         return digest.hexdigest()
+
+
+def serialised(method: Callable[P, R]) -> Callable[P, R]:
+    """A handler (a method of an object with a ``store``) that runs alone among every
+    worker of the server's database (`ServerStore.exclusive`): what it reads stays true
+    until it has written."""
+
+    @functools.wraps(method)
+    def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = getattr(args[0], "store", None)
+        assert isinstance(store, ServerStore)
+        with store.exclusive():
+            return method(*args, **kwargs)
+
+    return handler
 
 
 def _plain(value: object) -> object:

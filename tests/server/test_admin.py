@@ -44,7 +44,7 @@ async def test_a_client_enrols_with_its_credential(make_server: Any, make_device
 
 async def test_single_use_codes_and_a_verifier(make_server: Any) -> None:
     server: Server = make_server(service_options={"enrolment": EnrolmentPolicy.codes()})
-    (code,) = server.service.issue_codes(1)
+    (code,) = server.service.operator.issue_codes(1)
     async with server.http() as http:
         assert (await http.post("/v1/devices", json={"credential": code})).status_code == 200
         spent = await http.post("/v1/devices", json={"credential": code})
