@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,8 @@ import msgspec
 from fedclient._exceptions import StateError
 from fedclient.protocol import JobPlan
 from fedclient.server.database import Database, SqliteDatabase, connect, is_postgres
+from fedclient.server.device_rows import DeviceRows
+from fedclient.server.exchange_rows import ExchangeRows
 from fedclient.server.schema import (
     MIGRATIONS,
     SCHEMA,
@@ -62,9 +63,11 @@ _UPDATE_COLUMNS_NO_BODY = _UPDATE_COLUMNS.replace("body,", "NULL,").replace(
 KEPT_ROUNDS = 64
 
 
-class ServerStore:
+class ServerStore(DeviceRows, ExchangeRows):
     """All server state in one database: a SQLite file (or ``":memory:"``), or a
-    PostgreSQL database (``postgresql://...``) that several workers share."""
+    PostgreSQL database (``postgresql://...``) that several workers share. Devices and
+    enrolment codes (`DeviceRows`), secure-aggregation logs and chunked uploads
+    (`ExchangeRows`) are kept in rows of their own, by the same database."""
 
     def __init__(self, url: str | Path = ":memory:", *, lock_file: bool = False) -> None:
         """``lock_file``: a SQLite file is served by this store's process alone; another
@@ -233,88 +236,6 @@ class ServerStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- devices ---------------------------------------------------------------
-    def add_device(
-        self,
-        device_id: str,
-        token_hash: str,
-        label: str,
-        identity_key: bytes | None = None,
-        certificate: bytes | None = None,
-    ) -> None:
-        """Register an enrolled device (with its identity key, and a certificate of it)."""
-        self.db.execute(
-            "INSERT INTO devices (device_id, token_hash, label, created, identity_key,"
-            " certificate) VALUES (?, ?, ?, ?, ?, ?)",
-            [device_id, token_hash, label, time.time(), identity_key, certificate],
-        )
-
-    def set_device_identity(
-        self, device_id: str, identity_key: bytes, certificate: bytes | None
-    ) -> None:
-        """Register the identity key of a device that enrolled without one (never replaces)."""
-        self.db.execute(
-            "UPDATE devices SET identity_key=?, certificate=? WHERE device_id=?"
-            " AND identity_key IS NULL",
-            [identity_key, certificate, device_id],
-        )
-
-    def device_identity(self, device_id: str) -> tuple[bytes, bytes | None] | None:
-        """A device's identity key and its certificate, if it registered a key."""
-        row = self.db.execute(
-            "SELECT identity_key, certificate FROM devices WHERE device_id=?", [device_id]
-        ).fetchone()
-        if not row or row[0] is None:
-            return None
-        return bytes(row[0]), bytes(row[1]) if row[1] is not None else None
-
-    def device_by_token(self, token_hash: str) -> tuple[str, bool] | None:
-        """The device whose token hashes to ``token_hash``, and whether it is revoked."""
-        row = self.db.execute(
-            "SELECT device_id, revoked FROM devices WHERE token_hash=?", [token_hash]
-        ).fetchone()
-        return (str(row[0]), bool(row[1])) if row else None
-
-    def device_for_token(self, token_hash: str) -> str | None:
-        """The (not revoked) device whose token hashes to ``token_hash``."""
-        found = self.device_by_token(token_hash)
-        return found[0] if found and not found[1] else None
-
-    def revoke_device(self, device_id: str) -> bool:
-        """Revoke a device: its token stops working. False if there is no such device."""
-        cursor = self.db.execute("UPDATE devices SET revoked=1 WHERE device_id=?", [device_id])
-        return cursor.rowcount > 0
-
-    def add_enrolment_codes(self, code_hashes: list[str], now: float) -> None:
-        """Store the hashes of newly issued single-use enrolment codes."""
-        self.db.executemany(
-            "INSERT INTO enrolment_codes (code_hash, issued) VALUES (?, ?)",
-            [(h, now) for h in code_hashes],
-        )
-
-    def use_enrolment_code(self, code_hash: str, device_id: str) -> bool:
-        """Spend a code on ``device_id``; False if it was never issued or is spent."""
-        cursor = self.db.execute(
-            "UPDATE enrolment_codes SET used_by=? WHERE code_hash=? AND used_by IS NULL",
-            [device_id, code_hash],
-        )
-        return cursor.rowcount > 0
-
-    def participation(self, job: str) -> list[tuple[str, str, int, int, float | None, bool]]:
-        """Per device that took part in ``job``: id, label, rounds admitted to, updates
-        sent, when it last took part, and whether it is revoked."""
-        rows = self.db.execute(
-            "SELECT d.device_id, d.label, count(DISTINCT a.round_id),"
-            " (SELECT count(*) FROM updates u JOIN rounds r2 ON r2.round_id = u.round_id"
-            "  WHERE u.device_id = d.device_id AND r2.job = ?),"
-            " max(a.admitted_at), d.revoked"
-            " FROM devices d JOIN admissions a ON a.device_id = d.device_id"
-            " JOIN rounds r ON r.round_id = a.round_id WHERE r.job = ?"
-            " GROUP BY d.device_id ORDER BY d.device_id",
-            [job, job],
-        ).fetchall()
-        return [(str(r[0]), str(r[1] or ""), int(r[2]), int(r[3]), r[4], bool(r[5])) for r in rows]
 
     # -- jobs and models -------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:
@@ -739,103 +660,6 @@ class ServerStore:
         ).fetchone()
         body = self._update_row(row).body if row else None
         return bytes(body) if body is not None else None
-
-    # -- secure aggregation ----------------------------------------------------
-    def add_secure_event(
-        self,
-        round_id: int,
-        kind: str,
-        device: str,
-        stage: str,
-        body: bytes,
-        receipt: str,
-        at: float,
-    ) -> int:
-        """Append to a secure round's log (`fedclient.server.secure_rounds`); its seq."""
-        row = self.db.execute(
-            "INSERT INTO secure_events VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM"
-            " secure_events WHERE round_id = ?), ?, ?, ?, ?, ?, ?) RETURNING seq",
-            [round_id, round_id, kind, device, stage, body, receipt, at],
-        ).fetchall()[0]
-        return int(row[0])
-
-    def secure_events(
-        self, round_id: int, *, after: int = 0
-    ) -> list[tuple[int, str, str, str, bytes, str, float]]:
-        """A secure round's log after event ``after``: (seq, kind, device, stage, body,
-        receipt, at) each, in order."""
-        rows = self.db.execute(
-            "SELECT seq, kind, device, stage, body, receipt, at FROM secure_events"
-            " WHERE round_id=? AND seq > ? ORDER BY seq",
-            [round_id, after],
-        ).fetchall()
-        return [(int(r[0]), r[1], r[2], r[3], bytes(r[4]), r[5], float(r[6])) for r in rows]
-
-    def secure_rounds(self) -> list[int]:
-        """The open rounds that have a secure-aggregation log."""
-        rows = self.db.execute(
-            "SELECT DISTINCT e.round_id FROM secure_events e JOIN rounds r"
-            " ON r.round_id = e.round_id WHERE r.status = 'open' ORDER BY e.round_id"
-        ).fetchall()
-        return [int(r[0]) for r in rows]
-
-    # -- chunked uploads -------------------------------------------------------
-    def add_session(self, session: SessionRow) -> None:
-        """Open a chunked upload."""
-        self.db.execute(
-            "INSERT INTO upload_sessions VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                session.device_id,
-                session.upload_id,
-                session.round_id,
-                session.size,
-                session.sha256,
-                session.offset,
-            ],
-        )
-
-    def open_sessions(self, device_id: str, round_id: int) -> int:
-        """How many chunked uploads ``device_id`` has open in ``round_id``."""
-        row = self.db.execute(
-            "SELECT count(*) FROM upload_sessions WHERE device_id=? AND round_id=?",
-            [device_id, round_id],
-        ).fetchone()
-        return int(row[0])
-
-    def session(self, device_id: str, upload_id: str) -> SessionRow | None:
-        """A chunked upload by its id."""
-        row = self.db.execute(
-            "SELECT * FROM upload_sessions WHERE device_id=? AND upload_id=?",
-            [device_id, upload_id],
-        ).fetchone()
-        return SessionRow(*row) if row else None
-
-    def add_part(self, session: SessionRow, data: bytes) -> None:
-        """Append a chunk at the session's offset."""
-        self.db.execute(
-            "INSERT INTO upload_parts VALUES (?, ?, ?, ?)",
-            [session.device_id, session.upload_id, session.offset, data],
-        )
-        self.db.execute(
-            'UPDATE upload_sessions SET "offset"=? WHERE device_id=? AND upload_id=?',
-            [session.offset + len(data), session.device_id, session.upload_id],
-        )
-
-    def assemble(self, session: SessionRow) -> bytes:
-        """The bytes received so far, in order."""
-        rows = self.db.execute(
-            'SELECT data FROM upload_parts WHERE device_id=? AND upload_id=? ORDER BY "offset"',
-            [session.device_id, session.upload_id],
-        ).fetchall()
-        return b"".join(bytes(r[0]) for r in rows)
-
-    def drop_session(self, session: SessionRow) -> None:
-        """Forget a chunked upload and its bytes."""
-        for table in ("upload_parts", "upload_sessions"):
-            self.db.execute(
-                f"DELETE FROM {table} WHERE device_id=? AND upload_id=?",
-                [session.device_id, session.upload_id],
-            )
 
     def fingerprint(self) -> str:
         """A digest of every stored row, to show that a request changed nothing."""
