@@ -65,9 +65,10 @@ def test_stalled_headers_cannot_starve_honest_devices(tmp_path: Path, digits: An
         )
         for i in range(3)
     ]
+    opened: list[tuple[socket.socket, float]] = []
     try:
         started = time.monotonic()
-        opened = [(s, time.monotonic()) for s in map(_open, [server.port] * STALLED) if s]
+        opened += [(s, time.monotonic()) for s in map(_open, [server.port] * STALLED) if s]
         stalled = [s for s, _ in opened]
         stop = threading.Event()
 
@@ -114,7 +115,7 @@ def test_stalled_headers_cannot_starve_honest_devices(tmp_path: Path, digits: An
             f" after {served[0][1]:.2f} s, every stalled one closed within {waited:.1f} s"
         )
     finally:
-        for sock in [s for s, _ in opened] if "opened" in locals() else []:
+        for sock, _ in opened:
             sock.close()
         for device in devices:
             device.close()
