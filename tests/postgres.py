@@ -43,18 +43,11 @@ class PostgresCluster:
             shutil.chown(self.root, "postgres")
         self.user = "postgres" if self._as else os.environ.get("USER", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", self.user, "-A", "trust", "--no-sync")
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "log"),
-            "-w",
-            "-o",
+        self._options = (
             f"-k {self.socket} -c listen_addresses='' -c fsync={'on' if fsync else 'off'}"
-            f" -c max_connections={max_connections}",
-            "start",
+            f" -c max_connections={max_connections}"
         )
+        self.pg_ctl("start")
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run(
@@ -84,6 +77,14 @@ class PostgresCluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             for name in names:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def pg_ctl(self, action: str, *options: str) -> None:
+        """``pg_ctl ACTION`` on the server (``stop -m fast``, ``start``, ``restart``), waiting
+        for it to finish: what an operator does to the database under a live fedserver."""
+        args = ["-D", str(self.data), "-l", str(self.root / "log"), "-w", *options, action]
+        if action in ("start", "restart"):
+            args[-1:-1] = ["-o", self._options]
+        self._run("pg_ctl", *args)
 
     def stop(self) -> None:
         """Stop the server and delete its files."""

@@ -60,7 +60,7 @@ def _server(folder: Path, *, secret: bool) -> FedServerProcess:
     if secret:
         (folder / "enrolment.secret").write_text(SECRET)
         args = ("--enrolment-secret-file", str(folder / "enrolment.secret"))
-    server = FedServerProcess(folder, rounds=3, per_round=1, plan=plan, args=args)
+    server = FedServerProcess(folder, rounds=3, per_round=1, plan=plan, options=args)
     server.start()
     return server
 

@@ -7,6 +7,8 @@ required fields, so a malformed body fails with one error type
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Annotated, Literal
 
 import msgspec
@@ -46,6 +48,11 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
+#: The most numbers a built-in model may hold (a plan asking for more is refused: the
+#: server makes the model in memory from the plan's numbers).
+MAX_MODEL_PARAMETERS = 2**27
+
+
 class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A model architecture: built in, or your own as a ``fedconvert`` bundle.
 
@@ -63,6 +70,35 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     classes: Annotated[int, msgspec.Meta(ge=2)] = 10
     bundle: str = ""
     digest: str = ""
+
+    def __post_init__(self) -> None:
+        # A built-in model is made in memory from these numbers: a plan cannot ask for
+        # more than a server (or a device) could ever hold.
+        if self.kind != "bundle" and self.parameter_count() > MAX_MODEL_PARAMETERS:
+            raise ValueError(
+                f"a {self.kind} model of {self.parameter_count():,} parameters is over the "
+                f"limit of {MAX_MODEL_PARAMETERS:,}"
+            )
+
+    def parameter_count(self) -> int:
+        """How many numbers a built-in model holds (0 for a bundle: its manifest says)."""
+        if self.kind == "softmax":
+            return self.inputs * self.classes + self.classes
+        if self.kind == "mlp":
+            widths = [self.inputs, *self.hidden, self.classes]
+            return sum(a * b + b for a, b in itertools.pairwise(widths))
+        if self.kind == "cnn":
+            c1, c2 = [*self.hidden, 16, 16][:2] if self.hidden else (8, 16)
+            side = math.isqrt(self.inputs)
+            return (
+                9 * c1
+                + c1
+                + 9 * c1 * c2
+                + c2
+                + (side // 4) ** 2 * c2 * self.classes
+                + (self.classes)
+            )
+        return 0
 
 
 class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -155,6 +191,11 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_update_norm: PositiveFloat | None = 1000.0
     #: An update may claim at most this many examples (its FedAvg weight).
     max_examples: PositiveInt = 1_000_000
+    #: In the weighted mean, a device counts for at most this many times the round's
+    #: median device (the median example count of its first 32 updates, in arrival
+    #: order): one device claiming max_examples cannot out-weigh all the others. Secure
+    #: rounds are not capped (the server sees only their sum). None: no cap.
+    max_weight_ratio: PositiveFloat | None = 4.0
 
 
 class EvaluateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

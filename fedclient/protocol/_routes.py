@@ -27,6 +27,7 @@ __all__ = [
     "ENROL",
     "EVALUATION",
     "HEALTH",
+    "JOB_ACTIONS",
     "JOB_STATUS",
     "LEAVE",
     "MAX_ID",
@@ -34,6 +35,7 @@ __all__ = [
     "MODEL",
     "OPENAPI",
     "ROUND_STATUS",
+    "READY",
     "ROUTES",
     "SECAGG_FETCH",
     "SECAGG_POST",
@@ -85,7 +87,7 @@ ENROL = Route(
     request=m.EnrolRequest,
     response=m.EnrolResponse,
     auth=False,
-    errors=(400, 403, 409, 413),
+    errors=(400, 403, 409, 413, 429),
 )
 CHECKIN = Route(
     "checkin",
@@ -97,7 +99,7 @@ CHECKIN = Route(
     "enrol_label enrols its bearer token first; the answer's Device-Id header names it.",
     request=m.CheckinRequest,
     response=m.CheckinResponse,
-    errors=(400, 401, 403, 404, 409, 413),
+    errors=(400, 401, 403, 404, 409, 413, 429),
     msgpack=True,
 )
 MODEL = Route(
@@ -118,7 +120,7 @@ UPLOAD = Route(
     response=m.UploadReceipt,
     request_tensors=True,
     headers=("Idempotency-Key",),
-    errors=(400, 401, 403, 404, 409, 410, 413),
+    errors=(400, 401, 403, 404, 409, 410, 413, 429),
 )
 UPLOAD_START = Route(
     "upload_start",
@@ -130,7 +132,7 @@ UPLOAD_START = Route(
     request=m.UploadStart,
     response=m.UploadSession,
     headers=("Idempotency-Key",),
-    errors=(400, 401, 403, 404, 409, 410, 413),
+    errors=(400, 401, 403, 404, 409, 410, 413, 429),
 )
 UPLOAD_CHUNK = Route(
     "upload_chunk",
@@ -159,7 +161,7 @@ EVALUATION = Route(
     "A device asked to evaluate the round's model, whose update did not count (the round "
     "closed first), reports its evaluation on its own; once per device and round.",
     request=m.EvaluationReport,
-    errors=(400, 401, 403, 404, 413),
+    errors=(400, 401, 403, 404, 408, 413, 429, 503),
 )
 LEAVE = Route(
     "leave",
@@ -251,7 +253,22 @@ ADMIN_CODES = Route(
     response=m.EnrolmentCodes,
     errors=(400, 401, 413),
 )
-HEALTH = Route("health", "GET", "/healthz", "Liveness probe.", auth=False)
+HEALTH = Route(
+    "health",
+    "GET",
+    "/healthz",
+    "Liveness: the process answers (restarting it helps nothing else).",
+    auth=False,
+)
+READY = Route(
+    "ready",
+    "GET",
+    "/readyz",
+    "Readiness: 200 while the server can serve (its database answers), else 503 with "
+    "Retry-After; the server recovers by itself.",
+    auth=False,
+    errors=(503,),
+)
 OPENAPI = Route("openapi", "GET", "/openapi.json", "This document.", auth=False)
 
 METRICS = Route(
@@ -259,8 +276,9 @@ METRICS = Route(
     "GET",
     "/metrics",
     "Prometheus text: requests by route and status, latency, rounds, updates, enrolments "
-    "and refusals.",
-    auth=False,
+    "and refusals. Needs the metrics token or the admin token unless the operator made "
+    "metrics public.",
+    errors=(401,),
 )
 
 ROUTES = (
@@ -278,6 +296,7 @@ ROUTES = (
     JOB_STATUS,
     ROUND_STATUS,
     HEALTH,
+    READY,
     OPENAPI,
     METRICS,
     ADMIN_CREATE_JOB,
@@ -296,8 +315,11 @@ _REASONS = {
     416: "Range outside the body",
     425: "Too early: the stage has not closed",
     409: "Conflicts with stored state (e.g. round closed)",
+    408: "The body stalled: send it again",
     410: "Deadline passed",
     413: "Body over the limit",
+    429: "Over a rate limit: retry after Retry-After",
+    503: "Unavailable now (storage full, database away): retry after Retry-After",
 }
 
 
@@ -305,7 +327,14 @@ _REASONS = {
 MAX_ID = 2**63 - 1
 _STRING: dict[str, Any] = {"type": "string"}
 _ID: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
-_PATH_SCHEMAS = {"version": _ID, "round_id": _ID, "number": _ID}
+#: What an operator may do to a job (`ADMIN_JOB_ACTION`).
+JOB_ACTIONS = ("pause", "resume", "stop")
+_PATH_SCHEMAS = {
+    "version": _ID,
+    "round_id": _ID,
+    "number": _ID,
+    "action": {"type": "string", "enum": list(JOB_ACTIONS)},
+}
 
 
 def parse_id(text: str) -> int | None:
@@ -349,6 +378,8 @@ def openapi_document(version: str) -> dict[str, Any]:
             op["parameters"] = params
         if route.path.startswith("/v1/admin/"):
             op["security"] = [{"admin_token": []}]
+        elif route is METRICS:
+            op["security"] = [{"metrics_token": []}, {"admin_token": []}]
         elif route.auth:
             op["security"] = [{"device_token": []}]
         if route.response == TENSOR_MEDIA_TYPE:
@@ -363,7 +394,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             ok = {"description": "OK"}
         responses: dict[str, Any] = {"200": ok}
         error = {"content": {"application/json": {"schema": by_type[m.ErrorBody]}}}
-        for status in route.errors:
+        for status in sorted({*route.errors, *_answered_by_all(route)}):
             responses[str(status)] = {"description": _REASONS[status], **error}
         op["responses"] = responses
         paths.setdefault(route.path, {})[route.method.lower()] = op
@@ -376,9 +407,18 @@ def openapi_document(version: str) -> dict[str, Any]:
             "securitySchemes": {
                 "device_token": {"type": "http", "scheme": "bearer"},
                 "admin_token": {"type": "http", "scheme": "bearer"},
+                "metrics_token": {"type": "http", "scheme": "bearer"},
             },
         },
     }
+
+
+def _answered_by_all(route: Route) -> tuple[int, ...]:
+    """What any route that reads a body (408) or the store (503) may answer."""
+    statuses: tuple[int, ...] = (408,) if route.request is not None or route.request_tensors else ()
+    if route not in (HEALTH, OPENAPI, METRICS):
+        statuses += (503,)
+    return statuses
 
 
 def _path_params(path: str) -> list[str]:

@@ -8,8 +8,10 @@
     fedserver admin ... create-job plan.toml
 
 The token is read from a file (or ``$FEDSERVER_ADMIN_TOKEN``), never from the
-command line, where other users of the machine could see it. Answers print as
-JSON; errors print in one line with a non-zero exit.
+command line, where other users of the machine could see it; ``--ca-bundle`` verifies
+a server whose certificate a private CA signed. Answers print as JSON; errors print
+in one line with a non-zero exit (a reader that stops early, as ``| head`` does, ends
+it without a traceback).
 """
 
 from __future__ import annotations
@@ -70,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"fedserver admin: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
-    print(msgspec.json.format(msgspec.json.encode(answer), indent=2).decode())
+    try:
+        print(msgspec.json.format(msgspec.json.encode(answer), indent=2).decode())
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `fedserver admin ... | head`: the reader had enough. No traceback, and none
+        # again when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

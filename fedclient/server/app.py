@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -43,6 +44,7 @@ from fedclient.protocol import (
     EVALUATION,
     HEALTH,
     IDEMPOTENCY_HEADER,
+    JOB_ACTIONS,
     JOB_STATUS,
     LEAVE,
     MAX_ID,
@@ -50,6 +52,7 @@ from fedclient.protocol import (
     MODEL,
     MSGPACK_MEDIA_TYPE,
     OPENAPI,
+    READY,
     ROUND_STATUS,
     SECAGG_FETCH,
     SECAGG_POST,
@@ -236,7 +239,7 @@ def create_app(
 
     def reader(request: Request) -> None:
         header = request.headers.get("authorization")
-        service.authenticate_reader(bearer_token(header) if header else None)
+        service.operator.authenticate_reader(bearer_token(header) if header else None)
 
     async def job_status(request: Request) -> Response:
         reader(request)
@@ -248,38 +251,46 @@ def create_app(
         return _json(service.round_status(request.path_params["job"], number))
 
     def admin(request: Request) -> None:
-        service.authenticate_admin(bearer_token(request.headers.get("authorization")))
+        service.operator.authenticate_admin(bearer_token(request.headers.get("authorization")))
 
     async def admin_create_job(request: Request) -> Response:
         admin(request)
         plan = _decode(await _read_limited(request, JSON_LIMIT), JobPlan)
-        return _json(service.create_job(plan))
+        return _json(service.operator.create_job(plan))
 
     async def admin_job_action(request: Request) -> Response:
         admin(request)
         params = request.path_params
-        return _json(service.set_job_status(params["job"], params["action"]))
+        return _json(service.operator.set_job_status(params["job"], params["action"]))
 
     async def admin_rounds(request: Request) -> Response:
         admin(request)
-        return _json(service.round_history(request.path_params["job"]))
+        return _json(service.operator.round_history(request.path_params["job"]))
 
     async def admin_devices(request: Request) -> Response:
         admin(request)
-        return _json(service.participation(request.path_params["job"]))
+        return _json(service.operator.participation(request.path_params["job"]))
 
     async def admin_revoke(request: Request) -> Response:
         admin(request)
-        service.revoke(request.path_params["device"])
+        service.operator.revoke(request.path_params["device"])
         return JSONResponse({"revoked": request.path_params["device"]})
 
     async def admin_codes(request: Request) -> Response:
         admin(request)
         body = _decode(await _read_limited(request, JSON_LIMIT) or b"{}", IssueCodes)
-        return _json(EnrolmentCodes(service.issue_codes(body.count)))
+        return _json(EnrolmentCodes(service.operator.issue_codes(body.count)))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
+
+    async def ready(request: Request) -> Response:
+        if not service.store.db.ready():
+            raise ServiceUnavailable(
+                "the database does not answer; the server reconnects by itself",
+                retry_after=READY_RETRY_SECONDS,
+            )
+        return JSONResponse({"status": "ready"})
 
     document: dict[str, Any] = {}  # built by the first request for it (~4 ms of schemas)
 
@@ -304,6 +315,7 @@ def create_app(
         JOB_STATUS: job_status,
         ROUND_STATUS: round_status,
         HEALTH: health,
+        READY: ready,
         OPENAPI: openapi,
         ADMIN_CREATE_JOB: admin_create_job,
         ADMIN_JOB_ACTION: admin_job_action,
@@ -340,7 +352,7 @@ def create_app(
 
         return answer
 
-    routes = [Route(r.path, durable(handlers[r]), methods=[r.method]) for r in handlers]
+    routes = [Route(_starlette_path(r), durable(handlers[r]), methods=[r.method]) for r in handlers]
     middleware = []
     if metrics:
         from starlette.middleware import Middleware
@@ -351,6 +363,8 @@ def create_app(
         service.rounds.on_close = lambda job, outcome: counters.rounds.labels(job, outcome).inc()
 
         async def prometheus(request: Request) -> Response:
+            header = request.headers.get("authorization")
+            service.operator.authenticate_metrics(bearer_token(header) if header else None)
             return Response(counters.text(), media_type=CONTENT_TYPE)
 
         routes.append(Route(METRICS.path, prometheus, methods=[METRICS.method]))
@@ -371,13 +385,34 @@ def create_app(
     return app
 
 
+class _JobAction(Convertor[str]):
+    """A job action in a path: only those that exist, so that ``/v1/admin/jobs/{job}/rounds``
+    (GET) is not also ``/v1/admin/jobs/{job}/{action}`` (POST) to the router."""
+
+    regex = "|".join(JOB_ACTIONS)
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_action", _JobAction())
+
+
+def _starlette_path(route: ApiRoute) -> str:
+    return route.path.replace("{action}", "{action:job_action}")
+
+
 async def _tick_forever(service: FederationService, seconds: float) -> None:
     while True:
         await asyncio.sleep(seconds)
         try:
             service.tick()
             await service.store.db.flush()
-        except sqlite3.OperationalError as exc:  # full or busy: the next tick tries again
+        except (sqlite3.OperationalError, ServiceUnavailable) as exc:
+            # Full, busy or away (PostgreSQL restarting): the next tick tries again.
             logger.warning("storage: %s (deadlines are checked again in %s s)", exc, seconds)
 
 
@@ -479,12 +514,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             f"no route {request.method} {request.url.path} here: the API's routes start "
             "with /v1 at the server's root (GET /openapi.json lists them)"
         )
-    return JSONResponse(  # its headers too: a 405 says which methods are allowed (Allow)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Allow: every route of the path, not only the first one
+        headers["Allow"] = ", ".join(_allowed(request))
+    return JSONResponse(
         {"error": {"code": code, "message": message}},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
 
+
+def _allowed(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (Starlette's 405 names
+    only the first route's: one path served by two routes, GET and PATCH, said PATCH)."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
+
+
+#: Retry-After of a readiness probe while the database does not answer.
+READY_RETRY_SECONDS = 5
 
 #: How long a device waits before retrying when the server's storage is full.
 STORAGE_RETRY_SECONDS = 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:
         return _init(argv[1:])
+    if argv[:1] == ["backup"]:
+        return _backup(argv[1:])
     if argv[:1] == ["admin"]:
         from fedclient.server.admin import main as admin
 
@@ -45,13 +48,26 @@ def main(argv: list[str] | None = None) -> int:
             "(--enrolment-secret-file or --enrolment-codes to close it)",
             file=sys.stderr,
         )
+    if args.header_timeout <= 0 or args.max_connections < 0:
+        print(
+            "fedserver: --header-timeout takes seconds > 0, --max-connections N >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    _more_descriptors()
+    limits = _connection_limits(args)
     scheme = "https" if args.ssl_certfile else "http"
     where = redacted(service.store.url)
     jobs = ", ".join(j.name for j in service.store.jobs())
     workers = f", {args.workers} workers" if args.workers > 1 else ""
-    print(f"fedserver: serving {jobs} on {scheme}://{args.host}:{args.port} (db {where}{workers})")
+    print(
+        f"fedserver: serving {jobs} on {scheme}://{args.host}:{args.port} (db {where}{workers};"
+        f" at most {limits.cap()} connections, headers within {limits.header_seconds:g} s)"
+    )
     sys.stdout.flush()
     import uvicorn
+
+    from fedclient.server.connections import protocol
 
     options: dict[str, Any] = {
         "host": args.host,
@@ -59,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": args.log_level,
         "ssl_certfile": args.ssl_certfile,
         "ssl_keyfile": args.ssl_keyfile,
+        "http": protocol(),
     }
     if args.workers == 1:
         uvicorn.run(app, **options)
@@ -80,17 +97,39 @@ def worker_app() -> Any:
     argv = json.loads(os.environ[_WORKER_ARGV])
     parser = _parser()
     args = parser.parse_args(argv)
+    _connection_limits(args)  # this process accepts its own connections
     built = _build(args, _authorities(args.identity_authority) or ())
     if isinstance(built, int):
         raise SystemExit(built)
     return built[0]
 
 
+def _connection_limits(args: argparse.Namespace) -> Any:
+    """Set the header deadline and the connection cap of this process's connections."""
+    from fedclient.server.connections import ConnectionLimits, configure
+
+    limits = ConnectionLimits(args.header_timeout, args.max_connections)
+    configure(limits)
+    return limits
+
+
+def _more_descriptors() -> None:
+    """Raise the soft limit of open files to the hard one (as Go's runtime does): each
+    connection takes one, and the cap on connections is half of them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[Any, Any, Any] | int:
     """The app, its service and its enrolment policy, or an exit code (after saying why)."""
     try:
-        from fedclient.server import FederationService, ServerStore, create_app, load_plan
+        from fedclient.server import FederationService, create_app, load_plan
         from fedclient.server.auth import EnrolmentPolicy
+        from fedclient.server.integrity import open_served
         from fedclient.server.limits import RateLimits
 
         limits = None if args.no_rate_limits else RateLimits.parse(args.rate_limits)
@@ -104,11 +143,13 @@ def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[An
         elif args.enrolment_codes:
             policy = EnrolmentPolicy.codes()
         service = FederationService(
-            ServerStore.open_existing(args.db),
+            open_served(args.db),
             identity_authorities=authorities,
             enrolment=policy,
             admin_token=admin_token,
             public_status=args.public_status,
+            metrics_token=_read_secret(args.metrics_token_file, "metrics token", 16),
+            public_metrics=args.public_metrics,
         )
         for plan in plans:
             service.add_job(plan)
@@ -137,7 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedserver",
         description=__doc__,
-        epilog="fedserver init --plan PLAN --db PATH creates the database first.",
+        epilog="fedserver init --plan PLAN --db PATH creates the database first; "
+        "fedserver backup --db PATH DEST copies it while it serves; "
+        "fedserver admin ... runs the operator's commands.",
     )
     parser.add_argument(
         "--plan", action="append", required=True, help="a TOML job plan (repeat for several jobs)"
@@ -179,6 +222,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve job and round status without a token (default: a device's or the admin's)",
     )
+    metrics = parser.add_mutually_exclusive_group()
+    metrics.add_argument(
+        "--metrics-token-file",
+        help="a file holding a token that reads /metrics only (Prometheus: authorization "
+        "credentials_file); the admin token reads it too",
+    )
+    metrics.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without a token (default: the metrics or the admin token)",
+    )
     enrolment = parser.add_mutually_exclusive_group()
     enrolment.add_argument(
         "--enrolment-secret-file",
@@ -188,6 +242,22 @@ def _parser() -> argparse.ArgumentParser:
         "--enrolment-codes",
         action="store_true",
         help="devices enrol only with a single-use code (fedserver admin codes N)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete this long after it "
+        "opened or its last answer (a stalled client cannot hold it; default 30)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N open connections; one more closes the one that waited longest for "
+        "its headers (default: half the open-file limit beyond 64)",
     )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="...and this private key (PEM)")
@@ -234,6 +304,41 @@ def _init(argv: list[str]) -> int:
         return exc.exit_code
     names = ", ".join(p.job.name for p in plans)
     print(f"fedserver init: created {redacted(args.db)} with {names}")
+    return 0
+
+
+def _backup(argv: list[str]) -> int:
+    """``fedserver backup``: a consistent copy of a served database (`fedclient.server.
+    backup`)."""
+    parser = argparse.ArgumentParser(
+        prog="fedserver backup",
+        description="Copy a server database while it serves: a SQLite file with its open "
+        "rounds' update bodies (DEST and DEST.bodies), or a PostgreSQL database (pg_dump's "
+        "custom format). Restore by serving the copy: fedserver --db DEST (SQLite), or "
+        "pg_restore into an empty database (PostgreSQL).",
+    )
+    parser.add_argument("--db", required=True, help="the database the server serves")
+    parser.add_argument("dest", help="the new copy (never written over)")
+    args = parser.parse_args(argv)
+    from fedclient.server.backup import backup
+
+    try:
+        copied = backup(args.db, args.dest)
+    except FedError as exc:
+        print(f"fedserver backup: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"fedserver backup: cannot write {args.dest}: {exc}", file=sys.stderr)
+        return 1
+    bodies = (
+        f" and the update bodies of {copied.rounds} open rounds ({copied.body_bytes:,} bytes)"
+        if copied.rounds
+        else ""
+    )
+    print(
+        f"fedserver backup: copied {redacted(str(args.db))} ({copied.database_bytes:,} bytes)"
+        f"{bodies} to {copied.dest}"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import os
 import re
 import sqlite3
 import threading
@@ -30,12 +31,13 @@ from typing import Any, ClassVar, Protocol
 
 import sqlite_utils
 
-from fedclient._exceptions import StateError
+from fedclient._exceptions import ServiceUnavailable, StateError
 
 __all__ = [
     "Cursor",
     "Database",
     "PostgresDatabase",
+    "ServeLock",
     "SqliteDatabase",
     "connect",
     "is_postgres",
@@ -46,6 +48,20 @@ __all__ = [
 #: in spirit): bodies that arrive meanwhile share its fsync. 3 ms took uploads of 100,000
 #: floats from 375/s (a commit as soon as asked) to 460-560/s (bench/ingest.py).
 COMMIT_WINDOW = 0.003
+
+#: Bytes of write-ahead log past which a served SQLite file is checkpointed and its WAL
+#: emptied (`_Checkpointer`).
+WAL_LIMIT = 8 * 1024 * 1024
+
+#: Seconds to connect to PostgreSQL before giving up (at start: one line; later: 503).
+CONNECT_SECONDS = 5
+#: Seconds a request waits for the pool's connection before it is answered 503.
+AWAY_WAIT_SECONDS = 1.0
+#: Retry-After of a 503 while the database is away.
+AWAY_RETRY_SECONDS = 5
+#: Seconds the pool keeps trying to reconnect by itself (backing off) before it waits
+#: for the next request to try again.
+RECONNECT_SECONDS = 5.0
 
 #: The advisory lock every worker holds while it serves one request.
 REQUEST_LOCK = 0x66656473  # "feds"
@@ -67,15 +83,50 @@ def is_postgres(url: str | Path) -> bool:
     return str(url).startswith(("postgresql://", "postgres://"))
 
 
-def connect(url: str | Path) -> Database:
+def connect(url: str | Path, *, lock_file: bool = False) -> Database:
     """The database at ``url``: ``postgresql://...``, ``sqlite:///path``, a path, or
-    ``":memory:"``."""
+    ``":memory:"``. ``lock_file``: a SQLite file is this process's alone while it is
+    open (`ServeLock`); PostgreSQL is shared by design and takes no such lock."""
     if is_postgres(url):
         return PostgresDatabase(str(url))
     text = str(url)
     if text.startswith("sqlite:///"):
         text = text.removeprefix("sqlite:///")
-    return SqliteDatabase(text)
+    return SqliteDatabase(text, lock_file=lock_file)
+
+
+class ServeLock:
+    """An exclusive lock on ``<db>.lock`` beside a SQLite file, held while one process
+    serves it: a second ``fedserver`` on the same file is refused in one line instead of
+    serving beside the first (each would keep rows in memory that the other changes).
+
+    The lock is the kernel's (``flock``): it goes with the process, however that ends,
+    so a killed server leaves nothing to clean up. The file holds the owner's pid, for
+    the message; it is never deleted (deleting it would let two processes lock two
+    different files of one name)."""
+
+    def __init__(self, database: str) -> None:
+        import fcntl
+
+        path = Path(database).with_name(Path(database).name + ".lock")
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise StateError(
+                f"{database}: another fedserver (pid {owner}) serves this file; one process"
+                " serves a SQLite file (several workers share a PostgreSQL database)"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Let another process serve the file."""
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = -1
 
 
 class Database:
@@ -120,6 +171,10 @@ class Database:
     def tables(self) -> list[str]:
         """The names of the tables in the database, sorted."""
         raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether the database answers now (a server's readiness)."""
+        return True
 
     def close(self) -> None:
         """Close the connection."""
@@ -168,11 +223,12 @@ class SqliteDatabase(Database):
 
     kind = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, lock_file: bool = False) -> None:
         super().__init__()
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._lock_held = ServeLock(path) if lock_file and path != ":memory:" else None
         # The app calls the store from its event loop only, so requests never overlap;
         # that loop may run in another thread than the one that opened the store.
         # Autocommit outside `atomic` blocks (which BEGIN and COMMIT), as in PostgreSQL.
@@ -185,6 +241,9 @@ class SqliteDatabase(Database):
         # than being zeroed at once (Debian's SQLite zeroes every freed page: 2.5 ms an
         # upload of 100,000 floats).
         self.db.execute("PRAGMA secure_delete = FAST")
+        # Sorts and statement journals in memory: no temporary file to open (descriptors
+        # belong to connections; `fedclient.server.connections`).
+        self.db.execute("PRAGMA temp_store = MEMORY")
         self._checkpoints: _Checkpointer | None = None
         self._grouped = False
         self._wrote = False  # statements ran in the open group transaction
@@ -203,10 +262,15 @@ class SqliteDatabase(Database):
             # only in a new file; an older one keeps its pages.
             self.db.execute("PRAGMA page_size = 65536")
             self.db.enable_wal()
+            # After a checkpoint that copied everything, the next commit cuts the WAL file
+            # back to this size rather than leaving it at its largest.
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
             self._checkpoints = _Checkpointer(path)
-            # The writer never copies the WAL back itself (a stall of up to 64 MB inside
-            # some upload): a thread of its own does, beside it.
+            # The writer never copies the WAL back inside a request (a stall of up to
+            # 64 MB inside some upload): a thread of its own does, beside it, and the
+            # committer's thread bounds it (`_bound_wal`).
             self.db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._wal = Path(f"{path}-wal")
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -296,6 +360,7 @@ class SqliteDatabase(Database):
                 for prepare in self.before_commit:
                     prepare()
                 self.conn.execute("COMMIT")
+                self._bound_wal()
             elif wrote and self._grouped:
                 # SQLite rolls a transaction back by itself on some errors (a full disk).
                 raise sqlite3.OperationalError("database or disk is full: writes rolled back")
@@ -304,6 +369,22 @@ class SqliteDatabase(Database):
                 self.conn.execute("ROLLBACK")
             return exc
         return None
+
+    def _bound_wal(self) -> None:
+        """Once the WAL passed `WAL_LIMIT`, copy the rest of it back and empty it, here on
+        the committer's thread, before the next group begins.
+
+        The checkpointer's passive passes alone do not bound it: SQLite writes the WAL
+        from its start again only once a checkpoint copied every frame in it, and under
+        steady uploads the writer has committed more by the time a pass ends, so the file
+        grew for good (18 MB beside a 2.5 MB database; 35 MB in two seconds of 64 KiB
+        pages). The passes have copied most frames by then, so this one copies what came
+        since and truncates: the WAL stays under `WAL_LIMIT` plus one group's writes."""
+        try:
+            if self._wal.stat().st_size > WAL_LIMIT:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (OSError, sqlite3.Error):  # busy (a passive pass), or full: the next commit tries
+            pass
 
     def _after(self, error: BaseException | None) -> None:
         for hook in self.on_rollback if error is not None else self.after_commit:
@@ -333,6 +414,8 @@ class SqliteDatabase(Database):
         if self._checkpoints is not None:
             self._checkpoints.stop()
         self.db.close()
+        if self._lock_held is not None:
+            self._lock_held.release()
 
 
 class _Checkpointer:
@@ -362,7 +445,17 @@ class _Checkpointer:
 
 
 class PostgresDatabase(Database):
-    """A PostgreSQL database (psycopg 3), shared by every worker of a server."""
+    """A PostgreSQL database (psycopg 3), shared by every worker of a server.
+
+    The database may go away and come back (``pg_ctl restart``, a failover): each worker
+    takes its connection from a pool of one (psycopg_pool), which checks it before every
+    request and, when it is broken, connects again in the background. While there is
+    none to be had, every statement raises `ServiceUnavailable` (503 with Retry-After:
+    nothing was written, the same request later will do), and `ready` says so. A
+    request holds its connection for its whole `exclusive` block (its advisory lock
+    is the session's), and gives it back at the end; a connection that broke inside a
+    block is never swapped for another before the block ends, so no statement of a
+    request runs outside its lock."""
 
     kind = "postgresql"
     shared = True
@@ -371,28 +464,89 @@ class PostgresDatabase(Database):
         super().__init__()
         try:
             import psycopg
+            from psycopg_pool import ConnectionPool
         except ImportError as exc:
             raise StateError(
-                f"PostgreSQL needs psycopg: pip install 'fedclient[postgresql]' ({exc})"
+                f"PostgreSQL needs psycopg and psycopg_pool: pip install"
+                f" 'fedclient[postgresql]' ({exc})"
             ) from None
         self.url = url
-        try:
-            # Autocommit outside `atomic` blocks, as the store's SQLite connection.
-            self.conn = psycopg.connect(url, autocommit=True)
+        self._errors: tuple[type[Exception], ...] = (psycopg.OperationalError,)
+        try:  # once directly: a server that cannot connect at all says why, in one line
+            psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_SECONDS).close()
         except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StateError(f"cannot connect to {redacted(url)}: {first}") from None
+            raise StateError(f"cannot connect to {redacted(url)}: {_first_line(exc)}") from None
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=1,
+            open=False,
+            # Autocommit outside `atomic` blocks, as the store's SQLite connection.
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_SECONDS},
+            check=ConnectionPool.check_connection,
+            # Reconnect attempts back off (1, 2, 4 s...); past this, the pool stops and
+            # the next request starts again at once, so recovery follows within seconds.
+            reconnect_timeout=RECONNECT_SECONDS,
+            name="fedserver",
+        )
+        self.pool.open(wait=True, timeout=CONNECT_SECONDS)
+        self._held: Any = None  # the connection of the current block (or statement)
+        self._broken = False  # it failed inside the current block
+
+    @property
+    def conn(self) -> Any:
+        """The connection statements run on now (taken from the pool if none is held)."""
+        if self._broken:
+            raise self._away("the connection to the database broke during this request")
+        if self._held is None:
+            from psycopg_pool import PoolTimeout
+
+            try:
+                self._held = self.pool.getconn(timeout=AWAY_WAIT_SECONDS)
+            except PoolTimeout:
+                raise self._away("no connection to the database") from None
+        return self._held
+
+    def _away(self, why: str) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"{why} ({redacted(self.url)}); retry later", retry_after=AWAY_RETRY_SECONDS
+        )
+
+    def _failed(self, exc: Exception) -> ServiceUnavailable:
+        """A statement failed for want of the database: give the connection back (at the
+        end of the block, if one is open) and say 503."""
+        if self._depth:
+            self._broken = True
+        else:
+            self._release()
+        return self._away(f"the database is unreachable: {_first_line(exc)}")
+
+    def _release(self) -> None:
+        held, self._held, self._broken = self._held, None, False
+        if held is not None:
+            self.pool.putconn(held)  # a broken one is discarded, and replaced in the background
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        # Binary results: a bytea body comes as its bytes, not as hex text to decode.
-        return self.conn.execute(_placeholders(sql), list(params) or None, binary=True)
+        try:
+            # Binary results: a bytea body comes as its bytes, not as hex text to decode.
+            return self.conn.execute(_placeholders(sql), list(params) or None, binary=True)  # type: ignore[no-any-return]
+        except self._errors as exc:
+            raise self._failed(exc) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cursor:
-            cursor.executemany(_placeholders(sql), rows)
+        try:
+            with self.conn.cursor() as cursor:
+                cursor.executemany(_placeholders(sql), rows)
+        except self._errors as exc:
+            raise self._failed(exc) from exc
 
-    def atomic(self) -> AbstractContextManager[None]:
-        return self.conn.transaction()  # type: ignore[return-value]
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        try:
+            with self.conn.transaction():
+                yield
+        except self._errors as exc:
+            raise self._failed(exc) from exc
 
     def ddl(self, statement: str) -> str:
         return _postgres_ddl(statement)
@@ -403,15 +557,36 @@ class PostgresDatabase(Database):
         ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def ready(self) -> bool:
+        try:
+            self.execute("SELECT 1").fetchall()
+        except ServiceUnavailable:
+            return False
+        finally:
+            if not self._depth:
+                self._release()
+        return True
+
     def close(self) -> None:
-        self.conn.close()
+        self._release()
+        self.pool.close()
 
     def _lock(self) -> None:
         self.execute("SELECT pg_advisory_lock(?)", [REQUEST_LOCK])
 
     def _unlock(self) -> None:
-        if not self.conn.closed:
-            self.execute("SELECT pg_advisory_unlock(?)", [REQUEST_LOCK])
+        try:
+            if not self._broken and self._held is not None and not self._held.closed:
+                self.execute("SELECT pg_advisory_unlock(?)", [REQUEST_LOCK])
+        except ServiceUnavailable:
+            pass  # the session is gone, and its lock with it
+        finally:
+            self._release()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @functools.lru_cache(maxsize=512)

@@ -13,6 +13,11 @@ Closing a round writes the next model version and opens the next round (or
 finishes the job) in the same transaction. Time comes from the caller, so the
 simulator can run rounds on a simulated clock.
 
+A device's weight in a mean is capped (``max_weight_ratio``, 4 by default) at that many
+times the median example count of the round's first `FOLD_EVERY` updates (every update's,
+if the round has fewer): a figure fixed by the time a round first folds, the same for a
+restarted server and for every worker, and out of reach of any one device.
+
 Streaming aggregation: with a `MeanStrategy` (fedavg and the server optimisers), once
 `FOLD_EVERY` stored updates wait, `SyncRounds.fold` adds them to the round's running
 sum (`RunningSum`, stored in ``round_sums``) and drops their bodies, in one
@@ -26,6 +31,7 @@ the close, and hold them in memory then.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -81,6 +87,8 @@ class SyncRounds:
         # stored one, used only while its count matches the store's (a fold whose
         # transaction rolled back leaves it ahead; it is then read again).
         self._sums: dict[int, RunningSum] = {}
+        # Each round's weight cap, once fixed (its first FOLD_EVERY updates are in).
+        self._caps: dict[int, int | None] = {}
 
     def forget(self) -> None:
         """Drop every update held decoded and every running sum kept (writes were lost:
@@ -88,6 +96,23 @@ class SyncRounds:
         self._decoded.clear()
         self._decoded_bytes = 0
         self._sums.clear()
+        self._caps.clear()
+
+    def weight_cap(self, plan: JobPlan, round_id: int) -> int | None:
+        """The most examples one update of the round counts for (see the module
+        docstring), or None without a cap."""
+        ratio = plan.job.max_weight_ratio
+        if ratio is None:
+            return None
+        if round_id in self._caps and not self.store.shared:
+            return self._caps[round_id]
+        claimed = self.store.first_examples(round_id, FOLD_EVERY)
+        cap = max(1, math.floor(ratio * float(np.median(claimed)))) if claimed else None
+        if len(claimed) == FOLD_EVERY:  # fixed from now on
+            if len(self._caps) >= 1024:
+                self._caps.clear()
+            self._caps[round_id] = cap
+        return cap
 
     def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
         """Keep an accepted update's tensors (the decoded body) for its round's close
@@ -151,9 +176,11 @@ class SyncRounds:
             # Workers that share the database hold nothing decoded: read the bodies with
             # the rows, in one query.
             rows = self.store.updates(round_id, bodies=self.store.shared, unfolded=True)
+            cap = self.weight_cap(job.plan, round_id) if rows else None
             for row in rows:
                 tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
-                update = ClientUpdate(row.device_id, row.num_examples, tensors, row.staleness)
+                examples = row.num_examples if cap is None else min(row.num_examples, cap)
+                update = ClientUpdate(row.device_id, examples, tensors, row.staleness)
                 running.add(update.weight, strategy.contribution(update))
             if rows:
                 self.store.save_round_sum(
@@ -211,8 +238,14 @@ class SyncRounds:
             if streaming is not None:
                 return streaming.step(base, self.fold(job, round_.round_id).mean(), state)
             if updates is None:
+                cap = self.weight_cap(plan, round_.round_id) or 0
                 updates = [
-                    ClientUpdate(r.device_id, r.num_examples, self._tensors(r), r.staleness)
+                    ClientUpdate(
+                        r.device_id,
+                        min(r.num_examples, cap) if cap else r.num_examples,
+                        self._tensors(r),
+                        r.staleness,
+                    )
                     for r in rows
                 ]
             strategy = FedAvg() if plan.privacy.secagg else self.strategy_for(plan)
@@ -244,6 +277,7 @@ class SyncRounds:
             for row in rows:
                 self.drop_decoded(row.receipt_id)  # a failed round's (the others are used)
             self._sums.pop(round_.round_id, None)
+            self._caps.pop(round_.round_id, None)
             if new_weights is not None and not all(
                 np.all(np.isfinite(w)) for w in new_weights.values()
             ):

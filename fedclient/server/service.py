@@ -7,15 +7,13 @@ raises an `ApiError` subclass and changes nothing.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
+import logging
 import os
-import secrets
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,22 +28,19 @@ from fedclient._exceptions import (
     OffsetMismatch,
     PayloadTooLarge,
     RoundClosed,
+    ServiceUnavailable,
     Unauthorized,
 )
-from fedclient.compression import CompressionSpec, decompress
-from fedclient.privacy.dp import GaussianMechanism
 from fedclient.protocol import (
     Admitted,
     CheckinRequest,
     CheckinResponse,
-    DeviceParticipation,
     EnrolRequest,
     EnrolResponse,
     EvaluationReport,
     JobFinished,
     JobPlan,
     JobStatus,
-    PrivacySettings,
     RetryLater,
     RoundPlan,
     RoundSummary,
@@ -53,26 +48,29 @@ from fedclient.protocol import (
     UploadSession,
     UploadStart,
     Weights,
-    check_weights,
     decode_tensors,
-    encode_tensors,
 )
-from fedclient.server.auth import EnrolmentPolicy, hash_token, matches, new_credentials
-from fedclient.server.rounds import SyncRounds
-from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
+from fedclient.server.auth import EnrolmentPolicy, hash_token, new_credentials
+from fedclient.server.operator import Operator
+from fedclient.server.rounds import SyncRounds, model_etag
+from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow, serialised
 from fedclient.server.strategies import ClientUpdate, Strategy
+from fedclient.server.validation import check_key, evaluation_counts, validate_update
 
 if TYPE_CHECKING:
     from fedclient.server.secure_rounds import SecureRounds
 
 __all__ = ["CONTRIBUTED_RETRY", "FederationService"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 #: Chunked uploads one device may hold open in a round (each holds up to
 #: max_upload_bytes of parts on the server).
 MAX_OPEN_UPLOADS = 2
+
+#: Seconds a device waits before asking again for a model damaged in storage.
+DAMAGED_RETRY = 300.0
+
+logger = logging.getLogger("fedserver")
 
 #: Seconds a device is told to wait while its job is paused.
 PAUSED_RETRY = 300.0
@@ -80,20 +78,6 @@ PAUSED_RETRY = 300.0
 #: Seconds a device that already contributed to the open round waits before it asks
 #: again, at most (the round may close by quota any moment; its deadline may be far).
 CONTRIBUTED_RETRY = 30.0
-
-
-def _serialised(method: Callable[P, R]) -> Callable[P, R]:
-    """A handler that runs alone among every worker of the server's database
-    (`ServerStore.exclusive`): what it reads stays true until it has written."""
-
-    @functools.wraps(method)
-    def handler(*args: P.args, **kwargs: P.kwargs) -> R:
-        service = args[0]
-        assert isinstance(service, FederationService)
-        with service.store.exclusive():
-            return method(*args, **kwargs)
-
-    return handler
 
 
 class FederationService:
@@ -115,15 +99,22 @@ class FederationService:
         enrolment: EnrolmentPolicy | None = None,
         admin_token: str | None = None,
         public_status: bool = True,
+        metrics_token: str | None = None,
+        public_metrics: bool = True,
     ) -> None:
         self.store = store
         self.clock = clock
         #: Who may enrol (`fedclient.server.auth.EnrolmentPolicy`; default: anyone).
         self.enrolment = enrolment or EnrolmentPolicy.open()
-        #: The admin token's hash (`admin_token`); None: no admin API.
-        self.admin_token_hash = hash_token(admin_token) if admin_token else None
-        #: Whether job and round status need no token.
-        self.public_status = public_status
+        #: The operator's handlers, and who may read status and metrics
+        #: (`fedclient.server.operator`).
+        self.operator = Operator(
+            self,
+            admin_token=admin_token,
+            public_status=public_status,
+            metrics_token=metrics_token,
+            public_metrics=public_metrics,
+        )
         #: Identity authorities' public keys: when set, a device enrols only with an
         #: identity key one of them certified (`fedclient.IdentityAuthority`).
         self.identity_authorities = identity_authorities
@@ -143,6 +134,12 @@ class FederationService:
         self._devices: dict[str, str] = {}
         store.db.on_rollback.append(self._forget_written)
 
+    def forget_device(self, device_id: str) -> None:
+        """Drop what this service keeps of a device's token (it was revoked)."""
+        for hashed, known in list(self._devices.items()):
+            if known == device_id:
+                del self._devices[hashed]
+
     def _forget_written(self) -> None:
         """Writes not yet committed were lost (a failed group commit): forget what this
         service kept of them (devices enrolled, updates held decoded, running sums)."""
@@ -160,7 +157,7 @@ class FederationService:
         return self._secure
 
     # -- setup -----------------------------------------------------------------
-    @_serialised
+    @serialised
     def add_job(self, plan: JobPlan) -> None:
         """Create the job, or resume it if the store already has it with the same plan."""
         existing = self.store.job(plan.job.name)
@@ -172,7 +169,7 @@ class FederationService:
                 "different plan; use a new job name or a new database"
             )
 
-    @_serialised
+    @serialised
     def tick(self) -> None:
         """Close the rounds whose quota is met or whose deadline passed, and the secure
         stages whose time is up."""
@@ -183,7 +180,7 @@ class FederationService:
                     round_ = self.store.round(round_id)
                     if round_ is None or round_.status != "open":
                         continue
-                    job = self._job(round_.job)
+                    job = self.job(round_.job)
                     if aggregate is None:  # too many dropouts: fail now, reveal nothing
                         reason = "secure aggregation failed"
                         self.rounds.close(job, round_, now, reason, updates=[])
@@ -192,7 +189,7 @@ class FederationService:
         self.rounds.advance(now)
 
     # -- handlers --------------------------------------------------------------
-    @_serialised
+    @serialised
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         """Give a device an id and a bearer token (its own proposal, if it made one).
 
@@ -236,7 +233,7 @@ class FederationService:
         ):
             raise Forbidden("the identity certificate is not from a trusted authority")
 
-    @_serialised
+    @serialised
     def authenticate(self, token: str) -> str:
         """The device id behind a bearer token."""
         hashed = hash_token(token)
@@ -254,7 +251,7 @@ class FederationService:
             self._devices.clear()
         self._devices[hashed] = device_id
 
-    @_serialised
+    @serialised
     def checkin(
         self, token: str, job_name: str, request: CheckinRequest, *, inline: bool = False
     ) -> CheckinResponse:
@@ -276,10 +273,10 @@ class FederationService:
 
     def _checkin(self, token: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
         device_id = self.authenticate(token)
-        job = self._job(job_name)
+        job = self.job(job_name)
         now = self.clock()
         if self.rounds.advance(now):  # a round closed: the job moved on
-            job = self._job(job_name)
+            job = self.job(job_name)
         if job.status in ("finished", "stopped"):
             return JobFinished(job.model_version)
         if job.status == "paused":
@@ -326,14 +323,14 @@ class FederationService:
             identities[device] = identity
         self.secure.open(round_.round_id, job.plan, identities, decode_tensors(current[0])[0])
 
-    @_serialised
+    @serialised
     def secagg_fetch(self, token: str, round_id: int, stage: str) -> bytes:
         """A secure-aggregation stage's message for this device (msgpack)."""
         device_id = self.authenticate(token)
         self.rounds.advance(self.clock())
         return self.secure.fetch(round_id, device_id, stage)
 
-    @_serialised
+    @serialised
     def secagg_post(
         self, token: str, round_id: int, stage: str, body: bytes
     ) -> UploadReceipt | None:
@@ -349,7 +346,7 @@ class FederationService:
         with self.store.atomic():  # the message and the close it brings, together
             receipt, aggregate = self.secure.post(round_id, device_id, stage, body, now)
             if aggregate is not None:
-                self._close_secure(self._job(round_.job), round_, now, aggregate)
+                self._close_secure(self.job(round_.job), round_, now, aggregate)
         return receipt
 
     def _close_secure(
@@ -382,14 +379,14 @@ class FederationService:
             self.store.admit(round_.round_id, device_id, now)
         return Admitted(self._plan(job, round_, device_id))
 
-    @_serialised
+    @serialised
     def leave(self, token: str, round_id: int) -> bool:
         """A device gives its place in a round back (if it has not contributed)."""
         device_id = self.authenticate(token)
         round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
-        job = self._job(round_.job)
+        job = self.job(round_.job)
         if not self.store.is_admitted(round_id, device_id) or (
             job.plan.job.mode == "sync"
             and (round_.status != "open" or self.store.has_update(round_id, device_id))
@@ -399,7 +396,7 @@ class FederationService:
             self.store.withdraw(round_id, device_id)
         return True
 
-    @_serialised
+    @serialised
     def report_evaluation(self, token: str, round_id: int, report: EvaluationReport) -> None:
         """A device's evaluation of ``round_id``'s model, on its own (its update did not
         count): kept once per device and round (a repeat changes nothing), from a device
@@ -408,7 +405,7 @@ class FederationService:
         round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
-        job = self._job(round_.job)
+        job = self.job(round_.job)
         if not (
             self.store.is_admitted(round_id, device_id) and self._evaluates(job, round_, device_id)
         ):
@@ -418,35 +415,35 @@ class FederationService:
             "eval_loss_sum": repr(report.loss_sum),
             "eval_examples": str(report.examples),
         }
-        evaluation = _evaluation(counts, job.plan.job.max_examples)
+        evaluation = evaluation_counts(counts, job.plan.job.max_examples)
         assert evaluation is not None
         with self.store.atomic():
             self.store.add_evaluation(round_id, device_id, *evaluation)
 
-    @_serialised
+    @serialised
     def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:
         """A model version's body and ETag."""
         self.authenticate(token)
-        self._job(job_name)
+        self.job(job_name)
         try:
             return self._model_body(job_name, version)
         except KeyError:
             raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
-    @_serialised
+    @serialised
     def upload_limit(self, round_id: int) -> int:
         """The largest upload body the round accepts."""
         round_ = self.store.round(round_id)
         job = self.store.job(round_.job) if round_ else None
         return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
 
-    @_serialised
+    @serialised
     def upload(
         self, token: str, round_id: int, idempotency_key: str | None, body: bytes
     ) -> UploadReceipt:
         """Accept one update, exactly once per idempotency key."""
         device_id = self.authenticate(token)
-        key = _check_key(idempotency_key)
+        key = check_key(idempotency_key)
         previous, job, round_ = self._admissible(device_id, round_id, key)
         if previous is not None:
             return previous
@@ -454,13 +451,13 @@ class FederationService:
             raise InvalidRequest("this job aggregates securely: use the secagg stages")
         return self._accept(device_id, job, round_, key, body)
 
-    @_serialised
+    @serialised
     def start_upload(
         self, token: str, round_id: int, idempotency_key: str | None, request: UploadStart
     ) -> UploadSession:
         """Open a chunked upload (or report where an open one stands)."""
         device_id = self.authenticate(token)
-        key = _check_key(idempotency_key)
+        key = check_key(idempotency_key)
         previous, job, _ = self._admissible(device_id, round_id, key)
         if previous is not None:
             return UploadSession(key, round_id, request.size, request.size, previous)
@@ -485,7 +482,7 @@ class FederationService:
             self.store.add_session(session)
         return _session(session)
 
-    @_serialised
+    @serialised
     def upload_status(self, token: str, round_id: int, upload_id: str) -> UploadSession:
         """Where a chunked upload stands (complete ones carry their receipt)."""
         device_id = self.authenticate(token)
@@ -497,7 +494,7 @@ class FederationService:
             raise NotFound(f"no upload {upload_id!r} in round {round_id}")
         return _session(session)
 
-    @_serialised
+    @serialised
     def upload_chunk(
         self, token: str, round_id: int, upload_id: str, offset: str | None, chunk: bytes
     ) -> UploadSession:
@@ -546,7 +543,7 @@ class FederationService:
         round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
-        job = self._job(round_.job)
+        job = self.job(round_.job)
         previous = self.store.update_by_key(device_id, key)
         if previous is not None:
             if previous.round_id != round_id and job.plan.job.mode == "sync":
@@ -583,8 +580,9 @@ class FederationService:
     ) -> UploadReceipt:
         if len(body) > job.plan.job.max_upload_bytes:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
-        num_examples, train_loss, body, spent, tensors, evaluation = self._validate_update(
-            job, round_, body
+        reference = self._reference(job.name, round_.model_version)
+        num_examples, train_loss, body, spent, tensors, evaluation = validate_update(
+            job.plan, round_.model_version, reference, body
         )
         now = self.clock()
         # Sync: the update belongs to its own round. Async: to the buffer open now, with
@@ -625,13 +623,13 @@ class FederationService:
             self.metrics.updates.labels(job.name).inc()
         return _receipt(row)
 
-    @_serialised
+    @serialised
     def job_status(self, job_name: str) -> JobStatus:
         """The job's progress and current round."""
         self.rounds.advance(self.clock())
-        job = self._job(job_name)
+        job = self.job(job_name)
         latest = self.store.latest_rounds(job_name, 2)
-        summaries = [self._summary(r) for r in latest]
+        summaries = [self.summary(r) for r in latest]
         if latest and latest[0].status == "open":
             current, previous = summaries[0], (summaries[1] if len(summaries) > 1 else None)
         else:
@@ -648,96 +646,17 @@ class FederationService:
             self.store.privacy_spent(job.name),
         )
 
-    # -- the operator ----------------------------------------------------------
-    def authenticate_admin(self, token: str) -> None:
-        """`Unauthorized` unless ``token`` is the admin token (compared in constant time)."""
-        if self.admin_token_hash is None or not matches(token, self.admin_token_hash):
-            raise Unauthorized("admin token required")
-
-    @_serialised
-    def authenticate_reader(self, token: str | None) -> None:
-        """Job and round status: a device's token or the admin's (or none, if public)."""
-        if self.public_status:
-            return
-        if token is None:
-            raise Unauthorized("job status needs a device's or the admin's token")
-        if self.admin_token_hash is not None and matches(token, self.admin_token_hash):
-            return
-        self.authenticate(token)
-
-    @_serialised
-    def create_job(self, plan: JobPlan) -> JobStatus:
-        """Add a job (the admin API): the same plan again is a no-op, another a 409."""
-        existing = self.store.job(plan.job.name)
-        if existing is not None and existing.plan != plan:
-            raise Conflict(f"job {plan.job.name!r} exists with another plan")
-        if existing is None:
-            try:
-                self.add_job(plan)
-            except InvalidInput as exc:  # a model the plan cannot build: nothing was stored
-                raise InvalidRequest(f"invalid plan: {exc}") from exc
-        return self.job_status(plan.job.name)
-
-    @_serialised
-    def set_job_status(self, job_name: str, action: str) -> JobStatus:
-        """Pause, resume or stop a job. Stopping fails its open round (nothing more is
-        aggregated) and is for good; a finished or stopped job cannot be resumed."""
-        job = self._job(job_name)
-        now = self.clock()
-        target = {"pause": "paused", "resume": "running", "stop": "stopped"}.get(action)
-        if target is None:
-            raise NotFound(f"no job action {action!r}; use pause, resume or stop")
-        if job.status in ("finished", "stopped"):
-            raise Conflict(f"job {job_name!r} is {job.status}")
-        with self.store.atomic():
-            self.store.set_job_status(job.name, target)
-            if target == "stopped":
-                for round_ in self.store.open_rounds():
-                    if round_.job == job.name:
-                        stopped = self._job(job.name)
-                        self.rounds.close(stopped, round_, now, "stopped by the operator", [])
-        return self.job_status(job.name)
-
-    @_serialised
-    def round_history(self, job_name: str) -> list[RoundSummary]:
-        """Every round of a job, newest first."""
-        job = self._job(job_name)
-        return [self._summary(r) for r in self.store.latest_rounds(job.name, 1 << 30)]
-
-    @_serialised
-    def participation(self, job_name: str) -> list[DeviceParticipation]:
-        """Every device that took part in a job, and how."""
-        job = self._job(job_name)
-        return [DeviceParticipation(*row) for row in self.store.participation(job.name)]
-
-    @_serialised
-    def revoke(self, device_id: str) -> None:
-        """Revoke a device: its next request is a 401."""
-        with self.store.atomic():
-            if not self.store.revoke_device(device_id):
-                raise NotFound(f"no device {device_id!r}")
-        for hashed, known in list(self._devices.items()):  # forget its cached token
-            if known == device_id:
-                del self._devices[hashed]
-
-    @_serialised
-    def issue_codes(self, count: int) -> list[str]:
-        """``count`` single-use enrolment codes (kept hashed; shown only here)."""
-        codes = [secrets.token_urlsafe(18) for _ in range(count)]
-        with self.store.atomic():
-            self.store.add_enrolment_codes([hash_token(c) for c in codes], self.clock())
-        return codes
-
-    @_serialised
+    @serialised
     def round_status(self, job_name: str, number: int) -> RoundSummary:
         """One round of a job."""
         self.rounds.advance(self.clock())
-        round_ = self.store.round_by_number(self._job(job_name).name, number)
+        round_ = self.store.round_by_number(self.job(job_name).name, number)
         if round_ is None:
             raise NotFound(f"job {job_name!r} has no round {number}")
-        return self._summary(round_)
+        return self.summary(round_)
 
-    def _summary(self, round_: RoundRow) -> RoundSummary:
+    def summary(self, round_: RoundRow) -> RoundSummary:
+        """A round as its status answers say."""
         devices, correct, loss_sum, examples = self.store.evaluation(round_.round_id)
         return RoundSummary(
             round_.round_id,
@@ -757,7 +676,8 @@ class FederationService:
         )
 
     # -- helpers ---------------------------------------------------------------
-    def _job(self, name: str) -> JobRow:
+    def job(self, name: str) -> JobRow:
+        """A job by name, or `NotFound`."""
         job = self.store.job(name)
         if job is None:
             raise NotFound(f"no job {name!r}")
@@ -798,13 +718,22 @@ class FederationService:
     def _model_body(self, job: str, version: int) -> tuple[bytes, str]:
         """Model ``version`` of ``job``: (body, ETag), KeyError if there is none. The
         newest few are kept (immutable once stored): a round's check-ins and downloads
-        all serve the same one."""
+        all serve the same one. Each is checked against its digest as it is read (once
+        per version, a hash of the body): a model damaged on disk since the start-up
+        checks is never served, and every request that needs it answers 503."""
         key = (job, version)
         held = self._bodies.get(key)
         if held is None:
             found = self.store.model(job, version)
             if found is None:
                 raise KeyError(key)
+            if model_etag(found[0]) != found[1]:
+                logger.error("job %r's model version %d does not match its digest", job, version)
+                raise ServiceUnavailable(
+                    f"job {job!r}'s stored model version {version} is damaged; the operator"
+                    " must restore the database",
+                    retry_after=DAMAGED_RETRY,
+                )
             held = self._bodies[key] = found
             if len(self._bodies) > 4:
                 del self._bodies[next(iter(self._bodies))]
@@ -818,103 +747,6 @@ class FederationService:
             if len(self._references) > 16:  # async jobs check against recent versions
                 del self._references[next(iter(self._references))]
         return self._references[key]
-
-    def _validate_update(
-        self, job: JobRow, round_: RoundRow, body: bytes
-    ) -> tuple[int, float | None, bytes, float | None, Weights, Evaluation | None]:
-        """Check an update; return its example count, training loss, the dense body to
-        store (a compressed update is decoded here, so strategies see floats), with
-        local DP the epsilon its device reports having spent on the job, the
-        update's tensors (the body, decoded), and the device's evaluation of the
-        round's model if it sent one."""
-        tensors, metadata = decode_tensors(body)
-        reference = self._reference(job.name, round_.model_version)
-        encoding = metadata.get("compression", "")
-        if encoding != job.plan.job.compression:
-            raise InvalidRequest(
-                f"the job wants compression {job.plan.job.compression!r}, got {encoding!r}"
-            )
-        if encoding:
-            tensors = decompress(tensors, CompressionSpec.parse(encoding), reference)
-            body = encode_tensors(tensors, metadata)
-        check_weights(tensors, reference)
-        dp = job.plan.privacy.dp_epsilon is not None
-        try:
-            # A DP release comes without its (unnoised) example count: it weighs 1.
-            num_examples = int(metadata.get("num_examples", "1" if dp else ""))
-            loss_text = metadata.get("train_loss")
-            train_loss = float(loss_text) if loss_text is not None else None
-        except ValueError as exc:
-            raise InvalidRequest(f"bad update metadata: {exc}") from exc
-        limit = job.plan.job.max_examples
-        if not 1 <= num_examples <= limit:
-            raise InvalidRequest(f"metadata num_examples must be an integer from 1 to {limit}")
-        bound = _norm_bound(job.plan, sum(t.size for t in tensors.values()))
-        if bound is not None:
-            norm = math.sqrt(sum(float(np.vdot(t, t)) for t in tensors.values()))
-            if not norm <= bound:  # NaN too (check_weights refuses it first)
-                raise InvalidRequest(
-                    f"the update's L2 norm {norm:.4g} is over the job's max_update_norm {bound:g}"
-                )
-        if train_loss is not None and not math.isfinite(train_loss):
-            train_loss = None
-        version = metadata.get("model_version")
-        if version is not None and version != str(round_.model_version):
-            raise InvalidRequest(
-                f"update was trained on model version {version}, the round "
-                f"uses {round_.model_version}"
-            )
-        epsilon: float | None = None
-        if dp:
-            try:
-                epsilon = float(metadata.get("epsilon_spent") or "nan")
-            except ValueError:
-                epsilon = math.nan
-            if not math.isfinite(epsilon) or epsilon < 0:
-                raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
-        evaluation = _evaluation(metadata, job.plan.job.max_examples)
-        return num_examples, train_loss, body, epsilon, tensors, evaluation
-
-
-#: A device's evaluation of a round's model: correct, loss sum, examples.
-Evaluation = tuple[int, float, int]
-
-
-def _evaluation(metadata: dict[str, str], max_examples: int) -> Evaluation | None:
-    """The evaluation counts an update's metadata carries, checked, or None."""
-    if "eval_examples" not in metadata:
-        return None
-    try:
-        correct = int(metadata["eval_correct"])
-        loss_sum = float(metadata["eval_loss_sum"])
-        examples = int(metadata["eval_examples"])
-    except (KeyError, ValueError) as exc:
-        raise InvalidRequest(f"bad evaluation metadata: {exc}") from exc
-    if not (1 <= examples <= max_examples and 0 <= correct <= examples):
-        raise InvalidRequest("evaluation counts must satisfy 0 <= correct <= examples")
-    if not (math.isfinite(loss_sum) and loss_sum >= 0):
-        raise InvalidRequest("an evaluation's loss sum must be finite and non-negative")
-    return correct, loss_sum, examples
-
-
-def _norm_bound(plan: JobPlan, dimension: int) -> float | None:
-    """The largest L2 norm an update may have: ``max_update_norm``, plus, with local DP,
-    the norm the devices' noise reaches (its standard deviation times sqrt(d), twice)."""
-    return _bound(plan.job.max_update_norm, plan.privacy, dimension)
-
-
-@functools.lru_cache(maxsize=64)
-def _bound(bound: float | None, p: PrivacySettings, dimension: int) -> float | None:
-    if bound is None or p.dp_epsilon is None or p.distributed_dp:
-        return bound
-    noise = GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip, p.neighbouring)
-    return bound + 2.0 * noise.stddev * math.sqrt(dimension)
-
-
-def _check_key(key: str | None) -> str:
-    if not key or len(key) > 200 or not key.isprintable():
-        raise InvalidRequest("an Idempotency-Key header (1-200 characters) is required")
-    return key
 
 
 def _session(row: SessionRow) -> UploadSession:

@@ -17,8 +17,13 @@ keeps each body once instead, appended to ``<db>.bodies/round-<id>.bin``; the
 
 Bytes appended by a request whose transaction rolled back stay in the file unused
 (no row names them) until the round's file goes. At start, files of rounds that are
-no longer open are deleted. A full disk raises ``sqlite3.OperationalError`` as SQLite
-does, so the request is answered 503 and nothing of it is kept.
+no longer open are deleted. A file is made only by the first append of its round,
+never to read a body a row names: a database whose open rounds' files are missing or
+short (a copy made without its folder) is refused at start
+(`fedclient.server.integrity`), never served with new bodies at the old offsets.
+
+A full disk raises ``sqlite3.OperationalError`` as SQLite does, so the request is
+answered 503 and nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from fedclient._exceptions import StateError
 
-__all__ = ["BodySpool", "spool_directory"]
+__all__ = ["BodySpool", "spool_directory", "spool_file"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -39,6 +44,11 @@ def spool_directory(database: str | os.PathLike[str]) -> Path:
     """Where the bodies of the SQLite file ``database`` are kept."""
     path = Path(database)
     return path.with_name(path.name + ".bodies")
+
+
+def spool_file(directory: str | os.PathLike[str], round_id: int) -> Path:
+    """The file that holds the bodies of round ``round_id`` under ``directory``."""
+    return Path(directory) / f"round-{round_id}.bin"
 
 
 def _full(exc: OSError) -> Exception:
@@ -59,20 +69,28 @@ class BodySpool:
         self._doomed: set[int] = set()
 
     def _path(self, round_id: int) -> Path:
-        return self.directory / f"round-{round_id}.bin"
+        return spool_file(self.directory, round_id)
 
-    def _fd(self, round_id: int) -> int:
+    def _fd(self, round_id: int, *, create: bool) -> int:
+        """The round's file, open; made only by an append (``create``): a body a row names
+        is never looked for in a file made empty for the purpose."""
         fd = self._fds.get(round_id)
         if fd is None:
             path = self._path(round_id)
-            self._new_files |= not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            flags = os.O_RDWR | os.O_APPEND
+            if create:
+                self._new_files |= not path.exists()
+                flags |= os.O_CREAT
+            fd = os.open(path, flags, 0o600)
             self._fds[round_id] = fd
         return fd
 
     def append(self, round_id: int, body: bytes) -> int:
         """Write ``body`` at the end of the round's file; its offset there."""
-        fd = self._fd(round_id)
+        try:
+            fd = self._fd(round_id, create=True)
+        except OSError as exc:
+            raise _full(exc) from exc
         offset = os.lseek(fd, 0, os.SEEK_END)
         view = memoryview(body)
         try:
@@ -86,7 +104,7 @@ class BodySpool:
     def read(self, round_id: int, offset: int, length: int) -> bytes:
         """The body stored at ``offset`` in the round's file."""
         try:
-            data = os.pread(self._fd(round_id), length, offset)
+            data = os.pread(self._fd(round_id, create=False), length, offset)
         except OSError as exc:
             raise StateError(f"cannot read update bodies of round {round_id}: {exc}") from exc
         if len(data) != length:

@@ -10,71 +10,45 @@ are kept for good.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import sqlite3
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
 from fedclient._exceptions import StateError
 from fedclient.protocol import JobPlan
 from fedclient.server.database import Database, SqliteDatabase, connect, is_postgres
+from fedclient.server.device_rows import DeviceRows
+from fedclient.server.exchange_rows import ExchangeRows
+from fedclient.server.schema import (
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    JobRow,
+    RoundRow,
+    SessionRow,
+    UpdateRow,
+)
 from fedclient.server.spool import BodySpool, spool_directory
 
-__all__ = ["JobRow", "RoundRow", "ServerStore", "SessionRow", "UpdateRow"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "JobRow",
+    "RoundRow",
+    "ServerStore",
+    "SessionRow",
+    "UpdateRow",
+    "serialised",
+]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
-#: Each schema version's statements after the first (`_SCHEMA`), applied in order to
-#: bring an older database up to date. A statement for one engine only is a dict
-#: from its kind (``"sqlite"``, ``"postgresql"``) to the statement.
-MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
-    2: [  # a device's identity key (Ed25519) and an identity authority's certificate of it
-        "ALTER TABLE devices ADD COLUMN identity_key BLOB",
-        "ALTER TABLE devices ADD COLUMN certificate BLOB",
-    ],
-    3: [  # federated evaluation: what each device measured of a round's model
-        "CREATE TABLE evaluations (round_id INTEGER, device_id TEXT, correct INTEGER NOT NULL,"
-        " loss_sum REAL NOT NULL, examples INTEGER NOT NULL, PRIMARY KEY (round_id, device_id))",
-    ],
-    4: [  # the operator's levers: revoked devices, single-use enrolment codes
-        "ALTER TABLE devices ADD COLUMN revoked INTEGER NOT NULL DEFAULT 0",
-        "CREATE TABLE enrolment_codes (code_hash TEXT PRIMARY KEY, issued REAL NOT NULL,"
-        " used_by TEXT)",
-    ],
-    5: [  # streaming aggregation: a round's updates folded so far, and their number
-        "CREATE TABLE round_sums (round_id INTEGER PRIMARY KEY, body BLOB NOT NULL,"
-        " weight REAL NOT NULL, count INTEGER NOT NULL)",
-    ],
-    6: [  # admission order without SQLite's rowid; update bodies stored as they are
-        "ALTER TABLE admissions ADD COLUMN seq INTEGER",
-        {"sqlite": "UPDATE admissions SET seq = rowid"},
-        # Float32 tensors do not compress: PostgreSQL need not try on every upload.
-        {"postgresql": "ALTER TABLE updates ALTER COLUMN body SET STORAGE EXTERNAL"},
-        {"postgresql": "ALTER TABLE models ALTER COLUMN body SET STORAGE EXTERNAL"},
-    ],
-    7: [  # each round's admissions and updates, counted as they are written
-        "CREATE TABLE round_counts (round_id INTEGER PRIMARY KEY,"
-        " admitted INTEGER NOT NULL DEFAULT 0, updates INTEGER NOT NULL DEFAULT 0)",
-        "INSERT INTO round_counts (round_id, admitted, updates) SELECT r.round_id,"
-        " (SELECT count(*) FROM admissions a WHERE a.round_id = r.round_id),"
-        " (SELECT count(*) FROM updates u WHERE u.round_id = r.round_id) FROM rounds r",
-    ],
-    8: [  # each open secure round's log: its opening, devices' messages, stages closed
-        "CREATE TABLE secure_events (round_id INTEGER, seq INTEGER, kind TEXT NOT NULL,"
-        " device TEXT NOT NULL, stage TEXT NOT NULL, body BLOB NOT NULL,"
-        " receipt TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round_id, seq))",
-    ],
-    9: [  # an update body kept in its round's file beside a served SQLite file (spool.py)
-        "ALTER TABLE updates ADD COLUMN spool_offset INTEGER",
-        "ALTER TABLE updates ADD COLUMN spool_length INTEGER",
-    ],
-}
 #: The columns of `UpdateRow`, then where a spooled body is (`fedclient.server.spool`).
 _UPDATE_COLUMNS = (
     "seq, round_id, device_id, idempotency_key, receipt_id, num_examples, train_loss, body,"
@@ -84,114 +58,21 @@ _UPDATE_COLUMNS = (
 _UPDATE_COLUMNS_NO_BODY = _UPDATE_COLUMNS.replace("body,", "NULL,").replace(
     "spool_offset, spool_length", "NULL, NULL"
 )
-SCHEMA_VERSION = max(MIGRATIONS)
-
 #: Rounds whose admitted devices, contributors and update count the store keeps in
 #: memory (the open ones, and the closed ones an async upload still asks about).
 KEPT_ROUNDS = 64
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, token_hash TEXT UNIQUE NOT NULL, label TEXT, created REAL);
-CREATE TABLE IF NOT EXISTS jobs (
-    name TEXT PRIMARY KEY, plan TEXT NOT NULL, status TEXT NOT NULL,
-    model_version INTEGER NOT NULL, rounds_completed INTEGER NOT NULL,
-    rounds_failed INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
-    job TEXT, version INTEGER, body BLOB NOT NULL, etag TEXT NOT NULL, created REAL,
-    PRIMARY KEY (job, version));
-CREATE TABLE IF NOT EXISTS rounds (
-    round_id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, number INTEGER NOT NULL,
-    status TEXT NOT NULL, model_version INTEGER NOT NULL, opened_at REAL NOT NULL,
-    deadline REAL NOT NULL, closed_at REAL, reason TEXT NOT NULL DEFAULT '', train_loss REAL,
-    UNIQUE (job, number));
-CREATE INDEX IF NOT EXISTS rounds_open ON rounds (status, job);
-CREATE TABLE IF NOT EXISTS admissions (
-    round_id INTEGER, device_id TEXT, admitted_at REAL, PRIMARY KEY (round_id, device_id));
-CREATE TABLE IF NOT EXISTS updates (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL, receipt_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
-    train_loss REAL, body BLOB, received_at REAL NOT NULL, staleness INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (device_id, idempotency_key));
-CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round_id, device_id);
--- A round's updates in arrival order (round_id, then the rowid seq) without sorting
--- them: a sort copies every 30 kB body into a temporary b-tree.
-CREATE INDEX IF NOT EXISTS updates_in_order ON updates (round_id);
-CREATE TABLE IF NOT EXISTS strategy_state (job TEXT PRIMARY KEY, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS privacy_spent (
-    job TEXT, device_id TEXT, epsilon REAL NOT NULL, PRIMARY KEY (job, device_id));
-CREATE TABLE IF NOT EXISTS upload_sessions (
-    device_id TEXT, upload_id TEXT, round_id INTEGER NOT NULL, size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, "offset" INTEGER NOT NULL, PRIMARY KEY (device_id, upload_id));
-CREATE TABLE IF NOT EXISTS upload_parts (
-    device_id TEXT, upload_id TEXT, "offset" INTEGER, data BLOB NOT NULL,
-    PRIMARY KEY (device_id, upload_id, "offset"));
-"""
 
-
-@dataclass(frozen=True)
-class JobRow:
-    """A job as stored."""
-
-    name: str
-    plan: JobPlan
-    status: str
-    model_version: int
-    rounds_completed: int
-    rounds_failed: int
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    """A round as stored."""
-
-    round_id: int
-    job: str
-    number: int
-    status: str
-    model_version: int
-    opened_at: float
-    deadline: float
-    closed_at: float | None
-    reason: str
-    train_loss: float | None
-
-
-@dataclass(frozen=True)
-class SessionRow:
-    """A chunked upload in progress."""
-
-    device_id: str
-    upload_id: str
-    round_id: int
-    size: int
-    sha256: str
-    offset: int
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    """One accepted update (its body is None once its round closed)."""
-
-    seq: int
-    round_id: int
-    device_id: str
-    idempotency_key: str
-    receipt_id: str
-    num_examples: int
-    train_loss: float | None
-    body: bytes | None
-    received_at: float
-    staleness: int = 0
-
-
-class ServerStore:
+class ServerStore(DeviceRows, ExchangeRows):
     """All server state in one database: a SQLite file (or ``":memory:"``), or a
-    PostgreSQL database (``postgresql://...``) that several workers share."""
+    PostgreSQL database (``postgresql://...``) that several workers share. Devices and
+    enrolment codes (`DeviceRows`), secure-aggregation logs and chunked uploads
+    (`ExchangeRows`) are kept in rows of their own, by the same database."""
 
-    def __init__(self, url: str | Path = ":memory:") -> None:
-        self.db: Database = connect(url)
+    def __init__(self, url: str | Path = ":memory:", *, lock_file: bool = False) -> None:
+        """``lock_file``: a SQLite file is served by this store's process alone; another
+        process that asks the same is refused (`fedclient.server.database.connect`)."""
+        self.db: Database = connect(url, lock_file=lock_file)
         #: Where the database is (a path, ``":memory:"`` or a URL).
         self.url = str(url)
         self._plans: dict[str, JobPlan] = {}  # stored plan text -> its decoded plan
@@ -213,7 +94,7 @@ class ServerStore:
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
         self.db.on_rollback.append(self._forget)  # a group commit failed
         with self.exclusive(), self.atomic():  # workers starting together migrate once
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(self.db.ddl(statement))
             version = self._schema_version()
@@ -246,69 +127,6 @@ class ServerStore:
             " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             [str(SCHEMA_VERSION)],
         )
-
-    @classmethod
-    def open_existing(cls, url: str | Path) -> ServerStore:
-        """The store in the database at ``url``, which must be one this server made.
-
-        A missing or empty file, a damaged one (header, pages: ``PRAGMA quick_check``),
-        a PostgreSQL database without the server's tables, or one of a newer schema
-        raises `fedclient.StateError` with one line naming the database and the problem,
-        and nothing is written: a new database is made only by `create` (``fedserver
-        init``), never by mistake."""
-        if is_postgres(url):
-            return cls._open_postgres(str(url))
-        where = Path(str(url).removeprefix("sqlite:///"))
-        make = f"create one with: fedserver init --plan PLAN --db {where}"
-        if not where.exists():
-            raise StateError(f"{where}: no such database ({make})")
-        size = where.stat().st_size
-        if size == 0:
-            raise StateError(f"{where}: the file is empty (0 bytes), not a database ({make})")
-        with where.open("rb") as f:
-            if f.read(16) != b"SQLite format 3\x00":
-                raise StateError(f"{where}: not an SQLite database (its header is damaged)")
-        try:
-            conn = sqlite3.connect(f"{where.resolve().as_uri()}?mode=ro", uri=True)
-            try:
-                problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)")]
-                if problems != ["ok"]:
-                    raise StateError(f"{where}: the database is damaged: {problems[0]}")
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-                if not {"meta", "jobs", "rounds", "devices"} <= tables:
-                    raise StateError(f"{where}: not a fedserver database (tables missing)")
-                row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            finally:
-                conn.close()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{where}: the database is damaged ({exc})") from None
-        version = int(row[0]) if row and str(row[0]).isdigit() else None
-        if version is None:
-            raise StateError(f"{where}: not a fedserver database (no schema version)")
-        if version > SCHEMA_VERSION:
-            raise StateError(
-                f"{where}: schema {version} is newer than this fedserver's ({SCHEMA_VERSION})"
-            )
-        return cls(where)
-
-    @classmethod
-    def _open_postgres(cls, url: str) -> ServerStore:
-        db = connect(url)
-        try:
-            version = None
-            if {"meta", "jobs", "rounds", "devices"} <= set(db.tables()):
-                row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-                version = int(row[0]) if row and str(row[0]).isdigit() else None
-        finally:
-            db.close()
-        if version is None:
-            raise StateError(
-                f"{url.split('@')[-1]}: not a fedserver database (create one with: fedserver"
-                " init --plan PLAN --db URL)"
-            )
-        if version > SCHEMA_VERSION:
-            raise StateError(f"schema {version} is newer than this fedserver's ({SCHEMA_VERSION})")
-        return cls(url)
 
     @classmethod
     def create(cls, url: str | Path) -> ServerStore:
@@ -418,88 +236,6 @@ class ServerStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- devices ---------------------------------------------------------------
-    def add_device(
-        self,
-        device_id: str,
-        token_hash: str,
-        label: str,
-        identity_key: bytes | None = None,
-        certificate: bytes | None = None,
-    ) -> None:
-        """Register an enrolled device (with its identity key, and a certificate of it)."""
-        self.db.execute(
-            "INSERT INTO devices (device_id, token_hash, label, created, identity_key,"
-            " certificate) VALUES (?, ?, ?, ?, ?, ?)",
-            [device_id, token_hash, label, time.time(), identity_key, certificate],
-        )
-
-    def set_device_identity(
-        self, device_id: str, identity_key: bytes, certificate: bytes | None
-    ) -> None:
-        """Register the identity key of a device that enrolled without one (never replaces)."""
-        self.db.execute(
-            "UPDATE devices SET identity_key=?, certificate=? WHERE device_id=?"
-            " AND identity_key IS NULL",
-            [identity_key, certificate, device_id],
-        )
-
-    def device_identity(self, device_id: str) -> tuple[bytes, bytes | None] | None:
-        """A device's identity key and its certificate, if it registered a key."""
-        row = self.db.execute(
-            "SELECT identity_key, certificate FROM devices WHERE device_id=?", [device_id]
-        ).fetchone()
-        if not row or row[0] is None:
-            return None
-        return bytes(row[0]), bytes(row[1]) if row[1] is not None else None
-
-    def device_by_token(self, token_hash: str) -> tuple[str, bool] | None:
-        """The device whose token hashes to ``token_hash``, and whether it is revoked."""
-        row = self.db.execute(
-            "SELECT device_id, revoked FROM devices WHERE token_hash=?", [token_hash]
-        ).fetchone()
-        return (str(row[0]), bool(row[1])) if row else None
-
-    def device_for_token(self, token_hash: str) -> str | None:
-        """The (not revoked) device whose token hashes to ``token_hash``."""
-        found = self.device_by_token(token_hash)
-        return found[0] if found and not found[1] else None
-
-    def revoke_device(self, device_id: str) -> bool:
-        """Revoke a device: its token stops working. False if there is no such device."""
-        cursor = self.db.execute("UPDATE devices SET revoked=1 WHERE device_id=?", [device_id])
-        return cursor.rowcount > 0
-
-    def add_enrolment_codes(self, code_hashes: list[str], now: float) -> None:
-        """Store the hashes of newly issued single-use enrolment codes."""
-        self.db.executemany(
-            "INSERT INTO enrolment_codes (code_hash, issued) VALUES (?, ?)",
-            [(h, now) for h in code_hashes],
-        )
-
-    def use_enrolment_code(self, code_hash: str, device_id: str) -> bool:
-        """Spend a code on ``device_id``; False if it was never issued or is spent."""
-        cursor = self.db.execute(
-            "UPDATE enrolment_codes SET used_by=? WHERE code_hash=? AND used_by IS NULL",
-            [device_id, code_hash],
-        )
-        return cursor.rowcount > 0
-
-    def participation(self, job: str) -> list[tuple[str, str, int, int, float | None, bool]]:
-        """Per device that took part in ``job``: id, label, rounds admitted to, updates
-        sent, when it last took part, and whether it is revoked."""
-        rows = self.db.execute(
-            "SELECT d.device_id, d.label, count(DISTINCT a.round_id),"
-            " (SELECT count(*) FROM updates u JOIN rounds r2 ON r2.round_id = u.round_id"
-            "  WHERE u.device_id = d.device_id AND r2.job = ?),"
-            " max(a.admitted_at), d.revoked"
-            " FROM devices d JOIN admissions a ON a.device_id = d.device_id"
-            " JOIN rounds r ON r.round_id = a.round_id WHERE r.job = ?"
-            " GROUP BY d.device_id ORDER BY d.device_id",
-            [job, job],
-        ).fetchall()
-        return [(str(r[0]), str(r[1] or ""), int(r[2]), int(r[3]), r[4], bool(r[5])) for r in rows]
 
     # -- jobs and models -------------------------------------------------------
     def add_job(self, plan: JobPlan) -> None:
@@ -879,6 +615,14 @@ class ServerStore:
         ).fetchall()
         return [self._update_row(row) for row in rows]
 
+    def first_examples(self, round_id: int, count: int) -> list[int]:
+        """The example counts the round's first ``count`` updates claimed, in order."""
+        rows = self.db.execute(
+            "SELECT num_examples FROM updates WHERE round_id=? ORDER BY seq LIMIT ?",
+            [round_id, count],
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
     def round_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
         """The round's running sum as stored: its body, total weight and update count."""
         row = self.db.execute(
@@ -917,103 +661,6 @@ class ServerStore:
         body = self._update_row(row).body if row else None
         return bytes(body) if body is not None else None
 
-    # -- secure aggregation ----------------------------------------------------
-    def add_secure_event(
-        self,
-        round_id: int,
-        kind: str,
-        device: str,
-        stage: str,
-        body: bytes,
-        receipt: str,
-        at: float,
-    ) -> int:
-        """Append to a secure round's log (`fedclient.server.secure_rounds`); its seq."""
-        row = self.db.execute(
-            "INSERT INTO secure_events VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM"
-            " secure_events WHERE round_id = ?), ?, ?, ?, ?, ?, ?) RETURNING seq",
-            [round_id, round_id, kind, device, stage, body, receipt, at],
-        ).fetchall()[0]
-        return int(row[0])
-
-    def secure_events(
-        self, round_id: int, *, after: int = 0
-    ) -> list[tuple[int, str, str, str, bytes, str, float]]:
-        """A secure round's log after event ``after``: (seq, kind, device, stage, body,
-        receipt, at) each, in order."""
-        rows = self.db.execute(
-            "SELECT seq, kind, device, stage, body, receipt, at FROM secure_events"
-            " WHERE round_id=? AND seq > ? ORDER BY seq",
-            [round_id, after],
-        ).fetchall()
-        return [(int(r[0]), r[1], r[2], r[3], bytes(r[4]), r[5], float(r[6])) for r in rows]
-
-    def secure_rounds(self) -> list[int]:
-        """The open rounds that have a secure-aggregation log."""
-        rows = self.db.execute(
-            "SELECT DISTINCT e.round_id FROM secure_events e JOIN rounds r"
-            " ON r.round_id = e.round_id WHERE r.status = 'open' ORDER BY e.round_id"
-        ).fetchall()
-        return [int(r[0]) for r in rows]
-
-    # -- chunked uploads -------------------------------------------------------
-    def add_session(self, session: SessionRow) -> None:
-        """Open a chunked upload."""
-        self.db.execute(
-            "INSERT INTO upload_sessions VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                session.device_id,
-                session.upload_id,
-                session.round_id,
-                session.size,
-                session.sha256,
-                session.offset,
-            ],
-        )
-
-    def open_sessions(self, device_id: str, round_id: int) -> int:
-        """How many chunked uploads ``device_id`` has open in ``round_id``."""
-        row = self.db.execute(
-            "SELECT count(*) FROM upload_sessions WHERE device_id=? AND round_id=?",
-            [device_id, round_id],
-        ).fetchone()
-        return int(row[0])
-
-    def session(self, device_id: str, upload_id: str) -> SessionRow | None:
-        """A chunked upload by its id."""
-        row = self.db.execute(
-            "SELECT * FROM upload_sessions WHERE device_id=? AND upload_id=?",
-            [device_id, upload_id],
-        ).fetchone()
-        return SessionRow(*row) if row else None
-
-    def add_part(self, session: SessionRow, data: bytes) -> None:
-        """Append a chunk at the session's offset."""
-        self.db.execute(
-            "INSERT INTO upload_parts VALUES (?, ?, ?, ?)",
-            [session.device_id, session.upload_id, session.offset, data],
-        )
-        self.db.execute(
-            'UPDATE upload_sessions SET "offset"=? WHERE device_id=? AND upload_id=?',
-            [session.offset + len(data), session.device_id, session.upload_id],
-        )
-
-    def assemble(self, session: SessionRow) -> bytes:
-        """The bytes received so far, in order."""
-        rows = self.db.execute(
-            'SELECT data FROM upload_parts WHERE device_id=? AND upload_id=? ORDER BY "offset"',
-            [session.device_id, session.upload_id],
-        ).fetchall()
-        return b"".join(bytes(r[0]) for r in rows)
-
-    def drop_session(self, session: SessionRow) -> None:
-        """Forget a chunked upload and its bytes."""
-        for table in ("upload_parts", "upload_sessions"):
-            self.db.execute(
-                f"DELETE FROM {table} WHERE device_id=? AND upload_id=?",
-                [session.device_id, session.upload_id],
-            )
-
     def fingerprint(self) -> str:
         """A digest of every stored row, to show that a request changed nothing."""
         digest = hashlib.sha256()
@@ -1023,6 +670,21 @@ class ServerStore:
             for line in sorted(repr(tuple(_plain(v) for v in row)) for row in rows):
                 digest.update(line.encode())
         return digest.hexdigest()
+
+
+def serialised(method: Callable[P, R]) -> Callable[P, R]:
+    """A handler (a method of an object with a ``store``) that runs alone among every
+    worker of the server's database (`ServerStore.exclusive`): what it reads stays true
+    until it has written."""
+
+    @functools.wraps(method)
+    def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = getattr(args[0], "store", None)
+        assert isinstance(store, ServerStore)
+        with store.exclusive():
+            return method(*args, **kwargs)
+
+    return handler
 
 
 def _plain(value: object) -> object:

@@ -96,9 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline-seconds", type=float, default=600.0)
     run.add_argument("--server", help="a running fedserver's base URL (default: in-process)")
     run.add_argument("--job", help="job name (default: the dataset's name)")
-    run.add_argument(
+    enrolment = run.add_mutually_exclusive_group()
+    enrolment.add_argument(
+        "--enrolment-secret-file",
+        help="with --server: a file holding the enrolment secret (or code) the server asks "
+        "new devices for (fedserver --enrolment-secret-file)",
+    )
+    enrolment.add_argument(
         "--enrolment-credential",
-        help="with --server: the enrolment secret or code the server asks new devices for",
+        help="with --server: the enrolment secret or code itself (visible to other users of "
+        "the machine: prefer --enrolment-secret-file)",
+    )
+    run.add_argument(
+        "--ca-bundle",
+        help="with --server: the CA bundle (PEM) that verifies the server's certificate "
+        "(default: the system's CAs)",
     )
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
@@ -272,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
             )
             return 0 if same else 1
+        if args.enrolment_secret_file:
+            args.enrolment_credential = _read_secret(args.enrolment_secret_file)
         config = SimulationConfig(
             **{name: getattr(args, name) for name in SimulationConfig.__dataclass_fields__}
         )
@@ -288,6 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"report {json_path}" + (f"  plot {png_path}" if png_path else ""))
     return 0
+
+
+def _read_secret(path: str) -> str:
+    """The secret in file ``path``, surrounding whitespace dropped."""
+    from fedclient._exceptions import InvalidInput
+
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read the enrolment secret file {path}: {exc}") from None
+    if not secret:
+        raise InvalidInput(f"the enrolment secret file {path} is empty")
+    return secret
 
 
 def _simulate(config: Any, quiet: bool) -> dict[str, Any]:

@@ -96,7 +96,12 @@ async def simulate(
     else:
         if config.faults:
             raise InvalidInput("--faults needs the in-process server (drop --server)")
-        server = SimServer(config.server.rstrip("/"), None, credential=config.enrolment_credential)
+        server = SimServer(
+            config.server.rstrip("/"),
+            None,
+            credential=config.enrolment_credential,
+            verify=config.ca_bundle or True,
+        )
     async with contextlib.AsyncExitStack() as stack:
         # The devices draw privacy noise from the seed, knowingly (the report says so):
         # one warning per device and round would bury the run's output.
@@ -167,7 +172,8 @@ async def simulate(
             "python": platform.python_version(),
             "numpy": np.__version__,
         },
-        "config": asdict(config),
+        # The enrolment secret stays out of the report (a file that gets shared).
+        "config": {**asdict(config), "enrolment_credential": None},
         "plan": msgspec.to_builtins(plan),
         "rounds": rounds,
         "final": final,

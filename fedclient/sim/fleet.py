@@ -58,7 +58,7 @@ from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset, partition
 from fedclient.sim.devices import DeviceProfile, draw_profiles
 from fedclient.sim.trainpool import TrainPool
-from fedclient.transport import raise_for_error
+from fedclient.transport import raise_for_error, ssl_context
 
 __all__ = [
     "DEVICES_PER_STATE_FILE",
@@ -273,6 +273,7 @@ class Fleet:
             stats=d.stats,
             atrain=self.pool,
             enrolment_credential=self.config.enrolment_credential,
+            verify=self.config.ca_bundle or True,
             eval_data=(
                 None
                 if d.held_out is None
@@ -389,10 +390,13 @@ class SimServer:
     http: httpx.AsyncClient | None = None  # the driver's own connection, once it asked
     credential: str | None = None  # what a remote server's enrolment policy asks for
     observer: str = ""  # the driver's own device token, if a remote server wanted one
+    verify: str | bool = True  # a remote server's certificate: a CA bundle, or the system's
 
     async def _get(self, path: str, token: str = "") -> bytes:
         if self.http is None:
-            self.http = httpx.AsyncClient(transport=self.transport, timeout=30)
+            self.http = httpx.AsyncClient(
+                transport=self.transport, timeout=30, verify=ssl_context(self.verify)
+            )
         token = token or self.observer
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = await self.http.get(self.base_url + path, headers=headers)

@@ -43,7 +43,7 @@ def secret_server(tmp_path: Path, **options: Any) -> FedServerProcess:
     """A fedserver process that enrols only devices presenting ``SECRET``."""
     secret = tmp_path / "enrolment.secret"
     secret.write_text(SECRET)
-    return FedServerProcess(tmp_path, args=("--enrolment-secret-file", str(secret)), **options)
+    return FedServerProcess(tmp_path, options=("--enrolment-secret-file", str(secret)), **options)
 
 
 def served_model(server: FedServerProcess, token: str, version: int) -> dict[str, np.ndarray]:

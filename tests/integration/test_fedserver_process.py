@@ -61,21 +61,26 @@ class FedServerProcess:
         workers: int = 1,
         *,
         plan: str | None = None,
-        args: tuple[str, ...] = (),
+        options: tuple[str, ...] = (),
+        descriptors: int | None = None,
     ) -> None:
         """``plan``: the whole TOML plan (default: PLAN with ``rounds`` and ``per_round``);
-        ``args``: more of fedserver's options (an enrolment secret, ...)."""
+        ``options``: more fedserver options (an enrolment secret, ...); ``descriptors``: its
+        open-file limit (soft and hard, as a constrained host sets it)."""
+        self.options = options
+        self.descriptors = descriptors
         self.plan = tmp / "plan.toml"
         self.plan.write_text(plan or PLAN.format(rounds=rounds, per_round=per_round))
         self.db = db or str(tmp / "server.sqlite")
         self.workers = workers
-        self.args = args
         self.made = False
         self.admin_token = tmp / "admin.token"
         self.admin_token.write_text(ADMIN_TOKEN)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Everything the server prints (a file: a pipe nobody reads would stall it).
+        self.log = tmp / f"fedserver-{self.port}.log"
 
     def start(self) -> None:
         if not self.made:  # a database is made explicitly, once
@@ -94,40 +99,51 @@ class FedServerProcess:
                 capture_output=True,
             )
             self.made = True
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedclient.server.cli",
-                "--plan",
-                str(self.plan),
-                "--db",
-                str(self.db),
-                "--port",
-                str(self.port),
-                "--tick-seconds",
-                "0.2",
-                "--workers",
-                str(self.workers),
-                # Status needs a token: fedsim reads it as a device (it enrols an observer),
-                # the test as the admin.
-                "--admin-token-file",
-                str(self.admin_token),
-                *self.args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log.open("ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedclient.server.cli",
+                    "--plan",
+                    str(self.plan),
+                    "--db",
+                    str(self.db),
+                    "--port",
+                    str(self.port),
+                    "--tick-seconds",
+                    "0.2",
+                    "--workers",
+                    str(self.workers),
+                    # Status needs a token: fedsim reads it as a device (it enrols an observer),
+                    # the test as the admin.
+                    "--admin-token-file",
+                    str(self.admin_token),
+                    *self.options,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=self._limit if self.descriptors else None,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # readiness probe, bounded
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read().decode())  # type: ignore[union-attr]
+                raise RuntimeError(self.output())
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.05)
         raise RuntimeError("fedserver did not become healthy in 30 s")
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        return self.log.read_text(errors="replace")
+
+    def _limit(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.descriptors, self.descriptors))
 
     def worker_pids(self) -> list[int]:
         """The worker processes of ``--workers N`` (children of the server process)."""
@@ -143,14 +159,12 @@ class FedServerProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         assert self.proc.wait(timeout=10) == -signal.SIGKILL
-        self.proc.stdout.close()  # type: ignore[union-attr]
 
     def stop(self) -> None:
         """Stop the process as an operator does (SIGTERM), and wait until it is gone."""
         assert self.proc is not None
         self.proc.terminate()
         self.proc.wait(timeout=30)
-        self.proc.stdout.close()  # type: ignore[union-attr]
 
     def status(self) -> dict[str, Any]:
         return self._get("/v1/jobs/digits")
@@ -180,7 +194,6 @@ def fedserver(tmp_path: Path) -> Iterator[Any]:
         if server.proc is not None and server.proc.poll() is None:
             server.proc.terminate()
             server.proc.wait(timeout=10)
-            server.proc.stdout.close()  # type: ignore[union-attr]
 
 
 def test_fedsim_runs_against_a_fedserver_process(fedserver: Any, tmp_path: Path) -> None:

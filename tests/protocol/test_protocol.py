@@ -106,3 +106,15 @@ async def test_the_server_serves_the_openapi_document(server: Server) -> None:
         served = [(await http.get("/openapi.json")).json() for _ in range(2)]
     expected = msgspec.json.decode(msgspec.json.encode(openapi_document(fedclient.__version__)))
     assert served[0] == served[1] == expected
+
+
+def test_a_plan_cannot_ask_for_a_model_no_server_could_hold() -> None:
+    # Found by the admin routes' fuzzing: a plan with 182,400,917,250 classes made the
+    # server try to allocate 85 TiB (a 500). It is a 400 now, before anything is made.
+    from fedclient.server import plan_from_dict
+
+    with pytest.raises(fedclient.InvalidInput, match="over the limit"):
+        plan_from_dict({"job": {"name": "x"}, "model": {"classes": 182_400_917_250}})
+    with pytest.raises(fedclient.InvalidInput, match="over the limit"):
+        plan_from_dict({"job": {"name": "x"}, "model": {"kind": "cnn", "inputs": 2**24}})
+    assert plan_from_dict({"job": {"name": "x"}}).model.parameter_count() == 4_810

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ async def test_a_client_enrols_with_its_credential(make_server: Any, make_device
 
 async def test_single_use_codes_and_a_verifier(make_server: Any) -> None:
     server: Server = make_server(service_options={"enrolment": EnrolmentPolicy.codes()})
-    (code,) = server.service.issue_codes(1)
+    (code,) = server.service.operator.issue_codes(1)
     async with server.http() as http:
         assert (await http.post("/v1/devices", json={"credential": code})).status_code == 200
         spent = await http.post("/v1/devices", json={"credential": code})
@@ -105,6 +107,16 @@ def test_the_admin_cli_pauses_resumes_and_revokes(
         device.run_once()  # revoked: its next request is a 401
     device.close()
     assert len(admin("codes", "3")["codes"]) == 3
+    # Piped into a reader that stops early (`| head -2`): no traceback, in a real pipe.
+    piped = subprocess.run(
+        f"{sys.executable} -m fedclient.server.cli admin --url {live.url}"
+        f" --token-file {token_file} codes 5000 | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
+    assert piped.stdout.splitlines()[0] == "{" and "Traceback" not in piped.stderr, piped.stderr
+    assert piped.stderr == ""
     assert admin("stop", "digits")["status"] == "stopped"
     # A wrong token is one line on stderr and a non-zero exit.
     token_file.write_text("b" * 40)

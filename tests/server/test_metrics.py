@@ -45,3 +45,18 @@ async def test_metrics_count_requests_rounds_updates_enrolments_and_refusals(
     assert got[("fedserver_request_seconds_count", upload)] == 2
     # No series per raw path: ids never become labels.
     assert not any("/1/" in dict(labels).get("route", "") for _, labels in got)
+
+
+async def test_metrics_need_a_token_unless_made_public(make_server: Any) -> None:
+    # fedserver's default: the metrics token or the admin token, never a device's.
+    admin, reader = "a" * 40, "m" * 40
+    options = {"admin_token": admin, "metrics_token": reader, "public_metrics": False}
+    server: Server = make_server(service_options=options)
+    async with server.http() as http:
+        device = (await http.post("/v1/devices", json={"label": "d"})).json()["token"]
+        for token, status in [(None, 401), (device, 401), (reader, 200), (admin, 200)]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            answer = await http.get("/metrics", headers=headers)
+            assert answer.status_code == status, token
+            if status == 401:
+                assert answer.json()["error"]["code"] == "unauthorized"

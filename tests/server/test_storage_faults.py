@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedclient import StateError
-from fedclient.server import ServerStore
 from fedclient.server.cli import main as fedserver
+from fedclient.server.integrity import open_served
 from fedclient.server.store import SCHEMA_VERSION
 
 PLAN = """
@@ -90,14 +90,14 @@ def test_a_newer_schema_is_refused(good: tuple[Path, Path]) -> None:
     conn.commit()
     conn.close()
     with pytest.raises(StateError, match="newer"):
-        ServerStore.open_existing(db)
+        open_served(db)
 
 
 def test_init_makes_the_database_once_and_the_server_resumes_it(
     good: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     plan, db = good
-    store = ServerStore.open_existing(db)
+    store = open_served(db)
     job = store.job("digits")
     assert job is not None and job.model_version == 0
     store.close()
@@ -109,4 +109,4 @@ def test_init_makes_the_database_once_and_the_server_resumes_it(
         conn.execute("CREATE TABLE t (x)")
         conn.commit()
         conn.close()
-        ServerStore.open_existing(other)
+        open_served(other)

@@ -180,3 +180,30 @@ def test_fedprox_keeps_local_training_near_the_global_model(digits: Dataset) -> 
         end = model.get_weights()
         drift[mu] = sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start)
     assert drift[1.0] < 0.8 * drift[0.0]
+
+
+@pytest.mark.parametrize("ratio", [4.0, None])
+def test_one_device_claiming_max_examples_counts_as_ratio_median_devices(
+    make_server: Any, ratio: float | None
+) -> None:
+    # Nine honest devices (20 examples, delta +0.01) and one that claims max_examples with
+    # delta -0.05: under fedavg it counts for `max_weight_ratio` median devices at most.
+    from fedclient.protocol import CheckinRequest, EnrolRequest, encode_tensors
+
+    server: Server = make_server(devices_per_round=10, min_devices=10, max_weight_ratio=ratio)
+    service, store = server.service, server.store
+    base = decode_tensors(store.model("digits", 0)[0])[0]  # type: ignore[index]
+    claims = [20] * 9 + [1_000_000]
+    steps = [0.01] * 9 + [-0.05]
+    for i, (claim, step) in enumerate(zip(claims, steps, strict=True)):
+        token = service.enrol(EnrolRequest()).token
+        service.checkin(token, "digits", CheckinRequest())
+        delta = {k: np.full_like(v, step) for k, v in base.items()}
+        body = encode_tensors(delta, {"num_examples": str(claim), "model_version": "0"})
+        service.upload(token, 1, f"key-{i}", body)
+    assert store.round(1).status == "closed"  # type: ignore[union-attr]
+    new = decode_tensors(store.model("digits", 1)[0])[0]  # type: ignore[index]
+    liar = 4 * 20 if ratio else 1_000_000
+    mean = (9 * 20 * 0.01 + liar * -0.05) / (9 * 20 + liar)
+    for name, weights in base.items():
+        np.testing.assert_allclose(new[name], weights + mean, atol=1e-6)

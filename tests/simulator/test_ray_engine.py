@@ -101,7 +101,6 @@ def test_ray_actors_federate_against_a_fedserver_process(local_ray: None, tmp_pa
         assert server.proc is not None
         server.proc.terminate()
         server.proc.wait(timeout=10)
-        server.proc.stdout.close()  # type: ignore[union-attr]
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert all(r["status"] == "closed" and r["updates"] == 5 for r in report["rounds"])
     assert report["final"]["accuracy"] > 0.6
