@@ -134,7 +134,7 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rounds: PositiveInt = 10
     devices_per_round: PositiveInt = 10
     min_devices: PositiveInt = 1
-    over_selection: Annotated[float, msgspec.Meta(ge=1.0)] = 1.3
+    over_selection: Annotated[float, msgspec.Meta(ge=1.0)] = 1.0
     deadline_seconds: PositiveFloat = 600.0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     max_upload_bytes: PositiveInt = 64 * 1024 * 1024

@@ -121,6 +121,7 @@ async def run_buffered(
                 "discarded": 0,
                 "dropouts": {
                     "deadline": counts["stale"] + counts["left"],
+                    "over_selection": 0,
                     "unavailable": 0,
                     "network": counts["network"],
                     "budget": 0,

@@ -57,17 +57,24 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PLAN.toml",
         help="a job plan (the TOML fedserver --plan serves): it sets the job, model, "
         "training, strategy, privacy and [evaluate]; the flags below set the fleet, data "
-        "and engine, and their job settings are ignored",
+        "and engine (a flag for what the plan sets is refused)",
     )
-    run.add_argument("--devices", type=int, default=100)
-    run.add_argument("--devices-per-round", type=int, default=20)
-    run.add_argument("--rounds", type=int, default=40)
+    # Flags default to None here and take SimulationConfig's defaults: a flag given
+    # beside --plan, or --devices beside --partition natural, is refused, never ignored.
+    run.add_argument("--devices", type=int, help="virtual devices (default 100)")
+    run.add_argument("--devices-per-round", type=int, help="(default 20)")
+    run.add_argument("--rounds", type=int, help="(default 40)")
     run.add_argument(
         "--partition",
         default="iid",
         help="iid | dirichlet:ALPHA | shards:K | natural (one device per user)",
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--seed",
+        type=int,
+        help="the run's one seed: the split, the device profiles, the version-0 model, the "
+        "check-in order, each device's batches (default: the plan's [job] seed, else 0)",
+    )
     run.add_argument(
         "--holdout",
         type=int,
@@ -89,11 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--over-selection",
         type=float,
-        default=1.0,
         help="admit this many times --devices-per-round; the round closes when "
         "--devices-per-round updates arrived, so the slowest are cut (default 1.0)",
     )
-    run.add_argument("--deadline-seconds", type=float, default=600.0)
+    run.add_argument("--deadline-seconds", type=float, help="(default 600)")
     run.add_argument("--server", help="a running fedserver's base URL (default: in-process)")
     run.add_argument("--job", help="job name (default: the dataset's name)")
     run.add_argument(
@@ -103,9 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
         "--strategy",
-        default="fedavg",
-        help="server aggregation: fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | "
-        "trimmed_mean | norm_bound",
+        help="server aggregation (default fedavg): fedavg | fedavgm | fedadam | fedyogi | "
+        "fedadagrad | median | trimmed_mean | norm_bound",
     )
     run.add_argument(
         "--server-learning-rate",
@@ -113,26 +118,23 @@ def _parser() -> argparse.ArgumentParser:
         help="step on the aggregated update (default: the strategy's; 1 for "
         "fedavg, 0.03 for fedadam/fedyogi, 0.1 for fedadagrad)",
     )
-    run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
+    run.add_argument("--proximal-mu", type=float, help="FedProx's mu (default 0: off)")
     run.add_argument(
         "--mode",
-        default="sync",
         choices=("sync", "async"),
-        help="sync: rounds with deadlines; async (FedBuff): devices train on whatever "
+        help="sync (default): rounds with deadlines; async (FedBuff): devices train on whatever "
         "version is current and every --devices-per-round updates are folded in",
     )
     run.add_argument(
         "--max-staleness",
         type=int,
-        default=10,
-        help="async: refuse updates trained this many versions ago or more",
+        help="async: refuse updates trained this many versions ago or more (default 10)",
     )
     run.add_argument(
         "--secagg",
         dest="secagg",
         action="store_const",
         const="secagg",
-        default="",
         help="secure aggregation (SecAgg): the server learns only sums",
     )
     run.add_argument(
@@ -144,7 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dp",
-        default="",
         help="local differential privacy: epsilon=E,delta=D,clip=C[,budget=B] (epsilon per "
         "release; budget per device over the job, default epsilon x rounds)",
     )
@@ -159,13 +160,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--distributed-dp",
         action="store_true",
+        default=None,
         help="with --dp and --secagg/--secagg-plus: each device adds a share of discrete "
         "Gaussian noise so that the secure sum, not each update, is (epsilon, delta)-DP "
         "per round (Kairouz et al. 2021)",
     )
     run.add_argument(
         "--compress",
-        default="",
         help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",
     )
     run.add_argument(
@@ -272,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
             )
             return 0 if same else 1
-        config = SimulationConfig(
-            **{name: getattr(args, name) for name in SimulationConfig.__dataclass_fields__}
-        )
+        config = _config(args)
         report = _simulate(config, args.quiet)
     except FedError as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
@@ -288,6 +287,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"report {json_path}" + (f"  plot {png_path}" if png_path else ""))
     return 0
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The run's `SimulationConfig`: the flags given, the defaults for the others. A flag
+    the plan sets is refused, as is --devices with a natural partition (one device per
+    user): neither would be obeyed."""
+    from fedclient._exceptions import InvalidInput
+    from fedclient.sim.config import PLAN_FIELDS, SimulationConfig, flag_name
+
+    given = {
+        name: getattr(args, name)
+        for name in SimulationConfig.__dataclass_fields__
+        if getattr(args, name) is not None
+    }
+    if args.plan_file is not None or args.server is not None:
+        named = PLAN_FIELDS if args.plan_file is not None else PLAN_FIELDS[1:]  # --job: which
+        overridden = [name for name in named if name in given]
+        if overridden:
+            where = f"the plan {args.plan_file}" if args.plan_file else "the server's plan"
+            raise InvalidInput(
+                f"{', '.join(flag_name(n) for n in overridden)}: {where} sets the job, its "
+                "training, strategy and privacy; change it there"
+            )
+    if args.plan_file is not None and "seed" in given:
+        from fedclient.server import load_plan
+
+        planned = load_plan(args.plan_file).job.seed
+        if planned and planned != given["seed"]:
+            raise InvalidInput(
+                f"two seeds: --seed {given['seed']} and the plan's [job] seed = {planned}: "
+                "a run has one; give one"
+            )
+    if args.partition == "natural" and "devices" in given:
+        raise InvalidInput("--partition natural makes one device per user: drop --devices")
+    return SimulationConfig(**given)
 
 
 def _simulate(config: Any, quiet: bool) -> dict[str, Any]:

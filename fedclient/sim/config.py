@@ -7,15 +7,49 @@ run it again.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from fedclient import InvalidInput
 from fedclient.protocol import JobPlan
 from fedclient.server import load_plan, plan_from_dict
 from fedclient.sim.datasets import Dataset
 
-__all__ = ["DATASET_DEFAULTS", "SimulationConfig"]
+__all__ = ["DATASET_DEFAULTS", "PLAN_FIELDS", "SimulationConfig", "flag_name"]
+
+#: The settings a plan file holds: beside ``plan_file`` they are refused, never ignored
+#: (`SimulationConfig.plan_conflicts`). The fleet, data and engine stay the flags'.
+PLAN_FIELDS = (
+    "job",
+    "rounds",
+    "devices_per_round",
+    "min_devices",
+    "over_selection",
+    "deadline_seconds",
+    "compress",
+    "mode",
+    "max_staleness",
+    "model",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "proximal_mu",
+    "strategy",
+    "server_learning_rate",
+    "dp",
+    "secagg",
+    "distributed_dp",
+)
+
+
+def flag_name(field: str) -> str:
+    """The ``fedsim run`` flag of a `SimulationConfig` field (``devices_per_round`` ->
+    ``--devices-per-round``)."""
+    return "--" + field.replace("_", "-")
+
 
 #: Model and training defaults per data set (the flags override them).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -90,6 +124,41 @@ class SimulationConfig:
     ray_actors: int | None = None  # None: one per CPU of the Ray cluster
     ray_host_ip: str | None = None  # where the actors reach the server; None: detected
 
+    def plan_conflicts(self) -> list[str]:
+        """The `PLAN_FIELDS` set away from their defaults beside a ``plan_file``, or
+        beside a remote ``server`` (whose plan rules; ``job`` names it): the plan would
+        override them, so they are refused."""
+        if self.plan_file is None and self.server is None:
+            return []
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        named = PLAN_FIELDS if self.plan_file is not None else PLAN_FIELDS[1:]
+        return [name for name in named if getattr(self, name) != defaults[name]]
+
+    def resolved(self) -> SimulationConfig:
+        """This configuration with its one seed settled, checked against its plan file.
+
+        A run has one seed. It draws the split of the data, the device profiles, the
+        version-0 model, the check-in order, each device's batches and (simulated)
+        privacy noise. With a plan file it is ``seed`` or the plan's ``[job] seed``,
+        whichever is set (0 is unset); two different ones are refused. Flags the plan
+        sets are refused too (`plan_conflicts`)."""
+        conflicts = self.plan_conflicts()
+        if conflicts:
+            where = f"the plan {self.plan_file}" if self.plan_file else "the server's plan"
+            raise InvalidInput(
+                f"{', '.join(flag_name(c) for c in conflicts)}: {where} sets the job, its "
+                "training, strategy and privacy; change it there"
+            )
+        if self.plan_file is None:
+            return self
+        planned = load_plan(self.plan_file).job.seed
+        if planned and self.seed and planned != self.seed:
+            raise InvalidInput(
+                f"two seeds: --seed {self.seed} and the plan's [job] seed = {planned}; a "
+                "run has one (it draws the split, the model, the check-ins): give one"
+            )
+        return dataclasses.replace(self, seed=self.seed or planned)
+
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
         if self.model is None or self.model == default["kind"]:
             return default
@@ -103,6 +172,9 @@ class SimulationConfig:
         data, or one built from the flags."""
         if self.plan_file is not None:
             plan = load_plan(self.plan_file)
+            if self.seed and plan.job.seed != self.seed:  # the run's one seed (see `resolved`)
+                job = msgspec.structs.replace(plan.job, seed=self.seed)
+                plan = msgspec.structs.replace(plan, job=job)
             if (plan.model.inputs, plan.model.classes) != (data.inputs, data.classes):
                 raise InvalidInput(
                     f"the plan's model takes {plan.model.inputs} inputs and {plan.model.classes}"

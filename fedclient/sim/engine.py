@@ -58,12 +58,14 @@ async def simulate(
 ) -> dict[str, Any]:
     """Run the federation ``config`` describes; return the report (see `fedclient.sim.report`)."""
     wall_start = time.perf_counter()
+    config = config.resolved()  # one seed; no flag the plan would override
     columns = CsvColumns(
         config.text_column, config.label_column, config.user_column, header=not config.no_header
     )
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, columns=columns)
     if config.holdout:  # the server's own data (e.g. public data it pre-trained on)
         data = data.without(data.holdout(config.holdout, config.seed))
+    _check_natural_devices(config, data)
     plan = config.plan(data)
     if config.engine not in ("local", "ray"):
         raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")
@@ -151,7 +153,7 @@ async def simulate(
         "discarded": sum(r["discarded"] for r in rounds),
         "dropouts": {
             cause: sum(r["dropouts"][cause] for r in rounds)
-            for cause in ("deadline", "unavailable", "network", "budget")
+            for cause in ("deadline", "over_selection", "unavailable", "network", "budget")
         },
         "devices": devices,
         **({"privacy": privacy} if privacy else {}),
@@ -172,6 +174,20 @@ async def simulate(
         "rounds": rounds,
         "final": final,
     }
+
+
+def _check_natural_devices(config: SimulationConfig, data: Dataset) -> None:
+    """``--partition natural`` makes one device per user: a number of devices other than
+    that (or the default, which it replaces) is refused, not silently ignored."""
+    if config.partition != "natural" or data.users is None:
+        return
+    users = len(np.unique(data.users))
+    default = SimulationConfig.__dataclass_fields__["devices"].default
+    if config.devices not in (default, users):
+        raise InvalidInput(
+            f"--partition natural makes one device per user ({users} in {data.name}), "
+            f"not --devices {config.devices}: drop --devices"
+        )
 
 
 def _personalization_report(
@@ -322,6 +338,7 @@ async def _run_rounds(
                 working.append(i)
         finish: list[tuple[float, int]] = []
         discarded = refused = 0
+        cut = 0  # uploads that found the round closed (by its quota: over-selection)
         for work in await fleet.work(working, clock.now):
             trained = work.outcome
             if trained is None:
@@ -367,7 +384,7 @@ async def _run_rounds(
             if uploaded is None:
                 network_dropouts += 1
             else:
-                discarded += uploaded.status == "discarded"
+                cut += uploaded.status == "discarded"
         await server.wait_closed(job, current.number, current.deadline)
         totals = await fleet.totals()
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
@@ -383,6 +400,8 @@ async def _run_rounds(
         for number in range(current.number, newest + 1):
             closed = await server.round(job, number)
             first = number == current.number
+            # Uploads that found the round closed: cut by the quota (over-selection), or late.
+            by_quota = closed.reason.startswith("quota")
             version = closed.model_version + (closed.status == "closed")
             if version not in evaluator.results:
                 evaluator.start(version, await server.model(job, version, token))
@@ -402,9 +421,10 @@ async def _run_rounds(
                 "train_loss": closed.train_loss,
                 "admitted": len(admitted) if first else closed.admitted,
                 "updates": secured if plan.privacy.secagg and first else closed.updates,
-                "discarded": discarded if first else 0,
+                "discarded": discarded + cut if first else 0,
                 "dropouts": {
-                    "deadline": discarded if first else 0,
+                    "deadline": discarded + (0 if by_quota else cut) if first else 0,
+                    "over_selection": cut if first and by_quota else 0,
                     "unavailable": unavailable if first else 0,
                     "network": network_dropouts if first else 0,
                     "budget": refused if first else 0,

@@ -11,7 +11,7 @@ from fedclient._exceptions import InvalidInput
 
 __all__ = ["compare_table", "load_report", "plot_comparison", "plot_report", "write_report"]
 
-CAUSES = ("deadline", "unavailable", "network", "budget")
+CAUSES = ("deadline", "over_selection", "unavailable", "network", "budget")
 
 
 def write_report(
@@ -122,12 +122,13 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
     bottom = list(updates)
     colours = {
         "deadline": "tab:orange",
+        "over_selection": "tab:olive",
         "unavailable": "tab:gray",
         "network": "tab:red",
         "budget": "tab:brown",
     }
     for cause in CAUSES:
-        values = [r.get("dropouts", {}).get(cause, 0) for r in rounds]
+        values = [r.get("dropouts", {}).get(cause, 0) for r in rounds]  # older reports: fewer
         if any(values):
             part_ax.bar(x, values, bottom=bottom, color=colours[cause], label=f"dropped: {cause}")
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
