@@ -7,7 +7,7 @@ required fields, so a malformed body fails with one error type
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -75,7 +75,12 @@ class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How the server aggregates (see ``fedclient.server.strategies`` for the names)."""
+    """How the server aggregates (see ``fedclient.server.strategies`` for the names).
+
+    ``name`` is a built-in strategy's, or the import path of your own class
+    (``"my_strategies:Krum"``, `fedclient.plugins`). A plan's ``[strategy]`` keys that are
+    not fields here are that class's own settings: they are kept in ``options`` and
+    handed to it as keyword arguments (it validates them)."""
 
     name: str = "fedavg"
     #: Step size on the aggregated update; None: the strategy's own default.
@@ -86,6 +91,7 @@ class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tau: PositiveFloat = 1e-3
     trim_fraction: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.1
     norm_bound: PositiveFloat = 1.0
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import msgspec
 import numpy as np
 
 from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
@@ -39,6 +40,8 @@ from fedclient.server.strategies import (
     MeanStrategy,
     RunningSum,
     Strategy,
+    decode_state,
+    encode_state,
     strategy_for,
 )
 
@@ -81,6 +84,8 @@ class SyncRounds:
         # stored one, used only while its count matches the store's (a fold whose
         # transaction rolled back leaves it ahead; it is then read again).
         self._sums: dict[int, RunningSum] = {}
+        # Each plan's strategy, built once (by its [strategy] table, as JSON).
+        self._strategies: dict[bytes, Strategy] = {}
 
     def forget(self) -> None:
         """Drop every update held decoded and every running sum kept (writes were lost:
@@ -112,7 +117,13 @@ class SyncRounds:
 
     def strategy_for(self, plan: JobPlan) -> Strategy:
         """The strategy that aggregates this job's rounds."""
-        return self.strategy or strategy_for(plan.strategy)
+        if self.strategy is not None:
+            return self.strategy
+        key = msgspec.json.encode(plan.strategy)
+        built = self._strategies.get(key)
+        if built is None:
+            built = self._strategies[key] = strategy_for(plan.strategy)
+        return built
 
     def _streaming(self, plan: JobPlan) -> MeanStrategy | None:
         """The job's strategy if its rounds fold updates as they arrive, else None (a
@@ -205,7 +216,7 @@ class SyncRounds:
         assert current is not None
         base, _ = decode_tensors(current[0])
         held = self.store.strategy_state(job.name)
-        state = decode_tensors(held)[0] if held else {}
+        state = decode_state(held) if held else {}
         streaming = self._streaming(plan) if updates is None else None
         with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the result
             if streaming is not None:
@@ -256,7 +267,7 @@ class SyncRounds:
             elif new_weights is not None:
                 body = encode_tensors(new_weights)
                 if state:
-                    self.store.save_strategy_state(job.name, encode_tensors(state))
+                    self.store.save_strategy_state(job.name, encode_state(state))
                 version = round_.model_version + 1
                 self.store.add_model(job.name, version, body, model_etag(body), now)
                 losses = [(r.train_loss, r.num_examples) for r in rows if r.train_loss is not None]

@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--strategy",
         help="server aggregation (default fedavg): fedavg | fedavgm | fedadam | fedyogi | "
-        "fedadagrad | median | trimmed_mean | norm_bound",
+        "fedadagrad | median | trimmed_mean | norm_bound | module:Class (your own; its "
+        "settings go in a plan's [strategy] table)",
     )
     run.add_argument(
         "--server-learning-rate",
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"replayed {len(replayed['rounds'])} rounds into {out}: "
                 f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
             )
+            for difference in reports.replay_differences(original, replayed):
+                print(f"  {difference}")
             return 0 if same else 1
         config = _config(args)
         report = _simulate(config, args.quiet)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from fedclient import InvalidInput
+from fedclient.plugins import describe, is_import_path
 from fedclient.protocol import JobPlan
 from fedclient.server import load_plan, plan_from_dict
+from fedclient.server.strategies import Strategy
 from fedclient.sim.datasets import Dataset
 
 __all__ = ["DATASET_DEFAULTS", "PLAN_FIELDS", "SimulationConfig", "flag_name"]
@@ -158,6 +161,19 @@ class SimulationConfig:
                 "run has one (it draws the split, the model, the check-ins): give one"
             )
         return dataclasses.replace(self, seed=self.seed or planned)
+
+    @property
+    def plan_folder(self) -> str:
+        """Where the plan's plugins are looked for first: the plan file's folder (and
+        then the current directory)."""
+        return str(Path(self.plan_file).parent) if self.plan_file else "."
+
+    def plugins(self, plan: JobPlan) -> dict[str, dict[str, str]]:
+        """The plugins ``plan`` names by import path, as the report records them."""
+        named: dict[str, dict[str, str]] = {}
+        if is_import_path(plan.strategy.name):
+            named["strategy"] = describe(plan.strategy.name, Strategy, where=[self.plan_folder])
+        return named
 
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
         if self.model is None or self.model == default["kind"]:

@@ -67,6 +67,7 @@ async def simulate(
         data = data.without(data.holdout(config.holdout, config.seed))
     _check_natural_devices(config, data)
     plan = config.plan(data)
+    plugins = config.plugins(plan)
     if config.engine not in ("local", "ray"):
         raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")
     if config.engine != "ray" and (config.ray_address or config.ray_actors or config.ray_host_ip):
@@ -171,6 +172,7 @@ async def simulate(
         },
         "config": asdict(config),
         "plan": msgspec.to_builtins(plan),
+        **({"plugins": plugins} if plugins else {}),
         "rounds": rounds,
         "final": final,
     }

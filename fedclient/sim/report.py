@@ -9,7 +9,14 @@ from typing import Any
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = ["compare_table", "load_report", "plot_comparison", "plot_report", "write_report"]
+__all__ = [
+    "compare_table",
+    "load_report",
+    "plot_comparison",
+    "plot_report",
+    "replay_differences",
+    "write_report",
+]
 
 CAUSES = ("deadline", "over_selection", "unavailable", "network", "budget")
 
@@ -38,6 +45,31 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not {"config", "rounds", "final"} <= report.keys():
         raise InvalidInput(f"{path} is not a fedsim report (no config, rounds and final)")
     return report
+
+
+def replay_differences(original: dict[str, Any], replayed: dict[str, Any]) -> list[str]:
+    """What a replay ran differently from the report it replays: the plan (every key
+    the report recorded; keys added since keep their defaults) and the plugins' files."""
+    found = [
+        f"the plan's {key} is {now!r} (the report's: {then!r})"
+        for key, then, now in _changed(original.get("plan", {}), replayed.get("plan", {}))
+    ]
+    for kind, entry in original.get("plugins", {}).items():
+        now = replayed.get("plugins", {}).get(kind, {})
+        if now.get("sha256") != entry.get("sha256"):
+            changed = now.get("file") or "its file"
+            found.append(f"the {kind} {entry['name']} is not the report's ({changed} changed)")
+    return found
+
+
+def _changed(then: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [
+            change
+            for key, value in then.items()
+            for change in _changed(value, now.get(key), f"{prefix}{key}.")
+        ]
+    return [] if then == now else [(prefix.rstrip("."), then, now)]
 
 
 def _pyplot() -> Any:
