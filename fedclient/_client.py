@@ -85,7 +85,7 @@ from fedclient.protocol import (
     decode_tensors,
     encode_tensors,
 )
-from fedclient.runtime import TrainingBackend, TrainResult, create_backend
+from fedclient.runtime import TrainingBackend, TrainResult, check_train_options, create_backend
 from fedclient.transport import (
     RetryPolicy,
     error_code,
@@ -150,29 +150,28 @@ class TrainTask:
     learning_rate: float
     seed: int | None
     proximal_mu: float = 0.0
+    #: The plan's other training settings (`fedclient.protocol.TrainSettings.options`).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def run(self) -> tuple[Weights, TrainResult, float]:
         """Train from ``weights``; return the new weights, what training did, and the
-        seconds it took."""
+        seconds it took. A setting the backend cannot honour is refused (`InvalidInput`)
+        before anything trains."""
         started = time.perf_counter()
+        extra = dict(self.options)
+        if self.proximal_mu:
+            extra["proximal_mu"] = self.proximal_mu
+        check_train_options(self.backend, extra)
         self.backend.set_weights(self.weights)
-        extra = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
-        try:
-            result = self.backend.train(
-                self.x,
-                self.y,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-                rng=np.random.default_rng(self.seed),
-                **extra,
-            )
-        except TypeError as exc:
-            if not extra:
-                raise
-            raise InvalidInput(
-                f"the {self.backend.runtime} backend cannot train FedProx (proximal_mu)"
-            ) from exc
+        result = self.backend.train(
+            self.x,
+            self.y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            rng=np.random.default_rng(self.seed),
+            **extra,
+        )
         return self.backend.get_weights(), result, time.perf_counter() - started
 
 
@@ -749,9 +748,10 @@ class Client:
             y,
             settings.epochs,
             settings.batch_size,
-            settings.learning_rate,
+            settings.round_learning_rate(plan.round_number),
             seed,
             settings.proximal_mu,
+            settings.options(),
         )
         delta = {
             name: (weights[name] - base[name]).astype(base[name].dtype, copy=False) for name in base
@@ -783,7 +783,7 @@ class Client:
         key = uuid.uuid4().hex
         with self._store.atomic():  # the release is charged before it can leave
             if seconds > 0:
-                self._store.record_speed(len(y) * settings.epochs / seconds)
+                self._store.record_speed(settings.work(len(y)) / seconds)
             if privacy is not None:
                 ledger.charge(
                     self.job,
@@ -1038,7 +1038,7 @@ class Client:
 
     def _seconds_needed(self, plan: RoundPlan) -> float | None:
         """Seconds this device expects to need to train and upload, if it can tell."""
-        work = self._example_count() * plan.train.epochs
+        work = plan.train.work(self._example_count())
         if self.estimate_seconds is not None:
             return self.estimate_seconds(work)
         speed = self._store.speed()  # examples per second, learned from past rounds

@@ -65,13 +65,70 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Local training settings a round asks devices to use."""
+    """Local training settings a round asks devices to use.
+
+    Every runtime honours ``epochs``, ``batch_size`` and ``learning_rate`` (decayed per
+    round by ``lr_decay``); the others are options a runtime honours or refuses
+    (`TrainSettings.options`; the numpy models take them all, a training graph of
+    plain SGD none): a device never silently trains otherwise than the plan says."""
 
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = 0.1
     #: FedProx: weight of the proximal term mu/2 |w - w_global|^2 in local training.
     proximal_mu: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Per round: round r trains at learning_rate x lr_decay^(r - 1).
+    lr_decay: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    #: Per step, over a round's local steps: "constant", or down to 0 by "cosine"
+    #: (half a period) or "linear".
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    #: "sgd" (with ``momentum``: heavy ball, as PyTorch's) or "adam" (betas 0.9 and
+    #: 0.999, epsilon 1e-8). Optimiser state starts afresh each round.
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    #: L2 penalty: weight_decay x w is added to each step's gradient.
+    weight_decay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Train this many minibatch steps (epochs after epochs, each reshuffled) instead of
+    #: ``epochs`` whole epochs; 0: epochs.
+    local_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Clip each step's gradient (every tensor together) to this L2 norm; None: never.
+    clip_grad_norm: PositiveFloat | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer == "adam" and self.momentum:
+            raise ValueError("train.momentum is SGD's: adam keeps moments of its own")
+
+    def round_learning_rate(self, round_number: int) -> float:
+        """The learning rate of round ``round_number`` (from 1), after ``lr_decay``."""
+        if self.lr_decay == 1.0:
+            return self.learning_rate
+        return self.learning_rate * self.lr_decay ** max(0, round_number - 1)
+
+    def options(self) -> dict[str, Any]:
+        """The settings a runtime must be asked for, as ``train`` keywords: those not at
+        their defaults, beyond epochs, batch size and learning rate."""
+        defaults = TrainSettings()
+        return {
+            name: getattr(self, name)
+            for name in _TRAIN_OPTIONS
+            if getattr(self, name) != getattr(defaults, name)
+        }
+
+    def work(self, examples: int) -> int:
+        """Examples a device with ``examples`` visits in a round (for time estimates)."""
+        return self.local_steps * self.batch_size if self.local_steps else examples * self.epochs
+
+
+#: `TrainSettings` a runtime honours or refuses (`TrainSettings.options`).
+_TRAIN_OPTIONS = (
+    "proximal_mu",
+    "lr_schedule",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "local_steps",
+    "clip_grad_norm",
+)
 
 
 class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

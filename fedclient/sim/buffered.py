@@ -80,7 +80,7 @@ async def run_buffered(
                 continue
             assert d.client is not None
             size = d.client.device_state.update_size(job)
-            seconds = d.round_seconds(plan.train.epochs, size)
+            seconds = d.round_seconds(plan.train, size)
             heapq.heappush(events, (clock.now + seconds + d.backoff, i))
 
     rounds: list[dict[str, Any]] = []

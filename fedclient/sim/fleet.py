@@ -49,10 +49,11 @@ from fedclient.protocol import (
     JobPlan,
     JobStatus,
     RoundSummary,
+    TrainSettings,
     Weights,
     decode_tensors,
 )
-from fedclient.runtime import create_backend
+from fedclient.runtime import check_train_options, create_backend
 from fedclient.server.database import Database
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset, partition
@@ -130,11 +131,11 @@ class Device:
             return None
         return await self.step()
 
-    def round_seconds(self, epochs: int, update_bytes: int) -> float:
+    def round_seconds(self, train: TrainSettings, update_bytes: int) -> float:
         """Simulated seconds from its check-in to the end of its upload."""
         return self.profile.round_seconds(
-            len(self.examples),
-            epochs,
+            train.work(len(self.examples)),
+            1,
             self.stats.bytes_down - self.received,
             update_bytes,
             round_trips=self.round_trips,
@@ -214,6 +215,7 @@ class Fleet:
         # One model object serves every simulated device: a device's training step sets
         # its weights, trains and reads them back with no await in between.
         self.backend = create_backend(plan.model, config.runtime)
+        check_train_options(self.backend, plan.train.options())  # refused now, not mid-run
         self.pool: TrainPool | None = None  # or the devices train on worker processes
         # Secure aggregation: the run's identity authority certifies every device's
         # identity key, and every device pins it (see `simulation_authority`).
@@ -322,7 +324,7 @@ class Fleet:
             if trained is not None and trained.status == "trained":
                 assert d.client is not None
                 size = d.client.device_state.update_size(self.plan.job.name)
-                seconds = d.round_seconds(self.plan.train.epochs, size)
+                seconds = d.round_seconds(self.plan.train, size)
             return Work(i, trained, seconds, d.backoff)
 
         if self.pool is None:
