@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -59,6 +59,7 @@ from fedclient.privacy.dp import PrivacyLedger
 from fedclient.privacy.noise import NoiseSource, discrete_gaussian
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import (
+    BROADCAST,
     CHECKIN,
     DEVICE_ID_HEADER,
     IDEMPOTENCY_HEADER,
@@ -78,14 +79,23 @@ from fedclient.protocol import (
     RetryLater,
     RoundPlan,
     Route,
+    TrainSettings,
     UploadReceipt,
     UploadSession,
     UploadStart,
     Weights,
     decode_tensors,
     encode_tensors,
+    with_extras,
 )
-from fedclient.runtime import TrainingBackend, TrainResult, check_train_options, create_backend
+from fedclient.runtime import (
+    TrainingBackend,
+    TrainResult,
+    check_dataset,
+    check_train_options,
+    create_backend,
+)
+from fedclient.trainers import TrainContext, Trainer, check_trainer_options
 from fedclient.transport import (
     RetryPolicy,
     error_code,
@@ -152,12 +162,38 @@ class TrainTask:
     proximal_mu: float = 0.0
     #: The plan's other training settings (`fedclient.protocol.TrainSettings.options`).
     options: dict[str, Any] = field(default_factory=dict)
+    #: A client trainer instead of the backend's training (`fedclient.trainers`), with
+    #: the plan's settings, the round, what the strategy sent and what it kept.
+    trainer: Trainer | None = None
+    settings: TrainSettings | None = None
+    round_number: int = 0
+    server: Weights = field(default_factory=dict)
+    state: Weights = field(default_factory=dict)
 
     def run(self) -> tuple[Weights, TrainResult, float]:
         """Train from ``weights``; return the new weights, what training did, and the
         seconds it took. A setting the backend cannot honour is refused (`InvalidInput`)
         before anything trains."""
         started = time.perf_counter()
+        if self.trainer is not None:
+            assert self.settings is not None
+            x, y = check_dataset(
+                self.x, self.y, inputs=self.backend.inputs, classes=self.backend.classes
+            )
+            self.backend.set_weights(self.weights)
+            context = TrainContext(
+                self.backend,
+                x,
+                y,
+                self.settings,
+                self.learning_rate,
+                self.round_number,
+                np.random.default_rng(self.seed),
+                self.server,
+                self.state,
+            )
+            result = self.trainer.train(context)
+            return self.backend.get_weights(), result, time.perf_counter() - started
         extra = dict(self.options)
         if self.proximal_mu:
             extra["proximal_mu"] = self.proximal_mu
@@ -234,6 +270,10 @@ class Client:
     ``personalize`` (`Personalization`) fine-tunes the global model on the device's
     own data for `latest_model` and `predict` (never for what is uploaded).
 
+    ``trainers`` are the client trainers (`fedclient.trainers`) this device holds, by
+    the name a plan gives them (``[train] trainer``): research in simulation. A plan
+    naming one it does not hold is refused; a plan never makes a device import code.
+
     ``enrolment_credential`` is what the server's enrolment policy asks of a new
     device: the app's enrolment secret, a single-use code, or an attestation token.
 
@@ -275,6 +315,7 @@ class Client:
     enrolment_credential: str | None = None
     conditions: Conditions | None = None
     personalize: Personalization | None = None
+    trainers: Mapping[str, Trainer] | None = None
 
     def __post_init__(self) -> None:
         self.server = self.server.rstrip("/")
@@ -719,6 +760,24 @@ class Client:
             yield self._request(LEAVE, identity, round_id=plan.round_id)
             self._discard(plan, str(exc))
             raise
+        settings = plan.train
+        trainer, server, kept = None, {}, {}
+        if settings.trainer:
+            refusal = self._trainer_refusal(plan)
+            if refusal is not None:
+                yield self._request(LEAVE, identity, round_id=plan.round_id)
+                self._discard(plan, refusal)
+                raise InvalidInput(refusal)
+            trainer = (self.trainers or {})[settings.trainer]
+            response = yield self._request(
+                BROADCAST, identity, job=self.job, version=plan.model_version
+            )
+            if response.status_code == 409:  # the round closed: its model is not current
+                return self._discard(plan, "the round's model is no longer the job's")
+            raise_for_error(response)
+            server = decode_tensors(response.content)[0]
+            held_state = self._store.trainer_state(self.job)
+            kept = decode_tensors(held_state)[0] if held_state else {}
         base = self._held_weights(plan)
         backend = self._backend(plan)
         # The backend checks the data (shape, finite values, labels in range) as it
@@ -740,7 +799,6 @@ class Client:
                 "eval_examples": str(measured.num_examples),
             }
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
-        settings = plan.train
         weights, result, seconds = yield TrainTask(
             backend,
             base,
@@ -752,10 +810,23 @@ class Client:
             seed,
             settings.proximal_mu,
             settings.options(),
+            trainer,
+            settings,
+            plan.round_number,
+            server,
+            kept,
         )
         delta = {
             name: (weights[name] - base[name]).astype(base[name].dtype, copy=False) for name in base
         }
+        spec = CompressionSpec.parse(plan.compression)
+        if result.extras and (privacy is not None or plan.privacy.secagg or spec.active):
+            # Beside a DP release, inside a secure sum or compressed, they would leave
+            # unprotected or unreadable: refused, as a plan the device cannot follow.
+            reason = "a trainer's extra tensors travel only without DP, secagg and compression"
+            yield self._request(LEAVE, identity, round_id=plan.round_id)
+            self._discard(plan, reason)
+            raise InvalidInput(reason)
         metadata = {"model_version": str(plan.model_version), "round_id": str(plan.round_id)}
         if privacy is None or self.policy.share_metadata:
             # Beside a DP release these would be unnoised facts about the data: by default
@@ -769,7 +840,6 @@ class Client:
             metadata["epsilon_spent"] = repr(epsilon_after)
         # With distributed DP the noise goes in with the masked input (`_secure_vector`);
         # the ledger is charged for it below all the same, before anything can leave.
-        spec = CompressionSpec.parse(plan.compression)
         residual_body = None
         if spec.active and not plan.privacy.secagg:  # secure sums quantise on their grid
             held_residual = self._store.residual(self.job)
@@ -779,7 +849,7 @@ class Client:
             body = encode_tensors(tensors, metadata)
             residual_body = encode_tensors(left_out)
         else:
-            body = encode_tensors(delta, metadata)
+            body = encode_tensors(with_extras(delta, result.extras or {}), metadata)
         key = uuid.uuid4().hex
         with self._store.atomic():  # the release is charged before it can leave
             if seconds > 0:
@@ -792,8 +862,23 @@ class Client:
                     privacy.budget,
                     lifetime=privacy.lifetime,
                 )
+            if result.state is not None:  # kept with the update it came with
+                self._store.keep_trainer_state(self.job, encode_tensors(result.state))
             self._store._hold_update(self.job, plan, body, key, residual_body)
         return StepOutcome("trained", round_id=plan.round_id, train_loss=result.loss)
+
+    def _trainer_refusal(self, plan: RoundPlan) -> str | None:
+        """Why this device cannot train with the plan's trainer (None: it can): it must
+        hold one under that name (`trainers`), and honour the plan's settings."""
+        name = plan.train.trainer
+        trainer = (self.trainers or {}).get(name)
+        if trainer is None:
+            return f"the plan asks for the trainer {name!r}, which this device does not hold"
+        try:
+            check_trainer_options(trainer, name, plan.train)
+        except InvalidInput as exc:
+            return str(exc)
+        return None
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}

@@ -57,6 +57,10 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
+#: A client trainer's state is kept as the residual of job NAME + this (a job's name
+#: cannot hold "/": `fedclient.protocol.JobSettings`).
+TRAINER_STATE = "/trainer"
+
 #: The connections this process found at (or brought to) `SCHEMA_VERSION`: a state
 #: opened again on one of them does not ask again (a simulator wakes each of its
 #: devices on a connection it shares with a hundred others).
@@ -454,6 +458,19 @@ class DeviceState:
             "SELECT body FROM residuals WHERE key=? AND job=?", [self.key, job]
         ).fetchone()
         return bytes(row[0]) if row else None
+
+    def trainer_state(self, job: str) -> bytes | None:
+        """What a client trainer kept on this device for ``job`` (tensors), if anything."""
+        return self.residual(job + TRAINER_STATE)
+
+    def keep_trainer_state(self, job: str, body: bytes) -> None:
+        """Keep a client trainer's state for its next round (inside the transaction that
+        holds the update it came with). Beside the compression residual, under a name no
+        job can have."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO residuals VALUES (?, ?, ?)",
+            [self.key, job + TRAINER_STATE, body],
+        )
 
     # -- own speed -------------------------------------------------------------
     def speed(self) -> float | None:

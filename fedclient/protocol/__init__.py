@@ -39,6 +39,7 @@ from fedclient.protocol._routes import (
     ADMIN_JOB_ACTION,
     ADMIN_REVOKE,
     ADMIN_ROUNDS,
+    BROADCAST,
     CHECKIN,
     ENROL,
     HEALTH,
@@ -62,7 +63,15 @@ from fedclient.protocol._routes import (
     openapi_document,
     parse_id,
 )
-from fedclient.protocol._tensors import Weights, check_weights, decode_tensors, encode_tensors
+from fedclient.protocol._tensors import (
+    EXTRA_PREFIX,
+    Weights,
+    check_weights,
+    decode_tensors,
+    encode_tensors,
+    split_extras,
+    with_extras,
+)
 
 #: Header carrying the device's idempotency key on uploads.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -77,9 +86,11 @@ __all__ = [
     "ADMIN_JOB_ACTION",
     "ADMIN_REVOKE",
     "ADMIN_ROUNDS",
+    "BROADCAST",
     "CHECKIN",
     "DEVICE_ID_HEADER",
     "ENROL",
+    "EXTRA_PREFIX",
     "HEALTH",
     "IDEMPOTENCY_HEADER",
     "JOB_STATUS",
@@ -131,4 +142,6 @@ __all__ = [
     "encode_tensors",
     "openapi_document",
     "parse_id",
+    "split_extras",
+    "with_extras",
 ]

@@ -93,6 +93,12 @@ class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     local_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: Clip each step's gradient (every tensor together) to this L2 norm; None: never.
     clip_grad_norm: PositiveFloat | None = None
+    #: A client trainer (`fedclient.trainers`), for research in simulation: its import
+    #: path ("module:Class"). A device trains with it only if it holds it (`Client`'s
+    #: ``trainers``): a plan never makes a device import code. The table's keys that are
+    #: not fields here are its settings (``trainer_options``, keyword arguments).
+    trainer: str = ""
+    trainer_options: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.optimizer == "adam" and self.momentum:
@@ -257,6 +263,11 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if p.distributed_dp and not (p.secagg and p.dp_epsilon is not None):
             raise ValueError("distributed_dp needs secagg (or secagg+) and dp_epsilon")
+        if self.train.trainer and self.job.mode == "async":
+            raise ValueError(
+                "a client trainer needs sync rounds (it may read what the strategy sends "
+                "beside the round's model, which an async device's older version lacks)"
+            )
 
     @property
     def admit_per_round(self) -> int:

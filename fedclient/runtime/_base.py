@@ -28,11 +28,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one call to `TrainingBackend.train` did."""
+    """What one call to `TrainingBackend.train` (or a `fedclient.trainers.Trainer`) did.
+
+    A trainer may add ``extras``, tensors sent beside the update (e.g. SCAFFOLD's
+    control-variate change), and ``state``, tensors the device keeps for its next
+    round (its control variate)."""
 
     loss: float  # mean training loss over the last epoch
     num_examples: int
     steps: int
+    extras: Weights | None = None
+    state: Weights | None = None
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,19 @@ from typing import Any
 import msgspec
 
 from fedclient._exceptions import InvalidInput
-from fedclient.protocol import JobPlan, StrategySettings
+from fedclient.protocol import JobPlan, StrategySettings, TrainSettings
 from fedclient.server.strategies import strategy_for
 
 __all__ = ["load_plan", "plan_from_dict"]
 
-#: Tables whose keys beyond their struct's fields are a plugin's own settings: kept in
-#: the table's ``options`` (and handed to the class the table names).
-_OPTION_TABLES: dict[str, type[msgspec.Struct]] = {"strategy": StrategySettings}
+#: Tables whose keys beyond their struct's fields are a plugin's own settings: (the
+#: struct, the field that keeps them, the field naming the plugin). The settings are
+#: handed to the plugin's class, which validates them; a table naming no plugin keeps
+#: refusing keys it does not know.
+_OPTION_TABLES: dict[str, tuple[type[msgspec.Struct], str, str]] = {
+    "strategy": (StrategySettings, "options", "name"),
+    "train": (TrainSettings, "trainer_options", "trainer"),
+}
 
 
 def plan_from_dict(data: dict[str, Any], base: str | Path = ".") -> JobPlan:
@@ -36,16 +41,16 @@ def plan_from_dict(data: dict[str, Any], base: str | Path = ".") -> JobPlan:
 def _with_options(data: dict[str, Any]) -> dict[str, Any]:
     """The plan with each plugin table's own keys moved into its ``options``."""
     data = dict(data)
-    for table, struct in _OPTION_TABLES.items():
+    for table, (struct, kept, plugin) in _OPTION_TABLES.items():
         settings = data.get(table)
-        if not isinstance(settings, dict):
+        if not isinstance(settings, dict) or not settings.get(plugin):
             continue
         known = set(struct.__struct_fields__)
-        options = dict(settings.get("options") or {})
+        options = dict(settings.get(kept) or {})
         options.update({k: v for k, v in settings.items() if k not in known})
-        data[table] = {k: v for k, v in settings.items() if k in known and k != "options"}
+        data[table] = {k: v for k, v in settings.items() if k in known and k != kept}
         if options:
-            data[table]["options"] = options
+            data[table][kept] = options
     return data
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import msgspec
 import numpy as np
 
-from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
+from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors, split_extras
 from fedclient.runtime import bundle_weights, create_backend
 from fedclient.server.store import JobRow, RoundRow, ServerStore, UpdateRow
 from fedclient.server.strategies import (
@@ -53,6 +53,12 @@ DECODED_MAX_BYTES = 256 * 1024 * 1024
 #: A streaming round folds its waiting update bodies into its running sum once this many
 #: wait: each fold writes the sum (8 bytes a parameter) once for this many updates.
 FOLD_EVERY = 32
+
+
+def _update(row: UpdateRow, tensors: Weights) -> ClientUpdate:
+    """A stored update as its strategy sees it: the delta, and a trainer's extras."""
+    delta, extras = split_extras(tensors)
+    return ClientUpdate(row.device_id, row.num_examples, delta, row.staleness, extras)
 
 
 def initial_weights(plan: JobPlan) -> Weights:
@@ -164,7 +170,7 @@ class SyncRounds:
             rows = self.store.updates(round_id, bodies=self.store.shared, unfolded=True)
             for row in rows:
                 tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
-                update = ClientUpdate(row.device_id, row.num_examples, tensors, row.staleness)
+                update = _update(row, tensors)
                 running.add(update.weight, strategy.contribution(update))
             if rows:
                 self.store.save_round_sum(
@@ -222,10 +228,7 @@ class SyncRounds:
             if streaming is not None:
                 return streaming.step(base, self.fold(job, round_.round_id).mean(), state)
             if updates is None:
-                updates = [
-                    ClientUpdate(r.device_id, r.num_examples, self._tensors(r), r.staleness)
-                    for r in rows
-                ]
+                updates = [_update(r, self._tensors(r)) for r in rows]
             strategy = FedAvg() if plan.privacy.secagg else self.strategy_for(plan)
             return strategy.aggregate(base, updates, state)
 

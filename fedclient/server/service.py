@@ -55,11 +55,13 @@ from fedclient.protocol import (
     check_weights,
     decode_tensors,
     encode_tensors,
+    split_extras,
+    with_extras,
 )
 from fedclient.server.auth import EnrolmentPolicy, hash_token, matches, new_credentials
 from fedclient.server.rounds import SyncRounds
 from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow
-from fedclient.server.strategies import ClientUpdate, Strategy
+from fedclient.server.strategies import ClientUpdate, Strategy, decode_state
 
 if TYPE_CHECKING:
     from fedclient.server.secure_rounds import SecureRounds
@@ -804,6 +806,9 @@ class FederationService:
         round's model if it sent one."""
         tensors, metadata = decode_tensors(body)
         reference = self._reference(job.name, round_.model_version)
+        tensors, extras = split_extras(tensors)
+        if extras:
+            self._check_extras(job, extras, reference)
         encoding = metadata.get("compression", "")
         if encoding != job.plan.job.compression:
             raise InvalidRequest(
@@ -848,7 +853,39 @@ class FederationService:
             if not math.isfinite(epsilon) or epsilon < 0:
                 raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
         evaluation = _evaluation(metadata, job.plan.job.max_examples)
+        if extras:
+            tensors = with_extras(tensors, extras)  # for the strategy (`ClientUpdate.extras`)
         return num_examples, train_loss, body, epsilon, tensors, evaluation
+
+    def _check_extras(self, job: JobRow, extras: Weights, reference: Weights) -> None:
+        """A client trainer's extra tensors: only for a strategy that reads them, never
+        with compression or secure aggregation, finite, and at most 4x the model's size."""
+        if not self.rounds.strategy_for(job.plan).accepts_extras:
+            names = sorted(extras)[:5]
+            raise InvalidRequest(
+                f"unexpected tensors {names}: the job's strategy takes no extra tensors"
+            )
+        if job.plan.job.compression or job.plan.privacy.secagg:
+            raise InvalidRequest("extra tensors travel only uncompressed, outside secure sums")
+        size = sum(t.size for t in extras.values())
+        if size > 4 * sum(t.size for t in reference.values()):
+            raise InvalidRequest(f"{size} extra values: more than 4x the model's")
+        for name, value in extras.items():
+            if value.dtype.kind != "f" or not np.isfinite(value).all():
+                raise InvalidRequest(f"extra tensor {name!r} is not finite floats")
+
+    @_serialised
+    def broadcast(self, token: str, job_name: str, version: int) -> bytes:
+        """What the job's strategy sends beside model ``version`` (the current one)."""
+        self.authenticate(token)
+        job = self._job(job_name)
+        if version != job.model_version:
+            raise Conflict(
+                f"job {job_name!r} is at model version {job.model_version}, not {version}"
+            )
+        held = self.store.strategy_state(job_name)
+        state = decode_state(held) if held else {}
+        return encode_tensors(self.rounds.strategy_for(job.plan).broadcast(state))
 
 
 #: A device's evaluation of a round's model: correct, loss sum, examples.

@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -86,6 +86,9 @@ class ClientUpdate:
     num_examples: int
     delta: Weights
     staleness: int = 0  # async: model versions between the one trained on and the current
+    #: Tensors a client trainer sent beside the delta (for a strategy whose
+    #: ``accepts_extras`` says it reads them; e.g. SCAFFOLD's control-variate change).
+    extras: Weights = field(default_factory=dict)
 
     @property
     def weight(self) -> float:
@@ -101,6 +104,9 @@ class Strategy(ABC):
     #: Whether a round may fold its updates into a `RunningSum` as they arrive (and
     #: keep no bodies): only a `MeanStrategy` may.
     streams: ClassVar[bool] = False
+    #: Whether updates may carry extra tensors for it (`ClientUpdate.extras`): refused
+    #: otherwise, as any unexpected tensor is.
+    accepts_extras: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[Strategy]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -117,6 +123,12 @@ class Strategy(ABC):
         self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights
     ) -> tuple[Weights, Weights]:
         """The next global weights (and strategy state) from this round's updates."""
+
+    def broadcast(self, state: Weights) -> Weights:
+        """Tensors the devices get beside the current model (from the state its last
+        round left; a client trainer reads them, e.g. SCAFFOLD's server control
+        variate). None by default."""
+        return {}
 
 
 def strategy_class(name: str, *, where: Sequence[str | Path] = ()) -> type[Strategy]:

@@ -15,11 +15,12 @@ from typing import Any
 import msgspec
 
 from fedclient import InvalidInput
-from fedclient.plugins import describe, is_import_path
+from fedclient.plugins import construct, describe, is_import_path, load_plugin
 from fedclient.protocol import JobPlan
 from fedclient.server import load_plan, plan_from_dict
 from fedclient.server.strategies import Strategy
 from fedclient.sim.datasets import Dataset
+from fedclient.trainers import Trainer, check_trainer_options
 
 __all__ = ["DATASET_DEFAULTS", "PLAN_FIELDS", "SimulationConfig", "flag_name"]
 
@@ -171,9 +172,23 @@ class SimulationConfig:
     def plugins(self, plan: JobPlan) -> dict[str, dict[str, str]]:
         """The plugins ``plan`` names by import path, as the report records them."""
         named: dict[str, dict[str, str]] = {}
+        where = [self.plan_folder]
         if is_import_path(plan.strategy.name):
-            named["strategy"] = describe(plan.strategy.name, Strategy, where=[self.plan_folder])
+            named["strategy"] = describe(plan.strategy.name, Strategy, where=where)
+        if plan.train.trainer:
+            named["trainer"] = describe(plan.train.trainer, Trainer, where=where)
         return named
+
+    def trainers(self, plan: JobPlan) -> dict[str, Trainer]:
+        """The client trainer the plan names, built with its settings, for the simulated
+        devices to hold (the researcher's code: fedsim imports it, a device never does)."""
+        name = plan.train.trainer
+        if not name:
+            return {}
+        cls = load_plugin(name, Trainer, where=[self.plan_folder])
+        trainer: Trainer = construct(cls, f"trainer {name!r}", options=plan.train.trainer_options)
+        check_trainer_options(trainer, name, plan.train)
+        return {name: trainer}
 
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
         if self.model is None or self.model == default["kind"]:

@@ -72,6 +72,8 @@ async def simulate(
         raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")
     if config.engine != "ray" and (config.ray_address or config.ray_actors or config.ray_host_ip):
         raise InvalidInput("--ray-address, --ray-actors and --ray-host-ip need --engine ray")
+    if config.engine == "ray" and plan.train.trainer:
+        raise InvalidInput("a client trainer ([train] trainer) runs on the local engine")
     if config.engine == "ray" and config.workers != 1:
         raise InvalidInput("--workers is for the local engine (Ray runs --ray-actors)")
     if config.inline_model_max < 0:

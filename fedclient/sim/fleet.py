@@ -215,7 +215,10 @@ class Fleet:
         # One model object serves every simulated device: a device's training step sets
         # its weights, trains and reads them back with no await in between.
         self.backend = create_backend(plan.model, config.runtime)
-        check_train_options(self.backend, plan.train.options())  # refused now, not mid-run
+        # Refused now, not mid-run: what the backend (or the plan's trainer) cannot honour.
+        self.trainers = config.trainers(plan)
+        if not self.trainers:
+            check_train_options(self.backend, plan.train.options())
         self.pool: TrainPool | None = None  # or the devices train on worker processes
         # Secure aggregation: the run's identity authority certifies every device's
         # identity key, and every device pins it (see `simulation_authority`).
@@ -284,6 +287,7 @@ class Fleet:
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
             policy=self.policy,
+            trainers=self.trainers,
         )
         if self.authority is not None and not d.certified:
             state = d.client.device_state
