@@ -34,6 +34,7 @@ __all__ = [
     "RetryLater",
     "RoundPlan",
     "RoundSummary",
+    "SelectionSettings",
     "StrategySettings",
     "TrainSettings",
     "UploadReceipt",
@@ -157,6 +158,20 @@ class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class SelectionSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which of the devices checking in a sync round admits
+    (`fedclient.server.selection`).
+
+    ``name`` "" admits them first come, first served. Otherwise it names a selection
+    (a built-in one's name, or ``"module:Class"``; the table's other keys are its
+    settings, kept in ``options``): each round gathers candidates for at most
+    ``window_seconds`` after it opens, then admits those the selection picks."""
+
+    name: str = ""
+    window_seconds: PositiveFloat = 60.0
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Local differential privacy each device applies to its updates.
 
@@ -244,6 +259,7 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     strategy: StrategySettings = msgspec.field(default_factory=StrategySettings)
     privacy: PrivacySettings = msgspec.field(default_factory=PrivacySettings)
     evaluate: EvaluateSettings = msgspec.field(default_factory=EvaluateSettings)
+    selection: SelectionSettings = msgspec.field(default_factory=SelectionSettings)
 
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:
@@ -263,6 +279,11 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if p.distributed_dp and not (p.secagg and p.dp_epsilon is not None):
             raise ValueError("distributed_dp needs secagg (or secagg+) and dp_epsilon")
+        if self.selection.name and (self.job.mode == "async" or p.secagg):
+            raise ValueError(
+                "a selection picks each sync round's devices: not in async mode, nor (yet) "
+                "with secure aggregation"
+            )
         if self.train.trainer and self.job.mode == "async":
             raise ValueError(
                 "a client trainer needs sync rounds (it may read what the strategy sends "

@@ -8,7 +8,8 @@ from typing import Any
 import msgspec
 
 from fedclient._exceptions import InvalidInput
-from fedclient.protocol import JobPlan, StrategySettings, TrainSettings
+from fedclient.protocol import JobPlan, SelectionSettings, StrategySettings, TrainSettings
+from fedclient.server.selection import selection_for
 from fedclient.server.strategies import strategy_for
 
 __all__ = ["load_plan", "plan_from_dict"]
@@ -20,6 +21,7 @@ __all__ = ["load_plan", "plan_from_dict"]
 _OPTION_TABLES: dict[str, tuple[type[msgspec.Struct], str, str]] = {
     "strategy": (StrategySettings, "options", "name"),
     "train": (TrainSettings, "trainer_options", "trainer"),
+    "selection": (SelectionSettings, "options", "name"),
 }
 
 
@@ -27,14 +29,16 @@ def plan_from_dict(data: dict[str, Any], base: str | Path = ".") -> JobPlan:
     """Validate a plan given as nested dicts (``job``, ``model``, ``train`` tables). A
     ``bundle`` model's directory is relative to ``base``, and so is a plugin's module
     (``[strategy] name = "module:Class"``: ``base`` and the current directory are on its
-    import path). The strategy is built once here, so that it can refuse its settings
-    when the plan is loaded."""
+    import path). The strategy (and the selection) is built once here, so that it can
+    refuse its settings when the plan is loaded."""
     data = _with_options(data)
     try:
         plan = msgspec.convert(data, type=JobPlan)
     except (msgspec.ValidationError, ValueError) as exc:
         raise InvalidInput(f"invalid plan: {exc}") from exc
     strategy_for(plan.strategy, where=[base])
+    if plan.selection.name:
+        selection_for(plan.selection, where=[base])
     return _with_bundle(plan, Path(base)) if plan.model.kind == "bundle" else plan
 
 

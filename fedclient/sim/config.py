@@ -18,6 +18,7 @@ from fedclient import InvalidInput
 from fedclient.plugins import construct, describe, is_import_path, load_plugin
 from fedclient.protocol import JobPlan
 from fedclient.server import load_plan, plan_from_dict
+from fedclient.server.selection import Selection
 from fedclient.server.strategies import Strategy
 from fedclient.sim.datasets import Dataset
 from fedclient.trainers import Trainer, check_trainer_options
@@ -177,6 +178,8 @@ class SimulationConfig:
             named["strategy"] = describe(plan.strategy.name, Strategy, where=where)
         if plan.train.trainer:
             named["trainer"] = describe(plan.train.trainer, Trainer, where=where)
+        if is_import_path(plan.selection.name):
+            named["selection"] = describe(plan.selection.name, Selection, where=where)
         return named
 
     def trainers(self, plan: JobPlan) -> dict[str, Trainer]:

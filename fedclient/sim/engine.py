@@ -37,6 +37,7 @@ from fedclient.privacy.noise import SeededNoiseWarning
 from fedclient.protocol import JobPlan, Weights
 from fedclient.runtime import EvalResult, create_backend
 from fedclient.server import FederationService, ServerStore, create_app
+from fedclient.server.selection import SELECTION_PENDING
 from fedclient.sim.buffered import run_buffered
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import CsvColumns, Dataset, load_dataset
@@ -320,6 +321,8 @@ async def _run_rounds(
         full = False
         # In waves of as many devices as there are places left: a fleet spread over
         # workers checks a wave in at once, and admits the same devices as one by one.
+        # A round that selects tells its candidates to come back (after retry_after s).
+        candidates: list[tuple[int, float]] = []
         while not full and len(admitted) < plan.admit_per_round:
             wave = list(itertools.islice(online, plan.admit_per_round - len(admitted)))
             if not wave:
@@ -331,7 +334,26 @@ async def _run_rounds(
                 if outcome.status == "admitted":
                     admitted.append(i)
                     token = token or device_token
+                elif outcome.reason == SELECTION_PENDING:
+                    candidates.append((i, outcome.retry_after or 1.0))
                 full = full or is_round_full(outcome)
+        selecting = 0.0  # seconds the candidates waited for the selection
+        while candidates:  # they come back until the round chose (its window bounds it)
+            wait = max(retry for _, retry in candidates)
+            selecting += wait
+            if simulated:
+                clock.now += wait
+            else:
+                await asyncio.sleep(wait)
+            back, candidates = [i for i, _ in candidates], []
+            for i, outcome, device_token in await fleet.checkin(back, current.number, clock.now):
+                if outcome is None:
+                    network_dropouts += 1
+                elif outcome.status == "admitted":
+                    admitted.append(i)
+                    token = token or device_token
+                elif outcome.reason == SELECTION_PENDING:
+                    candidates.append((i, outcome.retry_after or 1.0))
         await report_evaluated()  # the last round's evaluation ran alongside these check-ins
         # Download and train for real; each device finishes at its simulated time.
         working: list[int] = []
@@ -354,7 +376,8 @@ async def _run_rounds(
                 else:
                     discarded += trained.status == "discarded"
                 continue
-            finish.append((current.opened_at + work.seconds + work.backoff, work.device))
+            start = current.opened_at + selecting
+            finish.append((start + work.seconds + work.backoff, work.device))
         secured = 0  # devices whose masked input went into a secure sum
         if plan.privacy.secagg:
             # Secure aggregation: the stages advance together once the slowest device
