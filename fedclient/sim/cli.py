@@ -159,6 +159,20 @@ def _parser() -> argparse.ArgumentParser:
         "on them beside that of the model each device fine-tunes for EPOCHS on the rest",
     )
     run.add_argument(
+        "--per-device",
+        action="store_true",
+        default=None,
+        help="per-device results in the report: the partition's statistics, each round's "
+        "participants' use, each device's final accuracy on its own held-out data (a share "
+        "of the test set split like the training set, or its own user's test examples) and "
+        "their spread",
+    )
+    run.add_argument(
+        "--save-model",
+        metavar="PATH",
+        help="write the final global model there (safetensors, as the server serves it)",
+    )
+    run.add_argument(
         "--distributed-dp",
         action="store_true",
         default=None,

@@ -108,6 +108,8 @@ class SimulationConfig:
     compress: str = ""  # update compression the job asks of devices (fedclient.compression)
     inline_model_max: int = 1024 * 1024  # a model up to this size comes with the admission
     personalize: int = 0  # epochs of local fine-tuning whose accuracy the report measures
+    per_device: bool = False  # each device's final accuracy and the partition, in the report
+    save_model: str | None = None  # write the final global model here (safetensors)
     text_column: str = "text"  # --dataset csv:PATH: which columns hold what
     label_column: str = "label"
     user_column: str | None = None

@@ -34,7 +34,7 @@ import numpy as np
 from fedclient import InvalidInput, Personalization, __version__
 from fedclient.privacy.dp import GaussianMechanism
 from fedclient.privacy.noise import SeededNoiseWarning
-from fedclient.protocol import JobPlan, Weights
+from fedclient.protocol import JobPlan, Weights, encode_tensors
 from fedclient.runtime import EvalResult, create_backend
 from fedclient.server import FederationService, ServerStore, create_app
 from fedclient.server.selection import SELECTION_PENDING
@@ -133,6 +133,8 @@ async def simulate(
         if plan.job.mode == "async":
             if config.engine != "local" or config.server is not None:
                 raise InvalidInput("--mode async runs on the local engine, in-process")
+            if config.per_device or config.save_model:
+                raise InvalidInput("--per-device and --save-model are for sync rounds")
             rounds = await run_buffered(
                 config, plan, data, server, clock, fleet, evaluator.backend, on_round, wall_start
             )
@@ -142,6 +144,12 @@ async def simulate(
             )
         privacy = _privacy_report(plan, fleet)
         personal = _personalization_report(config, plan, data, fleet, evaluator)
+        per_device = _device_report(config, data, fleet, evaluator, rounds)
+        if config.save_model and evaluator.latest is not None:
+            version, weights = evaluator.latest
+            path = Path(config.save_model)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_tensors(weights, {"model_version": str(version)}))
     last = rounds[-1] if rounds else {}
     final = {
         "accuracy": last.get("accuracy"),
@@ -163,6 +171,7 @@ async def simulate(
         **({"privacy": privacy} if privacy else {}),
         **_federated_final(rounds),
         **personal,
+        **per_device.pop("final", {}),
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -178,6 +187,7 @@ async def simulate(
         **({"plugins": plugins} if plugins else {}),
         "rounds": rounds,
         "final": final,
+        **per_device,
     }
 
 
@@ -227,6 +237,76 @@ def _personalization_report(
         "personalized_accuracy": round(correct_personal / examples, 6),
         "global_accuracy_on_devices": round(correct_global / examples, 6),
         "personalization": {"epochs": config.personalize, "model_version": version},
+    }
+
+
+def _device_report(
+    config: SimulationConfig,
+    data: Dataset,
+    fleet: Fleet,
+    evaluator: _Evaluator,
+    rounds: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """With --per-device: the partition's statistics, and each device's share of the
+    work and the final model's accuracy on its own held-out data (and their spread)."""
+    if not config.per_device or evaluator.latest is None:
+        return {}
+    version, weights = evaluator.latest
+    taken = np.zeros(len(fleet.devices), dtype=np.int64)
+    for record in rounds:
+        taken[record.get("participants", [])] += 1
+    backend = evaluator.backend
+    backend.set_weights(weights)
+    devices, accuracies = [], []
+    for d in fleet.devices:
+        labels = data.y_train[d.examples]
+        entry: dict[str, Any] = {
+            "device": d.index,
+            "examples": len(d.examples),
+            "classes": len(np.unique(labels)),
+            "updates": int(taken[d.index]),
+            "held_out": 0 if d.held_out is None else len(d.held_out),
+            "accuracy": None,
+            "loss": None,
+        }
+        if d.held_out is not None:
+            result = backend.evaluate(data.x_test[d.held_out], data.y_test[d.held_out])
+            entry["accuracy"], entry["loss"] = _rounded(result.accuracy), _rounded(result.loss)
+            accuracies.append(result.accuracy)
+        devices.append(entry)
+    sizes = np.array([len(d.examples) for d in fleet.devices])
+    classes = np.array([e["classes"] for e in devices])
+    return {
+        "partition": {
+            "scheme": config.partition,
+            "devices": len(devices),
+            "examples": _spread(sizes),
+            "classes_per_device": _spread(classes),
+        },
+        "devices": devices,
+        "final": {
+            "device_accuracy": {
+                "model_version": version,
+                "devices": len(accuracies),
+                **_spread(np.array(accuracies)),
+            }
+        },
+    }
+
+
+def _spread(values: np.ndarray) -> dict[str, float | None]:
+    """Mean, standard deviation and quantiles of per-device figures."""
+    if not len(values):
+        return dict.fromkeys(("mean", "std", "min", "p10", "median", "p90", "max"))
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return {
+        "mean": round(float(np.mean(values)), 6),
+        "std": round(float(np.std(values)), 6),
+        "min": round(float(np.min(values)), 6),
+        "p10": round(float(p10), 6),
+        "median": round(float(median), 6),
+        "p90": round(float(p90), 6),
+        "max": round(float(np.max(values)), 6),
     }
 
 
@@ -365,6 +445,7 @@ async def _run_rounds(
         finish: list[tuple[float, int]] = []
         discarded = refused = 0
         cut = 0  # uploads that found the round closed (by its quota: over-selection)
+        counted: list[int] = []  # the devices whose update the round took
         for work in await fleet.work(working, clock.now):
             trained = work.outcome
             if trained is None:
@@ -396,6 +477,8 @@ async def _run_rounds(
                     else:
                         discarded += outcome.status == "discarded"
                         secured += outcome.status == "uploaded"
+                        if outcome.status == "uploaded":
+                            counted.append(i)
                 pending = waiting
                 if not pending:
                     break
@@ -412,6 +495,8 @@ async def _run_rounds(
                 network_dropouts += 1
             else:
                 cut += uploaded.status == "discarded"
+                if uploaded.status == "uploaded":
+                    counted.append(i)
         await server.wait_closed(job, current.number, current.deadline)
         totals = await fleet.totals()
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
@@ -448,6 +533,7 @@ async def _run_rounds(
                 "train_loss": closed.train_loss,
                 "admitted": len(admitted) if first else closed.admitted,
                 "updates": secured if plan.privacy.secagg and first else closed.updates,
+                "participants": sorted(counted) if first else [],
                 "discarded": discarded + cut if first else 0,
                 "dropouts": {
                     "deadline": discarded + (0 if by_quota else cut) if first else 0,

@@ -72,6 +72,7 @@ __all__ = [
     "Work",
     "device_token",
     "disable_secure_delete",
+    "draw_devices",
     "is_round_full",
     "simulation_authority",
 ]
@@ -183,29 +184,7 @@ class Fleet:
         devices: list[Device] | None = None,
     ) -> None:
         if devices is None:  # else a copy of the driver's (on a Ray actor)
-            rng = np.random.default_rng(config.seed)
-            parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
-            profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
-            devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
-            if config.personalize:
-                # Personalisation is measured on each device's own held-out examples (a
-                # fifth of them; devices with fewer than 5 keep all for training).
-                for device in devices:
-                    mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
-                        device.examples
-                    )
-                    if len(mine) >= 5:
-                        cut = len(mine) - len(mine) // 5
-                        device.examples, device.own_held_out = mine[:cut], mine[cut:]
-            if plan.evaluate.every:
-                # Federated evaluation: each device holds a share of the test set as its
-                # held-out data, split like the training set (natural splits: at random).
-                scheme = "iid" if config.partition == "natural" else config.partition
-                shares = partition(
-                    data.y_test, len(devices), scheme, np.random.default_rng([config.seed, 3])
-                )
-                for device, share in zip(devices, shares, strict=True):
-                    device.held_out = share
+            devices = draw_devices(config, plan, data)
         self.devices = devices
         self.config, self.plan, self.data, self.server = config, plan, data, server
         self.faults = FaultPlan.parse(config.faults) if config.faults else None
@@ -442,6 +421,43 @@ class SimServer:
                 self.tick()
             else:
                 await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
+
+
+def draw_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> list[Device]:
+    """The run's devices, drawn from its seed: each one's examples (the partition), its
+    profile, and the held-out data it evaluates on."""
+    rng = np.random.default_rng(config.seed)
+    parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
+    profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
+    devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
+    if config.personalize:
+        # Personalisation is measured on each device's own held-out examples (a
+        # fifth of them; devices with fewer than 5 keep all for training).
+        for device in devices:
+            mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
+                device.examples
+            )
+            if len(mine) >= 5:
+                cut = len(mine) - len(mine) // 5
+                device.examples, device.own_held_out = mine[:cut], mine[cut:]
+    if plan.evaluate.every or config.per_device:
+        # Federated evaluation and per-device results: each device holds a share of the
+        # test set as its held-out data, split like the training set; with a natural
+        # split, its own user's test examples where the data set says whose they are.
+        for device, share in zip(devices, _test_shares(config, data, len(devices)), strict=True):
+            device.held_out = share if len(share) else None
+    return devices
+
+
+def _test_shares(config: SimulationConfig, data: Dataset, devices: int) -> list[np.ndarray]:
+    """Each device's share of the test set (see `draw_devices`)."""
+    if config.partition == "natural" and data.users is not None and data.test_users is not None:
+        users = np.unique(data.users)  # device u is users[u] (`partition`)
+        where = np.searchsorted(users, data.test_users).clip(0, len(users) - 1)
+        owner = np.where(users[where] == data.test_users, where, -1)
+        return [np.flatnonzero(owner == u) for u in range(devices)]
+    scheme = "iid" if config.partition == "natural" else config.partition
+    return partition(data.y_test, devices, scheme, np.random.default_rng([config.seed, 3]))
 
 
 def simulation_authority(config: SimulationConfig) -> IdentityAuthority:
