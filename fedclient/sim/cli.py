@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import sys
@@ -22,6 +23,18 @@ from fedclient.sim import _prefetch
 
 __all__ = ["console", "main"]
 
+SWEEP_HELP = """\
+Run every configuration (each --plan, times the --grid) once per seed, several runs at
+once, and write each run's report into --out, named after its configuration and seed
+(e.g. scaffold-seed2.json), with each run's plan (plans/) and an index (sweep.json).
+
+    fedsim sweep --plan fedavg.toml --plan scaffold.toml --seeds 1,2,3 \\
+        --dataset mnist --data-dir ../shared/data --devices 100 --partition shards:2 \\
+        --out runs/scaffold
+    fedsim compare runs/scaffold --target 0.95 --plot runs/scaffold/accuracy.pdf
+
+The other flags are fedsim run's: the same for every run."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,6 +42,56 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a simulated federation")
+    _run_arguments(run, sweep=False)
+    sweep = commands.add_parser(
+        "sweep",
+        help="run seeds x a grid of configurations, several at once; reports in one folder",
+        description=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _run_arguments(sweep, sweep=True)
+    sweep.add_argument(
+        "--seeds", default="1,2,3", help="comma-separated seeds, each run per configuration"
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis: a plan key (train.learning_rate=0.05,0.1; needs --plan) or a "
+        "flag (partition=iid,shards:2); several multiply",
+    )
+    sweep.add_argument("--out", default="sweep", help="the folder of the reports (and plans)")
+    sweep.add_argument("--jobs", type=int, default=0, help="runs at once (default 0: one per CPU)")
+    sweep.add_argument("--plot", action="store_true", help="a PNG beside each report too")
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare runs: grouped by configuration, mean and spread across seeds",
+    )
+    compare.add_argument(
+        "reports", nargs="+", help="reports written by fedsim run, or folders of them (a sweep's)"
+    )
+    compare.add_argument(
+        "--plot",
+        help="the figure: .pdf, .svg or .png (default: a PNG beside the first report)",
+    )
+    compare.add_argument(
+        "--target",
+        type=float,
+        help="an accuracy: rounds, MB and simulated minutes each configuration took to reach it",
+    )
+
+    replay = commands.add_parser("replay", help="rerun a report's simulation and check it")
+    replay.add_argument("report", help="a report written by fedsim run")
+    replay.add_argument("--data-dir", help="where the data files are now, if they moved")
+    replay.add_argument("--out", help="report of the replay (default: REPORT.replay.json)")
+    replay.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """The flags of ``fedsim run`` (and of each run of ``fedsim sweep``)."""
     run.add_argument(
         "--dataset",
         default="digits",
@@ -51,14 +114,23 @@ def _parser() -> argparse.ArgumentParser:
         "--user-column", help="csv: a column naming each row's user (for --partition natural)"
     )
     run.add_argument("--no-header", action="store_true", help="csv: the file has no header row")
-    run.add_argument(
-        "--plan",
-        dest="plan_file",
-        metavar="PLAN.toml",
-        help="a job plan (the TOML fedserver --plan serves): it sets the job, model, "
-        "training, strategy, privacy and [evaluate]; the flags below set the fleet, data "
-        "and engine (a flag for what the plan sets is refused)",
-    )
+    if sweep:
+        run.add_argument(
+            "--plan",
+            dest="plan_files",
+            action="append",
+            metavar="PLAN.toml",
+            help="a job plan; several: each is a configuration of the sweep",
+        )
+    else:
+        run.add_argument(
+            "--plan",
+            dest="plan_file",
+            metavar="PLAN.toml",
+            help="a job plan (the TOML fedserver --plan serves): it sets the job, model, "
+            "training, strategy, privacy and [evaluate]; the flags below set the fleet, data "
+            "and engine (a flag for what the plan sets is refused)",
+        )
     # Flags default to None here and take SimulationConfig's defaults: a flag given
     # beside --plan, or --devices beside --partition natural, is refused, never ignored.
     run.add_argument("--devices", type=int, help="virtual devices (default 100)")
@@ -167,11 +239,12 @@ def _parser() -> argparse.ArgumentParser:
         "of the test set split like the training set, or its own user's test examples) and "
         "their spread",
     )
-    run.add_argument(
-        "--save-model",
-        metavar="PATH",
-        help="write the final global model there (safetensors, as the server serves it)",
-    )
+    if not sweep:
+        run.add_argument(
+            "--save-model",
+            metavar="PATH",
+            help="write the final global model there (safetensors, as the server serves it)",
+        )
     run.add_argument(
         "--distributed-dp",
         action="store_true",
@@ -235,26 +308,17 @@ def _parser() -> argparse.ArgumentParser:
         help="inject network faults under every device, e.g. "
         "drop=0.3 (30%% of requests fail, every way) or lost=0.1,reset=0.05",
     )
-    run.add_argument(
-        "--report",
-        default="fedsim-report.json",
-        help="JSON report path; the plot goes beside it (.png)",
-    )
+    if not sweep:
+        run.add_argument(
+            "--report",
+            default="fedsim-report.json",
+            help="JSON report path; the plot goes beside it (.png)",
+        )
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
-    run.add_argument(
-        "--no-plot", action="store_true", help="write the JSON report only, no PNG (saves ~1 s)"
-    )
-
-    compare = commands.add_parser("compare", help="compare the reports of several runs")
-    compare.add_argument("reports", nargs="+", help="report files written by fedsim run")
-    compare.add_argument("--plot", help="write the combined plot here (default: beside the first)")
-
-    replay = commands.add_parser("replay", help="rerun a report's simulation and check it")
-    replay.add_argument("report", help="a report written by fedsim run")
-    replay.add_argument("--data-dir", help="where the data files are now, if they moved")
-    replay.add_argument("--out", help="report of the replay (default: REPORT.replay.json)")
-    replay.add_argument("--quiet", action="store_true")
-    return parser
+    if not sweep:
+        run.add_argument(
+            "--no-plot", action="store_true", help="write the JSON report only, no PNG (saves ~1 s)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return _compare(args, reports)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "replay":
             original = reports.load_report(args.report)
             config = SimulationConfig(**original["config"])
@@ -341,6 +407,45 @@ def _config(args: argparse.Namespace) -> Any:
     return SimulationConfig(**given)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """``fedsim sweep``: every run planned (and checked) first, then run on a pool."""
+    from fedclient._exceptions import InvalidInput
+    from fedclient.sim.sweep import SweepProgress, parse_grid, plan_runs, run_sweep
+    from fedclient.sim.trainpool import resolve_workers
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidInput(f"--seeds {args.seeds!r}: comma-separated integers") from None
+    args.plan_file, args.report, args.no_plot, args.save_model = None, "", True, None
+    plans = args.plan_files or []
+    # The flags are checked as fedsim run checks them, against the first plan.
+    if plans:
+        args.plan_file = plans[0]
+    base = _config(args)
+    base = dataclasses.replace(base, plan_file=None, seed=0)
+    out = Path(args.out)
+    runs = plan_runs(base, plans, parse_grid(args.grid), seeds, out)
+    jobs = min(resolve_workers(args.jobs), len(runs))
+    print(f"{len(runs)} runs ({len(runs) // len(seeds)} configurations x {len(seeds)} seeds), "
+          f"{jobs} at once, into {out}")  # fmt: skip
+    progress = None if args.quiet else SweepProgress(len(runs))
+    try:
+        summaries = run_sweep(
+            runs, out, jobs, plot=args.plot, on_done=progress.done if progress else None
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    for run, summary in zip(runs, summaries, strict=True):
+        print(
+            f"{run.name:<40} accuracy {summary['accuracy']:.4f}  rounds {summary['rounds']}  "
+            f"wall {summary['wall_seconds']:.1f}s"
+        )
+    print(f"reports in {out}; compare them: fedsim compare {out}")
+    return 0
+
+
 def _simulate(config: Any, quiet: bool) -> dict[str, Any]:
     """Run one simulation with a progress bar and a line per round (``quiet``: neither)."""
     from threadpoolctl import threadpool_limits
@@ -391,13 +496,16 @@ def _accuracies(report: dict[str, Any]) -> list[Any]:
 
 
 def _compare(args: argparse.Namespace, reports: Any) -> int:
-    loaded = [(Path(p).stem, reports.load_report(p)) for p in args.reports]
-    print(reports.compare_table(loaded))
-    png = args.plot or str(
-        Path(args.reports[0]).with_name("-vs-".join(name for name, _ in loaded) + ".png")
+    from fedclient.sim.compare import group_reports, plot_groups, reports_in, summary_table
+
+    paths = reports_in(args.reports)
+    groups = group_reports([(p.stem, reports.load_report(p)) for p in paths])
+    print(summary_table(groups, args.target))
+    plot = args.plot or str(
+        paths[0].with_name("-vs-".join(group.label for group in groups) + ".png")
     )
-    reports.plot_comparison(loaded, png)
-    print(f"plot {png}")
+    plot_groups(groups, plot, args.target)
+    print(f"plot {plot}")
     return 0
 
 

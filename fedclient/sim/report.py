@@ -1,22 +1,15 @@
-"""Reports: the JSON a run writes, the PNG beside it, and comparisons of several runs."""
+"""Reports: the JSON a run writes and the PNG dashboard beside it (comparisons of several
+runs: `fedclient.sim.compare`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = [
-    "compare_table",
-    "load_report",
-    "plot_comparison",
-    "plot_report",
-    "replay_differences",
-    "write_report",
-]
+__all__ = ["load_report", "plot_report", "replay_differences", "write_report"]
 
 CAUSES = ("deadline", "over_selection", "unavailable", "network", "budget")
 
@@ -186,79 +179,6 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
     bytes_ax.legend(loc="lower right")
     bytes_ax.set_title("network")
 
-    fig.suptitle(f"fedsim: {_title(report)}")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def compare_table(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """A side-by-side table of several runs' final figures."""
-    rows = [
-        (
-            "run",
-            "dataset",
-            "devices",
-            "rounds",
-            "accuracy",
-            "loss",
-            "MB up",
-            "MB down",
-            "simulated s",
-            "wall s",
-        )
-    ]
-    for name, report in reports:
-        final, config = report["final"], report["config"]
-        rows.append(
-            (
-                name,
-                config["dataset"],
-                str(final.get("devices", config["devices"])),
-                str(len(report["rounds"])),
-                f"{final['accuracy']:.4f}",
-                f"{final['loss']:.4f}",
-                f"{final['bytes_up'] / 1e6:.1f}",
-                f"{final['bytes_down'] / 1e6:.1f}",
-                f"{final['simulated_seconds']:.0f}",
-                f"{final['wall_seconds']:.1f}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def plot_comparison(reports: Sequence[tuple[str, dict[str, Any]]], png: str | Path) -> None:
-    """Accuracy per round and over simulated time, one line per run."""
-    plt = _pyplot()
-    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for name, report in reports:
-        rounds = report["rounds"]
-        accuracy = [r["accuracy"] for r in rounds]
-        by_round.plot([r["round"] for r in rounds], accuracy, marker="o", markersize=2, label=name)
-        by_time.plot(
-            [r["simulated_seconds"] / 60 for r in rounds],
-            accuracy,
-            marker="o",
-            markersize=2,
-            label=name,
-        )
-    by_round.set_xlabel("round")
-    by_time.set_xlabel("simulated time (minutes)")
-    for ax in (by_round, by_time):
-        ax.set_ylabel("accuracy (held-out test set)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    by_round.set_title("accuracy per round")
-    by_time.set_title("accuracy over simulated time")
-    fig.suptitle("fedsim compare: " + ", ".join(name for name, _ in reports))
+    fig.suptitle(_title(report))
     fig.savefig(png, dpi=100)
     plt.close(fig)
