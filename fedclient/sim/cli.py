@@ -239,6 +239,13 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "of the test set split like the training set, or its own user's test examples) and "
         "their spread",
     )
+    run.add_argument(
+        "--stop-at",
+        type=float,
+        metavar="ACCURACY",
+        help="end the run after the first round whose test accuracy reaches this (the "
+        "plan's rounds are then at most): a rounds-to-target run costs no more rounds",
+    )
     if not sweep:
         run.add_argument(
             "--save-model",

@@ -110,6 +110,7 @@ class SimulationConfig:
     personalize: int = 0  # epochs of local fine-tuning whose accuracy the report measures
     per_device: bool = False  # each device's final accuracy and the partition, in the report
     save_model: str | None = None  # write the final global model here (safetensors)
+    stop_at: float | None = None  # end the run after the first round this accurate
     text_column: str = "text"  # --dataset csv:PATH: which columns hold what
     label_column: str = "label"
     user_column: str | None = None

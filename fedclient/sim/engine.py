@@ -140,8 +140,8 @@ async def simulate(
         if plan.job.mode == "async":
             if config.engine != "local" or config.server is not None:
                 raise InvalidInput("--mode async runs on the local engine, in-process")
-            if config.per_device or config.save_model:
-                raise InvalidInput("--per-device and --save-model are for sync rounds")
+            if config.per_device or config.save_model or config.stop_at is not None:
+                raise InvalidInput("--per-device, --save-model and --stop-at are for sync rounds")
             rounds = await run_buffered(
                 config, plan, data, server, clock, fleet, evaluator.backend, on_round, wall_start
             )
@@ -334,6 +334,8 @@ async def _run_rounds(
                 elif outcome.reason == SELECTION_PENDING:
                     candidates.append((i, outcome.retry_after or 1.0))
         await report_evaluated()  # the last round's evaluation ran alongside these check-ins
+        if config.stop_at is not None and rounds and rounds[-1]["accuracy"] >= config.stop_at:
+            break  # --stop-at: the target is reached; the round just opened is not run
         # Download and train for real; each device finishes at its simulated time.
         working: list[int] = []
         for i in admitted:

@@ -45,8 +45,10 @@ class ScaffoldTrainer(Trainer):
         for x, labels in minibatches(ctx):
             model.set_weights(y)
             loss, grads = model.loss_and_grads(x, labels)
-            for k in y:
-                y[k] -= (lr * (grads[k] + correction[k])).astype(y[k].dtype)
+            for k, g in grads.items():  # y -= lr (g - c_i + c), in place
+                g += correction[k]
+                g *= lr
+                y[k] -= g
             steps, total, seen = steps + 1, total + loss * len(labels), seen + len(labels)
         model.set_weights(y)
         new_c_i = {k: c_i[k] - c[k] + (start[k] - y[k]) / (steps * lr) for k in start}

@@ -139,3 +139,16 @@ def test_compare_refuses_a_figure_format_it_cannot_write(
     assert fedsim(["run", *FLEET, "--rounds", "1", "--no-plot", "--report", str(report)]) == 0
     assert fedsim(["compare", str(report), "--plot", str(tmp_path / f"x{suffix}")]) == 2
     assert ".pdf, .svg or .png" in capsys.readouterr().err
+
+
+def test_a_run_stops_at_its_target_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    args = ["run", *FLEET, "--rounds", "30", "--seed", "2", "--no-plot", "--stop-at", "0.6"]
+    assert fedsim([*args, "--report", str(out)]) == 0
+    accuracy = [r["accuracy"] for r in _report(out)["rounds"]]
+    assert len(accuracy) < 30
+    assert accuracy[-1] >= 0.6 and all(a < 0.6 for a in accuracy[:-1])
+    full = tmp_path / "full.json"
+    assert fedsim([*args[:-2], "--report", str(full)]) == 0
+    # The rounds it ran are those of the whole run.
+    assert [r["accuracy"] for r in _report(full)["rounds"]][: len(accuracy)] == accuracy
