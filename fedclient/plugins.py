@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = ["construct", "describe", "is_import_path", "load_plugin"]
+__all__ = ["construct", "describe", "find_recorded", "is_import_path", "load_plugin"]
 
 T = TypeVar("T")
 
@@ -81,6 +81,20 @@ def construct(cls: type[T], what: str, *args: Any, options: Mapping[str, Any]) -
         return cls(*args, **options)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{what}: {exc}") from exc
+
+
+def find_recorded(entry: Mapping[str, str]) -> None:
+    """Put the folder a report recorded a plugin in (`describe`) on the import path, so a
+    replay finds it wherever it runs from (a sweep's run, whose plan is elsewhere)."""
+    module = entry.get("name", "").partition(":")[0]
+    source = entry.get("file", "")
+    if not module or not source:
+        return
+    folder = Path(source).parent
+    for _ in range(module.count(".") + (Path(source).name == "__init__.py")):
+        folder = folder.parent
+    if folder.is_dir() and str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
 
 def describe(path: str, kind: type[Any], *, where: Sequence[str | Path] = ()) -> dict[str, str]:

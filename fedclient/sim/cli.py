@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedclient._exceptions import FedError
 
     try:
+        from fedclient.plugins import find_recorded
         from fedclient.sim import report as reports
         from fedclient.sim.engine import SimulationConfig
     except ImportError as exc:
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "replay":
             original = reports.load_report(args.report)
+            for plugin in original.get("plugins", {}).values():
+                find_recorded(plugin)  # where the run found it, wherever this runs from
             config = SimulationConfig(**original["config"])
             if args.data_dir:
                 config.data_dir = args.data_dir

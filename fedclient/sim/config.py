@@ -185,6 +185,14 @@ class SimulationConfig:
             named["selection"] = describe(plan.selection.name, Selection, where=where)
         return named
 
+    def import_plugins(self) -> None:
+        """Import the plugins of ``plan_file`` from its folder (see `load_plugin`)."""
+        if self.plan_file is None:
+            return
+        plan = load_plan(self.plan_file)  # imports its strategy and selection
+        if plan.train.trainer:
+            load_plugin(plan.train.trainer, Trainer, where=[self.plan_folder])
+
     def trainers(self, plan: JobPlan) -> dict[str, Trainer]:
         """The client trainer the plan names, built with its settings, for the simulated
         devices to hold (the researcher's code: fedsim imports it, a device never does)."""

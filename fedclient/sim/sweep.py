@@ -81,6 +81,10 @@ def plan_runs(
         if key in ("seed", "plan_file"):
             raise InvalidInput(f"--grid {key}: the sweep sets it (--seeds, --plan)")
     names = _plan_names(plans)
+    for plan in plans:
+        # Each plan's plugins, found beside it (its runs' plans are elsewhere): the folder
+        # stays on the import path, which the runs' processes inherit.
+        SimulationConfig(plan_file=plan).import_plugins()
     runs = []
     choices: list[str | None] = [*plans] or [None]
     for plan, settings in itertools.product(choices, _product(grid)):

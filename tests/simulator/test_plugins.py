@@ -119,3 +119,22 @@ def test_the_readme_s_krum_runs_from_a_plan(tmp_path: Path, monkeypatch: Any) ->
     report = json.loads((tmp_path / "fedsim-report.json").read_text())
     assert report["plan"]["strategy"]["options"] == {"f": 2}
     assert report["final"]["rounds_completed"] == 2
+
+
+def test_the_feddyn_example_sweeps_and_replays_from_anywhere(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """examples/feddyn: a trainer and a strategy of one's own, outside the package."""
+    example = Path(__file__).parents[2] / "examples" / "feddyn"
+    monkeypatch.chdir(tmp_path)  # neither the example's folder nor the repository's
+    out = tmp_path / "runs"
+    args = ["sweep", "--plan", str(example / "feddyn.toml"), "--seeds", "1"]
+    args += ["--grid", "job.rounds=3", "--devices", "20", "--partition", "shards:2"]
+    assert fedsim([*args, "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    report = json.loads((out / "feddyn-rounds=3-seed1.json").read_text())
+    assert report["plugins"]["trainer"]["file"] == str(example / "feddyn.py")
+    assert report["plan"]["train"]["trainer_options"] == {"alpha": 0.01}
+    assert report["final"]["rounds_completed"] == 3
+    # A new process replays it: it finds the plugins where the report says the run did.
+    done = _fedsim("replay", str(out / "feddyn-rounds=3-seed1.json"), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
