@@ -780,6 +780,13 @@ class Client:
             kept = decode_tensors(held_state)[0] if held_state else {}
         base = self._held_weights(plan)
         backend = self._backend(plan)
+        if trainer is None:
+            try:  # a setting the runtime cannot honour: refused, and the place given back
+                check_train_options(backend, settings.options())
+            except InvalidInput as exc:
+                yield self._request(LEAVE, identity, round_id=plan.round_id)
+                self._discard(plan, str(exc))
+                raise
         # The backend checks the data (shape, finite values, labels in range) as it
         # trains, before it changes anything: bad data fail this step, state untouched.
         x, y = self._training_data()  # a snapshot: examples arriving now wait a round

@@ -247,3 +247,31 @@ async def test_a_device_trains_each_round_as_its_plan_says(digits: Any) -> None:
         assert (await device.arun_once()).status == "uploaded"
     assert [rate for rate, _ in RecordingModel.asked] == [0.4, 0.2, 0.1]
     assert all(o == {"momentum": 0.9, "local_steps": 2} for _, o in RecordingModel.asked)
+
+
+@pytest.mark.anyio
+async def test_a_device_whose_runtime_cannot_follow_the_plan_leaves_the_round(
+    digits: Any,
+) -> None:
+    plan = plan_from_dict(
+        {
+            "job": {"name": "digits", "rounds": 2, "devices_per_round": 1},
+            "model": {"kind": "mlp", "inputs": 64, "hidden": [8], "classes": 10},
+            "train": {"momentum": 0.9},
+        }
+    )
+    clock = ManualClock()
+    service = FederationService(ServerStore(), clock=clock)
+    service.add_job(plan)
+    device = fedclient.Client(
+        "http://fl",
+        "digits",
+        (digits.x_train[:40], digits.y_train[:40]),
+        transport=Server(service, clock).transport(),
+        model=PlainSgd(plan.model),
+        seed=1,
+    )
+    with pytest.raises(InvalidInput, match=r"momentum = 0\.9"):
+        await device.arun_once()
+    round_id = service.store.latest_rounds("digits", 1)[0].round_id
+    assert service.store.admitted_count(round_id) == 0  # its place went back
