@@ -427,6 +427,9 @@ def _sweep(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise InvalidInput(f"--seeds {args.seeds!r}: comma-separated integers") from None
+    for flag, name in (("--seed", "seed"), ("--state-dir", "state_dir"), ("--server", "server")):
+        if getattr(args, name) is not None:  # one per run, or one shared by runs at once
+            raise InvalidInput(f"{flag}: a sweep's runs take --seeds, their own state, in-process")
     args.plan_file, args.report, args.no_plot, args.save_model = None, "", True, None
     plans = args.plan_files or []
     # The flags are checked as fedsim run checks them, against the first plan.

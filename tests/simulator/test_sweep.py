@@ -92,6 +92,9 @@ def test_a_sweep_refuses_what_it_cannot_run(tmp_path: Path, capsys: Any) -> None
     assert "neither a plan key" in capsys.readouterr().err
     assert fedsim(["sweep", "--plan", str(fedavg), "--rounds", "5", *out]) == 2
     assert "--rounds" in capsys.readouterr().err
+    for flag in (["--seed", "3"], ["--state-dir", str(tmp_path)]):
+        assert fedsim(["sweep", "--plan", str(fedavg), *flag, *out]) == 2
+        assert flag[0] in capsys.readouterr().err
     assert not (tmp_path / "runs" / "sweep.json").exists()
 
 
