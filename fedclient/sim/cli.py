@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     replay = commands.add_parser("replay", help="rerun a report's simulation and check it")
-    replay.add_argument("report", help="a report written by fedsim run")
+    replay.add_argument(
+        "report", help="a report written by fedsim run, or a folder of them (a sweep's)"
+    )
     replay.add_argument("--data-dir", help="where the data files are now, if they moved")
     replay.add_argument("--out", help="report of the replay (default: REPORT.replay.json)")
     replay.add_argument("--quiet", action="store_true")
@@ -336,9 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedclient._exceptions import FedError
 
     try:
-        from fedclient.plugins import find_recorded
+        from fedclient.sim import engine  # noqa: F401  (it needs the sim extra)
         from fedclient.sim import report as reports
-        from fedclient.sim.engine import SimulationConfig
     except ImportError as exc:
         print(f"fedsim needs the sim extra: pip install 'fedclient[sim]' ({exc})", file=sys.stderr)
         return 2
@@ -349,23 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "replay":
-            original = reports.load_report(args.report)
-            for plugin in original.get("plugins", {}).values():
-                find_recorded(plugin)  # where the run found it, wherever this runs from
-            config = SimulationConfig(**original["config"])
-            if args.data_dir:
-                config.data_dir = args.data_dir
-            out = args.out or str(args.report).removesuffix(".json") + ".replay.json"
-            replayed = _simulate(config, args.quiet)
-            reports.write_report(replayed, out)
-            same = _accuracies(replayed) == _accuracies(original)
-            print(
-                f"replayed {len(replayed['rounds'])} rounds into {out}: "
-                f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
-            )
-            for difference in reports.replay_differences(original, replayed):
-                print(f"  {difference}")
-            return 0 if same else 1
+            return _replay(args, reports)
         config = _config(args)
         report = _simulate(config, args.quiet)
     except FedError as exc:
@@ -415,6 +400,39 @@ def _config(args: argparse.Namespace) -> Any:
     if args.partition == "natural" and "devices" in given:
         raise InvalidInput("--partition natural makes one device per user: drop --devices")
     return SimulationConfig(**given)
+
+
+def _replay(args: argparse.Namespace, reports: Any) -> int:
+    """``fedsim replay``: rerun a report (or each report of a folder, a sweep's) and check
+    it gives the same per-round accuracies; exit 1 if any does not."""
+    from fedclient._exceptions import InvalidInput
+    from fedclient.plugins import find_recorded
+    from fedclient.sim.compare import reports_in
+    from fedclient.sim.config import SimulationConfig
+
+    folder = Path(args.report).is_dir()
+    if folder and args.out:
+        raise InvalidInput("--out names one report's replay: not with a folder")
+    differing = 0
+    for path in reports_in([args.report]):
+        original = reports.load_report(path)
+        for plugin in original.get("plugins", {}).values():
+            find_recorded(plugin)  # where the run found it, wherever this runs from
+        config = SimulationConfig(**original["config"])
+        if args.data_dir:
+            config.data_dir = args.data_dir
+        out = args.out or str(path).removesuffix(".json") + ".replay.json"
+        replayed = _simulate(config, args.quiet)
+        reports.write_report(replayed, out, plot=not folder)
+        same = _accuracies(replayed) == _accuracies(original)
+        differing += not same
+        print(
+            f"replayed {len(replayed['rounds'])} rounds into {out}: "
+            f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
+        )
+        for difference in reports.replay_differences(original, replayed):
+            print(f"  {difference}")
+    return 1 if differing else 0
 
 
 def _sweep(args: argparse.Namespace) -> int:

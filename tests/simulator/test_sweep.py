@@ -68,8 +68,12 @@ def test_a_sweep_runs_every_plan_and_grid_point_per_seed(tmp_path: Path, capsys:
     assert [r["accuracy"] for r in _report(alone)["rounds"]] == [
         r["accuracy"] for r in swept["rounds"]
     ]
-    assert fedsim(["replay", str(out / "fedavg-batch_size=4-seed1.json"), "--quiet"]) == 0
     assert "8 runs (4 configurations x 2 seeds)" in capsys.readouterr().out
+    # The whole sweep again, from its reports: every run the same.
+    assert fedsim(["replay", str(out), "--quiet"]) == 0
+    replays = capsys.readouterr().out.splitlines()
+    assert len(replays) == 8 and all("the same per-round accuracies" in r for r in replays)
+    assert len(list(out.glob("*.replay.json"))) == 8
 
 
 def test_a_sweep_over_flags_needs_no_plan(tmp_path: Path) -> None:
