@@ -160,9 +160,10 @@ def _band(
     table = np.full((len(series), length), np.nan)
     for i, s in enumerate(series):
         table[i, : len(s)] = s
-    mean = np.nanmean(table, axis=0)
     counts = np.sum(~np.isnan(table), axis=0)
-    sd = np.where(counts > 1, np.nanstd(table, axis=0, ddof=min(1, len(series) - 1)), 0.0)
+    mean = np.nansum(table, axis=0) / counts
+    squares = np.nansum((table - mean) ** 2, axis=0)
+    sd = np.sqrt(squares / np.maximum(counts - 1, 1)) * (counts > 1)  # one run: no band
     return mean, mean - sd, mean + sd
 
 

@@ -159,3 +159,18 @@ def test_a_run_stops_at_its_target_accuracy(tmp_path: Path) -> None:
     assert fedsim([*args[:-2], "--report", str(full)]) == 0
     # The rounds it ran are those of the whole run.
     assert [r["accuracy"] for r in _report(full)["rounds"]][: len(accuracy)] == accuracy
+
+
+def test_runs_of_different_lengths_share_a_band_where_they_overlap(tmp_path: Path) -> None:
+    from fedclient.sim.compare import Group, plot_groups
+
+    def report(accuracy: list[float]) -> dict[str, Any]:
+        rounds = [
+            {"round": i + 1, "accuracy": a, "bytes_up": 1, "bytes_down": 1}
+            for i, a in enumerate(accuracy)
+        ]
+        return {"rounds": rounds}
+
+    group = Group("x", [("x-seed1", report([0.2, 0.5, 0.9])), ("x-seed2", report([0.4, 0.7]))])
+    plot_groups([group], tmp_path / "f.svg", target=0.8)  # warnings are errors in the suite
+    assert (tmp_path / "f.svg").read_text().count("<svg") == 1
