@@ -15,7 +15,7 @@ import asyncio
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from fedclient.conditions import Conditions
 from fedclient.privacy.policy import PrivacyPolicy
 from fedclient.protocol import JobStatus, Weights, split_job_url
 from fedclient.runtime import TrainingBackend, TrainResult
+from fedclient.trainers import Trainer
 from fedclient.transport import RetryPolicy
 
 __all__ = ["Client", "StepOutcome", "TrainTask", "TransferStats"]
@@ -81,6 +82,10 @@ class Client(JobLoop, Drivers):
     ``personalize`` (`Personalization`) fine-tunes the global model on the device's
     own data for `latest_model` and `predict` (never for what is uploaded).
 
+    ``trainers`` are the client trainers (`fedclient.trainers`) this device holds, by
+    the name a plan gives them (``[train] trainer``): research in simulation. A plan
+    naming one it does not hold is refused; a plan never makes a device import code.
+
     ``enrolment_credential`` is what the server's enrolment policy asks of a new
     device: the app's enrolment secret, a single-use code, or an attestation token.
 
@@ -122,6 +127,7 @@ class Client(JobLoop, Drivers):
     enrolment_credential: str | None = None
     conditions: Conditions | None = None
     personalize: Personalization | None = None
+    trainers: Mapping[str, Trainer] | None = None
 
     def __post_init__(self) -> None:
         root, named = split_job_url(self.server)

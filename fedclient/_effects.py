@@ -15,8 +15,8 @@ import inspect
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, TypeVar
@@ -32,8 +32,16 @@ from fedclient._state import DeviceState, Identity
 from fedclient.conditions import Conditions
 from fedclient.privacy.noise import NoiseSource
 from fedclient.privacy.policy import PrivacyPolicy
-from fedclient.protocol import MSGPACK_MEDIA_TYPE, RoundPlan, Route, UploadReceipt, Weights
-from fedclient.runtime import TrainingBackend, TrainResult
+from fedclient.protocol import (
+    MSGPACK_MEDIA_TYPE,
+    RoundPlan,
+    Route,
+    TrainSettings,
+    UploadReceipt,
+    Weights,
+)
+from fedclient.runtime import TrainingBackend, TrainResult, check_dataset, check_train_options
+from fedclient.trainers import TrainContext, Trainer
 from fedclient.transport import RetryPolicy, raise_for_error
 
 __all__ = [
@@ -103,31 +111,56 @@ class TrainTask:
     proximal_mu: float = 0.0
     #: Called before each minibatch; what it raises ends training (`fedclient.Conditions`).
     interrupt: Callable[[], None] | None = None
+    #: The plan's other training settings (`fedclient.protocol.TrainSettings.options`).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: A client trainer instead of the backend's training (`fedclient.trainers`), with
+    #: the plan's settings, the round, what the strategy sent and what it kept.
+    trainer: Trainer | None = None
+    settings: TrainSettings | None = None
+    round_number: int = 0
+    server: Weights = field(default_factory=dict)
+    state: Weights = field(default_factory=dict)
 
     def run(self) -> tuple[Weights, TrainResult, float]:
         """Train from ``weights``; return the new weights, what training did, and the
-        seconds it took."""
+        seconds it took. A setting the backend cannot honour is refused (`InvalidInput`)
+        before anything trains."""
         started = time.perf_counter()
-        self.backend.set_weights(self.weights)
-        extra: dict[str, Any] = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
+        if self.trainer is not None:
+            assert self.settings is not None
+            x, y = check_dataset(
+                self.x, self.y, inputs=self.backend.inputs, classes=self.backend.classes
+            )
+            self.backend.set_weights(self.weights)
+            context = TrainContext(
+                self.backend,
+                x,
+                y,
+                self.settings,
+                self.learning_rate,
+                self.round_number,
+                np.random.default_rng(self.seed),
+                self.server,
+                self.state,
+            )
+            result = self.trainer.train(context)
+            return self.backend.get_weights(), result, time.perf_counter() - started
+        extra: dict[str, Any] = dict(self.options)
+        if self.proximal_mu:
+            extra["proximal_mu"] = self.proximal_mu
+        check_train_options(self.backend, extra)
         if self.interrupt is not None and _takes(self.backend.train, "interrupt"):
             extra["interrupt"] = self.interrupt  # (a backend without it: checked after)
-        try:
-            result = self.backend.train(
-                self.x,
-                self.y,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-                rng=np.random.default_rng(self.seed),
-                **extra,
-            )
-        except TypeError as exc:
-            if not self.proximal_mu:
-                raise
-            raise InvalidInput(
-                f"the {self.backend.runtime} backend cannot train FedProx (proximal_mu)"
-            ) from exc
+        self.backend.set_weights(self.weights)
+        result = self.backend.train(
+            self.x,
+            self.y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            rng=np.random.default_rng(self.seed),
+            **extra,
+        )
         return self.backend.get_weights(), result, time.perf_counter() - started
 
 
@@ -185,6 +218,7 @@ class FlowBase:
     enrolment_credential: str | None
     conditions: Conditions | None
     personalize: Personalization | None
+    trainers: Mapping[str, Trainer] | None
     _store: DeviceState
     _arrays: tuple[np.ndarray, np.ndarray] | None
     _secure: dict[int, SecureSession]

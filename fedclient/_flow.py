@@ -63,6 +63,7 @@ from fedclient.compression import CompressionSpec, compress
 from fedclient.conditions import ConditionsUnmet
 from fedclient.privacy.dp import PrivacyLedger
 from fedclient.protocol import (
+    BROADCAST,
     CHECKIN,
     DEVICE_ID_HEADER,
     EVALUATION,
@@ -90,8 +91,10 @@ from fedclient.protocol import (
     Weights,
     decode_tensors,
     encode_tensors,
+    with_extras,
 )
-from fedclient.runtime import TrainingBackend, check_dataset, create_backend
+from fedclient.runtime import TrainingBackend, check_dataset, check_train_options, create_backend
+from fedclient.trainers import check_trainer_options
 from fedclient.transport import error_code, raise_for_error
 
 __all__ = ["CONDITIONS_RETRY", "JobLoop"]
@@ -311,11 +314,30 @@ class JobLoop(SecureUpload):
             yield self._request(LEAVE, identity, round_id=plan.round_id)
             self._discard(plan, str(exc))
             raise
-        base = self._held_weights(plan)
-        backend = self._backend(plan)
+        settings = plan.train
         # The backend checks the data (shape, finite values, labels in range) as it
         # trains, before it changes anything: bad data fail this step, state untouched.
         x, y, generation = self._training_data()  # a snapshot: later examples wait a round
+        trainer, server, kept = None, {}, {}
+        if settings.trainer:  # research in simulation: a trainer this device holds
+            refusal = self._trainer_refusal(plan)
+            if refusal is not None:
+                raise InvalidInput(refusal)  # leaves the round (`_leaving_on_failure`)
+            trainer = (self.trainers or {})[settings.trainer]
+            response = yield self._request(
+                BROADCAST, identity, job=self.job, version=plan.model_version
+            )
+            if response.status_code == 409:  # the round closed: its model is not current
+                yield self._request(LEAVE, identity, round_id=plan.round_id)
+                return self._discard(plan, "the round's model is no longer the job's")
+            raise_for_error(response)
+            server = decode_tensors(response.content)[0]
+            held_state = self._store.trainer_state(self.job, generation)
+            kept = decode_tensors(held_state)[0] if held_state else {}
+        base = self._held_weights(plan)
+        backend = self._backend(plan)
+        if trainer is None:  # a setting the runtime cannot honour: refused, place given back
+            check_train_options(backend, settings.options())
         evaluation = None
         if (
             plan.evaluate
@@ -332,7 +354,6 @@ class JobLoop(SecureUpload):
                 "eval_examples": str(measured.num_examples),
             }
         seed = None if self.seed is None else self.seed * 1_000_003 + plan.round_id
-        settings = plan.train
         try:
             weights, result, seconds = yield TrainTask(
                 backend,
@@ -341,10 +362,16 @@ class JobLoop(SecureUpload):
                 y,
                 settings.epochs,
                 settings.batch_size,
-                settings.learning_rate,
+                settings.round_learning_rate(plan.round_number),
                 seed,
                 settings.proximal_mu,
                 self.conditions.interrupt() if self.conditions is not None else None,
+                settings.options(),
+                trainer,
+                settings,
+                plan.round_number,
+                server,
+                kept,
             )
         except ConditionsUnmet as stopped:  # unplugged mid-training: leave, drop the work
             yield self._request(LEAVE, identity, round_id=plan.round_id)
@@ -352,6 +379,13 @@ class JobLoop(SecureUpload):
         delta = {
             name: (weights[name] - base[name]).astype(base[name].dtype, copy=False) for name in base
         }
+        spec = CompressionSpec.parse(plan.compression)
+        if result.extras and (privacy is not None or plan.privacy.secagg or spec.active):
+            # Beside a DP release, inside a secure sum or compressed, they would leave
+            # unprotected or unreadable: refused, as a plan the device cannot follow.
+            raise InvalidInput(
+                "a trainer's extra tensors travel only without DP, secagg and compression"
+            )
         metadata = {"model_version": str(plan.model_version), "round_id": str(plan.round_id)}
         if privacy is None or self.policy.share_metadata:
             # Beside a DP release these would be unnoised facts about the data: by default
@@ -365,7 +399,6 @@ class JobLoop(SecureUpload):
             metadata["epsilon_spent"] = repr(epsilon_after)
         # With distributed DP the noise goes in with the masked input (`_secure_vector`);
         # the ledger is charged for it below all the same, before anything can leave.
-        spec = CompressionSpec.parse(plan.compression)
         residual_body = None
         if spec.active and not plan.privacy.secagg:  # secure sums quantise on their grid
             held_residual = self._store.residual(self.job, generation)
@@ -375,11 +408,11 @@ class JobLoop(SecureUpload):
             body = encode_tensors(tensors, metadata)
             residual_body = encode_tensors(left_out)
         else:
-            body = encode_tensors(delta, metadata)
+            body = encode_tensors(with_extras(delta, result.extras or {}), metadata)
         key = uuid.uuid4().hex
         with self._store.atomic():  # the release is charged before it can leave
             if seconds > 0:
-                self._store.record_speed(len(y) * settings.epochs / seconds)
+                self._store.record_speed(settings.work(len(y)) / seconds)
             if privacy is not None:
                 ledger.charge(
                     self.job,
@@ -388,10 +421,26 @@ class JobLoop(SecureUpload):
                     privacy.budget,
                     lifetime=privacy.lifetime,
                 )
+            if result.state is not None:  # kept with the update it came with
+                state = encode_tensors(result.state)
+                self._store.keep_trainer_state(self.job, state, generation)
             self._store._hold_update(self.job, plan, body, key, residual_body, generation)
         return StepOutcome(
             "trained", round_id=plan.round_id, train_loss=result.loss, examples=len(y)
         )
+
+    def _trainer_refusal(self, plan: RoundPlan) -> str | None:
+        """Why this device cannot train with the plan's trainer (None: it can): it must
+        hold one under that name (`trainers`), and honour the plan's settings."""
+        name = plan.train.trainer
+        trainer = (self.trainers or {}).get(name)
+        if trainer is None:
+            return f"the plan asks for the trainer {name!r}, which this device does not hold"
+        try:
+            check_trainer_options(trainer, name, plan.train)
+        except InvalidInput as exc:
+            return str(exc)
+        return None
 
     def _upload(self, identity: Identity, plan: RoundPlan, body: bytes, key: str) -> Flow:
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": TENSOR_MEDIA_TYPE}
@@ -539,7 +588,7 @@ class JobLoop(SecureUpload):
 
     def _seconds_needed(self, plan: RoundPlan) -> float | None:
         """Seconds this device expects to need to train and upload, if it can tell."""
-        work = self._example_count() * plan.train.epochs
+        work = plan.train.work(self._example_count())
         if self.estimate_seconds is not None:
             return self.estimate_seconds(work)
         speed = self._store.speed()  # examples per second, learned from past rounds

@@ -63,6 +63,10 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
+#: A client trainer's state is kept as the residual of job NAME + this (a job's name
+#: cannot hold "/": `fedclient.protocol.JobSettings`).
+TRAINER_STATE = "/trainer"
+
 #: The connections this process found at (or brought to) `SCHEMA_VERSION`: a state
 #: opened again on one of them does not ask again (a simulator wakes each of its
 #: devices on a connection it shares with a hundred others).
@@ -510,6 +514,22 @@ class DeviceState:
         """Forget the compression residual (its examples were forgotten)."""
         with self.atomic():
             self.db.execute("DELETE FROM residuals WHERE key=? AND job=?", [self.key, job])
+
+    def trainer_state(self, job: str, data_generation: int | None = None) -> bytes | None:
+        """What a client trainer kept on this device for ``job`` (tensors), if anything:
+        none if it was computed at another ``data_generation`` of the examples (some were
+        forgotten since), as for the compression residual."""
+        return self.residual(job + TRAINER_STATE, data_generation)
+
+    def keep_trainer_state(self, job: str, body: bytes, data_generation: int | None = None) -> None:
+        """Keep a client trainer's state for its next round (inside the transaction that
+        holds the update it came with). Beside the compression residual, under a name no
+        job can have."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO residuals (key, job, body, data_generation)"
+            " VALUES (?, ?, ?, ?)",
+            [self.key, job + TRAINER_STATE, body, data_generation],
+        )
 
     # -- own speed -------------------------------------------------------------
     def speed(self) -> float | None:

@@ -27,6 +27,7 @@ from fedclient.protocol._messages import (
     RetryLater,
     RoundPlan,
     RoundSummary,
+    SelectionSettings,
     StrategySettings,
     TrainSettings,
     UploadReceipt,
@@ -40,6 +41,7 @@ from fedclient.protocol._routes import (
     ADMIN_JOB_ACTION,
     ADMIN_REVOKE,
     ADMIN_ROUNDS,
+    BROADCAST,
     CHECKIN,
     ENROL,
     EVALUATION,
@@ -67,7 +69,15 @@ from fedclient.protocol._routes import (
     parse_id,
     split_job_url,
 )
-from fedclient.protocol._tensors import Weights, check_weights, decode_tensors, encode_tensors
+from fedclient.protocol._tensors import (
+    EXTRA_PREFIX,
+    Weights,
+    check_weights,
+    decode_tensors,
+    encode_tensors,
+    split_extras,
+    with_extras,
+)
 
 #: Header carrying the device's idempotency key on uploads.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -82,10 +92,12 @@ __all__ = [
     "ADMIN_JOB_ACTION",
     "ADMIN_REVOKE",
     "ADMIN_ROUNDS",
+    "BROADCAST",
     "CHECKIN",
     "DEVICE_ID_HEADER",
     "ENROL",
     "EVALUATION",
+    "EXTRA_PREFIX",
     "HEALTH",
     "JOB_ACTIONS",
     "READY",
@@ -129,6 +141,7 @@ __all__ = [
     "Route",
     "RoundPlan",
     "RoundSummary",
+    "SelectionSettings",
     "StrategySettings",
     "TrainSettings",
     "UploadReceipt",
@@ -140,5 +153,7 @@ __all__ = [
     "encode_tensors",
     "openapi_document",
     "parse_id",
+    "split_extras",
     "split_job_url",
+    "with_extras",
 ]

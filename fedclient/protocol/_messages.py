@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -37,6 +37,7 @@ __all__ = [
     "RetryLater",
     "RoundPlan",
     "RoundSummary",
+    "SelectionSettings",
     "StrategySettings",
     "TrainSettings",
     "UploadReceipt",
@@ -102,17 +103,85 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Local training settings a round asks devices to use."""
+    """Local training settings a round asks devices to use.
+
+    Every runtime honours ``epochs``, ``batch_size`` and ``learning_rate`` (decayed per
+    round by ``lr_decay``); the others are options a runtime honours or refuses
+    (`TrainSettings.options`; the numpy models take them all, a training graph of
+    plain SGD none): a device never silently trains otherwise than the plan says."""
 
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 8
     learning_rate: PositiveFloat = 0.1
     #: FedProx: weight of the proximal term mu/2 |w - w_global|^2 in local training.
     proximal_mu: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Per round: round r trains at learning_rate x lr_decay^(r - 1).
+    lr_decay: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    #: Per step, over a round's local steps: "constant", or down to 0 by "cosine"
+    #: (half a period) or "linear".
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    #: "sgd" (with ``momentum``: heavy ball, as PyTorch's) or "adam" (betas 0.9 and
+    #: 0.999, epsilon 1e-8). Optimiser state starts afresh each round.
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    #: L2 penalty: weight_decay x w is added to each step's gradient.
+    weight_decay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Train this many minibatch steps (epochs after epochs, each reshuffled) instead of
+    #: ``epochs`` whole epochs; 0: epochs.
+    local_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Clip each step's gradient (every tensor together) to this L2 norm; None: never.
+    clip_grad_norm: PositiveFloat | None = None
+    #: A client trainer (`fedclient.trainers`), for research in simulation: its import
+    #: path ("module:Class"). A device trains with it only if it holds it (`Client`'s
+    #: ``trainers``): a plan never makes a device import code. The table's keys that are
+    #: not fields here are its settings (``trainer_options``, keyword arguments).
+    trainer: str = ""
+    trainer_options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer == "adam" and self.momentum:
+            raise ValueError("train.momentum is SGD's: adam keeps moments of its own")
+
+    def round_learning_rate(self, round_number: int) -> float:
+        """The learning rate of round ``round_number`` (from 1), after ``lr_decay``."""
+        if self.lr_decay == 1.0:
+            return self.learning_rate
+        return self.learning_rate * self.lr_decay ** max(0, round_number - 1)
+
+    def options(self) -> dict[str, Any]:
+        """The settings a runtime must be asked for, as ``train`` keywords: those not at
+        their defaults, beyond epochs, batch size and learning rate."""
+        defaults = TrainSettings()
+        return {
+            name: getattr(self, name)
+            for name in _TRAIN_OPTIONS
+            if getattr(self, name) != getattr(defaults, name)
+        }
+
+    def work(self, examples: int) -> int:
+        """Examples a device with ``examples`` visits in a round (for time estimates)."""
+        return self.local_steps * self.batch_size if self.local_steps else examples * self.epochs
+
+
+#: `TrainSettings` a runtime honours or refuses (`TrainSettings.options`).
+_TRAIN_OPTIONS = (
+    "proximal_mu",
+    "lr_schedule",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "local_steps",
+    "clip_grad_norm",
+)
 
 
 class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How the server aggregates (see ``fedclient.server.strategies`` for the names)."""
+    """How the server aggregates (see ``fedclient.server.strategies`` for the names).
+
+    ``name`` is a built-in strategy's, or the import path of your own class
+    (``"my_strategies:Krum"``, `fedclient.plugins`). A plan's ``[strategy]`` keys that are
+    not fields here are that class's own settings: they are kept in ``options`` and
+    handed to it as keyword arguments (it validates them)."""
 
     name: str = "fedavg"
     #: Step size on the aggregated update; None: the strategy's own default.
@@ -123,6 +192,21 @@ class StrategySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tau: PositiveFloat = 1e-3
     trim_fraction: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.1
     norm_bound: PositiveFloat = 1.0
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class SelectionSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which of the devices checking in a sync round admits
+    (`fedclient.server.selection`).
+
+    ``name`` "" admits them first come, first served. Otherwise it names a selection
+    (a built-in one's name, or ``"module:Class"``; the table's other keys are its
+    settings, kept in ``options``): each round gathers candidates for at most
+    ``window_seconds`` after it opens, then admits those the selection picks."""
+
+    name: str = ""
+    window_seconds: PositiveFloat = 60.0
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class PrivacySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -175,7 +259,7 @@ class JobSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rounds: PositiveInt = 10
     devices_per_round: PositiveInt = 10
     min_devices: PositiveInt = 1
-    over_selection: Annotated[float, msgspec.Meta(ge=1.0)] = 1.3
+    over_selection: Annotated[float, msgspec.Meta(ge=1.0)] = 1.0
     deadline_seconds: PositiveFloat = 600.0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     max_upload_bytes: PositiveInt = 64 * 1024 * 1024
@@ -221,6 +305,7 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     strategy: StrategySettings = msgspec.field(default_factory=StrategySettings)
     privacy: PrivacySettings = msgspec.field(default_factory=PrivacySettings)
     evaluate: EvaluateSettings = msgspec.field(default_factory=EvaluateSettings)
+    selection: SelectionSettings = msgspec.field(default_factory=SelectionSettings)
 
     def __post_init__(self) -> None:
         if self.job.min_devices > self.job.devices_per_round:
@@ -240,6 +325,16 @@ class JobPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if p.distributed_dp and not (p.secagg and p.dp_epsilon is not None):
             raise ValueError("distributed_dp needs secagg (or secagg+) and dp_epsilon")
+        if self.selection.name and (self.job.mode == "async" or p.secagg):
+            raise ValueError(
+                "a selection picks each sync round's devices: not in async mode, nor (yet) "
+                "with secure aggregation"
+            )
+        if self.train.trainer and self.job.mode == "async":
+            raise ValueError(
+                "a client trainer needs sync rounds (it may read what the strategy sends "
+                "beside the round's model, which an async device's older version lacks)"
+            )
 
     @property
     def admit_per_round(self) -> int:

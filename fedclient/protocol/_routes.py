@@ -23,6 +23,7 @@ __all__ = [
     "ADMIN_JOB_ACTION",
     "ADMIN_REVOKE",
     "ADMIN_ROUNDS",
+    "BROADCAST",
     "CHECKIN",
     "ENROL",
     "EVALUATION",
@@ -110,6 +111,16 @@ MODEL = Route(
     "header (bytes=N-) with If-Range resumes a broken download: 206 Partial Content.",
     response=TENSOR_MEDIA_TYPE,
     errors=(401, 404, 416),
+)
+BROADCAST = Route(
+    "broadcast",
+    "GET",
+    "/v1/models/{job}/{version}/broadcast",
+    "The tensors the job's strategy sends its devices beside the current model version "
+    "(e.g. SCAFFOLD's server control variate): for a device whose plan names a client "
+    "trainer. An older version's are gone: 409.",
+    response=TENSOR_MEDIA_TYPE,
+    errors=(401, 404, 409),
 )
 UPLOAD = Route(
     "upload",
@@ -285,6 +296,7 @@ ROUTES = (
     ENROL,
     CHECKIN,
     MODEL,
+    BROADCAST,
     UPLOAD,
     UPLOAD_START,
     UPLOAD_CHUNK,

@@ -11,10 +11,38 @@ from safetensors.numpy import load, save
 
 from fedclient._exceptions import InvalidRequest
 
-__all__ = ["Weights", "check_weights", "decode_tensors", "encode_tensors"]
+__all__ = [
+    "EXTRA_PREFIX",
+    "Weights",
+    "check_weights",
+    "decode_tensors",
+    "encode_tensors",
+    "split_extras",
+    "with_extras",
+]
 
 #: A model's parameters (or an update to them), by parameter name.
 Weights = dict[str, np.ndarray]
+
+#: An update's tensors beyond the model's delta (a client trainer's, e.g. SCAFFOLD's
+#: control variates) travel in the same body under names with this prefix.
+EXTRA_PREFIX = "extra/"
+
+
+def split_extras(tensors: Mapping[str, np.ndarray]) -> tuple[Weights, Weights]:
+    """An update's tensors as (the delta, the extras without their prefix)."""
+    delta, extras = {}, {}
+    for name, value in tensors.items():
+        if name.startswith(EXTRA_PREFIX):
+            extras[name[len(EXTRA_PREFIX) :]] = value
+        else:
+            delta[name] = value
+    return delta, extras
+
+
+def with_extras(delta: Mapping[str, np.ndarray], extras: Mapping[str, np.ndarray]) -> Weights:
+    """The tensors of an update body: the delta, and the extras under `EXTRA_PREFIX`."""
+    return {**delta, **{EXTRA_PREFIX + name: value for name, value in extras.items()}}
 
 
 class _Header(msgspec.Struct):

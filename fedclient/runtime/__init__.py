@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
-from fedclient.runtime._base import EvalResult, TrainingBackend, TrainResult, check_dataset
+from fedclient.runtime._base import (
+    EvalResult,
+    TrainingBackend,
+    TrainResult,
+    check_dataset,
+    check_train_options,
+    schedule_factor,
+)
 from fedclient.runtime._bundle import (
     BundleManifest,
     bundle_weights,
@@ -36,11 +43,13 @@ __all__ = [
     "TrainingBackend",
     "bundle_weights",
     "check_dataset",
+    "check_train_options",
     "cnn_initial_weights",
     "create_backend",
     "manifest_digest",
     "read_manifest",
     "read_tflite_manifest",
+    "schedule_factor",
     "write_bundle",
 ]
 

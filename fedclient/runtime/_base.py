@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -12,23 +13,32 @@ from fedclient._exceptions import InvalidInput
 from fedclient.protocol import Weights
 
 __all__ = [
+    "NUMPY_TRAIN_OPTIONS",
     "EvalResult",
     "NumpyWeights",
     "TrainResult",
     "TrainingBackend",
     "check_dataset",
+    "check_train_options",
     "check_labels",
     "cross_entropy",
+    "schedule_factor",
 ]
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one call to `TrainingBackend.train` did."""
+    """What one call to `TrainingBackend.train` (or a `fedclient.trainers.Trainer`) did.
+
+    A trainer may add ``extras``, tensors sent beside the update (e.g. SCAFFOLD's
+    control-variate change), and ``state``, tensors the device keeps for its next
+    round (its control variate)."""
 
     loss: float  # mean training loss over the last epoch
     num_examples: int
     steps: int
+    extras: Weights | None = None
+    state: Weights | None = None
 
 
 @dataclass(frozen=True)
@@ -76,14 +86,46 @@ class TrainingBackend(Protocol):
         """Class probabilities, shape (n, classes)."""
 
 
+#: What `NumpyWeights.train` takes beyond epochs, batch size and learning rate: every
+#: `fedclient.protocol.TrainSettings.options` key.
+NUMPY_TRAIN_OPTIONS = frozenset(
+    {
+        "proximal_mu",
+        "lr_schedule",
+        "optimizer",
+        "momentum",
+        "weight_decay",
+        "local_steps",
+        "clip_grad_norm",
+    }
+)
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-8
+
+
+def schedule_factor(schedule: str, step: int, steps: int) -> float:
+    """The share of the round's learning rate at local ``step`` (from 0) of ``steps``."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    if schedule == "linear":
+        return 1.0 - step / steps
+    if schedule == "constant":
+        return 1.0
+    raise InvalidInput(f"unknown lr_schedule {schedule!r}; use constant, cosine or linear")
+
+
 class NumpyWeights:
     """What the numpy backends share: parameters kept as numpy arrays and exchanged by
-    name, and minibatch SGD over a subclass's ``loss_and_grads``."""
+    name, and minibatch training over a subclass's ``loss_and_grads``."""
 
     _params: Weights
     _dtype: np.dtype[Any]
     inputs: int
     classes: int
+    #: The `TrainSettings` options `train` honours (a device refuses a plan asking for
+    #: one its backend does not list).
+    train_options: frozenset[str] = NUMPY_TRAIN_OPTIONS
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         """Mean cross-entropy on (x, y) and its gradient for every parameter (new arrays:
@@ -101,11 +143,46 @@ class NumpyWeights:
         rng: np.random.Generator,
         proximal_mu: float = 0.0,
         interrupt: Callable[[], None] | None = None,
+        lr_schedule: str = "constant",
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_steps: int = 0,
+        clip_grad_norm: float | None = None,
     ) -> TrainResult:
         """Minibatch SGD; each epoch visits the examples in an order drawn from ``rng``.
 
         ``proximal_mu`` > 0 adds FedProx's term mu/2 |w - w_start|^2 to the loss.
-        ``interrupt`` is called before each minibatch (what it raises ends training)."""
+        ``interrupt`` is called before each minibatch (what it raises ends training).
+        The other options are `fedclient.protocol.TrainSettings`': a per-step schedule of
+        the learning rate, SGD with momentum or Adam, weight decay (L2 on the gradient),
+        ``local_steps`` steps instead of ``epochs`` epochs, and gradient clipping to an
+        L2 norm (every tensor together, the proximal term in; weight decay is added
+        after, as PyTorch's optimisers add theirs). Each matches ``torch.optim``."""
+        if (lr_schedule, optimizer, momentum, weight_decay, local_steps, clip_grad_norm) != (
+            "constant",
+            "sgd",
+            0.0,
+            0.0,
+            0,
+            None,
+        ):
+            return self._train_with(
+                x,
+                y,
+                epochs=epochs,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                rng=rng,
+                proximal_mu=proximal_mu,
+                interrupt=interrupt,
+                lr_schedule=lr_schedule,
+                optimizer=optimizer,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                local_steps=local_steps,
+                clip_grad_norm=clip_grad_norm,
+            )
         anchor = self.get_weights() if proximal_mu else None
         x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
         x = x.astype(self._dtype, copy=False)
@@ -130,6 +207,80 @@ class NumpyWeights:
             epoch_loss = total / n
         return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
 
+    def _train_with(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        rng: np.random.Generator,
+        proximal_mu: float,
+        interrupt: Callable[[], None] | None,
+        lr_schedule: str,
+        optimizer: str,
+        momentum: float,
+        weight_decay: float,
+        local_steps: int,
+        clip_grad_norm: float | None,
+    ) -> TrainResult:
+        """`train` with any of its options (plain SGD keeps to the loop above, whose
+        results earlier reports hold)."""
+        if optimizer not in ("sgd", "adam"):
+            raise InvalidInput(f"unknown optimizer {optimizer!r}; use sgd or adam")
+        anchor = self.get_weights() if proximal_mu else None
+        x, y = check_dataset(x, y, inputs=self.inputs, classes=self.classes)
+        x = x.astype(self._dtype, copy=False)
+        n = x.shape[0]
+        steps = local_steps or epochs * -(-n // batch_size)
+        first: Weights = {}  # momentum (SGD) or first moment (Adam), in float64
+        second: Weights = {}  # Adam's second moment
+        beta1, beta2 = ADAM_BETAS
+        step = 0
+        epoch_loss = 0.0
+        while step < steps:
+            order = rng.permutation(n)
+            total, seen = 0.0, 0
+            for start in range(0, n, batch_size):
+                if step == steps:
+                    break
+                if interrupt is not None:
+                    interrupt()
+                idx = order[start : start + batch_size]
+                loss, grads = self.loss_and_grads(x[idx], y[idx])
+                gradient = {k: g.astype(np.float64) for k, g in grads.items()}
+                if anchor is not None:
+                    for name, g in gradient.items():
+                        g += proximal_mu * (self._params[name] - anchor[name])
+                if clip_grad_norm is not None:
+                    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in gradient.values()))
+                    scale = clip_grad_norm / (norm + 1e-6)  # torch's clip_grad_norm_
+                    if scale < 1:
+                        for g in gradient.values():
+                            g *= scale
+                if weight_decay:  # as PyTorch's optimisers: after clipping
+                    for name, g in gradient.items():
+                        g += weight_decay * self._params[name]
+                rate = learning_rate * schedule_factor(lr_schedule, step, steps)
+                for name, g in gradient.items():
+                    if optimizer == "adam":
+                        m = first[name] = beta1 * first.get(name, 0.0) + (1 - beta1) * g
+                        v = second[name] = beta2 * second.get(name, 0.0) + (1 - beta2) * g * g
+                        m_hat = m / (1 - beta1 ** (step + 1))
+                        v_hat = v / (1 - beta2 ** (step + 1))
+                        change = m_hat / (np.sqrt(v_hat) + ADAM_EPSILON)
+                    elif momentum:
+                        change = first[name] = momentum * first.get(name, 0.0) + g
+                    else:
+                        change = g
+                    self._params[name] -= (rate * change).astype(self._dtype)
+                total += loss * len(idx)
+                seen += len(idx)
+                step += 1
+            epoch_loss = total / seen
+        return TrainResult(loss=epoch_loss, num_examples=n, steps=step)
+
     def get_weights(self) -> Weights:
         """A copy of the parameters, by name."""
         return {name: value.copy() for name, value in self._params.items()}
@@ -148,6 +299,18 @@ class NumpyWeights:
                     f"got {value.dtype}{list(value.shape)}"
                 )
         self._params = {name: np.array(weights[name]) for name in self._params}
+
+
+def check_train_options(backend: TrainingBackend, options: Mapping[str, Any]) -> None:
+    """Refuse training settings ``backend`` does not honour (those its ``train_options``
+    does not list): a device trains as the plan says, or not at all."""
+    unsupported = sorted(set(options) - set(getattr(backend, "train_options", ())))
+    if unsupported:
+        asked = ", ".join(f"{name} = {options[name]!r}" for name in unsupported)
+        raise InvalidInput(
+            f"the {backend.runtime} runtime cannot honour the plan's [train] {asked}: its "
+            "training is plain minibatch SGD (the numpy models take every setting)"
+        )
 
 
 def check_dataset(

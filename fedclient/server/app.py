@@ -38,6 +38,7 @@ from fedclient.protocol import (
     ADMIN_JOB_ACTION,
     ADMIN_REVOKE,
     ADMIN_ROUNDS,
+    BROADCAST,
     CHECKIN,
     DEVICE_ID_HEADER,
     ENROL,
@@ -172,6 +173,12 @@ def create_app(
             )
         return Response(body, media_type=TENSOR_MEDIA_TYPE, headers=headers)
 
+    async def broadcast(request: Request) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        version = _int_param(request, "version")
+        body = service.broadcast(token, request.path_params["job"], version)
+        return Response(body, media_type=TENSOR_MEDIA_TYPE)
+
     async def upload(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         limit(request, "upload", token)
@@ -305,6 +312,7 @@ def create_app(
         UPLOAD: upload,
         ENROL: enrol,
         MODEL: model,
+        BROADCAST: broadcast,
         UPLOAD_START: upload_start,
         UPLOAD_CHUNK: upload_chunk,
         UPLOAD_STATUS: upload_status,

@@ -8,19 +8,54 @@ from typing import Any
 import msgspec
 
 from fedclient._exceptions import InvalidInput
-from fedclient.protocol import JobPlan
+from fedclient.protocol import JobPlan, SelectionSettings, StrategySettings, TrainSettings
+from fedclient.server.selection import selection_for
+from fedclient.server.strategies import strategy_for
 
 __all__ = ["load_plan", "plan_from_dict"]
+
+#: Tables whose keys beyond their struct's fields are a plugin's own settings: (the
+#: struct, the field that keeps them, the field naming the plugin). The settings are
+#: handed to the plugin's class, which validates them; a table naming no plugin keeps
+#: refusing keys it does not know.
+_OPTION_TABLES: dict[str, tuple[type[msgspec.Struct], str, str]] = {
+    "strategy": (StrategySettings, "options", "name"),
+    "train": (TrainSettings, "trainer_options", "trainer"),
+    "selection": (SelectionSettings, "options", "name"),
+}
 
 
 def plan_from_dict(data: dict[str, Any], base: str | Path = ".") -> JobPlan:
     """Validate a plan given as nested dicts (``job``, ``model``, ``train`` tables). A
-    ``bundle`` model's directory is relative to ``base``."""
+    ``bundle`` model's directory is relative to ``base``, and so is a plugin's module
+    (``[strategy] name = "module:Class"``: ``base`` and the current directory are on its
+    import path). The strategy (and the selection) is built once here, so that it can
+    refuse its settings when the plan is loaded."""
+    data = _with_options(data)
     try:
         plan = msgspec.convert(data, type=JobPlan)
     except (msgspec.ValidationError, ValueError) as exc:
         raise InvalidInput(f"invalid plan: {exc}") from exc
+    strategy_for(plan.strategy, where=[base])
+    if plan.selection.name:
+        selection_for(plan.selection, where=[base])
     return _with_bundle(plan, Path(base)) if plan.model.kind == "bundle" else plan
+
+
+def _with_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The plan with each plugin table's own keys moved into its ``options``."""
+    data = dict(data)
+    for table, (struct, kept, plugin) in _OPTION_TABLES.items():
+        settings = data.get(table)
+        if not isinstance(settings, dict) or not settings.get(plugin):
+            continue
+        known = set(struct.__struct_fields__)
+        options = dict(settings.get(kept) or {})
+        options.update({k: v for k, v in settings.items() if k not in known})
+        data[table] = {k: v for k, v in settings.items() if k in known and k != kept}
+        if options:
+            data[table][kept] = options
+    return data
 
 
 def load_plan(path: str | Path) -> JobPlan:

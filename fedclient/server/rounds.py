@@ -34,9 +34,10 @@ import hashlib
 import math
 from collections.abc import Callable
 
+import msgspec
 import numpy as np
 
-from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors
+from fedclient.protocol import JobPlan, Weights, decode_tensors, encode_tensors, split_extras
 from fedclient.runtime import bundle_weights, create_backend
 from fedclient.server.store import JobRow, RoundRow, ServerStore, UpdateRow
 from fedclient.server.strategies import (
@@ -45,6 +46,8 @@ from fedclient.server.strategies import (
     MeanStrategy,
     RunningSum,
     Strategy,
+    decode_state,
+    encode_state,
     strategy_for,
 )
 
@@ -56,6 +59,14 @@ DECODED_MAX_BYTES = 256 * 1024 * 1024
 #: A streaming round folds its waiting update bodies into its running sum once this many
 #: wait: each fold writes the sum (8 bytes a parameter) once for this many updates.
 FOLD_EVERY = 32
+
+
+def _update(row: UpdateRow, tensors: Weights, cap: int | None = None) -> ClientUpdate:
+    """A stored update as its strategy sees it: the delta, and a trainer's extras; its
+    example count no more than the round's weight cap (None: uncapped)."""
+    delta, extras = split_extras(tensors)
+    examples = row.num_examples if not cap else min(row.num_examples, cap)
+    return ClientUpdate(row.device_id, examples, delta, row.staleness, extras)
 
 
 def initial_weights(plan: JobPlan) -> Weights:
@@ -89,6 +100,8 @@ class SyncRounds:
         self._sums: dict[int, RunningSum] = {}
         # Each round's weight cap, once fixed (its first FOLD_EVERY updates are in).
         self._caps: dict[int, int | None] = {}
+        # Each plan's strategy, built once (by its [strategy] table, as JSON).
+        self._strategies: dict[bytes, Strategy] = {}
 
     def forget(self) -> None:
         """Drop every update held decoded and every running sum kept (writes were lost:
@@ -137,7 +150,13 @@ class SyncRounds:
 
     def strategy_for(self, plan: JobPlan) -> Strategy:
         """The strategy that aggregates this job's rounds."""
-        return self.strategy or strategy_for(plan.strategy)
+        if self.strategy is not None:
+            return self.strategy
+        key = msgspec.json.encode(plan.strategy)
+        built = self._strategies.get(key)
+        if built is None:
+            built = self._strategies[key] = strategy_for(plan.strategy)
+        return built
 
     def _streaming(self, plan: JobPlan) -> MeanStrategy | None:
         """The job's strategy if its rounds fold updates as they arrive, else None (a
@@ -179,8 +198,7 @@ class SyncRounds:
             cap = self.weight_cap(job.plan, round_id) if rows else None
             for row in rows:
                 tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
-                examples = row.num_examples if cap is None else min(row.num_examples, cap)
-                update = ClientUpdate(row.device_id, examples, tensors, row.staleness)
+                update = _update(row, tensors, cap)
                 running.add(update.weight, strategy.contribution(update))
             if rows:
                 self.store.save_round_sum(
@@ -232,22 +250,14 @@ class SyncRounds:
         assert current is not None
         base, _ = decode_tensors(current[0])
         held = self.store.strategy_state(job.name)
-        state = decode_tensors(held)[0] if held else {}
+        state = decode_state(held) if held else {}
         streaming = self._streaming(plan) if updates is None else None
         with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the result
             if streaming is not None:
                 return streaming.step(base, self.fold(job, round_.round_id).mean(), state)
             if updates is None:
-                cap = self.weight_cap(plan, round_.round_id) or 0
-                updates = [
-                    ClientUpdate(
-                        r.device_id,
-                        min(r.num_examples, cap) if cap else r.num_examples,
-                        self._tensors(r),
-                        r.staleness,
-                    )
-                    for r in rows
-                ]
+                cap = self.weight_cap(plan, round_.round_id)
+                updates = [_update(r, self._tensors(r), cap) for r in rows]
             strategy = FedAvg() if plan.privacy.secagg else self.strategy_for(plan)
             return strategy.aggregate(base, updates, state)
 
@@ -290,7 +300,7 @@ class SyncRounds:
             elif new_weights is not None:
                 body = encode_tensors(new_weights)
                 if state:
-                    self.store.save_strategy_state(job.name, encode_tensors(state))
+                    self.store.save_strategy_state(job.name, encode_state(state))
                 version = round_.model_version + 1
                 self.store.add_model(job.name, version, body, model_etag(body), now)
                 losses = [(r.train_loss, r.num_examples) for r in rows if r.train_loss is not None]

@@ -49,12 +49,14 @@ from fedclient.protocol import (
     UploadStart,
     Weights,
     decode_tensors,
+    encode_tensors,
 )
 from fedclient.server.auth import EnrolmentPolicy, hash_token, new_credentials
 from fedclient.server.operator import Operator
 from fedclient.server.rounds import SyncRounds, model_etag
+from fedclient.server.selection import NOT_SELECTED, SELECTION_PENDING, Pools
 from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow, serialised
-from fedclient.server.strategies import ClientUpdate, Strategy
+from fedclient.server.strategies import ClientUpdate, Strategy, decode_state
 from fedclient.server.validation import check_key, evaluation_counts, validate_update
 
 if TYPE_CHECKING:
@@ -125,6 +127,8 @@ class FederationService:
         # simulation seeds it to reproduce its report; it hides nothing either way.
         self.secure_random = secure_random
         self.rounds = SyncRounds(store, strategy)
+        #: The candidate pools of jobs that select (`fedclient.server.selection`).
+        self.pools = Pools()
         self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
@@ -160,6 +164,11 @@ class FederationService:
     @serialised
     def add_job(self, plan: JobPlan) -> None:
         """Create the job, or resume it if the store already has it with the same plan."""
+        if plan.selection.name and self.store.shared:
+            raise InvalidInput(
+                "a selection keeps its candidates in the server's memory: a job that "
+                "selects runs on one worker, not on a shared database"
+            )
         existing = self.store.job(plan.job.name)
         if existing is None:
             self.rounds.create_job(plan, self.clock())
@@ -291,8 +300,14 @@ class FederationService:
                 # The round may close by quota long before its deadline: ask again soon.
                 return RetryLater(min(wait, CONTRIBUTED_RETRY), "already contributed to this round")
             return Admitted(self._plan(job, round_, device_id))
+        if job.plan.selection.name and self.pools.chosen(round_.round_id, device_id) is False:
+            return RetryLater(wait, NOT_SELECTED)  # a candidate; the picked were admitted
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             return RetryLater(wait, "the round is full")
+        if job.plan.selection.name:
+            not_yet = self._select(job, round_, device_id, now)
+            if not_yet is not None:
+                return not_yet
         if job.plan.privacy.secagg and self.store.device_identity(device_id) is None:
             # A device registers its identity key when it first needs one (a job without
             # secure aggregation never asks for it: no key is made, no crypto loaded).
@@ -311,6 +326,25 @@ class FederationService:
         ):
             self._open_secure(job, round_)
         return Admitted(self._plan(job, round_, device_id))
+
+    def _select(
+        self, job: JobRow, round_: RoundRow, device_id: str, now: float
+    ) -> RetryLater | None:
+        """A round whose job selects: None to admit the device now (it was picked); else
+        when to come back (the round still gathers candidates, or it was not picked).
+        The devices picked with it are admitted too (`fedclient.server.selection`)."""
+        wait = max(1.0, round_.deadline - now)
+        places = job.plan.admit_per_round - self.store.admitted_count(round_.round_id)
+        picked, retry = self.pools.offer(
+            job.plan, round_.round_id, round_.number, round_.opened_at, device_id, places, now
+        )
+        if retry is not None:
+            return RetryLater(retry, SELECTION_PENDING)
+        with self.store.atomic():
+            for other in picked:
+                if other != device_id:
+                    self.store.admit(round_.round_id, other, now)
+        return None if device_id in picked else RetryLater(wait, NOT_SELECTED)
 
     def _open_secure(self, job: JobRow, round_: RoundRow) -> None:
         """The round is full: fix its cohort for secure aggregation."""
@@ -582,7 +616,11 @@ class FederationService:
             raise PayloadTooLarge(f"update is over {job.plan.job.max_upload_bytes} bytes")
         reference = self._reference(job.name, round_.model_version)
         num_examples, train_loss, body, spent, tensors, evaluation = validate_update(
-            job.plan, round_.model_version, reference, body
+            job.plan,
+            round_.model_version,
+            reference,
+            body,
+            accepts_extras=self.rounds.strategy_for(job.plan).accepts_extras,
         )
         now = self.clock()
         # Sync: the update belongs to its own round. Async: to the buffer open now, with
@@ -612,6 +650,10 @@ class FederationService:
                     staleness,
                 )
                 self.rounds.hold_decoded(receipt_id, tensors)
+                if job.plan.selection.name:
+                    self.pools.record(
+                        job.name, round_.round_id, device_id, num_examples, train_loss, now
+                    )
                 if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
                     self.rounds.close(job, target, now, "quota")
                 else:
@@ -747,6 +789,19 @@ class FederationService:
             if len(self._references) > 16:  # async jobs check against recent versions
                 del self._references[next(iter(self._references))]
         return self._references[key]
+
+    @serialised
+    def broadcast(self, token: str, job_name: str, version: int) -> bytes:
+        """What the job's strategy sends beside model ``version`` (the current one)."""
+        self.authenticate(token)
+        job = self.job(job_name)
+        if version != job.model_version:
+            raise Conflict(
+                f"job {job_name!r} is at model version {job.model_version}, not {version}"
+            )
+        held = self.store.strategy_state(job_name)
+        state = decode_state(held) if held else {}
+        return encode_tensors(self.rounds.strategy_for(job.plan).broadcast(state))
 
 
 def _session(row: SessionRow) -> UploadSession:

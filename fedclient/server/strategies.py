@@ -1,19 +1,27 @@
 """Aggregation strategies: pure functions from (global weights, client updates, state) to
 (new weights, new state).
 
-A strategy is one class. Subclass `Strategy`, give it a ``name`` and an
-``aggregate`` method, and a plan can name it::
+A strategy is one class. Subclass `Strategy` and write ``aggregate``; a plan names
+it by import path, and its own settings (keyword arguments of its constructor, after
+the plan's `StrategySettings`) come from the same table::
 
-    class Krum(Strategy):
-        name = "krum"
+    # krum.py, beside the plan              # plan.toml
+    class Krum(Strategy):                   # [strategy]
+        def __init__(self, settings=None, *, f=1):   # name = "krum:Krum"
+            super().__init__(settings)      # f = 2
+            if f < 0:
+                raise ValueError("f must be 0 or more")
+            self.f = f
 
         def aggregate(self, weights, updates, state):
             ...
             return new_weights, state
 
-``state`` is the strategy's memory between rounds (momentum, Adam moments) as
-named float arrays; the server keeps it in SQLite next to the model, so a
-restarted server resumes mid-optimisation.
+A subclass with a ``name`` is also known by that name once its module is imported.
+``state`` is the strategy's memory between rounds (momentum, Adam moments): named
+arrays of any shape and dtype numpy and safetensors share (0-d ones too); the server
+keeps it in its database next to the model (`encode_state`), so a restarted server
+resumes mid-optimisation.
 
 A strategy that needs only the weighted mean of the updates subclasses
 `MeanStrategy` and writes ``step`` (from that mean) instead: its rounds then
@@ -37,15 +45,18 @@ FedProx is a device-side change (a proximal term in local training: the plan's
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fedclient._exceptions import InvalidInput
-from fedclient.protocol import StrategySettings, Weights
+from fedclient.plugins import construct, is_import_path, load_plugin
+from fedclient.protocol import StrategySettings, Weights, decode_tensors, encode_tensors
 
 __all__ = [
     "ClientUpdate",
@@ -60,6 +71,9 @@ __all__ = [
     "RunningSum",
     "Strategy",
     "TrimmedMean",
+    "decode_state",
+    "encode_state",
+    "strategy_class",
     "strategy_for",
 ]
 
@@ -72,6 +86,9 @@ class ClientUpdate:
     num_examples: int
     delta: Weights
     staleness: int = 0  # async: model versions between the one trained on and the current
+    #: Tensors a client trainer sent beside the delta (for a strategy whose
+    #: ``accepts_extras`` says it reads them; e.g. SCAFFOLD's control-variate change).
+    extras: Weights = field(default_factory=dict)
 
     @property
     def weight(self) -> float:
@@ -87,6 +104,9 @@ class Strategy(ABC):
     #: Whether a round may fold its updates into a `RunningSum` as they arrive (and
     #: keep no bodies): only a `MeanStrategy` may.
     streams: ClassVar[bool] = False
+    #: Whether updates may carry extra tensors for it (`ClientUpdate.extras`): refused
+    #: otherwise, as any unexpected tensor is.
+    accepts_extras: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[Strategy]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -104,15 +124,49 @@ class Strategy(ABC):
     ) -> tuple[Weights, Weights]:
         """The next global weights (and strategy state) from this round's updates."""
 
+    def broadcast(self, state: Weights) -> Weights:
+        """Tensors the devices get beside the current model (from the state its last
+        round left; a client trainer reads them, e.g. SCAFFOLD's server control
+        variate). None by default."""
+        return {}
 
-def strategy_for(settings: StrategySettings) -> Strategy:
-    """The strategy a plan names."""
-    cls = Strategy.registry.get(settings.name)
+
+def strategy_class(name: str, *, where: Sequence[str | Path] = ()) -> type[Strategy]:
+    """The class a plan's strategy ``name`` means: a built-in name, or an import path
+    (``module:Class``, imported with the folders ``where`` on the path)."""
+    if is_import_path(name):
+        found: type[Strategy] = load_plugin(name, Strategy, where=where)
+        return found
+    cls = Strategy.registry.get(name)
     if cls is None:
         raise InvalidInput(
-            f"unknown strategy {settings.name!r}; available: {', '.join(sorted(Strategy.registry))}"
+            f"unknown strategy {name!r}; available: {', '.join(sorted(Strategy.registry))}, "
+            "or your own class as module:Class"
         )
-    return cls(settings)
+    return cls
+
+
+def strategy_for(settings: StrategySettings, *, where: Sequence[str | Path] = ()) -> Strategy:
+    """The strategy a plan names, built with its own settings (``settings.options``)."""
+    cls = strategy_class(settings.name, where=where)
+    return construct(cls, f"strategy {settings.name!r}", settings, options=settings.options)
+
+
+def encode_state(state: Mapping[str, Any]) -> bytes:
+    """A strategy's state as the server stores it: every value as an array (numbers
+    too), each keeping its shape (safetensors' numpy binding reads a 0-d array back
+    as shape (1,): their names go in the metadata)."""
+    arrays = {name: np.asarray(value) for name, value in state.items()}
+    scalars = sorted(name for name, value in arrays.items() if value.ndim == 0)
+    return encode_tensors(arrays, {"scalars": json.dumps(scalars)} if scalars else None)
+
+
+def decode_state(body: bytes) -> Weights:
+    """The state `encode_state` stored, shapes as they were."""
+    arrays, metadata = decode_tensors(body)
+    for name in json.loads(metadata.get("scalars", "[]")):
+        arrays[name] = arrays[name].reshape(())
+    return arrays
 
 
 class RunningSum:

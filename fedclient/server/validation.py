@@ -24,21 +24,32 @@ from fedclient.protocol import (
     check_weights,
     decode_tensors,
     encode_tensors,
+    split_extras,
+    with_extras,
 )
 
-__all__ = ["Evaluation", "check_key", "evaluation_counts", "validate_update"]
+__all__ = ["Evaluation", "check_extras", "check_key", "evaluation_counts", "validate_update"]
 
 
 def validate_update(
-    plan: JobPlan, model_version: int, reference: Weights, body: bytes
+    plan: JobPlan,
+    model_version: int,
+    reference: Weights,
+    body: bytes,
+    *,
+    accepts_extras: bool = False,
 ) -> tuple[int, float | None, bytes, float | None, Weights, Evaluation | None]:
     """Check an update of a round on ``model_version`` (``reference``, decoded) of a job
     planned as ``plan``; return its example count, training loss, the dense body to
     store (a compressed update is decoded here, so strategies see floats), with
     local DP the epsilon its device reports having spent on the job, the
-    update's tensors (the body, decoded), and the device's evaluation of the
-    round's model if it sent one. `InvalidRequest` (400) otherwise."""
+    update's tensors (the body, decoded, a client trainer's extras among them for a
+    strategy that ``accepts_extras``: `check_extras`), and the device's evaluation of
+    the round's model if it sent one. `InvalidRequest` (400) otherwise."""
     tensors, metadata = decode_tensors(body)
+    tensors, extras = split_extras(tensors)
+    if extras:
+        check_extras(plan, extras, reference, accepts_extras)
     encoding = metadata.get("compression", "")
     if encoding != plan.job.compression:
         raise InvalidRequest(
@@ -82,7 +93,28 @@ def validate_update(
         if not math.isfinite(epsilon) or epsilon < 0:
             raise InvalidRequest("a job with local DP needs the epsilon_spent metadata")
     evaluation = evaluation_counts(metadata, plan.job.max_examples)
+    if extras:
+        tensors = with_extras(tensors, extras)  # for the strategy (`ClientUpdate.extras`)
     return num_examples, train_loss, body, epsilon, tensors, evaluation
+
+
+def check_extras(plan: JobPlan, extras: Weights, reference: Weights, accepted: bool) -> None:
+    """A client trainer's extra tensors: only for a strategy that reads them
+    (``accepted``), never with compression or secure aggregation, finite, and at most
+    4x the model's size."""
+    if not accepted:
+        names = sorted(extras)[:5]
+        raise InvalidRequest(
+            f"unexpected tensors {names}: the job's strategy takes no extra tensors"
+        )
+    if plan.job.compression or plan.privacy.secagg:
+        raise InvalidRequest("extra tensors travel only uncompressed, outside secure sums")
+    size = sum(t.size for t in extras.values())
+    if size > 4 * sum(t.size for t in reference.values()):
+        raise InvalidRequest(f"{size} extra values: more than 4x the model's")
+    for name, value in extras.items():
+        if value.dtype.kind != "f" or not np.isfinite(value).all():
+            raise InvalidRequest(f"extra tensor {name!r} is not finite floats")
 
 
 #: A device's evaluation of a round's model: correct, loss sum, examples.

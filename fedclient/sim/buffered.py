@@ -49,6 +49,7 @@ async def run_buffered(
     events: list[tuple[float, int]] = []  # (finish time, device index)
     token = ""
     counts = {"stale": 0, "network": 0, "left": 0, "waits": 0}
+    contributed: list[int] = []  # devices whose update is in the buffer being filled
     sequence = 0
 
     async def start_devices() -> None:
@@ -80,7 +81,7 @@ async def run_buffered(
                 continue
             assert d.client is not None
             size = d.client.device_state.update_size(job)
-            seconds = d.round_seconds(plan.train.epochs, size)
+            seconds = d.round_seconds(plan.train, size)
             heapq.heappush(events, (clock.now + seconds + d.backoff, i))
 
     rounds: list[dict[str, Any]] = []
@@ -99,6 +100,8 @@ async def run_buffered(
             counts["network"] += 1
         elif outcome.status == "discarded":
             counts["stale"] += 1
+        elif outcome.status == "uploaded":
+            contributed.append(i)
         await _release(fleet, i)
         idle.append(i)
         status = await server.status(job)
@@ -118,9 +121,11 @@ async def run_buffered(
                 "train_loss": closed.train_loss,
                 "admitted": closed.updates,
                 "updates": closed.updates,
+                "participants": sorted(contributed),
                 "discarded": 0,
                 "dropouts": {
                     "deadline": counts["stale"] + counts["left"],
+                    "over_selection": 0,
                     "unavailable": 0,
                     "network": counts["network"],
                     "budget": 0,
@@ -131,6 +136,7 @@ async def run_buffered(
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
             }
             totals0 = totals
+            contributed.clear()
             counts.update(stale=0, network=0, left=0)
             rounds.append(record)
             if on_round is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import sys
@@ -22,6 +23,18 @@ from fedclient.sim import _prefetch
 
 __all__ = ["console", "main"]
 
+SWEEP_HELP = """\
+Run every configuration (each --plan, times the --grid) once per seed, several runs at
+once, and write each run's report into --out, named after its configuration and seed
+(e.g. scaffold-seed2.json), with each run's plan (plans/) and an index (sweep.json).
+
+    fedsim sweep --plan fedavg.toml --plan scaffold.toml --seeds 1,2,3 \\
+        --dataset mnist --data-dir ../shared/data --devices 100 --partition shards:2 \\
+        --out runs/scaffold
+    fedsim compare runs/scaffold --target 0.95 --plot runs/scaffold/accuracy.pdf
+
+The other flags are fedsim run's: the same for every run."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,6 +42,58 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a simulated federation")
+    _run_arguments(run, sweep=False)
+    sweep = commands.add_parser(
+        "sweep",
+        help="run seeds x a grid of configurations, several at once; reports in one folder",
+        description=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _run_arguments(sweep, sweep=True)
+    sweep.add_argument(
+        "--seeds", default="1,2,3", help="comma-separated seeds, each run per configuration"
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis: a plan key (train.learning_rate=0.05,0.1; needs --plan) or a "
+        "flag (partition=iid,shards:2); several multiply",
+    )
+    sweep.add_argument("--out", default="sweep", help="the folder of the reports (and plans)")
+    sweep.add_argument("--jobs", type=int, default=0, help="runs at once (default 0: one per CPU)")
+    sweep.add_argument("--plot", action="store_true", help="a PNG beside each report too")
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare runs: grouped by configuration, mean and spread across seeds",
+    )
+    compare.add_argument(
+        "reports", nargs="+", help="reports written by fedsim run, or folders of them (a sweep's)"
+    )
+    compare.add_argument(
+        "--plot",
+        help="the figure: .pdf, .svg or .png (default: a PNG beside the first report)",
+    )
+    compare.add_argument(
+        "--target",
+        type=float,
+        help="an accuracy: rounds, MB and simulated minutes each configuration took to reach it",
+    )
+
+    replay = commands.add_parser("replay", help="rerun a report's simulation and check it")
+    replay.add_argument(
+        "report", help="a report written by fedsim run, or a folder of them (a sweep's)"
+    )
+    replay.add_argument("--data-dir", help="where the data files are now, if they moved")
+    replay.add_argument("--out", help="report of the replay (default: REPORT.replay.json)")
+    replay.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """The flags of ``fedsim run`` (and of each run of ``fedsim sweep``)."""
     run.add_argument(
         "--dataset",
         default="digits",
@@ -51,23 +116,39 @@ def _parser() -> argparse.ArgumentParser:
         "--user-column", help="csv: a column naming each row's user (for --partition natural)"
     )
     run.add_argument("--no-header", action="store_true", help="csv: the file has no header row")
-    run.add_argument(
-        "--plan",
-        dest="plan_file",
-        metavar="PLAN.toml",
-        help="a job plan (the TOML fedserver --plan serves): it sets the job, model, "
-        "training, strategy, privacy and [evaluate]; the flags below set the fleet, data "
-        "and engine, and their job settings are ignored",
-    )
-    run.add_argument("--devices", type=int, default=100)
-    run.add_argument("--devices-per-round", type=int, default=20)
-    run.add_argument("--rounds", type=int, default=40)
+    if sweep:
+        run.add_argument(
+            "--plan",
+            dest="plan_files",
+            action="append",
+            metavar="PLAN.toml",
+            help="a job plan; several: each is a configuration of the sweep",
+        )
+    else:
+        run.add_argument(
+            "--plan",
+            dest="plan_file",
+            metavar="PLAN.toml",
+            help="a job plan (the TOML fedserver --plan serves): it sets the job, model, "
+            "training, strategy, privacy and [evaluate]; the flags below set the fleet, data "
+            "and engine (a flag for what the plan sets is refused)",
+        )
+    # Flags default to None here and take SimulationConfig's defaults: a flag given
+    # beside --plan, or --devices beside --partition natural, is refused, never ignored.
+    run.add_argument("--devices", type=int, help="virtual devices (default 100)")
+    run.add_argument("--devices-per-round", type=int, help="(default 20)")
+    run.add_argument("--rounds", type=int, help="(default 40)")
     run.add_argument(
         "--partition",
         default="iid",
         help="iid | dirichlet:ALPHA | shards:K | natural (one device per user)",
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--seed",
+        type=int,
+        help="the run's one seed: the split, the device profiles, the version-0 model, the "
+        "check-in order, each device's batches (default: the plan's [job] seed, else 0)",
+    )
     run.add_argument(
         "--holdout",
         type=int,
@@ -89,11 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--over-selection",
         type=float,
-        default=1.0,
         help="admit this many times --devices-per-round; the round closes when "
         "--devices-per-round updates arrived, so the slowest are cut (default 1.0)",
     )
-    run.add_argument("--deadline-seconds", type=float, default=600.0)
+    run.add_argument("--deadline-seconds", type=float, help="(default 600)")
     run.add_argument("--server", help="a running fedserver's base URL (default: in-process)")
     run.add_argument("--job", help="job name (default: the dataset's name)")
     enrolment = run.add_mutually_exclusive_group()
@@ -115,9 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
         "--strategy",
-        default="fedavg",
-        help="server aggregation: fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | "
-        "trimmed_mean | norm_bound",
+        help="server aggregation (default fedavg): fedavg | fedavgm | fedadam | fedyogi | "
+        "fedadagrad | median | trimmed_mean | norm_bound | module:Class (your own; its "
+        "settings go in a plan's [strategy] table)",
     )
     run.add_argument(
         "--server-learning-rate",
@@ -125,26 +205,23 @@ def _parser() -> argparse.ArgumentParser:
         help="step on the aggregated update (default: the strategy's; 1 for "
         "fedavg, 0.03 for fedadam/fedyogi, 0.1 for fedadagrad)",
     )
-    run.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
+    run.add_argument("--proximal-mu", type=float, help="FedProx's mu (default 0: off)")
     run.add_argument(
         "--mode",
-        default="sync",
         choices=("sync", "async"),
-        help="sync: rounds with deadlines; async (FedBuff): devices train on whatever "
+        help="sync (default): rounds with deadlines; async (FedBuff): devices train on whatever "
         "version is current and every --devices-per-round updates are folded in",
     )
     run.add_argument(
         "--max-staleness",
         type=int,
-        default=10,
-        help="async: refuse updates trained this many versions ago or more",
+        help="async: refuse updates trained this many versions ago or more (default 10)",
     )
     run.add_argument(
         "--secagg",
         dest="secagg",
         action="store_const",
         const="secagg",
-        default="",
         help="secure aggregation (SecAgg): the server learns only sums",
     )
     run.add_argument(
@@ -156,7 +233,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dp",
-        default="",
         help="local differential privacy: epsilon=E,delta=D,clip=C[,budget=B] (epsilon per "
         "release; budget per device over the job, default epsilon x rounds)",
     )
@@ -169,15 +245,37 @@ def _parser() -> argparse.ArgumentParser:
         "on them beside that of the model each device fine-tunes for EPOCHS on the rest",
     )
     run.add_argument(
+        "--per-device",
+        action="store_true",
+        default=None,
+        help="per-device results in the report: the partition's statistics, each round's "
+        "participants' use, each device's final accuracy on its own held-out data (a share "
+        "of the test set split like the training set, or its own user's test examples) and "
+        "their spread",
+    )
+    run.add_argument(
+        "--stop-at",
+        type=float,
+        metavar="ACCURACY",
+        help="end the run after the first round whose test accuracy reaches this (the "
+        "plan's rounds are then at most): a rounds-to-target run costs no more rounds",
+    )
+    if not sweep:
+        run.add_argument(
+            "--save-model",
+            metavar="PATH",
+            help="write the final global model there (safetensors, as the server serves it)",
+        )
+    run.add_argument(
         "--distributed-dp",
         action="store_true",
+        default=None,
         help="with --dp and --secagg/--secagg-plus: each device adds a share of discrete "
         "Gaussian noise so that the secure sum, not each update, is (epsilon, delta)-DP "
         "per round (Kairouz et al. 2021)",
     )
     run.add_argument(
         "--compress",
-        default="",
         help="update compression: q8 | q4 | topk:FRACTION | topk:FRACTION,q8",
     )
     run.add_argument(
@@ -231,26 +329,17 @@ def _parser() -> argparse.ArgumentParser:
         help="inject network faults under every device, e.g. "
         "drop=0.3 (30%% of requests fail, every way) or lost=0.1,reset=0.05",
     )
-    run.add_argument(
-        "--report",
-        default="fedsim-report.json",
-        help="JSON report path; the plot goes beside it (.png)",
-    )
+    if not sweep:
+        run.add_argument(
+            "--report",
+            default="fedsim-report.json",
+            help="JSON report path; the plot goes beside it (.png)",
+        )
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
-    run.add_argument(
-        "--no-plot", action="store_true", help="write the JSON report only, no PNG (saves ~1 s)"
-    )
-
-    compare = commands.add_parser("compare", help="compare the reports of several runs")
-    compare.add_argument("reports", nargs="+", help="report files written by fedsim run")
-    compare.add_argument("--plot", help="write the combined plot here (default: beside the first)")
-
-    replay = commands.add_parser("replay", help="rerun a report's simulation and check it")
-    replay.add_argument("report", help="a report written by fedsim run")
-    replay.add_argument("--data-dir", help="where the data files are now, if they moved")
-    replay.add_argument("--out", help="report of the replay (default: REPORT.replay.json)")
-    replay.add_argument("--quiet", action="store_true")
-    return parser
+    if not sweep:
+        run.add_argument(
+            "--no-plot", action="store_true", help="write the JSON report only, no PNG (saves ~1 s)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedclient._exceptions import FedError
 
     try:
+        from fedclient.sim import engine  # noqa: F401  (it needs the sim extra)
         from fedclient.sim import report as reports
-        from fedclient.sim.engine import SimulationConfig
     except ImportError as exc:
         print(f"fedsim needs the sim extra: pip install 'fedclient[sim]' ({exc})", file=sys.stderr)
         return 2
@@ -270,25 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return _compare(args, reports)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "replay":
-            original = reports.load_report(args.report)
-            config = SimulationConfig(**original["config"])
-            if args.data_dir:
-                config.data_dir = args.data_dir
-            out = args.out or str(args.report).removesuffix(".json") + ".replay.json"
-            replayed = _simulate(config, args.quiet)
-            reports.write_report(replayed, out)
-            same = _accuracies(replayed) == _accuracies(original)
-            print(
-                f"replayed {len(replayed['rounds'])} rounds into {out}: "
-                f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
-            )
-            return 0 if same else 1
+            return _replay(args, reports)
         if args.enrolment_secret_file:
             args.enrolment_credential = _read_secret(args.enrolment_secret_file)
-        config = SimulationConfig(
-            **{name: getattr(args, name) for name in SimulationConfig.__dataclass_fields__}
-        )
+        config = _config(args)
         report = _simulate(config, args.quiet)
     except FedError as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
@@ -315,6 +392,116 @@ def _read_secret(path: str) -> str:
     if not secret:
         raise InvalidInput(f"the enrolment secret file {path} is empty")
     return secret
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The run's `SimulationConfig`: the flags given, the defaults for the others. A flag
+    the plan sets is refused, as is --devices with a natural partition (one device per
+    user): neither would be obeyed."""
+    from fedclient._exceptions import InvalidInput
+    from fedclient.sim.config import PLAN_FIELDS, SimulationConfig, flag_name
+
+    given = {
+        name: getattr(args, name)
+        for name in SimulationConfig.__dataclass_fields__
+        if getattr(args, name) is not None
+    }
+    if args.plan_file is not None or args.server is not None:
+        named = PLAN_FIELDS if args.plan_file is not None else PLAN_FIELDS[1:]  # --job: which
+        overridden = [name for name in named if name in given]
+        if overridden:
+            where = f"the plan {args.plan_file}" if args.plan_file else "the server's plan"
+            raise InvalidInput(
+                f"{', '.join(flag_name(n) for n in overridden)}: {where} sets the job, its "
+                "training, strategy and privacy; change it there"
+            )
+    if args.plan_file is not None and "seed" in given:
+        from fedclient.server import load_plan
+
+        planned = load_plan(args.plan_file).job.seed
+        if planned and planned != given["seed"]:
+            raise InvalidInput(
+                f"two seeds: --seed {given['seed']} and the plan's [job] seed = {planned}: "
+                "a run has one; give one"
+            )
+    if args.partition == "natural" and "devices" in given:
+        raise InvalidInput("--partition natural makes one device per user: drop --devices")
+    return SimulationConfig(**given)
+
+
+def _replay(args: argparse.Namespace, reports: Any) -> int:
+    """``fedsim replay``: rerun a report (or each report of a folder, a sweep's) and check
+    it gives the same per-round accuracies; exit 1 if any does not."""
+    from fedclient._exceptions import InvalidInput
+    from fedclient.plugins import find_recorded
+    from fedclient.sim.compare import reports_in
+    from fedclient.sim.config import SimulationConfig
+
+    folder = Path(args.report).is_dir()
+    if folder and args.out:
+        raise InvalidInput("--out names one report's replay: not with a folder")
+    differing = 0
+    for path in reports_in([args.report]):
+        original = reports.load_report(path)
+        for plugin in original.get("plugins", {}).values():
+            find_recorded(plugin)  # where the run found it, wherever this runs from
+        config = SimulationConfig(**original["config"])
+        if args.data_dir:
+            config.data_dir = args.data_dir
+        out = args.out or str(path).removesuffix(".json") + ".replay.json"
+        replayed = _simulate(config, args.quiet)
+        reports.write_report(replayed, out, plot=not folder)
+        same = _accuracies(replayed) == _accuracies(original)
+        differing += not same
+        print(
+            f"replayed {len(replayed['rounds'])} rounds into {out}: "
+            f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
+        )
+        for difference in reports.replay_differences(original, replayed):
+            print(f"  {difference}")
+    return 1 if differing else 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``fedsim sweep``: every run planned (and checked) first, then run on a pool."""
+    from fedclient._exceptions import InvalidInput
+    from fedclient.sim.sweep import SweepProgress, parse_grid, plan_runs, run_sweep
+    from fedclient.sim.trainpool import resolve_workers
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidInput(f"--seeds {args.seeds!r}: comma-separated integers") from None
+    for flag, name in (("--seed", "seed"), ("--state-dir", "state_dir"), ("--server", "server")):
+        if getattr(args, name) is not None:  # one per run, or one shared by runs at once
+            raise InvalidInput(f"{flag}: a sweep's runs take --seeds, their own state, in-process")
+    args.plan_file, args.report, args.no_plot, args.save_model = None, "", True, None
+    plans = args.plan_files or []
+    # The flags are checked as fedsim run checks them, against the first plan.
+    if plans:
+        args.plan_file = plans[0]
+    base = _config(args)
+    base = dataclasses.replace(base, plan_file=None, seed=0)
+    out = Path(args.out)
+    runs = plan_runs(base, plans, parse_grid(args.grid), seeds, out)
+    jobs = min(resolve_workers(args.jobs), len(runs))
+    print(f"{len(runs)} runs ({len(runs) // len(seeds)} configurations x {len(seeds)} seeds), "
+          f"{jobs} at once, into {out}")  # fmt: skip
+    progress = None if args.quiet else SweepProgress(len(runs))
+    try:
+        summaries = run_sweep(
+            runs, out, jobs, plot=args.plot, on_done=progress.done if progress else None
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    for run, summary in zip(runs, summaries, strict=True):
+        print(
+            f"{run.name:<40} accuracy {summary['accuracy']:.4f}  rounds {summary['rounds']}  "
+            f"wall {summary['wall_seconds']:.1f}s"
+        )
+    print(f"reports in {out}; compare them: fedsim compare {out}")
+    return 0
 
 
 def _simulate(config: Any, quiet: bool) -> dict[str, Any]:
@@ -367,13 +554,16 @@ def _accuracies(report: dict[str, Any]) -> list[Any]:
 
 
 def _compare(args: argparse.Namespace, reports: Any) -> int:
-    loaded = [(Path(p).stem, reports.load_report(p)) for p in args.reports]
-    print(reports.compare_table(loaded))
-    png = args.plot or str(
-        Path(args.reports[0]).with_name("-vs-".join(name for name, _ in loaded) + ".png")
+    from fedclient.sim.compare import group_reports, plot_groups, reports_in, summary_table
+
+    paths = reports_in(args.reports)
+    groups = group_reports([(p.stem, reports.load_report(p)) for p in paths])
+    print(summary_table(groups, args.target))
+    plot = args.plot or str(
+        paths[0].with_name("-vs-".join(group.label for group in groups) + ".png")
     )
-    reports.plot_comparison(loaded, png)
-    print(f"plot {png}")
+    plot_groups(groups, plot, args.target)
+    print(f"plot {plot}")
     return 0
 
 

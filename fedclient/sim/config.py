@@ -7,15 +7,54 @@ run it again.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from fedclient import InvalidInput
+from fedclient.plugins import construct, describe, is_import_path, load_plugin
 from fedclient.protocol import JobPlan
 from fedclient.server import load_plan, plan_from_dict
+from fedclient.server.selection import Selection
+from fedclient.server.strategies import Strategy
 from fedclient.sim.datasets import Dataset
+from fedclient.trainers import Trainer, check_trainer_options
 
-__all__ = ["DATASET_DEFAULTS", "SimulationConfig"]
+__all__ = ["DATASET_DEFAULTS", "PLAN_FIELDS", "SimulationConfig", "flag_name"]
+
+#: The settings a plan file holds: beside ``plan_file`` they are refused, never ignored
+#: (`SimulationConfig.plan_conflicts`). The fleet, data and engine stay the flags'.
+PLAN_FIELDS = (
+    "job",
+    "rounds",
+    "devices_per_round",
+    "min_devices",
+    "over_selection",
+    "deadline_seconds",
+    "compress",
+    "mode",
+    "max_staleness",
+    "model",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "proximal_mu",
+    "strategy",
+    "server_learning_rate",
+    "dp",
+    "secagg",
+    "distributed_dp",
+)
+
+
+def flag_name(field: str) -> str:
+    """The ``fedsim run`` flag of a `SimulationConfig` field (``devices_per_round`` ->
+    ``--devices-per-round``)."""
+    return "--" + field.replace("_", "-")
+
 
 #: Model and training defaults per data set (the flags override them).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -69,6 +108,9 @@ class SimulationConfig:
     compress: str = ""  # update compression the job asks of devices (fedclient.compression)
     inline_model_max: int = 1024 * 1024  # a model up to this size comes with the admission
     personalize: int = 0  # epochs of local fine-tuning whose accuracy the report measures
+    per_device: bool = False  # each device's final accuracy and the partition, in the report
+    save_model: str | None = None  # write the final global model here (safetensors)
+    stop_at: float | None = None  # end the run after the first round this accurate
     text_column: str = "text"  # --dataset csv:PATH: which columns hold what
     label_column: str = "label"
     user_column: str | None = None
@@ -91,6 +133,78 @@ class SimulationConfig:
     ray_actors: int | None = None  # None: one per CPU of the Ray cluster
     ray_host_ip: str | None = None  # where the actors reach the server; None: detected
 
+    def plan_conflicts(self) -> list[str]:
+        """The `PLAN_FIELDS` set away from their defaults beside a ``plan_file``, or
+        beside a remote ``server`` (whose plan rules; ``job`` names it): the plan would
+        override them, so they are refused."""
+        if self.plan_file is None and self.server is None:
+            return []
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        named = PLAN_FIELDS if self.plan_file is not None else PLAN_FIELDS[1:]
+        return [name for name in named if getattr(self, name) != defaults[name]]
+
+    def resolved(self) -> SimulationConfig:
+        """This configuration with its one seed settled, checked against its plan file.
+
+        A run has one seed. It draws the split of the data, the device profiles, the
+        version-0 model, the check-in order, each device's batches and (simulated)
+        privacy noise. With a plan file it is ``seed`` or the plan's ``[job] seed``,
+        whichever is set (0 is unset); two different ones are refused. Flags the plan
+        sets are refused too (`plan_conflicts`)."""
+        conflicts = self.plan_conflicts()
+        if conflicts:
+            where = f"the plan {self.plan_file}" if self.plan_file else "the server's plan"
+            raise InvalidInput(
+                f"{', '.join(flag_name(c) for c in conflicts)}: {where} sets the job, its "
+                "training, strategy and privacy; change it there"
+            )
+        if self.plan_file is None:
+            return self
+        planned = load_plan(self.plan_file).job.seed
+        if planned and self.seed and planned != self.seed:
+            raise InvalidInput(
+                f"two seeds: --seed {self.seed} and the plan's [job] seed = {planned}; a "
+                "run has one (it draws the split, the model, the check-ins): give one"
+            )
+        return dataclasses.replace(self, seed=self.seed or planned)
+
+    @property
+    def plan_folder(self) -> str:
+        """Where the plan's plugins are looked for first: the plan file's folder (and
+        then the current directory)."""
+        return str(Path(self.plan_file).parent) if self.plan_file else "."
+
+    def plugins(self, plan: JobPlan) -> dict[str, dict[str, str]]:
+        """The plugins ``plan`` names by import path, as the report records them."""
+        named: dict[str, dict[str, str]] = {}
+        where = [self.plan_folder]
+        if is_import_path(plan.strategy.name):
+            named["strategy"] = describe(plan.strategy.name, Strategy, where=where)
+        if plan.train.trainer:
+            named["trainer"] = describe(plan.train.trainer, Trainer, where=where)
+        if is_import_path(plan.selection.name):
+            named["selection"] = describe(plan.selection.name, Selection, where=where)
+        return named
+
+    def import_plugins(self) -> None:
+        """Import the plugins of ``plan_file`` from its folder (see `load_plugin`)."""
+        if self.plan_file is None:
+            return
+        plan = load_plan(self.plan_file)  # imports its strategy and selection
+        if plan.train.trainer:
+            load_plugin(plan.train.trainer, Trainer, where=[self.plan_folder])
+
+    def trainers(self, plan: JobPlan) -> dict[str, Trainer]:
+        """The client trainer the plan names, built with its settings, for the simulated
+        devices to hold (the researcher's code: fedsim imports it, a device never does)."""
+        name = plan.train.trainer
+        if not name:
+            return {}
+        cls = load_plugin(name, Trainer, where=[self.plan_folder])
+        trainer: Trainer = construct(cls, f"trainer {name!r}", options=plan.train.trainer_options)
+        check_trainer_options(trainer, name, plan.train)
+        return {name: trainer}
+
     def _model(self, default: dict[str, Any]) -> dict[str, Any]:
         if self.model is None or self.model == default["kind"]:
             return default
@@ -104,6 +218,9 @@ class SimulationConfig:
         data, or one built from the flags."""
         if self.plan_file is not None:
             plan = load_plan(self.plan_file)
+            if self.seed and plan.job.seed != self.seed:  # the run's one seed (see `resolved`)
+                job = msgspec.structs.replace(plan.job, seed=self.seed)
+                plan = msgspec.structs.replace(plan, job=job)
             if (plan.model.inputs, plan.model.classes) != (data.inputs, data.classes):
                 raise InvalidInput(
                     f"the plan's model takes {plan.model.inputs} inputs and {plan.model.classes}"

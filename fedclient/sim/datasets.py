@@ -42,6 +42,7 @@ class Dataset:
     users: np.ndarray | None = None  # the natural owner of each training example, if known
     texts: np.ndarray | None = None  # raw training texts: devices featurise their own
     labels: tuple[str, ...] = ()  # class names, where the data names them
+    test_users: np.ndarray | None = None  # the owner of each test example (per-user evaluation)
 
     def device_data(self, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What one device holds. Text is featurised on the device, from its own messages."""
@@ -175,6 +176,7 @@ def _text_dataset(
         users[~test] if users is not None else None,
         raw[~test],
         tuple(classes),
+        test_users=users[test] if users is not None else None,
     )
 
 
@@ -275,6 +277,7 @@ def _npz(path: Path, seed: int) -> Dataset:
         y[test],
         max(2, int(y.max()) + 1),
         users[~test] if users is not None else None,
+        test_users=users[test] if users is not None else None,
     )
 
 
@@ -343,7 +346,16 @@ def _femnist(data_dir: Path, seed: int = 0) -> Dataset:
     x = (255 - arrays["x"].reshape(len(arrays["x"]), -1)).astype(np.float32) / np.float32(255)
     y, writer, split = arrays["y"].astype(np.int64), arrays["writer"], arrays["split"]
     train = split == 0
-    return Dataset("femnist", x[train], y[train], x[~train], y[~train], 62, writer[train])
+    return Dataset(
+        "femnist",
+        x[train],
+        y[train],
+        x[~train],
+        y[~train],
+        62,
+        writer[train],
+        test_users=writer[~train],
+    )
 
 
 def partition(

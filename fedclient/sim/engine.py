@@ -9,7 +9,9 @@ would in production, only without waiting. Nothing depends on wall time, so
 the same seed gives the same report.
 
 The devices and the server they talk to are `fedclient.sim.fleet`'s; the rounds of
-an async (FedBuff) job are `fedclient.sim.buffered`'s. `SimulationConfig`
+an async (FedBuff) job are `fedclient.sim.buffered`'s; what the report says beyond
+the rounds (privacy spend, personalisation, per-device results) is
+`fedclient.sim.results`'. `SimulationConfig`
 (`fedclient.sim.config`) and `SimClock` are re-exported here.
 """
 
@@ -31,12 +33,12 @@ import httpx
 import msgspec
 import numpy as np
 
-from fedclient import InvalidInput, Personalization, __version__
-from fedclient.privacy.dp import GaussianMechanism
+from fedclient import InvalidInput, __version__
 from fedclient.privacy.noise import SeededNoiseWarning
-from fedclient.protocol import JobPlan, Weights
+from fedclient.protocol import JobPlan, Weights, encode_tensors
 from fedclient.runtime import EvalResult, create_backend
 from fedclient.server import FederationService, ServerStore, create_app
+from fedclient.server.selection import SELECTION_PENDING
 from fedclient.sim.buffered import run_buffered
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import CsvColumns, Dataset, load_dataset
@@ -48,6 +50,12 @@ from fedclient.sim.fleet import (
     is_round_full,
     simulation_authority,
 )
+from fedclient.sim.results import (
+    device_report,
+    personalization_report,
+    privacy_report,
+    rounded,
+)
 from fedclient.sim.trainpool import TrainPool, resolve_workers
 
 __all__ = ["SimClock", "SimulationConfig", "simulate"]
@@ -58,17 +66,22 @@ async def simulate(
 ) -> dict[str, Any]:
     """Run the federation ``config`` describes; return the report (see `fedclient.sim.report`)."""
     wall_start = time.perf_counter()
+    config = config.resolved()  # one seed; no flag the plan would override
     columns = CsvColumns(
         config.text_column, config.label_column, config.user_column, header=not config.no_header
     )
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, columns=columns)
     if config.holdout:  # the server's own data (e.g. public data it pre-trained on)
         data = data.without(data.holdout(config.holdout, config.seed))
+    _check_natural_devices(config, data)
     plan = config.plan(data)
+    plugins = config.plugins(plan)
     if config.engine not in ("local", "ray"):
         raise InvalidInput(f"unknown engine {config.engine!r}; use local or ray")
     if config.engine != "ray" and (config.ray_address or config.ray_actors or config.ray_host_ip):
         raise InvalidInput("--ray-address, --ray-actors and --ray-host-ip need --engine ray")
+    if config.engine == "ray" and plan.train.trainer:
+        raise InvalidInput("a client trainer ([train] trainer) runs on the local engine")
     if config.engine == "ray" and config.workers != 1:
         raise InvalidInput("--workers is for the local engine (Ray runs --ray-actors)")
     if config.inline_model_max < 0:
@@ -132,6 +145,8 @@ async def simulate(
         if plan.job.mode == "async":
             if config.engine != "local" or config.server is not None:
                 raise InvalidInput("--mode async runs on the local engine, in-process")
+            if config.per_device or config.save_model or config.stop_at is not None:
+                raise InvalidInput("--per-device, --save-model and --stop-at are for sync rounds")
             rounds = await run_buffered(
                 config, plan, data, server, clock, fleet, evaluator.backend, on_round, wall_start
             )
@@ -139,8 +154,15 @@ async def simulate(
             rounds = await _run_rounds(
                 config, plan, data, server, clock, fleet, evaluator, on_round, wall_start
             )
-        privacy = _privacy_report(plan, fleet)
-        personal = _personalization_report(config, plan, data, fleet, evaluator)
+        privacy = privacy_report(plan, fleet)
+        personal = personalization_report(config, plan, data, fleet, evaluator.latest)
+        latest, backend = evaluator.latest, evaluator.backend
+        per_device = device_report(config, data, fleet, latest, backend, rounds)
+        if config.save_model and evaluator.latest is not None:
+            version, weights = evaluator.latest
+            path = Path(config.save_model)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_tensors(weights, {"model_version": str(version)}))
     last = rounds[-1] if rounds else {}
     final = {
         "accuracy": last.get("accuracy"),
@@ -156,12 +178,13 @@ async def simulate(
         "discarded": sum(r["discarded"] for r in rounds),
         "dropouts": {
             cause: sum(r["dropouts"][cause] for r in rounds)
-            for cause in ("deadline", "unavailable", "network", "budget")
+            for cause in ("deadline", "over_selection", "unavailable", "network", "budget")
         },
         "devices": devices,
         **({"privacy": privacy} if privacy else {}),
         **_federated_final(rounds),
         **personal,
+        **per_device.pop("final", {}),
         "simulated_seconds": last.get("simulated_seconds", 0.0),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
     }
@@ -175,48 +198,25 @@ async def simulate(
         # The enrolment secret stays out of the report (a file that gets shared).
         "config": {**asdict(config), "enrolment_credential": None},
         "plan": msgspec.to_builtins(plan),
+        **({"plugins": plugins} if plugins else {}),
         "rounds": rounds,
         "final": final,
+        **per_device,
     }
 
 
-def _personalization_report(
-    config: SimulationConfig, plan: JobPlan, data: Dataset, fleet: Fleet, evaluator: _Evaluator
-) -> dict[str, Any]:
-    """With --personalize: the final global model's accuracy on each device's own held-out
-    examples, and that of the model each device fine-tunes from it on its training ones
-    (`fedclient.Personalization`), over every device's held-out examples together."""
-    if not config.personalize or evaluator.latest is None:
-        return {}
-    version, weights = evaluator.latest
-    tuning = Personalization(
-        epochs=config.personalize,
-        learning_rate=plan.train.learning_rate,
-        batch_size=plan.train.batch_size,
-    )
-    backend = create_backend(plan.model, config.runtime)
-    correct_global = correct_personal = examples = 0
-    for device in fleet.devices:
-        if device.own_held_out is None:
-            continue
-        x_held, y_held = data.device_data(device.own_held_out)
-        backend.set_weights(weights)
-        correct_global += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
-        x, y = data.device_data(device.examples)
-        tuning.apply(backend, weights, x, y, seed=config.seed * 100_003 + device.index)
-        correct_personal += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
-        examples += len(y_held)
-    if not examples:
-        return {}
-    return {
-        "personalized_accuracy": round(correct_personal / examples, 6),
-        "global_accuracy_on_devices": round(correct_global / examples, 6),
-        "personalization": {"epochs": config.personalize, "model_version": version},
-    }
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
+def _check_natural_devices(config: SimulationConfig, data: Dataset) -> None:
+    """``--partition natural`` makes one device per user: a number of devices other than
+    that (or the default, which it replaces) is refused, not silently ignored."""
+    if config.partition != "natural" or data.users is None:
+        return
+    users = len(np.unique(data.users))
+    default = SimulationConfig.__dataclass_fields__["devices"].default
+    if config.devices not in (default, users):
+        raise InvalidInput(
+            f"--partition natural makes one device per user ({users} in {data.name}), "
+            f"not --devices {config.devices}: drop --devices"
+        )
 
 
 def _federated_final(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -314,6 +314,8 @@ async def _run_rounds(
         full = False
         # In waves of as many devices as there are places left: a fleet spread over
         # workers checks a wave in at once, and admits the same devices as one by one.
+        # A round that selects tells its candidates to come back (after retry_after s).
+        candidates: list[tuple[int, float]] = []
         while not full and len(admitted) < plan.admit_per_round:
             wave = list(itertools.islice(online, plan.admit_per_round - len(admitted)))
             if not wave:
@@ -325,8 +327,29 @@ async def _run_rounds(
                 if outcome.status == "admitted":
                     admitted.append(i)
                     token = token or device_token
+                elif outcome.reason == SELECTION_PENDING:
+                    candidates.append((i, outcome.retry_after or 1.0))
                 full = full or is_round_full(outcome)
+        selecting = 0.0  # seconds the candidates waited for the selection
+        while candidates:  # they come back until the round chose (its window bounds it)
+            wait = max(retry for _, retry in candidates)
+            selecting += wait
+            if simulated:
+                clock.now += wait
+            else:
+                await asyncio.sleep(wait)
+            back, candidates = [i for i, _ in candidates], []
+            for i, outcome, device_token in await fleet.checkin(back, current.number, clock.now):
+                if outcome is None:
+                    network_dropouts += 1
+                elif outcome.status == "admitted":
+                    admitted.append(i)
+                    token = token or device_token
+                elif outcome.reason == SELECTION_PENDING:
+                    candidates.append((i, outcome.retry_after or 1.0))
         await report_evaluated()  # the last round's evaluation ran alongside these check-ins
+        if config.stop_at is not None and rounds and rounds[-1]["accuracy"] >= config.stop_at:
+            break  # --stop-at: the target is reached; the round just opened is not run
         # Download and train for real; each device finishes at its simulated time.
         working: list[int] = []
         for i in admitted:
@@ -336,6 +359,8 @@ async def _run_rounds(
                 working.append(i)
         finish: list[tuple[float, int]] = []
         discarded = refused = 0
+        cut = 0  # uploads that found the round closed (by its quota: over-selection)
+        counted: list[int] = []  # the devices whose update the round took
         for work in await fleet.work(working, clock.now):
             trained = work.outcome
             if trained is None:
@@ -347,7 +372,8 @@ async def _run_rounds(
                 else:
                     discarded += trained.status == "discarded"
                 continue
-            finish.append((current.opened_at + work.seconds + work.backoff, work.device))
+            start = current.opened_at + selecting
+            finish.append((start + work.seconds + work.backoff, work.device))
         secured = 0  # devices whose masked input went into a secure sum
         if plan.privacy.secagg:
             # Secure aggregation: the stages advance together once the slowest device
@@ -366,6 +392,8 @@ async def _run_rounds(
                     else:
                         discarded += outcome.status == "discarded"
                         secured += outcome.status == "uploaded"
+                        if outcome.status == "uploaded":
+                            counted.append(i)
                 pending = waiting
                 if not pending:
                     break
@@ -381,7 +409,9 @@ async def _run_rounds(
             if uploaded is None:
                 network_dropouts += 1
             else:
-                discarded += uploaded.status == "discarded"
+                cut += uploaded.status == "discarded"
+                if uploaded.status == "uploaded":
+                    counted.append(i)
         await server.wait_closed(job, current.number, current.deadline)
         totals = await fleet.totals()
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
@@ -397,6 +427,8 @@ async def _run_rounds(
         for number in range(current.number, newest + 1):
             closed = await server.round(job, number)
             first = number == current.number
+            # Uploads that found the round closed: cut by the quota (over-selection), or late.
+            by_quota = closed.reason.startswith("quota")
             version = closed.model_version + (closed.status == "closed")
             if version not in evaluator.results:
                 evaluator.start(version, await server.model(job, version, token))
@@ -416,9 +448,11 @@ async def _run_rounds(
                 "train_loss": closed.train_loss,
                 "admitted": len(admitted) if first else closed.admitted,
                 "updates": secured if plan.privacy.secagg and first else closed.updates,
-                "discarded": discarded if first else 0,
+                "participants": sorted(counted) if first else [],
+                "discarded": discarded + cut if first else 0,
                 "dropouts": {
-                    "deadline": discarded if first else 0,
+                    "deadline": discarded + (0 if by_quota else cut) if first else 0,
+                    "over_selection": cut if first and by_quota else 0,
                     "unavailable": unavailable if first else 0,
                     "network": network_dropouts if first else 0,
                     "budget": refused if first else 0,
@@ -442,8 +476,8 @@ async def _run_rounds(
                 if measured not in evaluator.results:
                     evaluator.start(measured, await server.model(job, measured, token))
                 record["federated_model_version"] = measured
-                record["federated_accuracy"] = _rounded(closed.federated_accuracy)
-                record["federated_loss"] = _rounded(closed.federated_loss)
+                record["federated_accuracy"] = rounded(closed.federated_accuracy)
+                record["federated_loss"] = rounded(closed.federated_loss)
                 record["evaluated"] = closed.evaluated
                 record["federated_central_accuracy"] = None  # filled in by report_evaluated
                 federated = evaluator.results[measured] if closed.evaluated else None
@@ -451,36 +485,6 @@ async def _run_rounds(
         await fleet.rest()
     await report_evaluated()
     return rounds
-
-
-def _privacy_report(plan: JobPlan, fleet: Fleet) -> dict[str, Any]:
-    """Local DP: what each device spent, from the devices' own ledgers."""
-    p = plan.privacy
-    if p.dp_epsilon is None:
-        return {}
-    spent = fleet.epsilon_spent(plan.job.name, p.dp_delta)
-    released = [e for e in spent if e > 0]
-    return {
-        "noise": "seeded from --seed for a reproducible report: a simulation's noise is "
-        "not private (devices draw theirs from a CSPRNG)",
-        # local: each device's update is (epsilon, delta)-DP; distributed: each round's
-        # secure sum is, for every device in it (the ledgers charge the same per round).
-        "mechanism": "distributed" if p.distributed_dp else "local",
-        "epsilon_per_release": p.dp_epsilon,
-        "delta": p.dp_delta,
-        "clip": p.clip,
-        "budget_epsilon": p.budget_epsilon
-        or round(
-            GaussianMechanism.for_release(p.dp_epsilon, p.dp_delta, p.clip).epsilon(
-                p.dp_delta, plan.job.rounds
-            ),
-            4,
-        ),
-        "devices_released": len(released),
-        "max_epsilon_spent": max(released, default=0.0),
-        "mean_epsilon_spent": round(sum(released) / len(released), 4) if released else 0.0,
-        "epsilon_spent_per_device": spent,
-    }
 
 
 def _ray_fleet(

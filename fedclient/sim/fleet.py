@@ -49,10 +49,11 @@ from fedclient.protocol import (
     JobPlan,
     JobStatus,
     RoundSummary,
+    TrainSettings,
     Weights,
     decode_tensors,
 )
-from fedclient.runtime import create_backend
+from fedclient.runtime import check_train_options, create_backend
 from fedclient.server.database import Database
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset, partition
@@ -71,6 +72,7 @@ __all__ = [
     "Work",
     "device_token",
     "disable_secure_delete",
+    "draw_devices",
     "is_round_full",
     "simulation_authority",
 ]
@@ -130,11 +132,11 @@ class Device:
             return None
         return await self.step()
 
-    def round_seconds(self, epochs: int, update_bytes: int) -> float:
+    def round_seconds(self, train: TrainSettings, update_bytes: int) -> float:
         """Simulated seconds from its check-in to the end of its upload."""
         return self.profile.round_seconds(
-            len(self.examples),
-            epochs,
+            train.work(len(self.examples)),
+            1,
             self.stats.bytes_down - self.received,
             update_bytes,
             round_trips=self.round_trips,
@@ -182,29 +184,7 @@ class Fleet:
         devices: list[Device] | None = None,
     ) -> None:
         if devices is None:  # else a copy of the driver's (on a Ray actor)
-            rng = np.random.default_rng(config.seed)
-            parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
-            profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
-            devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
-            if config.personalize:
-                # Personalisation is measured on each device's own held-out examples (a
-                # fifth of them; devices with fewer than 5 keep all for training).
-                for device in devices:
-                    mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
-                        device.examples
-                    )
-                    if len(mine) >= 5:
-                        cut = len(mine) - len(mine) // 5
-                        device.examples, device.own_held_out = mine[:cut], mine[cut:]
-            if plan.evaluate.every:
-                # Federated evaluation: each device holds a share of the test set as its
-                # held-out data, split like the training set (natural splits: at random).
-                scheme = "iid" if config.partition == "natural" else config.partition
-                shares = partition(
-                    data.y_test, len(devices), scheme, np.random.default_rng([config.seed, 3])
-                )
-                for device, share in zip(devices, shares, strict=True):
-                    device.held_out = share
+            devices = draw_devices(config, plan, data)
         self.devices = devices
         self.config, self.plan, self.data, self.server = config, plan, data, server
         self.faults = FaultPlan.parse(config.faults) if config.faults else None
@@ -214,6 +194,10 @@ class Fleet:
         # One model object serves every simulated device: a device's training step sets
         # its weights, trains and reads them back with no await in between.
         self.backend = create_backend(plan.model, config.runtime)
+        # Refused now, not mid-run: what the backend (or the plan's trainer) cannot honour.
+        self.trainers = config.trainers(plan)
+        if not self.trainers:
+            check_train_options(self.backend, plan.train.options())
         self.pool: TrainPool | None = None  # or the devices train on worker processes
         # Secure aggregation: the run's identity authority certifies every device's
         # identity key, and every device pins it (see `simulation_authority`).
@@ -283,6 +267,7 @@ class Fleet:
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
             policy=self.policy,
+            trainers=self.trainers,
         )
         if self.authority is not None and not d.certified:
             state = d.client.device_state
@@ -323,7 +308,7 @@ class Fleet:
             if trained is not None and trained.status == "trained":
                 assert d.client is not None
                 size = d.client.device_state.update_size(self.plan.job.name)
-                seconds = d.round_seconds(self.plan.train.epochs, size)
+                seconds = d.round_seconds(self.plan.train, size)
             return Work(i, trained, seconds, d.backoff)
 
         if self.pool is None:
@@ -440,6 +425,43 @@ class SimServer:
                 self.tick()
             else:
                 await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
+
+
+def draw_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> list[Device]:
+    """The run's devices, drawn from its seed: each one's examples (the partition), its
+    profile, and the held-out data it evaluates on."""
+    rng = np.random.default_rng(config.seed)
+    parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
+    profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
+    devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
+    if config.personalize:
+        # Personalisation is measured on each device's own held-out examples (a
+        # fifth of them; devices with fewer than 5 keep all for training).
+        for device in devices:
+            mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
+                device.examples
+            )
+            if len(mine) >= 5:
+                cut = len(mine) - len(mine) // 5
+                device.examples, device.own_held_out = mine[:cut], mine[cut:]
+    if plan.evaluate.every or config.per_device:
+        # Federated evaluation and per-device results: each device holds a share of the
+        # test set as its held-out data, split like the training set; with a natural
+        # split, its own user's test examples where the data set says whose they are.
+        for device, share in zip(devices, _test_shares(config, data, len(devices)), strict=True):
+            device.held_out = share if len(share) else None
+    return devices
+
+
+def _test_shares(config: SimulationConfig, data: Dataset, devices: int) -> list[np.ndarray]:
+    """Each device's share of the test set (see `draw_devices`)."""
+    if config.partition == "natural" and data.users is not None and data.test_users is not None:
+        users = np.unique(data.users)  # device u is users[u] (`partition`)
+        where = np.searchsorted(users, data.test_users).clip(0, len(users) - 1)
+        owner = np.where(users[where] == data.test_users, where, -1)
+        return [np.flatnonzero(owner == u) for u in range(devices)]
+    scheme = "iid" if config.partition == "natural" else config.partition
+    return partition(data.y_test, devices, scheme, np.random.default_rng([config.seed, 3]))
 
 
 def simulation_authority(config: SimulationConfig) -> IdentityAuthority:

@@ -1,17 +1,17 @@
-"""Reports: the JSON a run writes, the PNG beside it, and comparisons of several runs."""
+"""Reports: the JSON a run writes and the PNG dashboard beside it (comparisons of several
+runs: `fedclient.sim.compare`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = ["compare_table", "load_report", "plot_comparison", "plot_report", "write_report"]
+__all__ = ["load_report", "plot_report", "replay_differences", "write_report"]
 
-CAUSES = ("deadline", "unavailable", "network", "budget")
+CAUSES = ("deadline", "over_selection", "unavailable", "network", "budget")
 
 
 def write_report(
@@ -38,6 +38,31 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not {"config", "rounds", "final"} <= report.keys():
         raise InvalidInput(f"{path} is not a fedsim report (no config, rounds and final)")
     return report
+
+
+def replay_differences(original: dict[str, Any], replayed: dict[str, Any]) -> list[str]:
+    """What a replay ran differently from the report it replays: the plan (every key
+    the report recorded; keys added since keep their defaults) and the plugins' files."""
+    found = [
+        f"the plan's {key} is {now!r} (the report's: {then!r})"
+        for key, then, now in _changed(original.get("plan", {}), replayed.get("plan", {}))
+    ]
+    for kind, entry in original.get("plugins", {}).items():
+        now = replayed.get("plugins", {}).get(kind, {})
+        if now.get("sha256") != entry.get("sha256"):
+            changed = now.get("file") or "its file"
+            found.append(f"the {kind} {entry['name']} is not the report's ({changed} changed)")
+    return found
+
+
+def _changed(then: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [
+            change
+            for key, value in then.items()
+            for change in _changed(value, now.get(key), f"{prefix}{key}.")
+        ]
+    return [] if then == now else [(prefix.rstrip("."), then, now)]
 
 
 def _pyplot() -> Any:
@@ -125,12 +150,13 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
     bottom = list(updates)
     colours = {
         "deadline": "tab:orange",
+        "over_selection": "tab:olive",
         "unavailable": "tab:gray",
         "network": "tab:red",
         "budget": "tab:brown",
     }
     for cause in CAUSES:
-        values = [r.get("dropouts", {}).get(cause, 0) for r in rounds]
+        values = [r.get("dropouts", {}).get(cause, 0) for r in rounds]  # older reports: fewer
         if any(values):
             part_ax.bar(x, values, bottom=bottom, color=colours[cause], label=f"dropped: {cause}")
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
@@ -156,79 +182,6 @@ def plot_report(report: dict[str, Any], png: str | Path) -> None:
     bytes_ax.legend(loc="lower right")
     bytes_ax.set_title("network")
 
-    fig.suptitle(f"fedsim: {_title(report)}")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def compare_table(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """A side-by-side table of several runs' final figures."""
-    rows = [
-        (
-            "run",
-            "dataset",
-            "devices",
-            "rounds",
-            "accuracy",
-            "loss",
-            "MB up",
-            "MB down",
-            "simulated s",
-            "wall s",
-        )
-    ]
-    for name, report in reports:
-        final, config = report["final"], report["config"]
-        rows.append(
-            (
-                name,
-                config["dataset"],
-                str(final.get("devices", config["devices"])),
-                str(len(report["rounds"])),
-                f"{final['accuracy']:.4f}",
-                f"{final['loss']:.4f}",
-                f"{final['bytes_up'] / 1e6:.1f}",
-                f"{final['bytes_down'] / 1e6:.1f}",
-                f"{final['simulated_seconds']:.0f}",
-                f"{final['wall_seconds']:.1f}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def plot_comparison(reports: Sequence[tuple[str, dict[str, Any]]], png: str | Path) -> None:
-    """Accuracy per round and over simulated time, one line per run."""
-    plt = _pyplot()
-    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for name, report in reports:
-        rounds = report["rounds"]
-        accuracy = [r["accuracy"] for r in rounds]
-        by_round.plot([r["round"] for r in rounds], accuracy, marker="o", markersize=2, label=name)
-        by_time.plot(
-            [r["simulated_seconds"] / 60 for r in rounds],
-            accuracy,
-            marker="o",
-            markersize=2,
-            label=name,
-        )
-    by_round.set_xlabel("round")
-    by_time.set_xlabel("simulated time (minutes)")
-    for ax in (by_round, by_time):
-        ax.set_ylabel("accuracy (held-out test set)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    by_round.set_title("accuracy per round")
-    by_time.set_title("accuracy over simulated time")
-    fig.suptitle("fedsim compare: " + ", ".join(name for name, _ in reports))
+    fig.suptitle(_title(report))
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -21,7 +21,13 @@ pytestmark = pytest.mark.anyio
 def _server(db: str, every: int = 1, devices: int = 2, **privacy: Any) -> Server:
     plan = plan_from_dict(
         {
-            "job": {"name": "digits", "rounds": 4, "devices_per_round": 3, "seed": 1},
+            "job": {
+                "name": "digits",
+                "rounds": 4,
+                "devices_per_round": 3,
+                "over_selection": 1.3,
+                "seed": 1,
+            },
             "model": {"kind": "softmax", "inputs": 64, "hidden": [], "classes": 10},
             "train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.1},
             "evaluate": {"every": every, "devices": devices},

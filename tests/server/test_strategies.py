@@ -12,7 +12,14 @@ import fedclient
 from fedclient.protocol import StrategySettings, decode_tensors
 from fedclient.runtime import NumpyModel
 from fedclient.server import FederationService, ServerStore, plan_from_dict
-from fedclient.server.strategies import ClientUpdate, Strategy, strategy_for
+from fedclient.server.rounds import SyncRounds, initial_weights
+from fedclient.server.strategies import (
+    ClientUpdate,
+    Strategy,
+    decode_state,
+    encode_state,
+    strategy_for,
+)
 from fedclient.sim.datasets import Dataset, partition
 from tests.conftest import ManualClock, Server
 
@@ -207,3 +214,76 @@ def test_one_device_claiming_max_examples_counts_as_ratio_median_devices(
     mean = (9 * 20 * 0.01 + liar * -0.05) / (9 * 20 + liar)
     for name, weights in base.items():
         np.testing.assert_allclose(new[name], weights + mean, atol=1e-6)
+
+
+def test_a_strategy_by_import_path_takes_and_validates_its_own_settings(tmp_path: Any) -> None:
+    (tmp_path / "damped_strategy_a.py").write_text(
+        "from fedclient.server.strategies import FedAvg\n"
+        "class Damped(FedAvg):\n"
+        "    def __init__(self, settings=None, *, damping=1.0):\n"
+        "        super().__init__(settings)\n"
+        "        if not 0 < damping <= 1:\n"
+        "            raise ValueError(f'damping must be in (0, 1], got {damping}')\n"
+        "        self.learning_rate *= damping\n"
+    )
+    base = {"job": {"name": "x"}}
+
+    def plan(**strategy: Any) -> fedclient.protocol.JobPlan:
+        table = {"name": "damped_strategy_a:Damped", **strategy}
+        return plan_from_dict({**base, "strategy": table}, base=tmp_path)
+
+    loaded = plan(damping=0.25)
+    assert loaded.strategy.options == {"damping": 0.25}
+    step = strategy_for(loaded.strategy).aggregate(BASE, _updates([4, 4, 4]), {})[0]["w"]
+    np.testing.assert_allclose(step, [1, 1, 1])
+    with pytest.raises(fedclient.InvalidInput, match="damping must be in"):
+        plan(damping=2.0)
+    with pytest.raises(fedclient.InvalidInput, match=r"takes no setting 'dampng'.*damping"):
+        plan(dampng=0.5)
+    # A built-in strategy refuses settings it does not take, as an unknown key.
+    with pytest.raises(fedclient.InvalidInput, match="takes no setting 'mu'"):
+        plan_from_dict({**base, "strategy": {"name": "fedavg", "mu": 1}})
+    with pytest.raises(fedclient.InvalidInput, match="cannot import 'no_such_module'"):
+        plan_from_dict({**base, "strategy": {"name": "no_such_module:X"}})
+    with pytest.raises(fedclient.InvalidInput, match="is not a Strategy"):
+        plan_from_dict({**base, "strategy": {"name": "numpy:ndarray"}})
+
+
+def test_strategy_state_of_any_shape_survives_the_store(db_url: Any) -> None:
+    class Counting(Strategy):
+        name = "counting_any_shape"
+
+        def aggregate(self, weights: Any, updates: Any, state: Any) -> Any:
+            count = state.get("rounds", np.array(0))
+            assert count.shape == ()  # a 0-d array comes back 0-d
+            return weights, {
+                "rounds": count + 1,
+                "last_lr": 0.5,  # a plain number is kept as a 0-d array
+                "table": np.arange(6, dtype=np.int64).reshape(2, 3),
+            }
+
+    plan = plan_from_dict(
+        {
+            "job": {"name": "digits", "rounds": 3, "devices_per_round": 1},
+            "model": {"kind": "softmax", "inputs": 64, "hidden": [], "classes": 10},
+            "strategy": {"name": "counting_any_shape"},
+        }
+    )
+    state = decode_state(encode_state({"a": np.float32(2), "b": np.ones((2, 0))}))
+    assert state["a"].shape == () and state["a"].dtype == np.float32 and state["b"].shape == (2, 0)
+    store = ServerStore(db_url("state"))
+    rounds = SyncRounds(store)
+    rounds.create_job(plan, 0.0)
+    for number in (1, 2, 3):
+        job = store.job("digits")
+        assert job is not None
+        round_ = store.latest_rounds("digits", 1)[0]
+        weights = {k: np.zeros_like(v) for k, v in initial_weights(plan).items()}
+        store.admit(round_.round_id, "d", 0.0)
+        update = ClientUpdate("d", 1, weights)
+        rounds.close(job, round_, float(number), "test", updates=[update])
+    held = store.strategy_state("digits")
+    assert held is not None
+    kept = decode_state(held)
+    assert int(kept["rounds"]) == 3 and kept["rounds"].shape == ()
+    assert kept["last_lr"].shape == () and kept["table"].shape == (2, 3)

@@ -351,7 +351,7 @@ def test_a_slow_tail_fleet_with_a_deadline_drops_devices_by_cause(tmp_path: Path
     assert _without_wall_time(a) == _without_wall_time(b)
     dropouts = a["final"]["dropouts"]
     assert dropouts["deadline"] > 0
-    assert set(dropouts) == {"deadline", "unavailable", "network", "budget"}
+    assert set(dropouts) == {"deadline", "over_selection", "unavailable", "network", "budget"}
     assert sum(r["dropouts"]["deadline"] for r in a["rounds"]) == dropouts["deadline"]
 
 
