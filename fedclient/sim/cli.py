@@ -98,7 +98,8 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "--dataset",
         default="digits",
         help="digits (bundled with scikit-learn); mnist, femnist or sms_spam (from "
-        "--data-dir); csv:PATH (with --text-column, --label-column, --user-column, "
+        "--data-dir); synthetic[:ALPHA,BETA] (LEAF's Synthetic, drawn per device on "
+        "demand: any --devices); csv:PATH (with --text-column, --label-column, --user-column, "
         "--no-header) or npz:PATH (arrays x, y and optionally user)",
     )
     run.add_argument(
@@ -162,6 +163,13 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         default="phones",
         help="device profiles: phones | uniform | slow-tail | diurnal | "
         "trace:PATH.csv (see fedclient/sim/devices.py)",
+    )
+    run.add_argument(
+        "--availability",
+        default="always",
+        help="when devices are online: always (their --fleet window) | "
+        "diurnal[:peak=0.6,trough=0.05,session=30] (on/off sessions following local time) | "
+        "trace:PATH.csv (device,start,end rows; see fedclient/sim/availability.py)",
     )
     run.add_argument("--epochs", type=int)
     run.add_argument("--batch-size", type=int)
