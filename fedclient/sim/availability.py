@@ -6,12 +6,12 @@
     Every device is online whenever its profile's daily window (``--fleet``) says so.
 
 ``diurnal[:peak=P,trough=T,session=MINUTES]``
-    Each device alternates online and offline sessions of random (exponential)
-    length. Online sessions last ``session`` minutes on average (default 30);
-    offline ones are as long as it takes for the share of time a device is online
-    to follow a daily curve of its local time: ``peak`` (default 0.6) at 03:00,
-    when phones charge on Wi-Fi, down to ``trough`` (default 0.05) at 15:00,
-    along a cosine. Each device lives in a time zone drawn from the seed. A device
+    Each device alternates online and offline sessions of random length. Online
+    sessions last ``session`` minutes on average (default 30, exponentially
+    distributed); an offline device comes back at a rate that makes the share of
+    time it is online follow a daily curve of its local time: ``peak`` (default 0.6,
+    below 1) at 03:00, when phones charge on Wi-Fi, down to ``trough`` (default
+    0.05) at 15:00, along a cosine. Each device lives in a time zone drawn from the seed. A device
     that goes offline before it finishes a round's work drops out of the round (the
     report counts it ``unavailable``), as it does in production.
 
@@ -24,7 +24,7 @@
     follows the trace's ``i mod n``-th device, in the order of their ids).
 
 Nothing per device is an object: the session model keeps three columns (its time
-zone, whether it is online, when that changes: 10 bytes a device); every change is
+zone, whether it is online, when that may change: 10 bytes a device); every change is
 drawn from one generator seeded with the run's seed, in a fixed order, so the same
 seed gives the same sessions. Selection (`fedclient.sim.engine`) asks only
 devices that are online to check in.
@@ -82,9 +82,9 @@ def parse_availability(text: str, devices: int, seed: int) -> Availability | Non
             except ValueError:
                 raise InvalidInput(f"--availability diurnal: {key} needs a number") from None
         peak, trough, session = settings["peak"], settings["trough"], settings["session"]
-        if not 0 < trough <= peak <= 1 or session <= 0:
+        if not 0 < trough <= peak < 1 or session <= 0:
             raise InvalidInput(
-                "--availability diurnal: needs 0 < trough <= peak <= 1 and session > 0 minutes"
+                "--availability diurnal: needs 0 < trough <= peak < 1 and session > 0 minutes"
             )
         return DiurnalSessions(devices, seed, peak, trough, session * 60.0)
     if kind == "trace" and arg:
@@ -100,13 +100,16 @@ class DiurnalSessions:
 
     def __init__(self, devices: int, seed: int, peak: float, trough: float, session: float) -> None:
         self.peak, self.trough, self.session = peak, trough, session
+        # An offline device comes online at rate share / (session * (1 - share)), so that
+        # it is online that share of the time; the rate follows its local hour. It is
+        # played by thinning: chances at the day's highest rate, each taken with the
+        # ratio of the rate now to that one (so the share tracks the curve, without lag).
+        self.fastest = peak / (session * (1.0 - peak))
         self.rng = np.random.default_rng([seed, _STREAM])
         self.zone = self.rng.integers(0, 24, devices, dtype=np.int8)  # hours ahead of UTC
         self.now = 0.0
-        share = self._share(self.zone.astype(np.float64))
-        self.on = self.rng.random(devices) < share
-        # Sessions are memoryless: what remains of the one under way is a whole one.
-        self.until = self._lengths(self.on, share)
+        self.on = self.rng.random(devices) < self._share(self.zone.astype(np.float64))
+        self.until = self._next(self.on, np.zeros(devices))
 
     def _share(self, local_hour: np.ndarray) -> np.ndarray:
         """The share of time a device is online at each local hour."""
@@ -114,25 +117,29 @@ class DiurnalSessions:
         result: np.ndarray = self.trough + (self.peak - self.trough) * swing
         return result
 
-    def _lengths(self, on: np.ndarray, share: np.ndarray) -> np.ndarray:
-        """Lengths of sessions starting now: online ones of mean ``session``, offline
-        ones of mean ``session * (1 - share) / share``."""
-        mean = np.where(on, self.session, self.session * (1.0 - share) / share)
-        lengths: np.ndarray = self.rng.exponential(1.0, len(on)) * mean
-        return lengths
+    def _next(self, on: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The next change from ``at``: an online session's end (mean ``session``; being
+        memoryless, what remains of one under way is a whole one), or an offline
+        device's next chance to come online."""
+        mean = np.where(on, self.session, 1.0 / self.fastest)
+        result: np.ndarray = at + self.rng.exponential(1.0, len(on)) * mean
+        return result
 
     def _advance(self, now: float) -> None:
-        """Play every session change up to ``now`` (a later time only)."""
+        """Play every change up to ``now`` (a later time only)."""
         if now <= self.now:
             return
         self.now = now
         changing = np.flatnonzero(self.until <= now)
         while len(changing):
-            on = ~self.on[changing]
-            self.on[changing] = on
             at = self.until[changing]
             local = (at / 3600.0 + self.zone[changing]) % 24.0
-            self.until[changing] = at + self._lengths(on, self._share(local))
+            share = self._share(local)
+            rate = share / (self.session * (1.0 - share))
+            chance = self.rng.random(len(changing))
+            on = ~self.on[changing] & (chance < rate / self.fastest)
+            self.on[changing] = on
+            self.until[changing] = self._next(on, at)
             changing = changing[self.until[changing] <= now]
 
     def online(self, i: int, now: float) -> bool:
