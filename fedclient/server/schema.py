@@ -66,6 +66,9 @@ MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
         "ALTER TABLE updates ADD COLUMN spool_offset INTEGER",
         "ALTER TABLE updates ADD COLUMN spool_length INTEGER",
     ],
+    10: [  # the next admission's seq found in the index, not by reading the round's rows
+        "CREATE INDEX admissions_in_order ON admissions (round_id, seq)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
