@@ -10,10 +10,11 @@ batch 10, lr 0.1, FedAvg weighted by examples, the test set evaluated after ever
 round. The numpy loop does exactly that work and nothing else: no server, no
 protocol, no state. Both run as subprocesses, alternated, each timed from launch to
 exit ("process s"); inside, the numpy loop times its rounds and fedsim reports its
-own ``final.wall_seconds`` ("in-run s"). Printed: both, their ratio, and fedsim's
-framework time per client-round, (fedsim - numpy) / (devices a round x rounds), in
-each measure. fedsim runs with ``--quiet --no-plot``, as the done-when check does;
-decompressing MNIST is cached and the packages byte-compiled before the first
+own ``final.wall_seconds`` ("in-run s"); each process's CPU time (user + sys) too,
+which a loaded machine distorts less. Printed: both, their ratios, and fedsim's
+framework time per client-round, (fedsim - numpy) / (devices a round x rounds).
+fedsim runs with ``--quiet --no-plot``, as the done-when check does; decompressing
+MNIST is cached and the packages byte-compiled before the first
 timed run. The load average is
 printed before and after: on a shared machine, quote ratios from one run.
 """
@@ -24,6 +25,7 @@ import argparse
 import compileall
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -87,11 +89,16 @@ def fedsim_argv(data_dir: str, seed: int, report: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def timed(argv: list[str]) -> tuple[float, str]:
-    """Run ``argv``; its wall seconds from launch to exit, and its stdout."""
+def timed(argv: list[str]) -> tuple[float, float, str]:
+    """Run ``argv``; its wall seconds from launch to exit, its CPU seconds (user + sys),
+    and its stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
-    return time.perf_counter() - started, done.stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.stdout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,28 +124,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average before: {os.getloadavg()[0]:.2f}")
         rows = []
         for _ in range(args.repeats):
-            numpy_process, out = timed(
+            numpy_process, numpy_cpu, out = timed(
                 [sys.executable, __file__, "--numpy-only", "--data-dir", args.data_dir,
                  "--seed", str(args.seed)]
             )  # fmt: skip
             loop = json.loads(out.strip().splitlines()[-1])
-            fedsim_process, _ = timed(fedsim_argv(args.data_dir, args.seed, report))
+            fedsim_process, fedsim_cpu, _ = timed(fedsim_argv(args.data_dir, args.seed, report))
             final = json.loads(report.read_text())["final"]
-            rows.append((numpy_process, loop, fedsim_process, final))
+            rows.append((numpy_process, numpy_cpu, loop, fedsim_process, fedsim_cpu, final))
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(
-        "numpy process s | numpy loop s | fedsim process s | fedsim in-run s | "
-        "ratio (process) | ratio (in-run) | framework ms/client-round (process, in-run) | "
+        "numpy process s (cpu s) | numpy loop s | fedsim process s (cpu s) | fedsim in-run s | "
+        "ratio process (cpu) | ratio in-run | framework ms/client-round process (cpu) | "
         "accuracy numpy / fedsim"
     )
-    for numpy_process, loop, fedsim_process, final in rows:
+    for numpy_process, numpy_cpu, loop, fedsim_process, fedsim_cpu, final in rows:
         in_run = final["wall_seconds"]
         print(
-            f"{numpy_process:.2f} | {loop['seconds']:.2f} | {fedsim_process:.2f} | "
-            f"{in_run:.2f} | {fedsim_process / numpy_process:.1f}x | "
+            f"{numpy_process:.2f} ({numpy_cpu:.2f}) | {loop['seconds']:.2f} | "
+            f"{fedsim_process:.2f} ({fedsim_cpu:.2f}) | {in_run:.2f} | "
+            f"{fedsim_process / numpy_process:.1f}x ({fedsim_cpu / numpy_cpu:.1f}x) | "
             f"{in_run / loop['seconds']:.1f}x | "
-            f"{1000 * (fedsim_process - numpy_process) / client_rounds:.2f}, "
-            f"{1000 * (in_run - loop['seconds']) / client_rounds:.2f} | "
+            f"{1000 * (fedsim_process - numpy_process) / client_rounds:.2f} "
+            f"({1000 * (fedsim_cpu - numpy_cpu) / client_rounds:.2f}) | "
             f"{loop['accuracy']:.4f} / {final['accuracy']:.4f}"
         )
     return 0
