@@ -14,9 +14,8 @@ own ``final.wall_seconds`` ("in-run s"); each process's CPU time (user + sys) to
 which a loaded machine distorts less. Printed: both, their ratios, and fedsim's
 framework time per client-round, (fedsim - numpy) / (devices a round x rounds).
 fedsim runs with ``--quiet --no-plot``, as the done-when check does; decompressing
-MNIST is cached and the packages byte-compiled before the first
-timed run. The load average is
-printed before and after: on a shared machine, quote ratios from one run.
+MNIST is cached and the packages byte-compiled before the first timed run. The load
+average is printed before and after: on a shared machine, quote ratios from one run.
 """
 
 from __future__ import annotations
