@@ -152,16 +152,21 @@ class ProfileColumns:
         hour = (now % DAY) / 3600.0
         return bool((hour - self.start[i]) % 24 < self.hours)
 
+    def online_mask(self, now: float) -> np.ndarray | None:
+        """Which devices' daily windows hold ``now`` (None: every device's does)."""
+        if self.rows:
+            each = np.array([r.online(now) for r in self.rows])
+            return None if each.all() else np.resize(each, len(self))
+        if self.hours >= 24 or self.start is None:
+            return None
+        hour = (now % DAY) / 3600.0
+        mask: np.ndarray = (hour - self.start) % 24 < self.hours
+        return mask
+
     def online_count(self, now: float) -> int:
         """How many devices' daily windows hold ``now`` (counted over the columns)."""
-        if self.rows:
-            online = sum(r.online(now) for r in self.rows)
-            whole, rest = divmod(len(self), len(self.rows))
-            return whole * online + sum(r.online(now) for r in self.rows[:rest])
-        if self.hours >= 24 or self.start is None:
-            return len(self)
-        hour = (now % DAY) / 3600.0
-        return int(np.count_nonzero((hour - self.start) % 24 < self.hours))
+        mask = self.online_mask(now)
+        return len(self) if mask is None else int(np.count_nonzero(mask))
 
 
 def draw_profile_columns(n: int, rng: np.random.Generator, fleet: str = "phones") -> ProfileColumns:

@@ -84,10 +84,9 @@ class DeviceRegistry:
         """How many devices would check in at ``now`` (a count over the columns)."""
         if self.availability is None:
             return self.profiles.online_count(now)
-        mask = self.availability.online_mask(now)
-        if self.profiles.hours >= 24 and not self.profiles.rows:
-            return int(np.count_nonzero(mask))
-        return sum(1 for i in np.flatnonzero(mask) if self.profiles.online(int(i), now))
+        sessions = self.availability.online_mask(now)
+        windows = self.profiles.online_mask(now)
+        return int(np.count_nonzero(sessions if windows is None else sessions & windows))
 
     def online_until(self, i: int, now: float) -> float:
         """When device ``i``, online at ``now``, goes offline (inf: not before the

@@ -131,3 +131,21 @@ def test_a_diurnal_fleet_reports_participation_and_reproduces(tmp_path: Path) ->
     # Three-second sessions end mid-round: some admitted devices never report.
     assert a["final"]["dropouts"]["unavailable"] > 0
     assert plain["final"]["dropouts"]["unavailable"] == 0
+
+
+def test_available_counts_devices_in_their_window_and_in_a_session() -> None:
+    from fedclient.sim.config import SimulationConfig
+    from fedclient.sim.datasets import load_dataset
+    from fedclient.sim.registry import register_devices
+
+    config = SimulationConfig(
+        dataset="synthetic", devices=3000, seed=4, fleet="diurnal", availability="diurnal"
+    )
+    data = load_dataset("synthetic", seed=4)
+    registry = register_devices(config, config.plan(data), data)
+    for now in (600.0, 7 * 3600.0, 30 * 3600.0):
+        each = [registry.online(i, now) for i in range(len(registry))]
+        assert registry.available(now) == sum(each)
+        # Both filters bite: the fleet's 8-hour windows and the sessions.
+        windows = sum(registry.profiles.online(i, now) for i in range(len(registry)))
+        assert 0 < sum(each) < windows < len(registry)
