@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -144,6 +145,7 @@ async def simulate(
         evaluator = _Evaluator(plan, config.runtime, data)
         stack.callback(evaluator.close)
         startup_seconds = time.perf_counter() - wall_start  # to the first round
+        stack.enter_context(_long_lived_frozen())
         if plan.job.mode == "async":
             if config.availability != "always":
                 raise InvalidInput("--availability is for sync rounds (not --mode async)")
@@ -209,6 +211,20 @@ async def simulate(
         "final": final,
         **per_device,
     }
+
+
+@contextlib.contextmanager
+def _long_lived_frozen() -> Iterator[None]:
+    """The objects alive when the rounds start (the modules, the data set, the fleet's
+    registry, the server) live to the end: the cyclic collector skips them until then.
+
+    Its full collections otherwise walk them again and again: 3 of them took 0.75 s
+    of a W3 run at load 4 (`gc.callbacks`), a third of the collector's time there."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def peak_rss_mb() -> float | None:
