@@ -108,10 +108,10 @@ class DiurnalSessions:
         self.rng = np.random.default_rng([seed, _STREAM])
         self.zone = self.rng.integers(0, 24, devices, dtype=np.int8)  # hours ahead of UTC
         self.now = 0.0
-        self.on = self.rng.random(devices) < self._share(self.zone.astype(np.float64))
+        self.on = self.rng.random(devices) < self.share(self.zone.astype(np.float64))
         self.until = self._next(self.on, np.zeros(devices))
 
-    def _share(self, local_hour: np.ndarray) -> np.ndarray:
+    def share(self, local_hour: np.ndarray) -> np.ndarray:
         """The share of time a device is online at each local hour."""
         swing = (1.0 + np.cos(2 * math.pi * (local_hour - PEAK_HOUR) / 24.0)) / 2.0
         result: np.ndarray = self.trough + (self.peak - self.trough) * swing
@@ -134,7 +134,7 @@ class DiurnalSessions:
         while len(changing):
             at = self.until[changing]
             local = (at / 3600.0 + self.zone[changing]) % 24.0
-            share = self._share(local)
+            share = self.share(local)
             rate = share / (self.session * (1.0 - share))
             chance = self.rng.random(len(changing))
             on = ~self.on[changing] & (chance < rate / self.fastest)

@@ -38,7 +38,7 @@ def test_the_online_share_follows_each_device_s_local_time() -> None:
         for zone in (0, 6, 12, 18):
             mine = sessions.zone == zone
             local = (now / 3600.0 + zone) % 24.0
-            expected = float(sessions._share(np.array([local]))[0])
+            expected = float(sessions.share(np.array([local]))[0])
             # The share lags the curve by about a session; half an hour of a daily curve.
             assert abs(online[mine].mean() - expected) < 0.05, (now, zone)
     # Across zones the curve's highs and lows are both there at one moment.
