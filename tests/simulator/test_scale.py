@@ -123,6 +123,11 @@ def test_a_synthetic_fleet_of_a_million_runs_and_reproduces(tmp_path: Path) -> N
     a = _run(tmp_path, "a", *flags)
     b = _run(tmp_path, "b", *flags)
     machine = ("wall_seconds", "startup_seconds", "peak_rss_mb")
+    # The machine's figures are there: the run's time, its start-up, its peak memory
+    # (at least the registry's three columns of a million float64s: 24 MB).
+    final = a["final"]
+    assert 0 < final["startup_seconds"] < final["wall_seconds"]
+    assert final["peak_rss_mb"] > 24
     for report in (a, b):
         report["final"] = {k: v for k, v in report["final"].items() if k not in machine}
         for record in report["rounds"]:
