@@ -337,12 +337,11 @@ async def _run_rounds(
             break
         totals0 = await fleet.totals()
         # Check-in: devices arrive in an order drawn from the seed; the server fills the round.
-        order = np.random.default_rng([config.seed, current.number]).permutation(len(fleet))
-        failures = np.random.default_rng([config.seed, current.number, 1]).random(len(order))
-        # Asleep, off Wi-Fi or unplugged: a device offline does not check in.
         registry = fleet.registry
+        order, failure_draw = registry.checkin_order(config.seed, current.number)
+        # Asleep, off Wi-Fi or unplugged: a device offline does not check in.
         available = registry.available(clock.now)
-        online = (int(i) for i in order if registry.online(int(i), clock.now))
+        online = (i for i in order if registry.online(i, clock.now))
         checked_in = 0
         admitted: list[int] = []
         network_dropouts = unavailable = 0
@@ -390,7 +389,7 @@ async def _run_rounds(
         # Download and train for real; each device finishes at its simulated time.
         working: list[int] = []
         for i in admitted:
-            if failures[i] < registry.failure_rate(i):
+            if failure_draw(i) < registry.failure_rate(i):
                 unavailable += 1  # went offline mid-round: it simply never reports
             else:
                 working.append(i)

@@ -13,6 +13,7 @@ of columns).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,10 @@ from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset, partition
 from fedclient.sim.devices import DeviceProfile, ProfileColumns, draw_profile_columns
 
-__all__ = ["DeviceRegistry", "register_devices"]
+__all__ = ["LAZY_ORDER_DEVICES", "DeviceRegistry", "distinct_order", "register_devices"]
+
+#: Fleets larger than this draw a round's check-in order as they go (`checkin_order`).
+LAZY_ORDER_DEVICES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,47 @@ class DeviceRegistry:
         windows = self.profiles.online_mask(now)
         return int(np.count_nonzero(sessions if windows is None else sessions & windows))
 
+    def checkin_order(
+        self, seed: int, round_number: int
+    ) -> tuple[Iterator[int], Callable[[int], float]]:
+        """The order in which the devices arrive in a round, and each one's draw against
+        its failure rate, both from the seed.
+
+        Up to `LAZY_ORDER_DEVICES` devices: a permutation of the whole fleet and a draw
+        per device, made at once (as every run before fleets of millions). Beyond it a
+        round needs a few thousand devices of millions: they come as they are asked
+        for, distinct random devices from a generator seeded with the round, and each
+        device's failure draw from its own seed; the whole permutation would cost a
+        second and 240 MB a round at 15 million."""
+        if self.size <= LAZY_ORDER_DEVICES:
+            order = np.random.default_rng([seed, round_number]).permutation(self.size)
+            failures = np.random.default_rng([seed, round_number, 1]).random(self.size)
+            return (int(i) for i in order), lambda i: float(failures[i])
+        rng = np.random.default_rng([seed, round_number])
+
+        def failure(i: int) -> float:
+            return float(np.random.default_rng([seed, round_number, 1, i]).random())
+
+        return distinct_order(self.size, rng), failure
+
     def online_until(self, i: int, now: float) -> float:
         """When device ``i``, online at ``now``, goes offline (inf: not before the
         profile's window closes, as far as the availability model says)."""
         return np.inf if self.availability is None else self.availability.online_until(i, now)
+
+
+def distinct_order(n: int, rng: np.random.Generator, chunk: int = 4096) -> Iterator[int]:
+    """Every index below ``n`` once, in random order, drawn as it is asked for: uniform
+    draws that skip those already given, then (past half of them) a permutation of
+    what is left, so that even a round that walks the whole fleet ends."""
+    given: set[int] = set()
+    while 2 * len(given) < n:
+        for i in rng.integers(0, n, min(chunk, n)).tolist():
+            if i not in given:
+                given.add(i)
+                yield i
+    rest = np.setdiff1d(np.arange(n), np.fromiter(given, dtype=np.int64, count=len(given)))
+    yield from (int(i) for i in rng.permutation(rest))
 
 
 def register_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> DeviceRegistry:

@@ -157,3 +157,38 @@ def test_a_generated_data_set_refuses_what_needs_a_split(
                    *flags, "--quiet", "--no-plot", "--report", str(out)])  # fmt: skip
     assert code != 0 and refusal in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_fleet_of_millions_draws_its_check_in_order_as_it_goes() -> None:
+    import itertools
+
+    from fedclient.sim.registry import LAZY_ORDER_DEVICES
+
+    config = SimulationConfig(dataset="synthetic", devices=LAZY_ORDER_DEVICES + 1, seed=2)
+    data = load_dataset("synthetic", seed=2)
+    registry = register_devices(config, config.plan(data), data)
+    order, failure = registry.checkin_order(2, 1)
+    first = list(itertools.islice(order, 5000))
+    assert len(set(first)) == 5000 and all(0 <= i < len(registry) for i in first)
+    again, failure_again = registry.checkin_order(2, 1)
+    assert list(itertools.islice(again, 5000)) == first
+    assert [failure(i) for i in first[:50]] == [failure_again(i) for i in first[:50]]
+    assert all(0 <= failure(i) < 1 for i in first[:50])
+    other, _ = registry.checkin_order(2, 2)
+    assert list(itertools.islice(other, 5000)) != first
+    # Spread over the fleet, not its first devices: a uniform draw's mean index.
+    assert abs(np.mean(first) / len(registry) - 0.5) < 0.02
+    # A fleet up to the threshold keeps the permutation every earlier run drew.
+    small = register_devices(
+        SimulationConfig(dataset="synthetic", devices=1000, seed=2), config.plan(data), data
+    )
+    order, _ = small.checkin_order(2, 1)
+    assert list(order) == np.random.default_rng([2, 1]).permutation(1000).tolist()
+
+
+def test_every_device_of_a_lazy_order_comes_once() -> None:
+    from fedclient.sim.registry import distinct_order
+
+    for n in (1, 2, 7, 4097, 10_007):
+        drawn = list(distinct_order(n, np.random.default_rng(n)))
+        assert sorted(drawn) == list(range(n))
