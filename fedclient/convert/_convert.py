@@ -186,9 +186,20 @@ def _load_object(target: str) -> Any:
         raise InvalidInput(f"cannot load {target!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[str] = ()) -> Source:
+#: ``--input-dtype`` choices: features, or token ids (an embedding's input).
+INPUT_DTYPES = ("float32", "int64")
+
+
+def torch_source(
+    target: str,
+    input_shape: Sequence[int],
+    *,
+    frozen: Sequence[str] = (),
+    input_dtype: str = "float32",
+) -> Source:
     """A PyTorch ``nn.Module`` (a class built with no arguments, a factory, or an instance)
-    named ``module:attr`` or ``file.py:attr``, exported with ``torch.onnx.export``."""
+    named ``module:attr`` or ``file.py:attr``, exported with ``torch.onnx.export``; its
+    input is float32 features or, with ``input_dtype="int64"``, token ids."""
     try:
         import torch
     except ImportError as exc:
@@ -202,13 +213,15 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
         raise InvalidInput(
             "a PyTorch source needs --input-shape (one example's shape, e.g. 1,28,28)"
         )
+    if input_dtype not in INPUT_DTYPES:
+        raise InvalidInput(f"--input-dtype must be one of {', '.join(INPUT_DTYPES)}")
     obj = _load_object(target)
     module = obj() if not isinstance(obj, torch.nn.Module) and callable(obj) else obj
     if not isinstance(module, torch.nn.Module):
         raise InvalidInput(f"{target} is not a torch.nn.Module (got {type(module).__name__})")
     module = module.float().eval()
     buffer = io.BytesIO()
-    dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
+    dummy = torch.zeros((2, *input_shape), dtype=getattr(torch, input_dtype))
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
@@ -216,6 +229,12 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
             # deprecation notices are not the user's concern.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
+            # torch's own modules check masks with Python booleans (TransformerEncoder's
+            # causal-mask detection): traced as constants, which the verification against
+            # torch covers. Such warnings from the user's code still show.
+            warnings.filterwarnings(
+                "ignore", message="Converting a tensor to a Python boolean", module=r"torch\."
+            )
             torch.onnx.export(
                 module,
                 (dummy,),
@@ -249,7 +268,8 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
     names = {n: n for n in float_initialisers if n not in frozen}
     return Source(
         target.rpartition(":")[2].lower(),
-        f"torch:{target} input {tuple(input_shape)}{_rewritten(rewritten)}",
+        f"torch:{target} input {tuple(input_shape)}"
+        f"{'' if input_dtype == 'float32' else ' ' + input_dtype}{_rewritten(rewritten)}",
         model,
         TorchReference(module, names),
         frozen=frozen,
@@ -265,6 +285,7 @@ def resolve(
     side: int | None = None,
     seed: int = 0,
     input_shape: Sequence[int] = (),
+    input_dtype: str = "float32",
     frozen: Sequence[str] = (),
 ) -> Source:
     """A built-in name, an ``.onnx`` path, or a PyTorch ``module:attr`` / ``file.py:attr``."""
@@ -277,7 +298,7 @@ def resolve(
             raise InvalidInput(f"no such file: {source}")
         return onnx_source(source, frozen=frozen)
     if ":" in source:
-        return torch_source(source, input_shape, frozen=frozen)
+        return torch_source(source, input_shape, frozen=frozen, input_dtype=input_dtype)
     raise InvalidInput(
         f"cannot tell what {source!r} is: give a built-in model ({', '.join(BUILTINS)}), "
         "an .onnx file, or a PyTorch module as module:Class or file.py:Class"

@@ -43,6 +43,11 @@ class Reference(Protocol):
         """Mean cross-entropy at ``weights``, as precisely as the reference can."""
 
 
+def _features(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """Features in ``dtype``; token ids (integers) stay int64."""
+    return x.astype(np.int64) if x.dtype.kind in "iu" else x.astype(dtype)
+
+
 class NumpyReference:
     """A built-in model's numpy implementation."""
 
@@ -136,7 +141,7 @@ class OnnxReference:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass in float32."""
-        return self._run(self._initial, x.astype(np.float32))
+        return self._run(self._initial, _features(x, np.float32))
 
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> None:
         """The evaluator cannot differentiate: the verifier uses finite differences."""
@@ -145,7 +150,7 @@ class OnnxReference:
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy, evaluated in float64."""
         wide = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-        return cross_entropy(self._run(wide, x.astype(np.float64)).astype(np.float64), y)
+        return cross_entropy(self._run(wide, _features(x, np.float64)).astype(np.float64), y)
 
 
 class TorchReference:
@@ -170,6 +175,12 @@ class TorchReference:
         """The module's parameters, by bundle name."""
         return {k: v.copy() for k, v in self._initial.items()}
 
+    def _input(self, x: np.ndarray, dtype: Any) -> Any:
+        """A batch as torch sees it: token ids stay integers, features take ``dtype``."""
+        if x.dtype.kind in "iu":
+            return self._torch.from_numpy(x.astype(np.int64))
+        return self._torch.from_numpy(x).to(dtype)
+
     def _load(self, weights: Mapping[str, np.ndarray], dtype: Any) -> Any:
         import copy
 
@@ -185,7 +196,7 @@ class TorchReference:
         """Forward pass in float32."""
         torch = self._torch
         with torch.no_grad():
-            out = self._load(self._initial, torch.float32)(torch.from_numpy(x.astype(np.float32)))
+            out = self._load(self._initial, torch.float32)(self._input(x, torch.float32))
         return np.asarray(out.numpy())
 
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
@@ -194,7 +205,7 @@ class TorchReference:
         module = self._load(self._initial, torch.float32)
         optimizer = torch.optim.SGD(module.parameters(), lr=learning_rate)
         loss = torch.nn.functional.cross_entropy(
-            module(torch.from_numpy(x.astype(np.float32))), torch.from_numpy(y.astype(np.int64))
+            module(self._input(x, torch.float32)), torch.from_numpy(y.astype(np.int64))
         )
         optimizer.zero_grad()
         loss.backward()
@@ -209,5 +220,5 @@ class TorchReference:
         """Mean cross-entropy in float64."""
         torch = self._torch
         with torch.no_grad():
-            out = self._load(weights, torch.float64)(torch.from_numpy(x.astype(np.float64)))
+            out = self._load(weights, torch.float64)(self._input(x, torch.float64))
         return cross_entropy(out.numpy(), y)

@@ -99,7 +99,11 @@ def verify_bundle(
     manifest = read_manifest(path, verify=True)  # raises InvalidInput on a checksum mismatch
     checks = [Check("files", f"{len(manifest.files)} files, sha256", 0.0, 0.0, "mismatches")]
     rng = np.random.default_rng(seed)
-    x = rng.random((examples, *manifest.input_shape), dtype=np.float32)
+    x: np.ndarray
+    if manifest.input.dtype == "int64":  # token ids, over the whole vocabulary
+        x = rng.integers(0, manifest.vocabulary or 2, (examples, *manifest.input_shape))
+    else:
+        x = rng.random((examples, *manifest.input_shape), dtype=np.float32)
     y = rng.permutation(np.arange(examples) % manifest.classes).astype(np.int64)
 
     engines = [e for e in manifest.engines if e != "training" or has_training_api()]

@@ -8,23 +8,26 @@ the mean cross-entropy, the gradients by reverse-mode differentiation, and the
 update, all in default-domain ops that any ONNX Runtime build (or another ONNX
 engine) runs::
 
-    inputs   <input> (batch, ...) float32, labels (batch,) int64,
-             learning_rate () float32, and every trainable parameter
+    inputs   <input> (batch, ...) float32 features or int64 token ids, labels (batch,)
+             int64, learning_rate () float32, and every trainable parameter
     outputs  loss () float32, then <parameter>.next for every parameter, in order
 
 `forward_graph` is the forward model with its trainable parameters as inputs
 (their initial values kept as overridable defaults), for inference at any weights.
 
-Gradient rules exist for the ops the converter emits and mobile models use:
-Gemm, MatMul (2-D), Conv (2-D, any stride, padding, dilation and group, so
-depthwise too), MaxPool, GlobalAveragePool, AveragePool (no padding), ReduceMean
-and ReduceSum (axes attribute), Relu, Clip, LeakyRelu, Sigmoid, Tanh, Softmax,
-Erf (GELU as exported), elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs with
-broadcasting, Concat, Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Identity.
-An op without a rule between a trainable parameter and the loss raises
-`NoGradientRule` naming it; ops that only see constants (BatchNorm's frozen
-statistics, a frozen backbone) need none. The rules are in
-`fedclient.runtime._gradients`.
+Gradient rules exist for the ops the converter emits, mobile models and
+transformers use: Gemm, MatMul (2-D and batched, with broadcasting), Conv (2-D,
+any stride, padding, dilation and group, so depthwise too), MaxPool,
+GlobalAveragePool, AveragePool (no padding), ReduceMean and ReduceSum (axes
+attribute), Relu, Clip, LeakyRelu, Sigmoid, Tanh, Softmax (any axis), Erf (GELU
+as exported), elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs/Pow with
+broadcasting, Gather (embeddings, indexing), LayerNormalization, Where (masks),
+Slice, Split, Concat, Expand, Cast, Flatten, Reshape, Squeeze, Unsqueeze,
+Transpose, Identity. Gradients flow through float tensors only (shapes, masks
+and indices computed from parameters carry none). An op without a rule between
+a trainable parameter and the loss raises `NoGradientRule` naming it; ops that
+only see constants (BatchNorm's frozen statistics, a frozen backbone) need
+none. The rules are in `fedclient.runtime._gradients` and its families.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 #: The step graph's version: bumped when the graphs it writes change (cached bundles rebuild).
-STEP_GRAPH = 1
+STEP_GRAPH = 2
 LOSS = "loss"
 LEARNING_RATE = "learning_rate"
 LABELS = "labels"
@@ -104,7 +107,7 @@ def step_graph(
     needs = set(trainable)
     for node in graph.node:
         if any(i in needs for i in node.input):
-            needs.update(o for o in node.output if o)
+            needs.update(o for o in node.output if o and diff.differentiable(o))
     if logits.name not in needs:
         raise InvalidInput("the logits do not depend on any trainable parameter")
 
