@@ -42,6 +42,10 @@ class Reference(Protocol):
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy at ``weights``, as precisely as the reference can."""
 
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> Weights | None:
+        """The gradient of the mean cross-entropy of (x, y) at the initial weights, in
+        float64, by parameter name; None when the reference cannot differentiate."""
+
 
 def _features(x: np.ndarray, dtype: Any) -> np.ndarray:
     """Features in ``dtype``; token ids (integers) stay int64."""
@@ -88,6 +92,20 @@ class NumpyReference:
             rng=np.random.default_rng(0),
         )
         return model.get_weights()
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> Weights:
+        """One full-batch SGD step at learning rate 1 in float64: what it subtracted."""
+        model = self._fresh(self._initial, np.float64)
+        model.train(
+            x.reshape(len(x), -1).astype(np.float64),
+            y,
+            epochs=1,
+            batch_size=len(x),
+            learning_rate=1.0,
+            rng=np.random.default_rng(0),
+        )
+        after = model.get_weights()
+        return {k: v.astype(np.float64) - after[k] for k, v in self._initial.items()}
 
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy in float64."""
@@ -144,6 +162,10 @@ class OnnxReference:
         return self._run(self._initial, _features(x, np.float32))
 
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> None:
+        """The evaluator cannot differentiate: the verifier uses finite differences."""
+        return None
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> None:
         """The evaluator cannot differentiate: the verifier uses finite differences."""
         return None
 
@@ -215,6 +237,24 @@ class TorchReference:
             name: state[key].detach().numpy().astype(np.float32)
             for name, key in self._names.items()
         }
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> Weights:
+        """torch's autograd of ``nn.CrossEntropyLoss``, in float64."""
+        torch = self._torch
+        module = self._load(self._initial, torch.float64)
+        module.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            module(self._input(x, torch.float64)), torch.from_numpy(y.astype(np.int64))
+        )
+        loss.backward()
+        found = dict(module.named_parameters())
+        grads = {}
+        for name, key in self._names.items():
+            grad = found[key].grad if key in found else None  # a buffer has no gradient
+            grads[name] = (
+                np.zeros(self._initial[name].shape) if grad is None else grad.detach().numpy()
+            )
+        return grads
 
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy in float64."""

@@ -202,6 +202,12 @@ class OnnxBackend:
             epoch_loss = total / n
         return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
 
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """The gradient of the mean cross-entropy of (x, y) at the current weights, by
+        parameter name (what an SGD step with learning rate 1 subtracts); nothing changes."""
+        x = self._features(x)
+        return self._engine.gradients(x, self._labels(y, x.shape[0]))
+
     # -- inference ---------------------------------------------------------------
     def _logits(self, x: np.ndarray) -> np.ndarray:
         """Logits over ``x``, in chunks."""

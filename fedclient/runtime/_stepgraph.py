@@ -10,7 +10,8 @@ engine) runs::
 
     inputs   <input> (batch, ...) float32 features or int64 token ids, labels (batch,)
              int64, learning_rate () float32, and every trainable parameter
-    outputs  loss () float32, then <parameter>.next for every parameter, in order
+    outputs  loss () float32, then <parameter>.next for every parameter, in order,
+             then <parameter>.grad (the mean loss's gradient) for every parameter
 
 `forward_graph` is the forward model with its trainable parameters as inputs
 (their initial values kept as overridable defaults), for inference at any weights.
@@ -49,6 +50,7 @@ __all__ = [
     "STEP_GRAPH",
     "NoGradientRule",
     "forward_graph",
+    "grad_name",
     "next_name",
     "step_graph",
 ]
@@ -66,6 +68,12 @@ MIN_OPSET = 16
 def next_name(parameter: str) -> str:
     """The step graph's output holding ``parameter`` after the update."""
     return f"{parameter}.next"
+
+
+def grad_name(parameter: str) -> str:
+    """The step graph's output holding the gradient of the loss with respect to
+    ``parameter`` (verification compares it with the source's, tensor by tensor)."""
+    return f"{parameter}.grad"
 
 
 def forward_graph(model: onnx.ModelProto, trainable: Sequence[str]) -> onnx.ModelProto:
@@ -138,15 +146,22 @@ def step_graph(
     for name in trainable:
         grad = diff.grad_of(name)
         if grad is None:  # not on any path to the loss: it never changes
+            zeros = b.op("ConstantOfShape", [b.const(list(by_name[name].dims))], "no_grad")
+            updates.append(helper.make_node("Identity", [zeros], [grad_name(name)]))
             updates.append(helper.make_node("Identity", [name], [next_name(name)]))
         else:
-            scaled = b.op("Mul", [learning_rate, grad], "scaled")
+            b.nodes.append(helper.make_node("Identity", [grad], [grad_name(name)]))
+            scaled = b.op("Mul", [learning_rate, grad_name(name)], "scaled")
             updates.append(helper.make_node("Sub", [name, scaled], [next_name(name)]))
         outputs.append(
             helper.make_tensor_value_info(
                 next_name(name), TensorProto.FLOAT, list(by_name[name].dims)
             )
         )
+    outputs += [
+        helper.make_tensor_value_info(grad_name(n), TensorProto.FLOAT, list(by_name[n].dims))
+        for n in trainable
+    ]
     forward = [diff.replaced.get(i, node) for i, node in enumerate(graph.node)]
     inputs = [
         x,

@@ -37,8 +37,10 @@ CHECKS = (
     "files",
     "initial weights",
     "inference",
+    "gradients",
     "loss",
     "training step",
+    "gradients [step graph]",
     "loss [step graph]",
     "training step [step graph]",
 )

@@ -23,7 +23,7 @@ from fedclient._exceptions import InvalidInput
 from fedclient.convert._convert import resolve
 from fedclient.convert.cli import main as fedconvert
 from fedclient.runtime import OnnxBackend, read_manifest, write_bundle
-from fedclient.runtime._stepgraph import step_graph
+from fedclient.runtime._stepgraph import next_name, step_graph
 
 CHARS = """
 import torch
@@ -114,7 +114,9 @@ def _step_graph_gradients(source: Any, x: np.ndarray, y: np.ndarray) -> dict[str
         step_graph(source.model, trainable).SerializeToString(), providers=["CPUExecutionProvider"]
     )
     feeds = {"input": x, "labels": y, "learning_rate": np.array(1.0, np.float32)}
-    _, *stepped = session.run(None, {**feeds, **{n: initial[n] for n in trainable}})
+    stepped = session.run(
+        [next_name(n) for n in trainable], {**feeds, **{n: initial[n] for n in trainable}}
+    )
     return {n: initial[n] - s for n, s in zip(trainable, stepped, strict=True)}
 
 
