@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dataset",
         default="digits",
-        help="digits (bundled with scikit-learn); mnist, femnist or sms_spam (from "
-        "--data-dir); csv:PATH (with --text-column, --label-column, --user-column, "
+        help="digits (bundled with scikit-learn); mnist, femnist, sms_spam or shakespeare "
+        "(from --data-dir); csv:PATH (with --text-column, --label-column, --user-column, "
         "--no-header) or npz:PATH (arrays x, y and optionally user)",
     )
     run.add_argument(
@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, default=40)
     run.add_argument(
         "--partition",
-        default="iid",
-        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user)",
+        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user; the default "
+        "for shakespeare, iid for the others)",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="keep N training examples (drawn with the seed; Dataset.holdout) off the "
         "devices: the server's own data, e.g. the public data a model was pre-trained on",
+    )
+    run.add_argument(
+        "--max-examples",
+        type=int,
+        metavar="N",
+        help="each device keeps at most N of its training examples (drawn with the seed), "
+        "as a phone keeps part of its history; bounds a round's work on natural partitions",
     )
     run.add_argument(
         "--fleet",
@@ -272,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'the same' if same else 'DIFFERENT'} per-round accuracies"
             )
             return 0 if same else 1
+        if args.partition is None:  # Shakespeare's devices are its roles
+            args.partition = "natural" if args.dataset == "shakespeare" else "iid"
         config = SimulationConfig(
             **{name: getattr(args, name) for name in SimulationConfig.__dataclass_fields__}
         )
