@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.convert._references import NumpyReference, OnnxReference, Reference, TorchReference
@@ -30,6 +31,7 @@ from fedclient.convert._rewrite import (
 )
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import BundleManifest, CnnShape, NumpyCnn, NumpyModel, write_bundle
+from fedclient.runtime._bundle import BundleWarning
 
 if TYPE_CHECKING:
     import onnx
@@ -58,6 +60,8 @@ class Source:
     reference: Reference
     model_spec: ModelSpec | None = None
     frozen: list[str] = field(default_factory=list)
+    #: BatchNorm running statistics (frozen: BatchNorm trains in inference mode).
+    statistics: list[str] = field(default_factory=list)
 
 
 def builtin_source(
@@ -140,7 +144,9 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
     except Exception as exc:
         raise InvalidInput(f"onnx's reference evaluator cannot run {path}: {exc}") from exc
     description = f"onnx:{path}{_rewritten(rewritten)}"
-    return Source(Path(path).stem, description, trained, reference, frozen=frozen)
+    return Source(
+        Path(path).stem, description, trained, reference, frozen=frozen, statistics=statistics
+    )
 
 
 def _frozen(names: Sequence[str], patterns: Sequence[str], statistics: Sequence[str]) -> list[str]:
@@ -273,6 +279,7 @@ def torch_source(
         model,
         TorchReference(module, names),
         frozen=frozen,
+        statistics=statistics,
     )
 
 
@@ -305,8 +312,36 @@ def resolve(
     )
 
 
+def fresh_statistics(source: Source) -> list[str]:
+    """The BatchNorm layers of ``source`` whose running statistics were never measured
+    (every mean 0, every variance 1: a freshly initialised model), named by their mean."""
+    from onnx import numpy_helper
+
+    values = {t.name: t for t in source.model.graph.initializer}
+    means = source.statistics[0::2]
+    fresh = []
+    for mean, var in zip(means, source.statistics[1::2], strict=True):
+        if mean in values and var in values:
+            m, v = numpy_helper.to_array(values[mean]), numpy_helper.to_array(values[var])
+            if not m.any() and np.all(v == 1):
+                fresh.append(mean)
+    return fresh
+
+
 def convert(source: Source, out: str | os.PathLike[str]) -> BundleManifest:
-    """Write ``source`` as a device bundle in ``out``."""
+    """Write ``source`` as a device bundle in ``out``. A model whose BatchNorm statistics
+    were never measured is converted with a `BundleWarning` saying it will not learn."""
+    fresh = fresh_statistics(source)
+    if fresh:
+        warnings.warn(
+            f"{len(fresh)} of {len(source.statistics) // 2} BatchNorm layers have statistics "
+            "that were never measured (mean 0, variance 1) and the bundle trains BatchNorm in "
+            "inference mode, on those statistics: a freshly initialised network like this "
+            "does not learn on devices (a MobileNet stayed at chance). Pre-train it so that "
+            "its statistics are real (examples/mobilenet/), or use a model without BatchNorm",
+            BundleWarning,
+            stacklevel=2,
+        )
     return write_bundle(
         source.model,
         out,

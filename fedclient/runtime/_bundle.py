@@ -9,8 +9,12 @@ A bundle is a directory::
     step.onnx             one SGD step in standard ONNX ops                    } any ONNX
     forward.onnx          forward, the parameters as inputs (initial values)   } Runtime build
     inference.onnx        forward only; plain ``onnxruntime.InferenceSession`` runs it
+    weights.bin           (without a checkpoint) the weights the ONNX files share
     manifest.json         `BundleManifest`: parameter names, shapes and dtypes, the
                           input spec, ops, and every file's size and sha256
+
+Each weight is stored once: the ONNX files read theirs as external data from the
+checkpoint, or from ``weights.bin`` (`fedclient.runtime._weights`).
 
 A device trains with whichever set its ONNX Runtime runs (see `OnnxBackend`):
 the training API where ``onnxruntime-training`` is installed, the step graph
@@ -19,8 +23,8 @@ builds). A bundle holds both sets when it can: built where the training
 package is absent, it holds only the second; for a model with an op the step
 graph cannot differentiate, only the first.
 
-`write_bundle` turns a forward ONNX model (one float32 input whose first
-dimension is the batch, one logits output) into a bundle; `read_manifest`
+`write_bundle` turns a forward ONNX model (one input, float32 features or int64
+token ids, whose first dimension is the batch, one logits output) into a bundle; `read_manifest`
 reads one back and checks its files. `builtin_bundle` builds, once per
 machine, the bundle of a built-in `ModelSpec` in a cache directory.
 """
@@ -45,6 +49,7 @@ from fedclient.protocol import ModelSpec
 from fedclient.runtime import _ort
 from fedclient.runtime._artifacts import write_training_files
 from fedclient.runtime._stepgraph import STEP_GRAPH
+from fedclient.runtime._weights import WEIGHTS_FILE, share_weights
 
 if TYPE_CHECKING:
     import onnx
@@ -69,7 +74,9 @@ __all__ = [
     "write_bundle",
 ]
 
-BUNDLE_FORMAT = "fedclient-bundle/1"
+BUNDLE_FORMAT = "fedclient-bundle/2"
+#: Formats this fedclient reads: 2 stores each weight once (see `fedclient.runtime._weights`).
+READABLE_FORMATS = ("fedclient-bundle/1", BUNDLE_FORMAT)
 MANIFEST = "manifest.json"
 #: Role -> file name of the files ONNX Runtime's training API trains from.
 TRAINING_FILES = {
@@ -80,8 +87,14 @@ TRAINING_FILES = {
 }
 #: Role -> file name of the files any ONNX Runtime build trains from.
 PLAIN_FILES = {"step_model": "step.onnx", "forward_model": "forward.onnx"}
-#: Role -> file name of every file a bundle may hold besides its manifest.
-BUNDLE_FILES = {**TRAINING_FILES, **PLAIN_FILES, "inference_model": "inference.onnx"}
+#: Role -> file name of every file a bundle may hold besides its manifest (``weights``: the
+#: weights the ONNX files share when there is no checkpoint to share).
+BUNDLE_FILES = {
+    **TRAINING_FILES,
+    **PLAIN_FILES,
+    "inference_model": "inference.onnx",
+    "weights": WEIGHTS_FILE,
+}
 #: The engines that train a bundle, by the files each needs.
 ENGINES = {"training": TRAINING_FILES, "plain": PLAIN_FILES}
 LABELS = "labels"
@@ -334,6 +347,8 @@ def write_bundle(
     else:
         for role, graph in zip(PLAIN_FILES, plain, strict=True):
             onnx.save(graph, str(out / PLAIN_FILES[role]))
+    store = out / (BUNDLE_FILES["checkpoint"] if training else BUNDLE_FILES["weights"])
+    share_weights([out / BUNDLE_FILES[role] for role in ("inference_model", *PLAIN_FILES)], store)
     initialisers = {t.name: t for t in model.graph.initializer}
 
     def info(tensor_name: str) -> TensorInfo:
@@ -432,7 +447,7 @@ def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> 
         raise InvalidInput(f"{path} is not a device bundle: no {MANIFEST}") from exc
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"{path / MANIFEST} is not a valid bundle manifest: {exc}") from exc
-    if manifest.format != BUNDLE_FORMAT:
+    if manifest.format not in READABLE_FORMATS:
         raise InvalidInput(
             f"unsupported bundle format {manifest.format!r}; expected {BUNDLE_FORMAT}"
         )
