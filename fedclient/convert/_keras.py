@@ -516,6 +516,10 @@ class KerasReference:
         finally:
             self._set(self._initial)
 
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Not measured: the TFLite verification compares the step (`sgd_step`)."""
+        return None
+
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
         """The weights after one step of Keras's SGD from the initial weights."""
         tf, keras = self._tf, self._keras

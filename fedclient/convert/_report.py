@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,12 @@ def render(
     ]
     total = sum(info.bytes for info in manifest.files.values())
     lines += _table(["file", "size", "sha256"], files)
-    lines.append(f"  {_size(total)} in all, plus manifest.json")
+    weights = sum(4 * math.prod(d or 1 for d in t.shape) for t in manifest.parameters)
+    weights += sum(4 * math.prod(d or 1 for d in t.shape) for t in manifest.frozen)
+    lines.append(
+        f"  {_size(total)} in all, plus manifest.json: {total / max(weights, 1):.2f}x the "
+        f"model's {_size(weights)} of weights (each weight stored once)"
+    )
     lines.append("")
     if verification is None:
         lines.append("verification skipped (--no-verify)")

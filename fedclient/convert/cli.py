@@ -4,6 +4,7 @@
     fedconvert cnn --side 28 -o bundles/cnn
     fedconvert model.onnx -o bundles/model
     fedconvert mypkg.models:Net --input-shape 1,28,28 -o bundles/net     (needs torch)
+    fedconvert chars:Net --input-shape 80 --input-dtype int64      (token ids into an embedding)
     fedconvert mlp --hidden 32 --tflite -o bundles/mlp    (+ model.tflite; needs TensorFlow)
     fedconvert model.keras --tflite -o bundles/net       (model.tflite only; needs TensorFlow)
 
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         "--input-shape", type=_ints, default=[], help="PyTorch: one example's shape, e.g. 1,28,28"
     )
     other.add_argument(
+        "--input-dtype",
+        choices=("float32", "int64"),
+        default="float32",
+        help="PyTorch: float32 features, or int64 token ids (a model that starts with an "
+        "embedding)",
+    )
+    other.add_argument(
         "--freeze",
         action="append",
         default=[],
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             side=args.side,
             seed=args.seed,
             input_shape=args.input_shape,
+            input_dtype=args.input_dtype,
             frozen=args.freeze,
         )
         out = Path(args.out or Path("bundles") / source.name)

@@ -9,8 +9,12 @@ A bundle is a directory::
     step.onnx             one SGD step in standard ONNX ops                    } any ONNX
     forward.onnx          forward, the parameters as inputs (initial values)   } Runtime build
     inference.onnx        forward only; plain ``onnxruntime.InferenceSession`` runs it
+    weights.bin           (without a checkpoint) the weights the ONNX files share
     manifest.json         `BundleManifest`: parameter names, shapes and dtypes, the
                           input spec, ops, and every file's size and sha256
+
+Each weight is stored once: the ONNX files read theirs as external data from the
+checkpoint, or from ``weights.bin`` (`fedclient.runtime._weights`).
 
 A device trains with whichever set its ONNX Runtime runs (see `OnnxBackend`):
 the training API where ``onnxruntime-training`` is installed, the step graph
@@ -19,8 +23,8 @@ builds). A bundle holds both sets when it can: built where the training
 package is absent, it holds only the second; for a model with an op the step
 graph cannot differentiate, only the first.
 
-`write_bundle` turns a forward ONNX model (one float32 input whose first
-dimension is the batch, one logits output) into a bundle; `read_manifest`
+`write_bundle` turns a forward ONNX model (one input, float32 features or int64
+token ids, whose first dimension is the batch, one logits output) into a bundle; `read_manifest`
 reads one back and checks its files. `builtin_bundle` builds, once per
 machine, the bundle of a built-in `ModelSpec` in a cache directory.
 """
@@ -31,7 +35,6 @@ import collections
 import functools
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -44,7 +47,9 @@ import msgspec
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import _ort
+from fedclient.runtime._artifacts import write_training_files
 from fedclient.runtime._stepgraph import STEP_GRAPH
+from fedclient.runtime._weights import WEIGHTS_FILE, share_weights
 
 if TYPE_CHECKING:
     import onnx
@@ -69,7 +74,9 @@ __all__ = [
     "write_bundle",
 ]
 
-BUNDLE_FORMAT = "fedclient-bundle/1"
+BUNDLE_FORMAT = "fedclient-bundle/2"
+#: Formats this fedclient reads: 2 stores each weight once (see `fedclient.runtime._weights`).
+READABLE_FORMATS = ("fedclient-bundle/1", BUNDLE_FORMAT)
 MANIFEST = "manifest.json"
 #: Role -> file name of the files ONNX Runtime's training API trains from.
 TRAINING_FILES = {
@@ -80,15 +87,22 @@ TRAINING_FILES = {
 }
 #: Role -> file name of the files any ONNX Runtime build trains from.
 PLAIN_FILES = {"step_model": "step.onnx", "forward_model": "forward.onnx"}
-#: Role -> file name of every file a bundle may hold besides its manifest.
-BUNDLE_FILES = {**TRAINING_FILES, **PLAIN_FILES, "inference_model": "inference.onnx"}
+#: Role -> file name of every file a bundle may hold besides its manifest (``weights``: the
+#: weights the ONNX files share when there is no checkpoint to share).
+BUNDLE_FILES = {
+    **TRAINING_FILES,
+    **PLAIN_FILES,
+    "inference_model": "inference.onnx",
+    "weights": WEIGHTS_FILE,
+}
 #: The engines that train a bundle, by the files each needs.
 ENGINES = {"training": TRAINING_FILES, "plain": PLAIN_FILES}
 LABELS = "labels"
+#: ONNX element type -> manifest dtype of the inputs a bundle takes: features or token ids.
+INPUT_DTYPES = {1: "float32", 7: "int64"}
 #: The newest ONNX IR version and default-domain opset ONNX Runtime 1.19 loads.
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
-_NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\w+)")
 
 
 class TensorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -130,6 +144,9 @@ class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     opset: int = 17
     ir_version: int = 10
     onnxruntime: str = ""
+    #: Token-id inputs (int64): ids lie in [0, vocabulary), the rows of the embedding
+    #: that reads the input (None for float inputs, or ids no embedding reads directly).
+    vocabulary: int | None = None
     #: The built-in ``ModelSpec`` the bundle was made from, as plain data (older and newer
     #: fedclient versions may know different model kinds); see `BundleManifest.spec`.
     model_spec: dict[str, Any] | None = None
@@ -229,8 +246,11 @@ def _prepare(model: onnx.ModelProto) -> _Prepared:
     x, logits = inputs[0], graph.output[0]
     if LABELS in (x.name, logits.name) or LABELS in initialised:
         raise InvalidInput(f"the name {LABELS!r} is reserved for the training labels")
-    if x.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise InvalidInput(f"the input {x.name!r} must be float32")
+    if x.type.tensor_type.elem_type not in INPUT_DTYPES:
+        raise InvalidInput(
+            f"the input {x.name!r} must be float32 (features) or int64 (token ids), not "
+            f"{onnx.TensorProto.DataType.Name(x.type.tensor_type.elem_type).lower()}"
+        )
     if logits.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise InvalidInput(f"the output {logits.name!r} must be float32 logits")
     x_dims, out_dims = _dims(x), _dims(logits)
@@ -317,7 +337,9 @@ def write_bundle(
     for stale in BUNDLE_FILES.values():  # a bundle written here before must not leak files in
         (out / stale).unlink(missing_ok=True)
     if training:
-        _write_training_files(model, trainable, constants, logits.name, out)
+        write_training_files(
+            model, trainable, constants, logits.name, out, out / BUNDLE_FILES["inference_model"]
+        )
     else:  # the forward model as prepared is what ONNX Runtime would export
         onnx.save(model, str(out / BUNDLE_FILES["inference_model"]))
     if isinstance(plain, str):
@@ -325,6 +347,8 @@ def write_bundle(
     else:
         for role, graph in zip(PLAIN_FILES, plain, strict=True):
             onnx.save(graph, str(out / PLAIN_FILES[role]))
+    store = out / (BUNDLE_FILES["checkpoint"] if training else BUNDLE_FILES["weights"])
+    share_weights([out / BUNDLE_FILES[role] for role in ("inference_model", *PLAIN_FILES)], store)
     initialisers = {t.name: t for t in model.graph.initializer}
 
     def info(tensor_name: str) -> TensorInfo:
@@ -336,7 +360,7 @@ def write_bundle(
         format=BUNDLE_FORMAT,
         name=name,
         source=source,
-        input=TensorInfo(x.name, _dims(x), "float32"),
+        input=TensorInfo(x.name, _dims(x), INPUT_DTYPES[x.type.tensor_type.elem_type]),
         labels=TensorInfo(LABELS, [None], "int64"),
         output=TensorInfo(logits.name, _dims(logits), "float32"),
         classes=int(_dims(logits)[1] or 0),
@@ -352,11 +376,25 @@ def write_bundle(
         ir_version=int(model.ir_version),
         onnxruntime=str(_ort.ort().__version__),
         model_spec=None if model_spec is None else msgspec.to_builtins(model_spec),
+        vocabulary=_vocabulary(model, x.name),
     )
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
     tmp.replace(out / MANIFEST)
     return manifest
+
+
+def _vocabulary(model: onnx.ModelProto, ids: str) -> int | None:
+    """The number of rows of the smallest table a Gather indexes with ``ids`` (the input), or
+    None: the range a token id must lie in."""
+    tables = {t.name: [int(d) for d in t.dims] for t in model.graph.initializer}
+    sizes = []
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1] == ids and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            sizes.append(dims[axis % len(dims)])
+    return min(sizes) if sizes else None
 
 
 class BundleWarning(UserWarning):
@@ -373,64 +411,6 @@ def _plain_graphs(
         return step_graph(model, trainable, labels=LABELS), forward_graph(model, trainable)
     except InvalidInput as exc:
         return str(exc)
-
-
-def _write_training_files(
-    model: onnx.ModelProto, trainable: list[str], constants: list[str], logits: str, out: Path
-) -> None:
-    """ONNX Runtime's training artifacts and the inference model it exports, into ``out``."""
-    artifacts = _ort.artifacts_api()
-    try:
-        with _ort.quiet_native_stderr():
-            artifacts.generate_artifacts(
-                model,
-                requires_grad=trainable,
-                frozen_params=constants,
-                loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=artifacts.OptimType.SGD,
-                artifact_directory=out,
-                additional_output_names=[logits],
-            )
-    except Exception as exc:  # ORT raises bare RuntimeErrors; name the cause when known
-        missing = _NO_GRADIENT.search(str(exc))
-        if missing:
-            raise InvalidInput(
-                f"unsupported op {missing.group(1)!r}: ONNX Runtime training has no gradient for "
-                "it, so it cannot sit between a trainable parameter and the loss (freeze the "
-                "parameters before it, or replace the op)"
-            ) from exc
-        raise InvalidInput(
-            f"ONNX Runtime cannot build training artifacts: {_first_line(exc)}"
-        ) from exc
-    state, module = _load_module(out)
-    try:
-        module.export_model_for_inferencing(str(out / BUNDLE_FILES["inference_model"]), [logits])
-    except Exception as exc:
-        raise InvalidInput(
-            f"ONNX Runtime cannot export the inference model: {_first_line(exc)}"
-        ) from exc
-    del module, state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    # ORT messages start with a C++ source location and signature; keep what follows it.
-    for marker in ("was false.", "] "):
-        if marker in text:
-            text = text.split(marker, 1)[1].strip() or text
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _load_module(directory: Path) -> tuple[Any, Any]:
-    api = _ort.training_api()
-    state = api.CheckpointState.load_checkpoint(str(directory / BUNDLE_FILES["checkpoint"]))
-    module = api.Module(
-        str(directory / BUNDLE_FILES["training_model"]),
-        state,
-        str(directory / BUNDLE_FILES["eval_model"]),
-        session_options=_ort.session_options(),
-    )
-    return state, module
 
 
 def manifest_digest(directory: str | os.PathLike[str]) -> str:
@@ -467,7 +447,7 @@ def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> 
         raise InvalidInput(f"{path} is not a device bundle: no {MANIFEST}") from exc
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"{path / MANIFEST} is not a valid bundle manifest: {exc}") from exc
-    if manifest.format != BUNDLE_FORMAT:
+    if manifest.format not in READABLE_FORMATS:
         raise InvalidInput(
             f"unsupported bundle format {manifest.format!r}; expected {BUNDLE_FORMAT}"
         )

@@ -22,7 +22,7 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.runtime import _ort
 from fedclient.runtime._bundle import BUNDLE_FILES, BundleManifest
-from fedclient.runtime._stepgraph import LEARNING_RATE, LOSS, next_name
+from fedclient.runtime._stepgraph import LEARNING_RATE, LOSS, grad_name, next_name
 
 __all__ = ["Engine", "PlainEngine", "TrainingApiEngine"]
 
@@ -40,6 +40,10 @@ class Engine(Protocol):
 
     def step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> float:
         """One SGD step on the minibatch's mean cross-entropy; the loss before the step."""
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """The gradient of the minibatch's mean cross-entropy at the current parameters,
+        by parameter name; no step is taken."""
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits of a batch at the current parameters."""
@@ -70,6 +74,7 @@ class TrainingApiEngine:
         self._output = manifest.output.name
         self._classes = manifest.classes
         self._learning_rate: float | None = None
+        self._names = [p.name for p in manifest.parameters]
         stored = {name for name, _ in self._state.parameters}
         missing = sorted({p.name for p in manifest.parameters} - stored)
         if missing:
@@ -90,6 +95,17 @@ class TrainingApiEngine:
         self._optimizer.step()
         self._module.lazy_reset_grad()
         return float(loss)
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        self._module.train()
+        self._module.lazy_reset_grad()
+        self._module(x, y)
+        grads = {
+            name: np.array(self._state.parameters[name].grad, dtype=np.float32)
+            for name in self._names
+        }
+        self._module.lazy_reset_grad()
+        return grads
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         self._module.eval()
@@ -144,6 +160,20 @@ class PlainEngine:
         loss, *updated = self._step.run(self._outputs, feeds)
         self._weights = dict(zip(self._names, updated, strict=True))
         return float(loss)
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {
+            self._manifest.input.name: x,
+            self._manifest.labels.name: y,
+            LEARNING_RATE: np.asarray(0.0, dtype=np.float32),
+            **self._weights,
+        }
+        wanted = [grad_name(n) for n in self._names]
+        if not set(wanted) <= {o.name for o in self._step.get_outputs()}:
+            raise InvalidInput(
+                "this bundle's step graph has no gradient outputs (convert it again)"
+            )
+        return dict(zip(self._names, self._step.run(wanted, feeds), strict=True))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         (logits,) = self._forward.run(

@@ -149,10 +149,26 @@ class OnnxBackend:
             )
         if x.shape[0] == 0:
             raise InvalidInput("the data set is empty")
+        if self.manifest.input.dtype == "int64":
+            return self._token_ids(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise InvalidInput("x contains NaN or Inf (or values too large for float32)")
         return x
+
+    def _token_ids(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as int64 token ids, each checked to lie in the model's vocabulary (an id
+        out of range would make ONNX Runtime fail in the middle of a step)."""
+        ids = np.ascontiguousarray(x, dtype=np.int64)
+        if x.dtype.kind == "f" and not np.array_equal(ids, x):
+            raise InvalidInput("x must hold whole numbers: the model takes token ids")
+        top = self.manifest.vocabulary
+        if ids.min() < 0 or (top is not None and ids.max() >= top):
+            raise InvalidInput(
+                f"token ids must lie in [0, {top if top is not None else 'inf'}), "
+                f"got {ids.min()} to {ids.max()}"
+            )
+        return ids
 
     def _labels(self, y: np.ndarray, n: int) -> np.ndarray:
         return check_labels(y, n, self.classes)
@@ -189,6 +205,12 @@ class OnnxBackend:
                 steps += 1
             epoch_loss = total / n
         return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """The gradient of the mean cross-entropy of (x, y) at the current weights, by
+        parameter name (what an SGD step with learning rate 1 subtracts); nothing changes."""
+        x = self._features(x)
+        return self._engine.gradients(x, self._labels(y, x.shape[0]))
 
     # -- inference ---------------------------------------------------------------
     def _logits(self, x: np.ndarray) -> np.ndarray:

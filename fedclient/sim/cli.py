@@ -97,8 +97,8 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     run.add_argument(
         "--dataset",
         default="digits",
-        help="digits (bundled with scikit-learn); mnist, femnist or sms_spam (from "
-        "--data-dir); csv:PATH (with --text-column, --label-column, --user-column, "
+        help="digits (bundled with scikit-learn); mnist, femnist, sms_spam or shakespeare "
+        "(from --data-dir); csv:PATH (with --text-column, --label-column, --user-column, "
         "--no-header) or npz:PATH (arrays x, y and optionally user)",
     )
     run.add_argument(
@@ -140,8 +140,8 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     run.add_argument("--rounds", type=int, help="(default 40)")
     run.add_argument(
         "--partition",
-        default="iid",
-        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user)",
+        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user; the default "
+        "for shakespeare, iid for the others)",
     )
     run.add_argument(
         "--seed",
@@ -156,6 +156,13 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         metavar="N",
         help="keep N training examples (drawn with the seed; Dataset.holdout) off the "
         "devices: the server's own data, e.g. the public data a model was pre-trained on",
+    )
+    run.add_argument(
+        "--max-examples",
+        type=int,
+        metavar="N",
+        help="each device keeps at most N of its training examples (drawn with the seed), "
+        "as a phone keeps part of its history; bounds a round's work on natural partitions",
     )
     run.add_argument(
         "--fleet",
@@ -365,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args, reports)
         if args.enrolment_secret_file:
             args.enrolment_credential = _read_secret(args.enrolment_secret_file)
+        if args.partition is None and args.dataset == "shakespeare":
+            args.partition = "natural"  # Shakespeare's devices are its roles
         config = _config(args)
         report = _simulate(config, args.quiet)
     except FedError as exc:

@@ -93,6 +93,7 @@ class SimulationConfig:
     partition: str = "iid"
     seed: int = 0
     holdout: int = 0  # training examples (drawn with the seed) the devices never get
+    max_examples: int | None = None  # each device keeps at most this many (drawn with the seed)
     fleet: str = "phones"
     epochs: int | None = None
     batch_size: int | None = None
@@ -227,6 +228,11 @@ class SimulationConfig:
                     f" classes; {data.name} has {data.inputs} and {data.classes}"
                 )
             return plan
+        if data.windows is not None:
+            raise InvalidInput(
+                f"--dataset {data.name} trains a sequence model: give --plan with a fedconvert "
+                "bundle that takes token ids (examples/shakespeare/ makes one)"
+            )
         family = (
             "text"
             if data.texts is not None

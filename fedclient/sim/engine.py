@@ -181,6 +181,7 @@ async def simulate(
             for cause in ("deadline", "over_selection", "unavailable", "network", "budget")
         },
         "devices": devices,
+        "examples": sum(r.get("examples", 0) for r in rounds),  # sync rounds count them
         **({"privacy": privacy} if privacy else {}),
         **_federated_final(rounds),
         **personal,
@@ -375,6 +376,7 @@ async def _run_rounds(
             start = current.opened_at + selecting
             finish.append((start + work.seconds + work.backoff, work.device))
         secured = 0  # devices whose masked input went into a secure sum
+        examples = 0  # examples the updates that arrived trained on (epochs or steps)
         if plan.privacy.secagg:
             # Secure aggregation: the stages advance together once the slowest device
             # finished training; each pass moves every device one stage on.
@@ -394,6 +396,7 @@ async def _run_rounds(
                         secured += outcome.status == "uploaded"
                         if outcome.status == "uploaded":
                             counted.append(i)
+                            examples += plan.train.work(len(fleet.devices[i].examples))
                 pending = waiting
                 if not pending:
                     break
@@ -412,6 +415,7 @@ async def _run_rounds(
                 cut += uploaded.status == "discarded"
                 if uploaded.status == "uploaded":
                     counted.append(i)
+                    examples += plan.train.work(len(fleet.devices[i].examples))
         await server.wait_closed(job, current.number, current.deadline)
         totals = await fleet.totals()
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
@@ -464,6 +468,8 @@ async def _run_rounds(
                 else 0,
                 "bytes_up": totals["bytes_up"] - totals0["bytes_up"] if first else 0,
                 "bytes_down": totals["bytes_down"] - totals0["bytes_down"] if first else 0,
+                # Examples trained on (x epochs) in the updates that arrived this round.
+                "examples": examples if first else 0,
                 "round_seconds": round(elapsed, 3),
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),

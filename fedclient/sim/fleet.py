@@ -74,6 +74,7 @@ __all__ = [
     "disable_secure_delete",
     "draw_devices",
     "is_round_full",
+    "keep_at_most",
     "simulation_authority",
 ]
 
@@ -165,6 +166,23 @@ class Work(NamedTuple):
     outcome: StepOutcome | None
     seconds: float
     backoff: float
+
+
+#: The random stream (with the run's seed, and the device) that draws the examples a
+#: device keeps under ``--max-examples``.
+MAX_EXAMPLES_STREAM = 0x3E4A
+
+
+def keep_at_most(parts: list[np.ndarray], count: int, seed: int) -> list[np.ndarray]:
+    """Each device's examples, at most ``count`` of them drawn with ``seed`` (in order): a
+    device that keeps part of its history (``fedsim --max-examples``)."""
+    kept = []
+    for i, part in enumerate(parts):
+        if len(part) > count:
+            drawn = np.random.default_rng([seed, MAX_EXAMPLES_STREAM, i]).permutation(part)
+            part = np.sort(drawn[:count])
+        kept.append(part)
+    return kept
 
 
 class Fleet:
@@ -432,6 +450,8 @@ def draw_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> list
     profile, and the held-out data it evaluates on."""
     rng = np.random.default_rng(config.seed)
     parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
+    if config.max_examples:
+        parts = keep_at_most(parts, config.max_examples, config.seed)
     profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
     devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
     if config.personalize:
