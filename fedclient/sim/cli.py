@@ -199,6 +199,13 @@ def _run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         help="with --server: the CA bundle (PEM) that verifies the server's certificate "
         "(default: the system's CAs)",
     )
+    run.add_argument(
+        "--server-patience",
+        type=float,
+        metavar="SECONDS",
+        help="with --server: how long a server that stopped answering (restarting, say) is "
+        "asked again before the run ends (default 60)",
+    )
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(
         "--strategy",
@@ -433,6 +440,11 @@ def _config(args: argparse.Namespace) -> Any:
                 f"two seeds: --seed {given['seed']} and the plan's [job] seed = {planned}: "
                 "a run has one; give one"
             )
+    remote_only = [name for name in ("ca_bundle", "server_patience") if name in given]
+    if remote_only and args.server is None:
+        raise InvalidInput(
+            f"{', '.join(flag_name(n) for n in remote_only)}: only with --server (a remote server)"
+        )
     if args.partition == "natural" and "devices" in given:
         raise InvalidInput("--partition natural makes one device per user: drop --devices")
     if "plan_file" in given:  # where the run found it, as its plugins are: replay runs anywhere

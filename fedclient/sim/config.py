@@ -119,6 +119,7 @@ class SimulationConfig:
     plan_file: str | None = None  # a TOML plan (fedserver's): it sets the job, not the flags
     enrolment_credential: str | None = None  # for a remote server whose enrolment is closed
     ca_bundle: str | None = None  # the CA bundle that verifies a remote server's certificate
+    server_patience: float = 60.0  # seconds a remote server may be away before the run ends
     dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
     secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
     distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private

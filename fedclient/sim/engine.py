@@ -114,6 +114,7 @@ async def simulate(
             None,
             credential=config.enrolment_credential,
             verify=config.ca_bundle or True,
+            patience=config.server_patience,
         )
     async with contextlib.AsyncExitStack() as stack:
         # The devices draw privacy noise from the seed, knowingly (the report says so):

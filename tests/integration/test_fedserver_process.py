@@ -257,3 +257,73 @@ def test_a_killed_server_restarts_on_its_database_and_the_federation_continues(
     for device in devices:
         assert [r.round_id for r in device.device_state.receipts("digits")] == [1, 2, 3, 4]
         device.close()
+
+
+def _fedsim_process(server: FedServerProcess, tmp_path: Path, *extra: str) -> Any:
+    """The installed ``fedsim`` against ``server``, its output in files."""
+    command = [str(Path(sys.executable).with_name("fedsim")), "run", "--server", server.url]
+    common = ["--job", "digits", "--devices", "10", "--seed", "2", "--quiet", "--no-plot"]
+    report = ["--report", str(tmp_path / "remote.json")]
+    with (tmp_path / "fedsim.out").open("wb") as out, (tmp_path / "fedsim.err").open("wb") as err:
+        return subprocess.Popen([*command, *common, *report, *extra], stdout=out, stderr=err)
+
+
+def _wait_for(condition: Any, what: str, seconds: float = 120) -> None:
+    """Poll ``condition`` until it holds (a bounded wait on a state, not a guess)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_fedsim_rides_out_a_server_restart_and_says_so(tmp_path: Path) -> None:
+    """fedsim against a remote server that is SIGKILLed mid-job: it says each time it asks
+    again, goes on once the server is back on its database, and the job finishes with the
+    report holding every round and the final model."""
+    plan = PLAN.format(rounds=4, per_round=3).replace("= 600", "= 15")
+    server = FedServerProcess(tmp_path, 4, 3, plan=plan)
+    server.start()
+    sim = _fedsim_process(server, tmp_path)
+    err = tmp_path / "fedsim.err"
+    try:
+        _wait_for(lambda: server.status()["rounds_completed"] >= 1, "a first round")
+        server.kill()
+        _wait_for(lambda: "asking again in" in err.read_text(), "fedsim to notice")
+        assert sim.poll() is None  # still running, waiting for the server
+        server.start()
+        assert sim.wait(timeout=300) == 0, err.read_text()
+        final = server.status()
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+        server.stop()
+    assert final["status"] == "finished"
+    report = json.loads((tmp_path / "remote.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    assert report["final"]["model_version"] == final["model_version"] >= 2
+    assert "Traceback" not in err.read_text()
+
+
+def test_fedsim_ends_in_one_line_when_the_server_does_not_come_back(tmp_path: Path) -> None:
+    plan = PLAN.format(rounds=50, per_round=3).replace(
+        "deadline_seconds = 600", "deadline_seconds = 6"
+    )
+    server = FedServerProcess(tmp_path, 50, 3, plan=plan)
+    server.start()
+    sim = _fedsim_process(server, tmp_path, "--server-patience", "2")
+    try:
+        _wait_for(lambda: server.status()["rounds_completed"] >= 1, "a first round")
+        server.kill()
+        code = sim.wait(timeout=120)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+    err = (tmp_path / "fedsim.err").read_text()
+    assert code == fedclient.TransportError.exit_code, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fedsim: the server at {server.url} did not answer GET"), last
+
+
+def test_server_patience_needs_a_server() -> None:
+    assert fedsim(["run", "--server-patience", "5", "--rounds", "1", "--quiet"]) == 2
