@@ -257,3 +257,38 @@ def test_a_killed_server_restarts_on_its_database_and_the_federation_continues(
     for device in devices:
         assert [r.round_id for r in device.device_state.receipts("digits")] == [1, 2, 3, 4]
         device.close()
+
+
+@pytest.mark.parametrize("path", ["same", "symlink"])
+def test_a_second_fedserver_process_on_a_served_file_is_refused_in_one_line(
+    fedserver: Any, tmp_path: Path, path: str
+) -> None:
+    # The README: one fedserver process serves a SQLite file; a second is refused in one
+    # line. Played as an operator meets it: a second process, started beside the first,
+    # on the file's own name or on a symlink to it (a deployment's "current" link).
+    server = fedserver(rounds=3, per_round=2)
+    assert server.proc is not None
+    db = Path(server.db)
+    if path == "symlink":
+        (tmp_path / "current.sqlite").symlink_to(db)
+        db = tmp_path / "current.sqlite"
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedclient.server.cli",
+            "--plan",
+            str(server.plan),
+            "--db",
+            str(db),
+            "--port",
+            str(_free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"another fedserver (pid {server.proc.pid})" in lines[0], lines
+    assert server.proc.poll() is None and server.status()["status"] == "running"
