@@ -62,6 +62,51 @@ async def test_only_retriable_failures_are_retried(server: Server, make_devices:
     assert device.stats.requests == before + 1
 
 
+class AnswersFirst(httpx.AsyncBaseTransport):
+    """The real server behind a proxy that answers the first request itself with
+    ``status``, as a load balancer or a gateway does."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, status: int) -> None:
+        self.inner, self.status, self.sent = inner, status, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent == 1:
+            return httpx.Response(self.status, text="the proxy says no")
+        return await self.inner.handle_async_request(request)
+
+
+NOT_RETRIED = {
+    500: fedclient.ServerError,
+    501: fedclient.ServerError,
+    400: fedclient.InvalidRequest,
+    403: fedclient.Forbidden,
+    404: fedclient.NotFound,
+}
+
+
+@pytest.mark.parametrize("status", [408, 429, 502, 503, 504, *NOT_RETRIED])
+async def test_requests_retry_on_408_429_502_503_504_and_on_nothing_else(
+    server: Server, make_devices: Any, status: int
+) -> None:
+    # README, Reliability: "only connect errors, timeouts, resets and
+    # 408/429/502/503/504"; a 500 may have done its work, a 4xx will say the same again.
+    slept: list[float] = []
+
+    async def record(delay: float) -> None:
+        slept.append(delay)
+
+    proxy = AnswersFirst(server.transport(), status)
+    (device,) = make_devices(1, proxy, retry=RetryPolicy(max_attempts=3, seed=0), asleep=record)
+    if status not in NOT_RETRIED:
+        assert (await device.astep()).status == "admitted"
+        assert (proxy.sent, device.stats.retries, len(slept)) == (2, 1, 1)
+    else:
+        with pytest.raises(NOT_RETRIED[status]):
+            await device.astep()
+        assert (proxy.sent, device.stats.retries, slept) == (1, 0, [])
+
+
 async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
     make_server: Any, make_devices: Any
 ) -> None:
