@@ -160,3 +160,50 @@ def test_app_processes_ride_out_a_server_outage_and_end_holding_the_final_model(
     uploaded_after = sum(o.split("trying again")[-1].count("uploaded") for o in outputs)
     assert uploaded_after > 0  # rounds went on after the restart
     server.stop()
+
+
+RESTARTED_APP = """
+import sys
+import numpy as np
+import fedclient
+url, state, features, out = sys.argv[1:]
+x = np.load(features)
+with fedclient.Client(url, "digits", (x[:5], np.zeros(5, int)), state=state) as client:
+    np.save(out, client.predict(x))
+    print(client.latest_model().runtime)
+"""
+
+
+def test_a_restarted_app_predicts_with_the_model_it_held_while_the_server_is_gone(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README: predict() runs the newest global model the device holds, "after a restart
+    # too", with no network call. The app process ends; a new one, on the same state
+    # file, predicts while the server is down.
+    server = FedServerProcess(tmp_path, rounds=3, per_round=1)
+    server.start()
+    state = tmp_path / "fl.sqlite"
+    data = (digits.x_train[:200], digits.y_train[:200])
+    try:
+        with fedclient.Client(server.url, "digits", data, state=state, seed=0) as client:
+            for _ in range(2):  # the second round starts from version 1: it holds that
+                assert client.run_once().status == "uploaded"
+            held = client.device_state.held_version("digits")
+            identity = client.device_state.identity(server.url)
+        assert held is not None and held[0] == 1 and identity is not None
+        weights = served_model(server, identity.token, 1)
+    finally:
+        server.stop()
+    reference = fedclient.models.mlp(64, 32, 10)
+    reference.set_weights(weights)
+    features, out = tmp_path / "x.npy", tmp_path / "predicted.npy"
+    np.save(features, digits.x_test[:50])
+    done = subprocess.run(
+        [sys.executable, "-c", RESTARTED_APP, server.url, str(state), str(features), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "numpy"
+    np.testing.assert_allclose(np.load(out), reference.predict(digits.x_test[:50]), atol=1e-6)
