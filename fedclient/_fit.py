@@ -6,8 +6,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -65,6 +66,7 @@ def fit(
     eval_data: tuple[np.ndarray, np.ndarray] | None = None,
     on_round: Callable[[RoundEvent], None] | None = None,
     backoff: Backoff | None = None,
+    **client_options: Any,
 ) -> FitResult:
     """Train ``model`` on ``data``; ``federated=URL`` joins that job instead.
 
@@ -83,8 +85,14 @@ def fit(
     past it, a `FedError`. The other arguments are `Client`'s: ``enrolment_credential``
     for a server that enrols only with one, ``policy`` (default `PrivacyPolicy()`),
     ``verify`` (TLS), ``transport``, ``timeout``, ``retry``, ``conditions``,
-    ``eval_data``, ``label``; ``on_round`` and ``backoff`` are `run_forever`'s.
+    ``eval_data``, ``label``, and any other (``inline_model_max``, ``runtime``,
+    ``trainers``, ...) in ``client_options``; ``on_round`` and ``backoff`` are
+    `run_forever`'s.
     """
+    # A misspelt argument is refused as Python refuses one, in both modes.
+    unknown = sorted(set(client_options) - _CLIENT_OPTIONS)
+    if unknown:
+        raise TypeError(f"fit() got an unexpected keyword argument {unknown[0]!r}")
     x, y = check_dataset(data[0], data[1], inputs=model.inputs, classes=model.classes)
     if federated is None:
         rng = np.random.default_rng(seed)
@@ -119,11 +127,22 @@ def fit(
         verify=verify,
         enrolment_credential=enrolment_credential,
         conditions=conditions,
+        **client_options,
     )
     try:
         return _federate(client, model, rounds, patience_seconds, on_round, backoff)
     finally:
         client.close()
+
+
+#: `Client` arguments `fit` passes on as they come (it sets the others itself).
+_CLIENT_OPTIONS = frozenset(f.name for f in fields(Client) if f.init) - {
+    "server",
+    "job",
+    "data",
+    "state",
+    "model",
+}
 
 
 def _federate(

@@ -228,6 +228,45 @@ def test_fit_returns_the_model_its_last_update_went_into(
     assert all(np.array_equal(model.get_weights()[k], v) for k, v in served.items())
 
 
+class Recording(httpx.BaseTransport):
+    """Real HTTP, with the path of every request kept."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.paths: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("inline_model_max", [None, 0])
+def test_fit_takes_what_client_takes(
+    live_server: Any, digits: Dataset, inline_model_max: int | None
+) -> None:
+    # README: "fit takes what Client takes"; the same paragraph's inline_model_max
+    # among them (0: the model of the round comes by its own download, not inline).
+    live: LiveServer = live_server(devices_per_round=1, rounds=1)
+    data = (digits.x_train[:100], digits.y_train[:100])
+    wire = Recording()
+    options = {} if inline_model_max is None else {"inline_model_max": inline_model_max}
+    result = fedclient.fit(
+        fedclient.models.mlp(64, 16, 10),
+        data,
+        federated=f"{live.url}/v1/jobs/digits",
+        transport=wire,
+        **options,
+    )
+    assert (result.mode, result.reason, result.model_version) == ("federated", "rounds", 1)
+    downloads = wire.paths.count("/v1/models/digits/0")
+    assert downloads == (0 if inline_model_max is None else 1), wire.paths
+    with pytest.raises(TypeError, match="'inline_model_mx'"):
+        fedclient.fit(fedclient.models.mlp(64, 16, 10), data, inline_model_mx=0)
+
+
 @pytest.mark.parametrize(
     "url", ["digits", "ftp://host/jobs/x", "http://host/x", "http://host/jobs/"]
 )
