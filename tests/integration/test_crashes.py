@@ -15,6 +15,7 @@ import pytest
 
 import fedclient
 from fedclient import Phase
+from tests.integration.test_apps import served_model
 from tests.integration.test_fedserver_process import FedServerProcess
 
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -167,3 +168,69 @@ def test_a_server_killed_with_uploads_in_flight_loses_no_acknowledged_update(
         stored = {r[0] for r in db.execute("SELECT receipt_id FROM updates WHERE round_id=1")}
     assert {r.receipt_id for r in receipts} == stored and len(stored) == 6
     server.kill()
+
+
+FIT_KILLED_AT_UPLOAD = """
+import os, signal, sys
+import httpx, numpy as np
+import fedclient
+
+class KilledAtUpload(httpx.HTTPTransport):
+    def handle_request(self, request):
+        if request.url.path.endswith("/updates"):  # trained, stored, not yet sent
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().handle_request(request)
+
+url, state, features, labels = sys.argv[1:]
+model = fedclient.models.mlp(64, 32, 10)
+fedclient.fit(
+    model, (np.load(features), np.load(labels)), federated=url, state=state,
+    transport=KilledAtUpload(), seed=0,
+)
+"""
+
+
+def test_fit_killed_before_its_upload_resumes_from_its_state_and_trains_no_more(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README, Embed the SDK: fit's progress "lives in the SQLite file state, so a killed
+    # app resumes where it stopped". The app is killed as its update leaves; the app,
+    # started again with the same call, sends the stored update and ends holding the
+    # model it went into, without training again.
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.start()
+    state, url = tmp_path / "fl.sqlite", f"{server.url}/v1/jobs/digits"
+    features, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(features, digits.x_train[:200])
+    np.save(labels, digits.y_train[:200])
+    try:
+        killed = subprocess.run(
+            [sys.executable, "-c", FIT_KILLED_AT_UPLOAD, url, *map(str, (state, features, labels))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert killed.returncode == -9, killed.stderr
+        assert fedclient.DeviceState(state).progress("digits").phase is Phase.TRAINED
+        assert server.round(1)["updates"] == 0
+
+        trained: list[int] = []
+
+        class Counted(fedclient.runtime.NumpyModel):
+            def train(self, *args: Any, **kwargs: Any) -> Any:
+                trained.append(1)
+                return super().train(*args, **kwargs)
+
+        model = Counted(fedclient.protocol.ModelSpec("mlp", 64, [32], 10))
+        data = (digits.x_train[:200], digits.y_train[:200])
+        result = fedclient.fit(model, data, federated=url, state=state, seed=0)
+        assert trained == [] and (result.reason, result.model_version) == ("rounds", 1)
+        assert [h["round_id"] for h in result.history] == [1]
+        assert server.round(1)["status"] == "closed" and server.round(1)["updates"] == 1
+        identity = fedclient.DeviceState(state).identity(server.url)
+        assert identity is not None
+        final = served_model(server, identity.token, 1)
+        for name, value in model.get_weights().items():
+            np.testing.assert_array_equal(value, final[name])
+    finally:
+        server.stop()
