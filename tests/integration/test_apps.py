@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -207,3 +208,27 @@ def test_a_restarted_app_predicts_with_the_model_it_held_while_the_server_is_gon
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "numpy"
     np.testing.assert_allclose(np.load(out), reference.predict(digits.x_test[:50]), atol=1e-6)
+
+
+def test_the_example_app_without_arguments_runs_a_server_and_three_apps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # README: "python examples/app/app.py starts a fedserver of its own (with an
+    # enrolment secret) and three app processes against it": its plan, cut to 1 round.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_app", APP)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(APP.with_name("plan.toml").read_text().replace("rounds = 10", "rounds = 1"))
+    monkeypatch.setattr(example, "PLAN", plan)
+    assert example.main([]) == 0
+    out = capfd.readouterr().out
+    # Three processes print to one stdout: a line may end up beside another's.
+    ends = [json.loads(end) for end in re.findall(r'\{"device": .*?\}', out)]
+    assert sorted(end["device"] for end in ends) == [0, 1, 2], out
+    assert all((end["reason"], end["model_version"]) == ("finished", 1) for end in ends), out
+    assert sum(end["rounds"] for end in ends) == 2  # one round of two updates
+    assert "apps exited with [0, 0, 0]" in out
