@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,36 @@ def test_state_from_a_newer_fedclient_is_refused(tmp_path: Path) -> None:
     state.db.conn.commit()
     with pytest.raises(fedclient.StateError, match="newer"):
         fedclient.DeviceState(path)
+
+
+def _damaged(path: Path, kind: str) -> None:
+    if kind == "folder":  # state="app_data", the app's folder, not a file in it
+        path.mkdir()
+    elif kind == "not a database":
+        path.write_bytes(b"the app's own settings, not SQLite\n" * 200)
+    else:  # a state file cut short (a copy that stopped, a full disk)
+        state = fedclient.DeviceState(path)
+        state.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        state.db.close()
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("kind", ["folder", "not a database", "cut short"])
+@pytest.mark.parametrize("opener", ["Client", "ExampleStore"])
+def test_a_file_that_cannot_hold_the_state_is_a_state_error_naming_it(
+    tmp_path: Path, digits: Dataset, kind: str, opener: str
+) -> None:
+    # README: "Every error is a fedclient.FedError"; a file that is no SQLite database
+    # was a bare sqlite3.DatabaseError.
+    path = tmp_path / "fl.sqlite"
+    _damaged(path, kind)
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(fedclient.StateError, match=re.escape(str(path))):
+        if opener == "Client":
+            fedclient.Client("http://x", "digits", (digits.x_train, digits.y_train), state=path)
+        else:
+            fedclient.ExampleStore(path)
+    assert (path.read_bytes() if path.is_file() else None) == before  # nothing written
 
 
 def test_a_state_opened_again_on_a_checked_connection_reads_nothing(tmp_path: Path) -> None:
