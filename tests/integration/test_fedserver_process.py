@@ -292,3 +292,37 @@ def test_a_second_fedserver_process_on_a_served_file_is_refused_in_one_line(
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and f"another fedserver (pid {server.proc.pid})" in lines[0], lines
     assert server.proc.poll() is None and server.status()["status"] == "running"
+
+
+def test_device_tokens_are_stored_hashed_and_still_admit_after_a_restart(
+    fedserver: Any, tmp_path: Path
+) -> None:
+    # README's routes: POST /v1/devices gives "a bearer token (stored hashed)"; a check-in
+    # with enrol_label does the same for its own token. Whoever reads the database files
+    # (a backup, a stolen disk) or its log finds neither token; restarted, it admits both.
+    server = fedserver(rounds=3, per_round=2)
+    given = httpx.post(server.url + "/v1/devices", json={"label": "phone"}, timeout=5)
+    assert given.status_code == 200
+    issued = given.json()["token"]
+    proposed = "p" * 43
+    first = httpx.post(
+        server.url + "/v1/jobs/digits/checkin",
+        headers={"Authorization": f"Bearer {proposed}"},
+        json={"enrol_label": "gateway"},
+        timeout=5,
+    )
+    assert first.status_code == 200 and first.headers["Device-Id"]
+    server.stop()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]  # its database, spool, log
+    assert Path(server.db) in files and server.log in files
+    for token in (issued, proposed):
+        assert all(token.encode() not in p.read_bytes() for p in files), token
+    server.start()
+    for token in (issued, proposed):
+        again = httpx.post(
+            server.url + "/v1/jobs/digits/checkin",
+            headers={"Authorization": f"Bearer {token}"},
+            json={},
+            timeout=5,
+        )
+        assert again.status_code == 200 and again.json()["status"] == "admitted", again.text
