@@ -3,6 +3,7 @@ while uploads are in flight."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -232,5 +233,68 @@ def test_fit_killed_before_its_upload_resumes_from_its_state_and_trains_no_more(
         final = served_model(server, identity.token, 1)
         for name, value in model.get_weights().items():
             np.testing.assert_array_equal(value, final[name])
+    finally:
+        server.stop()
+
+
+CHUNKED_APP = """
+import json, os, signal, sys
+import httpx, numpy as np
+import fedclient
+
+url, state, features, labels, kill_at = sys.argv[1:]
+sent, size = [], []
+
+class Watched(httpx.HTTPTransport):
+    def handle_request(self, request):
+        if request.url.path.endswith("/uploads"):  # the session: the update's size
+            size.append(json.loads(request.content)["size"])
+        if request.method == "PATCH":  # one chunk of the update
+            if len(sent) + 1 == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            sent.append(len(request.content))
+        return super().handle_request(request)
+
+client = fedclient.Client(
+    url, "digits", (np.load(features), np.load(labels)), state=state, seed=0,
+    transport=Watched(), chunk_threshold=1000, chunk_bytes=1000,
+)
+outcome = client.run_once()
+print(json.dumps({"status": outcome.status, "chunks": sent, "size": size[-1],
+                  "resumed": client.stats.resumed_transfers}))
+"""
+
+
+def test_an_app_killed_mid_chunked_upload_resumes_from_the_servers_offset(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README, Reliability: "updates over 1 MiB go in chunks that resume from the server's
+    # offset" (here over 1000 bytes). The app dies after three chunks; started again, it
+    # sends the rest only, and the server counts the update once.
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.start()
+    state = tmp_path / "fl.sqlite"
+    arrays = [tmp_path / "x.npy", tmp_path / "y.npy"]
+    np.save(arrays[0], digits.x_train[:100])
+    np.save(arrays[1], digits.y_train[:100])
+
+    def app(kill_at: int) -> subprocess.CompletedProcess[str]:
+        args = [server.url, *map(str, (state, *arrays)), str(kill_at)]
+        return subprocess.run(
+            [sys.executable, "-c", CHUNKED_APP, *args], capture_output=True, text=True, timeout=60
+        )
+
+    try:
+        killed = app(kill_at=4)
+        assert killed.returncode == -9, killed.stderr
+        assert server.round(1)["updates"] == 0
+        done = app(kill_at=0)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["status"] == "uploaded" and report["resumed"] == 1
+        # The first three chunks (3,000 bytes) stayed on the server: only the rest came.
+        assert report["size"] > 5000 and sum(report["chunks"]) == report["size"] - 3000, report
+        assert len(fedclient.DeviceState(state).receipts("digits")) == 1
+        assert server.round(1)["updates"] == 1 and server.round(1)["status"] == "closed"
     finally:
         server.stop()
