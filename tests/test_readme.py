@@ -258,3 +258,24 @@ def _installed_with(name: str, extra: str) -> set[str]:
             if marker is None or any(marker.evaluate({"extra": e}) for e in {"", *extras}):
                 todo.append((needed.name, frozenset(needed.extras)))
     return {dist for dist, _ in seen}
+
+
+def test_the_readme_plan_runs_in_fedsim_as_the_readme_says(tmp_path: Path) -> None:
+    # "fedsim run --plan plan.toml --dataset digits --devices 100 simulates the very plan
+    # fedserver serves": the README's plan (2 of its 40 rounds), its [evaluate] heard
+    # from every device asked, beside the central accuracy of the same model.
+    (plan,) = [code for _, code in fenced("toml") if code.startswith("# plan.toml")]
+    (tmp_path / "plan.toml").write_text(plan.replace("rounds = 40", "rounds = 2"))
+    (command,) = re.findall(r"`(fedsim run --plan plan\.toml[^`]*)`", README.read_text())
+    fedsim = Path(sys.executable).with_name("fedsim")
+    args = [*shlex.split(command)[1:], "--report", "r.json"]
+    done = subprocess.run(
+        [str(fedsim), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["plan"]["job"]["devices_per_round"] == 20 and len(report["rounds"]) == 2
+    for r in report["rounds"]:
+        assert (r["admitted"], r["updates"], r["evaluated"]) == (26, 20, 20), r
+        assert r["federated_model_version"] == r["model_version"] - 1  # the one it started from
+        assert 0 < r["federated_accuracy"] < 1 and 0 < r["federated_central_accuracy"] < 1
