@@ -232,3 +232,44 @@ def test_the_example_app_without_arguments_runs_a_server_and_three_apps(
     assert all((end["reason"], end["model_version"]) == ("finished", 1) for end in ends), out
     assert sum(end["rounds"] for end in ends) == 2  # one round of two updates
     assert "apps exited with [0, 0, 0]" in out
+
+
+def test_a_forget_from_another_process_keeps_a_restarted_apps_stored_update_home(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README: "A forget drops ... an update trained before it and not yet sent (the
+    # device leaves that round)". Played across processes: the app stops with its update
+    # stored, the user's forget comes from another process (a settings screen), and the
+    # app, started again, leaves the round instead of sending it, then trains on the rest.
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.start()
+    state, examples = tmp_path / "fl.sqlite", tmp_path / "examples.sqlite"
+    store = fedclient.ExampleStore(examples)
+    store.add(digits.x_train[:40], digits.y_train[:40], source="alice")
+    store.add(digits.x_train[40:80], digits.y_train[40:80], source="bob")
+    try:
+        with fedclient.Client(server.url, "digits", store, state=state, seed=0) as app:
+            while app.device_state.phase("digits") is not fedclient.Phase.TRAINED:
+                app.step()  # trained on alice's and bob's examples, not sent
+        store.db.close()
+        forget = (
+            "import sys, fedclient; print(fedclient.ExampleStore(sys.argv[1]).forget(source='bob'))"
+        )
+        settings = subprocess.run(
+            [sys.executable, "-c", forget, str(examples)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert settings.stdout.startswith("Forgotten(count=40, complete=True"), settings.stderr
+
+        store = fedclient.ExampleStore(examples)
+        with fedclient.Client(server.url, "digits", store, state=state, seed=0) as app:
+            left = app.step()
+            assert left.status == "discarded" and "forgotten" in left.reason, left
+            assert server.round(1)["updates"] == 0
+            again = app.run_once()
+        assert again.status == "uploaded" and again.receipt is not None
+        assert again.receipt.num_examples == 40
+    finally:
+        server.stop()
