@@ -239,6 +239,43 @@ def test_stop_ends_a_wait_at_once(live_server: Any, digits: Any) -> None:
     device.close()
 
 
+@pytest.mark.parametrize("leave_on_stop", [False, True])
+def test_stop_mid_round_ends_after_the_round_unless_a_condition_watches_it(
+    live_server: Any, digits: Any, leave_on_stop: bool
+) -> None:
+    # README: stop ends a wait at once; a round in progress runs to its end (its update
+    # is sent) first, unless the app makes "not stopped" one of its Conditions: then the
+    # device leaves the round at the next minibatch and gives its place back.
+    from tests.client.test_threads import GatedModel
+
+    live: LiveServer = live_server(devices_per_round=1, rounds=3)
+    stop = threading.Event()
+    gate = GatedModel(fedclient.models.mlp(64, 16, 10))
+    options: dict[str, Any] = {"model": gate}
+    if leave_on_stop:
+        options["conditions"] = fedclient.Conditions(lambda: not stop.is_set(), check_every=0)
+    device = _device(live, digits, **options)
+    events: list[fedclient.RoundEvent] = []
+    results: list[fedclient.RunResult] = []
+    worker = threading.Thread(
+        target=lambda: results.append(device.run_forever(stop=stop, on_round=events.append))
+    )
+    worker.start()
+    assert gate.training.wait(timeout=30)  # mid-training in round 1
+    stop.set()
+    gate.release.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and results[0].reason == "stopped"
+    store = live.server.store
+    if leave_on_stop:
+        assert [e.status for e in events] == ["discarded", "stopped"], events
+        assert store.update_count(1) == 0 and store.admitted_count(1) == 0  # place given back
+    else:
+        assert [e.status for e in events] == ["uploaded", "stopped"], events
+        assert store.update_count(1) == 1 and results[0].rounds == 1
+    device.close()
+
+
 class Gate(httpx.BaseTransport):
     """The real server behind a transport that holds the ``hold``-th request until
     ``release`` is set, saying (``held``) that it holds it."""
