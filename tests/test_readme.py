@@ -172,6 +172,10 @@ def test_the_servers_commands_serve_status_as_curl_reads_it(tmp_path: Path) -> N
                 threading.Event().wait(0.05)
         assert status is not None and status.status_code == 200, status
         assert status.json()["job"] == "digits" and status.json()["status"] == "running"
+        # "job status, plan, current round": the plan served is the README's own.
+        assert status.json()["plan"]["job"]["devices_per_round"] == 20
+        assert status.json()["plan"]["evaluate"]["devices"] == 20
+        assert status.json()["current_round"]["number"] == 1
         openapi = httpx.get(url + "/openapi.json", timeout=5)
         assert "/v1/rounds/{round_id}/evaluation" in openapi.json()["paths"]
     finally:
