@@ -76,7 +76,9 @@ def fit(
     the job (None: until the job ends; the server's plan sets epochs, batch size and
     learning rate), keeping its progress in ``state`` (a SQLite path), and ends with
     a global model loaded into ``model``: once the round of its last update has
-    closed, the model that update went into; when the job ended, its final model.
+    closed, the model that update went into; when the job ended, its final model. A
+    round that failed instead (fewer than ``min_devices`` updates by its deadline) is
+    a `FedError` saying so.
 
     It waits out what can pass (network errors, 5xx, 429, a round it lost) as
     `Client.run_forever` does, and raises what cannot (`Unauthorized` for a revoked
@@ -203,11 +205,20 @@ class _Impatience:
 
 def _await_close(client: Client, round_id: int, patience: float) -> None:
     """Wait until round ``round_id`` (the last one this device uploaded to) has closed, so
-    the model loaded next is the one its update went into."""
+    the model loaded next is the one its update went into; a `FedError` if the round
+    failed instead (too few updates by its deadline): no model holds the update."""
     waited = 0.0
     while True:
-        current = client.job_status().current_round
+        status = client.job_status()
+        current = status.current_round
         if current is None or current.round_id != round_id:
+            ended = status.previous_round
+            if ended is not None and ended.round_id == round_id and ended.status == "failed":
+                raise FedError(
+                    f"round {ended.number} of job {client.job!r} failed ({ended.reason}): no "
+                    f"model holds this device's update; the job's is still version "
+                    f"{status.model_version}"
+                )
             return
         pause = min(1.0, max(0.1, current.deadline - current.opened_at), patience - waited)
         if pause <= 0:

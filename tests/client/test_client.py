@@ -229,6 +229,42 @@ def test_fit_returns_the_model_its_last_update_went_into(
     assert all(np.array_equal(model.get_weights()[k], v) for k, v in served.items())
 
 
+def test_fit_whose_round_fails_says_no_model_holds_its_update(
+    live_server: Any, digits: Dataset
+) -> None:
+    # README: fit "ends with the model that update went into". A round that fails (one
+    # update of the two min_devices asks, at the deadline) makes no such model: fit said
+    # nothing and returned version 0 as if it were.
+    import threading
+
+    live: LiveServer = live_server(devices_per_round=2, min_devices=2, rounds=3)
+    errors: list[BaseException] = []
+
+    def federate() -> None:
+        data = (digits.x_train[:100], digits.y_train[:100])
+        try:
+            fedclient.fit(
+                fedclient.models.mlp(64, 16, 10), data, federated=f"{live.url}/v1/jobs/digits"
+            )
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    worker = threading.Thread(target=federate)
+    worker.start()
+    store = live.server.store
+    while store.update_count(1) == 0:  # fit's update arrives, alone...
+        assert worker.is_alive()
+        threading.Event().wait(0.01)
+    live.server.clock.now += 61  # ...and the deadline passes
+    live.server.service.tick()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    (error,) = errors
+    assert isinstance(error, fedclient.FedError), error
+    assert "round 1" in str(error) and "fewer than min_devices=2" in str(error)
+    assert "still version 0" in str(error)
+
+
 class Recording(httpx.BaseTransport):
     """Real HTTP, with the path of every request kept."""
 
