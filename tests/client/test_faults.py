@@ -179,3 +179,47 @@ def test_a_sync_client_rides_out_faults_against_real_http(
             d.close()
     assert live.server.service.job_status("digits").model_version == 1
     assert sum(t.counts.requests for t in transports) > sum(d.stats.requests for d in devices) / 2
+
+
+def test_a_server_that_never_answers_times_out_is_retried_and_ends_typed(
+    digits: Any,
+) -> None:
+    # Reliability: "every request has a timeout", and a timeout is retried. A peer that
+    # accepts the connection and then says nothing (a hung proxy, a stalled server).
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def hold_connections() -> None:
+        listener.settimeout(0.1)
+        while not done.is_set():
+            try:
+                accepted.append(listener.accept()[0])  # read nothing, answer nothing
+            except TimeoutError:
+                continue
+
+    holder = threading.Thread(target=hold_connections)
+    holder.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    device = fedclient.Client(
+        url,
+        "digits",
+        (digits.x_train[:20], digits.y_train[:20]),
+        timeout=0.3,
+        retry=RetryPolicy(max_attempts=3, base_seconds=0.01, seed=0),
+    )
+    try:
+        with pytest.raises(fedclient.RequestTimeout):
+            device.run_once()
+        assert device.stats.requests == 3 and device.stats.retries == 2
+        assert len(accepted) >= 1  # it got through to the peer, which never answered
+    finally:
+        device.close()
+        done.set()
+        holder.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
