@@ -184,7 +184,7 @@ def test_a_sync_client_rides_out_faults_against_real_http(
 def test_a_server_that_never_answers_times_out_is_retried_and_ends_typed(
     digits: Any,
 ) -> None:
-    # Reliability: "every request has a timeout", and a timeout is retried. A peer that
+    # Reliability: requests retry on "connect errors, timeouts, resets". A peer that
     # accepts the connection and then says nothing (a hung proxy, a stalled server).
     import socket
     import threading
