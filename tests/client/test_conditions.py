@@ -187,6 +187,28 @@ def test_the_ready_made_power_checks_read_sysfs_as_linux_lays_it_out(
     assert fedclient.Conditions.charging(tmp_path / "absent")() is None  # not Linux
 
 
+@pytest.mark.parametrize(
+    ("zones", "cool"),
+    [
+        ({"thermal_zone0": "45000", "thermal_zone1": "61500"}, False),  # one zone at 61.5 C
+        ({"thermal_zone0": "45000", "thermal_zone1": "-5000"}, True),  # an outdoor sensor
+        ({"thermal_zone0": ""}, None),  # a zone the driver cannot read: cannot tell
+        ({}, None),
+    ],
+)
+def test_cooler_than_reads_every_thermal_zone(
+    tmp_path: Path, zones: dict[str, str], cool: bool | None
+) -> None:
+    root = tmp_path / "thermal"
+    root.mkdir()
+    (root / "cooling_device0").mkdir()  # not a zone: a fan
+    (root / "cooling_device0" / "cur_state").write_text("3\n")
+    for zone, millidegrees in zones.items():
+        (root / zone).mkdir()
+        (root / zone / "temp").write_text(millidegrees + "\n")
+    assert fedclient.Conditions.cooler_than(60, root)() is cool
+
+
 def test_the_ready_made_checks_decide_whether_a_device_checks_in(
     live_server: Any, digits: Any, tmp_path: Path
 ) -> None:
