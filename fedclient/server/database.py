@@ -97,7 +97,7 @@ def connect(url: str | Path, *, lock_file: bool = False) -> Database:
 
 class ServeLock:
     """An exclusive lock on ``<db>.lock`` beside a SQLite file, held while one process
-    serves it: a second ``fedserver`` on the same file (by any path or symlink to it) is
+    serves it: a second ``fedserver`` on the same file (by its name or a symlink to it) is
     refused in one line instead of serving beside the first (each would keep rows in
     memory that the other changes).
 
