@@ -326,3 +326,25 @@ def test_device_tokens_are_stored_hashed_and_still_admit_after_a_restart(
             timeout=5,
         )
         assert again.status_code == 200 and again.json()["status"] == "admitted", again.text
+
+
+def test_a_device_of_a_server_whose_database_was_made_again_stops_as_revoked(
+    fedserver: Any, tmp_path: Path, digits: Any
+) -> None:
+    # README, run_forever's "revoked": the server no longer knows the device's token.
+    # A developer meets it first by making the server's database again (fedserver init
+    # on a fresh file): the device stops at once, and a new state file enrols again.
+    server = fedserver(rounds=3, per_round=1)
+    data = (digits.x_train[:100], digits.y_train[:100])
+    state = tmp_path / "fl.sqlite"
+    with fedclient.Client(server.url, "digits", data, state=state) as device:
+        assert device.run_once().status == "uploaded"
+    server.stop()
+    server.db = str(tmp_path / "again.sqlite")  # a new database, on the same port
+    server.made = False
+    server.start()
+    with fedclient.Client(server.url, "digits", data, state=state) as device:
+        result = device.run_forever()
+    assert result.reason == "revoked" and isinstance(result.error, fedclient.Unauthorized)
+    with fedclient.Client(server.url, "digits", data, state=tmp_path / "new.sqlite") as device:
+        assert device.run_once().status == "uploaded"
