@@ -162,7 +162,7 @@ def create_app(
             "Cache-Control": "private, max-age=31536000, immutable",
             "Accept-Ranges": "bytes",
         }
-        if request.headers.get("if-none-match") == etag:
+        if _none_match(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         wanted = request.headers.get("range")
         if wanted and request.headers.get("if-range", etag) == etag:
@@ -441,6 +441,15 @@ def _convert(fields: dict[str, Any], type_: type[T]) -> T:
 
 def _json(message: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(message), media_type="application/json", headers=headers)
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag``: "*", or a list of tags
+    compared weakly (RFC 9110 13.1.2), as caches and proxies send it."""
+    if header is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int]:

@@ -97,8 +97,9 @@ def connect(url: str | Path, *, lock_file: bool = False) -> Database:
 
 class ServeLock:
     """An exclusive lock on ``<db>.lock`` beside a SQLite file, held while one process
-    serves it: a second ``fedserver`` on the same file is refused in one line instead of
-    serving beside the first (each would keep rows in memory that the other changes).
+    serves it: a second ``fedserver`` on the same file (by its name or a symlink to it) is
+    refused in one line instead of serving beside the first (each would keep rows in
+    memory that the other changes).
 
     The lock is the kernel's (``flock``): it goes with the process, however that ends,
     so a killed server leaves nothing to clean up. The file holds the owner's pid, for
@@ -108,7 +109,9 @@ class ServeLock:
     def __init__(self, database: str) -> None:
         import fcntl
 
-        path = Path(database).with_name(Path(database).name + ".lock")
+        # Beside the file itself, not a link to it: two names of one file, one lock.
+        served = Path(database).resolve()
+        path = served.with_name(served.name + ".lock")
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
