@@ -21,8 +21,9 @@ Gradient rules exist for the ops the converter emits, mobile models and
 transformers use: Gemm, MatMul (2-D and batched, with broadcasting), Conv (2-D,
 any stride, padding, dilation and group, so depthwise too), MaxPool,
 GlobalAveragePool, AveragePool (no padding), ReduceMean and ReduceSum (axes
-attribute), Relu, Clip, LeakyRelu, Sigmoid, Tanh, Softmax (any axis), Erf (GELU
-as exported), elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs/Pow with
+attribute; ReduceMean over the batch too: BatchNorm's batch statistics), Relu,
+Clip, LeakyRelu, Sigmoid, Tanh, Softmax (any axis), Erf (GELU as exported),
+elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs/Pow with
 broadcasting, Gather (embeddings, indexing), LayerNormalization, Where (masks),
 Slice, Split, Concat, Expand, Cast, Flatten, Reshape, Squeeze, Unsqueeze,
 Transpose, Identity. Gradients flow through float tensors only (shapes, masks
