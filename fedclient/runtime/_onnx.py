@@ -102,6 +102,7 @@ class OnnxBackend:
         #: BatchNorm's running statistics, by name (exchanged with the weights; empty
         #: unless BatchNorm trains on batch statistics).
         self.statistics: list[str] = [t.name for t in self.manifest.statistics]
+        self._variances = {layer.var for layer in self.manifest.batchnorm}
         self._shapes = {
             p.name: tuple(int(d or 0) for d in p.shape)
             for p in [*self.manifest.parameters, *self.manifest.statistics]
@@ -128,7 +129,8 @@ class OnnxBackend:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Replace all trainable parameters (and running statistics, as `get_weights`);
-        names, shapes and dtypes must match exactly."""
+        names, shapes and dtypes must match exactly. A running variance below zero is
+        read as zero."""
         if set(weights) != set(self._shapes):
             raise InvalidInput(
                 f"weights must have names {sorted(self._shapes)}, got {sorted(weights)}"
@@ -140,7 +142,10 @@ class OnnxBackend:
                     f"got {value.dtype}{list(value.shape)}"
                 )
         for name in self._shapes:
-            self._engine.set(name, np.ascontiguousarray(weights[name]))
+            value = weights[name]
+            if name in self._variances:  # noise (DP) can push an averaged variance below 0
+                value = np.maximum(value, np.float32(0))
+            self._engine.set(name, np.ascontiguousarray(value))
 
     # -- data ------------------------------------------------------------------
     def _features(self, x: np.ndarray) -> np.ndarray:

@@ -161,6 +161,18 @@ def test_verification_sees_a_wrong_running_statistics_update(folder: Path) -> No
     assert verify_bundle(folder / "batch", reference).passed
 
 
+def test_a_variance_noised_below_zero_is_read_as_zero(folder: Path) -> None:
+    # Local DP adds noise to the statistics' change like to any weight's: an average of
+    # noised updates can hold a negative variance, whose square root is NaN.
+    backend = OnnxBackend(folder / "batch")
+    weights = backend.get_weights()
+    weights["features.4.running_var"][:3] = -0.5
+    backend.set_weights(weights)
+    assert backend.get_weights()["features.4.running_var"].min() == 0.0
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    assert np.isfinite(backend.predict(x)).all()
+
+
 def test_a_minibatch_of_one_value_per_channel_sits_out_or_is_refused(folder: Path) -> None:
     # Found: with a Dirichlet partition some device's last minibatch held one example,
     # where BatchNorm1d sees one value per channel (no variance), and the run stopped.
