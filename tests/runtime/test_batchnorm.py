@@ -265,3 +265,13 @@ def test_local_statistics_stay_on_the_device_and_the_job_still_learns(
     argv = ["run", "--plan", str(plan), "--runtime", "onnx", "--dataset", "digits"]
     assert fedsim([*argv, "--devices", "30", "--quiet", "--no-plot", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["final"]["accuracy"] > 0.8  # 0.936 here
+
+
+def test_the_summary_lists_the_running_statistics(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [f"{folder / 'fresh_bn.py'}:Net", "--input-shape", "1,8,8", "--batchnorm", "batch"]
+    assert fedconvert([*argv, "--no-verify", "-o", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "features.1.running_var (statistic)" in out
+    assert "8 running statistics updated on the device travel with them" in out
