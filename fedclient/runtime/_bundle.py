@@ -398,8 +398,12 @@ def write_bundle(
         statistics=[info(n) for n in statistics],
         batchnorm=layers,
     )
+    data = msgspec.to_builtins(manifest)
+    for empty in ("statistics", "batchnorm"):  # absent, a fedclient before them reads it
+        if not data[empty]:
+            del data[empty]
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2) + b"\n")
     tmp.replace(out / MANIFEST)
     return manifest
 

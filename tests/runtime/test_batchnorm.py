@@ -275,3 +275,14 @@ def test_the_summary_lists_the_running_statistics(
     out = capsys.readouterr().out
     assert "features.1.running_var (statistic)" in out
     assert "8 running statistics updated on the device travel with them" in out
+
+
+def test_a_bundle_without_batch_statistics_keeps_the_manifest_older_fedclients_read(
+    folder: Path,
+) -> None:
+    # The manifest's struct refuses unknown fields: a device on an older fedclient reads
+    # a bundle without BatchNorm on batch statistics only if the new fields are absent.
+    frozen = json.loads((folder / "frozen" / "manifest.json").read_text())
+    assert "statistics" not in frozen and "batchnorm" not in frozen
+    assert read_manifest(folder / "frozen").statistics == []
+    assert len(json.loads((folder / "batch" / "manifest.json").read_text())["batchnorm"]) == 4
