@@ -520,6 +520,10 @@ class KerasReference:
         """Not measured: the TFLite verification compares the step (`sgd_step`)."""
         return None
 
+    def rounding(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """No gradient, no rounding to measure."""
+        return {}
+
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
         """The weights after one step of Keras's SGD from the initial weights."""
         tf, keras = self._tf, self._keras

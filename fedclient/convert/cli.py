@@ -5,6 +5,7 @@
     fedconvert model.onnx -o bundles/model
     fedconvert mypkg.models:Net --input-shape 1,28,28 -o bundles/net     (needs torch)
     fedconvert chars:Net --input-shape 80 --input-dtype int64      (token ids into an embedding)
+    fedconvert cnn:Net --input-shape 1,28,28 --batchnorm batch   (BatchNorm from scratch)
     fedconvert mlp --hidden 32 --tflite -o bundles/mlp    (+ model.tflite; needs TensorFlow)
     fedconvert model.keras --tflite -o bundles/net       (model.tflite only; needs TensorFlow)
 
@@ -95,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         "(--freeze features. : transfer learning, the backbone frozen, only the head trains "
         "and travels)",
     )
+    other.add_argument(
+        "--batchnorm",
+        choices=("frozen", "batch"),
+        default="frozen",
+        help="PyTorch: how BatchNorm trains on the device: 'frozen' on its running statistics "
+        "(fine-tuning a pre-trained model), or 'batch' on batch statistics with the running "
+        "ones updated on the device and sent with the weights (training from scratch)",
+    )
     lite = parser.add_argument_group("TFLite (needs TensorFlow)")
     lite.add_argument(
         "--tflite",
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             input_shape=args.input_shape,
             input_dtype=args.input_dtype,
             frozen=args.freeze,
+            batchnorm=args.batchnorm,
         )
         out = Path(args.out or Path("bundles") / source.name)
         if args.tflite:

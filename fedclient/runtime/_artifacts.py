@@ -64,9 +64,11 @@ def write_training_files(
     logits: str,
     out: Path,
     inference: Path,
+    extra_outputs: Sequence[str] = (),
 ) -> None:
     """ONNX Runtime's training artifacts into ``out``, and the inference model it exports
-    into ``inference``. Raises `InvalidInput` naming the op it cannot differentiate."""
+    into ``inference``; the training model returns the loss, the logits, then
+    ``extra_outputs``. Raises `InvalidInput` naming the op it cannot differentiate."""
     artifacts = _ort.artifacts_api()
     prepared = with_layernorm_statistics(model)
     try:
@@ -78,7 +80,7 @@ def write_training_files(
                 loss=artifacts.LossType.CrossEntropyLoss,
                 optimizer=artifacts.OptimType.SGD,
                 artifact_directory=out,
-                additional_output_names=[logits],
+                additional_output_names=[logits, *extra_outputs],
             )
     except Exception as exc:  # ORT raises bare RuntimeErrors; name the cause when known
         missing = _NO_GRADIENT.search(str(exc))

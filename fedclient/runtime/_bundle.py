@@ -48,7 +48,8 @@ from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import _ort
 from fedclient.runtime._artifacts import write_training_files
-from fedclient.runtime._stepgraph import STEP_GRAPH
+from fedclient.runtime._batchnorm import BatchNormLayer, batch_statistics
+from fedclient.runtime._stepgraph import STEP_GRAPH, forward_graph
 from fedclient.runtime._weights import WEIGHTS_FILE, share_weights
 
 if TYPE_CHECKING:
@@ -123,9 +124,10 @@ class FileInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a bundle holds, for devices, servers and people.
 
-    ``parameters`` are the trainable tensors, in graph order: exactly the
-    names, shapes and dtypes a device uploads. ``frozen`` are float
-    initialisers that are not trained.
+    ``parameters`` are the trainable tensors, in graph order; with
+    ``statistics`` (BatchNorm's running statistics, when it trains on batch
+    statistics: ``batchnorm``), exactly the names, shapes and dtypes a device
+    uploads. ``frozen`` are float initialisers that are not trained.
     """
 
     format: str
@@ -150,6 +152,10 @@ class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: The built-in ``ModelSpec`` the bundle was made from, as plain data (older and newer
     #: fedclient versions may know different model kinds); see `BundleManifest.spec`.
     model_spec: dict[str, Any] | None = None
+    #: BatchNorm's running statistics, updated on the device from batch statistics.
+    statistics: list[TensorInfo] = msgspec.field(default_factory=list)
+    #: The BatchNorm layers that train on batch statistics (`fedclient.runtime._batchnorm`).
+    batchnorm: list[BatchNormLayer] = msgspec.field(default_factory=list)
 
     def spec(self) -> ModelSpec | None:
         """The built-in model spec, if the bundle was made from one."""
@@ -304,12 +310,16 @@ def write_bundle(
     source: str = "",
     frozen: list[str] | None = None,
     model_spec: ModelSpec | None = None,
+    batchnorm: str = "frozen",
 ) -> BundleManifest:
     """Turn a forward ONNX model into a device bundle in ``directory`` (created if needed).
 
     Every float32 initialiser with at least one dimension is trained, except
-    those named in ``frozen``. Raises `InvalidInput` with the reason when the
-    model cannot be trained on-device (op without a gradient, custom ops, ...).
+    those named in ``frozen``. ``batchnorm="batch"``: every BatchNormalization node
+    trains on batch statistics and its running statistics are updated on the device
+    (`fedclient.runtime._batchnorm`); ``"frozen"``: the model as given. Raises
+    `InvalidInput` with the reason when the model cannot be trained on-device (op
+    without a gradient, custom ops, ...).
     """
     import onnx
 
@@ -326,24 +336,32 @@ def write_bundle(
             raise InvalidInput(f"cannot freeze {frozen_name!r}: not a float32 parameter")
         trainable.remove(frozen_name)
         constants.append(frozen_name)
+    trained, layers, statistics = _training_model(model, batchnorm)
+    trainable = [n for n in trainable if n not in statistics]
+    constants = [n for n in constants if n not in statistics]
     if not trainable:
         raise InvalidInput("every parameter is frozen: nothing to train")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    plain = _plain_graphs(model, trainable)
+    batch = [n for layer in layers for n in (layer.batch_mean, layer.batch_var)]
+    plain = _plain_graphs(trained, model, trainable, statistics, batch)
     training = _ort.has_training_api()
     if not training and isinstance(plain, str):
         raise InvalidInput(f"{plain}; onnxruntime-training could train it: {_ort.INSTALL_HINT}")
     for stale in BUNDLE_FILES.values():  # a bundle written here before must not leak files in
         (out / stale).unlink(missing_ok=True)
+    inference = out / BUNDLE_FILES["inference_model"]
     if training:
-        write_training_files(
-            model, trainable, constants, logits.name, out, out / BUNDLE_FILES["inference_model"]
-        )
-    else:  # the forward model as prepared is what ONNX Runtime would export
-        onnx.save(model, str(out / BUNDLE_FILES["inference_model"]))
+        write_training_files(trained, trainable, constants, logits.name, out, inference, batch)
+    if not training or layers:  # as ONNX Runtime would export it, BatchNorm on its statistics
+        onnx.save(model, str(inference))
     if isinstance(plain, str):
         warnings.warn(f"no step graph for plain onnxruntime: {plain}", BundleWarning, stacklevel=2)
+        if layers:  # the training API's engine evaluates through it
+            onnx.save(
+                forward_graph(model, [*trainable, *statistics]),
+                str(out / PLAIN_FILES["forward_model"]),
+            )
     else:
         for role, graph in zip(PLAIN_FILES, plain, strict=True):
             onnx.save(graph, str(out / PLAIN_FILES[role]))
@@ -377,9 +395,15 @@ def write_bundle(
         onnxruntime=str(_ort.ort().__version__),
         model_spec=None if model_spec is None else msgspec.to_builtins(model_spec),
         vocabulary=_vocabulary(model, x.name),
+        statistics=[info(n) for n in statistics],
+        batchnorm=layers,
     )
+    data = msgspec.to_builtins(manifest)
+    for empty in ("statistics", "batchnorm"):  # absent, a fedclient before them reads it
+        if not data[empty]:
+            del data[empty]
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2) + b"\n")
     tmp.replace(out / MANIFEST)
     return manifest
 
@@ -401,16 +425,38 @@ class BundleWarning(UserWarning):
     """A bundle was written without something it could have held (e.g. the step graph)."""
 
 
+def _training_model(
+    model: onnx.ModelProto, batchnorm: str
+) -> tuple[onnx.ModelProto, list[BatchNormLayer], list[str]]:
+    """The model the training graphs are built from, its BatchNorm layers that train on
+    batch statistics, and their running statistics (``batchnorm="batch"``)."""
+    if batchnorm == "frozen":
+        return model, [], []
+    if batchnorm != "batch":
+        raise InvalidInput(f"batchnorm must be 'frozen' or 'batch', not {batchnorm!r}")
+    trained, layers = batch_statistics(model)
+    if not layers:
+        raise InvalidInput("BatchNorm on batch statistics: the model has no BatchNormalization")
+    return trained, layers, [n for layer in layers for n in (layer.mean, layer.var)]
+
+
 def _plain_graphs(
-    model: onnx.ModelProto, trainable: list[str]
+    trained: onnx.ModelProto,
+    model: onnx.ModelProto,
+    trainable: list[str],
+    statistics: list[str],
+    batch: list[str],
 ) -> tuple[onnx.ModelProto, onnx.ModelProto] | str:
-    """The step and forward graphs for plain ONNX Runtime, or why there is no step graph."""
-    from fedclient.runtime._stepgraph import forward_graph, step_graph
+    """The step graph (of ``trained``, returning ``batch`` too) and the forward graph (of
+    ``model``, the ``statistics`` inputs too) for plain ONNX Runtime, or why there is no
+    step graph."""
+    from fedclient.runtime._stepgraph import step_graph
 
     try:
-        return step_graph(model, trainable, labels=LABELS), forward_graph(model, trainable)
+        step = step_graph(trained, trainable, labels=LABELS, extra_outputs=batch)
     except InvalidInput as exc:
         return str(exc)
+    return step, forward_graph(model, [*trainable, *statistics])
 
 
 def manifest_digest(directory: str | os.PathLike[str]) -> str:
@@ -431,10 +477,11 @@ def bundle_weights(directory: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = read_manifest(path)
     model = onnx.load(str(path / BUNDLE_FILES["inference_model"]))
     found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    missing = [p.name for p in manifest.parameters if p.name not in found]
+    exchanged = [*manifest.parameters, *manifest.statistics]
+    missing = [p.name for p in exchanged if p.name not in found]
     if missing:
         raise InvalidInput(f"the bundle's inference model lacks parameters {missing[:5]}")
-    return {p.name: found[p.name].astype("float32") for p in manifest.parameters}
+    return {p.name: found[p.name].astype("float32") for p in exchanged}
 
 
 def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> BundleManifest:

@@ -236,8 +236,16 @@ class DenseRules(RuleSet):
     def _reducemean(self, index: int, node: onnx.NodeProto, g: str, want: list[bool]) -> None:
         axes, _ = self._reduce_axes(node)
         dims = [self.shape(node.input[0])[a] for a in axes]
-        if None in dims:
-            raise NoGradientRule(f"ReduceMean {node.output[0]!r}: reduces a dimension of no size")
+        if None in dims:  # over the batch (BatchNorm's statistics): the count at run time
+            b, x = self.b, node.input[0]
+            kept = b.op("Cast", [b.op("Size", [node.output[0]])], "mean_count", to=1)
+            every = b.op("Cast", [b.op("Size", [x])], "mean_count", to=1)
+            share = b.op("Div", [kept, every], "mean_share")
+            if not attributes(node).get("keepdims", 1):
+                g = b.op("Unsqueeze", [g, b.const(sorted(axes))], "reduce_grad")
+            expanded = b.op("Expand", [g, b.op("Shape", [x])], "mean_grad")
+            self.add_grad(x, b.op("Mul", [expanded, share], "mean_grad"))
+            return
         self._reduce_grad(node, g, int(np.prod(dims)))  # type: ignore[arg-type]
 
     def _reducesum(self, index: int, node: onnx.NodeProto, g: str, want: list[bool]) -> None:

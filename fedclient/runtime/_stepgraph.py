@@ -11,7 +11,8 @@ engine) runs::
     inputs   <input> (batch, ...) float32 features or int64 token ids, labels (batch,)
              int64, learning_rate () float32, and every trainable parameter
     outputs  loss () float32, then <parameter>.next for every parameter, in order,
-             then <parameter>.grad (the mean loss's gradient) for every parameter
+             then <parameter>.grad (the mean loss's gradient) for every parameter,
+             then any forward tensors asked for (BatchNorm's batch statistics)
 
 `forward_graph` is the forward model with its trainable parameters as inputs
 (their initial values kept as overridable defaults), for inference at any weights.
@@ -20,8 +21,9 @@ Gradient rules exist for the ops the converter emits, mobile models and
 transformers use: Gemm, MatMul (2-D and batched, with broadcasting), Conv (2-D,
 any stride, padding, dilation and group, so depthwise too), MaxPool,
 GlobalAveragePool, AveragePool (no padding), ReduceMean and ReduceSum (axes
-attribute), Relu, Clip, LeakyRelu, Sigmoid, Tanh, Softmax (any axis), Erf (GELU
-as exported), elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs/Pow with
+attribute; ReduceMean over the batch too: BatchNorm's batch statistics), Relu,
+Clip, LeakyRelu, Sigmoid, Tanh, Softmax (any axis), Erf (GELU as exported),
+elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs/Pow with
 broadcasting, Gather (embeddings, indexing), LayerNormalization, Where (masks),
 Slice, Split, Concat, Expand, Cast, Flatten, Reshape, Squeeze, Unsqueeze,
 Transpose, Identity. Gradients flow through float tensors only (shapes, masks
@@ -92,10 +94,16 @@ def forward_graph(model: onnx.ModelProto, trainable: Sequence[str]) -> onnx.Mode
 
 
 def step_graph(
-    model: onnx.ModelProto, trainable: Sequence[str], *, labels: str = LABELS
+    model: onnx.ModelProto,
+    trainable: Sequence[str],
+    *,
+    labels: str = LABELS,
+    extra_outputs: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """One SGD step of ``model`` (one input, one logits output) on the mean cross-entropy,
-    in standard ONNX ops (see the module docstring for its inputs and outputs)."""
+    in standard ONNX ops (see the module docstring for its inputs and outputs), also
+    returning the forward pass's tensors ``extra_outputs`` last (BatchNorm's batch
+    statistics)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -161,6 +169,9 @@ def step_graph(
     outputs += [
         helper.make_tensor_value_info(grad_name(n), TensorProto.FLOAT, list(by_name[n].dims))
         for n in trainable
+    ]
+    outputs += [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, diff.shape(n)) for n in extra_outputs
     ]
     forward = [diff.replaced.get(i, node) for i, node in enumerate(graph.node)]
     inputs = [

@@ -69,6 +69,30 @@ def post_gelu():
     return Net(layers=2, activation="gelu", norm_first=False)
 
 
+class LastQuery(nn.Module):
+    \"\"\"A pre-norm layer computed at the last position only (examples/shakespeare's
+    charformer): its query attends over the window (nn.MultiheadAttention with the query
+    apart from the keys and values: the in-projection split), then a GELU MLP.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(12, 16)
+        self.pos = nn.Parameter(torch.randn(40, 16) * 0.1)
+        self.norm1 = nn.LayerNorm(16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 12)
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.pos
+        normed = self.norm1(x)
+        attended, _ = self.attention(normed[:, -1:], normed, normed, need_weights=False)
+        h = x[:, -1] + attended[:, 0]
+        return self.head(h + self.mlp(self.norm2(h)))
+
+
 class Attention(nn.Module):
     \"\"\"nn.MultiheadAttention alone, with a padding mask (id 0: masked_fill, Where),
     a split (Split) and a slice of the last positions (Slice).\"\"\"
@@ -130,7 +154,7 @@ def _relative_errors(
     }
 
 
-@pytest.mark.parametrize("factory", ["Net", "post_relu", "pre_relu", "post_gelu"])
+@pytest.mark.parametrize("factory", ["Net", "post_relu", "pre_relu", "post_gelu", "LastQuery"])
 def test_a_next_character_transformer_converts_with_token_ids_and_verifies_on_both_engines(
     factory: str, chars_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,7 +170,7 @@ def test_a_next_character_transformer_converts_with_token_ids_and_verifies_on_bo
     assert (chars_folder / "bundle" / "step.onnx").is_file()
 
 
-@pytest.mark.parametrize("factory", ["Net", "post_relu", "Attention"])
+@pytest.mark.parametrize("factory", ["Net", "post_relu", "Attention", "LastQuery"])
 def test_the_step_graph_differentiates_attention_as_pytorch_does(
     factory: str, chars_folder: Path
 ) -> None:
