@@ -52,6 +52,7 @@ from fedclient.protocol import (
     encode_tensors,
 )
 from fedclient.server.auth import EnrolmentPolicy, hash_token, new_credentials
+from fedclient.server.job_snapshots import PAUSED_RETRY, ROUND_FULL, JobSnapshots, spread
 from fedclient.server.operator import Operator
 from fedclient.server.rounds import SyncRounds, model_etag
 from fedclient.server.selection import NOT_SELECTED, SELECTION_PENDING, Pools
@@ -73,9 +74,6 @@ MAX_OPEN_UPLOADS = 2
 DAMAGED_RETRY = 300.0
 
 logger = logging.getLogger("fedserver")
-
-#: Seconds a device is told to wait while its job is paused.
-PAUSED_RETRY = 300.0
 
 #: Seconds a device that already contributed to the open round waits before it asks
 #: again, at most (the round may close by quota any moment; its deadline may be far).
@@ -129,6 +127,8 @@ class FederationService:
         self.rounds = SyncRounds(store, strategy)
         #: The candidate pools of jobs that select (`fedclient.server.selection`).
         self.pools = Pools()
+        #: What check-ins that cannot be admitted now are answered from.
+        self.snapshots = JobSnapshots(store)
         self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
@@ -242,9 +242,8 @@ class FederationService:
         ):
             raise Forbidden("the identity certificate is not from a trusted authority")
 
-    @serialised
     def authenticate(self, token: str) -> str:
-        """The device id behind a bearer token."""
+        """The device id behind a bearer token (a read: no lock needed)."""
         hashed = hash_token(token)
         # Another worker may revoke a device: a shared database is asked every time.
         device_id = None if self.store.shared else self._devices.get(hashed)
@@ -260,16 +259,22 @@ class FederationService:
             self._devices.clear()
         self._devices[hashed] = device_id
 
-    @serialised
     def checkin(
         self, token: str, job_name: str, request: CheckinRequest, *, inline: bool = False
     ) -> CheckinResponse:
         """Admit the device to the job's open round, or tell it when to come back.
 
+        A device that cannot be admitted now (the round is full, the job paused or
+        finished) is answered from this worker's recent view of the job, without
+        writing or locking anything (`fedclient.server.job_snapshots`); the others are
+        decided in the database.
+
         ``inline``: the answer can carry bytes (msgpack), so an admission brings the
         round's model when the device does not hold it and it fits the device's
         ``inline_model_max``."""
-        answer = self._checkin(token, job_name, request)
+        answer = self.turned_away(token, job_name)
+        if answer is None:
+            answer = self._checkin(self.authenticate(token), job_name, request)
         if not (inline and isinstance(answer, Admitted) and request.inline_model_max > 0):
             return answer
         version = answer.plan.model_version
@@ -280,18 +285,27 @@ class FederationService:
             return answer
         return Admitted(answer.plan, body, etag)
 
-    def _checkin(self, token: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
-        device_id = self.authenticate(token)
+    def turned_away(self, token: str, job_name: str) -> CheckinResponse | None:
+        """The answer to a check-in that cannot be admitted now, from this worker's
+        recent view of the job (`fedclient.server.job_snapshots`: no write, no lock, no
+        read of the device); None when the exact path must decide. Where job status is
+        private, the token is checked first (a read)."""
+        if not self.operator.public_status:
+            self.authenticate(token)
+        return self.snapshots.not_now(job_name, hash_token(token), self.clock())
+
+    @serialised
+    def _checkin(self, device_id: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
         job = self.job(job_name)
         now = self.clock()
         if self.rounds.advance(now):  # a round closed: the job moved on
             job = self.job(job_name)
         if job.status in ("finished", "stopped"):
             return JobFinished(job.model_version)
-        if job.status == "paused":
-            return RetryLater(PAUSED_RETRY, "the job is paused")
         round_ = self.store.latest_rounds(job.name, 1)[0]
         assert round_.status == "open"
+        if job.status == "paused":
+            return RetryLater(spread(PAUSED_RETRY, device_id, round_.round_id), "the job is paused")
         if job.plan.job.mode == "async":
             return self._checkin_async(job, round_, device_id, now)
         wait = max(1.0, round_.deadline - now)
@@ -303,7 +317,8 @@ class FederationService:
         if job.plan.selection.name and self.pools.chosen(round_.round_id, device_id) is False:
             return RetryLater(wait, NOT_SELECTED)  # a candidate; the picked were admitted
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
-            return RetryLater(wait, "the round is full")
+            self.snapshots.forget(job.name)  # it filled since this worker last looked
+            return RetryLater(spread(wait, device_id, round_.round_id), ROUND_FULL)
         if job.plan.selection.name:
             not_yet = self._select(job, round_, device_id, now)
             if not_yet is not None:
@@ -321,10 +336,10 @@ class FederationService:
                 device_id, request.identity_key, request.identity_certificate
             )
         self.store.admit(round_.round_id, device_id, now)  # one statement: atomic as it is
-        if job.plan.privacy.secagg and (
-            self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round
-        ):
-            self._open_secure(job, round_)
+        if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
+            self.snapshots.forget(job.name)  # full now: the next check-ins are turned away
+            if job.plan.privacy.secagg:
+                self._open_secure(job, round_)
         return Admitted(self._plan(job, round_, device_id))
 
     def _select(

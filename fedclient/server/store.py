@@ -89,10 +89,14 @@ class ServerStore(DeviceRows, ExchangeRows):
         self._update_counts: dict[int, int] = {}
         self._updated: dict[int, set[str]] = {}  # round -> the devices with an update in it
         self._admitted: dict[int, set[str]] = {}  # round -> its admitted devices
+        #: Moves whenever this store writes a job's status or a round's, or loses writes
+        #: (a rollback): a view of a job read earlier holds while it has not moved
+        #: (`fedclient.server.job_snapshots`).
+        self.changes = 0
         #: Where update bodies are appended (`spool_bodies`), or None: in the database.
         self._spool: BodySpool | None = None
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
-        self.db.on_rollback.append(self._forget)  # a group commit failed
+        self.db.on_rollback.append(self._rolled_back)  # a group commit failed
         with self.exclusive(), self.atomic():  # workers starting together migrate once
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -157,7 +161,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             with self.db.atomic():
                 yield
         except BaseException:
-            self._forget()
+            self._rolled_back()
             raise
 
     @contextmanager
@@ -168,6 +172,10 @@ class ServerStore(DeviceRows, ExchangeRows):
             if outermost and self.db.shared:
                 self._forget()  # another worker may have written since the last block
             yield
+
+    def _rolled_back(self) -> None:
+        self._forget()
+        self.changes += 1
 
     def _forget(self) -> None:
         """Drop every row kept in memory; the next reads come from the database."""
@@ -244,7 +252,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             "INSERT INTO jobs VALUES (?, ?, 'running', 0, 0, 0)",
             [plan.job.name, msgspec.json.encode(plan).decode()],
         )
-        self._jobs.pop(plan.job.name, None)
+        self._forget_job(plan.job.name)
 
     def job(self, name: str) -> JobRow | None:
         """A job by name."""
@@ -254,11 +262,34 @@ class ServerStore(DeviceRows, ExchangeRows):
         row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
         if row is None:
             return None
+        job = self._jobs[name] = self._job_row(row)
+        return job
+
+    def _job_row(self, row: Sequence[Any]) -> JobRow:
         plan = self._plans.get(row[1])
         if plan is None:  # plans are frozen: decode each stored text once, not per request
             plan = self._plans[row[1]] = msgspec.json.decode(row[1], type=JobPlan)
-        job = self._jobs[name] = JobRow(row[0], plan, *row[2:])
-        return job
+        return JobRow(row[0], plan, *row[2:])
+
+    def job_state(self, name: str) -> tuple[JobRow, RoundRow | None, int] | None:
+        """The job, its newest round and the places taken in it, read from the database
+        now (not from what this store keeps), in two indexed reads that write nothing."""
+        row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
+        if row is None:
+            return None
+        newest = self.db.execute(
+            "SELECT r.*, coalesce(c.admitted, 0) FROM rounds r"
+            " LEFT JOIN round_counts c ON c.round_id = r.round_id"
+            " WHERE r.job=? ORDER BY r.number DESC LIMIT 1",
+            [name],
+        ).fetchone()
+        if newest is None:
+            return self._job_row(row), None, 0
+        return self._job_row(row), RoundRow(*newest[:-1]), int(newest[-1])
+
+    def _forget_job(self, name: str) -> None:
+        self._jobs.pop(name, None)
+        self.changes += 1
 
     def jobs(self) -> list[JobRow]:
         """Every job."""
@@ -268,7 +299,7 @@ class ServerStore(DeviceRows, ExchangeRows):
     def set_job_status(self, name: str, status: str) -> None:
         """Pause, resume or stop a job (its progress stays)."""
         self.db.execute("UPDATE jobs SET status=? WHERE name=?", [status, name])
-        self._jobs.pop(name, None)
+        self._forget_job(name)
 
     def update_job(
         self,
@@ -285,7 +316,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             " WHERE name=?",
             [status, model_version, rounds_completed, rounds_failed, name],
         )
-        self._jobs.pop(name, None)
+        self._forget_job(name)
 
     def add_model(self, job: str, version: int, body: bytes, etag: str, now: float) -> None:
         """Store a model version (immutable once written)."""
@@ -346,6 +377,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             [job, number, model_version, now, deadline],
         ).fetchall()[0]  # all: a RETURNING statement stays active until read to its end
         self._forget_rounds()
+        self.changes += 1
         return int(row[0])
 
     def round(self, round_id: int) -> RoundRow | None:
@@ -406,6 +438,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         self.db.execute("DELETE FROM upload_sessions WHERE round_id=?", [round_id])
         self._forget_rounds()
+        self.changes += 1
         self._updated.pop(round_id, None)  # rarely asked of a closed round: read if it is
         self._admitted.pop(round_id, None)
 
@@ -428,6 +461,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         if cursor.rowcount:
             self._count(round_id, "admitted", -1)
+            self.changes += 1  # a full round has a place again
         if round_id in self._admitted:
             self._admitted[round_id].discard(device_id)
 
@@ -494,6 +528,15 @@ class ServerStore(DeviceRows, ExchangeRows):
         """The round's admitted devices, in the order they were admitted."""
         rows = self.db.execute(
             "SELECT device_id FROM admissions WHERE round_id=? ORDER BY seq", [round_id]
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def admitted_token_hashes(self, round_id: int) -> list[str]:
+        """The token hashes of the round's admitted devices."""
+        rows = self.db.execute(
+            "SELECT d.token_hash FROM admissions a JOIN devices d ON d.device_id = a.device_id"
+            " WHERE a.round_id=?",
+            [round_id],
         ).fetchall()
         return [str(r[0]) for r in rows]
 
