@@ -63,7 +63,7 @@ from fedclient.server.validation import check_key, evaluation_counts, validate_u
 if TYPE_CHECKING:
     from fedclient.server.secure_rounds import SecureRounds
 
-__all__ = ["CONTRIBUTED_RETRY", "FederationService"]
+__all__ = ["CONTRIBUTED_RETRY", "FederationService", "unlocked"]
 
 
 #: Chunked uploads one device may hold open in a round (each holds up to
@@ -86,7 +86,10 @@ class FederationService:
     Each handler runs inside one `ServerStore.exclusive` block, so several workers may
     serve one PostgreSQL database: everything a request needs to be correct is in the
     database, and what a worker keeps in memory is a cache (of immutable model
-    versions; of the rest only within one block, when the database is shared)."""
+    versions; of the rest only within one block, when the database is shared). The hot
+    path (check-ins and uploads of a sync job without secure aggregation or selection,
+    status reads) runs beside the other workers' requests, without the cluster-wide
+    lock (`unlocked`); the rest takes it."""
 
     def __init__(
         self,
@@ -294,8 +297,13 @@ class FederationService:
             self.authenticate(token)
         return self.snapshots.not_now(job_name, hash_token(token), self.clock())
 
-    @serialised
     def _checkin(self, device_id: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
+        with self.store.exclusive(lock=False):
+            job = self.store.job(job_name)
+            with self.store.exclusive(lock=job is None or not unlocked(job)):
+                return self._admit(device_id, job_name, request)
+
+    def _admit(self, device_id: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
         job = self.job(job_name)
         now = self.clock()
         if self.rounds.advance(now):  # a round closed: the job moved on
@@ -303,7 +311,8 @@ class FederationService:
         if job.status in ("finished", "stopped"):
             return JobFinished(job.model_version)
         round_ = self.store.latest_rounds(job.name, 1)[0]
-        assert round_.status == "open"
+        if round_.status != "open":  # another worker closed it since: come back soon
+            return RetryLater(1.0, "the round is closing")
         if job.status == "paused":
             return RetryLater(spread(PAUSED_RETRY, device_id, round_.round_id), "the job is paused")
         if job.plan.job.mode == "async":
@@ -335,7 +344,9 @@ class FederationService:
             self.store.set_device_identity(
                 device_id, request.identity_key, request.identity_certificate
             )
-        self.store.admit(round_.round_id, device_id, now)  # one statement: atomic as it is
+        if not self.store.admit_within(round_.round_id, device_id, now, job.plan.admit_per_round):
+            self.snapshots.forget(job.name)  # another worker filled it meanwhile
+            return RetryLater(spread(wait, device_id, round_.round_id), ROUND_FULL)
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
             self.snapshots.forget(job.name)  # full now: the next check-ins are turned away
             if job.plan.privacy.secagg:
@@ -479,18 +490,26 @@ class FederationService:
         except KeyError:
             raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
-    @serialised
     def upload_limit(self, round_id: int) -> int:
         """The largest upload body the round accepts."""
-        round_ = self.store.round(round_id)
-        job = self.store.job(round_.job) if round_ else None
-        return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
+        with self.store.exclusive(lock=False):
+            round_ = self.store.round(round_id)
+            job = self.store.job(round_.job) if round_ else None
+            return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
 
-    @serialised
     def upload(
         self, token: str, round_id: int, idempotency_key: str | None, body: bytes
     ) -> UploadReceipt:
         """Accept one update, exactly once per idempotency key."""
+        with self.store.exclusive(lock=False):
+            round_ = self.store.round(round_id)
+            job = self.store.job(round_.job) if round_ is not None else None
+            with self.store.exclusive(lock=job is None or not unlocked(job)):
+                return self._upload(token, round_id, idempotency_key, body)
+
+    def _upload(
+        self, token: str, round_id: int, idempotency_key: str | None, body: bytes
+    ) -> UploadReceipt:
         device_id = self.authenticate(token)
         key = check_key(idempotency_key)
         previous, job, round_ = self._admissible(device_id, round_id, key)
@@ -647,6 +666,12 @@ class FederationService:
         receipt_id = uuid.uuid4().hex
         try:
             with self.store.atomic():
+                # What was checked before reading the body, again, now that it holds:
+                # the round stays open and the device's other requests wait until this
+                # transaction ends, on any worker.
+                previous = self._still_admissible(job, round_, target, device_id, key, now)
+                if previous is not None:
+                    return previous
                 if spent is not None:
                     self.store.record_privacy_spent(job.name, device_id, spent)
                 if job.plan.job.mode == "async":
@@ -669,20 +694,53 @@ class FederationService:
                     self.pools.record(
                         job.name, round_.round_id, device_id, num_examples, train_loss, now
                     )
-                if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
-                    self.rounds.close(job, target, now, "quota")
-                else:
-                    self.rounds.accepted(job, target.round_id)
+                self.rounds.accepted(job, target.round_id)
         except BaseException:
             self.rounds.drop_decoded(receipt_id)  # the update was not stored after all
             raise
         if self.metrics is not None:
             self.metrics.updates.labels(job.name).inc()
+        # The update is in (on a shared database, committed): the quota, counted over
+        # every worker's updates, may be met. Two workers that both see it try to close
+        # the round; one does (`SyncRounds.close`).
+        if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
+            self.rounds.close(job, target, now, "quota")
         return _receipt(row)
 
-    @serialised
+    def _still_admissible(
+        self,
+        job: JobRow,
+        trained: RoundRow,
+        target: RoundRow,
+        device_id: str,
+        key: str,
+        now: float,
+    ) -> UploadReceipt | None:
+        """Inside the accepting transaction: the round that takes the update is open and
+        stays so until it ends (`ServerStore.hold_round`), the device holds its place
+        (a row lock: its other requests wait), and its key and round are still unused;
+        the receipt already given for ``key``, if another request of the device took it
+        meanwhile."""
+        status = self.store.hold_round(target.round_id)
+        if status != "open":
+            if job.plan.job.mode == "sync" and now >= target.deadline:
+                raise DeadlinePassed(f"round {target.round_id} closed at its deadline")
+            raise RoundClosed(f"round {target.round_id} is closed")
+        if not self.store.hold_admission(trained.round_id, device_id):
+            raise Forbidden(f"device holds no admission to round {trained.round_id}")
+        previous = self.store.update_by_key(device_id, key)
+        if previous is not None:
+            return _receipt(previous)
+        if job.plan.job.mode == "sync" and self.store.has_update(target.round_id, device_id):
+            raise Conflict(f"device already uploaded an update for round {target.round_id}")
+        return None
+
     def job_status(self, job_name: str) -> JobStatus:
         """The job's progress and current round."""
+        with self.store.exclusive(lock=False):
+            return self._job_status(job_name)
+
+    def _job_status(self, job_name: str) -> JobStatus:
         self.rounds.advance(self.clock())
         job = self.job(job_name)
         latest = self.store.latest_rounds(job_name, 2)
@@ -703,9 +761,12 @@ class FederationService:
             self.store.privacy_spent(job.name),
         )
 
-    @serialised
     def round_status(self, job_name: str, number: int) -> RoundSummary:
         """One round of a job."""
+        with self.store.exclusive(lock=False):
+            return self._round_status(job_name, number)
+
+    def _round_status(self, job_name: str, number: int) -> RoundSummary:
         self.rounds.advance(self.clock())
         round_ = self.store.round_by_number(self.job(job_name).name, number)
         if round_ is None:
@@ -817,6 +878,14 @@ class FederationService:
         held = self.store.strategy_state(job_name)
         state = decode_state(held) if held else {}
         return encode_tensors(self.rounds.strategy_for(job.plan).broadcast(state))
+
+
+def unlocked(job: JobRow) -> bool:
+    """Whether the job's check-ins and uploads run without the cluster-wide lock: a sync
+    job without secure aggregation or selection (their state machines read, then write,
+    several rows across requests, and keep the lock)."""
+    plan = job.plan
+    return plan.job.mode == "sync" and not plan.selection.name and not plan.privacy.secagg
 
 
 def _session(row: SessionRow) -> UploadSession:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +94,10 @@ class ServerStore(DeviceRows, ExchangeRows):
         #: (a rollback): a view of a job read earlier holds while it has not moved
         #: (`fedclient.server.job_snapshots`).
         self.changes = 0
+        #: This worker's name among those that share the database: the updates it takes
+        #: and the partial sum it folds them into are its own (`fold_mine`). One process
+        #: serves a SQLite file: its name is empty.
+        self.worker = uuid.uuid4().hex[:12] if self.db.shared else ""
         #: Where update bodies are appended (`spool_bodies`), or None: in the database.
         self._spool: BodySpool | None = None
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
@@ -165,12 +170,14 @@ class ServerStore(DeviceRows, ExchangeRows):
             raise
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Serve one request: no other worker of a shared database serves one until the
-        block ends (re-entrant). Every handler runs inside one."""
-        with self.db.exclusive() as outermost:
-            if outermost and self.db.shared:
-                self._forget()  # another worker may have written since the last block
+    def exclusive(self, *, lock: bool = True) -> Iterator[None]:
+        """Serve one request (re-entrant; every handler runs inside one). With ``lock``,
+        alone: no other worker of a shared database serves a locked block until it ends.
+        Without, beside the others: what it writes must hold whatever they do meanwhile
+        (conditional updates, row locks: `admit_within`, `hold_round`, `claim_close`)."""
+        with self.db.exclusive(lock=lock) as fresh:
+            if fresh and self.db.shared:
+                self._forget()  # another worker may have written since
             yield
 
     def _rolled_back(self) -> None:
@@ -287,6 +294,13 @@ class ServerStore(DeviceRows, ExchangeRows):
             return self._job_row(row), None, 0
         return self._job_row(row), RoundRow(*newest[:-1]), int(newest[-1])
 
+    def reread_job(self, name: str) -> JobRow:
+        """The job as stored now (not as kept)."""
+        self._jobs.pop(name, None)
+        job = self.job(name)
+        assert job is not None
+        return job
+
     def _forget_job(self, name: str) -> None:
         self._jobs.pop(name, None)
         self.changes += 1
@@ -376,9 +390,45 @@ class ServerStore(DeviceRows, ExchangeRows):
             " VALUES (?, ?, 'open', ?, ?, ?) RETURNING round_id",
             [job, number, model_version, now, deadline],
         ).fetchall()[0]  # all: a RETURNING statement stays active until read to its end
+        # Its counters, so that admissions are one conditional update (`admit_within`).
+        self.db.execute("INSERT INTO round_counts (round_id) VALUES (?)", [row[0]])
         self._forget_rounds()
         self.changes += 1
         return int(row[0])
+
+    def claim_close(self, round_id: int) -> bool:
+        """Whether this transaction closes the round: the first to ask while it is open
+        (a conditional update; a second asker waits for the first to end, then finds it
+        closed). Uploads in flight hold it open until they end (`hold_round`)."""
+        rows = self.db.execute(
+            "UPDATE rounds SET status='closing' WHERE round_id=? AND status='open'"
+            " RETURNING round_id",
+            [round_id],
+        ).fetchall()
+        self._forget_rounds()
+        return bool(rows)
+
+    def hold_round(self, round_id: int) -> str | None:
+        """The round's status, read so that it stays so until this transaction ends: on
+        a shared database, a share lock on its row, which a close (`claim_close`) waits
+        for. None if there is no such round."""
+        lock = " FOR SHARE" if self.db.shared else ""
+        row = self.db.execute(
+            f"SELECT status FROM rounds WHERE round_id=?{lock}", [round_id]
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def hold_admission(self, round_id: int, device_id: str) -> bool:
+        """Whether the device holds a place in the round, read so that its other requests
+        wait until this transaction ends (a row lock, on a shared database): one update
+        per device and round, whichever worker each of its requests reaches."""
+        if not self.db.shared:
+            return self.is_admitted(round_id, device_id)
+        row = self.db.execute(
+            "SELECT 1 FROM admissions WHERE round_id=? AND device_id=? FOR UPDATE",
+            [round_id, device_id],
+        ).fetchone()
+        return row is not None
 
     def round(self, round_id: int) -> RoundRow | None:
         """A round by id."""
@@ -429,7 +479,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         if self._spool is not None:
             self._spool.discard(round_id)
-        self.db.execute("DELETE FROM round_sums WHERE round_id=?", [round_id])
+        self.db.execute("UPDATE round_parts SET body=NULL WHERE round_id=?", [round_id])
         self.db.execute("DELETE FROM secure_events WHERE round_id=?", [round_id])
         self.db.execute(
             "DELETE FROM upload_parts WHERE (device_id, upload_id) IN"
@@ -454,6 +504,31 @@ class ServerStore(DeviceRows, ExchangeRows):
         if round_id in self._admitted:
             self._admitted[round_id].add(device_id)
 
+    def admit_within(self, round_id: int, device_id: str, now: float, places: int) -> bool:
+        """Admit a device if the round has fewer than ``places`` admitted: one conditional
+        update of its count decides, whichever worker asks (its row is locked until the
+        transaction ends). False when it is full; a device admitted meanwhile by another
+        request of its own keeps its one place."""
+        with self.atomic():
+            taken = self.db.execute(
+                "UPDATE round_counts SET admitted = admitted + 1"
+                " WHERE round_id=? AND admitted < ? RETURNING admitted",
+                [round_id, places],
+            ).fetchall()
+            if not taken:
+                return False
+            added = self.db.execute(
+                "INSERT INTO admissions (round_id, device_id, admitted_at, seq) VALUES (?, ?, ?,"
+                " (SELECT coalesce(max(seq), 0) + 1 FROM admissions WHERE round_id = ?))"
+                " ON CONFLICT DO NOTHING RETURNING seq",
+                [round_id, device_id, now, round_id],
+            ).fetchall()
+            if not added:  # admitted already: give the place back
+                self._count(round_id, "admitted", -1)
+        if round_id in self._admitted:
+            self._admitted[round_id].add(device_id)
+        return True
+
     def withdraw(self, round_id: int, device_id: str) -> None:
         """Free a device's place in a round."""
         cursor = self.db.execute(
@@ -471,6 +546,14 @@ class ServerStore(DeviceRows, ExchangeRows):
             f"INSERT INTO round_counts (round_id, {what}) VALUES (?, ?) ON CONFLICT (round_id)"
             f" DO UPDATE SET {what} = round_counts.{what} + excluded.{what}",
             [round_id, change],
+        )
+
+    def _count_update(self, round_id: int) -> None:
+        """One more update taken by this worker in the round."""
+        self.db.execute(
+            "INSERT INTO round_parts (round_id, worker, updates) VALUES (?, ?, 1)"
+            " ON CONFLICT (round_id, worker) DO UPDATE SET updates = round_parts.updates + 1",
+            [round_id, self.worker],
         )
 
     def _counted(self, round_id: int, what: str) -> int:
@@ -566,7 +649,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         seq = self.db.execute(
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
             " num_examples, train_loss, body, received_at, staleness, spool_offset,"
-            " spool_length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            " spool_length, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
             [
                 round_id,
                 device_id,
@@ -579,9 +662,10 @@ class ServerStore(DeviceRows, ExchangeRows):
                 staleness,
                 offset,
                 None if offset is None else len(body),
+                self.worker,
             ],
         ).fetchall()[0][0]
-        self._count(round_id, "updates", 1)
+        self._count_update(round_id)
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
         if round_id in self._updated:
@@ -635,7 +719,10 @@ class ServerStore(DeviceRows, ExchangeRows):
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""
         if self.db.shared:
-            return self._counted(round_id, "updates")
+            row = self.db.execute(
+                "SELECT coalesce(sum(updates), 0) FROM round_parts WHERE round_id=?", [round_id]
+            ).fetchone()
+            return int(row[0])
         count = self._update_counts.get(round_id)
         if count is None:
             row = self.db.execute(
@@ -645,16 +732,20 @@ class ServerStore(DeviceRows, ExchangeRows):
         return count
 
     def updates(
-        self, round_id: int, *, bodies: bool = True, unfolded: bool = False
+        self, round_id: int, *, bodies: bool = True, unfolded: bool = False, mine: bool = False
     ) -> list[UpdateRow]:
         """The round's updates, in the order they were received (``bodies=False``: with
         ``body`` None, for a caller that holds them decoded; see `update_body`).
-        ``unfolded``: only those whose bodies are still stored (not yet folded into the
-        round's running sum)."""
+        ``unfolded``: only those whose bodies are still stored (not yet folded into a
+        partial sum of the round). ``mine``: only those this worker took."""
         columns = _UPDATE_COLUMNS if bodies else _UPDATE_COLUMNS_NO_BODY
         where = " AND (body IS NOT NULL OR spool_offset IS NOT NULL)" if unfolded else ""
+        params: list[Any] = [round_id]
+        if mine:
+            where += " AND worker=?"
+            params.append(self.worker)
         rows = self.db.execute(
-            f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", [round_id]
+            f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", params
         ).fetchall()
         return [self._update_row(row) for row in rows]
 
@@ -666,30 +757,52 @@ class ServerStore(DeviceRows, ExchangeRows):
         ).fetchall()
         return [int(r[0]) for r in rows]
 
-    def round_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
-        """The round's running sum as stored: its body, total weight and update count."""
+    def partial_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
+        """This worker's partial sum of the round as stored: its body, total weight and
+        update count (None before its first fold)."""
         row = self.db.execute(
-            "SELECT body, weight, count FROM round_sums WHERE round_id=?", [round_id]
+            "SELECT body, weight, folded FROM round_parts"
+            " WHERE round_id=? AND worker=? AND body IS NOT NULL",
+            [round_id, self.worker],
         ).fetchone()
         return (bytes(row[0]), float(row[1]), int(row[2])) if row else None
 
-    def round_sum_count(self, round_id: int) -> int:
-        """How many updates the round's running sum holds (0 before its first fold)."""
-        row = self.db.execute(
-            "SELECT count FROM round_sums WHERE round_id=?", [round_id]
-        ).fetchone()
-        return int(row[0]) if row else 0
+    def partial_sums(self, round_id: int) -> list[tuple[bytes, float, int]]:
+        """Every worker's partial sum of the round (body, weight, count), by worker."""
+        rows = self.db.execute(
+            "SELECT body, weight, folded FROM round_parts"
+            " WHERE round_id=? AND body IS NOT NULL ORDER BY worker",
+            [round_id],
+        ).fetchall()
+        return [(bytes(r[0]), float(r[1]), int(r[2])) for r in rows]
 
-    def save_round_sum(
+    def waiting(self, round_id: int) -> tuple[int, int]:
+        """This worker's updates in the round: taken, and folded into its partial sum."""
+        row = self.db.execute(
+            "SELECT updates, folded FROM round_parts WHERE round_id=? AND worker=?",
+            [round_id, self.worker],
+        ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def round_sum_count(self, round_id: int) -> int:
+        """How many updates the round's partial sums hold (0 before its first fold)."""
+        row = self.db.execute(
+            "SELECT coalesce(sum(folded), 0) FROM round_parts WHERE round_id=?", [round_id]
+        ).fetchone()
+        return int(row[0])
+
+    def save_partial_sum(
         self, round_id: int, body: bytes, weight: float, count: int, folded: list[int]
     ) -> None:
-        """Store the round's running sum and drop the bodies of the updates (``folded``,
-        their seqs) it now holds: in the caller's transaction, so each is counted once."""
+        """Store this worker's partial sum of the round and drop the bodies of the updates
+        (``folded``, their seqs) it now holds: in the caller's transaction, so each is
+        counted once."""
         self.db.execute(
-            "INSERT INTO round_sums VALUES (?, ?, ?, ?) ON CONFLICT (round_id)"
+            "INSERT INTO round_parts (round_id, worker, body, weight, folded)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (round_id, worker)"
             " DO UPDATE SET body = excluded.body, weight = excluded.weight,"
-            " count = excluded.count",
-            [round_id, body, weight, count],
+            " folded = excluded.folded",
+            [round_id, self.worker, body, weight, count],
         )
         self.db.executemany(
             "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE seq=?",
