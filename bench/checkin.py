@@ -15,7 +15,12 @@ the same HTTP protocol and the same number of worker processes: the floor of the
 stack, measured on the same machine in the same minute. Both runs share the 2 cores
 with wrk itself.
 
-The last line (per_s and raw_per_s are per worker; p99 is fedserver's):
+fedserver runs twice: with ``--public-status`` (a "not now" then reads nothing of the
+device: the headline figure) and without (private status, the default: the device's
+token is read first, one indexed read).
+
+The last line (per_s and raw_per_s are per worker; per_s and p99 are fedserver's with
+public status):
 
     checkin per_s=<N> raw_per_s=<M> workers=<W> db=<kind> p99_ms=<X>
 """
@@ -167,7 +172,23 @@ def _enrol(url: str, devices: int) -> list[str]:
     return tokens[1:]
 
 
-def run(args: argparse.Namespace, cluster: PostgresCluster | None) -> tuple[dict[str, float], ...]:
+def _measure(
+    command: list[str], url: str, path: str, tokens: Path, args: argparse.Namespace
+) -> dict[str, float]:
+    """Start a server (``command``), warm it up, measure it with wrk, stop it."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(url, server, path)
+        _wrk(url, path, tokens, 1.0, args.connections)  # warm up
+        return _wrk(url, path, tokens, args.seconds, args.connections)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run(args: argparse.Namespace, cluster: PostgresCluster | None) -> dict[str, dict[str, float]]:
+    """Each server's figures: fedserver with public job status (a "not now" reads
+    nothing), the trivial app, and fedserver with private status (the token is read)."""
     with tempfile.TemporaryDirectory(prefix="checkin-") as tmp:
         plan = Path(tmp) / "plan.toml"
         plan.write_text(PLAN)
@@ -178,40 +199,28 @@ def run(args: argparse.Namespace, cluster: PostgresCluster | None) -> tuple[dict
         )
         path = CHECKIN.url(job="checkin")
         port = _free_port()
-        options = ["--port", str(port), "--workers", str(args.workers), "--no-rate-limits"]
-        options += ["--public-status"] if args.public_status else []
-        server = subprocess.Popen(
-            [*cli, "--plan", str(plan), "--db", db, *options],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
         url = f"http://127.0.0.1:{port}"
+        fedserver = [*cli, "--plan", str(plan), "--db", db, "--port", str(port)]
+        fedserver += ["--workers", str(args.workers), "--no-rate-limits"]
+        tokens = Path(tmp) / "tokens.txt"
         try:
-            _wait_ready(url, server, "/healthz")
-            tokens = Path(tmp) / "tokens.txt"
-            tokens.write_text("".join(t + "\n" for t in _enrol(url, args.devices)))
-            _wrk(url, path, tokens, 1.0, args.connections)  # warm up
-            ours = _wrk(url, path, tokens, args.seconds, args.connections)
+            server = subprocess.Popen(fedserver, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                _wait_ready(url, server, "/healthz")
+                tokens.write_text("".join(t + "\n" for t in _enrol(url, args.devices)))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+            trivial = [sys.executable, __file__, "--serve-trivial", str(port)]
+            trivial += [f"--workers={args.workers}"]
+            return {
+                "public": _measure([*fedserver, "--public-status"], url, path, tokens, args),
+                "trivial": _measure(trivial, url, path, tokens, args),
+                "private": _measure(fedserver, url, path, tokens, args),
+            }
         finally:
-            server.terminate()
-            server.wait(timeout=30)
             if cluster is not None:
                 cluster.drop([db.rsplit("/", 1)[1].split("?")[0]])
-        port = _free_port()
-        trivial = subprocess.Popen(
-            [sys.executable, __file__, "--serve-trivial", str(port), f"--workers={args.workers}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, trivial, path)
-            _wrk(url, path, tokens, 1.0, args.connections)
-            raw = _wrk(url, path, tokens, args.seconds, args.connections)
-        finally:
-            trivial.terminate()
-            trivial.wait(timeout=30)
-    return ours, raw
 
 
 def main() -> int:
@@ -221,7 +230,6 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=2000, help="distinct devices asking")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--public-status", action="store_true")
     parser.add_argument("--serve-trivial", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_trivial:
@@ -241,7 +249,7 @@ def main() -> int:
             return 2
         cluster = PostgresCluster(bin_dir, fsync=True)  # durable, as deployed
     try:
-        ours, raw = run(args, cluster)
+        figures = run(args, cluster)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -252,11 +260,18 @@ def main() -> int:
     )
     print("| server | workers | answers/s | per worker | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")
-    for name, r in (("fedserver (round full)", ours), ("trivial ASGI app", raw)):
+    names = {
+        "public": "fedserver, round full, public job status",
+        "private": "fedserver, round full, private job status (token read)",
+        "trivial": "trivial ASGI app",
+    }
+    for key, name in names.items():
+        r = figures[key]
         print(
             f"| {name} | {w} | {r['per_s']:.0f} | {r['per_s'] / w:.0f} | {r['p50_ms']:.1f}"
             f" | {r['p99_ms']:.1f} |"
         )
+    ours, raw = figures["public"], figures["trivial"]
     print(
         f"checkin per_s={ours['per_s'] / w:.0f} raw_per_s={raw['per_s'] / w:.0f} workers={w}"
         f" db={args.db} p99_ms={ours['p99_ms']:.1f}"

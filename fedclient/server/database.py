@@ -13,9 +13,9 @@ uploads of sync jobs) take no lock shared by the workers: each touches only the 
 it needs, with atomic conditional updates and row locks (`fedclient.server.store`).
 The rest (secure aggregation's stages, async buffers, selections, the operator's
 levers, the deadline timer) run inside `Database.exclusive`, a session advisory lock,
-serialised across workers as inside one event loop; `PostgresDatabase.lock_held`
-measures how long it is held. A killed worker's connection closes, and PostgreSQL
-rolls back its open transaction and frees its locks.
+serialised across workers as inside one event loop; `Database.held_seconds` counts
+how long a worker held it (and the rows of the rounds it closed). A killed worker's
+connection closes, and PostgreSQL rolls back its open transaction and frees its locks.
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ class Database:
     def __init__(self) -> None:
         self._depth = 0  # `exclusive` blocks entered and not left
         self._locked = False  # the outermost block holds the lock
+        #: Seconds this process held something every worker waits for (the lock of
+        #: `exclusive`, a round's row while it closes: `held`), and how many times.
+        self.held_seconds = 0.0
+        self.holds = 0
         #: Called when writes that were not yet committed are lost (a failed group
         #: commit): whoever keeps in memory what they wrote drops it.
         self.on_rollback: list[Callable[[], None]] = []
@@ -208,6 +212,11 @@ class Database:
             if self._depth == 0:
                 locked, self._locked = self._locked, False
                 self._leave(locked)
+
+    def held(self, seconds: float) -> None:
+        """Count ``seconds`` spent holding something every worker waits for."""
+        self.held_seconds += seconds
+        self.holds += 1
 
     def _enter(self) -> None:
         pass
@@ -508,9 +517,6 @@ class PostgresDatabase(Database):
         self.pool.open(wait=True, timeout=CONNECT_SECONDS)
         self._held: Any = None  # the connection of the current block (or statement)
         self._broken = False  # it failed inside the current block
-        #: Seconds this worker held the cluster-wide lock (`exclusive`), and how often.
-        self.lock_held = 0.0
-        self.lock_holds = 0
         self._locked_at = 0.0
 
     @property
@@ -603,8 +609,7 @@ class PostgresDatabase(Database):
             pass  # the session is gone, and its lock with it
         finally:
             if locked:
-                self.lock_held += time.perf_counter() - self._locked_at
-                self.lock_holds += 1
+                self.held(time.perf_counter() - self._locked_at)
             self._release()
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -62,6 +63,9 @@ __all__ = ["DECODED_MAX_BYTES", "FOLD_EVERY", "SyncRounds", "initial_weights", "
 
 #: At most this many bytes of accepted updates are held decoded for their round's close.
 DECODED_MAX_BYTES = 256 * 1024 * 1024
+
+#: Rounds whose updates a worker holds decoded at once (see `SyncRounds.hold_decoded`).
+HELD_ROUNDS = 4
 
 #: A streaming round folds its waiting update bodies into its running sum once this many
 #: wait: each fold writes the sum (8 bytes a parameter) once for this many updates.
@@ -101,6 +105,7 @@ class SyncRounds:
         # decoding every body again. A restarted server decodes the stored bodies.
         self._decoded: dict[str, Weights] = {}
         self._decoded_bytes = 0
+        self._held_rounds: dict[int, list[str]] = {}  # round -> receipts held, oldest first
         # Each streaming round's running sum as last folded, by round id: a cache of the
         # stored one, used only while its count matches the store's (a fold whose
         # transaction rolled back leaves it ahead; it is then read again).
@@ -115,6 +120,7 @@ class SyncRounds:
         what is left is read from the store again)."""
         self._decoded.clear()
         self._decoded_bytes = 0
+        self._held_rounds.clear()
         self._sums.clear()
         self._caps.clear()
 
@@ -134,15 +140,20 @@ class SyncRounds:
             self._caps[round_id] = cap
         return cap
 
-    def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
-        """Keep an accepted update's tensors (the decoded body) for its round's close
-        (not when workers share the database: another may fold or close the round)."""
-        if self.store.shared:
-            return
+    def hold_decoded(self, receipt_id: str, tensors: Weights, round_id: int) -> None:
+        """Keep an accepted update's tensors (the decoded body) for the fold or close
+        that takes it in: this worker folds the updates it took itself (a close on
+        another worker reads the bodies it left). Held for the newest few rounds only:
+        a round another worker closed leaves no tensors here for long."""
+        held = self._held_rounds.setdefault(round_id, [])
+        if len(self._held_rounds) > HELD_ROUNDS:
+            for receipt in self._held_rounds.pop(next(iter(self._held_rounds))):
+                self.drop_decoded(receipt)
         size = sum(t.nbytes for t in tensors.values())
         if self._decoded_bytes + size <= DECODED_MAX_BYTES:
             self._decoded[receipt_id] = tensors
             self._decoded_bytes += size
+            held.append(receipt_id)
 
     def drop_decoded(self, receipt_id: str) -> Weights | None:
         """Stop holding an update's tensors; return them, if they were held."""
@@ -199,15 +210,12 @@ class SyncRounds:
                         stored[1],
                         stored[2],
                     )
-            # Workers that share the database hold nothing decoded: read the bodies with
-            # the rows, in one query.
-            rows = self.store.updates(
-                round_id, bodies=self.store.shared, unfolded=True, mine=not everyone
-            )
+            # This worker's updates are held decoded since their upload; another's (at
+            # the close) are read from their bodies.
+            rows = self.store.updates(round_id, bodies=False, unfolded=True, mine=not everyone)
             cap = self.weight_cap(job.plan, round_id) if rows else None
             for row in rows:
-                tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
-                update = _update(row, tensors, cap)
+                update = _update(row, self._tensors(row), cap)
                 running.add(update.weight, strategy.contribution(update))
             if rows:
                 self.store.save_partial_sum(
@@ -302,6 +310,9 @@ class SyncRounds:
         with self.store.atomic():
             if not self.store.claim_close(round_.round_id):
                 return False
+            # From here to the commit, the round's row is this transaction's: every
+            # worker's uploads to it wait (and then find it closed).
+            claimed = time.perf_counter()
             # The job as it is now: another worker may have closed its previous round
             # since this request read it.
             job = self.store.reread_job(job.name)
@@ -366,6 +377,7 @@ class SyncRounds:
                 self.store.open_round(
                     job.name, round_.number + 1, version, now, now + plan.job.deadline_seconds
                 )
+        self.store.db.held(time.perf_counter() - claimed)
         if self.on_close is not None:
             self.on_close(job.name, "closed" if completed > job.rounds_completed else "failed")
         return True

@@ -136,6 +136,7 @@ class FederationService:
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
         self._bodies: dict[tuple[str, int], tuple[bytes, str]] = {}  # see _model_body
+        self._facts: dict[int, tuple[int, bool]] = {}  # see _round_facts
         # Token hash -> device id. Devices are only ever added, so a hit stays true; every
         # request authenticates (an upload twice: before and after reading its body).
         self._devices: dict[str, str] = {}
@@ -181,24 +182,28 @@ class FederationService:
                 "different plan; use a new job name or a new database"
             )
 
-    @serialised
     def tick(self) -> None:
         """Close the rounds whose quota is met or whose deadline passed, and the secure
-        stages whose time is up."""
+        stages whose time is up (those under the cluster-wide lock)."""
+        with self.store.exclusive(lock=False):
+            if any(job.plan.privacy.secagg for job in self.store.jobs()):
+                with self.store.exclusive():
+                    self._tick_secure()
+            self.rounds.advance(self.clock())
+
+    def _tick_secure(self) -> None:
         now = self.clock()
-        if any(job.plan.privacy.secagg for job in self.store.jobs()):
-            with self.store.atomic():  # a stage's close and the round's, together
-                for round_id, aggregate in self.secure.tick(now).items():
-                    round_ = self.store.round(round_id)
-                    if round_ is None or round_.status != "open":
-                        continue
-                    job = self.job(round_.job)
-                    if aggregate is None:  # too many dropouts: fail now, reveal nothing
-                        reason = "secure aggregation failed"
-                        self.rounds.close(job, round_, now, reason, updates=[])
-                    else:
-                        self._close_secure(job, round_, now, aggregate)
-        self.rounds.advance(now)
+        with self.store.atomic():  # a stage's close and the round's, together
+            for round_id, aggregate in self.secure.tick(now).items():
+                round_ = self.store.round(round_id)
+                if round_ is None or round_.status != "open":
+                    continue
+                job = self.job(round_.job)
+                if aggregate is None:  # too many dropouts: fail now, reveal nothing
+                    reason = "secure aggregation failed"
+                    self.rounds.close(job, round_, now, reason, updates=[])
+                else:
+                    self._close_secure(job, round_, now, aggregate)
 
     # -- handlers --------------------------------------------------------------
     @serialised
@@ -490,22 +495,33 @@ class FederationService:
         except KeyError:
             raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
+    def _round_facts(self, round_id: int) -> tuple[int, bool] | None:
+        """What never changes of a round: the largest upload its job takes, and whether
+        its uploads run without the cluster-wide lock (`unlocked`). None if no round."""
+        facts = self._facts.get(round_id)
+        if facts is None:
+            with self.store.exclusive(lock=False):
+                round_ = self.store.round(round_id)
+                job = self.store.job(round_.job) if round_ is not None else None
+                if job is None:
+                    return None
+                if len(self._facts) >= 4096:
+                    self._facts.clear()
+                facts = self._facts[round_id] = (job.plan.job.max_upload_bytes, unlocked(job))
+        return facts
+
     def upload_limit(self, round_id: int) -> int:
         """The largest upload body the round accepts."""
-        with self.store.exclusive(lock=False):
-            round_ = self.store.round(round_id)
-            job = self.store.job(round_.job) if round_ else None
-            return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
+        facts = self._round_facts(round_id)
+        return facts[0] if facts is not None else 64 * 1024 * 1024
 
     def upload(
         self, token: str, round_id: int, idempotency_key: str | None, body: bytes
     ) -> UploadReceipt:
         """Accept one update, exactly once per idempotency key."""
-        with self.store.exclusive(lock=False):
-            round_ = self.store.round(round_id)
-            job = self.store.job(round_.job) if round_ is not None else None
-            with self.store.exclusive(lock=job is None or not unlocked(job)):
-                return self._upload(token, round_id, idempotency_key, body)
+        facts = self._round_facts(round_id)
+        with self.store.exclusive(lock=facts is None or not facts[1]):
+            return self._upload(token, round_id, idempotency_key, body)
 
     def _upload(
         self, token: str, round_id: int, idempotency_key: str | None, body: bytes
@@ -607,8 +623,12 @@ class FederationService:
     ) -> tuple[UploadReceipt | None, JobRow, RoundRow]:
         """The receipt already given for ``key``, or the (job, round) that may take an update."""
         now = self.clock()
-        self.rounds.advance(now)
         round_ = self.store.round(round_id)
+        if not self.store.shared or round_ is None or now >= round_.deadline:
+            # Shared: the round's quota is met by the upload that meets it (`_accept`)
+            # and its deadline by the timer; closed here only if it is due.
+            self.rounds.advance(now)
+            round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
         job = self.job(round_.job)
@@ -625,7 +645,9 @@ class FederationService:
             raise RoundClosed(f"round {round_id} is closed ({round_.reason})")
         if not self.store.is_admitted(round_id, device_id):
             raise Forbidden(f"device was not admitted to round {round_id}")
-        if self.store.has_update(round_id, device_id):
+        if not self.store.shared and self.store.has_update(round_id, device_id):
+            # Shared: asked again, with the device's other requests held off, as the
+            # update is accepted (`_still_admissible`).
             raise Conflict(f"device already uploaded an update for round {round_id}")
         return None, job, round_
 
@@ -689,7 +711,7 @@ class FederationService:
                     now,
                     staleness,
                 )
-                self.rounds.hold_decoded(receipt_id, tensors)
+                self.rounds.hold_decoded(receipt_id, tensors, target.round_id)
                 if job.plan.selection.name:
                     self.pools.record(
                         job.name, round_.round_id, device_id, num_examples, train_loss, now
@@ -728,10 +750,10 @@ class FederationService:
             raise RoundClosed(f"round {target.round_id} is closed")
         if not self.store.hold_admission(trained.round_id, device_id):
             raise Forbidden(f"device holds no admission to round {trained.round_id}")
-        previous = self.store.update_by_key(device_id, key)
+        previous, contributed = self.store.prior_update(device_id, key, target.round_id)
         if previous is not None:
             return _receipt(previous)
-        if job.plan.job.mode == "sync" and self.store.has_update(target.round_id, device_id):
+        if job.plan.job.mode == "sync" and contributed:
             raise Conflict(f"device already uploaded an update for round {target.round_id}")
         return None
 

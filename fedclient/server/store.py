@@ -98,6 +98,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         #: and the partial sum it folds them into are its own (`fold_mine`). One process
         #: serves a SQLite file: its name is empty.
         self.worker = uuid.uuid4().hex[:12] if self.db.shared else ""
+        self._waiting: tuple[int, int, int] | None = None  # see `waiting`
         #: Where update bodies are appended (`spool_bodies`), or None: in the database.
         self._spool: BodySpool | None = None
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
@@ -186,6 +187,7 @@ class ServerStore(DeviceRows, ExchangeRows):
 
     def _forget(self) -> None:
         """Drop every row kept in memory; the next reads come from the database."""
+        self._waiting = None
         self._jobs.clear()
         self._forget_rounds()
         self._update_counts.clear()
@@ -549,12 +551,15 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
 
     def _count_update(self, round_id: int) -> None:
-        """One more update taken by this worker in the round."""
-        self.db.execute(
+        """One more update taken by this worker in the round (and how many wait for its
+        next fold, kept for `waiting`)."""
+        row = self.db.execute(
             "INSERT INTO round_parts (round_id, worker, updates) VALUES (?, ?, 1)"
-            " ON CONFLICT (round_id, worker) DO UPDATE SET updates = round_parts.updates + 1",
+            " ON CONFLICT (round_id, worker) DO UPDATE SET updates = round_parts.updates + 1"
+            " RETURNING updates, folded",
             [round_id, self.worker],
-        )
+        ).fetchall()[0]
+        self._waiting = (round_id, int(row[0]), int(row[1]))
 
     def _counted(self, round_id: int, what: str) -> int:
         row = self.db.execute(
@@ -710,6 +715,20 @@ class ServerStore(DeviceRows, ExchangeRows):
         ).fetchone()
         return self._update_row(row) if row else None
 
+    def prior_update(
+        self, device_id: str, key: str, round_id: int
+    ) -> tuple[UpdateRow | None, bool]:
+        """In one read: the update the device sent with ``key`` (its receipt), and
+        whether it has an update in the round."""
+        rows = self.db.execute(
+            f"SELECT {_UPDATE_COLUMNS_NO_BODY} FROM updates"
+            " WHERE device_id=? AND (idempotency_key=? OR round_id=?)",
+            [device_id, key, round_id],
+        ).fetchall()
+        found = [self._update_row(row) for row in rows]
+        by_key = next((u for u in found if u.idempotency_key == key), None)
+        return by_key, any(u.round_id == round_id for u in found)
+
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
         if self.db.shared:
@@ -778,6 +797,8 @@ class ServerStore(DeviceRows, ExchangeRows):
 
     def waiting(self, round_id: int) -> tuple[int, int]:
         """This worker's updates in the round: taken, and folded into its partial sum."""
+        if self._waiting is not None and self._waiting[0] == round_id:
+            return self._waiting[1], self._waiting[2]  # as its last update counted them
         row = self.db.execute(
             "SELECT updates, folded FROM round_parts WHERE round_id=? AND worker=?",
             [round_id, self.worker],
@@ -804,6 +825,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             " folded = excluded.folded",
             [round_id, self.worker, body, weight, count],
         )
+        self._waiting = None
         self.db.executemany(
             "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE seq=?",
             [[q] for q in folded],
