@@ -201,8 +201,8 @@ class SyncRounds:
         assert strategy is not None
         with self.store.atomic():
             running = self._sums.pop(round_id, None)
-            stored = self.store.partial_sum(round_id)
-            if running is None or running.count != (stored[2] if stored else 0):
+            if running is None or running.count != self.store.waiting(round_id)[1]:
+                stored = self.store.partial_sum(round_id)  # read only when not kept
                 running = RunningSum()
                 if stored is not None:
                     running = RunningSum(

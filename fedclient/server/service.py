@@ -206,11 +206,21 @@ class FederationService:
                     self._close_secure(job, round_, now, aggregate)
 
     # -- handlers --------------------------------------------------------------
-    @serialised
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         """Give a device an id and a bearer token (its own proposal, if it made one).
 
-        Enrolling again with the same proposed token names the same device."""
+        Enrolling again with the same proposed token names the same device. Beside the
+        other workers' requests (no cluster-wide lock): the token's uniqueness decides
+        between two enrolments of one token at once, and the second names the first's
+        device."""
+        with self.store.exclusive(lock=False):
+            enrolled = self._enrol(request)
+            if enrolled is None:  # the same token enrolled meanwhile: name that device
+                enrolled = self._enrol(request)
+            assert enrolled is not None
+            return enrolled
+
+    def _enrol(self, request: EnrolRequest) -> EnrolResponse | None:
         device_id, token = new_credentials()
         token = request.token or token
         hashed = hash_token(token)
@@ -219,6 +229,15 @@ class FederationService:
             if key is None or certificate is None:
                 raise Forbidden("this server enrols devices with a certified identity key only")
             self._check_certificate(key, certificate)
+        try:
+            return self._add_device(request, device_id, token, hashed)
+        except _TokenTaken:
+            return None
+
+    def _add_device(
+        self, request: EnrolRequest, device_id: str, token: str, hashed: str
+    ) -> EnrolResponse:
+        key, certificate = request.identity_key, request.identity_certificate
         with self.store.atomic():
             found = self.store.device_by_token(hashed)
             if found is not None and found[1]:
@@ -233,7 +252,8 @@ class FederationService:
                 if key is not None and held is None:  # its first key: registered now
                     self.store.set_device_identity(existing, key, certificate)
                 return EnrolResponse(existing, token)
-            self.store.add_device(device_id, hashed, request.label, key, certificate)
+            if not self.store.add_device(device_id, hashed, request.label, key, certificate):
+                raise _TokenTaken  # rolled back: a code it spent is unspent
         self._remember(hashed, device_id)  # stored: its first check-in follows at once
         if self.metrics is not None:
             self.metrics.enrolments.inc()
@@ -900,6 +920,10 @@ class FederationService:
         held = self.store.strategy_state(job_name)
         state = decode_state(held) if held else {}
         return encode_tensors(self.rounds.strategy_for(job.plan).broadcast(state))
+
+
+class _TokenTaken(Exception):
+    """Another request enrolled the same token meanwhile (its transaction rolls back)."""
 
 
 def unlocked(job: JobRow) -> bool:

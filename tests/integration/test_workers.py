@@ -25,6 +25,7 @@ from fedclient.protocol import (
     encode_tensors,
 )
 from fedclient.server import FederationService, ServerStore, create_app
+from fedclient.server.auth import EnrolmentPolicy
 from fedclient.server.cli import main as fedserver_main
 from fedclient.sim.cli import main as fedsim
 from tests.conftest import ManualClock, make_plan
@@ -336,5 +337,37 @@ def test_a_round_closes_once_when_both_workers_see_its_quota_at_once(database: s
     assert all(reason == "quota: 2 updates" for _, _, reason in rounds)
     assert versions == [(0,), (1,), (2,), (3,)]
     assert job == ("finished", 3, 3)
+    for worker in workers:
+        worker.store.close()
+
+
+def test_one_token_enrolled_on_two_workers_at_once_names_one_device(database: str) -> None:
+    # Enrolment takes no cluster-wide lock: the token's uniqueness decides. Worker b
+    # reads "no such token" before worker a's enrolment is in (made certain here by
+    # hiding a's row from b's first read), then finds the token taken when it writes:
+    # it answers a's device, and the code it would have spent stays unspent.
+    workers = [
+        FederationService(ServerStore(database), enrolment=EnrolmentPolicy.codes())
+        for _ in range(2)
+    ]
+    codes = workers[0].operator.issue_codes(2)
+    a = workers[0].enrol(EnrolRequest(token="t" * 40, credential=codes[0]))
+    reads = workers[1].store.device_by_token
+    hidden = [True]
+
+    def device_by_token(token_hash: str) -> Any:
+        if hidden:
+            hidden.clear()
+            return None  # as read before a's commit
+        return reads(token_hash)
+
+    workers[1].store.device_by_token = device_by_token  # type: ignore[method-assign]
+    b = workers[1].enrol(EnrolRequest(token="t" * 40, credential=codes[1]))
+    assert not hidden  # b did read before writing
+    assert b.device_id == a.device_id
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM devices").fetchone() == (1,)
+        spent = conn.execute("SELECT count(*) FROM enrolment_codes WHERE used_by IS NOT NULL")
+        assert spent.fetchone() == (1,)
     for worker in workers:
         worker.store.close()
