@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -214,6 +215,12 @@ def test_two_fedserver_processes_admit_exactly_the_round_s_places_under_a_burst(
         for server in servers:
             if server.proc is not None and server.proc.poll() is None:
                 server.stop()
+    # Stopped, each says how long it held what every worker waits for (bench/ingest.py
+    # reads it): twice, at its start (the schema checked, the plan registered), and
+    # never for the enrolments, check-ins, timer ticks and status reads that followed.
+    for server in servers:
+        held = re.findall(r"held cluster-wide ([0-9.]+) ms \((\d+) times\)", server.output())
+        assert [times for _, times in held] == ["2"], server.output()
 
 
 def _burst(database: str, tmp_path: Path, plan: str, servers: list[FedServerProcess]) -> None:
