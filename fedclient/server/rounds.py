@@ -26,13 +26,13 @@ never both, never neither, and no two workers ever write the same row. A round t
 holds O(model) a worker plus at most `FOLD_EVERY` bodies a worker, whatever its number
 of updates; its close folds what is left (a killed worker's bodies too), adds the
 partial sums, and steps from the mean. One worker (a SQLite file) folds in arrival
-order, bit for bit as one sum would.
+order, bit for bit as one sum would. A robust strategy (median, trimmed mean) needs
+every update at once: its rounds keep every body until the close, and hold them in
+memory then.
 
 Closing happens once: the first transaction to claim the round (`ServerStore.
 claim_close`, a conditional update) closes it; another that saw the quota at the same
-time finds it closed and does nothing. A robust strategy
-(median, trimmed mean) needs every update at once: its rounds keep every body until
-the close, and hold them in memory then.
+time finds it closed and does nothing.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from fedclient.protocol import JobPlan
 from fedclient.server.database import Database, SqliteDatabase, connect, is_postgres
 from fedclient.server.device_rows import DeviceRows
 from fedclient.server.exchange_rows import ExchangeRows
+from fedclient.server.model_rows import ModelRows
+from fedclient.server.round_parts import RoundParts
 from fedclient.server.schema import (
     MIGRATIONS,
     SCHEMA,
@@ -64,11 +66,13 @@ _UPDATE_COLUMNS_NO_BODY = _UPDATE_COLUMNS.replace("body,", "NULL,").replace(
 KEPT_ROUNDS = 64
 
 
-class ServerStore(DeviceRows, ExchangeRows):
+class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
     """All server state in one database: a SQLite file (or ``":memory:"``), or a
     PostgreSQL database (``postgresql://...``) that several workers share. Devices and
     enrolment codes (`DeviceRows`), secure-aggregation logs and chunked uploads
-    (`ExchangeRows`) are kept in rows of their own, by the same database."""
+    (`ExchangeRows`), model versions and what else a job learns (`ModelRows`), and
+    each worker's count and partial sum of a round (`RoundParts`) are kept in rows of
+    their own, by the same database."""
 
     def __init__(self, url: str | Path = ":memory:", *, lock_file: bool = False) -> None:
         """``lock_file``: a SQLite file is served by this store's process alone; another
@@ -98,7 +102,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         #: and the partial sum it folds them into are its own (`fold_mine`). One process
         #: serves a SQLite file: its name is empty.
         self.worker = uuid.uuid4().hex[:12] if self.db.shared else ""
-        self._waiting: tuple[int, int, int] | None = None  # see `waiting`
+        self._waiting = None
         #: Where update bodies are appended (`spool_bodies`), or None: in the database.
         self._spool: BodySpool | None = None
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
@@ -334,54 +338,6 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         self._forget_job(name)
 
-    def add_model(self, job: str, version: int, body: bytes, etag: str, now: float) -> None:
-        """Store a model version (immutable once written)."""
-        self.db.execute(
-            "INSERT INTO models VALUES (?, ?, ?, ?, ?)", [job, version, body, etag, now]
-        )
-
-    def model(self, job: str, version: int) -> tuple[bytes, str] | None:
-        """A model version's (body, etag)."""
-        row = self.db.execute(
-            "SELECT body, etag FROM models WHERE job=? AND version=?", [job, version]
-        ).fetchone()
-        return (bytes(row[0]), str(row[1])) if row else None
-
-    def strategy_state(self, job: str) -> bytes | None:
-        """The job's strategy memory (momentum, moments), if it has any."""
-        row = self.db.execute("SELECT body FROM strategy_state WHERE job=?", [job]).fetchone()
-        return bytes(row[0]) if row else None
-
-    def save_strategy_state(self, job: str, body: bytes) -> None:
-        """Keep the job's strategy memory."""
-        self.db.execute(
-            "INSERT INTO strategy_state VALUES (?, ?)"
-            " ON CONFLICT (job) DO UPDATE SET body = excluded.body",
-            [job, body],
-        )
-
-    def record_privacy_spent(self, job: str, device_id: str, epsilon: float) -> None:
-        """What a device reports it has spent on the job (local DP)."""
-        self.db.execute(
-            "INSERT INTO privacy_spent VALUES (?, ?, ?) ON CONFLICT (job, device_id)"
-            " DO UPDATE SET epsilon = CASE WHEN excluded.epsilon > privacy_spent.epsilon"
-            " THEN excluded.epsilon ELSE privacy_spent.epsilon END",
-            [job, device_id, epsilon],
-        )
-
-    def privacy_spent(self, job: str) -> dict[str, float]:
-        """The fleet's budget use: devices, and the most and mean epsilon they spent."""
-        row = self.db.execute(
-            "SELECT count(*), max(epsilon), avg(epsilon) FROM privacy_spent WHERE job=?", [job]
-        ).fetchone()
-        if not row or not row[0]:
-            return {}
-        return {
-            "devices": float(row[0]),
-            "max_epsilon": float(row[1]),
-            "mean_epsilon": float(row[2]),
-        }
-
     # -- rounds ----------------------------------------------------------------
     def open_round(
         self, job: str, number: int, model_version: int, now: float, deadline: float
@@ -550,17 +506,6 @@ class ServerStore(DeviceRows, ExchangeRows):
             [round_id, change],
         )
 
-    def _count_update(self, round_id: int) -> None:
-        """One more update taken by this worker in the round (and how many wait for its
-        next fold, kept for `waiting`)."""
-        row = self.db.execute(
-            "INSERT INTO round_parts (round_id, worker, updates) VALUES (?, ?, 1)"
-            " ON CONFLICT (round_id, worker) DO UPDATE SET updates = round_parts.updates + 1"
-            " RETURNING updates, folded",
-            [round_id, self.worker],
-        ).fetchall()[0]
-        self._waiting = (round_id, int(row[0]), int(row[1]))
-
     def _counted(self, round_id: int, what: str) -> int:
         row = self.db.execute(
             f"SELECT {what} FROM round_counts WHERE round_id=?", [round_id]
@@ -670,7 +615,7 @@ class ServerStore(DeviceRows, ExchangeRows):
                 self.worker,
             ],
         ).fetchall()[0][0]
-        self._count_update(round_id)
+        self.count_update(round_id)
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
         if round_id in self._updated:
@@ -687,24 +632,6 @@ class ServerStore(DeviceRows, ExchangeRows):
             now,
             staleness,
         )
-
-    def add_evaluation(
-        self, round_id: int, device_id: str, correct: int, loss_sum: float, examples: int
-    ) -> None:
-        """Record what a device measured of the round's model (once per device)."""
-        self.db.execute(
-            "INSERT INTO evaluations VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [round_id, device_id, correct, loss_sum, examples],
-        )
-
-    def evaluation(self, round_id: int) -> tuple[int, int, float, int]:
-        """The round's federated evaluation: devices, correct, loss sum, examples."""
-        row = self.db.execute(
-            "SELECT count(*), sum(correct), sum(loss_sum), sum(examples) FROM evaluations"
-            " WHERE round_id=?",
-            [round_id],
-        ).fetchone()
-        return int(row[0]), int(row[1] or 0), float(row[2] or 0.0), int(row[3] or 0)
 
     def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
         """The update a device sent with an idempotency key (its receipt: ``body`` None)."""
@@ -738,10 +665,7 @@ class ServerStore(DeviceRows, ExchangeRows):
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""
         if self.db.shared:
-            row = self.db.execute(
-                "SELECT coalesce(sum(updates), 0) FROM round_parts WHERE round_id=?", [round_id]
-            ).fetchone()
-            return int(row[0])
+            return self.taken(round_id)
         count = self._update_counts.get(round_id)
         if count is None:
             row = self.db.execute(
@@ -775,61 +699,6 @@ class ServerStore(DeviceRows, ExchangeRows):
             [round_id, count],
         ).fetchall()
         return [int(r[0]) for r in rows]
-
-    def partial_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
-        """This worker's partial sum of the round as stored: its body, total weight and
-        update count (None before its first fold)."""
-        row = self.db.execute(
-            "SELECT body, weight, folded FROM round_parts"
-            " WHERE round_id=? AND worker=? AND body IS NOT NULL",
-            [round_id, self.worker],
-        ).fetchone()
-        return (bytes(row[0]), float(row[1]), int(row[2])) if row else None
-
-    def partial_sums(self, round_id: int) -> list[tuple[bytes, float, int]]:
-        """Every worker's partial sum of the round (body, weight, count), by worker."""
-        rows = self.db.execute(
-            "SELECT body, weight, folded FROM round_parts"
-            " WHERE round_id=? AND body IS NOT NULL ORDER BY worker",
-            [round_id],
-        ).fetchall()
-        return [(bytes(r[0]), float(r[1]), int(r[2])) for r in rows]
-
-    def waiting(self, round_id: int) -> tuple[int, int]:
-        """This worker's updates in the round: taken, and folded into its partial sum."""
-        if self._waiting is not None and self._waiting[0] == round_id:
-            return self._waiting[1], self._waiting[2]  # as its last update counted them
-        row = self.db.execute(
-            "SELECT updates, folded FROM round_parts WHERE round_id=? AND worker=?",
-            [round_id, self.worker],
-        ).fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
-
-    def round_sum_count(self, round_id: int) -> int:
-        """How many updates the round's partial sums hold (0 before its first fold)."""
-        row = self.db.execute(
-            "SELECT coalesce(sum(folded), 0) FROM round_parts WHERE round_id=?", [round_id]
-        ).fetchone()
-        return int(row[0])
-
-    def save_partial_sum(
-        self, round_id: int, body: bytes, weight: float, count: int, folded: list[int]
-    ) -> None:
-        """Store this worker's partial sum of the round and drop the bodies of the updates
-        (``folded``, their seqs) it now holds: in the caller's transaction, so each is
-        counted once."""
-        self.db.execute(
-            "INSERT INTO round_parts (round_id, worker, body, weight, folded)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (round_id, worker)"
-            " DO UPDATE SET body = excluded.body, weight = excluded.weight,"
-            " folded = excluded.folded",
-            [round_id, self.worker, body, weight, count],
-        )
-        self._waiting = None
-        self.db.executemany(
-            "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE seq=?",
-            [[q] for q in folded],
-        )
 
     def update_body(self, seq: int) -> bytes | None:
         """One update's body (None once its round closed)."""
