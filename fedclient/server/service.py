@@ -505,15 +505,16 @@ class FederationService:
         with self.store.atomic():
             self.store.add_evaluation(round_id, device_id, *evaluation)
 
-    @serialised
     def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:
-        """A model version's body and ETag."""
-        self.authenticate(token)
-        self.job(job_name)
-        try:
-            return self._model_body(job_name, version)
-        except KeyError:
-            raise NotFound(f"job {job_name!r} has no model version {version}") from None
+        """A model version's body and ETag (immutable once stored: read without the
+        cluster-wide lock, which every admitted device's download would otherwise take)."""
+        with self.store.exclusive(lock=False):
+            self.authenticate(token)
+            self.job(job_name)
+            try:
+                return self._model_body(job_name, version)
+            except KeyError:
+                raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
     def _round_facts(self, round_id: int) -> tuple[int, bool] | None:
         """What never changes of a round: the largest upload its job takes, and whether
