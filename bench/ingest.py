@@ -20,6 +20,14 @@ last: with streaming aggregation the round holds O(model), so the two should mat
 Server CPU is the CPU time of those processes over the upload phase, per upload: it
 hardly depends on what else the machine runs, where uploads per second do.
 
+Held cluster-wide is what the server measures of the time it held anything every
+worker waits for (issue 27): the advisory lock of the requests that still take it
+(the deadline timer, status reads of secure jobs, the operator), and each round's
+close, which holds the round's row from its claim to its commit. Each worker prints
+its total when it stops; the sum over the workers, per upload, gives the ceiling no
+number of workers passes: 1,000 / (held ms per upload) uploads a second. SQLite has
+one process: everything it does is "cluster-wide", and the column says so.
+
 The last line names the configuration with the most uploads per second:
 
     ingest uploads_per_s=<N> workers=<W> db=<kind> p99_ms=<X> server_rss_mb=<M>
@@ -87,6 +95,14 @@ class Result:
     rss_first_mb: float
     rss_last_mb: float
     cpu_ms: float = 0.0  # the server's CPU time (all its processes) per upload
+    held_ms: float | None = None  # held cluster-wide per upload, as the server measured
+
+    @property
+    def ceiling(self) -> str:
+        """Uploads a second that the time held cluster-wide allows at most."""
+        if self.held_ms is None:
+            return "one process"
+        return f"{1000 / self.held_ms:,.0f}" if self.held_ms > 0 else "unbounded"
 
     @property
     def per_second(self) -> float:
@@ -241,6 +257,14 @@ def _load(url: str, uploads: int, concurrency: int, server_pid: int, tmp: Path) 
     )
 
 
+def _held_ms(log: str) -> float:
+    """The milliseconds every worker held cluster-wide, from the lines they print when
+    they stop (`fedclient.server.app`)."""
+    found = re.findall(r"held cluster-wide ([0-9.]+) ms", log)
+    assert found, f"no worker said how long it held cluster-wide: {log[-2000:]}"
+    return sum(float(ms) for ms in found)
+
+
 def run(
     engine: str, workers: int, uploads: int, concurrency: int, cluster: PostgresCluster | None
 ) -> Result:
@@ -288,10 +312,12 @@ def run(
             result = _load(url, uploads, concurrency, server.pid, Path(tmp))
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            _, err = server.communicate(timeout=60)
             if cluster is not None and engine == "postgresql":
                 cluster.drop([db.rsplit("/", 1)[1].split("?")[0]])
     result.engine, result.workers = engine, workers
+    if engine == "postgresql":
+        result.held_ms = _held_ms(err.decode(errors="replace")) / uploads
     return result
 
 
@@ -323,15 +349,16 @@ def main() -> int:
         )
         print(
             "| db | workers | uploads/s | p50 ms | p99 ms | server RSS after 1k / all (MB)"
-            " | server CPU ms / upload |"
+            " | server CPU ms / upload | held cluster-wide ms / upload | ceiling uploads/s |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for engine, workers in configs:
             r = run(engine, workers, args.uploads, args.concurrency, cluster)
             results.append(r)
             print(
                 f"| {r.engine} | {r.workers} | {r.per_second:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f}"
-                f" | {r.rss_first_mb:.0f} / {r.rss_last_mb:.0f} | {r.cpu_ms:.2f} |",
+                f" | {r.rss_first_mb:.0f} / {r.rss_last_mb:.0f} | {r.cpu_ms:.2f}"
+                f" | {'-' if r.held_ms is None else f'{r.held_ms:.4f}'} | {r.ceiling} |",
                 flush=True,
             )
     finally:

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import sqlite_utils
 
 from fedclient._exceptions import InvalidInput
-from fedclient._sqlite import SharedDatabase, lock_of
+from fedclient._sqlite import SharedDatabase, lock_of, opening
 from fedclient._state import DeviceState
 
 __all__ = ["ExampleStore", "Forgotten"]
@@ -99,9 +99,10 @@ class ExampleStore:
         elif isinstance(db, sqlite_utils.Database):
             self.db, self.key = db, key or "device"
         else:
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-            self.db, self.key = SharedDatabase(db), key or "device"
-            self.db.enable_wal()
+            with opening(db):
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+                self.db, self.key = SharedDatabase(db), key or "device"
+                self.db.enable_wal()
         _check_limits(max_examples, max_age_seconds)
         self._lock = lock_of(self.db)
         self.inputs = inputs

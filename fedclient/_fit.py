@@ -6,8 +6,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -65,6 +66,7 @@ def fit(
     eval_data: tuple[np.ndarray, np.ndarray] | None = None,
     on_round: Callable[[RoundEvent], None] | None = None,
     backoff: Backoff | None = None,
+    **client_options: Any,
 ) -> FitResult:
     """Train ``model`` on ``data``; ``federated=URL`` joins that job instead.
 
@@ -74,7 +76,9 @@ def fit(
     the job (None: until the job ends; the server's plan sets epochs, batch size and
     learning rate), keeping its progress in ``state`` (a SQLite path), and ends with
     a global model loaded into ``model``: once the round of its last update has
-    closed, the model that update went into; when the job ended, its final model.
+    closed, the model that update went into; when the job ended, its final model. A
+    round that failed instead (fewer than ``min_devices`` updates by its deadline) is
+    a `FedError` saying so.
 
     It waits out what can pass (network errors, 5xx, 429, a round it lost) as
     `Client.run_forever` does, and raises what cannot (`Unauthorized` for a revoked
@@ -83,8 +87,14 @@ def fit(
     past it, a `FedError`. The other arguments are `Client`'s: ``enrolment_credential``
     for a server that enrols only with one, ``policy`` (default `PrivacyPolicy()`),
     ``verify`` (TLS), ``transport``, ``timeout``, ``retry``, ``conditions``,
-    ``eval_data``, ``label``; ``on_round`` and ``backoff`` are `run_forever`'s.
+    ``eval_data``, ``label``, and any other (``inline_model_max``, ``runtime``,
+    ``trainers``, ...) in ``client_options``; ``on_round`` and ``backoff`` are
+    `run_forever`'s.
     """
+    # A misspelt argument is refused as Python refuses one, in both modes.
+    unknown = sorted(set(client_options) - _CLIENT_OPTIONS)
+    if unknown:
+        raise TypeError(f"fit() got an unexpected keyword argument {unknown[0]!r}")
     x, y = check_dataset(data[0], data[1], inputs=model.inputs, classes=model.classes)
     if federated is None:
         rng = np.random.default_rng(seed)
@@ -119,11 +129,22 @@ def fit(
         verify=verify,
         enrolment_credential=enrolment_credential,
         conditions=conditions,
+        **client_options,
     )
     try:
         return _federate(client, model, rounds, patience_seconds, on_round, backoff)
     finally:
         client.close()
+
+
+#: `Client` arguments `fit` passes on as they come (it sets the others itself).
+_CLIENT_OPTIONS = frozenset(f.name for f in fields(Client) if f.init) - {
+    "server",
+    "job",
+    "data",
+    "state",
+    "model",
+}
 
 
 def _federate(
@@ -184,11 +205,20 @@ class _Impatience:
 
 def _await_close(client: Client, round_id: int, patience: float) -> None:
     """Wait until round ``round_id`` (the last one this device uploaded to) has closed, so
-    the model loaded next is the one its update went into."""
+    the model loaded next is the one its update went into; a `FedError` if the round
+    failed instead (too few updates by its deadline): no model holds the update."""
     waited = 0.0
     while True:
-        current = client.job_status().current_round
+        status = client.job_status()
+        current = status.current_round
         if current is None or current.round_id != round_id:
+            ended = status.previous_round
+            if ended is not None and ended.round_id == round_id and ended.status == "failed":
+                raise FedError(
+                    f"round {ended.number} of job {client.job!r} failed ({ended.reason}): no "
+                    f"model holds this device's update; the job's is still version "
+                    f"{status.model_version}"
+                )
             return
         pause = min(1.0, max(0.1, current.deadline - current.opened_at), patience - waited)
         if pause <= 0:

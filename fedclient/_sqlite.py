@@ -26,7 +26,9 @@ from typing import Any
 
 import sqlite_utils
 
-__all__ = ["Rows", "SharedDatabase", "lock_of"]
+from fedclient._exceptions import StateError
+
+__all__ = ["Rows", "SharedDatabase", "lock_of", "opening"]
 
 
 class Rows:
@@ -104,3 +106,14 @@ def lock_of(db: sqlite_utils.Database) -> AbstractContextManager[Any]:
     a plain database (one thread's, by its owner's choice)."""
     lock = getattr(db, "lock", None)
     return lock if lock is not None else nullcontext()
+
+
+@contextmanager
+def opening(path: str | Path) -> Iterator[None]:
+    """Open the SDK's file at ``path`` in the block: what goes wrong (not a database, a
+    folder, no permission) is a `StateError` naming the file, as every SDK error is a
+    `fedclient.FedError`."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise StateError(f"{path}: cannot be used as a fedclient SQLite file: {exc}") from exc

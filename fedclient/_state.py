@@ -13,7 +13,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +22,7 @@ import msgspec
 import sqlite_utils
 
 from fedclient._exceptions import StateError
-from fedclient._sqlite import SharedDatabase, lock_of
+from fedclient._sqlite import SharedDatabase, lock_of, opening
 from fedclient.protocol import ModelSpec, RoundPlan, UploadReceipt
 
 __all__ = ["DeviceState", "Identity", "Phase", "RoundProgress"]
@@ -148,13 +148,14 @@ class DeviceState:
         if isinstance(db, sqlite_utils.Database):
             self.db = db
         else:
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-            self.db = SharedDatabase(db)
-            self.db.enable_wal()
-            # FULL: each step's commit reaches the disk before the step's effect (an upload,
-            # a privacy charge) can leave the device, so even a power cut cannot roll back
-            # a charge for an update that was sent. A few fsyncs per round.
-            self.db.execute("PRAGMA synchronous=FULL")
+            with opening(db):
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+                self.db = SharedDatabase(db)
+                self.db.enable_wal()
+                # FULL: each step's commit reaches the disk before the step's effect (an
+                # upload, a privacy charge) can leave the device, so even a power cut
+                # cannot roll back a charge for an update that was sent. A few fsyncs a round.
+                self.db.execute("PRAGMA synchronous=FULL")
         self.key = key
         # Held while a read fills the caches below, so a reader on another thread cannot
         # put back a value a writer just replaced.
@@ -167,7 +168,8 @@ class DeviceState:
         # them (`atomic`), and the next read goes to the file.
         self._progress: dict[str, RoundProgress] = {}
         self._held: dict[str, tuple[int, str] | None] = {}
-        self._migrate()
+        with opening(db) if not isinstance(db, sqlite_utils.Database) else nullcontext():
+            self._migrate()
 
     @classmethod
     def in_memory(cls, key: str = "device") -> DeviceState:

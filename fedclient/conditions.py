@@ -44,6 +44,12 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _system_supplies(root: Path) -> list[Path]:
+    """The power supplies under ``root`` that power this machine: not those whose
+    ``scope`` is ``Device`` (a wireless mouse's or a gamepad's battery)."""
+    return [supply for supply in root.iterdir() if _read(supply / "scope") != "Device"]
+
+
 class ConditionsUnmet(Exception):
     """Raised between minibatches when a check stopped holding: training ends there."""
 
@@ -99,7 +105,7 @@ class Conditions:
         def charging() -> bool | None:
             if not root.is_dir():
                 return None
-            supplies = list(root.iterdir())
+            supplies = _system_supplies(root)
             for supply in supplies:
                 kind = _read(supply / "type")
                 if kind in ("Mains", "USB", "USB_C", "USB_PD") and _read(supply / "online") == "1":
@@ -119,7 +125,7 @@ class Conditions:
                 return None
             levels = [
                 int(level)
-                for supply in root.iterdir()
+                for supply in _system_supplies(root)
                 if _read(supply / "type") == "Battery"
                 and (level := _read(supply / "capacity") or "").isdigit()
             ]

@@ -42,7 +42,14 @@ from fedclient._exceptions import InvalidInput
 from fedclient.protocol import TrainSettings, Weights
 from fedclient.runtime import TrainingBackend, TrainResult
 
-__all__ = ["TrainContext", "TrainResult", "Trainer", "check_trainer_options", "minibatches"]
+__all__ = [
+    "LocalStatistics",
+    "TrainContext",
+    "TrainResult",
+    "Trainer",
+    "check_trainer_options",
+    "minibatches",
+]
 
 
 @dataclass(frozen=True)
@@ -93,4 +100,46 @@ def check_trainer_options(trainer: Trainer, name: str, settings: TrainSettings) 
     if unsupported:
         raise InvalidInput(
             f"the trainer {name} cannot honour the plan's [train] {', '.join(unsupported)}"
+        )
+
+
+class LocalStatistics(Trainer):
+    """BatchNorm's running statistics kept on the device (the idea of FedBN, Li et al.
+    2021), for a model whose BatchNorm trains on batch statistics (``fedconvert
+    --batchnorm batch``)::
+
+        [train]
+        trainer = "fedclient.trainers:LocalStatistics"
+
+    Without it the server averages the statistics with the weights and every device
+    starts each round from the average. With it a device starts from the statistics it
+    kept after its last round (the received ones at its first), so each normalises by
+    its own data's statistics, however far they lie from the fleet's. The update still
+    carries the statistics' change from the received ones: the server's model holds the
+    average of the devices' own statistics, for a new device and for evaluation.
+    """
+
+    def train(self, ctx: TrainContext) -> TrainResult:
+        names = list(getattr(ctx.model, "statistics", []))
+        if not names:
+            raise InvalidInput(
+                "LocalStatistics keeps BatchNorm's running statistics on the device: the "
+                "model has none (convert it with fedconvert --batchnorm batch)"
+            )
+        if ctx.state:
+            weights = ctx.model.get_weights()
+            weights.update({k: ctx.state[k] for k in names if k in ctx.state})
+            ctx.model.set_weights(weights)
+        s = ctx.settings
+        result = ctx.model.train(
+            ctx.x,
+            ctx.y,
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            learning_rate=ctx.learning_rate,
+            rng=ctx.rng,
+        )
+        after = ctx.model.get_weights()
+        return TrainResult(
+            result.loss, result.num_examples, result.steps, state={k: after[k] for k in names}
         )

@@ -12,6 +12,8 @@ secret, the others at one with open enrolment, as the README's quickstart server
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -170,8 +172,114 @@ def test_the_servers_commands_serve_status_as_curl_reads_it(tmp_path: Path) -> N
                 threading.Event().wait(0.05)
         assert status is not None and status.status_code == 200, status
         assert status.json()["job"] == "digits" and status.json()["status"] == "running"
+        # "job status, plan, current round": the plan served is the README's own.
+        assert status.json()["plan"]["job"]["devices_per_round"] == 20
+        assert status.json()["plan"]["evaluate"]["devices"] == 20
+        assert status.json()["current_round"]["number"] == 1
         openapi = httpx.get(url + "/openapi.json", timeout=5)
         assert "/v1/rounds/{round_id}/evaluation" in openapi.json()["paths"]
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_two_commands_are_what_they_say(tmp_path: Path) -> None:
+    # "Two commands": the first, as written but for 3 rounds of its 40, from a folder
+    # with no runs/ yet, through the installed fedsim script; the second is what
+    # .ci/run runs.
+    text = README.read_text()
+    heading = text[: text.index("## Two commands")].count("\n") + 1
+    tour = text[: text.index("## A five-minute tour")].count("\n") + 1
+    ((_, code),) = [block for block in fenced("bash") if heading < block[0] < tour]
+    lines = [line for line in code.splitlines() if line and not line.startswith("#")]
+    first, second = (line.split(" && ") for line in lines)
+    run = shlex.split(first[2])
+    assert run[0] == ".venv/bin/fedsim"
+    run[run.index("--rounds") + 1] = "3"
+    fedsim = Path(sys.executable).with_name("fedsim")
+    done = subprocess.run(
+        [str(fedsim), *run[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},  # what it imports, on stderr
+    )
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    # This venv holds every extra; a fresh one holds what '.[sim]' brings, no more.
+    outside = _distributions_imported(done.stderr) - _installed_with("fedclient", "sim")
+    assert not outside, f"fedsim run imports {outside}, which '.[sim]' does not install"
+    for number in (1, 2, 3):  # the held-out accuracy after every round
+        assert re.search(rf"^round +{number}  accuracy 0\.\d{{4}}", said, re.M), said
+    report = json.loads((tmp_path / "runs" / "digits.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["final"]["accuracy"] == report["rounds"][-1]["accuracy"]
+    assert (tmp_path / "runs" / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert " && ".join(second) in ci
+
+
+def _distributions_imported(importtime: str) -> set[str]:
+    """The installed distributions whose modules a ``-X importtime`` log shows imported
+    (leaving out the standard library and private names: startup hooks, C parts)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    owners = packages_distributions()
+    modules = {
+        m.group(1).split(".")[0]
+        for m in re.finditer(r"^import time:.*\|\s*(\S+)$", importtime, re.M)
+    }
+    assert "numpy" in modules  # the log is there
+    return {
+        canonicalize_name(owner)
+        for module in modules - set(sys.stdlib_module_names)
+        if not module.startswith("_")
+        for owner in owners.get(module, [])
+    }
+
+
+def _installed_with(name: str, extra: str) -> set[str]:
+    """The distributions ``pip install name[extra]`` installs: its requirements and
+    theirs, markers evaluated here."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [(name, frozenset({extra}))]
+    while todo:
+        dist, extras = todo.pop()
+        if (canonicalize_name(dist), extras) in seen:
+            continue
+        seen.add((canonicalize_name(dist), extras))
+        for text in requires(dist) or []:
+            needed = Requirement(text)
+            marker = needed.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in {"", *extras}):
+                todo.append((needed.name, frozenset(needed.extras)))
+    return {dist for dist, _ in seen}
+
+
+def test_the_readme_plan_runs_in_fedsim_as_the_readme_says(tmp_path: Path) -> None:
+    # "fedsim run --plan plan.toml --dataset digits --devices 100 simulates the very plan
+    # fedserver serves": the README's plan (2 of its 40 rounds), its [evaluate] heard
+    # from every device asked, beside the central accuracy of the same model.
+    (plan,) = [code for _, code in fenced("toml") if code.startswith("# plan.toml")]
+    (tmp_path / "plan.toml").write_text(plan.replace("rounds = 40", "rounds = 2"))
+    (command,) = re.findall(r"`(fedsim run --plan plan\.toml[^`]*)`", README.read_text())
+    fedsim = Path(sys.executable).with_name("fedsim")
+    args = [*shlex.split(command)[1:], "--report", "r.json"]
+    done = subprocess.run(
+        [str(fedsim), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["plan"]["job"]["devices_per_round"] == 20 and len(report["rounds"]) == 2
+    for r in report["rounds"]:
+        assert (r["admitted"], r["updates"], r["evaluated"]) == (26, 20, 20), r
+        assert r["federated_model_version"] == r["model_version"] - 1  # the one it started from
+        assert 0 < r["federated_accuracy"] < 1 and 0 < r["federated_central_accuracy"] < 1

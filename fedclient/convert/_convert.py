@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import numpy as np
 
 from fedclient._exceptions import InvalidInput
 from fedclient.convert._references import NumpyReference, OnnxReference, Reference, TorchReference
@@ -30,6 +31,7 @@ from fedclient.convert._rewrite import (
 )
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import BundleManifest, CnnShape, NumpyCnn, NumpyModel, write_bundle
+from fedclient.runtime._bundle import BundleWarning
 
 if TYPE_CHECKING:
     import onnx
@@ -58,6 +60,11 @@ class Source:
     reference: Reference
     model_spec: ModelSpec | None = None
     frozen: list[str] = field(default_factory=list)
+    #: BatchNorm running statistics: frozen (BatchNorm trains in inference mode), or
+    #: updated on the device from batch statistics (``batchnorm == "batch"``).
+    statistics: list[str] = field(default_factory=list)
+    #: How BatchNorm trains: "frozen" or "batch" (`fedclient.runtime.write_bundle`).
+    batchnorm: str = "frozen"
 
 
 def builtin_source(
@@ -115,9 +122,17 @@ def builtin_source(
     raise InvalidInput(f"unknown built-in model {name!r}; available: {', '.join(BUILTINS)}")
 
 
-def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> Source:
+def onnx_source(
+    path: str | os.PathLike[str], *, frozen: Sequence[str] = (), batchnorm: str = "frozen"
+) -> Source:
     """An ONNX model file (weights inline or as external data beside it)."""
     import onnx
+
+    if batchnorm != "frozen":
+        raise InvalidInput(
+            "--batchnorm batch takes PyTorch modules (verified against torch's training "
+            "mode); onnx's reference evaluator has no training mode to verify an ONNX file"
+        )
 
     try:
         model = onnx.load(os.fspath(path))
@@ -140,7 +155,9 @@ def onnx_source(path: str | os.PathLike[str], *, frozen: Sequence[str] = ()) -> 
     except Exception as exc:
         raise InvalidInput(f"onnx's reference evaluator cannot run {path}: {exc}") from exc
     description = f"onnx:{path}{_rewritten(rewritten)}"
-    return Source(Path(path).stem, description, trained, reference, frozen=frozen)
+    return Source(
+        Path(path).stem, description, trained, reference, frozen=frozen, statistics=statistics
+    )
 
 
 def _frozen(names: Sequence[str], patterns: Sequence[str], statistics: Sequence[str]) -> list[str]:
@@ -186,9 +203,24 @@ def _load_object(target: str) -> Any:
         raise InvalidInput(f"cannot load {target!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[str] = ()) -> Source:
+#: ``--input-dtype`` choices: features, or token ids (an embedding's input).
+INPUT_DTYPES = ("float32", "int64")
+#: ``--batchnorm`` choices: BatchNorm on its frozen running statistics, or on batch ones.
+BATCHNORM = ("frozen", "batch")
+
+
+def torch_source(
+    target: str,
+    input_shape: Sequence[int],
+    *,
+    frozen: Sequence[str] = (),
+    input_dtype: str = "float32",
+    batchnorm: str = "frozen",
+) -> Source:
     """A PyTorch ``nn.Module`` (a class built with no arguments, a factory, or an instance)
-    named ``module:attr`` or ``file.py:attr``, exported with ``torch.onnx.export``."""
+    named ``module:attr`` or ``file.py:attr``, exported with ``torch.onnx.export``; its
+    input is float32 features or, with ``input_dtype="int64"``, token ids. ``batchnorm``:
+    BatchNorm trains on its frozen running statistics, or on batch statistics ("batch")."""
     try:
         import torch
     except ImportError as exc:
@@ -202,13 +234,17 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
         raise InvalidInput(
             "a PyTorch source needs --input-shape (one example's shape, e.g. 1,28,28)"
         )
+    if input_dtype not in INPUT_DTYPES:
+        raise InvalidInput(f"--input-dtype must be one of {', '.join(INPUT_DTYPES)}")
+    if batchnorm not in BATCHNORM:
+        raise InvalidInput(f"--batchnorm must be one of {', '.join(BATCHNORM)}")
     obj = _load_object(target)
     module = obj() if not isinstance(obj, torch.nn.Module) and callable(obj) else obj
     if not isinstance(module, torch.nn.Module):
         raise InvalidInput(f"{target} is not a torch.nn.Module (got {type(module).__name__})")
     module = module.float().eval()
     buffer = io.BytesIO()
-    dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
+    dummy = torch.zeros((2, *input_shape), dtype=getattr(torch, input_dtype))
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
@@ -216,6 +252,12 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
             # deprecation notices are not the user's concern.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
+            # torch's own modules check masks with Python booleans (TransformerEncoder's
+            # causal-mask detection): traced as constants, which the verification against
+            # torch covers. Such warnings from the user's code still show.
+            warnings.filterwarnings(
+                "ignore", message="Converting a tensor to a Python boolean", module=r"torch\."
+            )
             torch.onnx.export(
                 module,
                 (dummy,),
@@ -232,11 +274,26 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
         raise InvalidInput(f"torch.onnx.export cannot export {target}: {exc}") from exc
     # BatchNormalization trains in inference mode: its running statistics stay frozen
     # (the reference module is in eval mode too: torch leaves them alone in its step).
+    # On batch statistics, the bundle's training graphs rewrite it (write_bundle), and
+    # the reference trains in training mode.
     state = module.state_dict()
     exported = untie_initialisers(onnx.load_from_string(buffer.getvalue()), set(state))
     decomposed, rewritten = decompose_activations(relu_clips(exported))
     model, statistics = inference_batchnorm(decomposed)
-    frozen = _frozen([t.name for t in model.graph.initializer], frozen, statistics)
+    if batchnorm == "batch":
+        model = decomposed
+        if not statistics:
+            raise InvalidInput("--batchnorm batch: the model has no BatchNorm layer")
+    frozen = _frozen(
+        [t.name for t in model.graph.initializer],
+        frozen,
+        statistics if batchnorm == "frozen" else [],
+    )
+    if batchnorm == "batch" and set(frozen) & set(statistics):
+        raise InvalidInput(
+            "--batchnorm batch updates the running statistics: do not freeze them "
+            f"({sorted(set(frozen) & set(statistics))[0]})"
+        )
     float_initialisers = [
         t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims
     ]
@@ -249,10 +306,13 @@ def torch_source(target: str, input_shape: Sequence[int], *, frozen: Sequence[st
     names = {n: n for n in float_initialisers if n not in frozen}
     return Source(
         target.rpartition(":")[2].lower(),
-        f"torch:{target} input {tuple(input_shape)}{_rewritten(rewritten)}",
+        f"torch:{target} input {tuple(input_shape)}"
+        f"{'' if input_dtype == 'float32' else ' ' + input_dtype}{_rewritten(rewritten)}",
         model,
-        TorchReference(module, names),
+        TorchReference(module, names, training=batchnorm == "batch"),
         frozen=frozen,
+        statistics=statistics,
+        batchnorm=batchnorm,
     )
 
 
@@ -265,7 +325,9 @@ def resolve(
     side: int | None = None,
     seed: int = 0,
     input_shape: Sequence[int] = (),
+    input_dtype: str = "float32",
     frozen: Sequence[str] = (),
+    batchnorm: str = "frozen",
 ) -> Source:
     """A built-in name, an ``.onnx`` path, or a PyTorch ``module:attr`` / ``file.py:attr``."""
     if source in BUILTINS:
@@ -275,17 +337,48 @@ def resolve(
     if source.endswith(".onnx") or Path(source).is_file():
         if not Path(source).is_file():
             raise InvalidInput(f"no such file: {source}")
-        return onnx_source(source, frozen=frozen)
+        return onnx_source(source, frozen=frozen, batchnorm=batchnorm)
     if ":" in source:
-        return torch_source(source, input_shape, frozen=frozen)
+        return torch_source(
+            source, input_shape, frozen=frozen, input_dtype=input_dtype, batchnorm=batchnorm
+        )
     raise InvalidInput(
         f"cannot tell what {source!r} is: give a built-in model ({', '.join(BUILTINS)}), "
         "an .onnx file, or a PyTorch module as module:Class or file.py:Class"
     )
 
 
+def fresh_statistics(source: Source) -> list[str]:
+    """The BatchNorm layers of ``source`` whose running statistics were never measured
+    (every mean 0, every variance 1: a freshly initialised model), named by their mean."""
+    from onnx import numpy_helper
+
+    values = {t.name: t for t in source.model.graph.initializer}
+    means = source.statistics[0::2]
+    fresh = []
+    for mean, var in zip(means, source.statistics[1::2], strict=True):
+        if mean in values and var in values:
+            m, v = numpy_helper.to_array(values[mean]), numpy_helper.to_array(values[var])
+            if not m.any() and np.all(v == 1):
+                fresh.append(mean)
+    return fresh
+
+
 def convert(source: Source, out: str | os.PathLike[str]) -> BundleManifest:
-    """Write ``source`` as a device bundle in ``out``."""
+    """Write ``source`` as a device bundle in ``out``. A model whose BatchNorm statistics
+    were never measured is converted with a `BundleWarning` saying it will not learn."""
+    fresh = fresh_statistics(source) if source.batchnorm == "frozen" else []
+    if fresh:
+        warnings.warn(
+            f"{len(fresh)} of {len(source.statistics) // 2} BatchNorm layers have statistics "
+            "that were never measured (mean 0, variance 1) and the bundle trains BatchNorm in "
+            "inference mode, on those statistics: a freshly initialised network like this "
+            "does not learn on devices (a MobileNet stayed at chance). Convert it with "
+            "--batchnorm batch (batch statistics, as torch trains it), or pre-train it so "
+            "that its statistics are real (examples/mobilenet/)",
+            BundleWarning,
+            stacklevel=2,
+        )
     return write_bundle(
         source.model,
         out,
@@ -293,4 +386,5 @@ def convert(source: Source, out: str | os.PathLike[str]) -> BundleManifest:
         source=source.description,
         frozen=source.frozen,
         model_spec=source.model_spec,
+        batchnorm=source.batchnorm,
     )

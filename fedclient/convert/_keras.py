@@ -516,6 +516,14 @@ class KerasReference:
         finally:
             self._set(self._initial)
 
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Not measured: the TFLite verification compares the step (`sgd_step`)."""
+        return None
+
+    def rounding(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """No gradient, no rounding to measure."""
+        return {}
+
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
         """The weights after one step of Keras's SGD from the initial weights."""
         tf, keras = self._tf, self._keras

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,16 @@ def render(
     lines = [f"fedconvert: {manifest.source} -> {out}/", ""]
     params = [[p.name, _shape(p.shape), p.dtype] for p in manifest.parameters]
     params += [[f"{p.name} (frozen)", _shape(p.shape), p.dtype] for p in manifest.frozen]
+    params += [[f"{p.name} (statistic)", _shape(p.shape), p.dtype] for p in manifest.statistics]
     lines += _table(["parameter", "shape", "dtype"], params)
     lines.append(
         f"  {manifest.num_parameters:,} trainable parameters in {len(manifest.parameters)} tensors"
+        + (
+            f"; BatchNorm trains on batch statistics, {len(manifest.statistics)} running "
+            "statistics updated on the device travel with them"
+            if manifest.statistics
+            else ""
+        )
     )
     lines.append("")
     lines.append(
@@ -89,7 +97,13 @@ def render(
     ]
     total = sum(info.bytes for info in manifest.files.values())
     lines += _table(["file", "size", "sha256"], files)
-    lines.append(f"  {_size(total)} in all, plus manifest.json")
+    weights = sum(4 * math.prod(d or 1 for d in t.shape) for t in manifest.parameters)
+    weights += sum(4 * math.prod(d or 1 for d in t.shape) for t in manifest.frozen)
+    weights += sum(4 * math.prod(d or 1 for d in t.shape) for t in manifest.statistics)
+    lines.append(
+        f"  {_size(total)} in all, plus manifest.json: {total / max(weights, 1):.2f}x the "
+        f"model's {_size(weights)} of weights (each weight stored once)"
+    )
     lines.append("")
     if verification is None:
         lines.append("verification skipped (--no-verify)")

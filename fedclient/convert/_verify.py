@@ -8,7 +8,11 @@ Checks (errors are `difference`s: absolute where values are below 1, relative ab
                       values)
     inference         logits of ``inference.onnx`` in a plain InferenceSession vs the reference
     loss              the training graph's loss at the initial weights vs the reference's
-    training step     weights after one SGD step vs the reference's step; where the reference
+    gradients         each parameter's gradient vs the reference's (float64), relative to
+                      that tensor's own largest gradient: a 2% error in one tensor of a deep
+                      network fails, however small its gradients are beside the others'
+    training step     weights after one SGD step vs the reference's step (and BatchNorm's
+                      running statistics, where it trains on batch statistics); where the reference
                       cannot train (ONNX files), each parameter's gradient is checked by a
                       central finite difference of the reference loss in float64 (relative error)
 
@@ -30,7 +34,14 @@ from fedclient.convert._references import Reference
 from fedclient.runtime import OnnxBackend, read_manifest
 from fedclient.runtime._ort import has_training_api, ort
 
-__all__ = ["Check", "Verification", "difference", "max_difference", "verify_bundle"]
+__all__ = [
+    "Check",
+    "Verification",
+    "difference",
+    "gradient_error",
+    "max_difference",
+    "verify_bundle",
+]
 
 #: Default absolute tolerance for float32 results of two different engines.
 TOLERANCE = 1e-5
@@ -84,6 +95,42 @@ def max_difference(found: Mapping[str, np.ndarray], expected: Mapping[str, np.nd
     return max((difference(found[k], expected[k]) for k in found), default=0.0)
 
 
+#: A gradient may differ from the float64 reference's by this many times the reference's
+#: own float32 rounding (`Reference.rounding`) before the difference counts.
+ROUNDING_FACTOR = 10.0
+
+
+def gradient_error(
+    found: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    rounding: Mapping[str, float] | None = None,
+) -> tuple[float, str]:
+    """The worst tensor's ``max |g - ref| / max |ref|`` and its name: each gradient measured
+    against its own scale, however small (float32 keeps ~1e-6 of it: the first block of a
+    fresh MobileNetV3 has gradients of 3e-14). A tensor whose reference gradient is zero
+    is measured against 1e-12 of the largest gradient of any tensor: float noise there
+    is no error, a gradient where none belongs is. Where the reference says how far its
+    own float32 gradient lies from its float64 one (``rounding``), `ROUNDING_FACTOR`
+    times that is float32 noise and does not count (a conv's bias before BatchNorm on
+    batch statistics: 4e-17 in float64, 7e-8 in torch's float32)."""
+    if set(found) != set(expected):
+        return float("inf"), "names differ"
+    largest = max((float(np.abs(v).max(initial=0.0)) for v in expected.values()), default=0.0)
+    worst, name = 0.0, ""
+    for key, reference in expected.items():
+        value = np.asarray(found[key], dtype=np.float64)
+        if value.shape != reference.shape:
+            return float("inf"), key
+        scale = float(np.abs(reference).max(initial=0.0)) or max(1e-12 * largest, 1e-300)
+        noise = ROUNDING_FACTOR * (rounding or {}).get(key, 0.0)
+        error = max(0.0, float(np.abs(value - reference).max(initial=0.0)) - noise) / scale
+        if not np.isfinite(error):
+            return float("inf"), key
+        if error > worst or not name:
+            worst, name = error, key
+    return worst, name
+
+
 def verify_bundle(
     directory: str | os.PathLike[str],
     reference: Reference,
@@ -99,7 +146,11 @@ def verify_bundle(
     manifest = read_manifest(path, verify=True)  # raises InvalidInput on a checksum mismatch
     checks = [Check("files", f"{len(manifest.files)} files, sha256", 0.0, 0.0, "mismatches")]
     rng = np.random.default_rng(seed)
-    x = rng.random((examples, *manifest.input_shape), dtype=np.float32)
+    x: np.ndarray
+    if manifest.input.dtype == "int64":  # token ids, over the whole vocabulary
+        x = rng.integers(0, manifest.vocabulary or 2, (examples, *manifest.input_shape))
+    else:
+        x = rng.random((examples, *manifest.input_shape), dtype=np.float32)
     y = rng.permutation(np.arange(examples) % manifest.classes).astype(np.int64)
 
     engines = [e for e in manifest.engines if e != "training" or has_training_api()]
@@ -119,10 +170,26 @@ def verify_bundle(
 
     ref_loss = reference.loss(initial, x, y)
     ref_step = reference.sgd_step(x, y, learning_rate)
+    ref_grads = reference.gradients(x, y)
+    rounding = reference.rounding(x, y) if ref_grads is not None else {}
+    if ref_grads is not None:  # running statistics (BatchNorm) travel but have no gradient
+        trained = {p.name for p in manifest.parameters}
+        ref_grads = {k: v for k, v in ref_grads.items() if k in trained}
     for engine in engines:
         tag = "" if engine == "training" else " [step graph]"
         if engine != backend.engine:
             backend = OnnxBackend(path, verify=False, engine=engine)
+        if ref_grads is not None:
+            error, worst = gradient_error(backend.gradients(x, y), ref_grads, rounding)
+            checks.append(
+                Check(
+                    f"gradients{tag}",
+                    f"{len(ref_grads)} tensors, worst {worst}",
+                    error,
+                    gradient_tolerance,
+                    "max |g-ref| / max |ref|",
+                )
+            )
         result = backend.train(
             x,
             y,

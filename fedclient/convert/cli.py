@@ -4,6 +4,8 @@
     fedconvert cnn --side 28 -o bundles/cnn
     fedconvert model.onnx -o bundles/model
     fedconvert mypkg.models:Net --input-shape 1,28,28 -o bundles/net     (needs torch)
+    fedconvert chars:Net --input-shape 80 --input-dtype int64      (token ids into an embedding)
+    fedconvert cnn:Net --input-shape 1,28,28 --batchnorm batch   (BatchNorm from scratch)
     fedconvert mlp --hidden 32 --tflite -o bundles/mlp    (+ model.tflite; needs TensorFlow)
     fedconvert model.keras --tflite -o bundles/net       (model.tflite only; needs TensorFlow)
 
@@ -79,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "--input-shape", type=_ints, default=[], help="PyTorch: one example's shape, e.g. 1,28,28"
     )
     other.add_argument(
+        "--input-dtype",
+        choices=("float32", "int64"),
+        default="float32",
+        help="PyTorch: float32 features, or int64 token ids (a model that starts with an "
+        "embedding)",
+    )
+    other.add_argument(
         "--freeze",
         action="append",
         default=[],
@@ -86,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         help="do not train this initialiser, or those under a module prefix ending in '.' "
         "(--freeze features. : transfer learning, the backbone frozen, only the head trains "
         "and travels)",
+    )
+    other.add_argument(
+        "--batchnorm",
+        choices=("frozen", "batch"),
+        default="frozen",
+        help="PyTorch: how BatchNorm trains on the device: 'frozen' on its running statistics "
+        "(fine-tuning a pre-trained model), or 'batch' on batch statistics with the running "
+        "ones updated on the device and sent with the weights (training from scratch)",
     )
     lite = parser.add_argument_group("TFLite (needs TensorFlow)")
     lite.add_argument(
@@ -141,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             side=args.side,
             seed=args.seed,
             input_shape=args.input_shape,
+            input_dtype=args.input_dtype,
             frozen=args.freeze,
+            batchnorm=args.batchnorm,
         )
         out = Path(args.out or Path("bundles") / source.name)
         if args.tflite:

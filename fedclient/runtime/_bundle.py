@@ -9,8 +9,12 @@ A bundle is a directory::
     step.onnx             one SGD step in standard ONNX ops                    } any ONNX
     forward.onnx          forward, the parameters as inputs (initial values)   } Runtime build
     inference.onnx        forward only; plain ``onnxruntime.InferenceSession`` runs it
+    weights.bin           (without a checkpoint) the weights the ONNX files share
     manifest.json         `BundleManifest`: parameter names, shapes and dtypes, the
                           input spec, ops, and every file's size and sha256
+
+Each weight is stored once: the ONNX files read theirs as external data from the
+checkpoint, or from ``weights.bin`` (`fedclient.runtime._weights`).
 
 A device trains with whichever set its ONNX Runtime runs (see `OnnxBackend`):
 the training API where ``onnxruntime-training`` is installed, the step graph
@@ -19,8 +23,8 @@ builds). A bundle holds both sets when it can: built where the training
 package is absent, it holds only the second; for a model with an op the step
 graph cannot differentiate, only the first.
 
-`write_bundle` turns a forward ONNX model (one float32 input whose first
-dimension is the batch, one logits output) into a bundle; `read_manifest`
+`write_bundle` turns a forward ONNX model (one input, float32 features or int64
+token ids, whose first dimension is the batch, one logits output) into a bundle; `read_manifest`
 reads one back and checks its files. `builtin_bundle` builds, once per
 machine, the bundle of a built-in `ModelSpec` in a cache directory.
 """
@@ -31,7 +35,6 @@ import collections
 import functools
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -44,7 +47,10 @@ import msgspec
 from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec
 from fedclient.runtime import _ort
-from fedclient.runtime._stepgraph import STEP_GRAPH
+from fedclient.runtime._artifacts import write_training_files
+from fedclient.runtime._batchnorm import BatchNormLayer, batch_statistics
+from fedclient.runtime._stepgraph import STEP_GRAPH, forward_graph
+from fedclient.runtime._weights import WEIGHTS_FILE, share_weights
 
 if TYPE_CHECKING:
     import onnx
@@ -69,7 +75,9 @@ __all__ = [
     "write_bundle",
 ]
 
-BUNDLE_FORMAT = "fedclient-bundle/1"
+BUNDLE_FORMAT = "fedclient-bundle/2"
+#: Formats this fedclient reads: 2 stores each weight once (see `fedclient.runtime._weights`).
+READABLE_FORMATS = ("fedclient-bundle/1", BUNDLE_FORMAT)
 MANIFEST = "manifest.json"
 #: Role -> file name of the files ONNX Runtime's training API trains from.
 TRAINING_FILES = {
@@ -80,15 +88,22 @@ TRAINING_FILES = {
 }
 #: Role -> file name of the files any ONNX Runtime build trains from.
 PLAIN_FILES = {"step_model": "step.onnx", "forward_model": "forward.onnx"}
-#: Role -> file name of every file a bundle may hold besides its manifest.
-BUNDLE_FILES = {**TRAINING_FILES, **PLAIN_FILES, "inference_model": "inference.onnx"}
+#: Role -> file name of every file a bundle may hold besides its manifest (``weights``: the
+#: weights the ONNX files share when there is no checkpoint to share).
+BUNDLE_FILES = {
+    **TRAINING_FILES,
+    **PLAIN_FILES,
+    "inference_model": "inference.onnx",
+    "weights": WEIGHTS_FILE,
+}
 #: The engines that train a bundle, by the files each needs.
 ENGINES = {"training": TRAINING_FILES, "plain": PLAIN_FILES}
 LABELS = "labels"
+#: ONNX element type -> manifest dtype of the inputs a bundle takes: features or token ids.
+INPUT_DTYPES = {1: "float32", 7: "int64"}
 #: The newest ONNX IR version and default-domain opset ONNX Runtime 1.19 loads.
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
-_NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\w+)")
 
 
 class TensorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -109,9 +124,10 @@ class FileInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a bundle holds, for devices, servers and people.
 
-    ``parameters`` are the trainable tensors, in graph order: exactly the
-    names, shapes and dtypes a device uploads. ``frozen`` are float
-    initialisers that are not trained.
+    ``parameters`` are the trainable tensors, in graph order; with
+    ``statistics`` (BatchNorm's running statistics, when it trains on batch
+    statistics: ``batchnorm``), exactly the names, shapes and dtypes a device
+    uploads. ``frozen`` are float initialisers that are not trained.
     """
 
     format: str
@@ -130,9 +146,16 @@ class BundleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     opset: int = 17
     ir_version: int = 10
     onnxruntime: str = ""
+    #: Token-id inputs (int64): ids lie in [0, vocabulary), the rows of the embedding
+    #: that reads the input (None for float inputs, or ids no embedding reads directly).
+    vocabulary: int | None = None
     #: The built-in ``ModelSpec`` the bundle was made from, as plain data (older and newer
     #: fedclient versions may know different model kinds); see `BundleManifest.spec`.
     model_spec: dict[str, Any] | None = None
+    #: BatchNorm's running statistics, updated on the device from batch statistics.
+    statistics: list[TensorInfo] = msgspec.field(default_factory=list)
+    #: The BatchNorm layers that train on batch statistics (`fedclient.runtime._batchnorm`).
+    batchnorm: list[BatchNormLayer] = msgspec.field(default_factory=list)
 
     def spec(self) -> ModelSpec | None:
         """The built-in model spec, if the bundle was made from one."""
@@ -229,8 +252,11 @@ def _prepare(model: onnx.ModelProto) -> _Prepared:
     x, logits = inputs[0], graph.output[0]
     if LABELS in (x.name, logits.name) or LABELS in initialised:
         raise InvalidInput(f"the name {LABELS!r} is reserved for the training labels")
-    if x.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise InvalidInput(f"the input {x.name!r} must be float32")
+    if x.type.tensor_type.elem_type not in INPUT_DTYPES:
+        raise InvalidInput(
+            f"the input {x.name!r} must be float32 (features) or int64 (token ids), not "
+            f"{onnx.TensorProto.DataType.Name(x.type.tensor_type.elem_type).lower()}"
+        )
     if logits.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise InvalidInput(f"the output {logits.name!r} must be float32 logits")
     x_dims, out_dims = _dims(x), _dims(logits)
@@ -284,12 +310,16 @@ def write_bundle(
     source: str = "",
     frozen: list[str] | None = None,
     model_spec: ModelSpec | None = None,
+    batchnorm: str = "frozen",
 ) -> BundleManifest:
     """Turn a forward ONNX model into a device bundle in ``directory`` (created if needed).
 
     Every float32 initialiser with at least one dimension is trained, except
-    those named in ``frozen``. Raises `InvalidInput` with the reason when the
-    model cannot be trained on-device (op without a gradient, custom ops, ...).
+    those named in ``frozen``. ``batchnorm="batch"``: every BatchNormalization node
+    trains on batch statistics and its running statistics are updated on the device
+    (`fedclient.runtime._batchnorm`); ``"frozen"``: the model as given. Raises
+    `InvalidInput` with the reason when the model cannot be trained on-device (op
+    without a gradient, custom ops, ...).
     """
     import onnx
 
@@ -306,25 +336,37 @@ def write_bundle(
             raise InvalidInput(f"cannot freeze {frozen_name!r}: not a float32 parameter")
         trainable.remove(frozen_name)
         constants.append(frozen_name)
+    trained, layers, statistics = _training_model(model, batchnorm)
+    trainable = [n for n in trainable if n not in statistics]
+    constants = [n for n in constants if n not in statistics]
     if not trainable:
         raise InvalidInput("every parameter is frozen: nothing to train")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    plain = _plain_graphs(model, trainable)
+    batch = [n for layer in layers for n in (layer.batch_mean, layer.batch_var)]
+    plain = _plain_graphs(trained, model, trainable, statistics, batch)
     training = _ort.has_training_api()
     if not training and isinstance(plain, str):
         raise InvalidInput(f"{plain}; onnxruntime-training could train it: {_ort.INSTALL_HINT}")
     for stale in BUNDLE_FILES.values():  # a bundle written here before must not leak files in
         (out / stale).unlink(missing_ok=True)
+    inference = out / BUNDLE_FILES["inference_model"]
     if training:
-        _write_training_files(model, trainable, constants, logits.name, out)
-    else:  # the forward model as prepared is what ONNX Runtime would export
-        onnx.save(model, str(out / BUNDLE_FILES["inference_model"]))
+        write_training_files(trained, trainable, constants, logits.name, out, inference, batch)
+    if not training or layers:  # as ONNX Runtime would export it, BatchNorm on its statistics
+        onnx.save(model, str(inference))
     if isinstance(plain, str):
         warnings.warn(f"no step graph for plain onnxruntime: {plain}", BundleWarning, stacklevel=2)
+        if layers:  # the training API's engine evaluates through it
+            onnx.save(
+                forward_graph(model, [*trainable, *statistics]),
+                str(out / PLAIN_FILES["forward_model"]),
+            )
     else:
         for role, graph in zip(PLAIN_FILES, plain, strict=True):
             onnx.save(graph, str(out / PLAIN_FILES[role]))
+    store = out / (BUNDLE_FILES["checkpoint"] if training else BUNDLE_FILES["weights"])
+    share_weights([out / BUNDLE_FILES[role] for role in ("inference_model", *PLAIN_FILES)], store)
     initialisers = {t.name: t for t in model.graph.initializer}
 
     def info(tensor_name: str) -> TensorInfo:
@@ -336,7 +378,7 @@ def write_bundle(
         format=BUNDLE_FORMAT,
         name=name,
         source=source,
-        input=TensorInfo(x.name, _dims(x), "float32"),
+        input=TensorInfo(x.name, _dims(x), INPUT_DTYPES[x.type.tensor_type.elem_type]),
         labels=TensorInfo(LABELS, [None], "int64"),
         output=TensorInfo(logits.name, _dims(logits), "float32"),
         classes=int(_dims(logits)[1] or 0),
@@ -352,85 +394,69 @@ def write_bundle(
         ir_version=int(model.ir_version),
         onnxruntime=str(_ort.ort().__version__),
         model_spec=None if model_spec is None else msgspec.to_builtins(model_spec),
+        vocabulary=_vocabulary(model, x.name),
+        statistics=[info(n) for n in statistics],
+        batchnorm=layers,
     )
+    data = msgspec.to_builtins(manifest)
+    for empty in ("statistics", "batchnorm"):  # absent, a fedclient before them reads it
+        if not data[empty]:
+            del data[empty]
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2) + b"\n")
     tmp.replace(out / MANIFEST)
     return manifest
+
+
+def _vocabulary(model: onnx.ModelProto, ids: str) -> int | None:
+    """The number of rows of the smallest table a Gather indexes with ``ids`` (the input), or
+    None: the range a token id must lie in."""
+    tables = {t.name: [int(d) for d in t.dims] for t in model.graph.initializer}
+    sizes = []
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1] == ids and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            sizes.append(dims[axis % len(dims)])
+    return min(sizes) if sizes else None
 
 
 class BundleWarning(UserWarning):
     """A bundle was written without something it could have held (e.g. the step graph)."""
 
 
+def _training_model(
+    model: onnx.ModelProto, batchnorm: str
+) -> tuple[onnx.ModelProto, list[BatchNormLayer], list[str]]:
+    """The model the training graphs are built from, its BatchNorm layers that train on
+    batch statistics, and their running statistics (``batchnorm="batch"``)."""
+    if batchnorm == "frozen":
+        return model, [], []
+    if batchnorm != "batch":
+        raise InvalidInput(f"batchnorm must be 'frozen' or 'batch', not {batchnorm!r}")
+    trained, layers = batch_statistics(model)
+    if not layers:
+        raise InvalidInput("BatchNorm on batch statistics: the model has no BatchNormalization")
+    return trained, layers, [n for layer in layers for n in (layer.mean, layer.var)]
+
+
 def _plain_graphs(
-    model: onnx.ModelProto, trainable: list[str]
+    trained: onnx.ModelProto,
+    model: onnx.ModelProto,
+    trainable: list[str],
+    statistics: list[str],
+    batch: list[str],
 ) -> tuple[onnx.ModelProto, onnx.ModelProto] | str:
-    """The step and forward graphs for plain ONNX Runtime, or why there is no step graph."""
-    from fedclient.runtime._stepgraph import forward_graph, step_graph
+    """The step graph (of ``trained``, returning ``batch`` too) and the forward graph (of
+    ``model``, the ``statistics`` inputs too) for plain ONNX Runtime, or why there is no
+    step graph."""
+    from fedclient.runtime._stepgraph import step_graph
 
     try:
-        return step_graph(model, trainable, labels=LABELS), forward_graph(model, trainable)
+        step = step_graph(trained, trainable, labels=LABELS, extra_outputs=batch)
     except InvalidInput as exc:
         return str(exc)
-
-
-def _write_training_files(
-    model: onnx.ModelProto, trainable: list[str], constants: list[str], logits: str, out: Path
-) -> None:
-    """ONNX Runtime's training artifacts and the inference model it exports, into ``out``."""
-    artifacts = _ort.artifacts_api()
-    try:
-        with _ort.quiet_native_stderr():
-            artifacts.generate_artifacts(
-                model,
-                requires_grad=trainable,
-                frozen_params=constants,
-                loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=artifacts.OptimType.SGD,
-                artifact_directory=out,
-                additional_output_names=[logits],
-            )
-    except Exception as exc:  # ORT raises bare RuntimeErrors; name the cause when known
-        missing = _NO_GRADIENT.search(str(exc))
-        if missing:
-            raise InvalidInput(
-                f"unsupported op {missing.group(1)!r}: ONNX Runtime training has no gradient for "
-                "it, so it cannot sit between a trainable parameter and the loss (freeze the "
-                "parameters before it, or replace the op)"
-            ) from exc
-        raise InvalidInput(
-            f"ONNX Runtime cannot build training artifacts: {_first_line(exc)}"
-        ) from exc
-    state, module = _load_module(out)
-    try:
-        module.export_model_for_inferencing(str(out / BUNDLE_FILES["inference_model"]), [logits])
-    except Exception as exc:
-        raise InvalidInput(
-            f"ONNX Runtime cannot export the inference model: {_first_line(exc)}"
-        ) from exc
-    del module, state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    # ORT messages start with a C++ source location and signature; keep what follows it.
-    for marker in ("was false.", "] "):
-        if marker in text:
-            text = text.split(marker, 1)[1].strip() or text
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _load_module(directory: Path) -> tuple[Any, Any]:
-    api = _ort.training_api()
-    state = api.CheckpointState.load_checkpoint(str(directory / BUNDLE_FILES["checkpoint"]))
-    module = api.Module(
-        str(directory / BUNDLE_FILES["training_model"]),
-        state,
-        str(directory / BUNDLE_FILES["eval_model"]),
-        session_options=_ort.session_options(),
-    )
-    return state, module
+    return step, forward_graph(model, [*trainable, *statistics])
 
 
 def manifest_digest(directory: str | os.PathLike[str]) -> str:
@@ -451,10 +477,11 @@ def bundle_weights(directory: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = read_manifest(path)
     model = onnx.load(str(path / BUNDLE_FILES["inference_model"]))
     found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    missing = [p.name for p in manifest.parameters if p.name not in found]
+    exchanged = [*manifest.parameters, *manifest.statistics]
+    missing = [p.name for p in exchanged if p.name not in found]
     if missing:
         raise InvalidInput(f"the bundle's inference model lacks parameters {missing[:5]}")
-    return {p.name: found[p.name].astype("float32") for p in manifest.parameters}
+    return {p.name: found[p.name].astype("float32") for p in exchanged}
 
 
 def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> BundleManifest:
@@ -467,7 +494,7 @@ def read_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> 
         raise InvalidInput(f"{path} is not a device bundle: no {MANIFEST}") from exc
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"{path / MANIFEST} is not a valid bundle manifest: {exc}") from exc
-    if manifest.format != BUNDLE_FORMAT:
+    if manifest.format not in READABLE_FORMATS:
         raise InvalidInput(
             f"unsupported bundle format {manifest.format!r}; expected {BUNDLE_FORMAT}"
         )

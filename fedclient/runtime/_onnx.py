@@ -25,6 +25,7 @@ from fedclient._exceptions import InvalidInput
 from fedclient.protocol import ModelSpec, Weights
 from fedclient.runtime import _ort
 from fedclient.runtime._base import EvalResult, TrainResult, check_labels, cross_entropy
+from fedclient.runtime._batchnorm import check_minibatch
 from fedclient.runtime._bundle import (
     ENGINES,
     BundleManifest,
@@ -98,8 +99,13 @@ class OnnxBackend:
         self.input_shape: tuple[int, ...] = self.manifest.input_shape
         self.inputs = int(np.prod(self.input_shape))
         self.classes = self.manifest.classes
+        #: BatchNorm's running statistics, by name (exchanged with the weights; empty
+        #: unless BatchNorm trains on batch statistics).
+        self.statistics: list[str] = [t.name for t in self.manifest.statistics]
+        self._variances = {layer.var for layer in self.manifest.batchnorm}
         self._shapes = {
-            p.name: tuple(int(d or 0) for d in p.shape) for p in self.manifest.parameters
+            p.name: tuple(int(d or 0) for d in p.shape)
+            for p in [*self.manifest.parameters, *self.manifest.statistics]
         }
 
     @classmethod
@@ -117,11 +123,14 @@ class OnnxBackend:
 
     # -- weights ---------------------------------------------------------------
     def get_weights(self) -> Weights:
-        """A copy of the trainable parameters, by name, as float32 arrays."""
+        """A copy of the trainable parameters, by name, as float32 arrays; with BatchNorm
+        on batch statistics, its running statistics too (they travel with the weights)."""
         return {name: np.array(self._engine.get(name), dtype=np.float32) for name in self._shapes}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all trainable parameters; names, shapes and dtypes must match exactly."""
+        """Replace all trainable parameters (and running statistics, as `get_weights`);
+        names, shapes and dtypes must match exactly. A running variance below zero is
+        read as zero."""
         if set(weights) != set(self._shapes):
             raise InvalidInput(
                 f"weights must have names {sorted(self._shapes)}, got {sorted(weights)}"
@@ -133,7 +142,10 @@ class OnnxBackend:
                     f"got {value.dtype}{list(value.shape)}"
                 )
         for name in self._shapes:
-            self._engine.set(name, np.ascontiguousarray(weights[name]))
+            value = weights[name]
+            if name in self._variances:  # noise (DP) can push an averaged variance below 0
+                value = np.maximum(value, np.float32(0))
+            self._engine.set(name, np.ascontiguousarray(value))
 
     # -- data ------------------------------------------------------------------
     def _features(self, x: np.ndarray) -> np.ndarray:
@@ -149,10 +161,26 @@ class OnnxBackend:
             )
         if x.shape[0] == 0:
             raise InvalidInput("the data set is empty")
+        if self.manifest.input.dtype == "int64":
+            return self._token_ids(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise InvalidInput("x contains NaN or Inf (or values too large for float32)")
         return x
+
+    def _token_ids(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as int64 token ids, each checked to lie in the model's vocabulary (an id
+        out of range would make ONNX Runtime fail in the middle of a step)."""
+        ids = np.ascontiguousarray(x, dtype=np.int64)
+        if x.dtype.kind == "f" and not np.array_equal(ids, x):
+            raise InvalidInput("x must hold whole numbers: the model takes token ids")
+        top = self.manifest.vocabulary
+        if ids.min() < 0 or (top is not None and ids.max() >= top):
+            raise InvalidInput(
+                f"token ids must lie in [0, {top if top is not None else 'inf'}), "
+                f"got {ids.min()} to {ids.max()}"
+            )
+        return ids
 
     def _labels(self, y: np.ndarray, n: int) -> np.ndarray:
         return check_labels(y, n, self.classes)
@@ -176,19 +204,33 @@ class OnnxBackend:
         x = self._features(x)
         y = self._labels(y, x.shape[0])
         n = x.shape[0]
+        layers = self.manifest.batchnorm
+        check_minibatch(layers, min(n, batch_size))
+        # BatchNorm on batch statistics: a last minibatch of one value per channel has no
+        # variance (PyTorch refuses it); it sits this epoch out, the next shuffles anew.
+        smallest = max((-(-2 // layer.per_example) for layer in layers), default=1)
         steps = 0
         epoch_loss = 0.0
         for _ in range(epochs):
             order = rng.permutation(n)
-            total = 0.0
+            total, seen = 0.0, 0
             for start in range(0, n, batch_size):
                 if interrupt is not None:
                     interrupt()
                 idx = order[start : start + batch_size]
+                if len(idx) < smallest:
+                    continue
                 total += self._engine.step(x[idx], y[idx], learning_rate) * len(idx)
+                seen += len(idx)
                 steps += 1
-            epoch_loss = total / n
+            epoch_loss = total / seen
         return TrainResult(loss=epoch_loss, num_examples=n, steps=steps)
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """The gradient of the mean cross-entropy of (x, y) at the current weights, by
+        parameter name (what an SGD step with learning rate 1 subtracts); nothing changes."""
+        x = self._features(x)
+        return self._engine.gradients(x, self._labels(y, x.shape[0]))
 
     # -- inference ---------------------------------------------------------------
     def _logits(self, x: np.ndarray) -> np.ndarray:

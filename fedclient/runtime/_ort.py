@@ -1,16 +1,23 @@
-"""Torch-free, lazy access to ONNX Runtime's on-device training API.
+"""Torch-free, lazy access to ONNX Runtime and its on-device training API.
 
-``import onnxruntime.training`` runs a package ``__init__`` that imports torch
-(for ORTModule), which a device does not have. Its ``api`` and ``artifacts``
-submodules need no torch, so the package is registered as a bare module (its
-``__init__`` never runs) before they are imported. Nothing here is imported
-until a caller asks for an ONNX runtime, so ``import fedclient`` stays light.
+The training build's ``import onnxruntime`` checks its build by importing
+``onnxruntime.training.ortmodule``, and ``onnxruntime.training``'s package
+``__init__`` imports ORTModule and its optimisers: both load torch wherever torch
+is installed (344-445 MB and seconds of a device's start, for a PyTorch
+front-end a device never uses). ``onnxruntime.tools`` imports torch too, for
+``generate_artifacts``. So `ort` registers ``onnxruntime.training`` (and
+``onnxruntime.tools``) as bare packages, their ``__init__`` never run, and hides
+``onnxruntime.training.ortmodule`` while ``onnxruntime`` itself is imported; the
+``api`` and ``artifacts`` submodules need none of it. A process that imported
+onnxruntime before fedclient keeps what it loaded. Nothing here is imported until
+a caller asks for an ONNX runtime, so ``import fedclient`` stays light.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -37,24 +44,68 @@ INSTALL_HINT = (
     "or 'fedclient[onnxruntime]'  (plain onnxruntime: any platform, trains with step graphs)"
 )
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def ort() -> ModuleType:
-    """The ``onnxruntime`` module (the training build or a plain one)."""
+    """The ``onnxruntime`` module (the training build or a plain one), imported without
+    torch (see the module docstring)."""
+    if "onnxruntime" not in sys.modules:
+        with _lock:
+            _import_without_torch()
     try:
         return importlib.import_module("onnxruntime")
     except ImportError as exc:
         raise InvalidInput(f"the onnx runtime is not installed: {INSTALL_HINT}") from exc
 
 
+def _subpackage(name: str) -> Any:
+    """The spec of ``onnxruntime.<name>``, found without importing ``onnxruntime``."""
+    try:
+        parent = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return None
+    if parent is None or not parent.submodule_search_locations:
+        return None
+    return importlib.machinery.PathFinder.find_spec(
+        f"onnxruntime.{name}", list(parent.submodule_search_locations)
+    )
+
+
+def _register_bare(name: str) -> None:
+    """``onnxruntime.<name>`` in ``sys.modules`` as a package whose ``__init__`` never runs
+    (its submodules import as usual)."""
+    full = f"onnxruntime.{name}"
+    if full in sys.modules:
+        return
+    spec = _subpackage(name)
+    if spec is not None and spec.submodule_search_locations:
+        sys.modules[full] = importlib.util.module_from_spec(spec)  # created, never executed
+
+
+def _import_without_torch() -> None:
+    if "onnxruntime" in sys.modules or importlib.util.find_spec("onnxruntime") is None:
+        return
+    _register_bare("training")
+    _register_bare("tools")
+    hidden = "onnxruntime.training.ortmodule"
+    if hidden in sys.modules or "onnxruntime.training" not in sys.modules:
+        importlib.import_module("onnxruntime")
+        return
+    sys.modules[hidden] = None  # type: ignore[assignment]  # its import fails: no torch
+    try:
+        importlib.import_module("onnxruntime")
+    finally:
+        if hidden in sys.modules and sys.modules[hidden] is None:
+            del sys.modules[hidden]  # the host application may still import it itself
+
+
 def has_training_api() -> bool:
     """Whether the installed ONNX Runtime is the training build (a plain build, or none,
     trains bundles through their step graphs instead)."""
-    try:
-        return importlib.util.find_spec("onnxruntime.training") is not None
-    except ImportError:  # no onnxruntime at all
-        return False
+    if "onnxruntime.training" in sys.modules:
+        return True
+    return _subpackage("training") is not None
 
 
 def _register_bare_training_package() -> None:
@@ -62,13 +113,11 @@ def _register_bare_training_package() -> None:
     if name in sys.modules:  # already imported (for real, where torch exists) or registered
         return
     ort()
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    if name not in sys.modules:
         raise InvalidInput(
             "onnxruntime is installed without its training API (plain onnxruntime "
             f"overwrites the training build; reinstall it): {INSTALL_HINT}"
         )
-    sys.modules[name] = importlib.util.module_from_spec(spec)  # created, never executed
 
 
 def training_api() -> ModuleType:

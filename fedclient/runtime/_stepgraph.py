@@ -8,23 +8,29 @@ the mean cross-entropy, the gradients by reverse-mode differentiation, and the
 update, all in default-domain ops that any ONNX Runtime build (or another ONNX
 engine) runs::
 
-    inputs   <input> (batch, ...) float32, labels (batch,) int64,
-             learning_rate () float32, and every trainable parameter
-    outputs  loss () float32, then <parameter>.next for every parameter, in order
+    inputs   <input> (batch, ...) float32 features or int64 token ids, labels (batch,)
+             int64, learning_rate () float32, and every trainable parameter
+    outputs  loss () float32, then <parameter>.next for every parameter, in order,
+             then <parameter>.grad (the mean loss's gradient) for every parameter,
+             then any forward tensors asked for (BatchNorm's batch statistics)
 
 `forward_graph` is the forward model with its trainable parameters as inputs
 (their initial values kept as overridable defaults), for inference at any weights.
 
-Gradient rules exist for the ops the converter emits and mobile models use:
-Gemm, MatMul (2-D), Conv (2-D, any stride, padding, dilation and group, so
-depthwise too), MaxPool, GlobalAveragePool, AveragePool (no padding), ReduceMean
-and ReduceSum (axes attribute), Relu, Clip, LeakyRelu, Sigmoid, Tanh, Softmax,
-Erf (GELU as exported), elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs with
-broadcasting, Concat, Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Identity.
-An op without a rule between a trainable parameter and the loss raises
-`NoGradientRule` naming it; ops that only see constants (BatchNorm's frozen
-statistics, a frozen backbone) need none. The rules are in
-`fedclient.runtime._gradients`.
+Gradient rules exist for the ops the converter emits, mobile models and
+transformers use: Gemm, MatMul (2-D and batched, with broadcasting), Conv (2-D,
+any stride, padding, dilation and group, so depthwise too), MaxPool,
+GlobalAveragePool, AveragePool (no padding), ReduceMean and ReduceSum (axes
+attribute; ReduceMean over the batch too: BatchNorm's batch statistics), Relu,
+Clip, LeakyRelu, Sigmoid, Tanh, Softmax (any axis), Erf (GELU as exported),
+elementwise Add/Sub/Mul/Div/Neg/Sqrt/Exp/Log/Abs/Pow with
+broadcasting, Gather (embeddings, indexing), LayerNormalization, Where (masks),
+Slice, Split, Concat, Expand, Cast, Flatten, Reshape, Squeeze, Unsqueeze,
+Transpose, Identity. Gradients flow through float tensors only (shapes, masks
+and indices computed from parameters carry none). An op without a rule between
+a trainable parameter and the loss raises `NoGradientRule` naming it; ops that
+only see constants (BatchNorm's frozen statistics, a frozen backbone) need
+none. The rules are in `fedclient.runtime._gradients` and its families.
 """
 
 from __future__ import annotations
@@ -46,12 +52,13 @@ __all__ = [
     "STEP_GRAPH",
     "NoGradientRule",
     "forward_graph",
+    "grad_name",
     "next_name",
     "step_graph",
 ]
 
 #: The step graph's version: bumped when the graphs it writes change (cached bundles rebuild).
-STEP_GRAPH = 1
+STEP_GRAPH = 2
 LOSS = "loss"
 LEARNING_RATE = "learning_rate"
 LABELS = "labels"
@@ -63,6 +70,12 @@ MIN_OPSET = 16
 def next_name(parameter: str) -> str:
     """The step graph's output holding ``parameter`` after the update."""
     return f"{parameter}.next"
+
+
+def grad_name(parameter: str) -> str:
+    """The step graph's output holding the gradient of the loss with respect to
+    ``parameter`` (verification compares it with the source's, tensor by tensor)."""
+    return f"{parameter}.grad"
 
 
 def forward_graph(model: onnx.ModelProto, trainable: Sequence[str]) -> onnx.ModelProto:
@@ -81,10 +94,16 @@ def forward_graph(model: onnx.ModelProto, trainable: Sequence[str]) -> onnx.Mode
 
 
 def step_graph(
-    model: onnx.ModelProto, trainable: Sequence[str], *, labels: str = LABELS
+    model: onnx.ModelProto,
+    trainable: Sequence[str],
+    *,
+    labels: str = LABELS,
+    extra_outputs: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """One SGD step of ``model`` (one input, one logits output) on the mean cross-entropy,
-    in standard ONNX ops (see the module docstring for its inputs and outputs)."""
+    in standard ONNX ops (see the module docstring for its inputs and outputs), also
+    returning the forward pass's tensors ``extra_outputs`` last (BatchNorm's batch
+    statistics)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -104,7 +123,7 @@ def step_graph(
     needs = set(trainable)
     for node in graph.node:
         if any(i in needs for i in node.input):
-            needs.update(o for o in node.output if o)
+            needs.update(o for o in node.output if o and diff.differentiable(o))
     if logits.name not in needs:
         raise InvalidInput("the logits do not depend on any trainable parameter")
 
@@ -135,15 +154,25 @@ def step_graph(
     for name in trainable:
         grad = diff.grad_of(name)
         if grad is None:  # not on any path to the loss: it never changes
+            zeros = b.op("ConstantOfShape", [b.const(list(by_name[name].dims))], "no_grad")
+            updates.append(helper.make_node("Identity", [zeros], [grad_name(name)]))
             updates.append(helper.make_node("Identity", [name], [next_name(name)]))
         else:
-            scaled = b.op("Mul", [learning_rate, grad], "scaled")
+            b.nodes.append(helper.make_node("Identity", [grad], [grad_name(name)]))
+            scaled = b.op("Mul", [learning_rate, grad_name(name)], "scaled")
             updates.append(helper.make_node("Sub", [name, scaled], [next_name(name)]))
         outputs.append(
             helper.make_tensor_value_info(
                 next_name(name), TensorProto.FLOAT, list(by_name[name].dims)
             )
         )
+    outputs += [
+        helper.make_tensor_value_info(grad_name(n), TensorProto.FLOAT, list(by_name[n].dims))
+        for n in trainable
+    ]
+    outputs += [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, diff.shape(n)) for n in extra_outputs
+    ]
     forward = [diff.replaced.get(i, node) for i, node in enumerate(graph.node)]
     inputs = [
         x,

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -68,6 +70,7 @@ from fedclient.protocol import (
     EvaluationReport,
     IssueCodes,
     JobPlan,
+    RetryLater,
     UploadStart,
     openapi_document,
     parse_id,
@@ -75,6 +78,7 @@ from fedclient.protocol import (
 from fedclient.protocol import Route as ApiRoute
 from fedclient.server.auth import bearer_token, hash_token
 from fedclient.server.database import SqliteDatabase
+from fedclient.server.front_door import CheckinFrontDoor
 from fedclient.server.limits import RateLimiter, RateLimits
 from fedclient.server.service import FederationService
 
@@ -148,6 +152,8 @@ def create_app(
             headers[DEVICE_ID_HEADER] = enrolled.device_id
         packed = MSGPACK_MEDIA_TYPE in request.headers.get("accept", "")
         answer = service.checkin(token, request.path_params["job"], body, inline=packed)
+        if isinstance(answer, RetryLater):  # for proxies and plain HTTP clients too
+            headers["Retry-After"] = str(max(1, round(answer.retry_after)))
         if packed:
             encoded = msgspec.msgpack.encode(answer)
             return Response(encoded, media_type=MSGPACK_MEDIA_TYPE, headers=headers)
@@ -162,7 +168,7 @@ def create_app(
             "Cache-Control": "private, max-age=31536000, immutable",
             "Accept-Ranges": "bytes",
         }
-        if request.headers.get("if-none-match") == etag:
+        if _none_match(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         wanted = request.headers.get("range")
         if wanted and request.headers.get("if-range", etag) == etag:
@@ -342,6 +348,13 @@ def create_app(
             if timer is not None:
                 timer.cancel()
             await database.flush()
+            if database.shared:  # what bench/ingest.py reads, and an operator may
+                print(
+                    f"fedserver: worker {os.getpid()} held cluster-wide"
+                    f" {database.held_seconds * 1000:.3f} ms ({database.holds} times)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     # A SQLite file commits many requests' writes at once; a request is answered only
     # once what it wrote is on disk (`SqliteDatabase.group_commits`).
@@ -390,6 +403,15 @@ def create_app(
     )
     app.state.metrics = service.metrics if metrics else None
     app.state.body_idle_seconds = body_idle_seconds
+    # Outermost: most check-ins are turned away, answered before routing and middleware.
+    app.add_middleware(
+        CheckinFrontDoor,
+        service=service,
+        body_limit=JSON_LIMIT,
+        body_idle_seconds=body_idle_seconds,
+        limiter=limiter,
+        render_error=lambda exc: _error_response(exc, service.metrics),
+    )
     return app
 
 
@@ -441,6 +463,15 @@ def _convert(fields: dict[str, Any], type_: type[T]) -> T:
 
 def _json(message: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(message), media_type="application/json", headers=headers)
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag``: "*", or a list of tags
+    compared weakly (RFC 9110 13.1.2), as caches and proxies send it."""
+    if header is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int]:
@@ -504,7 +535,11 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    counters = getattr(request.app.state, "metrics", None)
+    return _error_response(exc, getattr(request.app.state, "metrics", None))
+
+
+def _error_response(exc: ApiError, counters: Any) -> Response:
+    """An `ApiError` as its HTTP answer (refusals counted, if there are ``counters``)."""
     if counters is not None and exc.status < 500:
         counters.refusals.labels(exc.code).inc()
     headers = dict(exc.headers)

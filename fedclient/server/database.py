@@ -7,11 +7,15 @@ type names in its DDL, which `PostgresDatabase` maps to PostgreSQL's (``BLOB`` t
 ``AUTOINCREMENT`` key to an identity column). Tests run the server suite on both.
 
 Who else writes. An SQLite file has one server process (its caches hold between
-requests). A PostgreSQL database may have many: every worker runs each request
-inside `Database.exclusive`, a session advisory lock, so requests are serialised
-across workers as they are inside one event loop, and a worker's caches live for one
-lock hold only (`Database.shared`). A killed worker's connection closes, and
-PostgreSQL rolls back its open transaction and frees its lock.
+requests). A PostgreSQL database may have many workers, and a worker's caches live for
+one request only (`Database.shared`). The requests of the hot path (check-ins and
+uploads of sync jobs) take no lock shared by the workers: each touches only the rows
+it needs, with atomic conditional updates and row locks (`fedclient.server.store`).
+The rest (secure aggregation's stages, async buffers, selections, the operator's
+levers, the deadline timer) run inside `Database.exclusive`, a session advisory lock,
+serialised across workers as inside one event loop; `Database.held_seconds` counts
+how long a worker held it (and the rows of the rounds it closed). A killed worker's
+connection closes, and PostgreSQL rolls back its open transaction and frees its locks.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -97,8 +102,9 @@ def connect(url: str | Path, *, lock_file: bool = False) -> Database:
 
 class ServeLock:
     """An exclusive lock on ``<db>.lock`` beside a SQLite file, held while one process
-    serves it: a second ``fedserver`` on the same file is refused in one line instead of
-    serving beside the first (each would keep rows in memory that the other changes).
+    serves it: a second ``fedserver`` on the same file (by its name or a symlink to it) is
+    refused in one line instead of serving beside the first (each would keep rows in
+    memory that the other changes).
 
     The lock is the kernel's (``flock``): it goes with the process, however that ends,
     so a killed server leaves nothing to clean up. The file holds the owner's pid, for
@@ -108,7 +114,9 @@ class ServeLock:
     def __init__(self, database: str) -> None:
         import fcntl
 
-        path = Path(database).with_name(Path(database).name + ".lock")
+        # Beside the file itself, not a link to it: two names of one file, one lock.
+        served = Path(database).resolve()
+        path = served.with_name(served.name + ".lock")
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,6 +148,11 @@ class Database:
 
     def __init__(self) -> None:
         self._depth = 0  # `exclusive` blocks entered and not left
+        self._locked = False  # the outermost block holds the lock
+        #: Seconds this process held something every worker waits for (the lock of
+        #: `exclusive`, a round's row while it closes: `held`), and how many times.
+        self.held_seconds = 0.0
+        self.holds = 0
         #: Called when writes that were not yet committed are lost (a failed group
         #: commit): whoever keeps in memory what they wrote drops it.
         self.on_rollback: list[Callable[[], None]] = []
@@ -181,25 +194,40 @@ class Database:
         raise NotImplementedError
 
     @contextmanager
-    def exclusive(self) -> Iterator[bool]:
-        """Serve one request alone: no other worker serves one until the block ends.
-        Re-entrant; yields whether this is the outermost block (where a store drops
-        what it keeps in memory, if the database is `shared`)."""
+    def exclusive(self, *, lock: bool = True) -> Iterator[bool]:
+        """Serve one request; with ``lock``, alone: no other worker serves a locked one
+        until the block ends. Re-entrant: a nested block that locks takes the lock then,
+        and holds it until the outermost block ends. Yields whether the block starts
+        from the database afresh (it is the outermost, or it took the lock), where a
+        store drops what it keeps in memory, if the database is `shared`."""
         outermost = self._depth == 0
         if outermost:
+            self._enter()
+        take = lock and not self._locked
+        if take:
             self._lock()
+            self._locked = True
         self._depth += 1
         try:
-            yield outermost
+            yield outermost or take
         finally:
             self._depth -= 1
-            if outermost:
-                self._unlock()
+            if self._depth == 0:
+                locked, self._locked = self._locked, False
+                self._leave(locked)
+
+    def held(self, seconds: float) -> None:
+        """Count ``seconds`` spent holding something every worker waits for."""
+        self.held_seconds += seconds
+        self.holds += 1
+
+    def _enter(self) -> None:
+        pass
 
     def _lock(self) -> None:
         pass
 
-    def _unlock(self) -> None:
+    def _leave(self, locked: bool) -> None:
         pass
 
 
@@ -399,7 +427,7 @@ class SqliteDatabase(Database):
         if error is not None:
             raise error
 
-    def _lock(self) -> None:
+    def _enter(self) -> None:
         self._settle()  # a request never starts while a commit is in flight
 
     def tables(self) -> list[str]:
@@ -492,6 +520,7 @@ class PostgresDatabase(Database):
         self.pool.open(wait=True, timeout=CONNECT_SECONDS)
         self._held: Any = None  # the connection of the current block (or statement)
         self._broken = False  # it failed inside the current block
+        self._locked_at = 0.0
 
     @property
     def conn(self) -> Any:
@@ -573,14 +602,17 @@ class PostgresDatabase(Database):
 
     def _lock(self) -> None:
         self.execute("SELECT pg_advisory_lock(?)", [REQUEST_LOCK])
+        self._locked_at = time.perf_counter()
 
-    def _unlock(self) -> None:
+    def _leave(self, locked: bool) -> None:
         try:
-            if not self._broken and self._held is not None and not self._held.closed:
+            if locked and not self._broken and self._held is not None and not self._held.closed:
                 self.execute("SELECT pg_advisory_unlock(?)", [REQUEST_LOCK])
         except ServiceUnavailable:
             pass  # the session is gone, and its lock with it
         finally:
+            if locked:
+                self.held(time.perf_counter() - self._locked_at)
             self._release()
 
 

@@ -23,13 +23,16 @@ class DeviceRows:
         label: str,
         identity_key: bytes | None = None,
         certificate: bytes | None = None,
-    ) -> None:
-        """Register an enrolled device (with its identity key, and a certificate of it)."""
-        self.db.execute(
+    ) -> bool:
+        """Register an enrolled device (with its identity key, and a certificate of it);
+        False if a device holds the token already (enrolled meanwhile)."""
+        rows = self.db.execute(
             "INSERT INTO devices (device_id, token_hash, label, created, identity_key,"
-            " certificate) VALUES (?, ?, ?, ?, ?, ?)",
+            " certificate) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING"
+            " RETURNING device_id",
             [device_id, token_hash, label, time.time(), identity_key, certificate],
-        )
+        ).fetchall()
+        return bool(rows)
 
     def set_device_identity(
         self, device_id: str, identity_key: bytes, certificate: bytes | None

@@ -205,11 +205,17 @@ def _check_open_round(rows: _Rows, round_id: int, bodies: Path | None) -> None:
     rows.read("admissions", {"device_id": str, "admitted_at": float}, this, [round_id])
     rows.read("round_counts", {"admitted": int, "updates": int}, this, [round_id])
     updates = rows.read("updates", _UPDATE_COLUMNS, this, [round_id])
-    sums = rows.read("round_sums", {"body": bytes, "weight": float, "count": int}, this, [round_id])
-    if sums:
-        rows.tensors(sums[0]["body"], f"round {round_id}'s running sum")
+    parts = rows.read(
+        "round_parts",
+        {"worker": str, "updates": int, "body": (bytes, None), "weight": float, "folded": int},
+        this,
+        [round_id],
+    )
+    for part in parts:
+        if part["body"] is not None:
+            rows.tensors(part["body"], f"round {round_id}'s partial sum {part['worker']!r}")
     folded = sum(1 for u in updates if u["body"] is None and u.get("spool_offset") is None)
-    held = sums[0]["count"] if sums else 0
+    held = sum(part["folded"] for part in parts)
     if folded != held:
         raise StateError(
             f"{where}: round {round_id} has {folded} updates without a body but its running"

@@ -57,9 +57,9 @@ class Operator:
                 return
         raise Unauthorized("metrics need the metrics token or the admin token")
 
-    @serialised
     def authenticate_reader(self, token: str | None) -> None:
-        """Job and round status: a device's token or the admin's (or none, if public)."""
+        """Job and round status: a device's token or the admin's (or none, if public).
+        A read: no lock."""
         if self.public_status:
             return
         if token is None:

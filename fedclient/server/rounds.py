@@ -19,19 +19,27 @@ if the round has fewer): a figure fixed by the time a round first folds, the sam
 restarted server and for every worker, and out of reach of any one device.
 
 Streaming aggregation: with a `MeanStrategy` (fedavg and the server optimisers), once
-`FOLD_EVERY` stored updates wait, `SyncRounds.fold` adds them to the round's running
-sum (`RunningSum`, stored in ``round_sums``) and drops their bodies, in one
-transaction: an update is in the sum or has its body, never both, never neither. A
-round then holds O(model) plus at most `FOLD_EVERY` bodies, whatever its number of
-updates, and its close folds the rest and steps from the mean. A robust strategy
-(median, trimmed mean) needs every update at once: its rounds keep every body until
-the close, and hold them in memory then.
+`FOLD_EVERY` updates a worker took wait, `SyncRounds.fold` adds them to that worker's
+partial sum of the round (`RunningSum`, stored in ``round_parts``, one row a worker)
+and drops their bodies, in one transaction: an update is in a sum or has its body,
+never both, never neither, and no two workers ever write the same row. A round then
+holds O(model) a worker plus at most `FOLD_EVERY` bodies a worker, whatever its number
+of updates; its close folds what is left (a killed worker's bodies too), adds the
+partial sums, and steps from the mean. One worker (a SQLite file) folds in arrival
+order, bit for bit as one sum would. A robust strategy (median, trimmed mean) needs
+every update at once: its rounds keep every body until the close, and hold them in
+memory then.
+
+Closing happens once: the first transaction to claim the round (`ServerStore.
+claim_close`, a conditional update) closes it; another that saw the quota at the same
+time finds it closed and does nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -55,6 +63,9 @@ __all__ = ["DECODED_MAX_BYTES", "FOLD_EVERY", "SyncRounds", "initial_weights", "
 
 #: At most this many bytes of accepted updates are held decoded for their round's close.
 DECODED_MAX_BYTES = 256 * 1024 * 1024
+
+#: Rounds whose updates a worker holds decoded at once (see `SyncRounds.hold_decoded`).
+HELD_ROUNDS = 4
 
 #: A streaming round folds its waiting update bodies into its running sum once this many
 #: wait: each fold writes the sum (8 bytes a parameter) once for this many updates.
@@ -94,6 +105,7 @@ class SyncRounds:
         # decoding every body again. A restarted server decodes the stored bodies.
         self._decoded: dict[str, Weights] = {}
         self._decoded_bytes = 0
+        self._held_rounds: dict[int, list[str]] = {}  # round -> receipts held, oldest first
         # Each streaming round's running sum as last folded, by round id: a cache of the
         # stored one, used only while its count matches the store's (a fold whose
         # transaction rolled back leaves it ahead; it is then read again).
@@ -108,6 +120,7 @@ class SyncRounds:
         what is left is read from the store again)."""
         self._decoded.clear()
         self._decoded_bytes = 0
+        self._held_rounds.clear()
         self._sums.clear()
         self._caps.clear()
 
@@ -127,15 +140,20 @@ class SyncRounds:
             self._caps[round_id] = cap
         return cap
 
-    def hold_decoded(self, receipt_id: str, tensors: Weights) -> None:
-        """Keep an accepted update's tensors (the decoded body) for its round's close
-        (not when workers share the database: another may fold or close the round)."""
-        if self.store.shared:
-            return
+    def hold_decoded(self, receipt_id: str, tensors: Weights, round_id: int) -> None:
+        """Keep an accepted update's tensors (the decoded body) for the fold or close
+        that takes it in: this worker folds the updates it took itself (a close on
+        another worker reads the bodies it left). Held for the newest few rounds only:
+        a round another worker closed leaves no tensors here for long."""
+        held = self._held_rounds.setdefault(round_id, [])
+        if len(self._held_rounds) > HELD_ROUNDS:
+            for receipt in self._held_rounds.pop(next(iter(self._held_rounds))):
+                self.drop_decoded(receipt)
         size = sum(t.nbytes for t in tensors.values())
         if self._decoded_bytes + size <= DECODED_MAX_BYTES:
             self._decoded[receipt_id] = tensors
             self._decoded_bytes += size
+            held.append(receipt_id)
 
     def drop_decoded(self, receipt_id: str) -> Weights | None:
         """Stop holding an update's tensors; return them, if they were held."""
@@ -167,24 +185,24 @@ class SyncRounds:
         return strategy
 
     def accepted(self, job: JobRow, round_id: int) -> None:
-        """After an update is stored: fold the round's waiting bodies once `FOLD_EVERY`
+        """After an update is stored: fold this worker's waiting bodies once `FOLD_EVERY`
         wait (streaming strategies only). Call inside the accepting transaction."""
         if self._streaming(job.plan) is None:
             return
-        folded = self._sums.get(round_id)
-        waiting = self.store.update_count(round_id) - (folded.count if folded else 0)
-        if waiting >= FOLD_EVERY:
+        taken, folded = self.store.waiting(round_id)
+        if taken - folded >= FOLD_EVERY:
             self.fold(job, round_id)
 
-    def fold(self, job: JobRow, round_id: int) -> RunningSum:
-        """Fold the round's waiting updates into its running sum, in arrival order, and
-        drop their bodies, in one transaction; return the sum."""
+    def fold(self, job: JobRow, round_id: int, *, everyone: bool = False) -> RunningSum:
+        """Fold this worker's waiting updates (``everyone``: every worker's, at the close)
+        into its partial sum of the round, in arrival order, and drop their bodies, in
+        one transaction; return the partial sum."""
         strategy = self._streaming(job.plan)
         assert strategy is not None
         with self.store.atomic():
             running = self._sums.pop(round_id, None)
-            if running is None or running.count != self.store.round_sum_count(round_id):
-                stored = self.store.round_sum(round_id)
+            if running is None or running.count != self.store.waiting(round_id)[1]:
+                stored = self.store.partial_sum(round_id)  # read only when not kept
                 running = RunningSum()
                 if stored is not None:
                     running = RunningSum(
@@ -192,16 +210,15 @@ class SyncRounds:
                         stored[1],
                         stored[2],
                     )
-            # Workers that share the database hold nothing decoded: read the bodies with
-            # the rows, in one query.
-            rows = self.store.updates(round_id, bodies=self.store.shared, unfolded=True)
+            # This worker's updates are held decoded since their upload; another's (at
+            # the close) are read from their bodies.
+            rows = self.store.updates(round_id, bodies=False, unfolded=True, mine=not everyone)
             cap = self.weight_cap(job.plan, round_id) if rows else None
             for row in rows:
-                tensors = decode_tensors(row.body)[0] if row.body else self._tensors(row)
-                update = _update(row, tensors, cap)
+                update = _update(row, self._tensors(row), cap)
                 running.add(update.weight, strategy.contribution(update))
             if rows:
-                self.store.save_round_sum(
+                self.store.save_partial_sum(
                     round_id,
                     encode_tensors(running.sums),
                     running.weight,
@@ -221,7 +238,8 @@ class SyncRounds:
             self.store.open_round(plan.job.name, 1, 0, now, now + plan.job.deadline_seconds)
 
     def advance(self, now: float) -> bool:
-        """Close every round whose quota is met or whose deadline passed; whether any was."""
+        """Close every round whose quota is met or whose deadline passed; whether any was
+        (here, or by another worker meanwhile)."""
         closed = False
         for round_ in self.store.open_rounds():
             job = self.store.job(round_.job)
@@ -235,6 +253,15 @@ class SyncRounds:
                 self.close(job, round_, now, "deadline")
                 closed = True
         return closed
+
+    def _round_sum(self, job: JobRow, round_id: int) -> RunningSum:
+        """The round's whole sum, at its close: what is left folded, the partial sums
+        of every worker added (by worker name)."""
+        self.fold(job, round_id, everyone=True)
+        total = RunningSum()
+        for body, weight, count in self.store.partial_sums(round_id):
+            total.merge(RunningSum(decode_tensors(body)[0], weight, count))
+        return total
 
     def _aggregate(
         self,
@@ -254,7 +281,7 @@ class SyncRounds:
         streaming = self._streaming(plan) if updates is None else None
         with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the result
             if streaming is not None:
-                return streaming.step(base, self.fold(job, round_.round_id).mean(), state)
+                return streaming.step(base, self._round_sum(job, round_.round_id).mean(), state)
             if updates is None:
                 cap = self.weight_cap(plan, round_.round_id)
                 updates = [_update(r, self._tensors(r), cap) for r in rows]
@@ -273,12 +300,22 @@ class SyncRounds:
         now: float,
         why: str,
         updates: list[ClientUpdate] | None = None,
-    ) -> None:
-        """Aggregate (or fail) the round, then open the next one or finish the job.
+    ) -> bool:
+        """Aggregate (or fail) the round, then open the next one or finish the job;
+        whether this call closed it (False: it was closed already, by another worker or
+        an earlier request).
 
         ``updates`` replaces the stored ones (a secure round hands in its sum)."""
         plan = job.plan
         with self.store.atomic():
+            if not self.store.claim_close(round_.round_id):
+                return False
+            # From here to the commit, the round's row is this transaction's: every
+            # worker's uploads to it wait (and then find it closed).
+            claimed = time.perf_counter()
+            # The job as it is now: another worker may have closed its previous round
+            # since this request read it.
+            job = self.store.reread_job(job.name)
             rows = self.store.updates(round_.round_id, bodies=False)
             completed, failed, version = job.rounds_completed, job.rounds_failed, job.model_version
             new_weights: Weights | None = None
@@ -340,5 +377,7 @@ class SyncRounds:
                 self.store.open_round(
                     job.name, round_.number + 1, version, now, now + plan.job.deadline_seconds
                 )
+        self.store.db.held(time.perf_counter() - claimed)
         if self.on_close is not None:
             self.on_close(job.name, "closed" if completed > job.rounds_completed else "failed")
+        return True

@@ -66,7 +66,21 @@ MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
         "ALTER TABLE updates ADD COLUMN spool_offset INTEGER",
         "ALTER TABLE updates ADD COLUMN spool_length INTEGER",
     ],
-    10: [  # the next admission's seq found in the index, not by reading the round's rows
+    10: [  # workers beside each other: each folds the updates it took into a sum of its own
+        "ALTER TABLE updates ADD COLUMN worker TEXT NOT NULL DEFAULT ''",
+        "CREATE TABLE round_parts (round_id INTEGER, worker TEXT,"
+        " updates INTEGER NOT NULL DEFAULT 0, body BLOB, weight REAL NOT NULL DEFAULT 0,"
+        " folded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round_id, worker))",
+        "INSERT INTO round_parts (round_id, worker, updates, body, weight, folded)"
+        " SELECT c.round_id, '', c.updates, s.body, coalesce(s.weight, 0), coalesce(s.count, 0)"
+        " FROM round_counts c LEFT JOIN round_sums s ON s.round_id = c.round_id",
+        "DROP TABLE round_sums",
+        # Admissions are one conditional update of the round's count: every round has one.
+        "INSERT INTO round_counts (round_id) SELECT round_id FROM rounds"
+        " WHERE round_id NOT IN (SELECT round_id FROM round_counts)",
+        {"postgresql": "ALTER TABLE round_parts ALTER COLUMN body SET STORAGE EXTERNAL"},
+    ],
+    11: [  # the next admission's seq found in the index, not by reading the round's rows
         "CREATE INDEX admissions_in_order ON admissions (round_id, seq)",
     ],
 }

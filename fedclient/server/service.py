@@ -52,6 +52,7 @@ from fedclient.protocol import (
     encode_tensors,
 )
 from fedclient.server.auth import EnrolmentPolicy, hash_token, new_credentials
+from fedclient.server.job_snapshots import PAUSED_RETRY, ROUND_FULL, JobSnapshots, spread
 from fedclient.server.operator import Operator
 from fedclient.server.rounds import SyncRounds, model_etag
 from fedclient.server.selection import NOT_SELECTED, SELECTION_PENDING, Pools
@@ -62,7 +63,7 @@ from fedclient.server.validation import check_key, evaluation_counts, validate_u
 if TYPE_CHECKING:
     from fedclient.server.secure_rounds import SecureRounds
 
-__all__ = ["CONTRIBUTED_RETRY", "FederationService"]
+__all__ = ["CONTRIBUTED_RETRY", "FederationService", "unlocked"]
 
 
 #: Chunked uploads one device may hold open in a round (each holds up to
@@ -73,9 +74,6 @@ MAX_OPEN_UPLOADS = 2
 DAMAGED_RETRY = 300.0
 
 logger = logging.getLogger("fedserver")
-
-#: Seconds a device is told to wait while its job is paused.
-PAUSED_RETRY = 300.0
 
 #: Seconds a device that already contributed to the open round waits before it asks
 #: again, at most (the round may close by quota any moment; its deadline may be far).
@@ -88,7 +86,10 @@ class FederationService:
     Each handler runs inside one `ServerStore.exclusive` block, so several workers may
     serve one PostgreSQL database: everything a request needs to be correct is in the
     database, and what a worker keeps in memory is a cache (of immutable model
-    versions; of the rest only within one block, when the database is shared)."""
+    versions; of the rest only within one block, when the database is shared). The hot
+    path (check-ins and uploads of a sync job without secure aggregation or selection,
+    status reads) runs beside the other workers' requests, without the cluster-wide
+    lock (`unlocked`); the rest takes it."""
 
     def __init__(
         self,
@@ -129,10 +130,13 @@ class FederationService:
         self.rounds = SyncRounds(store, strategy)
         #: The candidate pools of jobs that select (`fedclient.server.selection`).
         self.pools = Pools()
+        #: What check-ins that cannot be admitted now are answered from.
+        self.snapshots = JobSnapshots(store)
         self._secure: SecureRounds | None = None  # made by the first secure round
         # Decoded model versions (immutable once stored) that uploads are checked against.
         self._references: dict[tuple[str, int], Weights] = {}
         self._bodies: dict[tuple[str, int], tuple[bytes, str]] = {}  # see _model_body
+        self._facts: dict[int, tuple[int, bool]] = {}  # see _round_facts
         # Token hash -> device id. Devices are only ever added, so a hit stays true; every
         # request authenticates (an upload twice: before and after reading its body).
         self._devices: dict[str, str] = {}
@@ -178,31 +182,45 @@ class FederationService:
                 "different plan; use a new job name or a new database"
             )
 
-    @serialised
     def tick(self) -> None:
         """Close the rounds whose quota is met or whose deadline passed, and the secure
-        stages whose time is up."""
+        stages whose time is up (those under the cluster-wide lock)."""
+        with self.store.exclusive(lock=False):
+            if any(job.plan.privacy.secagg for job in self.store.jobs()):
+                with self.store.exclusive():
+                    self._tick_secure()
+            self.rounds.advance(self.clock())
+
+    def _tick_secure(self) -> None:
         now = self.clock()
-        if any(job.plan.privacy.secagg for job in self.store.jobs()):
-            with self.store.atomic():  # a stage's close and the round's, together
-                for round_id, aggregate in self.secure.tick(now).items():
-                    round_ = self.store.round(round_id)
-                    if round_ is None or round_.status != "open":
-                        continue
-                    job = self.job(round_.job)
-                    if aggregate is None:  # too many dropouts: fail now, reveal nothing
-                        reason = "secure aggregation failed"
-                        self.rounds.close(job, round_, now, reason, updates=[])
-                    else:
-                        self._close_secure(job, round_, now, aggregate)
-        self.rounds.advance(now)
+        with self.store.atomic():  # a stage's close and the round's, together
+            for round_id, aggregate in self.secure.tick(now).items():
+                round_ = self.store.round(round_id)
+                if round_ is None or round_.status != "open":
+                    continue
+                job = self.job(round_.job)
+                if aggregate is None:  # too many dropouts: fail now, reveal nothing
+                    reason = "secure aggregation failed"
+                    self.rounds.close(job, round_, now, reason, updates=[])
+                else:
+                    self._close_secure(job, round_, now, aggregate)
 
     # -- handlers --------------------------------------------------------------
-    @serialised
     def enrol(self, request: EnrolRequest) -> EnrolResponse:
         """Give a device an id and a bearer token (its own proposal, if it made one).
 
-        Enrolling again with the same proposed token names the same device."""
+        Enrolling again with the same proposed token names the same device. Beside the
+        other workers' requests (no cluster-wide lock): the token's uniqueness decides
+        between two enrolments of one token at once, and the second names the first's
+        device."""
+        with self.store.exclusive(lock=False):
+            enrolled = self._enrol(request)
+            if enrolled is None:  # the same token enrolled meanwhile: name that device
+                enrolled = self._enrol(request)
+            assert enrolled is not None
+            return enrolled
+
+    def _enrol(self, request: EnrolRequest) -> EnrolResponse | None:
         device_id, token = new_credentials()
         token = request.token or token
         hashed = hash_token(token)
@@ -211,6 +229,15 @@ class FederationService:
             if key is None or certificate is None:
                 raise Forbidden("this server enrols devices with a certified identity key only")
             self._check_certificate(key, certificate)
+        try:
+            return self._add_device(request, device_id, token, hashed)
+        except _TokenTaken:
+            return None
+
+    def _add_device(
+        self, request: EnrolRequest, device_id: str, token: str, hashed: str
+    ) -> EnrolResponse:
+        key, certificate = request.identity_key, request.identity_certificate
         with self.store.atomic():
             found = self.store.device_by_token(hashed)
             if found is not None and found[1]:
@@ -225,7 +252,8 @@ class FederationService:
                 if key is not None and held is None:  # its first key: registered now
                     self.store.set_device_identity(existing, key, certificate)
                 return EnrolResponse(existing, token)
-            self.store.add_device(device_id, hashed, request.label, key, certificate)
+            if not self.store.add_device(device_id, hashed, request.label, key, certificate):
+                raise _TokenTaken  # rolled back: a code it spent is unspent
         self._remember(hashed, device_id)  # stored: its first check-in follows at once
         if self.metrics is not None:
             self.metrics.enrolments.inc()
@@ -242,9 +270,8 @@ class FederationService:
         ):
             raise Forbidden("the identity certificate is not from a trusted authority")
 
-    @serialised
     def authenticate(self, token: str) -> str:
-        """The device id behind a bearer token."""
+        """The device id behind a bearer token (a read: no lock needed)."""
         hashed = hash_token(token)
         # Another worker may revoke a device: a shared database is asked every time.
         device_id = None if self.store.shared else self._devices.get(hashed)
@@ -260,16 +287,22 @@ class FederationService:
             self._devices.clear()
         self._devices[hashed] = device_id
 
-    @serialised
     def checkin(
         self, token: str, job_name: str, request: CheckinRequest, *, inline: bool = False
     ) -> CheckinResponse:
         """Admit the device to the job's open round, or tell it when to come back.
 
+        A device that cannot be admitted now (the round is full, the job paused or
+        finished) is answered from this worker's recent view of the job, without
+        writing or locking anything (`fedclient.server.job_snapshots`); the others are
+        decided in the database.
+
         ``inline``: the answer can carry bytes (msgpack), so an admission brings the
         round's model when the device does not hold it and it fits the device's
         ``inline_model_max``."""
-        answer = self._checkin(token, job_name, request)
+        answer = self.turned_away(token, job_name)
+        if answer is None:
+            answer = self._checkin(self.authenticate(token), job_name, request)
         if not (inline and isinstance(answer, Admitted) and request.inline_model_max > 0):
             return answer
         version = answer.plan.model_version
@@ -280,18 +313,33 @@ class FederationService:
             return answer
         return Admitted(answer.plan, body, etag)
 
-    def _checkin(self, token: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
-        device_id = self.authenticate(token)
+    def turned_away(self, token: str, job_name: str) -> CheckinResponse | None:
+        """The answer to a check-in that cannot be admitted now, from this worker's
+        recent view of the job (`fedclient.server.job_snapshots`: no write, no lock, no
+        read of the device); None when the exact path must decide. Where job status is
+        private, the token is checked first (a read)."""
+        if not self.operator.public_status:
+            self.authenticate(token)
+        return self.snapshots.not_now(job_name, hash_token(token), self.clock())
+
+    def _checkin(self, device_id: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
+        with self.store.exclusive(lock=False):
+            job = self.store.job(job_name)
+            with self.store.exclusive(lock=job is None or not unlocked(job)):
+                return self._admit(device_id, job_name, request)
+
+    def _admit(self, device_id: str, job_name: str, request: CheckinRequest) -> CheckinResponse:
         job = self.job(job_name)
         now = self.clock()
         if self.rounds.advance(now):  # a round closed: the job moved on
             job = self.job(job_name)
         if job.status in ("finished", "stopped"):
             return JobFinished(job.model_version)
-        if job.status == "paused":
-            return RetryLater(PAUSED_RETRY, "the job is paused")
         round_ = self.store.latest_rounds(job.name, 1)[0]
-        assert round_.status == "open"
+        if round_.status != "open":  # another worker closed it since: come back soon
+            return RetryLater(1.0, "the round is closing")
+        if job.status == "paused":
+            return RetryLater(spread(PAUSED_RETRY, device_id, round_.round_id), "the job is paused")
         if job.plan.job.mode == "async":
             return self._checkin_async(job, round_, device_id, now)
         wait = max(1.0, round_.deadline - now)
@@ -303,7 +351,8 @@ class FederationService:
         if job.plan.selection.name and self.pools.chosen(round_.round_id, device_id) is False:
             return RetryLater(wait, NOT_SELECTED)  # a candidate; the picked were admitted
         if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
-            return RetryLater(wait, "the round is full")
+            self.snapshots.forget(job.name)  # it filled since this worker last looked
+            return RetryLater(spread(wait, device_id, round_.round_id), ROUND_FULL)
         if job.plan.selection.name:
             not_yet = self._select(job, round_, device_id, now)
             if not_yet is not None:
@@ -320,11 +369,13 @@ class FederationService:
             self.store.set_device_identity(
                 device_id, request.identity_key, request.identity_certificate
             )
-        self.store.admit(round_.round_id, device_id, now)  # one statement: atomic as it is
-        if job.plan.privacy.secagg and (
-            self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round
-        ):
-            self._open_secure(job, round_)
+        if not self.store.admit_within(round_.round_id, device_id, now, job.plan.admit_per_round):
+            self.snapshots.forget(job.name)  # another worker filled it meanwhile
+            return RetryLater(spread(wait, device_id, round_.round_id), ROUND_FULL)
+        if self.store.admitted_count(round_.round_id) >= job.plan.admit_per_round:
+            self.snapshots.forget(job.name)  # full now: the next check-ins are turned away
+            if job.plan.privacy.secagg:
+                self._open_secure(job, round_)
         return Admitted(self._plan(job, round_, device_id))
 
     def _select(
@@ -454,28 +505,48 @@ class FederationService:
         with self.store.atomic():
             self.store.add_evaluation(round_id, device_id, *evaluation)
 
-    @serialised
     def model(self, token: str, job_name: str, version: int) -> tuple[bytes, str]:
-        """A model version's body and ETag."""
-        self.authenticate(token)
-        self.job(job_name)
-        try:
-            return self._model_body(job_name, version)
-        except KeyError:
-            raise NotFound(f"job {job_name!r} has no model version {version}") from None
+        """A model version's body and ETag (immutable once stored: read without the
+        cluster-wide lock, which every admitted device's download would otherwise take)."""
+        with self.store.exclusive(lock=False):
+            self.authenticate(token)
+            self.job(job_name)
+            try:
+                return self._model_body(job_name, version)
+            except KeyError:
+                raise NotFound(f"job {job_name!r} has no model version {version}") from None
 
-    @serialised
+    def _round_facts(self, round_id: int) -> tuple[int, bool] | None:
+        """What never changes of a round: the largest upload its job takes, and whether
+        its uploads run without the cluster-wide lock (`unlocked`). None if no round."""
+        facts = self._facts.get(round_id)
+        if facts is None:
+            with self.store.exclusive(lock=False):
+                round_ = self.store.round(round_id)
+                job = self.store.job(round_.job) if round_ is not None else None
+                if job is None:
+                    return None
+                if len(self._facts) >= 4096:
+                    self._facts.clear()
+                facts = self._facts[round_id] = (job.plan.job.max_upload_bytes, unlocked(job))
+        return facts
+
     def upload_limit(self, round_id: int) -> int:
         """The largest upload body the round accepts."""
-        round_ = self.store.round(round_id)
-        job = self.store.job(round_.job) if round_ else None
-        return job.plan.job.max_upload_bytes if job else 64 * 1024 * 1024
+        facts = self._round_facts(round_id)
+        return facts[0] if facts is not None else 64 * 1024 * 1024
 
-    @serialised
     def upload(
         self, token: str, round_id: int, idempotency_key: str | None, body: bytes
     ) -> UploadReceipt:
         """Accept one update, exactly once per idempotency key."""
+        facts = self._round_facts(round_id)
+        with self.store.exclusive(lock=facts is None or not facts[1]):
+            return self._upload(token, round_id, idempotency_key, body)
+
+    def _upload(
+        self, token: str, round_id: int, idempotency_key: str | None, body: bytes
+    ) -> UploadReceipt:
         device_id = self.authenticate(token)
         key = check_key(idempotency_key)
         previous, job, round_ = self._admissible(device_id, round_id, key)
@@ -573,8 +644,12 @@ class FederationService:
     ) -> tuple[UploadReceipt | None, JobRow, RoundRow]:
         """The receipt already given for ``key``, or the (job, round) that may take an update."""
         now = self.clock()
-        self.rounds.advance(now)
         round_ = self.store.round(round_id)
+        if not self.store.shared or round_ is None or now >= round_.deadline:
+            # Shared: the round's quota is met by the upload that meets it (`_accept`)
+            # and its deadline by the timer; closed here only if it is due.
+            self.rounds.advance(now)
+            round_ = self.store.round(round_id)
         if round_ is None:
             raise NotFound(f"no round {round_id}")
         job = self.job(round_.job)
@@ -591,7 +666,9 @@ class FederationService:
             raise RoundClosed(f"round {round_id} is closed ({round_.reason})")
         if not self.store.is_admitted(round_id, device_id):
             raise Forbidden(f"device was not admitted to round {round_id}")
-        if self.store.has_update(round_id, device_id):
+        if not self.store.shared and self.store.has_update(round_id, device_id):
+            # Shared: asked again, with the device's other requests held off, as the
+            # update is accepted (`_still_admissible`).
             raise Conflict(f"device already uploaded an update for round {round_id}")
         return None, job, round_
 
@@ -632,6 +709,12 @@ class FederationService:
         receipt_id = uuid.uuid4().hex
         try:
             with self.store.atomic():
+                # What was checked before reading the body, again, now that it holds:
+                # the round stays open and the device's other requests wait until this
+                # transaction ends, on any worker.
+                previous = self._still_admissible(job, round_, target, device_id, key, now)
+                if previous is not None:
+                    return previous
                 if spent is not None:
                     self.store.record_privacy_spent(job.name, device_id, spent)
                 if job.plan.job.mode == "async":
@@ -649,25 +732,58 @@ class FederationService:
                     now,
                     staleness,
                 )
-                self.rounds.hold_decoded(receipt_id, tensors)
+                self.rounds.hold_decoded(receipt_id, tensors, target.round_id)
                 if job.plan.selection.name:
                     self.pools.record(
                         job.name, round_.round_id, device_id, num_examples, train_loss, now
                     )
-                if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
-                    self.rounds.close(job, target, now, "quota")
-                else:
-                    self.rounds.accepted(job, target.round_id)
+                self.rounds.accepted(job, target.round_id)
         except BaseException:
             self.rounds.drop_decoded(receipt_id)  # the update was not stored after all
             raise
         if self.metrics is not None:
             self.metrics.updates.labels(job.name).inc()
+        # The update is in (on a shared database, committed): the quota, counted over
+        # every worker's updates, may be met. Two workers that both see it try to close
+        # the round; one does (`SyncRounds.close`).
+        if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
+            self.rounds.close(job, target, now, "quota")
         return _receipt(row)
 
-    @serialised
+    def _still_admissible(
+        self,
+        job: JobRow,
+        trained: RoundRow,
+        target: RoundRow,
+        device_id: str,
+        key: str,
+        now: float,
+    ) -> UploadReceipt | None:
+        """Inside the accepting transaction: the round that takes the update is open and
+        stays so until it ends (`ServerStore.hold_round`), the device holds its place
+        (a row lock: its other requests wait), and its key and round are still unused;
+        the receipt already given for ``key``, if another request of the device took it
+        meanwhile."""
+        status = self.store.hold_round(target.round_id)
+        if status != "open":
+            if job.plan.job.mode == "sync" and now >= target.deadline:
+                raise DeadlinePassed(f"round {target.round_id} closed at its deadline")
+            raise RoundClosed(f"round {target.round_id} is closed")
+        if not self.store.hold_admission(trained.round_id, device_id):
+            raise Forbidden(f"device holds no admission to round {trained.round_id}")
+        previous, contributed = self.store.prior_update(device_id, key, target.round_id)
+        if previous is not None:
+            return _receipt(previous)
+        if job.plan.job.mode == "sync" and contributed:
+            raise Conflict(f"device already uploaded an update for round {target.round_id}")
+        return None
+
     def job_status(self, job_name: str) -> JobStatus:
         """The job's progress and current round."""
+        with self.store.exclusive(lock=False):
+            return self._job_status(job_name)
+
+    def _job_status(self, job_name: str) -> JobStatus:
         self.rounds.advance(self.clock())
         job = self.job(job_name)
         latest = self.store.latest_rounds(job_name, 2)
@@ -688,9 +804,12 @@ class FederationService:
             self.store.privacy_spent(job.name),
         )
 
-    @serialised
     def round_status(self, job_name: str, number: int) -> RoundSummary:
         """One round of a job."""
+        with self.store.exclusive(lock=False):
+            return self._round_status(job_name, number)
+
+    def _round_status(self, job_name: str, number: int) -> RoundSummary:
         self.rounds.advance(self.clock())
         round_ = self.store.round_by_number(self.job(job_name).name, number)
         if round_ is None:
@@ -802,6 +921,18 @@ class FederationService:
         held = self.store.strategy_state(job_name)
         state = decode_state(held) if held else {}
         return encode_tensors(self.rounds.strategy_for(job.plan).broadcast(state))
+
+
+class _TokenTaken(Exception):
+    """Another request enrolled the same token meanwhile (its transaction rolls back)."""
+
+
+def unlocked(job: JobRow) -> bool:
+    """Whether the job's check-ins and uploads run without the cluster-wide lock: a sync
+    job without secure aggregation or selection (their state machines read, then write,
+    several rows across requests, and keep the lock)."""
+    plan = job.plan
+    return plan.job.mode == "sync" and not plan.selection.name and not plan.privacy.secagg
 
 
 def _session(row: SessionRow) -> UploadSession:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ from fedclient.protocol import JobPlan
 from fedclient.server.database import Database, SqliteDatabase, connect, is_postgres
 from fedclient.server.device_rows import DeviceRows
 from fedclient.server.exchange_rows import ExchangeRows
+from fedclient.server.model_rows import ModelRows
+from fedclient.server.round_parts import RoundParts
 from fedclient.server.schema import (
     MIGRATIONS,
     SCHEMA,
@@ -63,11 +66,13 @@ _UPDATE_COLUMNS_NO_BODY = _UPDATE_COLUMNS.replace("body,", "NULL,").replace(
 KEPT_ROUNDS = 64
 
 
-class ServerStore(DeviceRows, ExchangeRows):
+class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
     """All server state in one database: a SQLite file (or ``":memory:"``), or a
     PostgreSQL database (``postgresql://...``) that several workers share. Devices and
     enrolment codes (`DeviceRows`), secure-aggregation logs and chunked uploads
-    (`ExchangeRows`) are kept in rows of their own, by the same database."""
+    (`ExchangeRows`), model versions and what else a job learns (`ModelRows`), and
+    each worker's count and partial sum of a round (`RoundParts`) are kept in rows of
+    their own, by the same database."""
 
     def __init__(self, url: str | Path = ":memory:", *, lock_file: bool = False) -> None:
         """``lock_file``: a SQLite file is served by this store's process alone; another
@@ -89,10 +94,19 @@ class ServerStore(DeviceRows, ExchangeRows):
         self._update_counts: dict[int, int] = {}
         self._updated: dict[int, set[str]] = {}  # round -> the devices with an update in it
         self._admitted: dict[int, set[str]] = {}  # round -> its admitted devices
+        #: Moves whenever this store writes a job's status or a round's, or loses writes
+        #: (a rollback): a view of a job read earlier holds while it has not moved
+        #: (`fedclient.server.job_snapshots`).
+        self.changes = 0
+        #: This worker's name among those that share the database: the updates it takes
+        #: and the partial sum it folds them into are its own (`fold_mine`). One process
+        #: serves a SQLite file: its name is empty.
+        self.worker = uuid.uuid4().hex[:12] if self.db.shared else ""
+        self._waiting = None
         #: Where update bodies are appended (`spool_bodies`), or None: in the database.
         self._spool: BodySpool | None = None
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
-        self.db.on_rollback.append(self._forget)  # a group commit failed
+        self.db.on_rollback.append(self._rolled_back)  # a group commit failed
         with self.exclusive(), self.atomic():  # workers starting together migrate once
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -157,20 +171,27 @@ class ServerStore(DeviceRows, ExchangeRows):
             with self.db.atomic():
                 yield
         except BaseException:
-            self._forget()
+            self._rolled_back()
             raise
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Serve one request: no other worker of a shared database serves one until the
-        block ends (re-entrant). Every handler runs inside one."""
-        with self.db.exclusive() as outermost:
-            if outermost and self.db.shared:
-                self._forget()  # another worker may have written since the last block
+    def exclusive(self, *, lock: bool = True) -> Iterator[None]:
+        """Serve one request (re-entrant; every handler runs inside one). With ``lock``,
+        alone: no other worker of a shared database serves a locked block until it ends.
+        Without, beside the others: what it writes must hold whatever they do meanwhile
+        (conditional updates, row locks: `admit_within`, `hold_round`, `claim_close`)."""
+        with self.db.exclusive(lock=lock) as fresh:
+            if fresh and self.db.shared:
+                self._forget()  # another worker may have written since
             yield
+
+    def _rolled_back(self) -> None:
+        self._forget()
+        self.changes += 1
 
     def _forget(self) -> None:
         """Drop every row kept in memory; the next reads come from the database."""
+        self._waiting = None
         self._jobs.clear()
         self._forget_rounds()
         self._update_counts.clear()
@@ -244,7 +265,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             "INSERT INTO jobs VALUES (?, ?, 'running', 0, 0, 0)",
             [plan.job.name, msgspec.json.encode(plan).decode()],
         )
-        self._jobs.pop(plan.job.name, None)
+        self._forget_job(plan.job.name)
 
     def job(self, name: str) -> JobRow | None:
         """A job by name."""
@@ -254,11 +275,41 @@ class ServerStore(DeviceRows, ExchangeRows):
         row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
         if row is None:
             return None
+        job = self._jobs[name] = self._job_row(row)
+        return job
+
+    def _job_row(self, row: Sequence[Any]) -> JobRow:
         plan = self._plans.get(row[1])
         if plan is None:  # plans are frozen: decode each stored text once, not per request
             plan = self._plans[row[1]] = msgspec.json.decode(row[1], type=JobPlan)
-        job = self._jobs[name] = JobRow(row[0], plan, *row[2:])
+        return JobRow(row[0], plan, *row[2:])
+
+    def job_state(self, name: str) -> tuple[JobRow, RoundRow | None, int] | None:
+        """The job, its newest round and the places taken in it, read from the database
+        now (not from what this store keeps), in two indexed reads that write nothing."""
+        row = self.db.execute("SELECT * FROM jobs WHERE name=?", [name]).fetchone()
+        if row is None:
+            return None
+        newest = self.db.execute(
+            "SELECT r.*, coalesce(c.admitted, 0) FROM rounds r"
+            " LEFT JOIN round_counts c ON c.round_id = r.round_id"
+            " WHERE r.job=? ORDER BY r.number DESC LIMIT 1",
+            [name],
+        ).fetchone()
+        if newest is None:
+            return self._job_row(row), None, 0
+        return self._job_row(row), RoundRow(*newest[:-1]), int(newest[-1])
+
+    def reread_job(self, name: str) -> JobRow:
+        """The job as stored now (not as kept)."""
+        self._jobs.pop(name, None)
+        job = self.job(name)
+        assert job is not None
         return job
+
+    def _forget_job(self, name: str) -> None:
+        self._jobs.pop(name, None)
+        self.changes += 1
 
     def jobs(self) -> list[JobRow]:
         """Every job."""
@@ -268,7 +319,7 @@ class ServerStore(DeviceRows, ExchangeRows):
     def set_job_status(self, name: str, status: str) -> None:
         """Pause, resume or stop a job (its progress stays)."""
         self.db.execute("UPDATE jobs SET status=? WHERE name=?", [status, name])
-        self._jobs.pop(name, None)
+        self._forget_job(name)
 
     def update_job(
         self,
@@ -285,55 +336,7 @@ class ServerStore(DeviceRows, ExchangeRows):
             " WHERE name=?",
             [status, model_version, rounds_completed, rounds_failed, name],
         )
-        self._jobs.pop(name, None)
-
-    def add_model(self, job: str, version: int, body: bytes, etag: str, now: float) -> None:
-        """Store a model version (immutable once written)."""
-        self.db.execute(
-            "INSERT INTO models VALUES (?, ?, ?, ?, ?)", [job, version, body, etag, now]
-        )
-
-    def model(self, job: str, version: int) -> tuple[bytes, str] | None:
-        """A model version's (body, etag)."""
-        row = self.db.execute(
-            "SELECT body, etag FROM models WHERE job=? AND version=?", [job, version]
-        ).fetchone()
-        return (bytes(row[0]), str(row[1])) if row else None
-
-    def strategy_state(self, job: str) -> bytes | None:
-        """The job's strategy memory (momentum, moments), if it has any."""
-        row = self.db.execute("SELECT body FROM strategy_state WHERE job=?", [job]).fetchone()
-        return bytes(row[0]) if row else None
-
-    def save_strategy_state(self, job: str, body: bytes) -> None:
-        """Keep the job's strategy memory."""
-        self.db.execute(
-            "INSERT INTO strategy_state VALUES (?, ?)"
-            " ON CONFLICT (job) DO UPDATE SET body = excluded.body",
-            [job, body],
-        )
-
-    def record_privacy_spent(self, job: str, device_id: str, epsilon: float) -> None:
-        """What a device reports it has spent on the job (local DP)."""
-        self.db.execute(
-            "INSERT INTO privacy_spent VALUES (?, ?, ?) ON CONFLICT (job, device_id)"
-            " DO UPDATE SET epsilon = CASE WHEN excluded.epsilon > privacy_spent.epsilon"
-            " THEN excluded.epsilon ELSE privacy_spent.epsilon END",
-            [job, device_id, epsilon],
-        )
-
-    def privacy_spent(self, job: str) -> dict[str, float]:
-        """The fleet's budget use: devices, and the most and mean epsilon they spent."""
-        row = self.db.execute(
-            "SELECT count(*), max(epsilon), avg(epsilon) FROM privacy_spent WHERE job=?", [job]
-        ).fetchone()
-        if not row or not row[0]:
-            return {}
-        return {
-            "devices": float(row[0]),
-            "max_epsilon": float(row[1]),
-            "mean_epsilon": float(row[2]),
-        }
+        self._forget_job(name)
 
     # -- rounds ----------------------------------------------------------------
     def open_round(
@@ -345,8 +348,45 @@ class ServerStore(DeviceRows, ExchangeRows):
             " VALUES (?, ?, 'open', ?, ?, ?) RETURNING round_id",
             [job, number, model_version, now, deadline],
         ).fetchall()[0]  # all: a RETURNING statement stays active until read to its end
+        # Its counters, so that admissions are one conditional update (`admit_within`).
+        self.db.execute("INSERT INTO round_counts (round_id) VALUES (?)", [row[0]])
         self._forget_rounds()
+        self.changes += 1
         return int(row[0])
+
+    def claim_close(self, round_id: int) -> bool:
+        """Whether this transaction closes the round: the first to ask while it is open
+        (a conditional update; a second asker waits for the first to end, then finds it
+        closed). Uploads in flight hold it open until they end (`hold_round`)."""
+        rows = self.db.execute(
+            "UPDATE rounds SET status='closing' WHERE round_id=? AND status='open'"
+            " RETURNING round_id",
+            [round_id],
+        ).fetchall()
+        self._forget_rounds()
+        return bool(rows)
+
+    def hold_round(self, round_id: int) -> str | None:
+        """The round's status, read so that it stays so until this transaction ends: on
+        a shared database, a share lock on its row, which a close (`claim_close`) waits
+        for. None if there is no such round."""
+        lock = " FOR SHARE" if self.db.shared else ""
+        row = self.db.execute(
+            f"SELECT status FROM rounds WHERE round_id=?{lock}", [round_id]
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def hold_admission(self, round_id: int, device_id: str) -> bool:
+        """Whether the device holds a place in the round, read so that its other requests
+        wait until this transaction ends (a row lock, on a shared database): one update
+        per device and round, whichever worker each of its requests reaches."""
+        if not self.db.shared:
+            return self.is_admitted(round_id, device_id)
+        row = self.db.execute(
+            "SELECT 1 FROM admissions WHERE round_id=? AND device_id=? FOR UPDATE",
+            [round_id, device_id],
+        ).fetchone()
+        return row is not None
 
     def round(self, round_id: int) -> RoundRow | None:
         """A round by id."""
@@ -397,7 +437,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         if self._spool is not None:
             self._spool.discard(round_id)
-        self.db.execute("DELETE FROM round_sums WHERE round_id=?", [round_id])
+        self.db.execute("UPDATE round_parts SET body=NULL WHERE round_id=?", [round_id])
         self.db.execute("DELETE FROM secure_events WHERE round_id=?", [round_id])
         self.db.execute(
             "DELETE FROM upload_parts WHERE (device_id, upload_id) IN"
@@ -406,6 +446,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         self.db.execute("DELETE FROM upload_sessions WHERE round_id=?", [round_id])
         self._forget_rounds()
+        self.changes += 1
         self._updated.pop(round_id, None)  # rarely asked of a closed round: read if it is
         self._admitted.pop(round_id, None)
 
@@ -421,6 +462,31 @@ class ServerStore(DeviceRows, ExchangeRows):
         if round_id in self._admitted:
             self._admitted[round_id].add(device_id)
 
+    def admit_within(self, round_id: int, device_id: str, now: float, places: int) -> bool:
+        """Admit a device if the round has fewer than ``places`` admitted: one conditional
+        update of its count decides, whichever worker asks (its row is locked until the
+        transaction ends). False when it is full; a device admitted meanwhile by another
+        request of its own keeps its one place."""
+        with self.atomic():
+            taken = self.db.execute(
+                "UPDATE round_counts SET admitted = admitted + 1"
+                " WHERE round_id=? AND admitted < ? RETURNING admitted",
+                [round_id, places],
+            ).fetchall()
+            if not taken:
+                return False
+            added = self.db.execute(
+                "INSERT INTO admissions (round_id, device_id, admitted_at, seq) VALUES (?, ?, ?,"
+                " (SELECT coalesce(max(seq), 0) + 1 FROM admissions WHERE round_id = ?))"
+                " ON CONFLICT DO NOTHING RETURNING seq",
+                [round_id, device_id, now, round_id],
+            ).fetchall()
+            if not added:  # admitted already: give the place back
+                self._count(round_id, "admitted", -1)
+        if round_id in self._admitted:
+            self._admitted[round_id].add(device_id)
+        return True
+
     def withdraw(self, round_id: int, device_id: str) -> None:
         """Free a device's place in a round."""
         cursor = self.db.execute(
@@ -428,6 +494,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         )
         if cursor.rowcount:
             self._count(round_id, "admitted", -1)
+            self.changes += 1  # a full round has a place again
         if round_id in self._admitted:
             self._admitted[round_id].discard(device_id)
 
@@ -497,6 +564,15 @@ class ServerStore(DeviceRows, ExchangeRows):
         ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def admitted_token_hashes(self, round_id: int) -> list[str]:
+        """The token hashes of the round's admitted devices."""
+        rows = self.db.execute(
+            "SELECT d.token_hash FROM admissions a JOIN devices d ON d.device_id = a.device_id"
+            " WHERE a.round_id=?",
+            [round_id],
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def admitted_count(self, round_id: int) -> int:
         """Places taken in the round."""
         if self.db.shared:
@@ -523,7 +599,7 @@ class ServerStore(DeviceRows, ExchangeRows):
         seq = self.db.execute(
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
             " num_examples, train_loss, body, received_at, staleness, spool_offset,"
-            " spool_length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            " spool_length, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
             [
                 round_id,
                 device_id,
@@ -536,9 +612,10 @@ class ServerStore(DeviceRows, ExchangeRows):
                 staleness,
                 offset,
                 None if offset is None else len(body),
+                self.worker,
             ],
         ).fetchall()[0][0]
-        self._count(round_id, "updates", 1)
+        self.count_update(round_id)
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
         if round_id in self._updated:
@@ -556,24 +633,6 @@ class ServerStore(DeviceRows, ExchangeRows):
             staleness,
         )
 
-    def add_evaluation(
-        self, round_id: int, device_id: str, correct: int, loss_sum: float, examples: int
-    ) -> None:
-        """Record what a device measured of the round's model (once per device)."""
-        self.db.execute(
-            "INSERT INTO evaluations VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [round_id, device_id, correct, loss_sum, examples],
-        )
-
-    def evaluation(self, round_id: int) -> tuple[int, int, float, int]:
-        """The round's federated evaluation: devices, correct, loss sum, examples."""
-        row = self.db.execute(
-            "SELECT count(*), sum(correct), sum(loss_sum), sum(examples) FROM evaluations"
-            " WHERE round_id=?",
-            [round_id],
-        ).fetchone()
-        return int(row[0]), int(row[1] or 0), float(row[2] or 0.0), int(row[3] or 0)
-
     def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
         """The update a device sent with an idempotency key (its receipt: ``body`` None)."""
         row = self.db.execute(
@@ -582,6 +641,20 @@ class ServerStore(DeviceRows, ExchangeRows):
             [device_id, key],
         ).fetchone()
         return self._update_row(row) if row else None
+
+    def prior_update(
+        self, device_id: str, key: str, round_id: int
+    ) -> tuple[UpdateRow | None, bool]:
+        """In one read: the update the device sent with ``key`` (its receipt), and
+        whether it has an update in the round."""
+        rows = self.db.execute(
+            f"SELECT {_UPDATE_COLUMNS_NO_BODY} FROM updates"
+            " WHERE device_id=? AND (idempotency_key=? OR round_id=?)",
+            [device_id, key, round_id],
+        ).fetchall()
+        found = [self._update_row(row) for row in rows]
+        by_key = next((u for u in found if u.idempotency_key == key), None)
+        return by_key, any(u.round_id == round_id for u in found)
 
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
@@ -592,7 +665,7 @@ class ServerStore(DeviceRows, ExchangeRows):
     def update_count(self, round_id: int) -> int:
         """Updates accepted in the round."""
         if self.db.shared:
-            return self._counted(round_id, "updates")
+            return self.taken(round_id)
         count = self._update_counts.get(round_id)
         if count is None:
             row = self.db.execute(
@@ -602,16 +675,20 @@ class ServerStore(DeviceRows, ExchangeRows):
         return count
 
     def updates(
-        self, round_id: int, *, bodies: bool = True, unfolded: bool = False
+        self, round_id: int, *, bodies: bool = True, unfolded: bool = False, mine: bool = False
     ) -> list[UpdateRow]:
         """The round's updates, in the order they were received (``bodies=False``: with
         ``body`` None, for a caller that holds them decoded; see `update_body`).
-        ``unfolded``: only those whose bodies are still stored (not yet folded into the
-        round's running sum)."""
+        ``unfolded``: only those whose bodies are still stored (not yet folded into a
+        partial sum of the round). ``mine``: only those this worker took."""
         columns = _UPDATE_COLUMNS if bodies else _UPDATE_COLUMNS_NO_BODY
         where = " AND (body IS NOT NULL OR spool_offset IS NOT NULL)" if unfolded else ""
+        params: list[Any] = [round_id]
+        if mine:
+            where += " AND worker=?"
+            params.append(self.worker)
         rows = self.db.execute(
-            f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", [round_id]
+            f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", params
         ).fetchall()
         return [self._update_row(row) for row in rows]
 
@@ -622,36 +699,6 @@ class ServerStore(DeviceRows, ExchangeRows):
             [round_id, count],
         ).fetchall()
         return [int(r[0]) for r in rows]
-
-    def round_sum(self, round_id: int) -> tuple[bytes, float, int] | None:
-        """The round's running sum as stored: its body, total weight and update count."""
-        row = self.db.execute(
-            "SELECT body, weight, count FROM round_sums WHERE round_id=?", [round_id]
-        ).fetchone()
-        return (bytes(row[0]), float(row[1]), int(row[2])) if row else None
-
-    def round_sum_count(self, round_id: int) -> int:
-        """How many updates the round's running sum holds (0 before its first fold)."""
-        row = self.db.execute(
-            "SELECT count FROM round_sums WHERE round_id=?", [round_id]
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    def save_round_sum(
-        self, round_id: int, body: bytes, weight: float, count: int, folded: list[int]
-    ) -> None:
-        """Store the round's running sum and drop the bodies of the updates (``folded``,
-        their seqs) it now holds: in the caller's transaction, so each is counted once."""
-        self.db.execute(
-            "INSERT INTO round_sums VALUES (?, ?, ?, ?) ON CONFLICT (round_id)"
-            " DO UPDATE SET body = excluded.body, weight = excluded.weight,"
-            " count = excluded.count",
-            [round_id, body, weight, count],
-        )
-        self.db.executemany(
-            "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE seq=?",
-            [[q] for q in folded],
-        )
 
     def update_body(self, seq: int) -> bytes | None:
         """One update's body (None once its round closed)."""

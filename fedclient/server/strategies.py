@@ -192,6 +192,16 @@ class RunningSum:
         self.weight += weight
         self.count += 1
 
+    def merge(self, other: RunningSum) -> None:
+        """Add another sum's updates (a partial sum of the same round) to this one."""
+        for name, total in other.sums.items():
+            if name in self.sums:
+                self.sums[name] += total
+            else:
+                self.sums[name] = total.astype(np.float64, copy=True)
+        self.weight += other.weight
+        self.count += other.count
+
     def mean(self) -> dict[str, np.ndarray]:
         """The weighted mean of what was folded in."""
         if self.count == 0 or self.weight <= 0:

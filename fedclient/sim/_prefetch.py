@@ -37,6 +37,7 @@ GZIP_FILES: dict[str, tuple[str, ...]] = {
         "t10k-images-idx3-ubyte.gz",
         "t10k-labels-idx1-ubyte.gz",
     ),
+    "shakespeare": ("shakespeare_speeches.jsonl.gz",),
 }
 
 

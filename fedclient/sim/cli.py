@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args, reports)
         if args.enrolment_secret_file:
             args.enrolment_credential = _read_secret(args.enrolment_secret_file)
+        if args.partition is None and args.dataset == "shakespeare":
+            args.partition = "natural"  # Shakespeare's devices are its roles
         config = _config(args)
         report = _simulate(config, args.quiet)
     except FedError as exc:
@@ -175,9 +177,31 @@ def _config(args: argparse.Namespace) -> Any:
                 f"two seeds: --seed {given['seed']} and the plan's [job] seed = {planned}: "
                 "a run has one; give one"
             )
+    remote_only = [name for name in ("ca_bundle", "server_patience") if name in given]
+    if remote_only and args.server is None:
+        raise InvalidInput(
+            f"{', '.join(flag_name(n) for n in remote_only)}: only with --server (a remote server)"
+        )
     if args.partition == "natural" and "devices" in given:
         raise InvalidInput("--partition natural makes one device per user: drop --devices")
+    if "plan_file" in given:  # where the run found it, as its plugins are: replay runs anywhere
+        given["plan_file"] = str(Path(given["plan_file"]).resolve())
     return SimulationConfig(**given)
+
+
+def _recorded_plan(plan_file: str, report: Path) -> str:
+    """The plan a report's run read: where the report says, else (a folder of runs moved
+    elsewhere) the file of that name beside the report or in its ``plans`` folder."""
+    from fedclient._exceptions import InvalidInput
+
+    recorded = Path(plan_file)
+    candidates = [recorded, report.parent / recorded.name, report.parent / "plans" / recorded.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise InvalidInput(
+        f"the plan {plan_file} that {report} was run with is not there, nor beside the report"
+    )
 
 
 def _replay(args: argparse.Namespace, reports: Any) -> int:
@@ -197,6 +221,8 @@ def _replay(args: argparse.Namespace, reports: Any) -> int:
         for plugin in original.get("plugins", {}).values():
             find_recorded(plugin)  # where the run found it, wherever this runs from
         config = SimulationConfig(**original["config"])
+        if config.plan_file is not None:
+            config.plan_file = _recorded_plan(config.plan_file, path)
         if args.data_dir:
             config.data_dir = args.data_dir
         out = args.out or str(path).removesuffix(".json") + ".replay.json"

@@ -33,7 +33,15 @@ __all__ = [
 ]
 
 #: Settings that do not make two runs different configurations.
-_NOT_CONFIGURATION = ("seed", "plan_file", "data_dir", "state_dir", "workers", "save_model")
+_NOT_CONFIGURATION = (
+    "seed",
+    "plan_file",
+    "data_dir",
+    "state_dir",
+    "workers",
+    "save_model",
+    "server_patience",
+)
 
 
 @dataclass

@@ -97,6 +97,7 @@ class SimulationConfig:
     partition: str = "iid"
     seed: int = 0
     holdout: int = 0  # training examples (drawn with the seed) the devices never get
+    max_examples: int | None = None  # each device keeps at most this many (drawn with the seed)
     fleet: str = "phones"
     availability: str = "always"  # always | diurnal[:...] | trace:PATH (sim.availability)
     epochs: int | None = None
@@ -123,6 +124,7 @@ class SimulationConfig:
     plan_file: str | None = None  # a TOML plan (fedserver's): it sets the job, not the flags
     enrolment_credential: str | None = None  # for a remote server whose enrolment is closed
     ca_bundle: str | None = None  # the CA bundle that verifies a remote server's certificate
+    server_patience: float = 60.0  # seconds a remote server may be away before the run ends
     dp: str = ""  # local DP: "epsilon=8,delta=1e-5,clip=1.0[,budget=E]"
     secagg: str = ""  # "", "secagg" or "secagg+": the server learns only each round's sum
     distributed_dp: bool = False  # with dp and secagg: the noise is shared, the sum is private
@@ -232,6 +234,11 @@ class SimulationConfig:
                     f" classes; {data.name} has {data.inputs} and {data.classes}"
                 )
             return plan
+        if data.windows is not None:
+            raise InvalidInput(
+                f"--dataset {data.name} trains a sequence model: give --plan with a fedconvert "
+                "bundle that takes token ids (examples/shakespeare/ makes one)"
+            )
         family = (
             "text"
             if data.texts is not None

@@ -116,6 +116,7 @@ async def simulate(
             None,
             credential=config.enrolment_credential,
             verify=config.ca_bundle or True,
+            patience=config.server_patience,
         )
     async with contextlib.AsyncExitStack() as stack:
         # The devices draw privacy noise from the seed, knowingly (the report says so):
@@ -187,6 +188,7 @@ async def simulate(
             for cause in ("deadline", "over_selection", "unavailable", "network", "budget")
         },
         "devices": devices,
+        "examples": sum(r.get("examples", 0) for r in rounds),  # sync rounds count them
         **({"privacy": privacy} if privacy else {}),
         **_federated_final(rounds),
         **personal,
@@ -416,6 +418,7 @@ async def _run_rounds(
             finish.append((at, work.device))
         trained_in_time = len(finish)  # trained, and online until their upload
         secured = 0  # devices whose masked input went into a secure sum
+        examples = 0  # examples the updates that arrived trained on (epochs or steps)
         if plan.privacy.secagg:
             # Secure aggregation: the stages advance together once the slowest device
             # finished training; each pass moves every device one stage on.
@@ -435,6 +438,7 @@ async def _run_rounds(
                         secured += outcome.status == "uploaded"
                         if outcome.status == "uploaded":
                             counted.append(i)
+                            examples += plan.train.work(registry.count(i))
                 pending = waiting
                 if not pending:
                     break
@@ -453,6 +457,7 @@ async def _run_rounds(
                 cut += uploaded.status == "discarded"
                 if uploaded.status == "uploaded":
                     counted.append(i)
+                    examples += plan.train.work(registry.count(i))
         await server.wait_closed(job, current.number, current.deadline)
         totals = await fleet.totals()
         # Every round that closed meanwhile (late uploads can outlive several short rounds).
@@ -513,6 +518,8 @@ async def _run_rounds(
                 else 0,
                 "bytes_up": totals["bytes_up"] - totals0["bytes_up"] if first else 0,
                 "bytes_down": totals["bytes_down"] - totals0["bytes_down"] if first else 0,
+                # Examples trained on (x epochs) in the updates that arrived this round.
+                "examples": examples if first else 0,
                 "round_seconds": round(elapsed, 3),
                 "simulated_seconds": round(sim_total, 3),
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),

@@ -18,8 +18,8 @@ def add_run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     run.add_argument(
         "--dataset",
         default="digits",
-        help="digits (bundled with scikit-learn); mnist, femnist or sms_spam (from "
-        "--data-dir); synthetic[:ALPHA,BETA] (LEAF's Synthetic, drawn per device on "
+        help="digits (bundled with scikit-learn); mnist, femnist, sms_spam or shakespeare "
+        "(from --data-dir); synthetic[:ALPHA,BETA] (LEAF's Synthetic, drawn per device on "
         "demand: any --devices); csv:PATH (with --text-column, --label-column, --user-column, "
         "--no-header) or npz:PATH (arrays x, y and optionally user)",
     )
@@ -62,8 +62,8 @@ def add_run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     run.add_argument("--rounds", type=int, help="(default 40)")
     run.add_argument(
         "--partition",
-        default="iid",
-        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user)",
+        help="iid | dirichlet:ALPHA | shards:K | natural (one device per user; the default "
+        "for shakespeare, iid for the others)",
     )
     run.add_argument(
         "--seed",
@@ -78,6 +78,13 @@ def add_run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         metavar="N",
         help="keep N training examples (drawn with the seed; Dataset.holdout) off the "
         "devices: the server's own data, e.g. the public data a model was pre-trained on",
+    )
+    run.add_argument(
+        "--max-examples",
+        type=int,
+        metavar="N",
+        help="each device keeps at most N of its training examples (drawn with the seed), "
+        "as a phone keeps part of its history; bounds a round's work on natural partitions",
     )
     run.add_argument(
         "--fleet",
@@ -120,6 +127,13 @@ def add_run_arguments(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "--ca-bundle",
         help="with --server: the CA bundle (PEM) that verifies the server's certificate "
         "(default: the system's CAs)",
+    )
+    run.add_argument(
+        "--server-patience",
+        type=float,
+        metavar="SECONDS",
+        help="with --server: how long a server that stopped answering (restarting, say) is "
+        "asked again before the run ends (default 60)",
     )
     run.add_argument("--state-dir", help="keep the devices' SQLite state here")
     run.add_argument(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import operator
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,9 +58,9 @@ from fedclient.server.database import Database
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset
 from fedclient.sim.devices import DeviceProfile
-from fedclient.sim.registry import DeviceRegistry, register_devices
+from fedclient.sim.registry import DeviceRegistry, keep_at_most, register_devices
 from fedclient.sim.trainpool import TrainPool
-from fedclient.transport import raise_for_error, ssl_context
+from fedclient.transport import is_retriable_status, raise_for_error, ssl_context
 
 __all__ = [
     "DEVICES_PER_STATE_FILE",
@@ -73,6 +74,7 @@ __all__ = [
     "device_token",
     "disable_secure_delete",
     "is_round_full",
+    "keep_at_most",
     "simulation_authority",
 ]
 
@@ -394,6 +396,14 @@ class Fleet:
             db.close()
 
 
+class _ServerAway(Exception):
+    """No answer, or one that says to ask again later (408, 429, 502, 503, 504)."""
+
+    def __init__(self, what: str, retry_after: float | None = None) -> None:
+        super().__init__(what)
+        self.retry_after = retry_after
+
+
 @dataclass
 class SimServer:
     """The server the fleet talks to, over HTTP: in-process (ASGI) or remote."""
@@ -408,14 +418,52 @@ class SimServer:
     observer: str = ""  # the driver's own device token, if a remote server wanted one
     verify: str | bool = True  # a remote server's certificate: a CA bundle, or the system's
 
+    patience: float = 60.0  # seconds a remote server may stop answering before the run ends
+
     async def _get(self, path: str, token: str = "") -> bytes:
+        """GET ``path`` from the server; a server that is away (no answer, 408, 429, 5xx
+        that passes) is asked again with backoff for up to ``patience`` seconds, as a
+        restarting server needs, then the run ends with a `TransportError` naming it."""
+        retry = RetryPolicy(
+            max_attempts=1_000, base_seconds=0.25, cap_seconds=5.0,
+            max_total_seconds=self.patience,
+        )  # fmt: skip
+        attempt, waited = 0, 0.0
+        while True:
+            attempt += 1
+            try:
+                return await self._get_once(path, token)
+            except _ServerAway as exc:
+                wait = retry.delay(attempt, waited, exc.retry_after)
+                if wait is None:
+                    raise TransportError(
+                        f"the server at {self.base_url} did not answer GET {path} for "
+                        f"{waited:.0f} s: {exc}"
+                    ) from None
+                print(
+                    f"fedsim: the server at {self.base_url} did not answer GET {path} ({exc}); "
+                    f"asking again in {wait:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            await asyncio.sleep(wait)
+            waited += wait
+
+    async def _get_once(self, path: str, token: str) -> bytes:
         if self.http is None:
             self.http = httpx.AsyncClient(
                 transport=self.transport, timeout=30, verify=ssl_context(self.verify)
             )
         token = token or self.observer
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        response = await self.http.get(self.base_url + path, headers=headers)
+        try:
+            response = await self.http.get(self.base_url + path, headers=headers)
+        except httpx.TransportError as exc:
+            raise _ServerAway(f"{type(exc).__name__}: {exc}") from None
+        if is_retriable_status(response.status_code):
+            header = response.headers.get("Retry-After", "")
+            after = float(header) if header.replace(".", "", 1).isdigit() else None
+            raise _ServerAway(f"HTTP {response.status_code}", after)
         if response.status_code == 401 and not token:
             # A server whose status is not public: the driver reads it as a device would.
             enrolled = await self.http.post(
@@ -424,7 +472,7 @@ class SimServer:
             )
             raise_for_error(enrolled)
             self.observer = str(enrolled.json()["token"])
-            return await self._get(path)
+            return await self._get_once(path, "")
         raise_for_error(response)
         return response.content
 

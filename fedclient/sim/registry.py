@@ -25,7 +25,14 @@ from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset, partition
 from fedclient.sim.devices import DeviceProfile, ProfileColumns, draw_profile_columns
 
-__all__ = ["LAZY_ORDER_DEVICES", "DeviceRegistry", "distinct_order", "register_devices"]
+__all__ = [
+    "LAZY_ORDER_DEVICES",
+    "MAX_EXAMPLES_STREAM",
+    "DeviceRegistry",
+    "distinct_order",
+    "keep_at_most",
+    "register_devices",
+]
 
 #: Fleets larger than this draw a round's check-in order as they go (`checkin_order`).
 LAZY_ORDER_DEVICES = 1_000_000
@@ -135,6 +142,23 @@ def distinct_order(n: int, rng: np.random.Generator, chunk: int = 4096) -> Itera
     yield from (int(i) for i in rng.permutation(rest))
 
 
+#: The random stream (with the run's seed, and the device) that draws the examples a
+#: device keeps under ``--max-examples``.
+MAX_EXAMPLES_STREAM = 0x3E4A
+
+
+def keep_at_most(parts: list[np.ndarray], count: int, seed: int) -> list[np.ndarray]:
+    """Each device's examples, at most ``count`` of them drawn with ``seed`` (in order): a
+    device that keeps part of its history (``fedsim --max-examples``)."""
+    kept = []
+    for i, part in enumerate(parts):
+        if len(part) > count:
+            drawn = np.random.default_rng([seed, MAX_EXAMPLES_STREAM, i]).permutation(part)
+            part = np.sort(drawn[:count])
+        kept.append(part)
+    return kept
+
+
 def register_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> DeviceRegistry:
     """The run's devices, drawn from its seed: each one's examples (the partition, or
     none to hold for a generated data set), its profile, the held-out data it
@@ -146,6 +170,8 @@ def register_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> 
         profiles = draw_profile_columns(config.devices, rng, config.fleet)
         return DeviceRegistry(config.devices, profiles, data, availability=availability)
     parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
+    if config.max_examples:
+        parts = keep_at_most(parts, config.max_examples, config.seed)
     profiles = draw_profile_columns(len(parts), rng, config.fleet)  # natural: one per user
     own_held_out: list[np.ndarray | None] | None = None
     if config.personalize:
@@ -182,6 +208,7 @@ def _check_generated(config: SimulationConfig, plan: JobPlan, data: Dataset) -> 
     asked = [
         flag
         for flag, on in (
+            ("--max-examples", config.max_examples),
             ("--personalize", config.personalize),
             ("--per-device", config.per_device),
             ("[evaluate]", plan.evaluate.every),

@@ -98,7 +98,7 @@ def plan_runs(
             name = f"{configuration}-seed{seed}"
             config = dataclasses.replace(base, **flags, seed=seed)
             if plan is not None:
-                written = out / "plans" / f"{name}.toml"
+                written = (out / "plans" / f"{name}.toml").resolve()
                 written.parent.mkdir(parents=True, exist_ok=True)
                 written.write_text(plan_toml(_variant(Path(plan), keys, seed)))
                 config = dataclasses.replace(config, plan_file=str(written))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,81 @@ def test_fit_returns_the_model_its_last_update_went_into(
     assert all(np.array_equal(model.get_weights()[k], v) for k, v in served.items())
 
 
+def test_fit_whose_round_fails_says_no_model_holds_its_update(
+    live_server: Any, digits: Dataset
+) -> None:
+    # README: fit "ends with the model that update went into". A round that fails (one
+    # update of the two min_devices asks, at the deadline) makes no such model: fit said
+    # nothing and returned version 0 as if it were.
+    import threading
+
+    live: LiveServer = live_server(devices_per_round=2, min_devices=2, rounds=3)
+    errors: list[BaseException] = []
+
+    def federate() -> None:
+        data = (digits.x_train[:100], digits.y_train[:100])
+        try:
+            fedclient.fit(
+                fedclient.models.mlp(64, 16, 10), data, federated=f"{live.url}/v1/jobs/digits"
+            )
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    worker = threading.Thread(target=federate)
+    worker.start()
+    store = live.server.store
+    while store.update_count(1) == 0:  # fit's update arrives, alone...
+        assert worker.is_alive()
+        threading.Event().wait(0.01)
+    live.server.clock.now += 61  # ...and the deadline passes
+    live.server.service.tick()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    (error,) = errors
+    assert isinstance(error, fedclient.FedError), error
+    assert "round 1" in str(error) and "fewer than min_devices=2" in str(error)
+    assert "still version 0" in str(error)
+
+
+class Recording(httpx.BaseTransport):
+    """Real HTTP, with the path of every request kept."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.paths: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("inline_model_max", [None, 0])
+def test_fit_takes_what_client_takes(
+    live_server: Any, digits: Dataset, inline_model_max: int | None
+) -> None:
+    # README: "fit takes what Client takes"; the same paragraph's inline_model_max
+    # among them (0: the model of the round comes by its own download, not inline).
+    live: LiveServer = live_server(devices_per_round=1, rounds=1)
+    data = (digits.x_train[:100], digits.y_train[:100])
+    wire = Recording()
+    options = {} if inline_model_max is None else {"inline_model_max": inline_model_max}
+    result = fedclient.fit(
+        fedclient.models.mlp(64, 16, 10),
+        data,
+        federated=f"{live.url}/v1/jobs/digits",
+        transport=wire,
+        **options,
+    )
+    assert (result.mode, result.reason, result.model_version) == ("federated", "rounds", 1)
+    downloads = wire.paths.count("/v1/models/digits/0")
+    assert downloads == (0 if inline_model_max is None else 1), wire.paths
+    with pytest.raises(TypeError, match="'inline_model_mx'"):
+        fedclient.fit(fedclient.models.mlp(64, 16, 10), data, inline_model_mx=0)
+
+
 @pytest.mark.parametrize(
     "url", ["digits", "ftp://host/jobs/x", "http://host/x", "http://host/jobs/"]
 )
@@ -245,6 +321,36 @@ def test_state_from_a_newer_fedclient_is_refused(tmp_path: Path) -> None:
     state.db.conn.commit()
     with pytest.raises(fedclient.StateError, match="newer"):
         fedclient.DeviceState(path)
+
+
+def _damaged(path: Path, kind: str) -> None:
+    if kind == "folder":  # state="app_data", the app's folder, not a file in it
+        path.mkdir()
+    elif kind == "not a database":
+        path.write_bytes(b"the app's own settings, not SQLite\n" * 200)
+    else:  # a state file cut short (a copy that stopped, a full disk)
+        state = fedclient.DeviceState(path)
+        state.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        state.db.close()
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("kind", ["folder", "not a database", "cut short"])
+@pytest.mark.parametrize("opener", ["Client", "ExampleStore"])
+def test_a_file_that_cannot_hold_the_state_is_a_state_error_naming_it(
+    tmp_path: Path, digits: Dataset, kind: str, opener: str
+) -> None:
+    # README: "Every error is a fedclient.FedError"; a file that is no SQLite database
+    # was a bare sqlite3.DatabaseError.
+    path = tmp_path / "fl.sqlite"
+    _damaged(path, kind)
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(fedclient.StateError, match=re.escape(str(path))):
+        if opener == "Client":
+            fedclient.Client("http://x", "digits", (digits.x_train, digits.y_train), state=path)
+        else:
+            fedclient.ExampleStore(path)
+    assert (path.read_bytes() if path.is_file() else None) == before  # nothing written
 
 
 def test_a_state_opened_again_on_a_checked_connection_reads_nothing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ a device that stops qualifying leaves the round (issue 25)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 import fedclient
 from fedclient.conditions import ConditionsUnmet
-from tests.conftest import Server
+from tests.conftest import LiveServer, Server
 
 pytestmark = pytest.mark.anyio
 
@@ -141,3 +142,84 @@ def test_conditions_look_at_most_every_check_every_seconds() -> None:
     assert looked[0] == 0  # an hour has not passed
     with pytest.raises(fedclient.InvalidInput):
         fedclient.Conditions(count, check_every=-1)
+
+
+def _sysfs(root: Path, supplies: dict[str, dict[str, str]]) -> Path:
+    """A /sys/class/power_supply as Linux lays it out: a folder per supply, a file per
+    attribute, each value ending in a newline."""
+    root.mkdir()
+    for name, attributes in supplies.items():
+        (root / name).mkdir()
+        for attribute, value in attributes.items():
+            (root / name / attribute).write_text(value + "\n")
+    return root
+
+
+AC = {"type": "Mains", "online": "1"}
+BATTERY = {"type": "Battery", "scope": "System", "status": "Discharging", "capacity": "80"}
+# A wireless mouse's battery (hid-*-battery): it powers the mouse, not this machine.
+MOUSE = {"type": "Battery", "scope": "Device", "status": "Discharging", "capacity": "5"}
+
+
+@pytest.mark.parametrize(
+    ("supplies", "charging", "battery_at_least_50"),
+    [
+        ({"AC": AC, "BAT0": BATTERY}, True, True),  # a laptop on its charger
+        ({"AC": {**AC, "online": "0"}, "BAT0": BATTERY}, False, True),  # ...unplugged
+        ({"BAT0": {**BATTERY, "status": "Full", "capacity": "40"}}, True, False),
+        ({"usb": {"type": "USB", "online": "1"}, "battery": BATTERY}, True, True),  # a phone
+        ({}, None, True),  # a board with no supplies the kernel knows of: cannot tell
+        # A desktop or gateway on mains with a wireless mouse: the mouse's battery says
+        # nothing about this machine's power.
+        ({"hid-00:1f:20:aa:bb:cc-battery": MOUSE}, None, True),
+        ({"AC": AC, "BAT0": BATTERY, "hid-mouse-battery": MOUSE}, True, True),
+    ],
+)
+def test_the_ready_made_power_checks_read_sysfs_as_linux_lays_it_out(
+    tmp_path: Path,
+    supplies: dict[str, dict[str, str]],
+    charging: bool | None,
+    battery_at_least_50: bool,
+) -> None:
+    root = _sysfs(tmp_path / "power_supply", supplies)
+    assert fedclient.Conditions.charging(root)() is charging
+    assert fedclient.Conditions.battery_at_least(50, root)() is battery_at_least_50
+    assert fedclient.Conditions.charging(tmp_path / "absent")() is None  # not Linux
+
+
+@pytest.mark.parametrize(
+    ("zones", "cool"),
+    [
+        ({"thermal_zone0": "45000", "thermal_zone1": "61500"}, False),  # one zone at 61.5 C
+        ({"thermal_zone0": "45000", "thermal_zone1": "-5000"}, True),  # an outdoor sensor
+        ({"thermal_zone0": ""}, None),  # a zone the driver cannot read: cannot tell
+        ({}, None),
+    ],
+)
+def test_cooler_than_reads_every_thermal_zone(
+    tmp_path: Path, zones: dict[str, str], cool: bool | None
+) -> None:
+    root = tmp_path / "thermal"
+    root.mkdir()
+    (root / "cooling_device0").mkdir()  # not a zone: a fan
+    (root / "cooling_device0" / "cur_state").write_text("3\n")
+    for zone, millidegrees in zones.items():
+        (root / zone).mkdir()
+        (root / zone / "temp").write_text(millidegrees + "\n")
+    assert fedclient.Conditions.cooler_than(60, root)() is cool
+
+
+def test_the_ready_made_checks_decide_whether_a_device_checks_in(
+    live_server: Any, digits: Any, tmp_path: Path
+) -> None:
+    # A gateway unplugged from its charger waits; plugged in, it takes part.
+    live: LiveServer = live_server(devices_per_round=1)
+    root = _sysfs(tmp_path / "power_supply", {"AC": {**AC, "online": "0"}, "BAT0": BATTERY})
+    checks = fedclient.Conditions(fedclient.Conditions.charging(root), strict=True)
+    data = (digits.x_train[:100], digits.y_train[:100])
+    with fedclient.Client(live.url, "digits", data, conditions=checks) as device:
+        waiting = device.run_once()
+        assert waiting.status == "waiting" and "charging" in waiting.reason, waiting
+        assert live.server.store.admitted_count(1) == 0
+        (root / "AC" / "online").write_text("1\n")
+        assert device.run_once().status == "uploaded"

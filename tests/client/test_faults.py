@@ -62,6 +62,51 @@ async def test_only_retriable_failures_are_retried(server: Server, make_devices:
     assert device.stats.requests == before + 1
 
 
+class AnswersFirst(httpx.AsyncBaseTransport):
+    """The real server behind a proxy that answers the first request itself with
+    ``status``, as a load balancer or a gateway does."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, status: int) -> None:
+        self.inner, self.status, self.sent = inner, status, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        if self.sent == 1:
+            return httpx.Response(self.status, text="the proxy says no")
+        return await self.inner.handle_async_request(request)
+
+
+NOT_RETRIED = {
+    500: fedclient.ServerError,
+    501: fedclient.ServerError,
+    400: fedclient.InvalidRequest,
+    403: fedclient.Forbidden,
+    404: fedclient.NotFound,
+}
+
+
+@pytest.mark.parametrize("status", [408, 429, 502, 503, 504, *NOT_RETRIED])
+async def test_requests_retry_on_408_429_502_503_504_and_on_nothing_else(
+    server: Server, make_devices: Any, status: int
+) -> None:
+    # README, Reliability: "only connect errors, timeouts, resets and
+    # 408/429/502/503/504"; a 500 may have done its work, a 4xx will say the same again.
+    slept: list[float] = []
+
+    async def record(delay: float) -> None:
+        slept.append(delay)
+
+    proxy = AnswersFirst(server.transport(), status)
+    (device,) = make_devices(1, proxy, retry=RetryPolicy(max_attempts=3, seed=0), asleep=record)
+    if status not in NOT_RETRIED:
+        assert (await device.astep()).status == "admitted"
+        assert (proxy.sent, device.stats.retries, len(slept)) == (2, 1, 1)
+    else:
+        with pytest.raises(NOT_RETRIED[status]):
+            await device.astep()
+        assert (proxy.sent, device.stats.retries, slept) == (1, 0, [])
+
+
 async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
     make_server: Any, make_devices: Any
 ) -> None:
@@ -134,3 +179,47 @@ def test_a_sync_client_rides_out_faults_against_real_http(
             d.close()
     assert live.server.service.job_status("digits").model_version == 1
     assert sum(t.counts.requests for t in transports) > sum(d.stats.requests for d in devices) / 2
+
+
+def test_a_server_that_never_answers_times_out_is_retried_and_ends_typed(
+    digits: Any,
+) -> None:
+    # Reliability: requests retry on "connect errors, timeouts, resets". A peer that
+    # accepts the connection and then says nothing (a hung proxy, a stalled server).
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def hold_connections() -> None:
+        listener.settimeout(0.1)
+        while not done.is_set():
+            try:
+                accepted.append(listener.accept()[0])  # read nothing, answer nothing
+            except TimeoutError:
+                continue
+
+    holder = threading.Thread(target=hold_connections)
+    holder.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    device = fedclient.Client(
+        url,
+        "digits",
+        (digits.x_train[:20], digits.y_train[:20]),
+        timeout=0.3,
+        retry=RetryPolicy(max_attempts=3, base_seconds=0.01, seed=0),
+    )
+    try:
+        with pytest.raises(fedclient.RequestTimeout):
+            device.run_once()
+        assert device.stats.requests == 3 and device.stats.retries == 2
+        assert len(accepted) >= 1  # it got through to the peer, which never answered
+    finally:
+        device.close()
+        done.set()
+        holder.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        listener.close()

@@ -16,9 +16,11 @@ import pytest
 
 import fedclient
 from fedclient.protocol import ADMIN_REVOKE
+from fedclient.server.auth import EnrolmentPolicy
 from tests.conftest import LiveServer
 
 ADMIN = "admin-" + "a" * 40
+SECRET = "enrolment-" + "s" * 40
 QUICK = fedclient.Backoff(base_seconds=0.01, cap_seconds=0.05, seed=0)
 ONE_TRY = fedclient.RetryPolicy(max_attempts=1)  # failures reach run_forever at once
 
@@ -125,6 +127,42 @@ def test_an_unknown_job_stops_and_says_so(live_server: Any, digits: Any) -> None
     device.close()
 
 
+@pytest.mark.parametrize("credential", [None, "not-the-secret"])
+def test_a_refused_enrolment_stops_at_once_and_the_right_secret_then_takes_part(
+    live_server: Any, digits: Any, tmp_path: Path, credential: str | None
+) -> None:
+    # The app shipped no secret or a wrong one: waiting cannot fix that, so the loop
+    # ends with "enrolment_refused" (not "revoked": the device never had a token) and
+    # the server keeps no trace of it. The next release, with the secret, on the same
+    # state file, takes part.
+    live: LiveServer = live_server(
+        devices_per_round=1, rounds=1, service_options={"enrolment": EnrolmentPolicy.secret(SECRET)}
+    )
+    before = live.server.store.fingerprint()
+    counted = Scripted([])
+    state = tmp_path / "fl.sqlite"
+    device = _device(live, digits, transport=counted, enrolment_credential=credential, state=state)
+    stop = threading.Event()
+    failures: list[fedclient.RoundEvent] = []
+
+    def give_up_after_three_waits(event: fedclient.RoundEvent) -> None:
+        if event.status == "failed":
+            failures.append(event)
+            if len(failures) == 3:
+                stop.set()  # it waited out the refusal: the test fails below
+
+    result = device.run_forever(stop=stop, on_round=give_up_after_three_waits, backoff=QUICK)
+    device.close()
+    assert failures == [] and (result.reason, result.rounds) == ("enrolment_refused", 0)
+    assert isinstance(result.error, fedclient.Forbidden) and counted.sent == 1
+    assert device.device_state.identity(live.url) is None
+    assert live.server.store.fingerprint() == before
+
+    shipped = _device(live, digits, enrolment_credential=SECRET, state=state)
+    assert shipped.run_forever(backoff=QUICK).reason == "finished"
+    shipped.close()
+
+
 def test_arrays_that_do_not_fit_stop_but_a_store_waits_to_be_fixed(
     live_server: Any, digits: Any, tmp_path: Path
 ) -> None:
@@ -198,6 +236,43 @@ def test_stop_ends_a_wait_at_once(live_server: Any, digits: Any) -> None:
     stop.set()
     worker.join(timeout=5)  # ...and back at once when the app stops it
     assert not worker.is_alive() and results[0].reason == "stopped"
+    device.close()
+
+
+@pytest.mark.parametrize("leave_on_stop", [False, True])
+def test_stop_mid_round_ends_after_the_round_unless_a_condition_watches_it(
+    live_server: Any, digits: Any, leave_on_stop: bool
+) -> None:
+    # README: stop ends a wait at once; a round in progress runs to its end (its update
+    # is sent) first, unless the app makes "not stopped" one of its Conditions: then the
+    # device leaves the round at the next minibatch and gives its place back.
+    from tests.client.test_threads import GatedModel
+
+    live: LiveServer = live_server(devices_per_round=1, rounds=3)
+    stop = threading.Event()
+    gate = GatedModel(fedclient.models.mlp(64, 16, 10))
+    options: dict[str, Any] = {"model": gate}
+    if leave_on_stop:
+        options["conditions"] = fedclient.Conditions(lambda: not stop.is_set(), check_every=0)
+    device = _device(live, digits, **options)
+    events: list[fedclient.RoundEvent] = []
+    results: list[fedclient.RunResult] = []
+    worker = threading.Thread(
+        target=lambda: results.append(device.run_forever(stop=stop, on_round=events.append))
+    )
+    worker.start()
+    assert gate.training.wait(timeout=30)  # mid-training in round 1
+    stop.set()
+    gate.release.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and results[0].reason == "stopped"
+    store = live.server.store
+    if leave_on_stop:
+        assert [e.status for e in events] == ["discarded", "stopped"], events
+        assert store.update_count(1) == 0 and store.admitted_count(1) == 0  # place given back
+    else:
+        assert [e.status for e in events] == ["uploaded", "stopped"], events
+        assert store.update_count(1) == 1 and results[0].rounds == 1
     device.close()
 
 

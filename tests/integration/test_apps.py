@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -160,3 +161,118 @@ def test_app_processes_ride_out_a_server_outage_and_end_holding_the_final_model(
     uploaded_after = sum(o.split("trying again")[-1].count("uploaded") for o in outputs)
     assert uploaded_after > 0  # rounds went on after the restart
     server.stop()
+
+
+RESTARTED_APP = """
+import sys
+import numpy as np
+import fedclient
+url, state, features, out = sys.argv[1:]
+x = np.load(features)
+with fedclient.Client(url, "digits", (x[:5], np.zeros(5, int)), state=state) as client:
+    np.save(out, client.predict(x))
+    print(client.latest_model().runtime)
+"""
+
+
+def test_a_restarted_app_predicts_with_the_model_it_held_while_the_server_is_gone(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README: predict() runs the newest global model the device holds, "after a restart
+    # too", with no network call. The app process ends; a new one, on the same state
+    # file, predicts while the server is down.
+    server = FedServerProcess(tmp_path, rounds=3, per_round=1)
+    server.start()
+    state = tmp_path / "fl.sqlite"
+    data = (digits.x_train[:200], digits.y_train[:200])
+    try:
+        with fedclient.Client(server.url, "digits", data, state=state, seed=0) as client:
+            for _ in range(2):  # the second round starts from version 1: it holds that
+                assert client.run_once().status == "uploaded"
+            held = client.device_state.held_version("digits")
+            identity = client.device_state.identity(server.url)
+        assert held is not None and held[0] == 1 and identity is not None
+        weights = served_model(server, identity.token, 1)
+    finally:
+        server.stop()
+    reference = fedclient.models.mlp(64, 32, 10)
+    reference.set_weights(weights)
+    features, out = tmp_path / "x.npy", tmp_path / "predicted.npy"
+    np.save(features, digits.x_test[:50])
+    done = subprocess.run(
+        [sys.executable, "-c", RESTARTED_APP, server.url, str(state), str(features), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "numpy"
+    np.testing.assert_allclose(np.load(out), reference.predict(digits.x_test[:50]), atol=1e-6)
+
+
+def test_the_example_app_without_arguments_runs_a_server_and_three_apps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # README: "python examples/app/app.py starts a fedserver of its own (with an
+    # enrolment secret) and three app processes against it": its plan, cut to 1 round.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_app", APP)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plan = tmp_path / "plan.toml"
+    # Its round closes at its second update; a deadline of minutes, not its 10 s, so a
+    # loaded machine starting three processes does not fail the one round.
+    text = APP.with_name("plan.toml").read_text().replace("rounds = 10", "rounds = 1")
+    plan.write_text(text.replace("deadline_seconds = 10", "deadline_seconds = 300"))
+    monkeypatch.setattr(example, "PLAN", plan)
+    assert example.main([]) == 0
+    out = capfd.readouterr().out
+    # Three processes print to one stdout: a line may end up beside another's.
+    ends = [json.loads(end) for end in re.findall(r'\{"device": .*?\}', out)]
+    assert sorted(end["device"] for end in ends) == [0, 1, 2], out
+    assert all((end["reason"], end["model_version"]) == ("finished", 1) for end in ends), out
+    assert sum(end["rounds"] for end in ends) == 2  # one round of two updates
+    assert "apps exited with [0, 0, 0]" in out
+
+
+def test_a_forget_from_another_process_keeps_a_restarted_apps_stored_update_home(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README: "A forget drops ... an update trained before it and not yet sent (the
+    # device leaves that round)". Played across processes: the app stops with its update
+    # stored, the user's forget comes from another process (a settings screen), and the
+    # app, started again, leaves the round instead of sending it, then trains on the rest.
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.start()
+    state, examples = tmp_path / "fl.sqlite", tmp_path / "examples.sqlite"
+    store = fedclient.ExampleStore(examples)
+    store.add(digits.x_train[:40], digits.y_train[:40], source="alice")
+    store.add(digits.x_train[40:80], digits.y_train[40:80], source="bob")
+    try:
+        with fedclient.Client(server.url, "digits", store, state=state, seed=0) as app:
+            while app.device_state.phase("digits") is not fedclient.Phase.TRAINED:
+                app.step()  # trained on alice's and bob's examples, not sent
+        store.db.close()
+        forget = (
+            "import sys, fedclient; print(fedclient.ExampleStore(sys.argv[1]).forget(source='bob'))"
+        )
+        settings = subprocess.run(
+            [sys.executable, "-c", forget, str(examples)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert settings.stdout.startswith("Forgotten(count=40, complete=True"), settings.stderr
+
+        store = fedclient.ExampleStore(examples)
+        with fedclient.Client(server.url, "digits", store, state=state, seed=0) as app:
+            left = app.step()
+            assert left.status == "discarded" and "forgotten" in left.reason, left
+            assert server.round(1)["updates"] == 0
+            again = app.run_once()
+        assert again.status == "uploaded" and again.receipt is not None
+        assert again.receipt.num_examples == 40
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@ while uploads are in flight."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 import fedclient
 from fedclient import Phase
+from tests.integration.test_apps import served_model
 from tests.integration.test_fedserver_process import FedServerProcess
 
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -167,3 +169,132 @@ def test_a_server_killed_with_uploads_in_flight_loses_no_acknowledged_update(
         stored = {r[0] for r in db.execute("SELECT receipt_id FROM updates WHERE round_id=1")}
     assert {r.receipt_id for r in receipts} == stored and len(stored) == 6
     server.kill()
+
+
+FIT_KILLED_AT_UPLOAD = """
+import os, signal, sys
+import httpx, numpy as np
+import fedclient
+
+class KilledAtUpload(httpx.HTTPTransport):
+    def handle_request(self, request):
+        if request.url.path.endswith("/updates"):  # trained, stored, not yet sent
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().handle_request(request)
+
+url, state, features, labels = sys.argv[1:]
+model = fedclient.models.mlp(64, 32, 10)
+fedclient.fit(
+    model, (np.load(features), np.load(labels)), federated=url, state=state,
+    transport=KilledAtUpload(), seed=0,
+)
+"""
+
+
+def test_fit_killed_before_its_upload_resumes_from_its_state_and_trains_no_more(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README, Embed the SDK: fit's progress "lives in the SQLite file state, so a killed
+    # app resumes where it stopped". The app is killed as its update leaves; the app,
+    # started again with the same call, sends the stored update and ends holding the
+    # model it went into, without training again.
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.start()
+    state, url = tmp_path / "fl.sqlite", f"{server.url}/v1/jobs/digits"
+    features, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(features, digits.x_train[:200])
+    np.save(labels, digits.y_train[:200])
+    try:
+        killed = subprocess.run(
+            [sys.executable, "-c", FIT_KILLED_AT_UPLOAD, url, *map(str, (state, features, labels))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert killed.returncode == -9, killed.stderr
+        assert fedclient.DeviceState(state).progress("digits").phase is Phase.TRAINED
+        assert server.round(1)["updates"] == 0
+
+        trained: list[int] = []
+
+        class Counted(fedclient.runtime.NumpyModel):
+            def train(self, *args: Any, **kwargs: Any) -> Any:
+                trained.append(1)
+                return super().train(*args, **kwargs)
+
+        model = Counted(fedclient.protocol.ModelSpec("mlp", 64, [32], 10))
+        data = (digits.x_train[:200], digits.y_train[:200])
+        result = fedclient.fit(model, data, federated=url, state=state, seed=0)
+        assert trained == [] and (result.reason, result.model_version) == ("rounds", 1)
+        assert [h["round_id"] for h in result.history] == [1]
+        assert server.round(1)["status"] == "closed" and server.round(1)["updates"] == 1
+        identity = fedclient.DeviceState(state).identity(server.url)
+        assert identity is not None
+        final = served_model(server, identity.token, 1)
+        for name, value in model.get_weights().items():
+            np.testing.assert_array_equal(value, final[name])
+    finally:
+        server.stop()
+
+
+CHUNKED_APP = """
+import json, os, signal, sys
+import httpx, numpy as np
+import fedclient
+
+url, state, features, labels, kill_at = sys.argv[1:]
+sent, size = [], []
+
+class Watched(httpx.HTTPTransport):
+    def handle_request(self, request):
+        if request.url.path.endswith("/uploads"):  # the session: the update's size
+            size.append(json.loads(request.content)["size"])
+        if request.method == "PATCH":  # one chunk of the update
+            if len(sent) + 1 == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            sent.append(len(request.content))
+        return super().handle_request(request)
+
+client = fedclient.Client(
+    url, "digits", (np.load(features), np.load(labels)), state=state, seed=0,
+    transport=Watched(), chunk_threshold=1000, chunk_bytes=1000,
+)
+outcome = client.run_once()
+print(json.dumps({"status": outcome.status, "chunks": sent, "size": size[-1],
+                  "resumed": client.stats.resumed_transfers}))
+"""
+
+
+def test_an_app_killed_mid_chunked_upload_resumes_from_the_servers_offset(
+    tmp_path: Path, digits: Any
+) -> None:
+    # README, Reliability: "updates over 1 MiB go in chunks that resume from the server's
+    # offset" (here over 1000 bytes). The app dies after three chunks; started again, it
+    # sends the rest only, and the server counts the update once.
+    server = FedServerProcess(tmp_path, rounds=2, per_round=1)
+    server.start()
+    state = tmp_path / "fl.sqlite"
+    arrays = [tmp_path / "x.npy", tmp_path / "y.npy"]
+    np.save(arrays[0], digits.x_train[:100])
+    np.save(arrays[1], digits.y_train[:100])
+
+    def app(kill_at: int) -> subprocess.CompletedProcess[str]:
+        args = [server.url, *map(str, (state, *arrays)), str(kill_at)]
+        return subprocess.run(
+            [sys.executable, "-c", CHUNKED_APP, *args], capture_output=True, text=True, timeout=60
+        )
+
+    try:
+        killed = app(kill_at=4)
+        assert killed.returncode == -9, killed.stderr
+        assert server.round(1)["updates"] == 0
+        done = app(kill_at=0)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["status"] == "uploaded" and report["resumed"] == 1
+        # The first three chunks (3,000 bytes) stayed on the server: only the rest came.
+        assert report["size"] > 5000 and sum(report["chunks"]) == report["size"] - 3000, report
+        assert len(fedclient.DeviceState(state).receipts("digits")) == 1
+        assert server.round(1)["updates"] == 1 and server.round(1)["status"] == "closed"
+    finally:
+        server.stop()

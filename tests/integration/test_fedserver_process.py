@@ -257,3 +257,164 @@ def test_a_killed_server_restarts_on_its_database_and_the_federation_continues(
     for device in devices:
         assert [r.round_id for r in device.device_state.receipts("digits")] == [1, 2, 3, 4]
         device.close()
+
+
+def _fedsim_process(server: FedServerProcess, tmp_path: Path, *extra: str) -> Any:
+    """The installed ``fedsim`` against ``server``, its output in files."""
+    command = [str(Path(sys.executable).with_name("fedsim")), "run", "--server", server.url]
+    common = ["--job", "digits", "--devices", "10", "--seed", "2", "--quiet", "--no-plot"]
+    report = ["--report", str(tmp_path / "remote.json")]
+    with (tmp_path / "fedsim.out").open("wb") as out, (tmp_path / "fedsim.err").open("wb") as err:
+        return subprocess.Popen([*command, *common, *report, *extra], stdout=out, stderr=err)
+
+
+def _wait_for(condition: Any, what: str, seconds: float = 120) -> None:
+    """Poll ``condition`` until it holds (a bounded wait on a state, not a guess)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_fedsim_rides_out_a_server_restart_and_says_so(tmp_path: Path) -> None:
+    """fedsim against a remote server that is SIGKILLed mid-job: it says each time it asks
+    again, goes on once the server is back on its database, and the job finishes with the
+    report holding every round and the final model."""
+    plan = PLAN.format(rounds=4, per_round=3).replace("= 600", "= 15")
+    server = FedServerProcess(tmp_path, 4, 3, plan=plan)
+    server.start()
+    sim = _fedsim_process(server, tmp_path)
+    err = tmp_path / "fedsim.err"
+    try:
+        _wait_for(lambda: server.status()["rounds_completed"] >= 1, "a first round")
+        server.kill()
+        _wait_for(lambda: "asking again in" in err.read_text(), "fedsim to notice")
+        assert sim.poll() is None  # still running, waiting for the server
+        server.start()
+        assert sim.wait(timeout=300) == 0, err.read_text()
+        final = server.status()
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+        server.stop()
+    assert final["status"] == "finished"
+    report = json.loads((tmp_path / "remote.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    assert report["final"]["model_version"] == final["model_version"] >= 2
+    assert "Traceback" not in err.read_text()
+
+
+def test_fedsim_ends_in_one_line_when_the_server_does_not_come_back(tmp_path: Path) -> None:
+    plan = PLAN.format(rounds=50, per_round=3).replace(
+        "deadline_seconds = 600", "deadline_seconds = 6"
+    )
+    server = FedServerProcess(tmp_path, 50, 3, plan=plan)
+    server.start()
+    sim = _fedsim_process(server, tmp_path, "--server-patience", "2")
+    try:
+        _wait_for(lambda: server.status()["rounds_completed"] >= 1, "a first round")
+        server.kill()
+        code = sim.wait(timeout=120)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+    err = (tmp_path / "fedsim.err").read_text()
+    assert code == fedclient.TransportError.exit_code, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fedsim: the server at {server.url} did not answer GET"), last
+
+
+def test_server_patience_needs_a_server() -> None:
+    assert fedsim(["run", "--server-patience", "5", "--rounds", "1", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("path", ["same", "symlink"])
+def test_a_second_fedserver_process_on_a_served_file_is_refused_in_one_line(
+    fedserver: Any, tmp_path: Path, path: str
+) -> None:
+    # The README: one fedserver process serves a SQLite file; a second is refused in one
+    # line. Played as an operator meets it: a second process, started beside the first,
+    # on the file's own name or on a symlink to it (a deployment's "current" link).
+    server = fedserver(rounds=3, per_round=2)
+    assert server.proc is not None
+    db = Path(server.db)
+    if path == "symlink":
+        (tmp_path / "current.sqlite").symlink_to(db)
+        db = tmp_path / "current.sqlite"
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedclient.server.cli",
+            "--plan",
+            str(server.plan),
+            "--db",
+            str(db),
+            "--port",
+            str(_free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"another fedserver (pid {server.proc.pid})" in lines[0], lines
+    assert server.proc.poll() is None and server.status()["status"] == "running"
+
+
+def test_device_tokens_are_stored_hashed_and_still_admit_after_a_restart(
+    fedserver: Any, tmp_path: Path
+) -> None:
+    # README's routes: POST /v1/devices gives "a bearer token (stored hashed)"; a check-in
+    # with enrol_label does the same for its own token. Whoever reads the database files
+    # (a backup, a stolen disk) or its log finds neither token; restarted, it admits both.
+    server = fedserver(rounds=3, per_round=2)
+    given = httpx.post(server.url + "/v1/devices", json={"label": "phone"}, timeout=5)
+    assert given.status_code == 200
+    issued = given.json()["token"]
+    proposed = "p" * 43
+    first = httpx.post(
+        server.url + "/v1/jobs/digits/checkin",
+        headers={"Authorization": f"Bearer {proposed}"},
+        json={"enrol_label": "gateway"},
+        timeout=5,
+    )
+    assert first.status_code == 200 and first.headers["Device-Id"]
+    server.stop()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]  # its database, spool, log
+    assert Path(server.db) in files and server.log in files
+    for token in (issued, proposed):
+        assert all(token.encode() not in p.read_bytes() for p in files), token
+    server.start()
+    for token in (issued, proposed):
+        again = httpx.post(
+            server.url + "/v1/jobs/digits/checkin",
+            headers={"Authorization": f"Bearer {token}"},
+            json={},
+            timeout=5,
+        )
+        assert again.status_code == 200 and again.json()["status"] == "admitted", again.text
+
+
+def test_a_device_of_a_server_whose_database_was_made_again_stops_as_revoked(
+    fedserver: Any, tmp_path: Path, digits: Any
+) -> None:
+    # README, run_forever's "revoked": the server no longer knows the device's token.
+    # A developer meets it first by making the server's database again (fedserver init
+    # on a fresh file): the device stops at once, and a new state file enrols again.
+    server = fedserver(rounds=3, per_round=1)
+    data = (digits.x_train[:100], digits.y_train[:100])
+    state = tmp_path / "fl.sqlite"
+    with fedclient.Client(server.url, "digits", data, state=state) as device:
+        assert device.run_once().status == "uploaded"
+    server.stop()
+    server.db = str(tmp_path / "again.sqlite")  # a new database, on the same port
+    server.made = False
+    server.start()
+    with fedclient.Client(server.url, "digits", data, state=state) as device:
+        result = device.run_forever()
+    assert result.reason == "revoked" and isinstance(result.error, fedclient.Unauthorized)
+    with fedclient.Client(server.url, "digits", data, state=tmp_path / "new.sqlite") as device:
+        assert device.run_once().status == "uploaded"

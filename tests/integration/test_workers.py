@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +18,23 @@ import psycopg
 import pytest
 
 import fedclient
-from fedclient.protocol import Admitted, CheckinRequest, EnrolRequest
+from fedclient.protocol import (
+    Admitted,
+    CheckinRequest,
+    EnrolRequest,
+    decode_tensors,
+    encode_tensors,
+)
 from fedclient.server import FederationService, ServerStore, create_app
+from fedclient.server.auth import EnrolmentPolicy
 from fedclient.server.cli import main as fedserver_main
 from fedclient.sim.cli import main as fedsim
 from tests.conftest import ManualClock, make_plan
-from tests.integration.test_fedserver_process import fedserver  # noqa: F401  (the fixture)
+from tests.integration.test_fedserver_process import (
+    PLAN,
+    FedServerProcess,
+    fedserver,  # noqa: F401  (the fixture)
+)
 from tests.postgres import PostgresCluster
 from tests.privacy.test_secagg_rounds import _one_round as one_secure_round
 from tests.privacy.test_secagg_rounds import _server as secure_server
@@ -111,7 +123,7 @@ def test_a_worker_killed_mid_round_loses_no_acknowledged_update(
 
 def test_two_workers_admit_no_more_devices_than_the_round_holds(database: str) -> None:
     # Two services on one database, each on a thread of its own, as two worker
-    # processes: the check "is the round full?" and the admission happen under one lock.
+    # processes: the check "is the round full?" and the admission are one conditional update.
     plan = make_plan(devices_per_round=5, over_selection=1.0)
     workers = [FederationService(ServerStore(database)) for _ in range(2)]
     for worker in workers:
@@ -185,3 +197,184 @@ async def test_a_secure_round_runs_through_two_workers_taking_turns(
     assert not workers.store.secure_events(1)  # the closed round's log is gone
     for service in workers.services:
         service.store.close()
+
+
+def test_two_fedserver_processes_admit_exactly_the_round_s_places_under_a_burst(
+    database: str, tmp_path: Path
+) -> None:
+    # Two servers on one database, as two hosts behind a load balancer, each check-in
+    # of a burst sent to one or the other at the same moment (a barrier): admission is
+    # one conditional update of the round's count, with no lock shared by the workers.
+    plan = PLAN.format(rounds=2, per_round=10).replace(
+        "over_selection = 1.0", "over_selection = 1.5"
+    )
+    servers: list[FedServerProcess] = []
+    try:
+        _burst(database, tmp_path, plan, servers)
+    finally:
+        for server in servers:
+            if server.proc is not None and server.proc.poll() is None:
+                server.stop()
+    # Stopped, each says how long it held what every worker waits for (bench/ingest.py
+    # reads it): twice, at its start (the schema checked, the plan registered), and
+    # never for the enrolments, check-ins, timer ticks and status reads that followed.
+    for server in servers:
+        held = re.findall(r"held cluster-wide ([0-9.]+) ms \((\d+) times\)", server.output())
+        assert [times for _, times in held] == ["2"], server.output()
+
+
+def _burst(database: str, tmp_path: Path, plan: str, servers: list[FedServerProcess]) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        server = FedServerProcess(tmp_path / name, 2, 10, database, plan=plan)
+        server.made = bool(servers)  # the database is made once
+        server.start()
+        servers.append(server)
+    devices = 60
+    with httpx.Client(timeout=30) as http:
+        tokens = [
+            http.post(servers[i % 2].url + "/v1/devices", json={})
+            .raise_for_status()
+            .json()["token"]
+            for i in range(devices)
+        ]
+    start = threading.Barrier(devices)
+
+    def check_in(i: int) -> str:
+        with httpx.Client(timeout=60) as http:
+            start.wait(timeout=60)
+            answer = http.post(
+                servers[i % 2].url + "/v1/jobs/digits/checkin",
+                json={},
+                headers={"Authorization": f"Bearer {tokens[i]}"},
+            )
+            return str(answer.raise_for_status().json()["status"])
+
+    with ThreadPoolExecutor(devices) as pool:
+        answers = list(pool.map(check_in, range(devices)))
+    assert answers.count("admitted") == 15  # devices_per_round x over_selection
+    assert answers.count("retry") == devices - 15
+    with psycopg.connect(database) as conn:
+        admitted = conn.execute("SELECT count(*), count(DISTINCT device_id) FROM admissions")
+        assert admitted.fetchone() == (15, 15)
+        counted = conn.execute("SELECT admitted FROM round_counts WHERE round_id = 1")
+        assert counted.fetchone() == (15,)
+    for server in servers:
+        assert server.round(1)["admitted"] == 15  # as each server reports it
+
+
+def _update_body(service: FederationService, seed: int, version: int) -> bytes:
+    """A valid update of the job's model (trained on ``version``): a small random delta,
+    10 examples."""
+    found = service.store.model("digits", 0)
+    assert found is not None
+    rng = np.random.default_rng(seed)
+    delta = {
+        name: (rng.standard_normal(w.shape) * 1e-3).astype(np.float32)
+        for name, w in decode_tensors(found[0])[0].items()
+    }
+    return encode_tensors(delta, {"num_examples": "10", "model_version": str(version)})
+
+
+def test_a_round_closes_once_when_both_workers_see_its_quota_at_once(database: str) -> None:
+    # Each worker takes one of the round's two updates; both commit, then both count the
+    # quota met (a barrier holds each until the other's update is in) and both try to
+    # close: one closes, the other finds it closed. Over three rounds, on real PostgreSQL.
+    plan = make_plan(devices_per_round=2, over_selection=1.0, rounds=3)
+    workers = [FederationService(ServerStore(database)) for _ in range(2)]
+    for worker in workers:
+        worker.add_job(plan)
+    both_in = threading.Barrier(2)
+    closes: list[bool] = []
+
+    def instrument(worker: FederationService) -> None:
+        armed: list[bool] = []
+        accepted, count, close = (
+            worker.rounds.accepted,
+            worker.store.update_count,
+            worker.rounds.close,
+        )
+
+        def accepted_(*args: Any) -> None:
+            accepted(*args)
+            armed.append(True)  # in the accepting transaction: the next count follows it
+
+        def count_(round_id: int) -> int:
+            if armed:
+                armed.clear()
+                both_in.wait(timeout=60)  # both updates are committed now
+            return count(round_id)
+
+        def close_(*args: Any, **kwargs: Any) -> bool:
+            closed = close(*args, **kwargs)
+            closes.append(closed)
+            return closed
+
+        worker.rounds.accepted = accepted_  # type: ignore[method-assign]
+        worker.store.update_count = count_  # type: ignore[method-assign]
+        worker.rounds.close = close_  # type: ignore[method-assign]
+
+    for worker in workers:
+        instrument(worker)
+    for number in (1, 2, 3):
+        tokens = [w.enrol(EnrolRequest()).token for w in workers]
+        plans = [
+            w.checkin(t, "digits", CheckinRequest()) for w, t in zip(workers, tokens, strict=True)
+        ]
+        assert all(isinstance(p, Admitted) for p in plans)
+        round_id = plans[0].plan.round_id  # type: ignore[union-attr]
+        bodies = [_update_body(workers[0], number * 2 + i, number - 1) for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            uploads = [
+                pool.submit(w.upload, t, round_id, f"key-{number}-{i}", b)
+                for i, (w, t, b) in enumerate(zip(workers, tokens, bodies, strict=True))
+            ]
+            receipts = [u.result(timeout=120) for u in uploads]
+        assert {r.round_id for r in receipts} == {round_id}
+        assert sorted(closes) == [False, True], closes  # tried twice, closed once
+        closes.clear()
+
+    with psycopg.connect(database) as conn:
+        rounds = conn.execute(
+            "SELECT number, status, reason FROM rounds ORDER BY number"
+        ).fetchall()
+        versions = conn.execute("SELECT version FROM models ORDER BY version").fetchall()
+        job = conn.execute("SELECT status, rounds_completed, model_version FROM jobs").fetchone()
+    assert [(n, s) for n, s, _ in rounds] == [(1, "closed"), (2, "closed"), (3, "closed")]
+    assert all(reason == "quota: 2 updates" for _, _, reason in rounds)
+    assert versions == [(0,), (1,), (2,), (3,)]
+    assert job == ("finished", 3, 3)
+    for worker in workers:
+        worker.store.close()
+
+
+def test_one_token_enrolled_on_two_workers_at_once_names_one_device(database: str) -> None:
+    # Enrolment takes no cluster-wide lock: the token's uniqueness decides. Worker b
+    # reads "no such token" before worker a's enrolment is in (made certain here by
+    # hiding a's row from b's first read), then finds the token taken when it writes:
+    # it answers a's device, and the code it would have spent stays unspent.
+    workers = [
+        FederationService(ServerStore(database), enrolment=EnrolmentPolicy.codes())
+        for _ in range(2)
+    ]
+    codes = workers[0].operator.issue_codes(2)
+    a = workers[0].enrol(EnrolRequest(token="t" * 40, credential=codes[0]))
+    reads = workers[1].store.device_by_token
+    hidden = [True]
+
+    def device_by_token(token_hash: str) -> Any:
+        if hidden:
+            hidden.clear()
+            return None  # as read before a's commit
+        return reads(token_hash)
+
+    workers[1].store.device_by_token = device_by_token  # type: ignore[method-assign]
+    b = workers[1].enrol(EnrolRequest(token="t" * 40, credential=codes[1]))
+    assert not hidden  # b did read before writing
+    assert b.device_id == a.device_id
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM devices").fetchone() == (1,)
+        spent = conn.execute("SELECT count(*) FROM enrolment_codes WHERE used_by IS NOT NULL")
+        assert spent.fetchone() == (1,)
+    for worker in workers:
+        worker.store.close()

@@ -26,7 +26,7 @@ from fedclient.runtime import CnnShape, NumpyCnn, NumpyModel, OnnxBackend, write
 from fedclient.runtime._bundle import BundleWarning, builtin_bundle
 from fedclient.runtime._graphs import builtin_graph
 from fedclient.runtime._onnx import ENGINE_VARIABLE
-from fedclient.runtime._stepgraph import NoGradientRule, next_name, step_graph
+from fedclient.runtime._stepgraph import NoGradientRule, grad_name, next_name, step_graph
 from fedclient.sim.datasets import Dataset
 
 MLP = ModelSpec("mlp", 64, [24, 16], 10)
@@ -142,6 +142,7 @@ def test_the_step_graph_uses_only_default_domain_ops() -> None:
     assert [o.name for o in step.graph.output] == [
         "loss",
         *(next_name(n) for n in ("conv1.weight", "conv1.bias", "fc1.weight")),
+        *(grad_name(n) for n in ("conv1.weight", "conv1.bias", "fc1.weight")),
     ]
     # Untrained parameters are constants of the step graph, not inputs.
     assert "conv2.weight" in {t.name for t in step.graph.initializer}
@@ -216,7 +217,8 @@ def test_the_step_graph_matches_pytorch_autograd(
     y = rng.integers(0, 5, 8)
     feeds = {"labels": y, "learning_rate": np.array(0.5, np.float32)}
     feeds.update({n: initial[n] for n in trainable})
-    loss, *stepped = session.run(None, {source.model.graph.input[0].name: x, **feeds})
+    outputs = ["loss", *(next_name(n) for n in trainable)]
+    loss, *stepped = session.run(outputs, {source.model.graph.input[0].name: x, **feeds})
     assert abs(float(loss) - source.reference.loss(initial, x, y)) < 1e-5
     expected = source.reference.sgd_step(x, y, 0.5)
     assert expected is not None

@@ -187,6 +187,24 @@ async def test_an_admission_carries_the_model_only_when_asked_and_it_fits(
     assert server.store.admitted_count(1) == 1  # asking again admitted nobody twice
 
 
+async def test_a_model_is_served_with_its_etag_and_not_again_to_whoever_holds_it(
+    server: Server, enrolled: tuple[httpx.AsyncClient, dict[str, str]]
+) -> None:
+    # README's routes: GET /v1/models/{job}/{version}, "ETag / If-None-Match". A cache
+    # in between (or curl) asks as RFC 9110 lets it: a list, weak tags, "*".
+    http, auth = enrolled
+    body, etag = _model(server, 0)
+    whole = await http.get("/v1/models/digits/0", headers=auth)
+    assert (whole.status_code, whole.content, whole.headers["etag"]) == (200, body, etag)
+    assert "immutable" in whole.headers["cache-control"]
+    for held in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        again = await http.get("/v1/models/digits/0", headers={**auth, "If-None-Match": held})
+        assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag), held
+    for other in ('"other"', etag.strip('"'), f'"{etag}"'):
+        again = await http.get("/v1/models/digits/0", headers={**auth, "If-None-Match": other})
+        assert (again.status_code, again.content) == (200, body), other
+
+
 def _model(server: Server, version: int) -> tuple[bytes, str]:
     found = server.store.model("digits", version)
     assert found is not None

@@ -101,6 +101,42 @@ def test_a_strategy_in_its_own_file_runs_from_its_folder_and_replays(tmp_path: P
     assert done.returncode == 2 and "beta must be in [0, 1)" in done.stderr
 
 
+def test_a_run_from_its_plan_s_folder_replays_from_another_and_after_a_move(
+    tmp_path: Path,
+) -> None:
+    """``--plan plan.toml`` given relative to the folder it ran in: the report records where
+    the run found the plan, so a replay from elsewhere reads the same file; a folder of runs
+    moved elsewhere replays from the plan beside its report."""
+    module = "my_momentum_strategy"
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    (ran / f"{module}.py").write_text(STRATEGY)
+    (ran / "plan.toml").write_text(PLAN.format(module=module, beta=0.5))
+    common = ["--devices", "20", "--quiet", "--no-plot"]
+    done = _fedsim("run", "--plan", "plan.toml", *common, "--report", "r.json", cwd=ran)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((ran / "r.json").read_text())
+    assert report["config"]["plan_file"] == str(ran / "plan.toml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = _fedsim("replay", str(ran / "r.json"), "--quiet", cwd=elsewhere)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the same per-round accuracies" in done.stdout
+    # A plan with no plugin of its own, its folder moved: the plan beside the report.
+    builtin = PLAN.split("[strategy]")[0] + '[strategy]\nname = "fedavgm"\n'
+    (ran / "builtin.toml").write_text(builtin)
+    done = _fedsim("run", "--plan", "builtin.toml", *common, "--report", "b.json", cwd=ran)
+    assert done.returncode == 0, done.stderr
+    moved = tmp_path / "moved"
+    ran.rename(moved)
+    done = _fedsim("replay", str(moved / "b.json"), "--quiet", cwd=elsewhere)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the same per-round accuracies" in done.stdout
+    (moved / "builtin.toml").unlink()
+    done = _fedsim("replay", str(moved / "b.json"), "--quiet", cwd=elsewhere)
+    assert done.returncode == 2 and "is not there, nor beside the report" in done.stderr
+
+
 def _readme_block(first_line: str) -> str:
     """The README's Python block that starts with ``first_line``."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()

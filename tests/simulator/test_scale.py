@@ -147,6 +147,7 @@ def test_a_synthetic_fleet_of_a_million_runs_and_reproduces(tmp_path: Path) -> N
         (["--partition", "dirichlet:0.5"], "draws each device's own data"),
         (["--per-device"], "--per-device: not with synthetic"),
         (["--holdout", "10"], "it has no set"),
+        (["--max-examples", "5"], "--max-examples: not with synthetic"),
     ],
 )
 def test_a_generated_data_set_refuses_what_needs_a_split(
