@@ -12,7 +12,7 @@ import httpx
 
 from fedclient._effects import Effect, FlowBase, ResumableDownload, TrainTask
 from fedclient._exceptions import FedError, InvalidInput, RequestTimeout, TransportError
-from fedclient.transport import is_retriable_status, ssl_context
+from fedclient.transport import is_retriable_status, retry_after, ssl_context
 
 __all__ = ["AsyncDirect", "Direct", "Drivers"]
 
@@ -173,11 +173,10 @@ class Drivers(FlowBase):
             if not is_retriable_status(result.status_code):
                 return None
             self.stats.wasted_bytes += _wire_size(result.headers, len(result.content))
-            header = result.headers.get("Retry-After", "")
-            retry_after = float(header) if header.replace(".", "", 1).isdigit() else None
+            wait = retry_after(result)
         else:
-            retry_after = None
-        delay = self.retry.delay(attempt, waited, retry_after)
+            wait = None
+        delay = self.retry.delay(attempt, waited, wait)
         if delay is not None:
             self.stats.retries += 1
         return delay

@@ -43,6 +43,7 @@ __all__ = [
     "error_code",
     "is_retriable_status",
     "raise_for_error",
+    "retry_after",
     "ssl_context",
 ]
 
@@ -340,7 +341,11 @@ def raise_for_error(response: httpx.Response) -> None:
             "(https://host[:port]/v1/jobs/NAME)"
         )
     error = error_from_status(response.status_code, code, message)
-    retry_after = response.headers.get("Retry-After", "")
-    if retry_after.replace(".", "", 1).isdigit():
-        error.retry_after = float(retry_after)
+    error.retry_after = retry_after(response)
     raise error
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` header asks for, if it gives a number of them."""
+    header = response.headers.get("Retry-After", "")
+    return float(header) if header.replace(".", "", 1).isdigit() else None

@@ -87,8 +87,9 @@ class PostgresCluster:
         self._run("pg_ctl", *args)
 
     def stop(self) -> None:
-        """Stop the server and delete its files."""
+        """Stop the server (if a test left it running) and delete its files."""
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            if (self.data / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -62,6 +62,9 @@ WAL_LIMIT = 8 * 1024 * 1024
 CONNECT_SECONDS = 5
 #: Seconds a request waits for the pool's connection before it is answered 503.
 AWAY_WAIT_SECONDS = 1.0
+#: ...and while the database is known to be away: requests run on the event loop, so
+#: each second one waits is a second every other request of the worker waits too.
+AWAY_PROBE_SECONDS = 0.05
 #: Retry-After of a 503 while the database is away.
 AWAY_RETRY_SECONDS = 5
 #: Seconds the pool keeps trying to reconnect by itself (backing off) before it waits
@@ -479,7 +482,8 @@ class PostgresDatabase(Database):
     takes its connection from a pool of one (psycopg_pool), which checks it before every
     request and, when it is broken, connects again in the background. While there is
     none to be had, every statement raises `ServiceUnavailable` (503 with Retry-After:
-    nothing was written, the same request later will do), and `ready` says so. A
+    nothing was written, the same request later will do), at once once the worker knows
+    the database is away (a request waits on the event loop), and `ready` says so. A
     request holds its connection for its whole `exclusive` block (its advisory lock
     is the session's), and gives it back at the end; a connection that broke inside a
     block is never swapped for another before the block ends, so no statement of a
@@ -520,6 +524,7 @@ class PostgresDatabase(Database):
         self.pool.open(wait=True, timeout=CONNECT_SECONDS)
         self._held: Any = None  # the connection of the current block (or statement)
         self._broken = False  # it failed inside the current block
+        self._away_now = False  # the last attempt found no connection: do not wait long
         self._locked_at = 0.0
 
     @property
@@ -530,10 +535,13 @@ class PostgresDatabase(Database):
         if self._held is None:
             from psycopg_pool import PoolTimeout
 
+            wait = AWAY_PROBE_SECONDS if self._away_now else AWAY_WAIT_SECONDS
             try:
-                self._held = self.pool.getconn(timeout=AWAY_WAIT_SECONDS)
+                self._held = self.pool.getconn(timeout=wait)
             except PoolTimeout:
+                self._away_now = True
                 raise self._away("no connection to the database") from None
+            self._away_now = False
         return self._held
 
     def _away(self, why: str) -> ServiceUnavailable:
@@ -544,6 +552,7 @@ class PostgresDatabase(Database):
     def _failed(self, exc: Exception) -> ServiceUnavailable:
         """A statement failed for want of the database: give the connection back (at the
         end of the block, if one is open) and say 503."""
+        self._away_now = True
         if self._depth:
             self._broken = True
         else:

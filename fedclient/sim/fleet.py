@@ -60,7 +60,7 @@ from fedclient.sim.datasets import Dataset
 from fedclient.sim.devices import DeviceProfile
 from fedclient.sim.registry import DeviceRegistry, keep_at_most, register_devices
 from fedclient.sim.trainpool import TrainPool
-from fedclient.transport import is_retriable_status, raise_for_error, ssl_context
+from fedclient.transport import is_retriable_status, raise_for_error, retry_after, ssl_context
 
 __all__ = [
     "DEVICES_PER_STATE_FILE",
@@ -461,9 +461,7 @@ class SimServer:
         except httpx.TransportError as exc:
             raise _ServerAway(f"{type(exc).__name__}: {exc}") from None
         if is_retriable_status(response.status_code):
-            header = response.headers.get("Retry-After", "")
-            after = float(header) if header.replace(".", "", 1).isdigit() else None
-            raise _ServerAway(f"HTTP {response.status_code}", after)
+            raise _ServerAway(f"HTTP {response.status_code}", retry_after(response))
         if response.status_code == 401 and not token:
             # A server whose status is not public: the driver reads it as a device would.
             enrolled = await self.http.post(
