@@ -80,6 +80,9 @@ MIGRATIONS: dict[int, list[str | dict[str, str]]] = {
         " WHERE round_id NOT IN (SELECT round_id FROM round_counts)",
         {"postgresql": "ALTER TABLE round_parts ALTER COLUMN body SET STORAGE EXTERNAL"},
     ],
+    11: [  # the next admission's seq found in the index, not by reading the round's rows
+        "CREATE INDEX admissions_in_order ON admissions (round_id, seq)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -43,9 +43,7 @@ async def run_buffered(
 ) -> list[dict[str, Any]]:
     """Run the async job to its last buffer; one report entry per aggregation."""
     job = plan.job.name
-    idle = deque(
-        int(i) for i in np.random.default_rng([config.seed, 0]).permutation(len(fleet.devices))
-    )
+    idle = deque(int(i) for i in np.random.default_rng([config.seed, 0]).permutation(len(fleet)))
     events: list[tuple[float, int]] = []  # (finish time, device index)
     token = ""
     counts = {"stale": 0, "network": 0, "left": 0, "waits": 0}
@@ -92,7 +90,7 @@ async def run_buffered(
     while events:
         at, i = heapq.heappop(events)
         clock.now = max(clock.now, at)
-        d = fleet.devices[i]
+        d = fleet.device(i)
         before = d.backoff
         outcome = await d.step()
         clock.now += d.backoff - before
@@ -150,9 +148,4 @@ async def run_buffered(
 
 async def _release(fleet: Fleet, index: int) -> None:
     """A device goes idle: its client closes; its state stays in SQLite."""
-    d = fleet.devices[index]
-    if d.client is not None:
-        await d.client.aclose()
-        d.client = None
-    if d in fleet.active:
-        fleet.active.remove(d)
+    await fleet.release(index)

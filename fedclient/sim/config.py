@@ -74,6 +74,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "model": {"kind": "softmax", "hidden": []},
         "train": {"epochs": 5, "batch_size": 8, "learning_rate": 4.0},  # rows are L2-normed
     },
+    "synthetic": {  # Synthetic(alpha, beta): 60 features, 10 classes, drawn per device
+        "model": {"kind": "softmax", "hidden": []},
+        "train": {"epochs": 1, "batch_size": 10, "learning_rate": 0.05},
+    },
     "arrays": {  # npz: an MLP over whatever features the arrays hold
         "model": {"kind": "mlp", "hidden": [64]},
         "train": {"epochs": 5, "batch_size": 8, "learning_rate": 0.1},
@@ -95,6 +99,7 @@ class SimulationConfig:
     holdout: int = 0  # training examples (drawn with the seed) the devices never get
     max_examples: int | None = None  # each device keeps at most this many (drawn with the seed)
     fleet: str = "phones"
+    availability: str = "always"  # always | diurnal[:...] | trace:PATH (sim.availability)
     epochs: int | None = None
     batch_size: int | None = None
     learning_rate: float | None = None

@@ -20,6 +20,7 @@ import numpy as np
 from fedclient._exceptions import InvalidInput
 from fedclient.sim import _prefetch
 from fedclient.sim.shakespeare import ALPHABET, TextWindows, speakers
+from fedclient.sim.synthetic import CLASSES, FEATURES, SyntheticDevices
 from fedclient.text import hash_features
 
 __all__ = ["CsvColumns", "Dataset", "load_dataset", "partition"]
@@ -47,6 +48,8 @@ class Dataset:
     labels: tuple[str, ...] = ()  # class names, where the data names them
     test_users: np.ndarray | None = None  # the owner of each test example (per-user evaluation)
     windows: TextWindows | None = None  # x_train holds starts of windows of these ids
+    #: A data set drawn per device on demand (``synthetic``): no training arrays, no split.
+    generated: SyntheticDevices | None = None
 
     def device_data(self, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What one device holds. Text is featurised on the device, from its own messages."""
@@ -74,6 +77,8 @@ class Dataset:
     def holdout(self, count: int, seed: int) -> np.ndarray:
         """The indices of ``count`` training examples drawn with ``seed``, in order: data the
         server keeps for itself (``fedsim --holdout``), e.g. public data it pre-trains on."""
+        if self.generated is not None:
+            raise InvalidInput(f"--holdout: {self.name} draws each device's data, it has no set")
         if not 0 <= count < len(self.y_train):
             raise InvalidInput(
                 f"--holdout must leave the devices some of the {len(self.y_train)} training "
@@ -107,7 +112,16 @@ def _features(x: np.ndarray) -> np.ndarray:
     return scaled
 
 
-DATASETS = ("digits", "mnist", "femnist", "sms_spam", "shakespeare", "csv:PATH", "npz:PATH")
+DATASETS = (
+    "digits",
+    "mnist",
+    "femnist",
+    "sms_spam",
+    "shakespeare",
+    "synthetic[:ALPHA,BETA]",
+    "csv:PATH",
+    "npz:PATH",
+)
 #: The random stream (with the run's seed) that draws `Dataset.holdout`.
 HOLDOUT_STREAM = 0x401D
 
@@ -138,6 +152,8 @@ def load_dataset(
     optional ``user``)."""
     if name == "digits":
         return _digits(seed)
+    if name == "synthetic" or name.startswith("synthetic:"):
+        return _synthetic(name, seed)
     if name.startswith("csv:"):
         return _csv(Path(name.removeprefix("csv:")), columns or CsvColumns(), seed)
     if name.startswith("npz:"):
@@ -309,6 +325,23 @@ def _digits(seed: int) -> Dataset:
     y = table[:, -1].astype(np.int64)
     test = _stratified_test(y, seed)  # each class keeps its share in the held-out set
     return Dataset("digits", x[~test], y[~test], x[test], y[test], 10)
+
+
+def _synthetic(name: str, seed: int) -> Dataset:
+    """Synthetic(alpha, beta) (`fedclient.sim.synthetic`): only the test set is held
+    here; each device's examples are drawn when it works."""
+    devices = SyntheticDevices.parse(name, seed)
+    x_test, y_test = devices.test_set()
+    empty = np.zeros((0, FEATURES), dtype=np.float32)
+    return Dataset(
+        "synthetic",
+        empty,
+        np.zeros(0, dtype=np.int64),
+        x_test,
+        y_test,
+        CLASSES,
+        generated=devices,
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:

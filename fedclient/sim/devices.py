@@ -27,7 +27,14 @@ import numpy as np
 
 from fedclient._exceptions import InvalidInput
 
-__all__ = ["PRESETS", "DeviceProfile", "draw_profiles", "load_trace"]
+__all__ = [
+    "PRESETS",
+    "DeviceProfile",
+    "ProfileColumns",
+    "draw_profile_columns",
+    "draw_profiles",
+    "load_trace",
+]
 
 DAY = 24 * 3600.0
 
@@ -95,11 +102,80 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-def draw_profiles(n: int, rng: np.random.Generator, fleet: str = "phones") -> list[DeviceProfile]:
-    """``n`` profiles from a named preset, or from ``trace:PATH`` (see the module docs)."""
+@dataclass(frozen=True, slots=True)
+class ProfileColumns:
+    """Every device's profile as columns (a fleet of millions holds arrays, not objects).
+
+    ``speed``, ``link`` and ``latency`` hold one value per device; ``up`` and ``down``
+    scale ``link`` into bandwidths; a device's daily window starts at ``start[i]``
+    (all zeros when the preset has none). A trace's rows are ``rows`` instead, reused
+    in turn. `profile` builds the `DeviceProfile` of one device when it is needed."""
+
+    speed: np.ndarray
+    link: np.ndarray
+    latency: np.ndarray
+    start: np.ndarray | None
+    up: float
+    down: float
+    fail: float
+    hours: float
+    rows: tuple[DeviceProfile, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.speed)
+
+    def profile(self, i: int) -> DeviceProfile:
+        """Device ``i``'s profile (the same floats as drawn, whichever way it is read)."""
+        if self.rows:
+            return self.rows[i % len(self.rows)]
+        q = float(self.link[i])
+        return DeviceProfile(
+            float(self.speed[i]),
+            float(self.up * q),
+            float(self.down * q),
+            float(self.latency[i]),
+            self.fail,
+            0.0 if self.start is None else float(self.start[i]),
+            self.hours,
+        )
+
+    def failure_rate(self, i: int) -> float:
+        """Device ``i``'s chance to drop out of a round it joined."""
+        return self.rows[i % len(self.rows)].failure_rate if self.rows else self.fail
+
+    def online(self, i: int, now: float) -> bool:
+        """Whether device ``i``'s daily window holds simulated time ``now``."""
+        if self.rows:
+            return self.rows[i % len(self.rows)].online(now)
+        if self.hours >= 24 or self.start is None:
+            return True
+        hour = (now % DAY) / 3600.0
+        return bool((hour - self.start[i]) % 24 < self.hours)
+
+    def online_mask(self, now: float) -> np.ndarray | None:
+        """Which devices' daily windows hold ``now`` (None: every device's does)."""
+        if self.rows:
+            each = np.array([r.online(now) for r in self.rows])
+            return None if each.all() else np.resize(each, len(self))
+        if self.hours >= 24 or self.start is None:
+            return None
+        hour = (now % DAY) / 3600.0
+        mask: np.ndarray = (hour - self.start) % 24 < self.hours
+        return mask
+
+    def online_count(self, now: float) -> int:
+        """How many devices' daily windows hold ``now`` (counted over the columns)."""
+        mask = self.online_mask(now)
+        return len(self) if mask is None else int(np.count_nonzero(mask))
+
+
+def draw_profile_columns(n: int, rng: np.random.Generator, fleet: str = "phones") -> ProfileColumns:
+    """``n`` profiles from a named preset, or from ``trace:PATH`` (see the module docs),
+    as columns: the same draws, in the same order, as `draw_profiles`."""
     if fleet.startswith("trace:"):
         trace = load_trace(fleet.removeprefix("trace:"))
-        return [trace[i % len(trace)] for i in range(n)]
+        empty = np.zeros(n, dtype=np.float64)  # (a trace's rows hold the profiles)
+        return ProfileColumns(empty, empty, empty, None, 0.0, 0.0, 0.0, 24.0, tuple(trace))
     if fleet not in PRESETS:
         raise InvalidInput(
             f"unknown fleet {fleet!r}; use one of {', '.join(PRESETS)} or trace:PATH.csv"
@@ -111,19 +187,16 @@ def draw_profiles(n: int, rng: np.random.Generator, fleet: str = "phones") -> li
     link = rng.lognormal(0.0, p["sigma"], n)
     latency = p["latency"] * rng.lognormal(0.0, p["sigma"] / 2, n)
     # Devices live in every time zone (drawn only when the preset has a window).
-    start = rng.uniform(0.0, 24.0, n) if p.get("hours", 24.0) < 24 else np.zeros(n)
-    return [
-        DeviceProfile(
-            float(s),
-            float(p["up"] * q),
-            float(p["down"] * q),
-            float(lat),
-            p.get("fail", 0.0),
-            float(h0),
-            p.get("hours", 24.0),
-        )
-        for s, q, lat, h0 in zip(speed, link, latency, start, strict=True)
-    ]
+    start = rng.uniform(0.0, 24.0, n) if p.get("hours", 24.0) < 24 else None
+    return ProfileColumns(
+        speed, link, latency, start, p["up"], p["down"], p.get("fail", 0.0), p.get("hours", 24.0)
+    )
+
+
+def draw_profiles(n: int, rng: np.random.Generator, fleet: str = "phones") -> list[DeviceProfile]:
+    """``n`` profiles from a named preset, or from ``trace:PATH`` (see the module docs)."""
+    columns = draw_profile_columns(n, rng, fleet)
+    return [columns.profile(i) for i in range(n)]
 
 
 def load_trace(path: str | Path) -> list[DeviceProfile]:

@@ -1,12 +1,12 @@
-"""The simulated fleet: virtual devices, the few that work in a round, and their server.
+"""The simulated fleet: registered devices, the few that work in a round, and their server.
 
-A `Fleet` holds every virtual `Device` as a small record (its profile, its example
-indices and its transfer statistics); a device that wakes up gets a real
-`fedclient.Client` over its own SQLite state, and goes idle again when the round is
-over. The fleet does what the rounds ask of the devices, a batch at a time
-(`Fleet.checkin`, `Fleet.work`, `Fleet.upload`): `fedclient.sim.engine` drives it in
-this process, `fedclient.sim.engines.ray` on Ray actors. `SimServer` is the server it
-talks to over HTTP, and `SimClock` the simulated time they both read.
+A `Fleet` holds the registered devices as columns (`fedclient.sim.registry`); a
+device that wakes up becomes a `Device` with a real `fedclient.Client` over its own
+SQLite state, and goes back to being an id when the round is over. The fleet does
+what the rounds ask of the devices, a batch at a time (`Fleet.checkin`,
+`Fleet.work`, `Fleet.upload`): `fedclient.sim.engine` drives it in this process,
+`fedclient.sim.engines.ray` on Ray actors. `SimServer` is the server it talks to
+over HTTP, and `SimClock` the simulated time they both read.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import httpx
 import msgspec
-import numpy as np
 import sqlite_utils
 
 from fedclient import (
@@ -57,8 +56,9 @@ from fedclient.protocol import (
 from fedclient.runtime import check_train_options, create_backend
 from fedclient.server.database import Database
 from fedclient.sim.config import SimulationConfig
-from fedclient.sim.datasets import Dataset, partition
-from fedclient.sim.devices import DeviceProfile, draw_profiles
+from fedclient.sim.datasets import Dataset
+from fedclient.sim.devices import DeviceProfile
+from fedclient.sim.registry import DeviceRegistry, keep_at_most, register_devices
 from fedclient.sim.trainpool import TrainPool
 from fedclient.transport import is_retriable_status, raise_for_error, retry_after, ssl_context
 
@@ -73,7 +73,6 @@ __all__ = [
     "Work",
     "device_token",
     "disable_secure_delete",
-    "draw_devices",
     "is_round_full",
     "keep_at_most",
     "simulation_authority",
@@ -96,19 +95,17 @@ class SimClock:
 
 @dataclass(slots=True)
 class Device:
-    """A virtual device. Idle devices hold only this; a `Client` exists while one works."""
+    """A device at work: built from the registry when it is selected, with a real `Client`
+    over its SQLite state, and dropped when the round is over (`Fleet.rest`)."""
 
     index: int
     profile: DeviceProfile
-    examples: np.ndarray  # indices of its training examples
-    stats: TransferStats = field(default_factory=TransferStats)
+    size: int  # training examples it holds
+    stats: TransferStats = field(default_factory=TransferStats)  # since it woke up
     backoff: float = 0.0  # simulated seconds spent waiting to retry this round
     client: Client | None = None
     received: int = 0  # bytes down when it last checked in
     round_trips: int = 3  # of its last round's work: check-in, download (unless inline), upload
-    certified: bool = False  # holds the simulation authority's certificate of its identity
-    held_out: np.ndarray | None = None  # its share of the test set, for federated evaluation
-    own_held_out: np.ndarray | None = None  # its own examples kept from training (personalize)
 
     async def step(self) -> StepOutcome | None:
         """One step; None when the network beat the retry policy (a network dropout)."""
@@ -137,7 +134,7 @@ class Device:
     def round_seconds(self, train: TrainSettings, update_bytes: int) -> float:
         """Simulated seconds from its check-in to the end of its upload."""
         return self.profile.round_seconds(
-            train.work(len(self.examples)),
+            train.work(self.size),
             1,
             self.stats.bytes_down - self.received,
             update_bytes,
@@ -169,29 +166,14 @@ class Work(NamedTuple):
     backoff: float
 
 
-#: The random stream (with the run's seed, and the device) that draws the examples a
-#: device keeps under ``--max-examples``.
-MAX_EXAMPLES_STREAM = 0x3E4A
-
-
-def keep_at_most(parts: list[np.ndarray], count: int, seed: int) -> list[np.ndarray]:
-    """Each device's examples, at most ``count`` of them drawn with ``seed`` (in order): a
-    device that keeps part of its history (``fedsim --max-examples``)."""
-    kept = []
-    for i, part in enumerate(parts):
-        if len(part) > count:
-            drawn = np.random.default_rng([seed, MAX_EXAMPLES_STREAM, i]).permutation(part)
-            part = np.sort(drawn[:count])
-        kept.append(part)
-    return kept
-
-
 class Fleet:
-    """Every virtual device, and the few that are working this round.
+    """Every registered device, and the few that are working this round.
 
-    ``devices``: the records to hold (a Ray actor's copy of the driver's); by default
-    they are drawn from ``config``'s seed. (`fedclient.sim.engines.ray` subclasses it:
-    the driver keeps the records, and the steps run on the actors.)"""
+    ``registry``: the registered devices (a Ray actor's copy of the driver's); by
+    default they are drawn from ``config``'s seed (`register_devices`). A device is a
+    `Device` only while it works (``active``); what it keeps between rounds is its
+    SQLite state. (`fedclient.sim.engines.ray` subclasses it: the driver keeps the
+    registry, and the steps run on the actors.)"""
 
     def __init__(
         self,
@@ -200,16 +182,22 @@ class Fleet:
         data: Dataset,
         server: SimServer,
         state_dir: Path | None,
-        devices: list[Device] | None = None,
+        registry: DeviceRegistry | None = None,
     ) -> None:
-        if devices is None:  # else a copy of the driver's (on a Ray actor)
-            devices = draw_devices(config, plan, data)
-        self.devices = devices
+        if registry is None:  # else a copy of the driver's (on a Ray actor)
+            registry = register_devices(config, plan, data)
+        self.registry = registry
         self.config, self.plan, self.data, self.server = config, plan, data, server
         self.faults = FaultPlan.parse(config.faults) if config.faults else None
         self.state_dir = state_dir
         self.shards: dict[int, sqlite_utils.Database] = {}
-        self.active: list[Device] = []
+        # Which database holds a device's state: under --state-dir by its index (the
+        # same file in every run); in memory in the order devices first worked, so a
+        # fleet of millions opens a database per DEVICES_PER_STATE_FILE that worked.
+        self.shard_of: dict[int, int] = {}
+        self.active: dict[int, Device] = {}
+        # The transfer statistics of the devices that went idle (`totals` adds the working).
+        self.moved = dict.fromkeys(TOTALS, 0)
         # One model object serves every simulated device: a device's training step sets
         # its weights, trains and reads them back with no await in between.
         self.backend = create_backend(plan.model, config.runtime)
@@ -226,17 +214,28 @@ class Fleet:
             plan.privacy, (self.authority.public,) if self.authority else ()
         )
 
+    def __len__(self) -> int:
+        """Registered devices."""
+        return self.registry.size
+
+    def device(self, i: int) -> Device:
+        """Working device ``i`` (activated this round)."""
+        return self.active[i]
+
     def train_on(self, pool: TrainPool) -> None:
         """Train on ``pool``'s workers; the download and training of several devices
         then overlap (their protocol steps still run on the loop, one at a time)."""
         self.pool = pool
 
-    def activate(self, i: int, round_number: int) -> Device:
-        """Device ``i`` wakes up: a real `Client` over its own SQLite state."""
-        d = self.devices[i]
-        if d.client is not None:
-            return d
-        shard = i // DEVICES_PER_STATE_FILE
+    def _database(self, i: int) -> sqlite_utils.Database:
+        """The SQLite database that holds device ``i``'s state."""
+        shard = self.shard_of.get(i)
+        if shard is None:
+            if self.state_dir is not None:
+                shard = i // DEVICES_PER_STATE_FILE
+            else:
+                shard = len(self.shard_of) // DEVICES_PER_STATE_FILE
+            self.shard_of[i] = shard
         if shard not in self.shards:
             if self.state_dir is None:
                 db = sqlite_utils.Database(memory=True, execute_plugins=False)
@@ -248,6 +247,16 @@ class Fleet:
                 db.execute("PRAGMA synchronous=OFF")
             disable_secure_delete(db)
             self.shards[shard] = db
+        return self.shards[shard]
+
+    def activate(self, i: int, round_number: int) -> Device:
+        """Device ``i`` wakes up: a real `Client` over its own SQLite state."""
+        d = self.active.get(i)
+        if d is not None:
+            return d
+        registry = self.registry
+        d = Device(i, registry.profile(i), registry.count(i))
+        db = self._database(i)
         seed = self.config.seed * 100_003 + i
         transport = self.server.transport
         if self.faults is not None and transport is not None:
@@ -256,12 +265,11 @@ class Fleet:
         async def wait(seconds: float) -> None:  # retries wait on the simulated clock
             d.backoff += seconds
 
-        d.backoff = 0.0
         d.client = Client(
             self.server.base_url,
             self.plan.job.name,
-            self.data.device_data(d.examples),
-            state=DeviceState(self.shards[shard], key=f"device-{i}"),
+            registry.device_data(i),
+            state=DeviceState(db, key=f"device-{i}"),
             transport=transport,
             seed=seed,
             label=f"fedsim-{i}",
@@ -277,23 +285,18 @@ class Fleet:
             atrain=self.pool,
             enrolment_credential=self.config.enrolment_credential,
             verify=self.config.ca_bundle or True,
-            eval_data=(
-                None
-                if d.held_out is None
-                else (self.data.x_test[d.held_out], self.data.y_test[d.held_out])
-            ),
+            eval_data=registry.eval_data(i),
             # Reproducible reports: the privacy noise is drawn from the seed too. Not
             # private, and said so: `simulate` and the report both note it.
             simulation_seeded_noise=True,
             policy=self.policy,
             trainers=self.trainers,
         )
-        if self.authority is not None and not d.certified:
+        if self.authority is not None:
             state = d.client.device_state
             if state.identity_certificate() is None:  # a new device, or one from --state-dir
                 state.set_identity_certificate(self.authority.certify(d.client.identity_key))
-            d.certified = True
-        self.active.append(d)
+        self.active[i] = d
         return d
 
     # -- what the rounds ask of the devices, a batch at a time (see fedclient.sim.engines.ray)
@@ -321,7 +324,7 @@ class Fleet:
         self._at(now)
 
         async def one(i: int) -> Work:
-            d = self.devices[i]
+            d = self.active[i]
             trained = await d.download_and_train()
             seconds = 0.0
             if trained is not None and trained.status == "trained":
@@ -346,34 +349,45 @@ class Fleet:
     async def upload(self, index: int, now: float) -> tuple[StepOutcome | None, float]:
         """Device ``index`` uploads its update: the outcome, and the seconds spent retrying."""
         self._at(now)
-        d = self.devices[index]
+        d = self.active[index]
         before = d.backoff
         uploaded = await d.step()
         return uploaded, d.backoff - before
 
     async def totals(self) -> dict[str, int]:
         """The transfer statistics (`TOTALS`) summed over the fleet."""
+        totals = dict(self.moved)
         read = operator.attrgetter(*TOTALS)  # one call per device, not one per figure
-        rows = [read(d.stats) for d in self.devices] or [(0,) * len(TOTALS)]
-        columns = zip(*rows, strict=True)
-        return {name: sum(column) for name, column in zip(TOTALS, columns, strict=True)}
+        for d in self.active.values():
+            for name, value in zip(TOTALS, read(d.stats), strict=True):
+                totals[name] += value
+        return totals
+
+    async def release(self, i: int) -> None:
+        """Device ``i`` goes idle: its client closes, its state stays in SQLite, and
+        what it moved joins the fleet's totals."""
+        d = self.active.pop(i, None)
+        if d is None:
+            return
+        if d.client is not None:
+            await d.client.aclose()
+            d.client = None
+        read = operator.attrgetter(*TOTALS)
+        for name, value in zip(TOTALS, read(d.stats), strict=True):
+            self.moved[name] += value
 
     async def rest(self) -> None:
         """The round is over: working devices go idle again (their state stays in SQLite)."""
-        for d in self.active:
-            if d.client is not None:
-                await d.client.aclose()
-                d.client = None
-        self.active.clear()
+        for i in list(self.active):
+            await self.release(i)
 
     def epsilon_spent(self, job: str, delta: float) -> list[float]:
         """Each device's privacy spend on ``job``, from its own ledger (0: never released)."""
-        spent = []
-        for d in self.devices:
-            db = self.shards.get(d.index // DEVICES_PER_STATE_FILE)
-            ledger = PrivacyLedger(db, f"device-{d.index}") if db is not None else None
-            released = ledger is not None and ledger.releases(job) > 0
-            spent.append(round(ledger.spent(job, delta), 4) if released and ledger else 0.0)
+        spent = [0.0] * len(self)
+        for i in sorted(self.shard_of):
+            ledger = PrivacyLedger(self.shards[self.shard_of[i]], f"device-{i}")
+            if ledger.releases(job) > 0:
+                spent[i] = round(ledger.spent(job, delta), 4)
         return spent
 
     def close(self) -> None:
@@ -488,45 +502,6 @@ class SimServer:
                 self.tick()
             else:
                 await asyncio.sleep(min(1.0, max(0.05, deadline - time.time())))
-
-
-def draw_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> list[Device]:
-    """The run's devices, drawn from its seed: each one's examples (the partition), its
-    profile, and the held-out data it evaluates on."""
-    rng = np.random.default_rng(config.seed)
-    parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
-    if config.max_examples:
-        parts = keep_at_most(parts, config.max_examples, config.seed)
-    profiles = draw_profiles(len(parts), rng, config.fleet)  # natural: one per user
-    devices = [Device(i, profiles[i], part) for i, part in enumerate(parts)]
-    if config.personalize:
-        # Personalisation is measured on each device's own held-out examples (a
-        # fifth of them; devices with fewer than 5 keep all for training).
-        for device in devices:
-            mine = np.random.default_rng([config.seed, 4, device.index]).permutation(
-                device.examples
-            )
-            if len(mine) >= 5:
-                cut = len(mine) - len(mine) // 5
-                device.examples, device.own_held_out = mine[:cut], mine[cut:]
-    if plan.evaluate.every or config.per_device:
-        # Federated evaluation and per-device results: each device holds a share of the
-        # test set as its held-out data, split like the training set; with a natural
-        # split, its own user's test examples where the data set says whose they are.
-        for device, share in zip(devices, _test_shares(config, data, len(devices)), strict=True):
-            device.held_out = share if len(share) else None
-    return devices
-
-
-def _test_shares(config: SimulationConfig, data: Dataset, devices: int) -> list[np.ndarray]:
-    """Each device's share of the test set (see `draw_devices`)."""
-    if config.partition == "natural" and data.users is not None and data.test_users is not None:
-        users = np.unique(data.users)  # device u is users[u] (`partition`)
-        where = np.searchsorted(users, data.test_users).clip(0, len(users) - 1)
-        owner = np.where(users[where] == data.test_users, where, -1)
-        return [np.flatnonzero(owner == u) for u in range(devices)]
-    scheme = "iid" if config.partition == "natural" else config.partition
-    return partition(data.y_test, devices, scheme, np.random.default_rng([config.seed, 3]))
 
 
 def simulation_authority(config: SimulationConfig) -> IdentityAuthority:

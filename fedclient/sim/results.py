@@ -73,14 +73,15 @@ def personalization_report(
     )
     backend = create_backend(plan.model, config.runtime)
     correct_global = correct_personal = examples = 0
-    for device in fleet.devices:
-        if device.own_held_out is None:
+    registry = fleet.registry
+    for index, own in enumerate(registry.own_held_out or ()):
+        if own is None:
             continue
-        x_held, y_held = data.device_data(device.own_held_out)
+        x_held, y_held = data.device_data(own)
         backend.set_weights(weights)
         correct_global += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
-        x, y = data.device_data(device.examples)
-        tuning.apply(backend, weights, x, y, seed=config.seed * 100_003 + device.index)
+        x, y = data.device_data(registry.examples(index))
+        tuning.apply(backend, weights, x, y, seed=config.seed * 100_003 + index)
         correct_personal += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
         examples += len(y_held)
     if not examples:
@@ -105,28 +106,30 @@ def device_report(
     if not config.per_device or latest is None:
         return {}
     version, weights = latest
-    taken = np.zeros(len(fleet.devices), dtype=np.int64)
+    registry = fleet.registry
+    taken = np.zeros(len(registry), dtype=np.int64)
     for record in rounds:
         taken[record.get("participants", [])] += 1
     backend.set_weights(weights)
     devices, accuracies = [], []
-    for d in fleet.devices:
-        labels = data.y_train[d.examples]
+    for index in range(len(registry)):
+        examples = registry.examples(index)
+        held_out = None if registry.held_out is None else registry.held_out[index]
         entry: dict[str, Any] = {
-            "device": d.index,
-            "examples": len(d.examples),
-            "classes": len(np.unique(labels)),
-            "updates": int(taken[d.index]),
-            "held_out": 0 if d.held_out is None else len(d.held_out),
+            "device": index,
+            "examples": len(examples),
+            "classes": len(np.unique(data.y_train[examples])),
+            "updates": int(taken[index]),
+            "held_out": 0 if held_out is None else len(held_out),
             "accuracy": None,
             "loss": None,
         }
-        if d.held_out is not None:
-            result = backend.evaluate(data.x_test[d.held_out], data.y_test[d.held_out])
+        if held_out is not None:
+            result = backend.evaluate(data.x_test[held_out], data.y_test[held_out])
             entry["accuracy"], entry["loss"] = rounded(result.accuracy), rounded(result.loss)
             accuracies.append(result.accuracy)
         devices.append(entry)
-    sizes = np.array([len(d.examples) for d in fleet.devices])
+    sizes = np.array([len(registry.examples(i)) for i in range(len(registry))])
     classes = np.array([e["classes"] for e in devices])
     return {
         "partition": {

@@ -116,3 +116,23 @@ def test_init_makes_the_database_once_and_the_server_resumes_it(
         conn.commit()
         conn.close()
         open_served(other)
+
+
+def test_a_database_at_schema_10_gains_the_admissions_index(good: tuple[Path, Path]) -> None:
+    # Schema 10 (round_parts) came before 11 (the index that finds a round's next
+    # admission seq): a database a fedserver of schema 10 made is brought to 11.
+    from fedclient.server.store import ServerStore
+
+    _, db = good
+    conn = sqlite3.connect(db)
+    conn.execute("DROP INDEX admissions_in_order")
+    conn.execute("UPDATE meta SET value='10' WHERE name='schema_version'")
+    conn.commit()
+    conn.close()
+    ServerStore(db).db.close()
+    conn = sqlite3.connect(db)
+    index = "SELECT name FROM sqlite_master WHERE type='index' AND name='admissions_in_order'"
+    assert conn.execute(index).fetchall() == [("admissions_in_order",)]
+    version = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    assert SCHEMA_VERSION >= 11 and version == (str(SCHEMA_VERSION),)
+    conn.close()

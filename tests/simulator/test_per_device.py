@@ -16,7 +16,7 @@ from fedclient.server import plan_from_dict
 from fedclient.sim.cli import main as fedsim
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import load_dataset
-from fedclient.sim.fleet import draw_devices
+from fedclient.sim.registry import register_devices
 from tests.conftest import SHARED_DATA
 
 RUN = ["run", "--devices", "20", "--devices-per-round", "5", "--rounds", "3", "--epochs", "1"]
@@ -40,14 +40,16 @@ def test_per_device_accuracies_are_each_device_s_own_evaluation(tmp_path: Path) 
     assert int(metadata["model_version"]) == report["final"]["model_version"]
     backend = create_backend(plan.model)
     backend.set_weights(weights)
-    devices = draw_devices(config, plan, data)
-    assert [e["device"] for e in report["devices"]] == [d.index for d in devices]
-    for entry, device in zip(report["devices"], devices, strict=True):
-        assert device.held_out is not None and entry["held_out"] == len(device.held_out)
-        own = backend.evaluate(data.x_test[device.held_out], data.y_test[device.held_out])
+    registry = register_devices(config, plan, data)
+    assert [e["device"] for e in report["devices"]] == list(range(len(registry)))
+    assert registry.held_out is not None
+    for entry, held_out in zip(report["devices"], registry.held_out, strict=True):
+        examples = registry.examples(entry["device"])
+        assert held_out is not None and entry["held_out"] == len(held_out)
+        own = backend.evaluate(data.x_test[held_out], data.y_test[held_out])
         assert entry["accuracy"] == round(own.accuracy, 6), entry
-        assert entry["examples"] == len(device.examples)
-        assert entry["classes"] == len(np.unique(data.y_train[device.examples]))
+        assert entry["examples"] == len(examples)
+        assert entry["classes"] == len(np.unique(data.y_train[examples]))
     # The shares split the test set: weighted by their sizes, they are its accuracy.
     held = np.array([e["held_out"] for e in report["devices"]])
     accuracy = np.array([e["accuracy"] for e in report["devices"]])

@@ -17,8 +17,8 @@ its own event loop — still on the simulated clock, so that the same seed gives
 same report. It listens on 127.0.0.1 when the Ray cluster is this machine, else on
 ``--ray-host-ip`` (default: this node's IP), which every node must reach.
 
-The data set goes into the object store once, with the device records (profiles
-and example indices), so only the driver needs the data files.
+The data set goes into the object store once, with the device registry (profile
+columns and example indices), so only the driver needs the data files.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from fedclient.protocol import JobPlan
 from fedclient.server import FederationService, create_app
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import Dataset
-from fedclient.sim.fleet import TOTALS, Checkin, Device, Fleet, SimClock, SimServer, Work
+from fedclient.sim.fleet import TOTALS, Checkin, Fleet, SimClock, SimServer, Work
+from fedclient.sim.registry import DeviceRegistry
 
 __all__ = ["ray_fleet"]
 
@@ -192,7 +193,7 @@ class _Shard:
         config: SimulationConfig,
         plan: JobPlan,
         data: Dataset,
-        devices: list[Device],
+        registry: DeviceRegistry,
         base_url: str,
         simulated: bool,
         number: int,
@@ -208,7 +209,7 @@ class _Shard:
         # On the simulated clock the driver says what time it is with every call.
         self.pool = _Pool()
         server = SimServer(base_url, self.pool, SimClock() if simulated else time.time)
-        self.fleet = Fleet(config, plan, data, server, state_dir, devices=devices)
+        self.fleet = Fleet(config, plan, data, server, state_dir, registry=registry)
 
     async def ready(self) -> str:
         """Answer once placed and built: the IP of the node this actor runs on."""
@@ -239,7 +240,7 @@ class _Shard:
 
 
 class _RayFleet(Fleet):
-    """The driver's view of the fleet: the device records (profiles, data sizes) and
+    """The driver's view of the fleet: the device registry (profiles, data sizes) and
     the evaluator come from `Fleet`; the devices' steps run on the actors."""
 
     actors: list[Any]  # handles of the `_Shard` actors
@@ -250,13 +251,13 @@ class _RayFleet(Fleet):
         if self.config.ray_actors is not None and self.config.ray_actors < 1:
             raise InvalidInput("--ray-actors needs at least 1")
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        count = min(self.config.ray_actors or max(1, int(cpus)), len(self.devices))
-        data, devices = ray.put(self.data), ray.put(self.devices)
+        count = min(self.config.ray_actors or max(1, int(cpus)), len(self))
+        data, registry = ray.put(self.data), ray.put(self.registry)
         actor = ray.remote(_Shard).options(
             num_cpus=min(1.0, cpus / count), scheduling_strategy="SPREAD"
         )
         self.actors = [
-            actor.remote(self.config, self.plan, data, devices, self.server.base_url, simulated, k)
+            actor.remote(self.config, self.plan, data, registry, self.server.base_url, simulated, k)
             for k in range(count)
         ]
         try:
@@ -321,4 +322,4 @@ class _RayFleet(Fleet):
         # Each actor reads the ledgers of its own devices (the others read 0).
         # Blocking is fine here: answering needs nothing from this event loop.
         spent = ray.get([s.epsilon_spent.remote(job, delta) for s in self.actors])
-        return [spent[i % len(self.actors)][i] for i in range(len(self.devices))]
+        return [spent[i % len(self.actors)][i] for i in range(len(self))]
