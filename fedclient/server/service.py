@@ -453,14 +453,22 @@ class FederationService:
         self, job: JobRow, round_: RoundRow, device_id: str, now: float
     ) -> CheckinResponse:
         """Async: any number of buffers may be in flight; at most ``admit_per_round``
-        devices train at once, each on the version current when it checked in."""
+        devices train at once, each on the version current when it checked in. A
+        device that neither uploads nor leaves within ``deadline_seconds`` of its
+        check-in (switched off, out of reach) gives its place back: without that, devices
+        that vanish would hold every place and the job would wait for ever. Its update,
+        should it come after all, still counts (weighted by its staleness)."""
         oldest = job.model_version - job.plan.job.max_staleness
-        held = self.store.admission_of(job.name, device_id, oldest)
+        since = now - job.plan.job.deadline_seconds
+        held = self.store.admission_of(job.name, device_id, oldest, since)
         if held is not None:
             return Admitted(self._plan(job, held, device_id))
-        if self.store.in_flight(job.name, oldest) >= job.plan.admit_per_round:
+        if self.store.in_flight(job.name, oldest, since) >= job.plan.admit_per_round:
             return RetryLater(1.0, "enough devices are training")
+        lapsed = self.store.admission_of(job.name, device_id, oldest)
         with self.store.atomic():
+            if lapsed is not None:  # back after its place lapsed: it starts again, afresh
+                self.store.withdraw(lapsed.round_id, device_id)
             self.store.admit(round_.round_id, device_id, now)
         return Admitted(self._plan(job, round_, device_id))
 

@@ -536,24 +536,28 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
             devices = _keep(kept, round_id, {str(r[0]) for r in rows})
         return devices
 
-    def in_flight(self, job: str, since_version: int) -> int:
-        """Devices admitted to rounds on a version >= ``since_version`` whose update is not in
-        (async: an upload consumes its admission)."""
+    def in_flight(self, job: str, since_version: int, since: float) -> int:
+        """Devices admitted at or after ``since`` to rounds on a version >= ``since_version``
+        whose update is not in (async: an upload consumes its admission)."""
         return int(
             self.db.execute(
                 "SELECT count(*) FROM admissions a JOIN rounds r ON r.round_id = a.round_id"
-                " WHERE r.job=? AND r.model_version >= ?",
-                [job, since_version],
+                " WHERE r.job=? AND r.model_version >= ? AND a.admitted_at >= ?",
+                [job, since_version, since],
             ).fetchone()[0]
         )
 
-    def admission_of(self, job: str, device_id: str, since_version: int) -> RoundRow | None:
-        """The round a device holds an unused admission to (async), if any."""
+    def admission_of(
+        self, job: str, device_id: str, since_version: int, since: float | None = None
+    ) -> RoundRow | None:
+        """The round a device holds an unused admission to (async), made at or after
+        ``since`` (None: at any time), if any."""
         row = self.db.execute(
             "SELECT r.* FROM admissions a JOIN rounds r ON r.round_id = a.round_id"
             " WHERE r.job=? AND a.device_id=? AND r.model_version >= ?"
-            " ORDER BY r.number DESC LIMIT 1",
-            [job, device_id, since_version],
+            + ("" if since is None else " AND a.admitted_at >= ?")
+            + " ORDER BY r.number DESC LIMIT 1",
+            [job, device_id, since_version] + ([] if since is None else [since]),
         ).fetchone()
         return RoundRow(*row) if row else None
 

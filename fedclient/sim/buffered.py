@@ -7,6 +7,14 @@ each buffer of ``devices_per_round`` updates in. A device that finishes goes
 back to the end of the line, and the next idle device checks in. Events are
 processed in simulated-time order (ties by device index), so a seed gives one
 report.
+
+With an availability model (``--availability``), a device offline when its turn comes
+keeps its place in the line and the next online one checks in; one whose session ends
+before its upload vanishes mid-training (``unavailable``): it neither uploads nor
+leaves, its place comes back to the server after the job's deadline, and when it is
+next online it sends its update late (counted, weighted by staleness) or drops it. When
+nobody is training (all offline, or every place held by vanished devices) the clock
+moves on by `IDLE_STEP` seconds at a time, for at most `IDLE_LIMIT`.
 """
 
 from __future__ import annotations
@@ -23,11 +31,17 @@ from fedclient.runtime import EvalResult, TrainingBackend
 from fedclient.sim.fleet import TOTALS, Fleet, SimClock, SimServer, device_token
 
 if TYPE_CHECKING:
+    from fedclient import StepOutcome
     from fedclient.protocol import JobPlan
     from fedclient.sim.config import SimulationConfig
     from fedclient.sim.datasets import Dataset
 
 __all__ = ["run_buffered"]
+
+#: Simulated seconds the clock moves on while nobody is training.
+IDLE_STEP = 60.0
+#: ...and for at most this long in a row (a week): then the job is reported as it stands.
+IDLE_LIMIT = 7 * 24 * 3600.0
 
 
 async def run_buffered(
@@ -45,31 +59,58 @@ async def run_buffered(
     job = plan.job.name
     idle = deque(int(i) for i in np.random.default_rng([config.seed, 0]).permutation(len(fleet)))
     events: list[tuple[float, int]] = []  # (finish time, device index)
+    registry = fleet.registry
     token = ""
-    counts = {"stale": 0, "network": 0, "left": 0, "waits": 0}
+    counts = {"stale": 0, "network": 0, "left": 0, "waits": 0, "unavailable": 0}
+    # Who could take part, who came, and who counted, since the last aggregation.
+    seen = {"checked_in": 0, "admitted": 0, "trained": 0}
     contributed: list[int] = []  # devices whose update is in the buffer being filled
     sequence = 0
 
-    async def start_devices() -> None:
-        """Idle devices check in until the server says enough are training."""
+    def settled(i: int, outcome: StepOutcome | None) -> None:
+        """Count an upload's outcome (made on time, or late after a vanishing)."""
+        if outcome is None:
+            counts["network"] += 1
+        elif outcome.status == "discarded":
+            counts["stale"] += 1
+        elif outcome.status == "uploaded":
+            contributed.append(i)
+
+    async def start_devices() -> bool:
+        """Idle devices online now check in until the server says enough are training;
+        whether the job is finished (by an update a device sent late)."""
         nonlocal token, sequence
-        while idle:
+        offline = 0  # idle devices passed over in a row for being offline
+        while idle and offline < len(idle):
             i = idle[0]
+            if not registry.online(i, clock.now):
+                idle.rotate(-1)  # it keeps its turn for when it is back
+                offline += 1
+                continue
+            offline = 0
             sequence += 1
             d = fleet.activate(i, sequence)
             outcome = await d.checkin()
+            if outcome is not None and outcome.status in ("uploaded", "discarded"):
+                settled(i, outcome)  # back from vanishing: it sent what it held, late
+                if await record_aggregations():
+                    await _release(fleet, i)
+                    return True
+                outcome = await d.checkin()
             if outcome is not None and outcome.status == "waiting":
                 await _release(fleet, i)
                 counts["waits"] += 1
-                return  # the line stays as it is until someone finishes
+                return False  # the line stays as it is until someone finishes
+            seen["checked_in"] += 1
             idle.popleft()
             if outcome is None or outcome.status != "admitted":
                 counts["network" if outcome is None else "left"] += 1
                 await _release(fleet, i)
                 idle.append(i)
                 if outcome is not None and outcome.status == "finished":
-                    return
+                    return False
                 continue
+            seen["admitted"] += 1
             token = token or device_token(d)
             trained = await d.download_and_train()
             if trained is None or trained.status != "trained":
@@ -79,29 +120,25 @@ async def run_buffered(
                 continue
             assert d.client is not None
             size = d.client.device_state.update_size(job)
-            seconds = d.round_seconds(plan.train, size)
-            heapq.heappush(events, (clock.now + seconds + d.backoff, i))
+            at = clock.now + d.round_seconds(plan.train, size) + d.backoff
+            if registry.online_until(i, clock.now) < at:
+                counts["unavailable"] += 1  # its session ends first: it simply vanishes
+                await _release(fleet, i)
+                idle.append(i)
+                continue
+            seen["trained"] += 1
+            heapq.heappush(events, (at, i))
+        return False
 
     rounds: list[dict[str, Any]] = []
     evaluated: dict[int, EvalResult] = {}
     totals0 = await fleet.totals()
-    await start_devices()
     last_version = 0
-    while events:
-        at, i = heapq.heappop(events)
-        clock.now = max(clock.now, at)
-        d = fleet.device(i)
-        before = d.backoff
-        outcome = await d.step()
-        clock.now += d.backoff - before
-        if outcome is None:
-            counts["network"] += 1
-        elif outcome.status == "discarded":
-            counts["stale"] += 1
-        elif outcome.status == "uploaded":
-            contributed.append(i)
-        await _release(fleet, i)
-        idle.append(i)
+
+    async def record_aggregations() -> bool:
+        """A report entry for each buffer aggregated since the last call; whether the
+        job is finished."""
+        nonlocal last_version, totals0
         status = await server.status(job)
         for version in range(last_version + 1, status.model_version + 1):
             closed = await server.round(job, version)
@@ -120,11 +157,16 @@ async def run_buffered(
                 "admitted": closed.updates,
                 "updates": closed.updates,
                 "participants": sorted(contributed),
+                "participation": {
+                    "available": registry.available(clock.now),
+                    **seen,
+                    "updates": len(contributed),
+                },
                 "discarded": 0,
                 "dropouts": {
                     "deadline": counts["stale"] + counts["left"],
                     "over_selection": 0,
-                    "unavailable": 0,
+                    "unavailable": counts["unavailable"],
                     "network": counts["network"],
                     "budget": 0,
                 },
@@ -135,14 +177,35 @@ async def run_buffered(
             }
             totals0 = totals
             contributed.clear()
-            counts.update(stale=0, network=0, left=0)
+            counts.update(stale=0, network=0, left=0, unavailable=0)
+            seen.update(checked_in=0, admitted=0, trained=0)
             rounds.append(record)
             if on_round is not None:
                 on_round(record)
         last_version = status.model_version
-        if status.status == "finished":
+        return status.status == "finished"
+
+    finished = await start_devices()
+    idle_since = clock.now
+    while not finished:
+        if events:
+            at, i = heapq.heappop(events)
+            clock.now = max(clock.now, at)
+            d = fleet.device(i)
+            before = d.backoff
+            outcome = await d.step()
+            clock.now += d.backoff - before
+            settled(i, outcome)
+            await _release(fleet, i)
+            idle.append(i)
+            idle_since = clock.now
+        elif clock.now - idle_since < IDLE_LIMIT:
+            clock.now += IDLE_STEP  # nobody is training: wait for devices, or lapsed places
+        else:
             break
-        await start_devices()
+        if await record_aggregations():
+            break
+        finished = await start_devices()
     return rounds
 
 

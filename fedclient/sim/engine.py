@@ -148,8 +148,6 @@ async def simulate(
         startup_seconds = time.perf_counter() - wall_start  # to the first round
         stack.enter_context(_long_lived_frozen())
         if plan.job.mode == "async":
-            if config.availability != "always":
-                raise InvalidInput("--availability is for sync rounds (not --mode async)")
             if config.engine != "local" or config.server is not None:
                 raise InvalidInput("--mode async runs on the local engine, in-process")
             if config.per_device or config.save_model or config.stop_at is not None:

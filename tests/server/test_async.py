@@ -66,3 +66,29 @@ async def test_async_buffers_have_no_deadline(make_server: Any, make_devices: An
     assert status.current_round is not None and status.current_round.status == "open"
     assert status.current_round.updates == 1 and status.rounds_failed == 0
     assert fedclient
+
+
+async def test_devices_that_vanish_give_their_places_back_after_the_deadline(
+    make_server: Any, make_devices: Any
+) -> None:
+    """Devices switched off mid-training neither upload nor leave: after the job's
+    deadline_seconds their places go to others (else the job would wait for ever), and
+    an update that comes after all still counts."""
+    server: Server = make_server(
+        mode="async", devices_per_round=2, over_selection=1.0, deadline_seconds=60
+    )
+    a, b, c = make_devices(3, server.transport(), clock=server.clock)
+    await step_until(a, fedclient.Phase.TRAINED)  # a trains, then is out of reach
+    assert (await b.astep()).status == "admitted"  # b is switched off
+    server.clock.now += 59
+    assert (await c.astep()).status == "waiting"  # every place is theirs for the deadline
+    server.clock.now += 2
+    assert (await c.astep()).status == "admitted"
+    # b is back: past its plan's deadline it drops what it had, and checks in afresh.
+    assert (await b.astep()).status == "discarded"
+    assert (await b.astep()).status == "admitted"
+    assert (await c.arun_once()).status == "uploaded"
+    # a's update, sent late after all, still counts: it fills the buffer.
+    assert (await a.astep()).status == "uploaded"
+    status = server.service.job_status("digits")
+    assert status.model_version == 1 and status.rounds_completed == 1
