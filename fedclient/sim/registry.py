@@ -26,8 +26,10 @@ from fedclient.sim.datasets import Dataset, partition
 from fedclient.sim.devices import DeviceProfile, ProfileColumns, draw_profile_columns
 
 __all__ = [
+    "HELD_OUT_SHARE",
     "LAZY_ORDER_DEVICES",
     "MAX_EXAMPLES_STREAM",
+    "PER_DEVICE_LIMIT",
     "DeviceRegistry",
     "distinct_order",
     "keep_at_most",
@@ -36,6 +38,12 @@ __all__ = [
 
 #: Fleets larger than this draw a round's check-in order as they go (`checkin_order`).
 LAZY_ORDER_DEVICES = 1_000_000
+#: A device of a generated data set holds out a fifth as many examples as it trains on
+#: (at least one), drawn from its own distribution: what it evaluates on.
+HELD_OUT_SHARE = 5
+#: Per-device results (``--per-device``, ``--personalize``) walk every device: for a
+#: generated data set, up to this many.
+PER_DEVICE_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,10 @@ class DeviceRegistry:
     held_out: list[np.ndarray | None] | None = None  # its share of the test set
     own_held_out: list[np.ndarray | None] | None = None  # its examples kept from training
     availability: Availability | None = None  # when devices come and go (--availability)
+    # A generated data set's devices: how many examples each keeps at most (0: all), and
+    # whether each holds out examples of its own to evaluate on (`HELD_OUT_SHARE`).
+    max_examples: int = 0
+    generated_held_out: bool = False
 
     def __len__(self) -> int:
         return self.size
@@ -66,19 +78,45 @@ class DeviceRegistry:
     def count(self, i: int) -> int:
         """How many training examples device ``i`` holds."""
         if self.data.generated is not None:
-            return self.data.generated.size(i)
+            size = self.data.generated.size(i)
+            return min(size, self.max_examples) if self.max_examples else size
         return len(self.examples(i))
 
     def device_data(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Device ``i``'s training data, as it hands it to its `Client`."""
         if self.data.generated is not None:
-            return self.data.generated.device_data(i)
+            x, y = self.data.generated.device_data(i)
+            if self.max_examples:  # independent draws: the first ones are a random subset
+                return x[: self.max_examples], y[: self.max_examples]
+            return x, y
         return self.data.device_data(self.examples(i))
 
+    def labels(self, i: int) -> np.ndarray:
+        """Device ``i``'s training labels."""
+        if self.data.generated is not None:
+            return self.device_data(i)[1]
+        return np.asarray(self.data.y_train[self.examples(i)])
+
+    def _generated_held_out(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.data.generated is None or not self.generated_held_out:
+            return None
+        return self.data.generated.held_out(i, max(1, self.count(i) // HELD_OUT_SHARE))
+
     def eval_data(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Device ``i``'s share of the test set, when it evaluates (else None)."""
+        """Device ``i``'s held-out data, when it evaluates (else None): its share of the
+        test set, or, for a generated data set, examples of its own distribution."""
+        if self.data.generated is not None:
+            return self._generated_held_out(i)
         share = None if self.held_out is None else self.held_out[i]
         return None if share is None else (self.data.x_test[share], self.data.y_test[share])
+
+    def own_held_out_data(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """With --personalize, the examples device ``i`` kept from training to measure
+        its fine-tuned model on (a generated data set's: drawn like `eval_data`)."""
+        if self.data.generated is not None:
+            return self._generated_held_out(i)
+        own = None if self.own_held_out is None else self.own_held_out[i]
+        return None if own is None else self.data.device_data(own)
 
     def failure_rate(self, i: int) -> float:
         """Device ``i``'s chance to drop out of a round it joined."""
@@ -166,9 +204,16 @@ def register_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> 
     rng = np.random.default_rng(config.seed)
     availability = parse_availability(config.availability, config.devices, config.seed)
     if data.generated is not None:
-        _check_generated(config, plan, data)
+        _check_generated(config, data)
         profiles = draw_profile_columns(config.devices, rng, config.fleet)
-        return DeviceRegistry(config.devices, profiles, data, availability=availability)
+        return DeviceRegistry(
+            config.devices,
+            profiles,
+            data,
+            availability=availability,
+            max_examples=config.max_examples or 0,
+            generated_held_out=bool(plan.evaluate.every or config.per_device or config.personalize),
+        )
     parts = partition(data.y_train, config.devices, config.partition, rng, data.users)
     if config.max_examples:
         parts = keep_at_most(parts, config.max_examples, config.seed)
@@ -198,8 +243,9 @@ def register_devices(config: SimulationConfig, plan: JobPlan, data: Dataset) -> 
     return DeviceRegistry(len(parts), profiles, data, parts, held_out, own_held_out, availability)
 
 
-def _check_generated(config: SimulationConfig, plan: JobPlan, data: Dataset) -> None:
-    """What a data set drawn per device does not have: a split, per-device results."""
+def _check_generated(config: SimulationConfig, data: Dataset) -> None:
+    """What a data set drawn per device does not have: a split; per-device results for
+    more devices than `PER_DEVICE_LIMIT`."""
     if config.partition != "iid":
         raise InvalidInput(
             f"--partition {config.partition}: {data.name} draws each device's own data "
@@ -207,16 +253,14 @@ def _check_generated(config: SimulationConfig, plan: JobPlan, data: Dataset) -> 
         )
     asked = [
         flag
-        for flag, on in (
-            ("--max-examples", config.max_examples),
-            ("--personalize", config.personalize),
-            ("--per-device", config.per_device),
-            ("[evaluate]", plan.evaluate.every),
-        )
+        for flag, on in (("--personalize", config.personalize), ("--per-device", config.per_device))
         if on
     ]
-    if asked:
-        raise InvalidInput(f"{', '.join(asked)}: not with {data.name} (a data set with a split)")
+    if asked and config.devices > PER_DEVICE_LIMIT:
+        raise InvalidInput(
+            f"{', '.join(asked)}: a result for each of {config.devices:,} devices; at most "
+            f"{PER_DEVICE_LIMIT:,} (the report would hold every one)"
+        )
     if config.devices < 1:
         raise InvalidInput(f"--devices must be at least 1, got {config.devices}")
 

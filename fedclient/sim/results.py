@@ -74,13 +74,14 @@ def personalization_report(
     backend = create_backend(plan.model, config.runtime)
     correct_global = correct_personal = examples = 0
     registry = fleet.registry
-    for index, own in enumerate(registry.own_held_out or ()):
-        if own is None:
+    for index in range(len(registry)):
+        held = registry.own_held_out_data(index)
+        if held is None:
             continue
-        x_held, y_held = data.device_data(own)
+        x_held, y_held = held
         backend.set_weights(weights)
         correct_global += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
-        x, y = data.device_data(registry.examples(index))
+        x, y = registry.device_data(index)
         tuning.apply(backend, weights, x, y, seed=config.seed * 100_003 + index)
         correct_personal += round(backend.evaluate(x_held, y_held).accuracy * len(y_held))
         examples += len(y_held)
@@ -113,23 +114,23 @@ def device_report(
     backend.set_weights(weights)
     devices, accuracies = [], []
     for index in range(len(registry)):
-        examples = registry.examples(index)
-        held_out = None if registry.held_out is None else registry.held_out[index]
+        labels = registry.labels(index)
+        held_out = registry.eval_data(index)
         entry: dict[str, Any] = {
             "device": index,
-            "examples": len(examples),
-            "classes": len(np.unique(data.y_train[examples])),
+            "examples": len(labels),
+            "classes": len(np.unique(labels)),
             "updates": int(taken[index]),
-            "held_out": 0 if held_out is None else len(held_out),
+            "held_out": 0 if held_out is None else len(held_out[1]),
             "accuracy": None,
             "loss": None,
         }
         if held_out is not None:
-            result = backend.evaluate(data.x_test[held_out], data.y_test[held_out])
+            result = backend.evaluate(*held_out)
             entry["accuracy"], entry["loss"] = rounded(result.accuracy), rounded(result.loss)
             accuracies.append(result.accuracy)
         devices.append(entry)
-    sizes = np.array([len(registry.examples(i)) for i in range(len(registry))])
+    sizes = np.array([e["examples"] for e in devices])
     classes = np.array([e["classes"] for e in devices])
     return {
         "partition": {

@@ -145,9 +145,9 @@ def test_a_synthetic_fleet_of_a_million_runs_and_reproduces(tmp_path: Path) -> N
     ("flags", "refusal"),
     [
         (["--partition", "dirichlet:0.5"], "draws each device's own data"),
-        (["--per-device"], "--per-device: not with synthetic"),
         (["--holdout", "10"], "it has no set"),
-        (["--max-examples", "5"], "--max-examples: not with synthetic"),
+        (["--per-device", "--devices", "100001"], "at most 100,000"),
+        (["--personalize", "1", "--devices", "100001"], "at most 100,000"),
     ],
 )
 def test_a_generated_data_set_refuses_what_needs_a_split(
@@ -158,6 +158,34 @@ def test_a_generated_data_set_refuses_what_needs_a_split(
                    *flags, "--quiet", "--no-plot", "--report", str(out)])  # fmt: skip
     assert code != 0 and refusal in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_synthetic_devices_evaluate_and_personalise_on_their_own_distribution(
+    tmp_path: Path,
+) -> None:
+    """LEAF's per-device view of Synthetic(1, 1): each device holds out examples drawn
+    from its own model and features (a fifth as many as it trains on), measures the
+    global model on them ([evaluate], --per-device), and fine-tunes on its own data
+    (--personalize), which its distribution rewards far more than the global model."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        '[job]\nname = "synthetic"\nrounds = 3\ndevices_per_round = 20\nseed = 3\n'
+        '[model]\nkind = "softmax"\ninputs = 60\nclasses = 10\n'
+        "[train]\nepochs = 1\n[evaluate]\nevery = 1\n"
+    )
+    flags = ["--plan", str(plan), "--dataset", "synthetic", "--devices", "300", "--seed", "3",
+             "--per-device", "--personalize", "2", "--max-examples", "60"]  # fmt: skip
+    report = _run(tmp_path, "a", *flags)
+    assert _run(tmp_path, "b", *flags)["devices"] == report["devices"]
+    devices = SyntheticDevices(seed=3)
+    for entry in report["devices"][:20]:
+        size = min(devices.size(entry["device"]), 60)
+        assert entry["examples"] == size and entry["held_out"] == max(1, size // 5)
+    assert max(e["examples"] for e in report["devices"]) == 60  # --max-examples holds
+    assert all(r["evaluated"] >= 1 for r in report["rounds"])  # devices measured the model
+    assert report["final"]["device_accuracy"]["devices"] == 300
+    final = report["final"]
+    assert final["personalized_accuracy"] > final["global_accuracy_on_devices"] + 0.2
 
 
 def test_a_fleet_of_millions_draws_its_check_in_order_as_it_goes() -> None:
