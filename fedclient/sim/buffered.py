@@ -22,10 +22,8 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from fedclient.runtime import EvalResult, TrainingBackend
 from fedclient.sim.fleet import TOTALS, Fleet, SimClock, SimServer, device_token
@@ -57,9 +55,9 @@ async def run_buffered(
 ) -> list[dict[str, Any]]:
     """Run the async job to its last buffer; one report entry per aggregation."""
     job = plan.job.name
-    idle = deque(int(i) for i in np.random.default_rng([config.seed, 0]).permutation(len(fleet)))
-    events: list[tuple[float, int]] = []  # (finish time, device index)
     registry = fleet.registry
+    idle = Line(registry.checkin_order(config.seed, 0)[0], len(registry))
+    events: list[tuple[float, int]] = []  # (finish time, device index)
     token = ""
     counts = {"stale": 0, "network": 0, "left": 0, "waits": 0, "unavailable": 0}
     # Who could take part, who came, and who counted, since the last aggregation.
@@ -82,9 +80,9 @@ async def run_buffered(
         nonlocal token, sequence
         offline = 0  # idle devices passed over in a row for being offline
         while idle and offline < len(idle):
-            i = idle[0]
+            i = idle.first()
             if not registry.online(i, clock.now):
-                idle.rotate(-1)  # it keeps its turn for when it is back
+                idle.append(idle.popleft())  # it waits for its next turn
                 offline += 1
                 continue
             offline = 0
@@ -207,6 +205,44 @@ async def run_buffered(
             break
         finished = await start_devices()
     return rounds
+
+
+class Line:
+    """The idle devices in the order they come to check in: the fleet's order (drawn
+    with the seed, as `DeviceRegistry.checkin_order` draws it: lazily for a fleet of
+    millions), then those sent to its end, in the order they were. Only the devices
+    sent back are held, so the line costs memory for the devices that worked."""
+
+    def __init__(self, order: Iterator[int], size: int) -> None:
+        self._order: Iterator[int] | None = order
+        self._back: deque[int] = deque()
+        self._first: int | None = None
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def first(self) -> int:
+        """The device whose turn it is (the line must not be empty)."""
+        if self._first is None:
+            nxt = None if self._order is None else next(self._order, None)
+            if nxt is None:
+                self._order = None
+                nxt = self._back.popleft()
+            self._first = nxt
+        return self._first
+
+    def popleft(self) -> int:
+        """The device whose turn it is, out of the line."""
+        first = self.first()
+        self._first = None
+        self._size -= 1
+        return first
+
+    def append(self, i: int) -> None:
+        """Device ``i`` joins the end of the line."""
+        self._back.append(i)
+        self._size += 1
 
 
 async def _release(fleet: Fleet, index: int) -> None:

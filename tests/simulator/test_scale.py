@@ -215,6 +215,48 @@ def test_a_fleet_of_millions_draws_its_check_in_order_as_it_goes() -> None:
     assert list(order) == np.random.default_rng([2, 1]).permutation(1000).tolist()
 
 
+def test_the_async_line_keeps_the_order_a_deque_of_the_fleet_would() -> None:
+    """fedsim --mode async's line of idle devices holds only those sent back; it gives
+    them in the order a deque of the whole fleet's permutation would."""
+    from collections import deque
+
+    from fedclient.sim.buffered import Line
+
+    order = np.random.default_rng(9).permutation(50).tolist()
+    line, reference = Line(iter(order), 50), deque(order)
+    ops = np.random.default_rng(10)
+    out: list[int] = []
+    for _ in range(400):
+        assert len(line) == len(reference)
+        if not reference or ops.random() < 0.4:
+            if out:  # a device that finished (or was passed over) joins the end
+                back = out.pop(int(ops.integers(len(out))))
+                line.append(back)
+                reference.append(back)
+            continue
+        assert line.first() == reference[0]
+        if ops.random() < 0.5:  # offline: it waits for its next turn
+            line.append(line.popleft())
+            reference.append(reference.popleft())
+        else:
+            out.append(line.popleft())
+            assert out[-1] == reference.popleft()
+
+
+def test_an_async_fleet_of_millions_draws_its_line_as_it_goes(tmp_path: Path) -> None:
+    from fedclient.sim.registry import LAZY_ORDER_DEVICES
+
+    devices = LAZY_ORDER_DEVICES + 1
+    flags = ["--dataset", "synthetic", "--devices", str(devices), "--devices-per-round", "4",
+             "--rounds", "2", "--mode", "async", "--seed", "6"]  # fmt: skip
+    report = _run(tmp_path, "async", *flags)
+    assert [r["updates"] for r in report["rounds"]] == [4, 4]
+    participants = [i for r in report["rounds"] for i in r["participants"]]
+    assert all(0 <= i < devices for i in participants)
+    # Drawn over the whole fleet as the line asks for devices, not its first ones.
+    assert max(participants) > devices // 10
+
+
 def test_every_device_of_a_lazy_order_comes_once() -> None:
     from fedclient.sim.registry import distinct_order
 
