@@ -315,9 +315,12 @@ def _with_progress(config: Any, simulate: Any) -> dict[str, Any]:
         task = progress.add_task("rounds", total=rounds)
 
         def on_round(r: dict[str, Any]) -> None:
+            # With devices that come and go: how many were online when the round opened.
+            online = r.get("participation", {}).get("available", 0)
+            came = f"online {online:,}  " if config.availability != "always" and online else ""
             progress.console.print(
                 f"round {r['round']:>4}  accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  "
-                f"updates {r['updates']}/{r['admitted']}  {r['status']}  "
+                f"{came}updates {r['updates']}/{r['admitted']}  {r['status']}  "
                 f"sim {r['simulated_seconds']:.0f}s  wall {r['wall_seconds']:.1f}s",
                 soft_wrap=True,  # one line per round, whatever the terminal's width
             )

@@ -175,3 +175,16 @@ def test_available_counts_devices_in_their_window_and_in_a_session() -> None:
         # Both filters bite: the fleet's 8-hour windows and the sessions.
         windows = sum(registry.profiles.online(i, now) for i in range(len(registry)))
         assert 0 < sum(each) < windows < len(registry)
+
+
+def test_each_round_s_line_says_how_many_were_online(tmp_path: Path, capsys: Any) -> None:
+    trace = tmp_path / "online.csv"
+    trace.write_text("device,start,end\n0,0,86400\n1,0,1\n")
+    flags = [a for a in RUN if a != "--quiet"]
+    report = tmp_path / "r.json"
+    assert fedsim([*flags, "--availability", f"trace:{trace}", "--report", str(report)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("round")]
+    online = [r["participation"]["available"] for r in json.loads(report.read_text())["rounds"]]
+    assert [line.split("online ")[1].split()[0] for line in lines] == [str(n) for n in online]
+    assert fedsim([*flags, "--report", str(report)]) == 0  # always online: nothing to say
+    assert "online" not in capsys.readouterr().err
