@@ -88,6 +88,16 @@ async def simulate(
         raise InvalidInput("--workers is for the local engine (Ray runs --ray-actors)")
     if config.inline_model_max < 0:
         raise InvalidInput(f"--inline-model-max must be 0 or more, got {config.inline_model_max}")
+    if (
+        config.server is None
+        and config.state_dir
+        and any(Path(config.state_dir).glob("devices-*.sqlite"))
+    ):
+        raise InvalidInput(
+            f"--state-dir {config.state_dir} holds the devices of an earlier run, enrolled "
+            "with that run's in-process server, which is gone: give a new folder (or "
+            "--server URL, a server that knows them)"
+        )
     clock = SimClock()
     service: FederationService | None = None
     if config.server is None:
@@ -130,7 +140,7 @@ async def simulate(
             fleet = await stack.enter_async_context(_ray_fleet(config, plan, data, service))
         else:
             # The devices' SQLite state: in memory (shards of the fleet's
-            # DEVICES_PER_STATE_FILE devices each), or in files kept under --state-dir.
+            # DEVICES_PER_STATE_FILE devices each), or in STATE_FILES files under --state-dir.
             state_dir = Path(config.state_dir) if config.state_dir else None
             if state_dir is not None:
                 state_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import operator
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from fedclient import (
     PrivacyBudgetExceeded,
     RetryPolicy,
     ServerError,
+    StateError,
     StepOutcome,
     TransferStats,
     TransportError,
@@ -64,6 +66,7 @@ from fedclient.transport import is_retriable_status, raise_for_error, retry_afte
 
 __all__ = [
     "DEVICES_PER_STATE_FILE",
+    "STATE_FILES",
     "TOTALS",
     "Checkin",
     "Device",
@@ -80,6 +83,11 @@ __all__ = [
 
 #: Devices whose SQLite state shares one database (in memory, or a file under --state-dir).
 DEVICES_PER_STATE_FILE = 1024
+#: Files of device state under --state-dir, at most: the blocks of `DEVICES_PER_STATE_FILE`
+#: devices take turns (file ``(i // 1024) % 64``), so a fleet of millions keeps at most 64
+#: files open (192 descriptors: each its write-ahead log and shared memory too), within
+#: the 256 a macOS shell allows, rather than one for nearly every device that works.
+STATE_FILES = 64
 
 
 class SimClock:
@@ -231,8 +239,8 @@ class Fleet:
         """The SQLite database that holds device ``i``'s state."""
         shard = self.shard_of.get(i)
         if shard is None:
-            if self.state_dir is not None:
-                shard = i // DEVICES_PER_STATE_FILE
+            if self.state_dir is not None:  # the same file in every run, whatever the fleet
+                shard = i // DEVICES_PER_STATE_FILE % STATE_FILES
             else:
                 shard = len(self.shard_of) // DEVICES_PER_STATE_FILE
             self.shard_of[i] = shard
@@ -240,14 +248,25 @@ class Fleet:
             if self.state_dir is None:
                 db = sqlite_utils.Database(memory=True, execute_plugins=False)
             else:
-                db = sqlite_utils.Database(
-                    self.state_dir / f"devices-{shard:04d}.sqlite", execute_plugins=False
-                )
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=OFF")
+                db = self._open_file(self.state_dir / f"devices-{shard:04d}.sqlite")
             disable_secure_delete(db)
             self.shards[shard] = db
         return self.shards[shard]
+
+    def _open_file(self, path: Path) -> sqlite_utils.Database:
+        """A state file under --state-dir, open (its log too), or `StateError` saying why."""
+        try:
+            db = sqlite_utils.Database(path, execute_plugins=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("BEGIN IMMEDIATE")  # opens the write-ahead log and shared memory now
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise StateError(
+                f"--state-dir: cannot open {path}: {exc} ({len(self.shards)} state files "
+                "open, 3 descriptors each; see `ulimit -n`)"
+            ) from None
+        return db
 
     def activate(self, i: int, round_number: int) -> Device:
         """Device ``i`` wakes up: a real `Client` over its own SQLite state."""

@@ -141,6 +141,48 @@ def test_a_synthetic_fleet_of_a_million_runs_and_reproduces(tmp_path: Path) -> N
     assert a["plan"]["model"]["inputs"] == FEATURES and a["plan"]["model"]["kind"] == "softmax"
 
 
+def test_state_files_of_a_fleet_of_millions_fit_a_laptop_s_open_file_limit(
+    tmp_path: Path,
+) -> None:
+    """--state-dir with a million devices under macOS's default `ulimit -n 256`: the
+    blocks of 1,024 devices take turns in at most STATE_FILES files, each device's file
+    a function of its index alone. A second run on the folder, whose devices the first
+    run's in-process server enrolled, is refused in one line, not at its first device."""
+    import resource
+    import subprocess
+    import sys
+
+    from fedclient.sim.fleet import STATE_FILES
+
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "fedclient.sim.cli", "run", "--dataset", "synthetic",
+            "--devices", "1000000", "--devices-per-round", "200", "--rounds", "1",
+            "--seed", "4", "--quiet", "--no-plot", "--state-dir", str(state)]  # fmt: skip
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    runs = [
+        subprocess.run(
+            [*argv, "--report", str(tmp_path / f"{run}.json")],
+            preexec_fn=limited,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        for run in ("first", "again")
+    ]
+    assert runs[0].returncode == 0, runs[0].stderr[-2000:]
+    assert runs[1].returncode != 0 and "holds the devices of an earlier run" in runs[1].stderr
+    assert "Traceback" not in runs[1].stderr and not (tmp_path / "again.json").exists()
+    files = sorted(state.glob("devices-*.sqlite"))
+    assert 1 < len(files) <= STATE_FILES
+    worked = json.loads((tmp_path / "first.json").read_text())["rounds"][0]["participants"]
+    assert {f"devices-{i // 1024 % STATE_FILES:04d}.sqlite" for i in worked} <= {
+        f.name for f in files
+    }
+
+
 @pytest.mark.parametrize(
     ("flags", "refusal"),
     [
