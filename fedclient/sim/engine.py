@@ -91,7 +91,7 @@ async def simulate(
     if (
         config.server is None
         and config.state_dir
-        and any(Path(config.state_dir).glob("devices-*.sqlite"))
+        and any(Path(config.state_dir).glob("**/devices-*.sqlite"))  # shard-NNN/ on Ray
     ):
         raise InvalidInput(
             f"--state-dir {config.state_dir} holds the devices of an earlier run, enrolled "
