@@ -350,8 +350,11 @@ async def _run_rounds(
         registry = fleet.registry
         order, failure_draw = registry.checkin_order(config.seed, current.number)
         # Asleep, off Wi-Fi or unplugged: a device offline does not check in.
-        available = registry.available(clock.now)
-        online = (i for i in order if registry.online(i, clock.now))
+        # The devices' time: the simulated clock's, or against a remote server (which
+        # keeps real time) the simulated seconds the rounds took so far.
+        now = clock.now if simulated else sim_total
+        available = registry.available(now)
+        online = (i for i in order if registry.online(i, now))
         checked_in = 0
         admitted: list[int] = []
         network_dropouts = unavailable = 0
@@ -420,7 +423,9 @@ async def _run_rounds(
                 continue
             start = current.opened_at + selecting
             at = start + work.seconds + work.backoff
-            if registry.online_until(work.device, clock.now) < at:
+            # (a remote round's times are the server's: its offset from the round's open)
+            ends = at if simulated else now + (at - current.opened_at)
+            if registry.online_until(work.device, now) < ends:
                 unavailable += 1  # its session ended before its upload: it never reports
                 continue
             finish.append((at, work.device))

@@ -227,6 +227,29 @@ def test_fedsim_runs_against_a_fedserver_process(fedserver: Any, tmp_path: Path)
     assert report.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_fedsim_plays_availability_against_a_fedserver_process(
+    fedserver: Any, tmp_path: Path
+) -> None:
+    """A remote server keeps real time; the devices' sessions follow the simulated time
+    of the rounds (before, every device looked gone by the server's epoch seconds and
+    every round failed)."""
+    server = fedserver(rounds=3, per_round=3)
+    trace = tmp_path / "online.csv"
+    # Trace device 0 is online all day; trace device 1 for its first second only.
+    trace.write_text("device,start,end\n0,0,86400\n1,0,1\n")
+    report = tmp_path / "remote.json"
+    code = fedsim(["run", "--server", server.url, "--job", "digits", "--devices", "12",
+                   "--seed", "2", "--availability", f"trace:{trace}", "--report", str(report),
+                   "--quiet", "--no-plot"])  # fmt: skip
+    assert code == 0
+    rounds = json.loads(report.read_text())["rounds"]
+    assert [r["status"] for r in rounds] == ["closed"] * 3
+    for record in rounds:  # the odd half's session ends before any upload
+        assert record["participants"] and all(i % 2 == 0 for i in record["participants"])
+    assert rounds[-1]["participation"]["available"] == 6
+    assert rounds[0]["simulated_seconds"] < rounds[-1]["simulated_seconds"]
+
+
 def test_a_killed_server_restarts_on_its_database_and_the_federation_continues(
     fedserver: Any, digits: Any
 ) -> None:
