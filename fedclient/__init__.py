@@ -14,10 +14,12 @@ import typing
 
 from fedclient._exceptions import (
     ApiError,
+    BadGateway,
     Conflict,
     DeadlinePassed,
     FedError,
     Forbidden,
+    GatewayTimeout,
     IdentityRequired,
     InvalidInput,
     InvalidRequest,
@@ -91,6 +93,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ApiError",
     "Backoff",
+    "BadGateway",
     "Client",
     "Conditions",
     "Conflict",
@@ -104,6 +107,7 @@ __all__ = [
     "FitResult",
     "Forbidden",
     "Forgotten",
+    "GatewayTimeout",
     "IdentityAuthority",
     "IdentityRequired",
     "InvalidInput",

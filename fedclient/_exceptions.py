@@ -261,6 +261,22 @@ class ServerError(ApiError):
     code = "server_error"
 
 
+class BadGateway(ServerError):
+    """502: a proxy or load balancer in front of the server had no valid answer from it
+    (the server restarting, say); the same request later will do."""
+
+    status = 502
+    code = "bad_gateway"
+
+
+class GatewayTimeout(ServerError):
+    """504: a proxy or load balancer in front of the server waited for it in vain; the
+    request may or may not have been done (an upload's key makes its retry safe)."""
+
+    status = 504
+    code = "gateway_timeout"
+
+
 class ServiceUnavailable(ServerError):
     """503: the server cannot take the request now (its storage is full, say); nothing
     was written, and the same request later will do (it says when: Retry-After)."""
@@ -280,7 +296,11 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     413: PayloadTooLarge,
     416: RangeNotSatisfiable,
     429: TooManyRequests,
-    503: ServiceUnavailable,  # a proxy's, or a load balancer's, without our body
+    500: ServerError,
+    # A proxy's, or a load balancer's, without our body.
+    502: BadGateway,
+    503: ServiceUnavailable,
+    504: GatewayTimeout,
 }
 
 

@@ -107,6 +107,36 @@ async def test_requests_retry_on_408_429_502_503_504_and_on_nothing_else(
         assert (proxy.sent, device.stats.retries, slept) == (1, 0, [])
 
 
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (500, fedclient.ServerError),
+        (502, fedclient.BadGateway),
+        (503, fedclient.ServiceUnavailable),
+        (504, fedclient.GatewayTimeout),
+    ],
+)
+async def test_a_gateway_s_bare_5xx_is_typed_with_its_own_status(
+    server: Server, make_devices: Any, status: int, error: type[fedclient.ServerError]
+) -> None:
+    """A load balancer that keeps answering 502 or 504 (no JSON body of ours): once the
+    retries are spent, the app sees which it was, not a 500."""
+
+    class Gateway(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return httpx.Response(status, text="<html>gateway</html>")
+
+    async def no_wait(delay: float) -> None:
+        pass
+
+    (device,) = make_devices(
+        1, Gateway(), retry=RetryPolicy(max_attempts=2, seed=0), asleep=no_wait
+    )
+    with pytest.raises(error) as raised:
+        await device.astep()
+    assert type(raised.value) is error and raised.value.status == status
+
+
 async def test_a_thousand_uploads_through_30_percent_faults_count_exactly_once(
     make_server: Any, make_devices: Any
 ) -> None:
