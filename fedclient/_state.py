@@ -72,6 +72,19 @@ TRAINER_STATE = "/trainer"
 #: devices on a connection it shares with a hundred others).
 _CURRENT: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
 
+# A device's row of a job is written in place (an upsert, not INSERT OR REPLACE's delete
+# and insert, which frees a held body's pages and takes new ones: a third of the write).
+_PROGRESS_UPSERT = (
+    " ON CONFLICT (key, job) DO UPDATE SET phase = excluded.phase, plan = excluded.plan,"
+    " idempotency_key = excluded.idempotency_key, update_body = excluded.update_body,"
+    " updated_at = excluded.updated_at, data_generation = excluded.data_generation"
+)
+_HOLD_MODEL = (
+    "INSERT INTO models (key, job, version, etag, body, spec) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (key, job) DO UPDATE SET version = excluded.version,"
+    " etag = excluded.etag, body = excluded.body, spec = excluded.spec"
+)
+
 
 class Phase(StrEnum):
     """Where a device stands in its current round."""
@@ -315,8 +328,8 @@ class DeviceState:
     def _set_progress(self, job: str, progress: RoundProgress) -> None:
         plan = msgspec.json.encode(progress.plan).decode() if progress.plan else None
         self.db.execute(
-            "INSERT OR REPLACE INTO progress (key, job, phase, plan, idempotency_key,"
-            " update_body, updated_at, data_generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO progress (key, job, phase, plan, idempotency_key, update_body,"
+            " updated_at, data_generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)" + _PROGRESS_UPSERT,
             [
                 self.key,
                 job,
@@ -352,7 +365,7 @@ class DeviceState:
         """`record_download`'s writes, for a caller already in a transaction."""
         if body is not None:
             self.db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                _HOLD_MODEL,
                 [
                     self.key,
                     job,
@@ -448,7 +461,7 @@ class DeviceState:
         progress stays as it is."""
         with self.atomic():
             self.db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                _HOLD_MODEL,
                 [self.key, job, version, etag, body, msgspec.json.encode(spec).decode()],
             )
             self._held[job] = (version, etag)
