@@ -74,18 +74,18 @@ async def run_buffered(
         elif outcome.status == "uploaded":
             contributed.append(i)
 
-    async def start_devices() -> bool:
-        """Idle devices online now check in until the server says enough are training;
-        whether the job is finished (by an update a device sent late)."""
+    async def start_devices() -> str:
+        """Idle devices online now check in and start training until the server says
+        enough are training ("waiting"), the job is finished ("finished"), or a whole
+        pass over the line started nobody ("passed": all offline, or all turned away)."""
         nonlocal token, sequence
-        offline = 0  # idle devices passed over in a row for being offline
-        while idle and offline < len(idle):
+        passed = 0  # idle devices passed over in a row without starting to train
+        while idle and passed < len(idle):
             i = idle.first()
             if not registry.online(i, clock.now):
                 idle.append(idle.popleft())  # it waits for its next turn
-                offline += 1
+                passed += 1
                 continue
-            offline = 0
             sequence += 1
             d = fleet.activate(i, sequence)
             outcome = await d.checkin()
@@ -93,20 +93,21 @@ async def run_buffered(
                 settled(i, outcome)  # back from vanishing: it sent what it held, late
                 if await record_aggregations():
                     await _release(fleet, i)
-                    return True
+                    return "finished"
                 outcome = await d.checkin()
             if outcome is not None and outcome.status == "waiting":
                 await _release(fleet, i)
                 counts["waits"] += 1
-                return False  # the line stays as it is until someone finishes
+                return "waiting"  # the line stays as it is until someone finishes
             seen["checked_in"] += 1
             idle.popleft()
+            passed += 1
             if outcome is None or outcome.status != "admitted":
                 counts["network" if outcome is None else "left"] += 1
                 await _release(fleet, i)
                 idle.append(i)
                 if outcome is not None and outcome.status == "finished":
-                    return False
+                    return "finished"
                 continue
             seen["admitted"] += 1
             token = token or device_token(d)
@@ -126,7 +127,8 @@ async def run_buffered(
                 continue
             seen["trained"] += 1
             heapq.heappush(events, (at, i))
-        return False
+            passed = 0
+        return "passed"
 
     rounds: list[dict[str, Any]] = []
     evaluated: dict[int, EvalResult] = {}
@@ -183,9 +185,9 @@ async def run_buffered(
         last_version = status.model_version
         return status.status == "finished"
 
-    finished = await start_devices()
+    started = await start_devices()
     idle_since = clock.now
-    while not finished:
+    while started != "finished":
         if events:
             at, i = heapq.heappop(events)
             clock.now = max(clock.now, at)
@@ -197,13 +199,16 @@ async def run_buffered(
             await _release(fleet, i)
             idle.append(i)
             idle_since = clock.now
-        elif clock.now - idle_since < IDLE_LIMIT:
-            clock.now += IDLE_STEP  # nobody is training: wait for devices, or lapsed places
+        elif clock.now - idle_since < IDLE_LIMIT and (
+            started == "waiting" or registry.availability is not None
+        ):
+            # Nobody is training: wait for places that lapse, or devices that come online.
+            clock.now += IDLE_STEP
         else:
-            break
+            break  # nobody is training, and nobody can start: the job stands where it is
         if await record_aggregations():
             break
-        finished = await start_devices()
+        started = await start_devices()
     return rounds
 
 

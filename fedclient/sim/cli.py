@@ -125,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     json_path, png_path = reports.write_report(report, args.report, plot=not args.no_plot)
     final = report["final"]
+    result = (
+        "no round closed"  # every device was turned away (its privacy budget spent, say)
+        if final["accuracy"] is None
+        else f"accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}"
+    )
     print(
-        f"final accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
+        f"final {result}  "
         f"bytes up {final['bytes_up']:,}  down {final['bytes_down']:,}  "
         f"simulated {final['simulated_seconds']:.0f}s  wall {final['wall_seconds']:.1f}s"
     )

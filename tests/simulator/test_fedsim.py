@@ -564,3 +564,20 @@ def test_the_fedsim_process_loads_openblas_with_one_thread_unless_told_otherwise
     )
     # The main thread and, told two, OpenBLAS's one other.
     assert out.stdout.split() == [preset or "1", str(threads)]
+
+
+def test_an_async_job_whose_devices_are_all_turned_away_ends_and_says_so(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Every device's privacy budget is spent before its first release: no device can
+    ever train. The async run ends (it went round its line for ever before) and says
+    that no round closed (it failed formatting an accuracy of None before)."""
+    report = tmp_path / "r.json"
+    spent = "epsilon=1,delta=1e-5,clip=1,budget=1"
+    code = fedsim(["run", "--dataset", "digits", "--devices", "10", "--devices-per-round",
+                   "5", "--rounds", "3", "--mode", "async", "--seed", "3", "--no-plot",
+                   "--dp", spent, "--report", str(report)])  # fmt: skip
+    assert code == 0
+    assert "final no round closed" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["rounds"] == [] and data["final"]["accuracy"] is None
