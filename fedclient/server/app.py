@@ -390,7 +390,7 @@ def create_app(
 
         routes.append(Route(METRICS.path, prometheus, methods=[METRICS.method]))
         middleware.append(Middleware(RequestMetrics, metrics=counters, routes=routes))
-    app = Starlette(
+    app = _Server(
         routes=routes,
         middleware=middleware,
         exception_handlers={
@@ -403,16 +403,30 @@ def create_app(
     )
     app.state.metrics = service.metrics if metrics else None
     app.state.body_idle_seconds = body_idle_seconds
-    # Outermost: most check-ins are turned away, answered before routing and middleware.
-    app.add_middleware(
-        CheckinFrontDoor,
-        service=service,
+    # Outermost: most check-ins are turned away, answered before Starlette and its
+    # middleware (error pages included: whatever the front door cannot answer goes on).
+    app.front_door = CheckinFrontDoor(
+        app.serve,
+        service,
         body_limit=JSON_LIMIT,
         body_idle_seconds=body_idle_seconds,
         limiter=limiter,
         render_error=lambda exc: _error_response(exc, service.metrics),
     )
     return app
+
+
+class _Server(Starlette):
+    """Starlette behind the check-in front door (`fedclient.server.front_door`)."""
+
+    front_door: CheckinFrontDoor
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.front_door(scope, receive, send)
+
+    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+        """The request as Starlette serves it (what the front door sends on)."""
+        await super().__call__(scope, receive, send)
 
 
 class _JobAction(Convertor[str]):
