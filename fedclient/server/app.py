@@ -189,10 +189,11 @@ def create_app(
         token = bearer_token(request.headers.get("authorization"))
         limit(request, "upload", token)
         round_id = _int_param(request, "round_id")
-        service.authenticate(token)  # reject strangers before reading their body
+        device_id = service.authenticate(token)  # reject strangers before reading their body
         body = await _read_limited(request, service.upload_limit(round_id))
         await database.settled()  # a commit may have begun while it arrived
-        receipt = service.upload(token, round_id, request.headers.get(IDEMPOTENCY_HEADER), body)
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        receipt = service.upload(token, round_id, key, body, device_id=device_id)
         return _json(receipt)
 
     async def upload_start(request: Request) -> Response:
