@@ -486,16 +486,15 @@ class PostgresDatabase(Database):
     The database may go away and come back (``pg_ctl restart``, a failover): each worker
     takes its connection from a pool of one (psycopg_pool), which checks it before a
     request when it rested `CHECK_IDLE_SECONDS` or its last request failed for want of
-    the database (a connection in use a moment ago needs no extra round trip: a broken one
-    fails its request's first statement, 503), and, when it is broken, connects again in
-    the background. While there is
-    none to be had, every statement raises `ServiceUnavailable` (503 with Retry-After:
-    nothing was written, the same request later will do), at once once the worker knows
-    the database is away (a request waits on the event loop), and `ready` says so. A
-    request holds its connection for its whole `exclusive` block (its advisory lock
-    is the session's), and gives it back at the end; a connection that broke inside a
-    block is never swapped for another before the block ends, so no statement of a
-    request runs outside its lock."""
+    the database (a connection in use a moment ago needs no extra round trip: a broken
+    one fails its request's first statement, 503), and, when it is broken, connects
+    again in the background. While there is none to be had, every statement raises
+    `ServiceUnavailable` (503 with Retry-After: nothing was written, the same request
+    later will do), at once once the worker knows the database is away (a request waits
+    on the event loop), and `ready` says so. A request holds its connection for its
+    whole `exclusive` block (its advisory lock is the session's), and gives it back at
+    the end; a connection that broke inside a block is never swapped for another before
+    the block ends, so no statement of a request runs outside its lock."""
 
     kind = "postgresql"
     shared = True
