@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import math
 import os
 import re
 import sqlite3
@@ -529,7 +530,9 @@ class PostgresDatabase(Database):
             name="fedserver",
         )
         self._checked = ConnectionPool.check_connection
-        self._used_at = -CHECK_IDLE_SECONDS  # time.monotonic() the connection was given back
+        #: Seconds the connection may rest before it is checked (`CHECK_IDLE_SECONDS`).
+        self.check_idle_seconds = CHECK_IDLE_SECONDS
+        self._used_at = -math.inf  # time.monotonic() the connection was given back
         self.pool.open(wait=True, timeout=CONNECT_SECONDS)
         self._held: Any = None  # the connection of the current block (or statement)
         self._broken = False  # it failed inside the current block
@@ -555,7 +558,7 @@ class PostgresDatabase(Database):
 
     def _check(self, conn: Any) -> None:
         """The pool's check of a connection it gives out (see the class)."""
-        if time.monotonic() - self._used_at >= CHECK_IDLE_SECONDS:
+        if time.monotonic() - self._used_at >= self.check_idle_seconds:
             self._checked(conn)
 
     def _away(self, why: str) -> ServiceUnavailable:
@@ -567,7 +570,7 @@ class PostgresDatabase(Database):
         """A statement failed for want of the database: give the connection back (at the
         end of the block, if one is open) and say 503."""
         self._away_now = True
-        self._used_at = -CHECK_IDLE_SECONDS  # the next request's connection is checked
+        self._used_at = -math.inf  # the next request's connection is checked
         if self._depth:
             self._broken = True
         else:
