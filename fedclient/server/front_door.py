@@ -69,6 +69,9 @@ class CheckinFrontDoor:
         self.body_idle_seconds = body_idle_seconds
         self.limiter = limiter
         self.render_error = render_error
+        #: A SQLite file's group commit may be in flight (`Database.settled`); a shared
+        #: database commits each request by itself.
+        self.settles = not service.store.db.shared
         self._counted: Any = None  # the `Metrics` whose series `_series` holds
         self._series: tuple[Any, Any] | None = None
 
@@ -78,7 +81,13 @@ class CheckinFrontDoor:
             await self.app(scope, receive, send)
             return
         job = path[len(_PREFIX) : -len(_SUFFIX)]
-        first = await self._first_message(receive)
+        # A check-in's body nearly always comes with its headers: then it is taken at
+        # once, without a timer (`_step`). Else the attempt, which now waits for it,
+        # goes on waiting within the body's idle time (resumed, not dropped: a receive
+        # that was given up may have taken part of the body with it).
+        arrived, first = _step(receive())
+        if not arrived:
+            first = await self._first_message(first)
         if (
             first is not None
             and first["type"] == "http.request"
@@ -86,8 +95,10 @@ class CheckinFrontDoor:
             and "/" not in job
         ):
             started = time.perf_counter()
+            if self.settles:  # not while a group commit is in flight
+                await self.service.store.db.settled()
             try:
-                answer = await self._turned_away(scope, job, first.get("body", b""))
+                answer = self._turned_away(scope, job, first.get("body", b""))
             except ApiError as exc:  # the database away (503), a stranger (401)
                 if self.render_error is None:
                     raise
@@ -98,29 +109,19 @@ class CheckinFrontDoor:
                 return
         await self.app(scope, _replaying(first, receive), send)
 
-    async def _first_message(self, receive: Any) -> dict[str, Any] | None:
-        """The first body message, or None if it does not come within the body's idle
-        time (the app then waits for it, and answers 408)."""
+    async def _first_message(self, attempt: Any) -> dict[str, Any] | None:
+        """The first body message (``attempt``: the receive that waits for it), or None
+        if it does not come within the body's idle time (the app then waits for it, and
+        answers 408)."""
         if self.body_idle_seconds is None:
-            return await receive()  # type: ignore[no-any-return]
-        # A check-in's body nearly always comes with its headers: then it is taken
-        # without a timer. Else the attempt, which now waits for it, goes on waiting
-        # within the body's idle time (resumed, not dropped: a receive that was given
-        # up may have taken part of the body with it).
-        attempt = receive()
-        if hasattr(attempt, "send"):
-            try:
-                waiting_on = attempt.send(None)
-            except StopIteration as arrived:
-                return arrived.value  # type: ignore[no-any-return]
-            attempt = _Resumed(attempt, waiting_on)
+            return await attempt  # type: ignore[no-any-return]
         try:
             async with asyncio.timeout(self.body_idle_seconds):
                 return await attempt  # type: ignore[no-any-return]
         except TimeoutError:
             return None
 
-    async def _turned_away(self, scope: Any, job: str, body: bytes) -> Any:
+    def _turned_away(self, scope: Any, job: str, body: bytes) -> Any:
         """(answer, packed) for a check-in turned away; None to send it on."""
         if len(body) > self.body_limit:
             return None
@@ -143,7 +144,6 @@ class CheckinFrontDoor:
                 self.limiter.hit("checkin_per_device", hash_token(token))
         except Exception:  # a bad body or token, a limit...
             return None  # ...the app answers it as it always has
-        await self.service.store.db.settled()  # not while a group commit is in flight
         try:
             answer = self.service.turned_away(token, job)
         except ApiError:
@@ -189,6 +189,18 @@ def _replaying(first: dict[str, Any] | None, receive: Any) -> Any:
         return await receive()
 
     return replay
+
+
+def _step(attempt: Any) -> tuple[bool, Any]:
+    """Run ``attempt`` (what a receive returned) until it would wait: (True, its result)
+    if it did not have to, else (False, an awaitable that goes on from there)."""
+    if not hasattr(attempt, "send"):  # not a coroutine: awaited as it is
+        return False, attempt
+    try:
+        waiting_on = attempt.send(None)
+    except StopIteration as arrived:
+        return True, arrived.value
+    return False, _Resumed(attempt, waiting_on)
 
 
 class _Resumed:
