@@ -189,10 +189,11 @@ def create_app(
         token = bearer_token(request.headers.get("authorization"))
         limit(request, "upload", token)
         round_id = _int_param(request, "round_id")
-        service.authenticate(token)  # reject strangers before reading their body
+        device_id = service.authenticate(token)  # reject strangers before reading their body
         body = await _read_limited(request, service.upload_limit(round_id))
         await database.settled()  # a commit may have begun while it arrived
-        receipt = service.upload(token, round_id, request.headers.get(IDEMPOTENCY_HEADER), body)
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        receipt = service.upload(token, round_id, key, body, device_id=device_id)
         return _json(receipt)
 
     async def upload_start(request: Request) -> Response:
@@ -390,7 +391,7 @@ def create_app(
 
         routes.append(Route(METRICS.path, prometheus, methods=[METRICS.method]))
         middleware.append(Middleware(RequestMetrics, metrics=counters, routes=routes))
-    app = Starlette(
+    app = _Server(
         routes=routes,
         middleware=middleware,
         exception_handlers={
@@ -403,16 +404,30 @@ def create_app(
     )
     app.state.metrics = service.metrics if metrics else None
     app.state.body_idle_seconds = body_idle_seconds
-    # Outermost: most check-ins are turned away, answered before routing and middleware.
-    app.add_middleware(
-        CheckinFrontDoor,
-        service=service,
+    # Outermost: most check-ins are turned away, answered before Starlette and its
+    # middleware (error pages included: whatever the front door cannot answer goes on).
+    app.front_door = CheckinFrontDoor(
+        app.serve,
+        service,
         body_limit=JSON_LIMIT,
         body_idle_seconds=body_idle_seconds,
         limiter=limiter,
         render_error=lambda exc: _error_response(exc, service.metrics),
     )
     return app
+
+
+class _Server(Starlette):
+    """Starlette behind the check-in front door (`fedclient.server.front_door`)."""
+
+    front_door: CheckinFrontDoor
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.front_door(scope, receive, send)
+
+    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+        """The request as Starlette serves it (what the front door sends on)."""
+        await super().__call__(scope, receive, send)
 
 
 class _JobAction(Convertor[str]):

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import math
 import os
 import re
 import sqlite3
@@ -70,6 +71,11 @@ AWAY_RETRY_SECONDS = 5
 #: Seconds the pool keeps trying to reconnect by itself (backing off) before it waits
 #: for the next request to try again.
 RECONNECT_SECONDS = 5.0
+
+#: Seconds a connection may rest before it is checked (a round trip) as it is taken for a
+#: request: one used since answers the request's first statement, or fails it (503,
+#: and the pool connects again), at no cost to the requests of a busy worker.
+CHECK_IDLE_SECONDS = 1.0
 
 #: The advisory lock every worker holds while it serves one request.
 REQUEST_LOCK = 0x66656473  # "feds"
@@ -479,15 +485,17 @@ class PostgresDatabase(Database):
     """A PostgreSQL database (psycopg 3), shared by every worker of a server.
 
     The database may go away and come back (``pg_ctl restart``, a failover): each worker
-    takes its connection from a pool of one (psycopg_pool), which checks it before every
-    request and, when it is broken, connects again in the background. While there is
-    none to be had, every statement raises `ServiceUnavailable` (503 with Retry-After:
-    nothing was written, the same request later will do), at once once the worker knows
-    the database is away (a request waits on the event loop), and `ready` says so. A
-    request holds its connection for its whole `exclusive` block (its advisory lock
-    is the session's), and gives it back at the end; a connection that broke inside a
-    block is never swapped for another before the block ends, so no statement of a
-    request runs outside its lock."""
+    takes its connection from a pool of one (psycopg_pool), which checks it before a
+    request when it rested `CHECK_IDLE_SECONDS` or its last request failed for want of
+    the database (a connection in use a moment ago needs no extra round trip: a broken
+    one fails its request's first statement, 503), and, when it is broken, connects
+    again in the background. While there is none to be had, every statement raises
+    `ServiceUnavailable` (503 with Retry-After: nothing was written, the same request
+    later will do), at once once the worker knows the database is away (a request waits
+    on the event loop), and `ready` says so. A request holds its connection for its
+    whole `exclusive` block (its advisory lock is the session's), and gives it back at
+    the end; a connection that broke inside a block is never swapped for another before
+    the block ends, so no statement of a request runs outside its lock."""
 
     kind = "postgresql"
     shared = True
@@ -515,12 +523,16 @@ class PostgresDatabase(Database):
             open=False,
             # Autocommit outside `atomic` blocks, as the store's SQLite connection.
             kwargs={"autocommit": True, "connect_timeout": CONNECT_SECONDS},
-            check=ConnectionPool.check_connection,
+            check=self._check,
             # Reconnect attempts back off (1, 2, 4 s...); past this, the pool stops and
             # the next request starts again at once, so recovery follows within seconds.
             reconnect_timeout=RECONNECT_SECONDS,
             name="fedserver",
         )
+        self._checked = ConnectionPool.check_connection
+        #: Seconds the connection may rest before it is checked (`CHECK_IDLE_SECONDS`).
+        self.check_idle_seconds = CHECK_IDLE_SECONDS
+        self._used_at = -math.inf  # time.monotonic() the connection was given back
         self.pool.open(wait=True, timeout=CONNECT_SECONDS)
         self._held: Any = None  # the connection of the current block (or statement)
         self._broken = False  # it failed inside the current block
@@ -544,6 +556,11 @@ class PostgresDatabase(Database):
             self._away_now = False
         return self._held
 
+    def _check(self, conn: Any) -> None:
+        """The pool's check of a connection it gives out (see the class)."""
+        if time.monotonic() - self._used_at >= self.check_idle_seconds:
+            self._checked(conn)
+
     def _away(self, why: str) -> ServiceUnavailable:
         return ServiceUnavailable(
             f"{why} ({redacted(self.url)}); retry later", retry_after=AWAY_RETRY_SECONDS
@@ -553,6 +570,7 @@ class PostgresDatabase(Database):
         """A statement failed for want of the database: give the connection back (at the
         end of the block, if one is open) and say 503."""
         self._away_now = True
+        self._used_at = -math.inf  # the next request's connection is checked
         if self._depth:
             self._broken = True
         else:
@@ -562,6 +580,8 @@ class PostgresDatabase(Database):
     def _release(self) -> None:
         held, self._held, self._broken = self._held, None, False
         if held is not None:
+            if not self._away_now:
+                self._used_at = time.monotonic()
             self.pool.putconn(held)  # a broken one is discarded, and replaced in the background
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:

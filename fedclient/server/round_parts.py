@@ -11,6 +11,10 @@ from fedclient.server.database import Database
 
 __all__ = ["RoundParts"]
 
+#: Updates whose bodies one statement drops (a fold drops `FOLD_EVERY` of them; a close may
+#: drop thousands: within both engines' limits on a statement's parameters).
+_SEQS_A_STATEMENT = 500
+
 
 class RoundParts:
     """The ``round_parts`` table (see the module docstring)."""
@@ -89,7 +93,10 @@ class RoundParts:
             [round_id, self.worker, body, weight, count],
         )
         self._waiting = None
-        self.db.executemany(
-            "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL WHERE seq=?",
-            [[q] for q in folded],
-        )
+        for start in range(0, len(folded), _SEQS_A_STATEMENT):  # one statement, not one each
+            seqs = folded[start : start + _SEQS_A_STATEMENT]
+            self.db.execute(
+                "UPDATE updates SET body=NULL, spool_offset=NULL, spool_length=NULL"
+                f" WHERE seq IN ({', '.join('?' * len(seqs))})",
+                seqs,
+            )

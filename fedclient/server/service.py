@@ -545,17 +545,30 @@ class FederationService:
         return facts[0] if facts is not None else 64 * 1024 * 1024
 
     def upload(
-        self, token: str, round_id: int, idempotency_key: str | None, body: bytes
+        self,
+        token: str,
+        round_id: int,
+        idempotency_key: str | None,
+        body: bytes,
+        *,
+        device_id: str | None = None,
     ) -> UploadReceipt:
-        """Accept one update, exactly once per idempotency key."""
+        """Accept one update, exactly once per idempotency key. ``device_id``: what
+        `authenticate` said of ``token`` earlier in the same request (the route asks
+        before it reads the body), so that it is not read twice."""
         facts = self._round_facts(round_id)
         with self.store.exclusive(lock=facts is None or not facts[1]):
-            return self._upload(token, round_id, idempotency_key, body)
+            return self._upload(token, round_id, idempotency_key, body, device_id)
 
     def _upload(
-        self, token: str, round_id: int, idempotency_key: str | None, body: bytes
+        self,
+        token: str,
+        round_id: int,
+        idempotency_key: str | None,
+        body: bytes,
+        device_id: str | None,
     ) -> UploadReceipt:
-        device_id = self.authenticate(token)
+        device_id = device_id or self.authenticate(token)
         key = check_key(idempotency_key)
         previous, job, round_ = self._admissible(device_id, round_id, key)
         if previous is not None:
@@ -652,16 +665,20 @@ class FederationService:
     ) -> tuple[UploadReceipt | None, JobRow, RoundRow]:
         """The receipt already given for ``key``, or the (job, round) that may take an update."""
         now = self.clock()
-        round_ = self.store.round(round_id)
-        if not self.store.shared or round_ is None or now >= round_.deadline:
-            # Shared: the round's quota is met by the upload that meets it (`_accept`)
-            # and its deadline by the timer; closed here only if it is due.
+        # Shared: what the upload must know, in one read (`ServerStore.upload_state`);
+        # the round's quota is met by the upload that meets it (`_accept`) and its
+        # deadline by the timer: closed here only if it is due.
+        state = self.store.upload_state(round_id, device_id, key) if self.store.shared else None
+        admitted: bool | None = None  # not read yet
+        if state is not None and now < state[0].deadline:
+            round_, job, previous, admitted = state
+        else:
             self.rounds.advance(now)
-            round_ = self.store.round(round_id)
-        if round_ is None:
-            raise NotFound(f"no round {round_id}")
-        job = self.job(round_.job)
-        previous = self.store.update_by_key(device_id, key)
+            found = self.store.round(round_id)
+            if found is None:
+                raise NotFound(f"no round {round_id}")
+            round_, job = found, self.job(found.job)
+            previous = self.store.update_by_key(device_id, key)
         if previous is not None:
             if previous.round_id != round_id and job.plan.job.mode == "sync":
                 raise Conflict("this Idempotency-Key was used for another round")
@@ -672,7 +689,7 @@ class FederationService:
             if now >= round_.deadline:
                 raise DeadlinePassed(f"round {round_id} closed at its deadline")
             raise RoundClosed(f"round {round_id} is closed ({round_.reason})")
-        if not self.store.is_admitted(round_id, device_id):
+        if not (admitted if admitted is not None else self.store.is_admitted(round_id, device_id)):
             raise Forbidden(f"device was not admitted to round {round_id}")
         if not self.store.shared and self.store.has_update(round_id, device_id):
             # Shared: asked again, with the device's other requests held off, as the
@@ -768,18 +785,19 @@ class FederationService:
         now: float,
     ) -> UploadReceipt | None:
         """Inside the accepting transaction: the round that takes the update is open and
-        stays so until it ends (`ServerStore.hold_round`), the device holds its place
+        stays so until it ends (`ServerStore.hold_for_upload`), the device holds its place
         (a row lock: its other requests wait), and its key and round are still unused;
         the receipt already given for ``key``, if another request of the device took it
         meanwhile."""
-        status = self.store.hold_round(target.round_id)
+        status, held, previous, contributed = self.store.hold_for_upload(
+            target.round_id, trained.round_id, device_id, key
+        )
         if status != "open":
             if job.plan.job.mode == "sync" and now >= target.deadline:
                 raise DeadlinePassed(f"round {target.round_id} closed at its deadline")
             raise RoundClosed(f"round {target.round_id} is closed")
-        if not self.store.hold_admission(trained.round_id, device_id):
+        if not held:
             raise Forbidden(f"device holds no admission to round {trained.round_id}")
-        previous, contributed = self.store.prior_update(device_id, key, target.round_id)
         if previous is not None:
             return _receipt(previous)
         if job.plan.job.mode == "sync" and contributed:

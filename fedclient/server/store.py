@@ -37,6 +37,7 @@ from fedclient.server.schema import (
     UpdateRow,
 )
 from fedclient.server.spool import BodySpool, spool_directory
+from fedclient.server.update_rows import UpdateRows
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -52,21 +53,12 @@ T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: The columns of `UpdateRow`, then where a spooled body is (`fedclient.server.spool`).
-_UPDATE_COLUMNS = (
-    "seq, round_id, device_id, idempotency_key, receipt_id, num_examples, train_loss, body,"
-    " received_at, staleness, spool_offset, spool_length"
-)
-#: The same without the body (`UpdateRow.body` None), for callers that need the receipt.
-_UPDATE_COLUMNS_NO_BODY = _UPDATE_COLUMNS.replace("body,", "NULL,").replace(
-    "spool_offset, spool_length", "NULL, NULL"
-)
 #: Rounds whose admitted devices, contributors and update count the store keeps in
 #: memory (the open ones, and the closed ones an async upload still asks about).
 KEPT_ROUNDS = 64
 
 
-class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
+class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
     """All server state in one database: a SQLite file (or ``":memory:"``), or a
     PostgreSQL database (``postgresql://...``) that several workers share. Devices and
     enrolment codes (`DeviceRows`), secure-aggregation logs and chunked uploads
@@ -179,7 +171,7 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
         """Serve one request (re-entrant; every handler runs inside one). With ``lock``,
         alone: no other worker of a shared database serves a locked block until it ends.
         Without, beside the others: what it writes must hold whatever they do meanwhile
-        (conditional updates, row locks: `admit_within`, `hold_round`, `claim_close`)."""
+        (conditional updates, row locks: `admit_within`, `hold_for_upload`, `claim_close`)."""
         with self.db.exclusive(lock=lock) as fresh:
             if fresh and self.db.shared:
                 self._forget()  # another worker may have written since
@@ -243,14 +235,6 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
             assert isinstance(self.db, SqliteDatabase)
             self._reader = BodySpool(spool_directory(self.db.path))
         return self._reader
-
-    def _update_row(self, row: Sequence[Any]) -> UpdateRow:
-        """An `UpdateRow` from `_UPDATE_COLUMNS`, its body read from the spool if there."""
-        values = list(row[:10])
-        offset, length = row[10], row[11]
-        if values[7] is None and offset is not None and length is not None:
-            values[7] = self._spooled().read(int(values[1]), int(offset), int(length))
-        return UpdateRow(*values)
 
     def __enter__(self) -> ServerStore:
         return self
@@ -357,7 +341,7 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
     def claim_close(self, round_id: int) -> bool:
         """Whether this transaction closes the round: the first to ask while it is open
         (a conditional update; a second asker waits for the first to end, then finds it
-        closed). Uploads in flight hold it open until they end (`hold_round`)."""
+        closed). Uploads in flight hold it open until they end (`hold_for_upload`)."""
         rows = self.db.execute(
             "UPDATE rounds SET status='closing' WHERE round_id=? AND status='open'"
             " RETURNING round_id",
@@ -365,28 +349,6 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
         ).fetchall()
         self._forget_rounds()
         return bool(rows)
-
-    def hold_round(self, round_id: int) -> str | None:
-        """The round's status, read so that it stays so until this transaction ends: on
-        a shared database, a share lock on its row, which a close (`claim_close`) waits
-        for. None if there is no such round."""
-        lock = " FOR SHARE" if self.db.shared else ""
-        row = self.db.execute(
-            f"SELECT status FROM rounds WHERE round_id=?{lock}", [round_id]
-        ).fetchone()
-        return str(row[0]) if row else None
-
-    def hold_admission(self, round_id: int, device_id: str) -> bool:
-        """Whether the device holds a place in the round, read so that its other requests
-        wait until this transaction ends (a row lock, on a shared database): one update
-        per device and round, whichever worker each of its requests reaches."""
-        if not self.db.shared:
-            return self.is_admitted(round_id, device_id)
-        row = self.db.execute(
-            "SELECT 1 FROM admissions WHERE round_id=? AND device_id=? FOR UPDATE",
-            [round_id, device_id],
-        ).fetchone()
-        return row is not None
 
     def round(self, round_id: int) -> RoundRow | None:
         """A round by id."""
@@ -583,83 +545,6 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
             return self._counted(round_id, "admitted")
         return len(self._devices_in(self._admitted, "admissions", round_id))
 
-    def add_update(
-        self,
-        round_id: int,
-        device_id: str,
-        key: str,
-        receipt_id: str,
-        num_examples: int,
-        train_loss: float | None,
-        body: bytes,
-        now: float,
-        staleness: int = 0,
-    ) -> UpdateRow:
-        """Store an accepted update (the row as stored, without reading it back)."""
-        stored: bytes | None = body
-        offset = None
-        if self._spool is not None:
-            offset, stored = self._spool.append(round_id, body), None
-        seq = self.db.execute(
-            "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
-            " num_examples, train_loss, body, received_at, staleness, spool_offset,"
-            " spool_length, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-            [
-                round_id,
-                device_id,
-                key,
-                receipt_id,
-                num_examples,
-                train_loss,
-                stored,
-                now,
-                staleness,
-                offset,
-                None if offset is None else len(body),
-                self.worker,
-            ],
-        ).fetchall()[0][0]
-        self.count_update(round_id)
-        if round_id in self._update_counts:
-            self._update_counts[round_id] += 1
-        if round_id in self._updated:
-            self._updated[round_id].add(device_id)
-        return UpdateRow(
-            int(seq),
-            round_id,
-            device_id,
-            key,
-            receipt_id,
-            num_examples,
-            train_loss,
-            body,
-            now,
-            staleness,
-        )
-
-    def update_by_key(self, device_id: str, key: str) -> UpdateRow | None:
-        """The update a device sent with an idempotency key (its receipt: ``body`` None)."""
-        row = self.db.execute(
-            f"SELECT {_UPDATE_COLUMNS_NO_BODY} FROM updates"
-            " WHERE device_id=? AND idempotency_key=?",
-            [device_id, key],
-        ).fetchone()
-        return self._update_row(row) if row else None
-
-    def prior_update(
-        self, device_id: str, key: str, round_id: int
-    ) -> tuple[UpdateRow | None, bool]:
-        """In one read: the update the device sent with ``key`` (its receipt), and
-        whether it has an update in the round."""
-        rows = self.db.execute(
-            f"SELECT {_UPDATE_COLUMNS_NO_BODY} FROM updates"
-            " WHERE device_id=? AND (idempotency_key=? OR round_id=?)",
-            [device_id, key, round_id],
-        ).fetchall()
-        found = [self._update_row(row) for row in rows]
-        by_key = next((u for u in found if u.idempotency_key == key), None)
-        return by_key, any(u.round_id == round_id for u in found)
-
     def has_update(self, round_id: int, device_id: str) -> bool:
         """Whether the device already contributed to the round."""
         if self.db.shared:
@@ -677,40 +562,6 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts):
             ).fetchone()
             count = _keep(self._update_counts, round_id, int(row[0]))
         return count
-
-    def updates(
-        self, round_id: int, *, bodies: bool = True, unfolded: bool = False, mine: bool = False
-    ) -> list[UpdateRow]:
-        """The round's updates, in the order they were received (``bodies=False``: with
-        ``body`` None, for a caller that holds them decoded; see `update_body`).
-        ``unfolded``: only those whose bodies are still stored (not yet folded into a
-        partial sum of the round). ``mine``: only those this worker took."""
-        columns = _UPDATE_COLUMNS if bodies else _UPDATE_COLUMNS_NO_BODY
-        where = " AND (body IS NOT NULL OR spool_offset IS NOT NULL)" if unfolded else ""
-        params: list[Any] = [round_id]
-        if mine:
-            where += " AND worker=?"
-            params.append(self.worker)
-        rows = self.db.execute(
-            f"SELECT {columns} FROM updates WHERE round_id=?{where} ORDER BY seq", params
-        ).fetchall()
-        return [self._update_row(row) for row in rows]
-
-    def first_examples(self, round_id: int, count: int) -> list[int]:
-        """The example counts the round's first ``count`` updates claimed, in order."""
-        rows = self.db.execute(
-            "SELECT num_examples FROM updates WHERE round_id=? ORDER BY seq LIMIT ?",
-            [round_id, count],
-        ).fetchall()
-        return [int(r[0]) for r in rows]
-
-    def update_body(self, seq: int) -> bytes | None:
-        """One update's body (None once its round closed)."""
-        row = self.db.execute(
-            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE seq=?", [seq]
-        ).fetchone()
-        body = self._update_row(row).body if row else None
-        return bytes(body) if body is not None else None
 
     def fingerprint(self) -> str:
         """A digest of every stored row, to show that a request changed nothing."""
