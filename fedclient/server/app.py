@@ -190,10 +190,10 @@ def create_app(
         limit(request, "upload", token)
         round_id = _int_param(request, "round_id")
         device_id = service.authenticate(token)  # reject strangers before reading their body
-        body = await _read_limited(request, service.upload_limit(round_id))
+        body = await _read_limited(request, service.uploads.upload_limit(round_id))
         await database.settled()  # a commit may have begun while it arrived
         key = request.headers.get(IDEMPOTENCY_HEADER)
-        receipt = service.upload(token, round_id, key, body, device_id=device_id)
+        receipt = service.uploads.upload(token, round_id, key, body, device_id=device_id)
         return _json(receipt)
 
     async def upload_start(request: Request) -> Response:
@@ -202,15 +202,15 @@ def create_app(
         round_id = _int_param(request, "round_id")
         body = _decode(await _read_limited(request, JSON_LIMIT), UploadStart)
         key = request.headers.get(IDEMPOTENCY_HEADER)
-        return _json(service.start_upload(token, round_id, key, body))
+        return _json(service.uploads.start_upload(token, round_id, key, body))
 
     async def upload_chunk(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         round_id = _int_param(request, "round_id")
         service.authenticate(token)  # reject strangers before reading their body
-        chunk = await _read_limited(request, service.upload_limit(round_id))
+        chunk = await _read_limited(request, service.uploads.upload_limit(round_id))
         await database.settled()  # a commit may have begun while it arrived
-        session = service.upload_chunk(
+        session = service.uploads.upload_chunk(
             token,
             round_id,
             request.path_params["upload_id"],
@@ -222,7 +222,9 @@ def create_app(
     async def upload_status(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         round_id = _int_param(request, "round_id")
-        return _json(service.upload_status(token, round_id, request.path_params["upload_id"]))
+        return _json(
+            service.uploads.upload_status(token, round_id, request.path_params["upload_id"])
+        )
 
     async def leave(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
@@ -240,7 +242,7 @@ def create_app(
         token = bearer_token(request.headers.get("authorization"))
         round_id = _int_param(request, "round_id")
         service.authenticate(token)
-        body = await _read_limited(request, service.upload_limit(round_id))
+        body = await _read_limited(request, service.uploads.upload_limit(round_id))
         await database.settled()  # a commit may have begun while it arrived
         receipt = service.secagg_post(token, round_id, request.path_params["stage"], body)
         return _json(receipt) if receipt is not None else JSONResponse({"accepted": True})

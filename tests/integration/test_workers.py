@@ -326,7 +326,7 @@ def test_a_round_closes_once_when_both_workers_see_its_quota_at_once(database: s
         bodies = [_update_body(workers[0], number * 2 + i, number - 1) for i in range(2)]
         with ThreadPoolExecutor(2) as pool:
             uploads = [
-                pool.submit(w.upload, t, round_id, f"key-{number}-{i}", b)
+                pool.submit(w.uploads.upload, t, round_id, f"key-{number}-{i}", b)
                 for i, (w, t, b) in enumerate(zip(workers, tokens, bodies, strict=True))
             ]
             receipts = [u.result(timeout=120) for u in uploads]

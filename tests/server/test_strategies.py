@@ -207,7 +207,7 @@ def test_one_device_claiming_max_examples_counts_as_ratio_median_devices(
         service.checkin(token, "digits", CheckinRequest())
         delta = {k: np.full_like(v, step) for k, v in base.items()}
         body = encode_tensors(delta, {"num_examples": str(claim), "model_version": "0"})
-        service.upload(token, 1, f"key-{i}", body)
+        service.uploads.upload(token, 1, f"key-{i}", body)
     assert store.round(1).status == "closed"  # type: ignore[union-attr]
     new = decode_tensors(store.model("digits", 1)[0])[0]  # type: ignore[index]
     liar = 4 * 20 if ratio else 1_000_000
