@@ -35,7 +35,8 @@ import numpy as np
 
 from fedclient._exceptions import StateError
 from fedclient.protocol import JobPlan, decode_tensors
-from fedclient.server.database import connect, is_postgres, redacted
+from fedclient.server.database import is_postgres, redacted
+from fedclient.server.engines import connect
 from fedclient.server.rounds import model_etag
 from fedclient.server.schema import SCHEMA_VERSION
 from fedclient.server.spool import spool_directory, spool_file

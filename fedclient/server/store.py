@@ -22,8 +22,9 @@ import msgspec
 
 from fedclient._exceptions import StateError
 from fedclient.protocol import JobPlan
-from fedclient.server.database import Database, SqliteDatabase, connect, is_postgres
+from fedclient.server.database import Database, SqliteDatabase, is_postgres
 from fedclient.server.device_rows import DeviceRows
+from fedclient.server.engines import connect
 from fedclient.server.exchange_rows import ExchangeRows
 from fedclient.server.model_rows import ModelRows
 from fedclient.server.round_parts import RoundParts
@@ -68,7 +69,7 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
 
     def __init__(self, url: str | Path = ":memory:", *, lock_file: bool = False) -> None:
         """``lock_file``: a SQLite file is served by this store's process alone; another
-        process that asks the same is refused (`fedclient.server.database.connect`)."""
+        process that asks the same is refused (`fedclient.server.engines.connect`)."""
         self.db: Database = connect(url, lock_file=lock_file)
         #: Where the database is (a path, ``":memory:"`` or a URL).
         self.url = str(url)

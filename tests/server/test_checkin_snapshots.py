@@ -14,8 +14,8 @@ import pytest
 from fedclient._exceptions import Unauthorized
 from fedclient.protocol import Admitted, CheckinRequest, EnrolRequest, JobFinished, RetryLater
 from fedclient.server import FederationService, ServerStore
-from fedclient.server.database import REQUEST_LOCK
 from fedclient.server.job_snapshots import ROUND_FULL, SNAPSHOT_SECONDS
+from fedclient.server.postgres import REQUEST_LOCK
 from tests.conftest import ManualClock, Server, make_plan
 
 

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from fedclient._exceptions import ServiceUnavailable
-from fedclient.server.database import PostgresDatabase
+from fedclient.server.postgres import PostgresDatabase
 
 
 def _backend(db: PostgresDatabase) -> int:
