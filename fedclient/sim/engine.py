@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import heapq
 import itertools
 import platform
 import sys
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import msgspec
@@ -41,6 +42,7 @@ from fedclient.protocol import JobPlan, Weights, encode_tensors
 from fedclient.runtime import EvalResult, create_backend
 from fedclient.server import FederationService, ServerStore, create_app
 from fedclient.server.selection import SELECTION_PENDING
+from fedclient.sim.arrivals import ARRIVAL_STEP, Arrivals
 from fedclient.sim.buffered import run_buffered
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import CsvColumns, Dataset, load_dataset
@@ -354,8 +356,23 @@ async def _run_rounds(
         # keeps real time) the simulated seconds the rounds took so far.
         now = clock.now if simulated else sim_total
         available = registry.available(now)
-        online = (i for i in order if registry.online(i, now))
-        checked_in = 0
+        # With an availability model, devices offline now may come online while the
+        # round is open, and check in then (`fedclient.sim.arrivals`).
+        arrivals = None
+        if (
+            simulated
+            and registry.availability is not None
+            and not plan.privacy.secagg
+            and not plan.selection.name
+        ):
+            arrivals = Arrivals(registry)
+        late_looks = arrivals is not None
+        online = (
+            (i for i in order if registry.online(i, now))
+            if arrivals is None
+            else arrivals.online_now(order, now)
+        )
+        checked_in = joined_late = 0
         admitted: list[int] = []
         network_dropouts = unavailable = 0
         full = False
@@ -400,35 +417,25 @@ async def _run_rounds(
         if config.stop_at is not None and rounds and rounds[-1]["accuracy"] >= config.stop_at:
             break  # --stop-at: the target is reached; the round just opened is not run
         # Download and train for real; each device finishes at its simulated time.
-        working: list[int] = []
-        for i in admitted:
-            if failure_draw(i) < registry.failure_rate(i):
-                unavailable += 1  # went offline mid-round: it simply never reports
-            else:
-                working.append(i)
-        finish: list[tuple[float, int]] = []
-        discarded = refused = 0
+        finish: list[tuple[float, int]] = []  # (upload time, device): a heap
         cut = 0  # uploads that found the round closed (by its quota: over-selection)
+        # (a remote round's times are the server's: offsets from the round's open)
+        opened = None if simulated else current.opened_at
         counted: list[int] = []  # the devices whose update the round took
-        for work in await fleet.work(working, clock.now):
-            trained = work.outcome
-            if trained is None:
-                network_dropouts += 1
-                continue
-            if trained.status != "trained":  # left: out of time or out of privacy budget
-                if trained.reason.startswith("budget"):
-                    refused += 1
-                else:
-                    discarded += trained.status == "discarded"
-                continue
-            start = current.opened_at + selecting
-            at = start + work.seconds + work.backoff
-            # (a remote round's times are the server's: its offset from the round's open)
-            ends = at if simulated else now + (at - current.opened_at)
-            if registry.online_until(work.device, now) < ends:
-                unavailable += 1  # its session ended before its upload: it never reports
-                continue
-            finish.append((at, work.device))
+
+        lost = await _start_work(
+            fleet,
+            failure_draw,
+            admitted,
+            clock.now,
+            current.opened_at + selecting,
+            now,
+            opened,
+            finish,
+        )
+        unavailable += lost.unavailable
+        network_dropouts += lost.network
+        refused, discarded = lost.refused, lost.discarded
         trained_in_time = len(finish)  # trained, and online until their upload
         secured = 0  # devices whose masked input went into a secure sum
         examples = 0  # examples the updates that arrived trained on (epochs or steps)
@@ -457,8 +464,52 @@ async def _run_rounds(
                     break
             finish = []
         # Uploads arrive in simulated-time order; the server's quota and deadline decide.
-        # A device retrying an upload holds the clock for its backoff.
-        for at, i in sorted(finish):
+        # A device retrying an upload holds the clock for its backoff. Between them, a
+        # look every ARRIVAL_STEP seconds for devices that came online, while there is room.
+        look = current.opened_at + selecting + ARRIVAL_STEP
+        span = 0.0  # the round's last upload, from its open
+        while finish or arrivals is not None:
+            if arrivals is not None:
+                places = plan.admit_per_round - len(admitted)
+                if (
+                    places <= 0
+                    or full
+                    or len(counted) >= plan.job.devices_per_round
+                    or look >= current.deadline
+                ):
+                    arrivals = None  # no more looks this round
+                    continue
+                if not finish or look < finish[0][0]:
+                    clock.now = max(clock.now, look)
+                    wave = arrivals.take(look, places)
+                    look += ARRIVAL_STEP
+                    if not wave:
+                        continue
+                    late: list[int] = []
+                    for i, outcome, device_token in await fleet.checkin(
+                        wave, current.number, clock.now
+                    ):
+                        checked_in += 1
+                        if outcome is None:
+                            network_dropouts += 1
+                            continue
+                        if outcome.status == "admitted":
+                            late.append(i)
+                            token = token or device_token
+                        full = full or is_round_full(outcome)
+                    admitted.extend(late)
+                    joined_late += len(late)
+                    before = len(finish)
+                    t = clock.now  # they check in, and start, now
+                    lost = await _start_work(fleet, failure_draw, late, t, t, t, opened, finish)
+                    unavailable += lost.unavailable
+                    network_dropouts += lost.network
+                    refused += lost.refused
+                    discarded += lost.discarded
+                    trained_in_time += len(finish) - before
+                    continue
+            at, i = heapq.heappop(finish)
+            span = max(span, at - current.opened_at)
             if simulated:
                 clock.now = max(clock.now, at)
             uploaded, waited = await fleet.upload(i, clock.now)
@@ -482,7 +533,6 @@ async def _run_rounds(
             if status.previous_round is not None
             else current.number
         )
-        span = max((at - current.opened_at for at, _ in finish), default=0.0)
         for number in range(current.number, newest + 1):
             closed = await server.round(job, number)
             first = number == current.number
@@ -515,6 +565,8 @@ async def _run_rounds(
                     "admitted": len(admitted) if first else 0,
                     "trained": trained_in_time if first else 0,
                     "updates": len(counted) if first else 0,
+                    # (with an availability model: admitted while the round was open)
+                    **({"joined_late": joined_late if first else 0} if late_looks else {}),
                 },
                 "discarded": discarded + cut if first else 0,
                 "dropouts": {
@@ -554,6 +606,57 @@ async def _run_rounds(
         await fleet.rest()
     await report_evaluated()
     return rounds
+
+
+async def _start_work(
+    fleet: Fleet,
+    failure_draw: Callable[[int], float],
+    devices: list[int],
+    now: float,
+    start: float,
+    seen_at: float,
+    opened: float | None,
+    finish: list[tuple[float, int]],
+) -> _Lost:
+    """Admitted ``devices`` (online at ``seen_at``) download and train at ``now`` (the
+    clock's time), their simulated work starting at ``start``; those that will be online
+    to upload join the heap ``finish`` (upload time, device). ``opened``: a remote
+    round's open, on the server's clock (None: the simulated clock is the server's)."""
+    registry = fleet.registry
+    unavailable = network = refused = discarded = 0
+    working: list[int] = []
+    for i in devices:
+        if failure_draw(i) < registry.failure_rate(i):
+            unavailable += 1  # went offline mid-round: it simply never reports
+        else:
+            working.append(i)
+    for work in await fleet.work(working, now):
+        trained = work.outcome
+        if trained is None:
+            network += 1
+            continue
+        if trained.status != "trained":  # left: out of time or out of privacy budget
+            if trained.reason.startswith("budget"):
+                refused += 1
+            else:
+                discarded += trained.status == "discarded"
+            continue
+        at = start + work.seconds + work.backoff
+        ends = at if opened is None else seen_at + (at - opened)
+        if registry.online_until(work.device, seen_at) < ends:
+            unavailable += 1  # its session ended before its upload: it never reports
+            continue
+        heapq.heappush(finish, (at, work.device))
+    return _Lost(unavailable, network, refused, int(discarded))
+
+
+class _Lost(NamedTuple):
+    """Admitted devices whose update will not come: offline, network, budget, too late."""
+
+    unavailable: int
+    network: int
+    refused: int
+    discarded: int
 
 
 def _ray_fleet(

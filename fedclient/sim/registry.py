@@ -131,11 +131,16 @@ class DeviceRegistry:
 
     def available(self, now: float) -> int:
         """How many devices would check in at ``now`` (a count over the columns)."""
-        if self.availability is None:
-            return self.profiles.online_count(now)
-        sessions = self.availability.online_mask(now)
+        mask = self.online_mask(now)
+        return len(self) if mask is None else int(np.count_nonzero(mask))
+
+    def online_mask(self, now: float) -> np.ndarray | None:
+        """Every device's `online` at ``now``, as a boolean array (None: all of them)."""
         windows = self.profiles.online_mask(now)
-        return int(np.count_nonzero(sessions if windows is None else sessions & windows))
+        if self.availability is None:
+            return windows
+        sessions = self.availability.online_mask(now)
+        return sessions if windows is None else sessions & windows
 
     def checkin_order(
         self, seed: int, round_number: int

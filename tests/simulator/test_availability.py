@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedclient import InvalidInput
+from fedclient.sim.arrivals import ARRIVAL_STEP
 from fedclient.sim.availability import (
     DAY,
     DiurnalSessions,
@@ -188,3 +189,33 @@ def test_each_round_s_line_says_how_many_were_online(tmp_path: Path, capsys: Any
     assert [line.split("online ")[1].split()[0] for line in lines] == [str(n) for n in online]
     assert fedsim([*flags, "--report", str(report)]) == 0  # always online: nothing to say
     assert "online" not in capsys.readouterr().err
+
+
+def test_devices_that_come_online_while_a_round_is_open_join_it(tmp_path: Path) -> None:
+    """A round that opens with too few devices online does not wait for its deadline with
+    places empty: devices that come online meanwhile check in (a look every
+    ARRIVAL_STEP seconds), train from then on, and fill it, as fedserver admits them."""
+    trace = tmp_path / "online.csv"
+    # Trace device 0 is online all day; devices 1-9 from the 90th second on. In a fleet of
+    # 40, devices 0, 10, 20 and 30 are online when round 1 opens: 4 of the 6 it needs.
+    rows = ["0,0,86400", *(f"{k},90,86400" for k in range(1, 10))]
+    trace.write_text("device,start,end\n" + "\n".join(rows) + "\n")
+    flags = ["--availability", f"trace:{trace}"]
+    a, b = _run(tmp_path, "a", *flags), _run(tmp_path, "b", *flags)
+
+    def same(report: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in report["rounds"]]
+
+    assert same(a) == same(b)
+    first = a["rounds"][0]
+    p = first["participation"]
+    assert p["available"] == 4
+    assert p["joined_late"] >= 2 and p["admitted"] == 4 + p["joined_late"]
+    assert first["updates"] == 6 and first["status"] == "closed"
+    late = [i for i in first["participants"] if i % 10]
+    assert late, first["participants"]  # devices that came online at 90 s counted
+    # They checked in at the first look after 90 s (120 s), long before the deadline.
+    assert ARRIVAL_STEP * 2 <= first["round_seconds"] < 600
+    # Later rounds open with every device online: nobody needs to join late.
+    assert all(r["participation"]["joined_late"] == 0 for r in a["rounds"][1:])
+    assert "joined_late" not in _run(tmp_path, "plain")["rounds"][0]["participation"]
