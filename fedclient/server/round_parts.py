@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from fedclient.server.database import Database
 
-__all__ = ["RoundParts"]
+__all__ = ["COUNT_UPDATE", "RoundParts"]
+
+#: One more update of this worker (round_id, worker) in the round: its counts after it.
+COUNT_UPDATE = (
+    "INSERT INTO round_parts (round_id, worker, updates) VALUES (?, ?, 1)"
+    " ON CONFLICT (round_id, worker) DO UPDATE SET updates = round_parts.updates + 1"
+    " RETURNING updates, folded"
+)
 
 #: Updates whose bodies one statement drops (a fold drops `FOLD_EVERY` of them; a close may
 #: drop thousands: within both engines' limits on a statement's parameters).
@@ -28,13 +35,13 @@ class RoundParts:
     def count_update(self, round_id: int) -> None:
         """One more update taken by this worker in the round (and how many wait for its
         next fold, kept for `waiting`)."""
-        row = self.db.execute(
-            "INSERT INTO round_parts (round_id, worker, updates) VALUES (?, ?, 1)"
-            " ON CONFLICT (round_id, worker) DO UPDATE SET updates = round_parts.updates + 1"
-            " RETURNING updates, folded",
-            [round_id, self.worker],
-        ).fetchall()[0]
-        self._waiting = (round_id, int(row[0]), int(row[1]))
+        row = self.db.execute(COUNT_UPDATE, [round_id, self.worker]).fetchall()[0]
+        self.counted(round_id, int(row[0]), int(row[1]))
+
+    def counted(self, round_id: int, taken: int, folded: int) -> None:
+        """This worker's counts in the round as `COUNT_UPDATE` returned them (kept for
+        `waiting`): a caller that ran it inside a statement of its own says so here."""
+        self._waiting = (round_id, taken, folded)
 
     def taken(self, round_id: int) -> int:
         """Updates every worker took in the round."""

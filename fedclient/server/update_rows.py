@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedclient.server.database import Database
+from fedclient.server.round_parts import COUNT_UPDATE
 from fedclient.server.schema import JobRow, RoundRow, UpdateRow
 from fedclient.server.spool import BodySpool
 
@@ -65,6 +66,9 @@ class UpdateRows:
         raise NotImplementedError
 
     def count_update(self, round_id: int) -> None:
+        raise NotImplementedError
+
+    def counted(self, round_id: int, taken: int, folded: int) -> None:
         raise NotImplementedError
 
     def _update_row(self, row: Sequence[Any]) -> UpdateRow:
@@ -159,26 +163,35 @@ class UpdateRows:
         offset = None
         if self._spool is not None:
             offset, stored = self._spool.append(round_id, body), None
-        seq = self.db.execute(
+        insert = (
             "INSERT INTO updates (round_id, device_id, idempotency_key, receipt_id,"
             " num_examples, train_loss, body, received_at, staleness, spool_offset,"
-            " spool_length, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-            [
-                round_id,
-                device_id,
-                key,
-                receipt_id,
-                num_examples,
-                train_loss,
-                stored,
-                now,
-                staleness,
-                offset,
-                None if offset is None else len(body),
-                self.worker,
-            ],
-        ).fetchall()[0][0]
-        self.count_update(round_id)
+            " spool_length, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"
+        )
+        values = [
+            round_id,
+            device_id,
+            key,
+            receipt_id,
+            num_examples,
+            train_loss,
+            stored,
+            now,
+            staleness,
+            offset,
+            None if offset is None else len(body),
+            self.worker,
+        ]
+        if self.db.shared:  # one round trip: the row and this worker's count of it
+            row = self.db.execute(
+                f"WITH u AS ({insert}) {COUNT_UPDATE}, (SELECT seq FROM u)",
+                [*values, round_id, self.worker],
+            ).fetchall()[0]
+            self.counted(round_id, int(row[0]), int(row[1]))
+            seq = row[2]
+        else:  # (SQLite: no INSERT inside WITH)
+            seq = self.db.execute(insert, values).fetchall()[0][0]
+            self.count_update(round_id)
         if round_id in self._update_counts:
             self._update_counts[round_id] += 1
         if round_id in self._updated:
