@@ -422,7 +422,7 @@ class JobLoop(SecureUpload, LocalWork):
             if result.state is not None:  # kept with the update it came with
                 state = encode_tensors(result.state)
                 self._store.keep_trainer_state(self.job, state, generation)
-            self._store._hold_update(self.job, plan, body, key, residual_body, generation)
+            self._store.hold_update(self.job, plan, body, key, residual_body, generation)
         return StepOutcome(
             "trained", round_id=plan.round_id, train_loss=result.loss, examples=len(y)
         )

@@ -389,9 +389,9 @@ class DeviceState:
         """Trained: hold the update and the key every upload attempt will carry (and, with
         compression, what it left out, carried into the next update)."""
         with self.atomic():
-            self._hold_update(job, plan, update, idempotency_key, residual)
+            self.hold_update(job, plan, update, idempotency_key, residual)
 
-    def _hold_update(
+    def hold_update(
         self,
         job: str,
         plan: RoundPlan,

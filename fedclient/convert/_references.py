@@ -82,7 +82,7 @@ class NumpyReference:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward pass in float32."""
-        return self._fresh(self._initial)._forward(x.reshape(len(x), -1))[0]
+        return self._fresh(self._initial).logits(x.reshape(len(x), -1))
 
     def sgd_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> Weights:
         """One full-batch SGD step in float32."""
@@ -118,7 +118,7 @@ class NumpyReference:
     def loss(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy in float64."""
         model = self._fresh(weights, np.float64)
-        return cross_entropy(model._forward(x.reshape(len(x), -1).astype(np.float64))[0], y)
+        return cross_entropy(model.logits(x.reshape(len(x), -1).astype(np.float64)), y)
 
 
 class OnnxReference:

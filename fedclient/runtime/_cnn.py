@@ -198,6 +198,10 @@ class NumpyCnn(NumpyWeights):
                 upstream = _col2im(cols_grad, tuple(cache[f"shape{i}"]))
         return loss, {name: grads[name].astype(self._dtype, copy=False) for name in p}
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The forward pass's logits of ``x`` (as given: no cast, no softmax)."""
+        return self._forward(x)[0]
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (computed in chunks: im2col copies grow with the batch)."""
         x = np.asarray(x, dtype=self._dtype)

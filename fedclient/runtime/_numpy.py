@@ -85,6 +85,10 @@ class NumpyModel(NumpyWeights):
                 delta = (delta @ self._params[weight]) * (acts[i - 1] > 0)
         return loss, grads
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The forward pass's logits of ``x`` (as given: no cast, no softmax)."""
+        return self._forward(x)[0]
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities."""
         logits, _ = self._forward(np.asarray(x, dtype=self._dtype))
