@@ -47,6 +47,7 @@ from fedclient.sim.buffered import run_buffered
 from fedclient.sim.config import SimulationConfig
 from fedclient.sim.datasets import CsvColumns, Dataset, load_dataset
 from fedclient.sim.fleet import (
+    Checkin,
     Fleet,
     SimClock,
     SimServer,
@@ -386,16 +387,11 @@ async def _run_rounds(
                 break
             answers = await fleet.checkin(wave, current.number, clock.now)
             checked_in += len(answers)
-            for i, outcome, device_token in answers:
-                if outcome is None:
-                    network_dropouts += 1
-                    continue
-                if outcome.status == "admitted":
-                    admitted.append(i)
-                    token = token or device_token
-                elif outcome.reason == SELECTION_PENDING:
-                    candidates.append((i, outcome.retry_after or 1.0))
-                full = full or is_round_full(outcome)
+            told = _told(answers, token)
+            admitted += told.admitted
+            candidates += told.pending
+            network_dropouts += told.network
+            full, token = full or told.full, told.token
         selecting = 0.0  # seconds the candidates waited for the selection
         while candidates:  # they come back until the round chose (its window bounds it)
             wait = max(retry for _, retry in candidates)
@@ -404,15 +400,12 @@ async def _run_rounds(
                 clock.now += wait
             else:
                 await asyncio.sleep(wait)
-            back, candidates = [i for i, _ in candidates], []
-            for i, outcome, device_token in await fleet.checkin(back, current.number, clock.now):
-                if outcome is None:
-                    network_dropouts += 1
-                elif outcome.status == "admitted":
-                    admitted.append(i)
-                    token = token or device_token
-                elif outcome.reason == SELECTION_PENDING:
-                    candidates.append((i, outcome.retry_after or 1.0))
+            back = [i for i, _ in candidates]
+            told = _told(await fleet.checkin(back, current.number, clock.now), token)
+            admitted += told.admitted
+            candidates = told.pending
+            network_dropouts += told.network
+            token = told.token
         await report_evaluated()  # the last round's evaluation ran alongside these check-ins
         if config.stop_at is not None and rounds and rounds[-1]["accuracy"] >= config.stop_at:
             break  # --stop-at: the target is reached; the round just opened is not run
@@ -485,18 +478,12 @@ async def _run_rounds(
                     look += ARRIVAL_STEP
                     if not wave:
                         continue
-                    late: list[int] = []
-                    for i, outcome, device_token in await fleet.checkin(
-                        wave, current.number, clock.now
-                    ):
-                        checked_in += 1
-                        if outcome is None:
-                            network_dropouts += 1
-                            continue
-                        if outcome.status == "admitted":
-                            late.append(i)
-                            token = token or device_token
-                        full = full or is_round_full(outcome)
+                    answers = await fleet.checkin(wave, current.number, clock.now)
+                    checked_in += len(answers)
+                    told = _told(answers, token)
+                    late = told.admitted
+                    network_dropouts += told.network
+                    full, token = full or told.full, told.token
                     admitted.extend(late)
                     joined_late += len(late)
                     before = len(finish)
@@ -648,6 +635,36 @@ async def _start_work(
             continue
         heapq.heappush(finish, (at, work.device))
     return _Lost(unavailable, network, refused, int(discarded))
+
+
+class _Told(NamedTuple):
+    """What a batch of check-ins was told: who was admitted, who waits for the round's
+    selection (device, seconds to come back), how many never heard back, whether the
+    round said it is full, and a device token to read the models with."""
+
+    admitted: list[int]
+    pending: list[tuple[int, float]]
+    network: int
+    full: bool
+    token: str
+
+
+def _told(answers: list[Checkin], token: str) -> _Told:
+    """Sort ``answers`` (in their order); ``token``: the one held so far, if any."""
+    admitted: list[int] = []
+    pending: list[tuple[int, float]] = []
+    network, full = 0, False
+    for i, outcome, device_token in answers:
+        if outcome is None:
+            network += 1
+            continue
+        if outcome.status == "admitted":
+            admitted.append(i)
+            token = token or device_token
+        elif outcome.reason == SELECTION_PENDING:
+            pending.append((i, outcome.retry_after or 1.0))
+        full = full or is_round_full(outcome)
+    return _Told(admitted, pending, network, full, token)
 
 
 class _Lost(NamedTuple):
