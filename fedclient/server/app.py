@@ -77,7 +77,6 @@ from fedclient.protocol import (
 )
 from fedclient.protocol import Route as ApiRoute
 from fedclient.server.auth import bearer_token, hash_token
-from fedclient.server.database import SqliteDatabase
 from fedclient.server.front_door import CheckinFrontDoor
 from fedclient.server.limits import RateLimiter, RateLimits
 from fedclient.server.service import FederationService
@@ -194,6 +193,11 @@ def create_app(
         await database.settled()  # a commit may have begun while it arrived
         key = request.headers.get(IDEMPOTENCY_HEADER)
         receipt = service.uploads.upload(token, round_id, key, body, device_id=device_id)
+        recount = service.uploads.recount()
+        if recount:  # near its quota, taken in a group: counted again once committed
+            await database.flush()
+            for taken_in in recount:
+                service.uploads.quota_after_commit(taken_in)
         return _json(receipt)
 
     async def upload_start(request: Request) -> Response:
@@ -359,12 +363,14 @@ def create_app(
                     flush=True,
                 )
 
-    # A SQLite file commits many requests' writes at once; a request is answered only
-    # once what it wrote is on disk (`SqliteDatabase.group_commits`).
+    # Many requests' writes commit at once (a SQLite file: every request's; PostgreSQL:
+    # the uploads'); a request is answered only once what it wrote is committed
+    # (`Database.group_commits`).
     database = service.store.db
-    if isinstance(database, SqliteDatabase):
-        database.group_commits()
-        service.store.spool_bodies()  # bodies in files beside it, synced with each group
+    database.group_commits()
+    # Bodies in files synced with each group: beside a SQLite file; under `fedserver
+    # --bodies` for PostgreSQL (done by then), else in its rows.
+    service.store.spool_bodies()
 
     def durable(endpoint: Endpoint) -> Endpoint:
         async def answer(request: Request) -> Response:

@@ -21,8 +21,14 @@ moment of the copy: updates acknowledged since are not in it (their devices go o
 the next rounds; an update is never counted twice, as idempotency keys are in the
 copy). Never copy a backup over a served file's path while a ``-wal`` file is beside it.
 
-A PostgreSQL database keeps every body in its rows: ``pg_dump`` (one snapshot) is a
-whole copy, and ``fedserver backup`` runs it (``--format=custom``, for ``pg_restore``).
+A PostgreSQL database keeps its bodies in its rows, and ``pg_dump`` (one snapshot) is
+a whole copy: ``fedserver backup`` runs it (``--format=custom``, for ``pg_restore``).
+Its workers may keep them in a folder they share instead (``fedserver --bodies DIR``):
+then ``fedserver backup --bodies DIR`` holds the folder's files open, exports a snapshot
+(``pg_export_snapshot``), reads in it how far each open round's files are named, runs
+pg_dump on that snapshot, and copies the files that far to ``<dest>.bodies``. Restore
+with ``pg_restore`` into an empty database and serve it with ``--bodies <dest>.bodies``
+(or that folder moved where the workers share it).
 """
 
 from __future__ import annotations
@@ -56,16 +62,19 @@ class Backup:
     body_bytes: int
 
 
-def backup(source: str | Path, dest: str | Path) -> Backup:
+def backup(source: str | Path, dest: str | Path, *, bodies: str | Path | None = None) -> Backup:
     """Copy the server database ``source`` (a SQLite file or a PostgreSQL URL) to the new
-    file ``dest`` (and, for SQLite, its bodies to ``<dest>.bodies``); see the module
+    file ``dest`` (and the open rounds' bodies to ``<dest>.bodies``: a SQLite file's, or
+    those PostgreSQL's workers keep in ``bodies``, `fedserver --bodies`); see the module
     docstring. `fedclient.StateError` if ``dest`` exists or the copy fails."""
     dest = Path(dest)
     if dest.exists() or spool_directory(dest).exists():
         raise StateError(f"{dest}: already exists; a backup is never written over anything")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if is_postgres(source):
-        return _pg_dump(str(source), dest)
+        return _pg_dump(str(source), dest, Path(bodies) if bodies is not None else None)
+    if bodies is not None:
+        raise StateError("--bodies is for PostgreSQL: a SQLite file's bodies are beside it")
     path = Path(str(source).removeprefix("sqlite:///"))
     if not path.is_file():
         raise StateError(f"{path}: no such database")
@@ -152,18 +161,26 @@ def _copy_database(path: Path, partial: Path, held: dict[int, int]) -> list[tupl
 
 def _copy_bodies(held: dict[int, int], extents: list[tuple[int, int]], folder: Path) -> int:
     """Each round's file up to ``end`` (its last named body's), into ``folder``; bytes."""
+    return _copy_files(
+        {spool_file(".", r).name: fd for r, fd in held.items()},
+        [(spool_file(".", r).name, end) for r, end in extents],
+        folder,
+    )
+
+
+def _copy_files(held: dict[str, int], extents: list[tuple[str, int]], folder: Path) -> int:
+    """Each file (by name) up to ``end`` (its last named body's), into ``folder``; bytes."""
     if not extents:
         return 0
     folder.mkdir()
     total = 0
-    for round_id, end in extents:
-        copy = spool_file(folder, round_id)
-        with copy.open("wb") as out:
+    for name, end in extents:
+        with (folder / name).open("wb") as out:
             at = 0
             while at < end:
-                chunk = os.pread(held[round_id], min(1 << 20, end - at), at)
+                chunk = os.pread(held[name], min(1 << 20, end - at), at)
                 if not chunk:
-                    raise StateError(f"round {round_id}'s update bodies end before its rows say")
+                    raise StateError(f"{name}: its update bodies end before its rows say")
                 out.write(chunk)
                 at += len(chunk)
             out.flush()
@@ -173,11 +190,84 @@ def _copy_bodies(held: dict[int, int], extents: list[tuple[int, int]], folder: P
     return total
 
 
-def _pg_dump(url: str, dest: Path) -> Backup:
+def _pg_dump(url: str, dest: Path, bodies: Path | None) -> Backup:
+    """pg_dump of one snapshot; with ``bodies`` (`fedserver --bodies`), the open rounds'
+    files up to the last body a row of that snapshot names, held open from before it
+    (as `_copy_moment` holds a SQLite file's)."""
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
+        for _ in range(ATTEMPTS):
+            copied = _pg_moment(url, partial, bodies)
+            if copied is not None:
+                break
+        else:
+            raise StateError(f"{redacted(url)}: its rounds kept closing under the copy; try again")
+        _sync(partial)
+        if spool_directory(partial).exists():
+            spool_directory(partial).rename(spool_directory(dest))
+        partial.rename(dest)
+        _sync_folder(dest.parent)
+    finally:
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(spool_directory(partial), ignore_errors=True)
+    return Backup(dest, dest.stat().st_size, *copied)
+
+
+def _pg_moment(url: str, partial: Path, bodies: Path | None) -> tuple[int, int] | None:
+    """One snapshot of the database (exported to pg_dump) and the bodies it names;
+    (rounds, body bytes), or None if a file could not be held (try again)."""
+    import psycopg
+
+    partial.unlink(missing_ok=True)
+    shutil.rmtree(spool_directory(partial), ignore_errors=True)
+    held: dict[str, int] = {}  # file name -> an open descriptor of it
+    try:
+        for file in sorted(bodies.glob("round-*.bin")) if bodies and bodies.is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):
+                held[file.name] = os.open(file, os.O_RDONLY)
+        try:
+            conn = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as exc:
+            raise StateError(f"cannot connect to {redacted(url)}: {exc}") from None
+        with conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            snapshot = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            extents = [
+                (str(spool_file(".", int(r[0]), str(r[1] or "")).name), int(r[2]))
+                for r in conn.execute(
+                    "SELECT round_id, worker, max(spool_offset + spool_length) FROM updates"
+                    " WHERE spool_offset IS NOT NULL GROUP BY round_id, worker"
+                ).fetchall()
+            ]
+            if extents and bodies is None:
+                raise StateError(
+                    f"{redacted(url)} keeps update bodies in files (fedserver --bodies):"
+                    " fedserver backup --bodies DIR copies them with it"
+                )
+            for name, _ in extents:
+                if name not in held:  # made since the listing: its round is open
+                    try:
+                        held[name] = os.open(bodies / name, os.O_RDONLY)  # type: ignore[operator]
+                    except FileNotFoundError:
+                        return None
+            _run_pg_dump(url, partial, snapshot)  # while the snapshot's transaction is open
+        body_bytes = _copy_files(held, extents, spool_directory(partial))
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    return len({name.split(".")[0] for name, _ in extents}), body_bytes
+
+
+def _run_pg_dump(url: str, partial: Path, snapshot: str) -> None:
+    try:
         done = subprocess.run(
-            ["pg_dump", "--format=custom", f"--file={partial}", f"--dbname={url}"],
+            [
+                "pg_dump",
+                "--format=custom",
+                f"--snapshot={snapshot}",
+                f"--file={partial}",
+                f"--dbname={url}",
+            ],
             capture_output=True,
             text=True,
         )
@@ -187,10 +277,6 @@ def _pg_dump(url: str, dest: Path) -> Backup:
         partial.unlink(missing_ok=True)
         lines = (done.stderr.strip() or f"exit {done.returncode}").splitlines()
         raise StateError(f"pg_dump of {redacted(url)} failed: {lines[0]}")
-    _sync(partial)
-    partial.rename(dest)
-    _sync_folder(dest.parent)
-    return Backup(dest, dest.stat().st_size, 0, 0)
 
 
 def _sync(path: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedclient._exceptions import FedError, InvalidInput
+from fedclient._exceptions import FedError, InvalidInput, StateError
 from fedclient.server.database import redacted
 
 __all__ = ["main", "worker_app"]
@@ -143,7 +143,7 @@ def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[An
         elif args.enrolment_codes:
             policy = EnrolmentPolicy.codes()
         service = FederationService(
-            open_served(args.db),
+            open_served(args.db, bodies=args.bodies),
             identity_authorities=authorities,
             enrolment=policy,
             admin_token=admin_token,
@@ -153,6 +153,12 @@ def _build(args: argparse.Namespace, authorities: tuple[bytes, ...]) -> tuple[An
         )
         for plan in plans:
             service.add_job(plan)
+        if args.bodies is not None and not service.store.shared:
+            raise StateError(
+                "--bodies is for PostgreSQL's workers: a SQLite file keeps its update"
+                " bodies in a folder beside it"
+            )
+        service.store.spool_bodies(args.bodies)
     except ImportError as exc:
         print(
             f"fedserver needs the server extra: pip install 'fedclient[server]' ({exc})",
@@ -196,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="worker processes serving the port (more than one needs a PostgreSQL --db)",
+    )
+    parser.add_argument(
+        "--bodies",
+        metavar="DIR",
+        help="PostgreSQL: keep update bodies in files under DIR, which every worker shares "
+        "(a shared mount across hosts), instead of in the database's rows: 2x the uploads "
+        "a second (README, Sizing)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -314,16 +327,23 @@ def _backup(argv: list[str]) -> int:
         prog="fedserver backup",
         description="Copy a server database while it serves: a SQLite file with its open "
         "rounds' update bodies (DEST and DEST.bodies), or a PostgreSQL database (pg_dump's "
-        "custom format). Restore by serving the copy: fedserver --db DEST (SQLite), or "
-        "pg_restore into an empty database (PostgreSQL).",
+        "custom format; with --bodies, its workers' body files to DEST.bodies). Restore by "
+        "serving the copy: fedserver --db DEST (SQLite), or pg_restore into an empty "
+        "database (PostgreSQL; served with --bodies DEST.bodies if it had them).",
     )
     parser.add_argument("--db", required=True, help="the database the server serves")
+    parser.add_argument(
+        "--bodies",
+        metavar="DIR",
+        help="PostgreSQL: the folder its workers keep update bodies in (fedserver --bodies);"
+        " copied to DEST.bodies",
+    )
     parser.add_argument("dest", help="the new copy (never written over)")
     args = parser.parse_args(argv)
     from fedclient.server.backup import backup
 
     try:
-        copied = backup(args.db, args.dest)
+        copied = backup(args.db, args.dest, bodies=args.bodies)
     except FedError as exc:
         print(f"fedserver backup: {exc}", file=sys.stderr)
         return exc.exit_code

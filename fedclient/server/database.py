@@ -129,14 +129,103 @@ class Database:
         #: Called when writes that were not yet committed are lost (a failed group
         #: commit): whoever keeps in memory what they wrote drops it.
         self.on_rollback: list[Callable[[], None]] = []
+        #: Called before a group's COMMIT (what must be durable before the rows that name
+        #: it: `fedclient.server.spool`), and after it succeeded.
+        self.before_commit: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
+        # Group commit (`group_commits`): whether it is on, whether statements ran in the
+        # open group transaction, and the requests that wait for its COMMIT.
+        self._grouped = False
+        self._wrote = False
+        self._commit: asyncio.Future[None] | None = None
+        # The group commit in flight on `_committer`, and the requests that wait for it.
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._flight: concurrent.futures.Future[BaseException | None] | None = None
+        self._flight_waiters: asyncio.Future[None] | None = None
+
+    def group_commits(self) -> None:
+        """Commit many requests' writes at once, after `COMMIT_WINDOW` (the served app
+        turns it on): a request's writes join one open transaction, and the app answers
+        it only after `flush`. Each engine says which writes join (`SqliteDatabase`,
+        `fedclient.server.postgres.PostgresDatabase`)."""
+        self._grouped = True
+
+    @property
+    def grouping(self) -> bool:
+        """Whether `group_commits` is on: a write is committed only by `flush`."""
+        return self._grouped
 
     async def flush(self) -> None:
-        """Return once every write made so far is committed (see `SqliteDatabase.
-        group_commits`); at once where each block commits by itself."""
+        """Return once every write made so far is committed: at once where each block
+        commits by itself; with `group_commits`, once the group that holds them did."""
+        if not self._wrote:
+            if self._flight_waiters is not None:
+                # It may have written into the group now in flight (before an await).
+                await asyncio.shield(self._flight_waiters)
+            return
+        if self._commit is None:
+            self._commit = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(COMMIT_WINDOW, self._commit_group)
+        await asyncio.shield(self._commit)
 
     async def settled(self) -> None:
-        """Return once the database may be used without waiting (no commit of
-        `SqliteDatabase.group_commits` in flight); at once elsewhere."""
+        """Return once the database may be used without waiting (no group commit in
+        flight); at once elsewhere."""
+        flight = self._flight
+        if flight is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(flight)
+            self._settle()
+
+    def _commit_group(self) -> None:
+        """Start committing the open transaction, on the committer thread, for every
+        request that wrote in it; `_settle` ends it."""
+        waiters, self._commit = self._commit, None
+        if waiters is None:
+            return  # committed meanwhile, and its waiters told (`_tell`)
+        if self._flight is not None:
+            self._settle()
+        wrote, self._wrote = self._wrote, False
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"{self.kind}-commit"
+            )
+        self._flight_waiters = waiters
+        self._flight = self._committer.submit(self._commit_transaction, wrote)
+        loop, flight = asyncio.get_running_loop(), self._flight
+        flight.add_done_callback(lambda _: loop.call_soon_threadsafe(self._settle, flight))
+
+    def _settle(self, only: concurrent.futures.Future[BaseException | None] | None = None) -> None:
+        """End the commit in flight (waiting for its thread if need be): tell the caches
+        and the requests that wait for it. Runs on the event loop; once per commit
+        (``only``: if that commit is still the one in flight)."""
+        flight, waiters = self._flight, self._flight_waiters
+        if flight is None or (only is not None and flight is not only):
+            return
+        self._flight = self._flight_waiters = None
+        error = flight.result()
+        self._after(error)
+        self._tell(waiters, error)
+
+    @staticmethod
+    def _tell(waiters: asyncio.Future[None] | None, error: BaseException | None) -> None:
+        """Tell the requests that wait for a group commit how it ended."""
+        if waiters is not None and not waiters.done():
+            if error is None:
+                waiters.set_result(None)
+            else:
+                waiters.set_exception(error)
+                waiters.exception()  # retrieved: a batch nobody waits for any more is no error
+
+    def _commit_transaction(self, wrote: bool) -> BaseException | None:
+        """COMMIT the group transaction (after `before_commit`), or roll it back when that
+        fails; the error, if any. Runs on the committer thread and touches the
+        connection only: the caches are told by `_after`, on the loop."""
+        raise NotImplementedError
+
+    def _after(self, error: BaseException | None) -> None:
+        for hook in self.on_rollback if error is not None else self.after_commit:
+            hook()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         """Run one statement (``?`` placeholders)."""
@@ -146,8 +235,10 @@ class Database:
         """Run one statement for each row of parameters."""
         raise NotImplementedError
 
-    def atomic(self) -> AbstractContextManager[None]:
-        """One transaction; nested blocks become savepoints."""
+    def atomic(self, *, grouped: bool = False) -> AbstractContextManager[None]:
+        """One transaction; nested blocks become savepoints. ``grouped``: with
+        `group_commits`, the block may join the open group transaction (a savepoint in
+        it), committed with the others' by `flush`; an engine says which blocks may."""
         raise NotImplementedError
 
     def ddl(self, statement: str) -> str:
@@ -246,17 +337,6 @@ class SqliteDatabase(Database):
         # belong to connections; `fedclient.server.connections`).
         self.db.execute("PRAGMA temp_store = MEMORY")
         self._checkpoints: _Checkpointer | None = None
-        self._grouped = False
-        self._wrote = False  # statements ran in the open group transaction
-        self._commit: asyncio.Future[None] | None = None
-        #: Called before a group's COMMIT (what must be durable before the rows that name
-        #: it: `fedclient.server.spool`), and after it succeeded.
-        self.before_commit: list[Callable[[], None]] = []
-        self.after_commit: list[Callable[[], None]] = []
-        # The group commit in flight on `_committer`, and the requests that wait for it.
-        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._flight: concurrent.futures.Future[BaseException | None] | None = None
-        self._flight_waiters: asyncio.Future[None] | None = None
         if path != ":memory:":
             # 64 KiB pages: an update body (400 kB for 100,000 parameters) spans 7 pages,
             # not 100, and an upload costs a third less (bench/ingest.py). Takes effect
@@ -278,7 +358,8 @@ class SqliteDatabase(Database):
         return self.db.conn
 
     def group_commits(self) -> None:
-        """Commit many requests' writes at once (a file only; see the class)."""
+        """Commit many requests' writes at once (a file only; see the class): every
+        write joins the group."""
         self._grouped = self.path != ":memory:"
 
     def _begin(self) -> None:
@@ -297,61 +378,9 @@ class SqliteDatabase(Database):
         self._begin()
         self.db.conn.executemany(sql, rows)
 
-    def atomic(self) -> AbstractContextManager[None]:
-        self._begin()  # grouped: the block is a savepoint of the open transaction
+    def atomic(self, *, grouped: bool = False) -> AbstractContextManager[None]:
+        self._begin()  # grouped: every block is a savepoint of the open transaction
         return self.db.atomic()  # type: ignore[return-value]
-
-    async def flush(self) -> None:
-        if not self._wrote:
-            if self._flight_waiters is not None:
-                # It may have written into the group now in flight (before an await).
-                await asyncio.shield(self._flight_waiters)
-            return
-        if self._commit is None:
-            self._commit = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(COMMIT_WINDOW, self._commit_group)
-        await asyncio.shield(self._commit)
-
-    async def settled(self) -> None:
-        flight = self._flight
-        if flight is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(flight)
-            self._settle()
-
-    def _commit_group(self) -> None:
-        """Start committing the open transaction, on the committer thread, for every
-        request that wrote in it; `_settle` ends it."""
-        waiters, self._commit = self._commit, None
-        assert waiters is not None
-        if self._flight is not None:
-            self._settle()
-        wrote, self._wrote = self._wrote, False
-        if self._committer is None:
-            self._committer = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="sqlite-commit"
-            )
-        self._flight_waiters = waiters
-        self._flight = self._committer.submit(self._commit_transaction, wrote)
-        loop, flight = asyncio.get_running_loop(), self._flight
-        flight.add_done_callback(lambda _: loop.call_soon_threadsafe(self._settle, flight))
-
-    def _settle(self, only: concurrent.futures.Future[BaseException | None] | None = None) -> None:
-        """End the commit in flight (waiting for its thread if need be): tell the caches
-        and the requests that wait for it. Runs on the event loop; once per commit
-        (``only``: if that commit is still the one in flight)."""
-        flight, waiters = self._flight, self._flight_waiters
-        if flight is None or (only is not None and flight is not only):
-            return
-        self._flight = self._flight_waiters = None
-        error = flight.result()
-        self._after(error)
-        if waiters is not None and not waiters.done():
-            if error is None:
-                waiters.set_result(None)
-            else:
-                waiters.set_exception(error)
-                waiters.exception()  # retrieved: a batch nobody waits for any more is no error
 
     def _commit_transaction(self, wrote: bool) -> BaseException | None:
         """COMMIT (after `before_commit`), or ROLLBACK when that fails; the error, if any.
@@ -386,10 +415,6 @@ class SqliteDatabase(Database):
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except (OSError, sqlite3.Error):  # busy (a passive pass), or full: the next commit tries
             pass
-
-    def _after(self, error: BaseException | None) -> None:
-        for hook in self.on_rollback if error is not None else self.after_commit:
-            hook()
 
     def commit(self) -> None:
         """Commit the open group transaction now (`sqlite3.Error` if it is lost)."""

@@ -51,16 +51,18 @@ _JOB_STATUSES = {"running", "paused", "finished", "stopped"}
 _ROUND_STATUSES = {"open", "closed", "failed"}
 
 
-def open_served(url: str | Path) -> ServerStore:
+def open_served(url: str | Path, *, bodies: str | Path | None = None) -> ServerStore:
     """The store of the database at ``url``, checked (see the module docstring) and, for
-    a SQLite file, locked against a second server. `fedclient.StateError` otherwise; a
-    database refused was only read, never written."""
+    a SQLite file, locked against a second server. ``bodies``: the folder a PostgreSQL
+    database's workers keep update bodies in (`fedserver --bodies`). `fedclient.
+    StateError` otherwise; a database refused was only read, never written."""
     if is_postgres(url):
         where = redacted(str(url)).split("@")[-1]
         db = connect(str(url))
         try:
             _check_version(_schema_version(db.tables(), db.execute), where)
-            check_contents(db.execute, set(db.tables()), where, bodies=None)
+            folder = Path(bodies) if bodies is not None else None
+            check_contents(db.execute, set(db.tables()), where, bodies=folder)
         finally:
             db.close()
         return ServerStore(str(url))
@@ -185,6 +187,7 @@ _UPDATE_COLUMNS = {
     "staleness": int,
     "spool_offset": (int, None),
     "spool_length": (int, None),
+    "worker": (str, None),
 }
 
 
@@ -222,15 +225,21 @@ def _check_open_round(rows: _Rows, round_id: int, bodies: Path | None) -> None:
             f"{where}: round {round_id} has {folded} updates without a body but its running"
             f" sum holds {held}"
         )
-    spooled = [
-        (u["spool_offset"], u["spool_length"])
-        for u in updates
-        if u.get("spool_offset") is not None and u.get("spool_length") is not None
-    ]
+    # By the file that holds them: a SQLite file's own (worker ""), or each PostgreSQL
+    # worker's in the folder they share.
+    spooled: dict[str, list[tuple[int, int]]] = {}
+    for u in updates:
+        if u.get("spool_offset") is not None and u.get("spool_length") is not None:
+            extent = (u["spool_offset"], u["spool_length"])
+            spooled.setdefault(u.get("worker") or "", []).append(extent)
     if spooled:
         if bodies is None:
-            raise StateError(f"{where}: round {round_id}'s rows name a bodies folder it lacks")
-        _check_spooled(where, spool_file(bodies, round_id), spooled)
+            raise StateError(
+                f"{where}: round {round_id}'s rows name update bodies in files (served"
+                " with fedserver --bodies DIR: serve it with the same folder)"
+            )
+        for worker, extents in sorted(spooled.items()):
+            _check_spooled(where, spool_file(bodies, round_id, worker), extents)
 
 
 def _check_spooled(where: object, path: Path, extents: list[tuple[int, int]]) -> None:

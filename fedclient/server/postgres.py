@@ -3,12 +3,14 @@
 The store's SQL is SQLite's subset (`fedclient.server.database`); here its ``?``
 placeholders become psycopg's and its DDL's types PostgreSQL's. Each worker holds a
 pool of one connection that comes back by itself when the database does (503s
-meanwhile), and takes the cluster-wide advisory lock only for the requests that need
-it (`Database.exclusive`).
+meanwhile), takes the cluster-wide advisory lock only for the requests that need it
+(`Database.exclusive`), and commits the uploads it takes within a few milliseconds of
+each other together (`PostgresDatabase.group_commits`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -107,6 +109,29 @@ class PostgresDatabase(Database):
         self._broken = False  # it failed inside the current block
         self._away_now = False  # the last attempt found no connection: do not wait long
         self._locked_at = 0.0
+        # Group commit (see `group_commits`): a group transaction is open on `_held`; the
+        # error that lost it, if one did; `atomic` blocks entered and not left.
+        self._group_open = False
+        self._group_lost: BaseException | None = None
+        self._blocks = 0
+        self._committed = False  # a transaction of this request committed by itself
+
+    def group_commits(self) -> None:
+        """Commit the uploads this worker takes within `COMMIT_WINDOW` of each other in
+        one transaction (one fsync, on a thread of its own while the event loop reads
+        the next bodies), as a SQLite file commits every request.
+
+        Only the blocks that ask (``atomic(grouped=True)``: an upload's accepting
+        transaction) join the group, each a savepoint of it, and only outside the
+        cluster-wide lock (a locked request's writes must be committed before another
+        worker takes the lock). The rows they lock (the round held open, the device's
+        place) stay locked until the group commits, milliseconds later. Anything else that
+        writes first commits the open group, at once: a check-in, a close, the deadline
+        timer, the operator. Reads run inside it. A request is answered after `flush`,
+        so nothing is acknowledged before it is committed; a group that fails to commit
+        (the database went away) fails every request in it (503), and `on_rollback`
+        tells the caches."""
+        self._grouped = True
 
     @property
     def conn(self) -> Any:
@@ -137,23 +162,74 @@ class PostgresDatabase(Database):
 
     def _failed(self, exc: Exception) -> ServiceUnavailable:
         """A statement failed for want of the database: give the connection back (at the
-        end of the block, if one is open) and say 503."""
+        end of the block, if one is open) and say 503. An open group is lost with it."""
         self._away_now = True
         self._used_at = -math.inf  # the next request's connection is checked
-        if self._depth:
+        if self._group_open:
+            self._group_lost = self._group_lost or self._away("the group commit was lost")
+            self._broken = True
+        elif self._depth:
             self._broken = True
         else:
             self._release()
         return self._away(f"the database is unreachable: {_first_line(exc)}")
 
     def _release(self) -> None:
+        if self._group_open or self._flight is not None:
+            return  # the group's transaction keeps the connection until it ends (`_after`)
         held, self._held, self._broken = self._held, None, False
         if held is not None:
             if not self._away_now:
                 self._used_at = time.monotonic()
             self.pool.putconn(held)  # a broken one is discarded, and replaced in the background
 
+    def _ready_for(self, write: bool) -> None:
+        """Before a statement or block of this worker's: wait for the group commit in flight
+        (nothing else uses the connection meanwhile), and commit the open group first if
+        the statement writes outside it."""
+        if self._flight is not None:
+            self._settle()
+        if write and self._group_open and not self._blocks:
+            self._commit_open()
+
+    def _commit_open(self) -> None:
+        """Commit the open group now, on the event loop, and tell its requests; a group
+        that was lost raises 503 here (the caller's request needs the database too)."""
+        waiters, self._commit = self._commit, None  # the timer then finds nothing to do
+        self._wrote = False
+        error = self._commit_transaction(True)
+        self._after(error)
+        self._tell(waiters, error)
+        if error is not None:
+            raise self._away(f"the database is unreachable: {_first_line(error)}")
+
+    def _commit_transaction(self, wrote: bool) -> BaseException | None:
+        if not self._group_open:
+            return None
+        if self._group_lost is not None:
+            return self._group_lost
+        try:
+            for prepare in self.before_commit:
+                prepare()
+            self._held.execute("COMMIT")
+        except self._errors as exc:
+            return self._away(f"the database is unreachable: {_first_line(exc)}")
+        return None
+
+    def _after(self, error: BaseException | None) -> None:
+        """The group ended (committed, or lost): the connection goes back to the pool."""
+        if self._group_open:
+            self._group_open, self._group_lost = False, None
+            if error is not None:
+                self._away_now = True
+                self._used_at = -math.inf
+                self._broken = True
+            if not self._depth:
+                self._release()
+        super()._after(error)
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        self._ready_for(not sql.lstrip().startswith("SELECT"))
         try:
             # Binary results: a bytea body comes as its bytes, not as hex text to decode.
             return self.conn.execute(_placeholders(sql), list(params) or None, binary=True)  # type: ignore[no-any-return]
@@ -161,6 +237,7 @@ class PostgresDatabase(Database):
             raise self._failed(exc) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._ready_for(True)
         try:
             with self.conn.cursor() as cursor:
                 cursor.executemany(_placeholders(sql), rows)
@@ -168,12 +245,41 @@ class PostgresDatabase(Database):
             raise self._failed(exc) from exc
 
     @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self, *, grouped: bool = False) -> Iterator[None]:
+        join = grouped and self._grouped and not self._locked and not self._blocks
+        alone = not join and not self._blocks  # it commits by itself, at its end
+        self._ready_for(not join)
         try:
-            with self.conn.transaction():
-                yield
+            if join and not self._group_open:
+                self.conn.execute("BEGIN")
+                self._group_open = True
+            if join:
+                self._wrote = True  # `flush` commits it
+            self._blocks += 1
+            try:
+                with self.conn.transaction():  # in the group: a savepoint of it
+                    yield
+                    if alone:
+                        for prepare in self.before_commit:  # the spool's sync
+                            prepare()
+            finally:
+                self._blocks -= 1
         except self._errors as exc:
             raise self._failed(exc) from exc
+        if alone:
+            self._committed = True
+            if not self._depth:
+                self._after_commits()
+
+    def _after_commits(self) -> None:
+        """After a request whose own transactions committed (not a group's: `_after`),
+        at its end: `after_commit` (the spool deletes the files of the rounds it closed),
+        outside whatever it measured as held."""
+        if self._committed:
+            self._committed = False
+            with contextlib.suppress(ServiceUnavailable):  # then they go at the next start
+                for hook in self.after_commit:
+                    hook()
 
     def ddl(self, statement: str) -> str:
         return _postgres_ddl(statement)
@@ -195,10 +301,22 @@ class PostgresDatabase(Database):
         return True
 
     def close(self) -> None:
+        if self._flight is not None:
+            self._settle()
+        if self._group_open:
+            with contextlib.suppress(ServiceUnavailable):
+                self._commit_open()
         self._release()
         self.pool.close()
+        if self._committer is not None:
+            self._committer.shutdown()
+
+    def _enter(self) -> None:
+        if self._flight is not None:
+            self._settle()  # a request never starts while a commit is in flight
 
     def _lock(self) -> None:
+        self._ready_for(True)  # what this worker wrote is committed before the lock is held
         self.execute("SELECT pg_advisory_lock(?)", [REQUEST_LOCK])
         self._locked_at = time.perf_counter()
 
@@ -211,6 +329,7 @@ class PostgresDatabase(Database):
         finally:
             if locked:
                 self.held(time.perf_counter() - self._locked_at)
+            self._after_commits()
             self._release()
 
 

@@ -157,11 +157,12 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
         return cls(where)
 
     @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self, *, grouped: bool = False) -> Iterator[None]:
         """One transaction (nested blocks become savepoints). When it rolls back, what
-        the store kept in memory of it goes too: the next reads come from the database."""
+        the store kept in memory of it goes too: the next reads come from the database.
+        ``grouped``: it may be committed with other requests' (`Database.atomic`)."""
         try:
-            with self.db.atomic():
+            with self.db.atomic(grouped=grouped):
                 yield
         except BaseException:
             self._rolled_back()
@@ -202,14 +203,37 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
         if self._reader is not None:  # the spool too, when it spools (the same object)
             self._reader.close()
 
-    def spool_bodies(self) -> None:
-        """Keep update bodies in a file per round beside a served SQLite file, written
-        once and synced with its group commit (`fedclient.server.spool`). Other databases
-        keep them in their ``updates`` rows."""
+    def spool_bodies(self, directory: str | Path | None = None) -> None:
+        """Keep update bodies in files, written once and synced before the COMMIT of the
+        rows that name them (`fedclient.server.spool`): a served SQLite file's in a
+        folder beside it; a PostgreSQL database's in ``directory`` (`fedserver
+        --bodies`), which every worker that serves it shares, each appending to files of
+        its own. Without ``directory`` a PostgreSQL database keeps them in its rows, and
+        is refused if its open rounds name bodies in files (`spooled_rounds`)."""
         db = self.db
-        if self._spool is not None or not isinstance(db, SqliteDatabase) or db.path == ":memory:":
+        if self._spool is not None or (isinstance(db, SqliteDatabase) and db.path == ":memory:"):
             return
-        spool = BodySpool(spool_directory(db.path))
+        if isinstance(db, SqliteDatabase):
+            spool = BodySpool(spool_directory(db.path))
+        else:
+            with self.exclusive(lock=False):
+                in_files = self.spooled_rounds()
+            if directory is None:
+                if in_files:
+                    raise StateError(
+                        f"open rounds {sorted(in_files)} keep update bodies in files:"
+                        " start every worker with the same --bodies DIR"
+                    )
+                return
+            spool = BodySpool(directory, worker=self.worker)
+            for round_id, workers in sorted(in_files.items()):
+                missing = workers - spool.files(round_id)
+                if missing:
+                    raise StateError(
+                        f"{directory}: the update bodies of round {round_id} that workers"
+                        f" {sorted(missing)} took are not here (every worker shares one"
+                        " --bodies folder)"
+                    )
         with self.exclusive():
             spool.keep_only({r.round_id for r in self.open_rounds()})
         db.before_commit.append(spool.sync)
@@ -217,17 +241,31 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
         db.on_rollback.append(spool.rolled_back)
         self._spool = self._reader = spool
 
+    def spooled_rounds(self) -> dict[int, set[str]]:
+        """The open rounds whose updates name bodies in spool files, and the workers
+        whose files hold them."""
+        rows = self.db.execute(
+            "SELECT DISTINCT u.round_id, u.worker FROM updates u"
+            " JOIN rounds r ON r.round_id = u.round_id"
+            " WHERE r.status = 'open' AND u.spool_offset IS NOT NULL"
+        ).fetchall()
+        found: dict[int, set[str]] = {}
+        for round_id, worker in rows:
+            found.setdefault(int(round_id), set()).add(str(worker or ""))
+        return found
+
     def _remove_closed_spools(self) -> None:
         """After a COMMIT: delete the spool files of the rounds it closed."""
-        assert self._spool is not None and isinstance(self.db, SqliteDatabase)
+        assert self._spool is not None
         doomed = sorted(self._spool.doomed())
         if doomed:
-            # On the bare connection: outside any transaction, it reads what is committed.
             marks = ", ".join("?" * len(doomed))
-            rows = self.db.conn.execute(
-                f"SELECT round_id FROM rounds WHERE status != 'open' AND round_id IN ({marks})",
-                doomed,
-            ).fetchall()
+            query = f"SELECT round_id FROM rounds WHERE status != 'open' AND round_id IN ({marks})"
+            if isinstance(self.db, SqliteDatabase):
+                # On the bare connection: outside any transaction, it reads what is committed.
+                rows = self.db.conn.execute(query, doomed).fetchall()
+            else:
+                rows = self.db.execute(query, doomed).fetchall()
             self._spool.remove({int(r[0]) for r in rows})
 
     def _spooled(self) -> BodySpool:

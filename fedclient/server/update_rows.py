@@ -21,14 +21,15 @@ from fedclient.server.spool import BodySpool
 
 __all__ = ["UPDATE_COLUMNS", "UPDATE_COLUMNS_NO_BODY", "UpdateRows"]
 
-#: The columns of `UpdateRow`, then where a spooled body is (`fedclient.server.spool`).
+#: The columns of `UpdateRow`, then where a spooled body is (`fedclient.server.spool`:
+#: offset and length in the file of the round and worker).
 UPDATE_COLUMNS = (
     "seq, round_id, device_id, idempotency_key, receipt_id, num_examples, train_loss, body,"
-    " received_at, staleness, spool_offset, spool_length"
+    " received_at, staleness, spool_offset, spool_length, worker"
 )
 #: The same without the body (`UpdateRow.body` None), for callers that need the receipt.
 UPDATE_COLUMNS_NO_BODY = UPDATE_COLUMNS.replace("body,", "NULL,").replace(
-    "spool_offset, spool_length", "NULL, NULL"
+    "spool_offset, spool_length, worker", "NULL, NULL, NULL"
 )
 _PRIOR = (
     f"SELECT {UPDATE_COLUMNS_NO_BODY} FROM updates"
@@ -68,16 +69,23 @@ class UpdateRows:
     def count_update(self, round_id: int) -> None:
         raise NotImplementedError
 
-    def counted(self, round_id: int, taken: int, folded: int) -> None:
+    def counted(self, round_id: int, taken: int, folded: int, everyone: int | None = None) -> None:
         raise NotImplementedError
 
     def _update_row(self, row: Sequence[Any]) -> UpdateRow:
         """An `UpdateRow` from `UPDATE_COLUMNS`, its body read from the spool if there."""
         values = list(row[:10])
-        offset, length = row[10], row[11]
+        offset, length, worker = row[10], row[11], row[12]
         if values[7] is None and offset is not None and length is not None:
-            values[7] = self._spooled().read(int(values[1]), int(offset), int(length))
+            values[7] = self._spooled().read(
+                int(values[1]), int(offset), int(length), worker=self._spool_name(worker)
+            )
         return UpdateRow(*values)
+
+    def _spool_name(self, worker: str | None) -> str:
+        """The name of ``worker``'s spool files: none where one process spools (a SQLite
+        file), the worker's own where several share a folder (`BodySpool`)."""
+        return (worker or "") if self.db.shared else ""
 
     def upload_state(
         self, round_id: int, device_id: str, key: str

@@ -39,6 +39,12 @@ __all__ = ["MAX_OPEN_UPLOADS", "Uploads", "unlocked"]
 #: max_upload_bytes of parts on the server).
 MAX_OPEN_UPLOADS = 2
 
+#: Updates short of its quota a round must be, as an upload that a PostgreSQL worker
+#: commits with its group counts it, for that upload to count again once committed
+#: (`Uploads.quota_after_commit`): other workers' groups, not yet committed, are not in
+#: the first count, and the last to commit must see the quota met.
+RECOUNT_WITHIN = 256
+
 
 class Uploads:
     """The upload handlers over one service (its store, rounds and models)."""
@@ -47,6 +53,7 @@ class Uploads:
         self.service = service
         self.store: ServerStore = service.store
         self._facts: dict[int, tuple[int, bool]] = {}  # see _round_facts
+        self._recount: set[int] = set()  # see quota_after_commit
 
     def _round_facts(self, round_id: int) -> tuple[int, bool] | None:
         """What never changes of a round: the largest upload its job takes, and whether
@@ -257,7 +264,9 @@ class Uploads:
             staleness = target.model_version - round_.model_version
         receipt_id = uuid.uuid4().hex
         try:
-            with self.store.atomic():
+            # Grouped: on PostgreSQL, committed with the other uploads this worker took
+            # in the same few milliseconds (one fsync), as every write is on a SQLite file.
+            with self.store.atomic(grouped=True):
                 # What was checked before reading the body, again, now that it holds:
                 # the round stays open and the device's other requests wait until this
                 # transaction ends, on any worker.
@@ -292,12 +301,39 @@ class Uploads:
             raise
         if self.service.metrics is not None:
             self.service.metrics.updates.labels(job.name).inc()
-        # The update is in (on a shared database, committed): the quota, counted over
-        # every worker's updates, may be met. Two workers that both see it try to close
-        # the round; one does (`SyncRounds.close`).
-        if self.store.update_count(target.round_id) >= job.plan.job.devices_per_round:
+        # The update is in (on a shared database, committed; or in this worker's group,
+        # then counted again once that commits: `quota_after_commit`): the quota,
+        # counted over every worker's updates, may be met. Two workers that both see it
+        # try to close the round; one does (`SyncRounds.close`).
+        count = self.store.update_count(target.round_id)
+        if count >= job.plan.job.devices_per_round:
             self.service.rounds.close(job, target, now, "quota")
+        elif (
+            self.store.shared
+            and self.store.db.grouping
+            and count >= job.plan.job.devices_per_round - RECOUNT_WITHIN
+        ):
+            self._recount.add(target.round_id)
         return _receipt(row)
+
+    def recount(self) -> set[int]:
+        """The rounds whose uploads in this request must be counted again once their
+        group has committed (`quota_after_commit`)."""
+        rounds, self._recount = self._recount, set()
+        return rounds
+
+    def quota_after_commit(self, round_id: int) -> None:
+        """Close the round if its quota is met, now that this worker's group committed:
+        an upload that a group took saw other workers' uncommitted groups nowhere, so two
+        workers' last uploads, each in its own group, could each count one short and
+        leave a full round open until the deadline timer."""
+        with self.store.exclusive(lock=False):
+            round_ = self.store.round(round_id)
+            if round_ is None or round_.status != "open":
+                return
+            job = self.service.job(round_.job)
+            if self.store.update_count(round_id) >= job.plan.job.devices_per_round:
+                self.service.rounds.close(job, round_, self.service.clock(), "quota")
 
     def _still_admissible(
         self,

@@ -51,7 +51,7 @@ def _upload(device: fedclient.Client) -> fedclient.StepOutcome:
     raise AssertionError("the device never got an answer it could act on")
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "postgresql+bodies"])
 def test_a_backup_taken_mid_round_restores_and_the_job_completes(
     engine: str,
     fedserver: Any,  # noqa: F811
@@ -59,10 +59,14 @@ def test_a_backup_taken_mid_round_restores_and_the_job_completes(
     digits: Any,
     tmp_path: Path,
 ) -> None:
-    if engine == "postgresql" and postgres is None:
+    """``postgresql+bodies``: the workers keep update bodies in a folder (``--bodies``),
+    which the backup copies beside the dump."""
+    if engine.startswith("postgresql") and postgres is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    db = postgres.database() if engine == "postgresql" and postgres else None
-    server: FedServerProcess = fedserver(rounds=3, per_round=PER_ROUND, db=db)
+    db = postgres.database() if engine.startswith("postgresql") and postgres else None
+    folder = tmp_path / "bodies"
+    bodies = ("--bodies", str(folder)) if engine == "postgresql+bodies" else ()
+    server: FedServerProcess = fedserver(rounds=3, per_round=PER_ROUND, db=db, options=bodies)
 
     def device(i: int) -> fedclient.Client:
         """Device ``i``, as its app makes it: its state in a file it resumes from."""
@@ -91,7 +95,7 @@ def test_a_backup_taken_mid_round_restores_and_the_job_completes(
     ]
     for thread in uploading:
         thread.start()
-    made = _fedserver("backup", "--db", server.db, str(copy))
+    made = _fedserver("backup", "--db", server.db, *bodies, str(copy))
     for thread in uploading:
         thread.join()
     assert made.returncode == 0, made.stderr
@@ -100,8 +104,8 @@ def test_a_backup_taken_mid_round_restores_and_the_job_completes(
     assert _server_errors(server) == []
     server.kill()  # the machine is lost: everything since the copy goes with it
 
-    restored_db = str(copy)
-    if engine == "postgresql":
+    restored_db, restored_bodies = str(copy), ()
+    if engine.startswith("postgresql"):
         assert postgres is not None
         restored_db = postgres.database()
         done = subprocess.run(
@@ -110,9 +114,12 @@ def test_a_backup_taken_mid_round_restores_and_the_job_completes(
             text=True,
         )
         assert done.returncode == 0, done.stderr
-    else:
-        assert Path(f"{copy}.bodies").is_dir()  # round 2's bodies came with the file
-    restored = FedServerProcess(tmp_path, 3, PER_ROUND, restored_db)
+        if bodies:
+            assert list(folder.glob("round-*.bin"))  # round 2's bodies were in files
+            restored_bodies = ("--bodies", f"{copy}.bodies")
+    if engine != "postgresql":
+        assert Path(f"{copy}.bodies").is_dir()  # round 2's bodies came with the copy
+    restored = FedServerProcess(tmp_path, 3, PER_ROUND, restored_db, options=restored_bodies)
     restored.made = True  # served as it is: never initialised again
     restored.port, restored.url = server.port, server.url  # the devices' server, back
     restored.start()
@@ -149,7 +156,7 @@ def _no_update_twice(engine: str, url: str) -> None:
         "SELECT round_id, device_id, count(*) FROM updates GROUP BY round_id, device_id"
         " HAVING count(*) > 1"
     )
-    if engine == "postgresql":
+    if engine.startswith("postgresql"):
         import psycopg
 
         with psycopg.connect(url) as conn:

@@ -182,9 +182,13 @@ def fedserver(tmp_path: Path) -> Iterator[Any]:
     servers: list[FedServerProcess] = []
 
     def start(
-        rounds: int = 3, per_round: int = 2, db: str | None = None, workers: int = 1
+        rounds: int = 3,
+        per_round: int = 2,
+        db: str | None = None,
+        workers: int = 1,
+        options: tuple[str, ...] = (),
     ) -> FedServerProcess:
-        server = FedServerProcess(tmp_path, rounds, per_round, db, workers)
+        server = FedServerProcess(tmp_path, rounds, per_round, db, workers, options=options)
         server.start()
         servers.append(server)
         return server

@@ -71,13 +71,21 @@ def test_fedsim_through_two_workers_on_postgresql_matches_the_in_process_run(
     assert abs(remote["final"]["accuracy"] - local["final"]["accuracy"]) <= 0.01
 
 
+@pytest.mark.parametrize("bodies", ["rows", "files"])
 def test_a_worker_killed_mid_round_loses_no_acknowledged_update(
     fedserver: Any,  # noqa: F811
     database: str,
     digits: Any,
+    bodies: str,
+    tmp_path: Path,
 ) -> None:
+    """Bodies in the database's rows, or in a folder the workers share (``--bodies``):
+    fewer updates than a fold takes, so the close reads every one the killed worker took
+    from where it left it."""
     per_round = 24
-    server = fedserver(rounds=2, per_round=per_round, db=database, workers=2)
+    folder = tmp_path / "bodies"
+    options = ("--bodies", str(folder)) if bodies == "files" else ()
+    server = fedserver(rounds=2, per_round=per_round, db=database, workers=2, options=options)
     victim = server.worker_pids()[0]
     acknowledged: list[str] = []
     lock = threading.Lock()
@@ -119,6 +127,15 @@ def test_a_worker_killed_mid_round_loses_no_acknowledged_update(
     assert all(n == 1 for _, n in counted)  # ...once
     assert versions == [(0,), (1,)]
     assert server.round(1)["updates"] == per_round
+    if bodies == "files":
+        # The closed round's files went with its close (the killed worker's too); the
+        # database names no body in a file any more.
+        assert not list(folder.glob("round-1.*"))
+        with psycopg.connect(database) as conn:
+            named = conn.execute(
+                "SELECT count(*) FROM updates WHERE spool_offset IS NOT NULL"
+            ).fetchone()
+        assert named == (0,)
 
 
 def test_two_workers_admit_no_more_devices_than_the_round_holds(database: str) -> None:

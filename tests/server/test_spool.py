@@ -1,6 +1,7 @@
 """Update bodies of a served SQLite file live in a file per round beside it, written once
 (`fedclient.server.spool`): durable with the group commit, read back by a restarted
-server, deleted only once their round's close is committed."""
+server, deleted only once their round's close is committed. PostgreSQL's workers keep
+theirs in a folder they share (``fedserver --bodies``), or in the database's rows."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fedclient._exceptions import StateError
 from fedclient.protocol import decode_tensors
 from fedclient.server.spool import spool_directory
 from fedclient.server.store import ServerStore
@@ -86,3 +88,38 @@ async def test_a_starting_server_deletes_the_files_of_rounds_no_longer_open(
     assert not orphan.exists()
     assert (spool_directory(path) / "round-1.bin").exists()  # round 1 is still open
     assert [u.body is not None for u in second.store.updates(1)] == [True]
+
+
+async def test_postgresql_workers_keep_bodies_in_a_folder_they_share(
+    engine: str, make_server: Any, make_devices: Any, tmp_path: Path
+) -> None:
+    """``fedserver --bodies DIR``: each worker appends to files of its own, any worker
+    reads any of them (a close reads those a killed worker left), a worker that would
+    not find them is refused at start, and a round's files go with its close."""
+    if engine != "postgresql":
+        pytest.skip("--bodies is for PostgreSQL's workers (a SQLite file spools beside it)")
+    folder = tmp_path / "bodies"
+    server: Server = make_server(devices_per_round=4, min_devices=4)
+    server.store.spool_bodies(folder)
+    devices = make_devices(4, server.transport())
+    await _upload(devices[:3])
+    url = server.store.db.url  # type: ignore[attr-defined]
+    with ServerStore(url) as other:  # another worker of the same database
+        rows = other.db.execute(
+            "SELECT body, spool_offset, spool_length, worker FROM updates ORDER BY seq"
+        ).fetchall()
+        assert [r[0] for r in rows] == [None] * 3  # not in the database
+        assert {r[3] for r in rows} == {server.store.worker}
+        spooled = folder / f"round-1.{server.store.worker}.bin"
+        assert spooled.stat().st_size == sum(r[2] for r in rows)
+        other.spool_bodies(folder)
+        bodies = [u.body for u in other.updates(1)]
+        assert all(b is not None and decode_tensors(b)[0] for b in bodies)
+    with ServerStore(url) as elsewhere, pytest.raises(StateError, match="same --bodies"):
+        elsewhere.spool_bodies()  # bodies in rows: it could not read these
+    with ServerStore(url) as elsewhere, pytest.raises(StateError, match="are not here"):
+        elsewhere.spool_bodies(tmp_path / "another-folder")
+    await _upload(devices[3:])  # the fourth fills the round: it closes
+    assert server.store.round(1).status == "closed"  # type: ignore[union-attr]
+    assert not list(folder.glob("round-1.*"))
+    assert server.store.updates(1, bodies=False, unfolded=True) == []
