@@ -155,6 +155,12 @@ class Database:
         """Whether `group_commits` is on: a write is committed only by `flush`."""
         return self._grouped
 
+    @property
+    def in_group(self) -> bool:
+        """Whether the statements run now are in a block that joined an open group
+        (`atomic(grouped=True)` on an engine that groups such blocks)."""
+        return False
+
     async def flush(self) -> None:
         """Return once every write made so far is committed: at once where each block
         commits by itself; with `group_commits`, once the group that holds them did."""

@@ -31,6 +31,12 @@ class RoundParts:
     worker: str
     #: (round, taken, folded) as this worker's last update in the round counted them.
     _waiting: tuple[int, int, int] | None
+    #: (round, updates every worker took) as this request's update, taken into its
+    #: worker's group, counted them (`counted`): what `taken` reads without another
+    #: round trip (the group's uploads are counted again once it commits:
+    #: `fedclient.server.uploads.Uploads.quota_after_commit`); forgotten with the
+    #: request's other reads (`ServerStore._forget`).
+    _taken: tuple[int, int] | None
 
     def count_update(self, round_id: int) -> None:
         """One more update taken by this worker in the round (and how many wait for its
@@ -38,13 +44,17 @@ class RoundParts:
         row = self.db.execute(COUNT_UPDATE, [round_id, self.worker]).fetchall()[0]
         self.counted(round_id, int(row[0]), int(row[1]))
 
-    def counted(self, round_id: int, taken: int, folded: int) -> None:
+    def counted(self, round_id: int, taken: int, folded: int, everyone: int | None = None) -> None:
         """This worker's counts in the round as `COUNT_UPDATE` returned them (kept for
-        `waiting`): a caller that ran it inside a statement of its own says so here."""
+        `waiting`): a caller that ran it inside a statement of its own says so here;
+        ``everyone``: every worker's, as the same statement saw them, kept for `taken`."""
         self._waiting = (round_id, taken, folded)
+        self._taken = (round_id, everyone) if everyone is not None else None
 
     def taken(self, round_id: int) -> int:
         """Updates every worker took in the round."""
+        if self._taken is not None and self._taken[0] == round_id:
+            return self._taken[1]
         row = self.db.execute(
             "SELECT coalesce(sum(updates), 0) FROM round_parts WHERE round_id=?", [round_id]
         ).fetchone()

@@ -96,6 +96,7 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
         #: serves a SQLite file: its name is empty.
         self.worker = uuid.uuid4().hex[:12] if self.db.shared else ""
         self._waiting = None
+        self._taken = None
         #: Where update bodies are appended (`spool_bodies`), or None: in the database.
         self._spool: BodySpool | None = None
         self._reader: BodySpool | None = None  # reads bodies an earlier server spooled
@@ -185,7 +186,7 @@ class ServerStore(DeviceRows, ExchangeRows, ModelRows, RoundParts, UpdateRows):
 
     def _forget(self) -> None:
         """Drop every row kept in memory; the next reads come from the database."""
-        self._waiting = None
+        self._waiting = self._taken = None
         self._jobs.clear()
         self._forget_rounds()
         self._update_counts.clear()

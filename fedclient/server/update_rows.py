@@ -190,12 +190,18 @@ class UpdateRows:
             None if offset is None else len(body),
             self.worker,
         ]
-        if self.db.shared:  # one round trip: the row and this worker's count of it
+        if self.db.shared:
+            # One round trip: the row, this worker's count of it, and every worker's as
+            # this statement found them (its own increment not yet among them). Inside a
+            # group that count is the quota's (`ServerStore.update_count`): the others'
+            # groups are counted once this one commits (`Uploads.quota_after_commit`).
             row = self.db.execute(
-                f"WITH u AS ({insert}) {COUNT_UPDATE}, (SELECT seq FROM u)",
-                [*values, round_id, self.worker],
+                f"WITH u AS ({insert}) {COUNT_UPDATE}, (SELECT seq FROM u),"
+                " (SELECT coalesce(sum(updates), 0) FROM round_parts WHERE round_id=?)",
+                [*values, round_id, self.worker, round_id],
             ).fetchall()[0]
-            self.counted(round_id, int(row[0]), int(row[1]))
+            everyone = int(row[3]) + 1 if self.db.in_group else None
+            self.counted(round_id, int(row[0]), int(row[1]), everyone)
             seq = row[2]
         else:  # (SQLite: no INSERT inside WITH)
             seq = self.db.execute(insert, values).fetchall()[0][0]
