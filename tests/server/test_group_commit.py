@@ -152,3 +152,26 @@ async def test_two_postgresql_workers_whose_last_uploads_commit_in_groups_close_
     with psycopg.connect(url) as other:
         status = other.execute("SELECT status, reason FROM rounds WHERE number = 1").fetchone()
     assert status == ("closed", "quota: 2 updates")
+
+
+async def test_a_full_postgresql_group_commits_before_the_next_upload_joins(
+    engine: str, make_server: Any, make_devices: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group holds at most `GROUP_MOST` uploads (each a subtransaction): the next one
+    commits it and begins another. With room for one, two uploads taken together make
+    two groups, both committed, both answered."""
+    _postgres_only(engine)
+    import fedclient.server.postgres as postgres
+
+    monkeypatch.setattr(postgres, "GROUP_MOST", 1)
+    server: Server = make_server(devices_per_round=3, min_devices=3)
+    db = server.store.db
+    commits: list[int] = []
+    db.after_commit.append(lambda: commits.append(_committed_updates(db.url)))  # type: ignore[attr-defined]
+    devices = make_devices(3, server.transport())
+    for device in devices:
+        await step_until(device, fedclient.Phase.TRAINED)
+    commits.clear()
+    outcomes = await asyncio.gather(*(device.astep() for device in devices[:2]))
+    assert [o.status for o in outcomes] == ["uploaded", "uploaded"]
+    assert commits[:2] == [1, 2]  # the first group alone, then the second
