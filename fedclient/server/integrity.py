@@ -239,12 +239,18 @@ def _check_open_round(rows: _Rows, round_id: int, bodies: Path | None) -> None:
                 " with fedserver --bodies DIR: serve it with the same folder)"
             )
         for worker, extents in sorted(spooled.items()):
-            _check_spooled(where, spool_file(bodies, round_id, worker), extents)
+            restore = (
+                "serve it with the --bodies folder its workers used (fedserver backup"
+                " --bodies copies it with the database)"
+                if worker
+                else "restore the database with its .bodies folder (fedserver backup copies both)"
+            )
+            _check_spooled(where, spool_file(bodies, round_id, worker), extents, restore)
 
 
-def _check_spooled(where: object, path: Path, extents: list[tuple[int, int]]) -> None:
-    """The spool file ``path`` holds a whole update body at each of ``extents``."""
-    restore = "restore the database with its .bodies folder (fedserver backup copies both)"
+def _check_spooled(where: object, path: Path, extents: list[tuple[int, int]], restore: str) -> None:
+    """The spool file ``path`` holds a whole update body at each of ``extents``;
+    ``restore`` says what to do if not."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:

@@ -14,6 +14,7 @@ import pytest
 
 from fedclient._exceptions import StateError
 from fedclient.protocol import decode_tensors
+from fedclient.server.integrity import open_served
 from fedclient.server.spool import spool_directory
 from fedclient.server.store import ServerStore
 from tests.conftest import Server
@@ -119,6 +120,12 @@ async def test_postgresql_workers_keep_bodies_in_a_folder_they_share(
         elsewhere.spool_bodies()  # bodies in rows: it could not read these
     with ServerStore(url) as elsewhere, pytest.raises(StateError, match="are not here"):
         elsewhere.spool_bodies(tmp_path / "another-folder")
+    # `fedserver` checks it at start (`open_served`), in one line each.
+    with pytest.raises(StateError, match="serve it with the same folder"):
+        open_served(url)
+    with pytest.raises(StateError, match="--bodies folder its workers used"):
+        open_served(url, bodies=tmp_path / "another-folder")
+    open_served(url, bodies=folder).close()  # whole: every check passes
     await _upload(devices[3:])  # the fourth fills the round: it closes
     assert server.store.round(1).status == "closed"  # type: ignore[union-attr]
     assert not list(folder.glob("round-1.*"))
