@@ -188,11 +188,15 @@ def create_app(
         token = bearer_token(request.headers.get("authorization"))
         limit(request, "upload", token)
         round_id = _int_param(request, "round_id")
-        device_id = service.authenticate(token)  # reject strangers before reading their body
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        # Strangers are refused before their body is read (with the round's state, in
+        # the same read on a shared database).
+        device_id, state = service.uploads.before_body(token, round_id, key)
         body = await _read_limited(request, service.uploads.upload_limit(round_id))
         await database.settled()  # a commit may have begun while it arrived
-        key = request.headers.get(IDEMPOTENCY_HEADER)
-        receipt = service.uploads.upload(token, round_id, key, body, device_id=device_id)
+        receipt = service.uploads.upload(
+            token, round_id, key, body, device_id=device_id, state=state
+        )
         recount = service.uploads.recount()
         if recount:  # near its quota, taken in a group: counted again once committed
             await database.flush()

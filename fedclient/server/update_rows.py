@@ -109,6 +109,34 @@ class UpdateRows:
         previous = self._update_row(row[17:]) if row[17] is not None else None
         return round_, job, previous, row[16] is not None
 
+    def upload_state_for_token(
+        self, round_id: int, token_hash: str, key: str
+    ) -> tuple[str, bool, tuple[RoundRow, JobRow, UpdateRow | None, bool] | None] | None:
+        """`upload_state` and the device behind a token in one read (before an upload's
+        body, on a shared database): the device, whether it is revoked, and the state
+        (None if there is no such round); None if no device has the token."""
+        row = self.db.execute(
+            f"SELECT d.device_id, d.revoked, {_ROUND_COLUMNS}, {_JOB_COLUMNS},"
+            " (SELECT 1 FROM admissions a WHERE a.round_id = r.round_id"
+            " AND a.device_id = d.device_id),"
+            f" {_UPDATE_COLUMNS_OF_U}"
+            " FROM devices d"
+            " LEFT JOIN rounds r ON r.round_id = ?"
+            " LEFT JOIN jobs j ON j.name = r.job"
+            " LEFT JOIN updates u ON u.device_id = d.device_id AND u.idempotency_key = ?"
+            " WHERE d.token_hash = ?",
+            [round_id, key, token_hash],
+        ).fetchone()
+        if row is None:
+            return None
+        device_id, revoked, row = str(row[0]), bool(row[1]), row[2:]
+        if row[0] is None or row[10] is None:  # no such round (or, damaged, its job)
+            return device_id, revoked, None
+        round_ = self._rounds[round_id] = RoundRow(*row[:10])
+        job = self._jobs[round_.job] = self._job_row(row[10:16])
+        previous = self._update_row(row[17:]) if row[17] is not None else None
+        return device_id, revoked, (round_, job, previous, row[16] is not None)
+
     def hold_for_upload(
         self, round_id: int, trained_round_id: int, device_id: str, key: str
     ) -> tuple[str | None, bool, UpdateRow | None, bool]:

@@ -25,15 +25,21 @@ from fedclient._exceptions import (
     OffsetMismatch,
     PayloadTooLarge,
     RoundClosed,
+    Unauthorized,
 )
 from fedclient.protocol import UploadReceipt, UploadSession, UploadStart
+from fedclient.server.auth import hash_token
 from fedclient.server.store import JobRow, RoundRow, ServerStore, SessionRow, UpdateRow, serialised
 from fedclient.server.validation import check_key, validate_update
 
 if TYPE_CHECKING:
     from fedclient.server.service import FederationService
 
-__all__ = ["MAX_OPEN_UPLOADS", "Uploads", "unlocked"]
+__all__ = ["MAX_OPEN_UPLOADS", "UploadState", "Uploads", "unlocked"]
+
+#: What an upload must find (`ServerStore.upload_state`): its round, the round's job,
+#: the receipt already given for its key, and whether the device holds a place.
+UploadState = tuple[RoundRow, JobRow, UpdateRow | None, bool]
 
 #: Chunked uploads one device may hold open in a round (each holds up to
 #: max_upload_bytes of parts on the server).
@@ -75,6 +81,25 @@ class Uploads:
         facts = self._round_facts(round_id)
         return facts[0] if facts is not None else 64 * 1024 * 1024
 
+    def before_body(
+        self, token: str, round_id: int, idempotency_key: str | None
+    ) -> tuple[str, UploadState | None]:
+        """Before an upload's body is read: the device behind ``token`` (`Unauthorized`
+        for a stranger or a revoked device, whose body is then never read) and, on a
+        shared database, what the upload must find (`ServerStore.upload_state`), in the
+        same read: one round trip fewer an upload. What it found is checked again
+        inside the accepting transaction (`_still_admissible`)."""
+        if not self.store.shared or idempotency_key is None:
+            return self.service.authenticate(token), None
+        try:
+            key = check_key(idempotency_key)
+        except InvalidRequest:  # said after the body, as for any upload
+            return self.service.authenticate(token), None
+        found = self.store.upload_state_for_token(round_id, hash_token(token), key)
+        if found is None or found[1]:
+            raise Unauthorized("unknown device token")
+        return found[0], found[2]
+
     def upload(
         self,
         token: str,
@@ -83,13 +108,14 @@ class Uploads:
         body: bytes,
         *,
         device_id: str | None = None,
+        state: UploadState | None = None,
     ) -> UploadReceipt:
-        """Accept one update, exactly once per idempotency key. ``device_id``: what
-        `authenticate` said of ``token`` earlier in the same request (the route asks
-        before it reads the body), so that it is not read twice."""
+        """Accept one update, exactly once per idempotency key. ``device_id`` and
+        ``state``: what `before_body` found earlier in the same request, so that it is
+        not read twice."""
         facts = self._round_facts(round_id)
         with self.store.exclusive(lock=facts is None or not facts[1]):
-            return self._upload(token, round_id, idempotency_key, body, device_id)
+            return self._upload(token, round_id, idempotency_key, body, device_id, state)
 
     def _upload(
         self,
@@ -98,10 +124,11 @@ class Uploads:
         idempotency_key: str | None,
         body: bytes,
         device_id: str | None,
+        state: UploadState | None = None,
     ) -> UploadReceipt:
         device_id = device_id or self.service.authenticate(token)
         key = check_key(idempotency_key)
-        previous, job, round_ = self._admissible(device_id, round_id, key)
+        previous, job, round_ = self._admissible(device_id, round_id, key, state)
         if previous is not None:
             return previous
         if job.plan.privacy.secagg:
@@ -192,14 +219,17 @@ class Uploads:
         return UploadSession(upload_id, round_id, session.size, session.size, receipt)
 
     def _admissible(
-        self, device_id: str, round_id: int, key: str
+        self, device_id: str, round_id: int, key: str, known: UploadState | None = None
     ) -> tuple[UploadReceipt | None, JobRow, RoundRow]:
-        """The receipt already given for ``key``, or the (job, round) that may take an update."""
+        """The receipt already given for ``key``, or the (job, round) that may take an
+        update (``known``: `ServerStore.upload_state` as `before_body` read it)."""
         now = self.service.clock()
         # Shared: what the upload must know, in one read (`ServerStore.upload_state`);
         # the round's quota is met by the upload that meets it (`_accept`) and its
         # deadline by the timer: closed here only if it is due.
-        state = self.store.upload_state(round_id, device_id, key) if self.store.shared else None
+        state = known
+        if state is None and self.store.shared:
+            state = self.store.upload_state(round_id, device_id, key)
         admitted: bool | None = None  # not read yet
         if state is not None and now < state[0].deadline:
             round_, job, previous, admitted = state

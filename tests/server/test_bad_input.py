@@ -276,3 +276,22 @@ async def test_a_wrong_token_stays_401_after_the_right_one_was_seen(
     before = server.store.fingerprint()
     _expect(await http.post("/v1/jobs/digits/checkin", json={}, headers=near), 401, "unauthorized")
     assert server.store.fingerprint() == before
+
+
+async def test_a_revoked_devices_upload_is_401_before_its_body_and_changes_nothing(
+    server: Server,
+) -> None:
+    """Admitted, then revoked (by the operator, or another worker): its upload is
+    refused from the same read that finds the round's state (a shared database), its
+    body never taken."""
+    async with server.http() as http:
+        auth = await enrol(http)
+        plan = await _admit(http, auth)
+        device_id = server.service.authenticate(auth["Authorization"].split()[1])
+        server.service.operator.revoke(device_id)
+        before = server.store.fingerprint()
+        body = encode_tensors(_update(server), {"num_examples": "10", "model_version": "0"})
+        answer = await _post_update(http, auth, plan["round_id"], body)
+        _expect(answer, 401, "unauthorized")
+        assert server.store.fingerprint() == before
+        assert server.store.update_count(plan["round_id"]) == 0
