@@ -112,10 +112,14 @@ class Uploads:
     ) -> UploadReceipt:
         """Accept one update, exactly once per idempotency key. ``device_id`` and
         ``state``: what `before_body` found earlier in the same request, so that it is
-        not read twice."""
+        not read twice (the state only where the accepting transaction checks it again:
+        a job whose uploads take the cluster-wide lock reads it under the lock)."""
         facts = self._round_facts(round_id)
-        with self.store.exclusive(lock=facts is None or not facts[1]):
-            return self._upload(token, round_id, idempotency_key, body, device_id, state)
+        locked = facts is None or not facts[1]
+        with self.store.exclusive(lock=locked):
+            return self._upload(
+                token, round_id, idempotency_key, body, device_id, None if locked else state
+            )
 
     def _upload(
         self,
