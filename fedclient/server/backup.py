@@ -38,6 +38,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,14 +79,22 @@ def backup(source: str | Path, dest: str | Path, *, bodies: str | Path | None = 
     path = Path(str(source).removeprefix("sqlite:///"))
     if not path.is_file():
         raise StateError(f"{path}: no such database")
+    return _in_place(dest, path, lambda partial: _copy_moment(path, partial))
+
+
+def _in_place(
+    dest: Path, source: object, moment: Callable[[Path], tuple[int, int] | None]
+) -> Backup:
+    """Take a copy of one moment (``moment``, into a partial name; None: try again) and
+    rename it, with its bodies folder, to ``dest``: a ``dest`` that exists is whole."""
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
         for _ in range(ATTEMPTS):
-            copied = _copy_moment(path, partial)
+            copied = moment(partial)
             if copied is not None:
                 break
         else:
-            raise StateError(f"{path}: its rounds kept closing under the copy; try again")
+            raise StateError(f"{source}: its rounds kept closing under the copy; try again")
         if spool_directory(partial).exists():
             spool_directory(partial).rename(spool_directory(dest))
         partial.rename(dest)
@@ -194,23 +203,7 @@ def _pg_dump(url: str, dest: Path, bodies: Path | None) -> Backup:
     """pg_dump of one snapshot; with ``bodies`` (`fedserver --bodies`), the open rounds'
     files up to the last body a row of that snapshot names, held open from before it
     (as `_copy_moment` holds a SQLite file's)."""
-    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    try:
-        for _ in range(ATTEMPTS):
-            copied = _pg_moment(url, partial, bodies)
-            if copied is not None:
-                break
-        else:
-            raise StateError(f"{redacted(url)}: its rounds kept closing under the copy; try again")
-        _sync(partial)
-        if spool_directory(partial).exists():
-            spool_directory(partial).rename(spool_directory(dest))
-        partial.rename(dest)
-        _sync_folder(dest.parent)
-    finally:
-        partial.unlink(missing_ok=True)
-        shutil.rmtree(spool_directory(partial), ignore_errors=True)
-    return Backup(dest, dest.stat().st_size, *copied)
+    return _in_place(dest, redacted(url), lambda partial: _pg_moment(url, partial, bodies))
 
 
 def _pg_moment(url: str, partial: Path, bodies: Path | None) -> tuple[int, int] | None:
@@ -251,6 +244,7 @@ def _pg_moment(url: str, partial: Path, bodies: Path | None) -> tuple[int, int] 
                     except FileNotFoundError:
                         return None
             _run_pg_dump(url, partial, snapshot)  # while the snapshot's transaction is open
+        _sync(partial)
         body_bytes = _copy_files(held, extents, spool_directory(partial))
     finally:
         for fd in held.values():

@@ -102,8 +102,13 @@ class UpdateRows:
             " WHERE r.round_id = ?",
             [device_id, device_id, key, round_id],
         ).fetchone()
-        if row is None:
-            return None
+        return self._upload_state(round_id, row) if row is not None else None
+
+    def _upload_state(
+        self, round_id: int, row: Sequence[Any]
+    ) -> tuple[RoundRow, JobRow, UpdateRow | None, bool]:
+        """`upload_state` from its columns (the round's, the job's, the place, the update's),
+        the round and the job kept as `round` and `job` keep them."""
         round_ = self._rounds[round_id] = RoundRow(*row[:10])
         job = self._jobs[round_.job] = self._job_row(row[10:16])
         previous = self._update_row(row[17:]) if row[17] is not None else None
@@ -132,10 +137,7 @@ class UpdateRows:
         device_id, revoked, row = str(row[0]), bool(row[1]), row[2:]
         if row[0] is None or row[10] is None:  # no such round (or, damaged, its job)
             return device_id, revoked, None
-        round_ = self._rounds[round_id] = RoundRow(*row[:10])
-        job = self._jobs[round_.job] = self._job_row(row[10:16])
-        previous = self._update_row(row[17:]) if row[17] is not None else None
-        return device_id, revoked, (round_, job, previous, row[16] is not None)
+        return device_id, revoked, self._upload_state(round_id, row)
 
     def hold_for_upload(
         self, round_id: int, trained_round_id: int, device_id: str, key: str

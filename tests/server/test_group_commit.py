@@ -30,9 +30,7 @@ async def test_an_upload_is_answered_only_once_its_group_commit_is_on_disk(
     server.store.db.conn.set_trace_callback(  # type: ignore[attr-defined]
         lambda sql: commits.append(sql) if sql == "COMMIT" else None
     )
-    devices = make_devices(3, server.transport())
-    for device in devices:
-        await step_until(device, fedclient.Phase.TRAINED)
+    devices = await _trained(make_devices, server)
     commits.clear()
     outcomes = await asyncio.gather(*(device.astep() for device in devices[:2]))
     assert [o.status for o in outcomes] == ["uploaded", "uploaded"]
@@ -40,6 +38,14 @@ async def test_an_upload_is_answered_only_once_its_group_commit_is_on_disk(
     with contextlib.closing(sqlite3.connect(path)) as other:
         assert other.execute("SELECT count(*) FROM updates").fetchone()[0] == 2
     assert 1 <= len(commits) <= 2  # one when both wrote within the commit window
+
+
+async def _trained(make_devices: Any, server: Server) -> list[fedclient.Client]:
+    """Three devices of ``server``, each admitted with its update trained, not sent."""
+    devices: list[fedclient.Client] = make_devices(3, server.transport())
+    for device in devices:
+        await step_until(device, fedclient.Phase.TRAINED)
+    return devices
 
 
 def _postgres_only(engine: str) -> None:
@@ -68,9 +74,7 @@ async def test_postgresql_uploads_share_a_commit_and_are_answered_once_committed
         groups.append(_committed_updates(db.url))  # type: ignore[attr-defined]
         return commit(self, wrote)
 
-    devices = make_devices(3, server.transport())
-    for device in devices:
-        await step_until(device, fedclient.Phase.TRAINED)
+    devices = await _trained(make_devices, server)
     monkeypatch.setattr(type(db), "_commit_transaction", counted)
     outcomes = await asyncio.gather(*(device.astep() for device in devices[:2]))
     assert [o.status for o in outcomes] == ["uploaded", "uploaded"]
@@ -93,9 +97,7 @@ async def test_a_postgresql_group_lost_at_its_commit_fails_its_uploads_and_keeps
     server: Server = make_server(devices_per_round=3, min_devices=3)
     db = server.store.db
     url = db.url  # type: ignore[attr-defined]
-    devices = make_devices(3, server.transport())
-    for device in devices:
-        await step_until(device, fedclient.Phase.TRAINED)
+    devices = await _trained(make_devices, server)
     killed: list[int] = []
     seen_at_kill: list[int] = []
     lost: list[int] = []
@@ -168,9 +170,7 @@ async def test_a_full_postgresql_group_commits_before_the_next_upload_joins(
     db = server.store.db
     commits: list[int] = []
     db.after_commit.append(lambda: commits.append(_committed_updates(db.url)))  # type: ignore[attr-defined]
-    devices = make_devices(3, server.transport())
-    for device in devices:
-        await step_until(device, fedclient.Phase.TRAINED)
+    devices = await _trained(make_devices, server)
     commits.clear()
     outcomes = await asyncio.gather(*(device.astep() for device in devices[:2]))
     assert [o.status for o in outcomes] == ["uploaded", "uploaded"]
